@@ -1,0 +1,7 @@
+"""`python -m guardrt` is the `guardrt` console script."""
+
+import sys
+
+from guardrt.cli import main
+
+sys.exit(main())

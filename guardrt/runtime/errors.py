@@ -1,0 +1,39 @@
+"""Typed errors raised at guardrt's boundaries.
+
+Servers map each class to a status (gRPC code / HTTP status) in one place. Messages name the
+offending value (a size, a mode, a key) and never contain prompt text or image bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class GuardrtError(Exception):
+    """Base class of every error guardrt raises on purpose."""
+
+
+class ImageReason(enum.Enum):
+    """Why an image was refused; stable strings, used as metric labels."""
+
+    EMPTY = "empty"
+    TOO_MANY_BYTES = "too_many_bytes"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNKNOWN_FORMAT = "unknown_format"
+    CORRUPT = "corrupt"
+    MULTI_FRAME = "multi_frame"
+    UNSUPPORTED_MODE = "unsupported_mode"
+    BAD_INPUT = "bad_input"
+    NOT_FOUND = "not_found"
+
+
+class ImageError(GuardrtError):
+    """An image that guardrt will not judge. `reason` says why, the message says what."""
+
+    def __init__(self, reason: ImageReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConfigError(GuardrtError):
+    """A configuration file or value guardrt cannot honour; the message names the key."""

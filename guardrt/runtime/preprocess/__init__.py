@@ -1,0 +1,28 @@
+"""Image preprocessing for Llama Guard 3 Vision: untrusted input → up to 4 tiles of 560×560."""
+
+from guardrt.runtime.preprocess.canvas import CanvasPlan, plan_canvas, supported_aspect_ratios
+from guardrt.runtime.preprocess.config import DEFAULT_IMAGE_CONFIG, ImageConfig, ImageLimits
+from guardrt.runtime.preprocess.decode import ALLOWED_FORMATS, ImageInput
+from guardrt.runtime.preprocess.normalize import PixelDType
+from guardrt.runtime.preprocess.tiling import (
+    PackedImages,
+    TiledImage,
+    pack_images,
+    preprocess_image,
+)
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_IMAGE_CONFIG",
+    "CanvasPlan",
+    "ImageConfig",
+    "ImageInput",
+    "ImageLimits",
+    "PackedImages",
+    "PixelDType",
+    "TiledImage",
+    "pack_images",
+    "plan_canvas",
+    "preprocess_image",
+    "supported_aspect_ratios",
+]
