@@ -22,7 +22,6 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import PIL
@@ -30,8 +29,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from guardrt.runtime.preprocess import preprocess_image
-from guardrt.runtime.preprocess.config import CLIP_MEAN, CLIP_STD
 from guardrt.runtime.preprocess.tiling import default_threads
+from guardrt.testing.references import image_processor
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> NDArray[np.uint8]:
@@ -61,19 +60,6 @@ def jpeg(pixels: NDArray[np.uint8], quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def reference_processor() -> Any:
-    from transformers.models.mllama import MllamaImageProcessorPil  # noqa: PLC0415
-
-    return MllamaImageProcessorPil(
-        size={"height": 560, "width": 560},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        max_image_tiles=4,
-        resample=2,
-        rescale_factor=1 / 255,
-    )
 
 
 def medians_ms(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -117,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--threads", type=int, default=default_threads())
     args = parser.parse_args()
-    processor = reference_processor()
+    processor = image_processor()
 
     def reference(data: bytes) -> NDArray[np.float32]:
         image = Image.open(io.BytesIO(data))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from guardrt.runtime.preprocess.config import CLIP_MEAN, CLIP_STD
+from guardrt.testing.references import image_processor
 
 
 def synthetic(width: int, height: int) -> NDArray[np.uint8]:
@@ -34,25 +33,5 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
-@functools.cache
-def reference_processor() -> Any:
-    """transformers' PIL-backend Mllama processor configured as the Llama Guard checkpoint."""
-    from transformers.models.mllama import MllamaImageProcessorPil  # noqa: PLC0415
-
-    return MllamaImageProcessorPil(
-        size={"height": 560, "width": 560},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        max_image_tiles=4,
-        resample=2,
-        rescale_factor=1 / 255,
-        do_convert_rgb=True,
-        do_normalize=True,
-        do_rescale=True,
-        do_pad=True,
-        do_resize=True,
-    )
-
-
 def reference(image: Image.Image) -> dict[str, Any]:
-    return dict(reference_processor()(image, return_tensors="np"))
+    return dict(image_processor()(image, return_tensors="np"))

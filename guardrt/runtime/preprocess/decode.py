@@ -20,10 +20,11 @@ Decisions (reference §4.1 step 0 and §10), each a deliberate choice:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -130,7 +131,7 @@ def decode_rgb(opened: OpenedImage, *, draft_size: tuple[int, int] | None = None
     that size (fast mode: close to, not bit-exact with, the reference).
     """
     image = opened.image
-    try:
+    with _malformed("data"):
         if draft_size is not None and opened.owned and image.format in ("JPEG", "MPO"):
             width, height = draft_size
             if opened.orientation in (5, 6, 7, 8):
@@ -141,15 +142,27 @@ def decode_rgb(opened: OpenedImage, *, draft_size: tuple[int, int] | None = None
         if fix is not None:
             image = image.transpose(fix)
         return _to_rgb(image)
+
+
+@contextlib.contextmanager
+def _malformed(part: str) -> Iterator[None]:
+    """Turn what Pillow raises on a malformed file into ImageError (the image's `part` is bad)."""
+    try:
+        yield
     except ImageError:
         raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            ImageReason.UNKNOWN_FORMAT,
+            f"image data is not a supported format ({', '.join(ALLOWED_FORMATS)})",
+        ) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(
             ImageReason.TOO_MANY_PIXELS, f"image refused by the decoder: {exc}"
         ) from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(
-            ImageReason.CORRUPT, f"image data is truncated or corrupt ({type(exc).__name__})"
+            ImageReason.CORRUPT, f"image {part} is truncated or corrupt ({type(exc).__name__})"
         ) from exc
 
 
@@ -178,22 +191,8 @@ def _read_path(path: str, limits: ImageLimits) -> bytes:
 
 
 def _open_encoded(data: bytes) -> Image.Image:
-    try:
+    with _malformed("header"):
         return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError as exc:
-        raise ImageError(
-            ImageReason.UNKNOWN_FORMAT,
-            f"image data ({len(data)} bytes) is not a supported format "
-            f"({', '.join(ALLOWED_FORMATS)})",
-        ) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(
-            ImageReason.TOO_MANY_PIXELS, f"image refused by the decoder: {exc}"
-        ) from exc
-    except _DECODE_ERRORS as exc:
-        raise ImageError(
-            ImageReason.CORRUPT, f"image header is corrupt ({type(exc).__name__})"
-        ) from exc
 
 
 def _from_array(array: NDArray[np.uint8]) -> Image.Image:
@@ -232,13 +231,9 @@ def _admit(image: Image.Image, limits: ImageLimits, *, owned: bool) -> OpenedIma
 
 
 def _guarded(read: Callable[[], int]) -> int:
-    """Run a header read that may parse more of a malformed file; map failures to CORRUPT."""
-    try:
+    """Run a header read that may parse more of a malformed file."""
+    with _malformed("header"):
         return read()
-    except _DECODE_ERRORS as exc:
-        raise ImageError(
-            ImageReason.CORRUPT, f"image header is corrupt ({type(exc).__name__})"
-        ) from exc
 
 
 def _orientation(image: Image.Image) -> int:
