@@ -24,7 +24,7 @@ import contextlib
 import io
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -216,7 +216,8 @@ def _admit(image: Image.Image, limits: ImageLimits, *, owned: bool) -> OpenedIma
             f"image is {width}x{height} = {width * height} pixels, "
             f"over the limit of {limits.max_pixels}",
         )
-    frames = _guarded(lambda: int(getattr(image, "n_frames", 1)))
+    with _malformed("header"):  # counting frames may parse more of a malformed file
+        frames = int(getattr(image, "n_frames", 1))
     if frames > 1 and image.format not in _SINGLE_SCENE_FORMATS:
         raise ImageError(
             ImageReason.MULTI_FRAME,
@@ -227,13 +228,9 @@ def _admit(image: Image.Image, limits: ImageLimits, *, owned: bool) -> OpenedIma
         raise ImageError(
             ImageReason.UNSUPPORTED_MODE, f"image mode {image.mode!r} is not supported"
         )
-    return OpenedImage(image=image, orientation=_guarded(lambda: _orientation(image)), owned=owned)
-
-
-def _guarded(read: Callable[[], int]) -> int:
-    """Run a header read that may parse more of a malformed file."""
-    with _malformed("header"):
-        return read()
+    with _malformed("header"):  # so may reading EXIF
+        orientation = _orientation(image)
+    return OpenedImage(image=image, orientation=orientation, owned=owned)
 
 
 def _orientation(image: Image.Image) -> int:
