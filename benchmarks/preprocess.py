@@ -16,12 +16,6 @@ import functools
 import importlib.resources
 import importlib.util
 import io
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import PIL
@@ -31,6 +25,7 @@ from PIL import Image
 from guardrt.runtime.preprocess import preprocess_image
 from guardrt.runtime.preprocess.tiling import default_threads
 from guardrt.testing.references import image_processor
+from guardrt.testing.timing import machine, medians_ms
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> NDArray[np.uint8]:
@@ -62,31 +57,6 @@ def jpeg(pixels: NDArray[np.uint8], quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def medians_ms(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median wall time of each callable in ms, after one warm-up each, runs interleaved."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat + 1):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values[1:]) for name, values in samples.items()}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-        f"Pillow {PIL.__version__}, numpy {np.__version__}"
-    )
-
-
 def cases() -> list[tuple[str, bytes]]:
     found = [
         ("1920x1080 photo-like", jpeg(photo_like(1920, 1080, seed=1))),
@@ -110,7 +80,10 @@ def main() -> None:
         image.load()
         return np.asarray(processor(image, return_tensors="np")["pixel_values"][0, 0])
 
-    print(f"machine: {machine()}; guardrt threads: {args.threads}\n")
+    print(
+        f"machine: {machine(f'Pillow {PIL.__version__}', f'numpy {np.__version__}')}; "
+        f"guardrt threads: {args.threads}\n"
+    )
     print(
         "| image | JPEG | reference ms | guardrt exact ms | ratio | exact, 1 thread ms "
         "| fast ms | ratio | fast vs exact: max / mean abs diff, values differing |"

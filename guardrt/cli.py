@@ -11,9 +11,10 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from guardrt import __version__
-from guardrt.runtime.errors import GuardrtError
+from guardrt.runtime.errors import ConfigError, GuardrtError
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -34,6 +35,43 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def _prompt(args: argparse.Namespace) -> int:
+    from guardrt.runtime.prompt import encode_prompt, render_prompt  # noqa: PLC0415
+    from guardrt.runtime.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    document = _read_json(args.messages, "messages file")
+    # A list of messages, or {"messages": [...]}; parse_messages refuses anything else by name.
+    messages: Any = document.get("messages") if isinstance(document, dict) else document
+    categories = _read_json(args.categories, "categories file") if args.categories else None
+    excluded = [code.strip() for code in args.exclude.split(",") if code.strip()]
+    if not args.ids:
+        text = render_prompt(messages, categories=categories, excluded_categories=excluded)
+        sys.stdout.write(text + "\n")
+        return 0
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = encode_prompt(
+        messages, categories=categories, excluded_categories=excluded, tokenizer=tokenizer
+    )
+    print(f"# {len(ids)} tokens; tokenizer {tokenizer.source}")
+    for index, token in enumerate(ids):
+        if tokenizer.is_special(token):
+            shown = f"{tokenizer.decode([token])}  (special)"
+        else:
+            shown = json.dumps(tokenizer.token_bytes(token).decode("utf-8", "backslashreplace"))
+        print(f"{index:5d} {token:7d}  {shown}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardrt", description="Inference runtime for Llama Guard 3 11B Vision."
@@ -47,6 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--max-tiles", type=int, default=None, help="override max tiles")
     pre.add_argument("--fast", action="store_true", help="JPEG draft decoding (not bit-exact)")
     pre.set_defaults(handler=_preprocess)
+
+    prompt = commands.add_parser(
+        "prompt",
+        help="print exactly what the model reads for a conversation (text, or token ids)",
+        description="Render a conversation with the Llama Guard 3 Vision template. The messages "
+        'file holds a list of {role, content} messages (or {"messages": [...]}); image parts '
+        "mark where an image is, they are not read.",
+    )
+    prompt.add_argument("--messages", required=True, help="JSON file of messages")
+    prompt.add_argument("--ids", action="store_true", help="print token ids, specials named")
+    prompt.add_argument("--exclude", default="", help="category codes to leave out, e.g. S1,S13")
+    prompt.add_argument("--categories", help="JSON file of custom categories {code: description}")
+    prompt.add_argument(
+        "--tokenizer", help="checkpoint directory, tokenizer.json or tokenizer.model (for --ids)"
+    )
+    prompt.set_defaults(handler=_prompt)
     return parser
 
 
@@ -59,3 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuardrtError as exc:
         print(f"guardrt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`guardrt prompt --ids | head`): not an error of ours.
+        sys.stderr.close()
+        return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment .venv and install guardrt into it.
-#   bash scripts/setup.sh          runtime only (numpy, pillow, grpcio, protobuf)
+#   bash scripts/setup.sh          runtime (numpy, pillow, grpcio, protobuf, tiktoken) and the
+#                                  default tokenizer (llama-models)
 #   bash scripts/setup.sh test     plus torch (pinned CPU build) and the test references
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +15,5 @@ if [ "${1:-}" = "test" ]; then
     python -m pip install --quiet "${GUARDRT_TORCH_SPEC:-torch==2.13.0}"
     python -m pip install --quiet -e ".[test]"
 else
-    python -m pip install --quiet -e .
+    python -m pip install --quiet -e ".[default-tokenizer]"
 fi

@@ -37,3 +37,26 @@ class ImageError(GuardrtError):
 
 class ConfigError(GuardrtError):
     """A configuration file or value guardrt cannot honour; the message names the key."""
+
+
+class PromptReason(enum.Enum):
+    """Why a conversation or policy was refused; stable strings, used as metric labels."""
+
+    EMPTY = "empty"  # no messages
+    ROLE = "role"  # a role other than user/assistant, or roles not alternating from user
+    CONTENT = "content"  # content neither a string nor a list of text/image parts
+    TEXT = "text"  # text that is not a string of valid Unicode
+    IMAGES = "images"  # more than one image in the conversation
+    CATEGORY = "category"  # a malformed custom category (code or description)
+    EXCLUDED = "excluded"  # an excluded code the policy does not have, or nothing left
+
+
+class PromptError(GuardrtError):
+    """A conversation or policy the template cannot render as the model was trained to read.
+
+    The message names the message index, part index, key or category code; never user text.
+    """
+
+    def __init__(self, reason: PromptReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.resources
+from pathlib import Path
 from typing import Any
 
 from guardrt.runtime.preprocess.config import CLIP_MEAN, CLIP_STD
@@ -30,3 +33,53 @@ def image_processor() -> Any:
         do_pad=True,
         do_resize=True,
     )
+
+
+def converted_tokenizer_json(out_dir: Path) -> Path:
+    """`tokenizer.json` made by transformers' own converter from the default tokenizer.model.
+
+    This is how the HF checkpoint's file was made (reference §2.1); guardrt's reader and writer
+    are checked against it.
+    """
+    # Imported as Any: transformers' converter is untyped.
+    converters: Any = importlib.import_module("transformers.convert_slow_tokenizer")
+    from guardrt.runtime.tokenizer import default_tokenizer_path  # noqa: PLC0415
+    from guardrt.runtime.tokenizer_files import SPECIAL_NAMES  # noqa: PLC0415
+
+    converter = converters.TikTokenConverter(
+        vocab_file=str(default_tokenizer_path()), extra_special_tokens=list(SPECIAL_NAMES)
+    )
+    path = out_dir / "tokenizer.json"
+    converter.converted().save(str(path))
+    return path
+
+
+def hf_tokenizer(tokenizer_json: Path) -> Any:
+    """transformers' fast tokenizer over `tokenizer_json`, with the checkpoint's chat template."""
+    transformers: Any = importlib.import_module("transformers")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        chat_template=chat_template_text(),
+    )
+
+
+def chat_template_text() -> str:
+    """The checkpoint's chat template (reference §3.1), as guardrt ships it."""
+    return (importlib.resources.files("guardrt.runtime") / "chat_template.jinja").read_text()
+
+
+def render_with_jinja(messages: Any, **kwargs: Any) -> str:
+    """The template rendered by jinja2 the way transformers' `apply_chat_template` sets it up
+    (sandboxed, `trim_blocks`/`lstrip_blocks`, `raise_exception`)."""
+    import jinja2.sandbox  # noqa: PLC0415
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(chat_template_text()).render(messages=messages, **kwargs)

@@ -1,0 +1,142 @@
+"""Messages in, a validated `Conversation` out: the shape the Llama Guard template accepts.
+
+Accepted messages (reference §3.1, §3.2):
+
+    {"role": "user" | "assistant",
+     "content": str | [{"type": "text", "text": str}, {"type": "image", "image": ...}]}
+
+Roles alternate starting with `user` (no system message: the template raises on one). A string
+content is one text part. At most one image in the whole conversation; its payload (bytes, a
+path, a PIL image, an array) is carried, not read, and may be left out when only rendering.
+Every refusal is a `PromptError` naming the message index, part index or key, never the text.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from guardrt.runtime.errors import PromptError, PromptReason
+
+_MESSAGE_KEYS = frozenset({"role", "content"})
+_PART_KEYS = {"text": frozenset({"type", "text"}), "image": frozenset({"type", "image"})}
+
+
+class Role(enum.Enum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+    @property
+    def label(self) -> str:
+        """The speaker label the template writes: `User` or `Agent`."""
+        return "User" if self is Role.USER else "Agent"
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Role
+    texts: tuple[str, ...]  # the message's text parts in order, as given (the template trims)
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    message_index: int
+    part_index: int
+    source: object | None  # bytes, path, PIL image or array; None when only rendering
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: tuple[Turn, ...]
+    image: ImagePart | None
+
+    @property
+    def judged(self) -> Role:
+        """Whose last message is judged: an odd count judges the user, an even one the agent."""
+        return Role.USER if len(self.turns) % 2 == 1 else Role.ASSISTANT
+
+
+def _check_text(text: object, where: str) -> str:
+    if not isinstance(text, str):
+        raise PromptError(PromptReason.TEXT, f"{where} text is {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            PromptReason.TEXT, f"{where} text has a lone surrogate at offset {exc.start}"
+        ) from exc
+    return text
+
+
+def _parts(content: object, index: int) -> Sequence[object]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, Sequence) and not isinstance(content, bytes | bytearray):
+        return content
+    raise PromptError(
+        PromptReason.CONTENT,
+        f"message {index} content is {type(content).__name__}; expected a string or a list of "
+        "text/image parts",
+    )
+
+
+def _role(message: object, index: int) -> Role:
+    if not isinstance(message, Mapping):
+        raise PromptError(
+            PromptReason.CONTENT, f"message {index} is {type(message).__name__}, not an object"
+        )
+    unknown = sorted(set(message) - _MESSAGE_KEYS, key=str)
+    if unknown:
+        raise PromptError(PromptReason.CONTENT, f"message {index} has unknown key {unknown[0]!r}")
+    if "content" not in message:
+        raise PromptError(PromptReason.CONTENT, f"message {index} has no content")
+    role = message.get("role")
+    expected = Role.USER if index % 2 == 0 else Role.ASSISTANT
+    if role != expected.value:
+        shown = repr(role) if isinstance(role, str) and len(role) <= 20 else "an invalid role"
+        raise PromptError(
+            PromptReason.ROLE,
+            f"message {index} has role {shown}; expected {expected.value!r}: roles must "
+            "alternate user/assistant starting with user (no system message)",
+        )
+    return expected
+
+
+def parse_messages(messages: Sequence[Mapping[str, object]] | Conversation) -> Conversation:
+    """Validate `messages` into a `Conversation` (a `Conversation` is returned as is)."""
+    if isinstance(messages, Conversation):
+        return messages
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise PromptError(PromptReason.CONTENT, "messages must be a list of message objects")
+    if not messages:
+        raise PromptError(PromptReason.EMPTY, "the conversation has no messages")
+    turns: list[Turn] = []
+    image: ImagePart | None = None
+    for index, message in enumerate(messages):
+        role = _role(message, index)
+        texts: list[str] = []
+        for part_index, part in enumerate(_parts(message["content"], index)):
+            where = f"message {index} part {part_index}"
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if not isinstance(part, Mapping) or kind not in _PART_KEYS:
+                shown = repr(kind) if isinstance(kind, str) and len(kind) <= 20 else "missing"
+                raise PromptError(
+                    PromptReason.CONTENT, f"{where} type is {shown}; expected 'text' or 'image'"
+                )
+            unknown = sorted(set(part) - _PART_KEYS[kind], key=str)
+            if unknown:
+                raise PromptError(PromptReason.CONTENT, f"{where} has unknown key {unknown[0]!r}")
+            if kind == "text":
+                texts.append(_check_text(part.get("text"), where))
+            elif image is not None:
+                raise PromptError(
+                    PromptReason.IMAGES,
+                    f"{where} is a second image (the first is message {image.message_index} "
+                    f"part {image.part_index}); Llama Guard 3 Vision judges one image per "
+                    "conversation",
+                )
+            else:
+                image = ImagePart(index, part_index, part.get("image"))
+        turns.append(Turn(role, tuple(texts)))
+    return Conversation(turns=tuple(turns), image=image)

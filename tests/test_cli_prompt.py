@@ -1,0 +1,74 @@
+"""`guardrt prompt`: what the model reads, for users debugging a policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from guardrt.cli import main
+from guardrt.runtime.prompt import encode_prompt, render_prompt
+from guardrt.runtime.tokenizer import Tokenizer
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "conversation.json"
+
+
+def _messages() -> list[dict[str, object]]:
+    messages: list[dict[str, object]] = json.loads(EXAMPLE.read_text())["messages"]
+    return messages
+
+
+def test_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prompt", "--messages", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out == render_prompt(_messages()) + "\n"
+
+
+def test_exclusions_and_custom_categories(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["prompt", "--messages", str(EXAMPLE), "--exclude", "S1, S13"]) == 0
+    expected = render_prompt(_messages(), excluded_categories=["S1", "S13"])
+    assert capsys.readouterr().out == expected + "\n"
+    categories = tmp_path / "categories.json"
+    categories.write_text(json.dumps({"S1": "Spam.", "S2": "Scams."}))
+    plain = tmp_path / "messages.json"  # a bare list of messages works too
+    plain.write_text(json.dumps(_messages()))
+    assert main(["prompt", "--messages", str(plain), "--categories", str(categories)]) == 0
+    out = capsys.readouterr().out
+    assert "S1: Spam.\nS2: Scams.\n<END UNSAFE CONTENT CATEGORIES>" in out
+
+
+def test_ids_name_special_tokens(capsys: pytest.CaptureFixture[str], tok: Tokenizer) -> None:
+    assert main(["prompt", "--messages", str(EXAMPLE), "--ids"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(maxsplit=2) for line in lines[1:]]
+    assert [int(row[1]) for row in rows] == encode_prompt(_messages(), tokenizer=tok)
+    assert rows[0] == ["0", "128000", "<|begin_of_text|>  (special)"]
+    assert rows[5] == ["5", "128256", "<|image|>  (special)"]
+    assert rows[6] == ["6", "5546", '" Task"']
+    assert lines[0].startswith(f"# {len(rows)} tokens")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--exclude", "S14"], "excluded category 'S14' is not in the policy"),
+        (["--categories", "/nonexistent.json"], "cannot read categories file"),
+    ],
+)
+def test_errors_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert main(["prompt", "--messages", str(EXAMPLE), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_messages_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"role": "system", "content": "You are a bot."}]))
+    assert main(["prompt", "--messages", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "message 0 has role 'system'" in err
+    assert "You are a bot." not in err
+    bad.write_text("{not json")
+    assert main(["prompt", "--messages", str(bad)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
