@@ -57,6 +57,12 @@ class Conversation:
         return Role.USER if len(self.turns) % 2 == 1 else Role.ASSISTANT
 
 
+def _shown(key: object, limit: int = 40) -> str:
+    """A key or value for an error message, cut short (keys come from the caller)."""
+    text = repr(key)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_text(text: object, where: str) -> str:
     if not isinstance(text, str):
         raise PromptError(PromptReason.TEXT, f"{where} text is {type(text).__name__}, not a string")
@@ -88,12 +94,15 @@ def _role(message: object, index: int) -> Role:
         )
     unknown = sorted(set(message) - _MESSAGE_KEYS, key=str)
     if unknown:
-        raise PromptError(PromptReason.CONTENT, f"message {index} has unknown key {unknown[0]!r}")
+        raise PromptError(
+            PromptReason.CONTENT, f"message {index} has unknown key {_shown(unknown[0])}"
+        )
     if "content" not in message:
         raise PromptError(PromptReason.CONTENT, f"message {index} has no content")
     role = message.get("role")
     expected = Role.USER if index % 2 == 0 else Role.ASSISTANT
     if role != expected.value:
+        # Only a short role is echoed: a long one may be misplaced user text.
         shown = repr(role) if isinstance(role, str) and len(role) <= 20 else "an invalid role"
         raise PromptError(
             PromptReason.ROLE,
@@ -119,14 +128,16 @@ def parse_messages(messages: Sequence[Mapping[str, object]] | Conversation) -> C
         for part_index, part in enumerate(_parts(message["content"], index)):
             where = f"message {index} part {part_index}"
             kind = part.get("type") if isinstance(part, Mapping) else None
-            if not isinstance(part, Mapping) or kind not in _PART_KEYS:
-                shown = repr(kind) if isinstance(kind, str) and len(kind) <= 20 else "missing"
+            if not isinstance(part, Mapping) or not isinstance(kind, str) or kind not in _PART_KEYS:
+                shown = "missing" if kind is None else _shown(kind, 24)
                 raise PromptError(
                     PromptReason.CONTENT, f"{where} type is {shown}; expected 'text' or 'image'"
                 )
             unknown = sorted(set(part) - _PART_KEYS[kind], key=str)
             if unknown:
-                raise PromptError(PromptReason.CONTENT, f"{where} has unknown key {unknown[0]!r}")
+                raise PromptError(
+                    PromptReason.CONTENT, f"{where} has unknown key {_shown(unknown[0])}"
+                )
             if kind == "text":
                 texts.append(_check_text(part.get("text"), where))
             elif image is not None:

@@ -120,6 +120,8 @@ def make_policy(
             "excluded_categories must be a list of codes such as ['S1', 'S13'], not a string",
         )
     codes = {code for code, _ in listed}
+    if not isinstance(excluded_categories, Iterable):
+        raise PromptError(PromptReason.EXCLUDED, "excluded_categories must be a list of codes")
     requested = list(excluded_categories)
     for code in requested:
         if not isinstance(code, str) or code not in codes:

@@ -15,14 +15,15 @@ text after `<|eot_id|>` — is an `error` verdict, never `safe`.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from guardrt.runtime.policy import DEFAULT_POLICY, Policy
 from guardrt.runtime.tokenizer import EOT_ID, Tokenizer
 
 
-class Label(enum.Enum):
+class Label(enum.StrEnum):
     SAFE = "safe"
     UNSAFE = "unsafe"
     ERROR = "error"
@@ -30,10 +31,17 @@ class Label(enum.Enum):
 
 @dataclass(frozen=True)
 class Verdict:
-    label: Label
-    categories: tuple[str, ...]  # violated codes in the order the model gave them
+    """The answer for one conversation (the public result of `Guard.moderate`)."""
+
+    label: Label  # a str enum: compares equal to "safe" / "unsafe" / "error"
+    categories: list[str]  # violated codes in the order the model gave them
     raw_output: str  # the generated text as decoded, special tokens by name
-    error: str = ""  # why the output is not a verdict; empty unless label is ERROR
+    error: str | None = None  # why the output is not a verdict; None unless label is ERROR
+    # P(unsafe) over the full vocabulary at the verdict's first word; NaN when not computed
+    # (a verdict parsed from ids alone).
+    unsafe_probability: float = math.nan
+    # P(S_k | unsafe): the category step's distribution renormalized over the listed codes.
+    category_probabilities: dict[str, float] = field(default_factory=dict)
 
     @property
     def content(self) -> str:
@@ -180,11 +188,11 @@ class VerdictGrammar:
         for token in ids:
             after = self.advance(state, token)
             if after is None:
-                return Verdict(Label.ERROR, (), raw, self._why(state, token))
+                return Verdict(Label.ERROR, [], raw, self._why(state, token))
             state = after
         if state.phase is Phase.DONE_SAFE:
-            return Verdict(Label.SAFE, (), raw)
+            return Verdict(Label.SAFE, [], raw)
         if state.phase is Phase.DONE_UNSAFE:
-            return Verdict(Label.UNSAFE, state.codes, raw)
+            return Verdict(Label.UNSAFE, list(state.codes), raw)
         reason = "empty output" if not ids else f"output ends {state.phase.value}"
-        return Verdict(Label.ERROR, (), raw, reason)
+        return Verdict(Label.ERROR, [], raw, reason)
