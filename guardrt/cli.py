@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from guardrt import __version__
@@ -72,6 +73,17 @@ def _prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_tiny_random(args: argparse.Namespace) -> int:
+    from guardrt.runtime.model.tiny import write_tiny_random  # noqa: PLC0415
+
+    directory = Path(args.output)
+    if directory.exists() and any(directory.iterdir()):
+        raise ConfigError(f"output directory {directory} is not empty")
+    write_tiny_random(directory, seed=args.seed)
+    print(f"wrote a tiny random mllama checkpoint to {directory} (its verdicts are meaningless)")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardrt", description="Inference runtime for Llama Guard 3 11B Vision."
@@ -101,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
         "--tokenizer", help="checkpoint directory, tokenizer.json or tokenizer.model (for --ids)"
     )
     prompt.set_defaults(handler=_prompt)
+
+    export = commands.add_parser("export", help="write checkpoints and engines")
+    exports = export.add_subparsers(dest="export_command", required=True)
+    tiny = exports.add_parser(
+        "tiny-random",
+        help="write a tiny random mllama as a complete HF checkpoint (meaningless verdicts)",
+    )
+    tiny.add_argument("-o", "--output", required=True, help="directory to create")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.set_defaults(handler=_export_tiny_random)
     return parser
 
 

@@ -49,6 +49,7 @@ class PromptReason(enum.Enum):
     IMAGES = "images"  # more than one image in the conversation
     CATEGORY = "category"  # a malformed custom category (code or description)
     EXCLUDED = "excluded"  # an excluded code the policy does not have, or nothing left
+    TOO_LONG = "too_long"  # the prompt and its verdict do not fit the model's sequence limit
 
 
 class PromptError(GuardrtError):

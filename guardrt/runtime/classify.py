@@ -1,0 +1,257 @@
+"""From prepared requests to verdicts with scores, driven by the verdict grammar.
+
+Constrained decoding (default): the prefill reads the prompt followed by `\\n\\n unsafe \\n S`
+(4 forced or hypothetical tokens). Causal attention makes the logits at `\\n\\n` the label
+distribution (P(unsafe) and P(safe) over the full vocabulary) and those at `S` the category
+distribution given `unsafe`, so one prefill gives every score. A `safe` verdict ends there; an
+`unsafe` one costs one small forward per category given ([code, ",S"] at once: the logits at the
+code decide between `,S` and `<|eot_id|>`, those at `,S` pick the next code).
+
+Greedy decoding: plain argmax generation over the full vocabulary until a stop token, identical
+to transformers' `generate(do_sample=False)`; the output is then parsed by the grammar, so text
+outside it is an error verdict.
+
+Ties between `safe` and `unsafe` go to `unsafe`: a safety classifier fails closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from guardrt.runtime.errors import PromptError, PromptReason
+from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID, IMAGE_ID
+from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
+
+Decode = Literal["constrained", "greedy"]
+DECODES: tuple[Decode, ...] = ("constrained", "greedy")
+STOP_IDS = frozenset({END_OF_TEXT_ID, EOM_ID, EOT_ID})
+_PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request ready for the model (the typed message between prompting and the engine)."""
+
+    prompt: tuple[int, ...]  # token ids, ending at the assistant header
+    image: TiledImage | None
+    grammar: VerdictGrammar  # the policy's grammar: which codes may be answered
+
+    @property
+    def image_position(self) -> int | None:
+        return self.prompt.index(IMAGE_ID) if self.image is not None else None
+
+
+@dataclass
+class _Row:
+    """Decoding state of one request in a batch."""
+
+    request: PreparedRequest
+    slot: int
+    next_position: int = 0
+    generated: list[int] = field(default_factory=list)
+    state: GrammarState = field(default_factory=GrammarState)
+    unsafe_probability: float = math.nan
+    category_probabilities: dict[str, float] = field(default_factory=dict)
+    code_logits: torch.Tensor | None = None
+    done: bool = False
+
+
+def category_probabilities(grammar: VerdictGrammar, logits: torch.Tensor) -> dict[str, float]:
+    """P(S_k | unsafe): the logits (vocab,) at the category step, softmaxed over the listed
+    codes' number tokens only (the only tokens the grammar allows there)."""
+    tokens = [grammar.token_by_code[code] for code in grammar.codes]
+    weights = torch.softmax(logits[tokens], -1)
+    return {code: float(w) for code, w in zip(grammar.codes, weights, strict=True)}
+
+
+def max_new_tokens(grammar: VerdictGrammar) -> int:
+    """Enough for the longest verdict: \\n\\n unsafe \\n S k (,S k)* <|eot_id|>, plus slack."""
+    return 8 + 2 * len(grammar.codes)
+
+
+class Classifier:
+    """Runs prepared requests through a model with preallocated caches, a batch at a time."""
+
+    def __init__(self, model: MllamaModel, decode: Decode = "constrained") -> None:
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, not {decode!r}")
+        if model.max_batch == 0:
+            raise ValueError("the model's caches are not set up (setup_caches)")
+        self.model, self.decode = model, decode
+        self.device = model.multi_modal_projector.weight.device
+
+    def check_fits(self, request: PreparedRequest) -> None:
+        """Refuse a prompt that cannot hold its verdict within the cache length."""
+        needed = len(request.prompt) + max_new_tokens(request.grammar)
+        if needed > self.model.max_seq:
+            raise PromptError(
+                PromptReason.TOO_LONG,
+                f"the prompt is {len(request.prompt)} tokens; with its verdict it needs "
+                f"{needed} of the model's {self.model.max_seq}",
+            )
+
+    @torch.inference_mode()
+    def classify(self, requests: Sequence[PreparedRequest]) -> list[Verdict]:
+        for request in requests:
+            self.check_fits(request)
+        verdicts: list[Verdict] = []
+        for start in range(0, len(requests), self.model.max_batch):
+            chunk = requests[start : start + self.model.max_batch]
+            rows = [_Row(request, slot) for slot, request in enumerate(chunk)]
+            self._write_images(rows)
+            if self.decode == "constrained":
+                self._constrained(rows)
+            else:
+                self._greedy(rows)
+            verdicts.extend(self._verdict(row) for row in rows)
+        return verdicts
+
+    def _write_images(self, rows: list[_Row]) -> None:
+        with_image = [row for row in rows if row.request.image is not None]
+        without = [row.slot for row in rows if row.request.image is None]
+        if with_image:
+            images = [row.request.image for row in with_image]
+            assert all(image is not None for image in images)
+            pixels = np.stack([image.pixel_values for image in images if image is not None])
+            states = self.model.encode_images(
+                torch.from_numpy(pixels).to(self.device),  # (N, T, 3, H, W)
+                torch.tensor([i.aspect_ratio_id for i in images if i], device=self.device),
+                torch.from_numpy(np.stack([i.aspect_ratio_mask for i in images if i])).to(
+                    self.device
+                ),  # (N, T)
+            )
+            self.model.write_images(self._tensor([row.slot for row in with_image]), states)
+            if without:
+                self.model.clear_images(self._tensor(without))
+
+    def _tensor(self, values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _step(
+        self, rows: list[_Row], tokens: list[list[int]], offsets: list[list[int]]
+    ) -> torch.Tensor:
+        """Feed each row its tokens (right-padded) and return fp32 logits (B, R, vocab) at
+        `offsets` (indices into each row's tokens)."""
+        width = max(len(t) for t in tokens)
+        padded = [t + [_PAD_ID] * (width - len(t)) for t in tokens]
+        positions = [[row.next_position + j for j in range(width)] for row in rows]
+        starts = [
+            row.request.image_position
+            if row.request.image_position is not None
+            else self.model.max_seq
+            for row in rows
+        ]
+        tiles = [row.request.image.num_tiles if row.request.image else 0 for row in rows]
+        logits = self.model(
+            self._tensor(padded),
+            self._tensor(positions),
+            self._tensor([row.slot for row in rows]),
+            self._tensor(starts),
+            self._tensor(tiles),
+            self._tensor(offsets),
+        )
+        for row, fed in zip(rows, tokens, strict=True):
+            row.next_position += len(fed)
+        result: torch.Tensor = logits
+        return result
+
+    def _label_scores(
+        self, row: _Row, label_logits: torch.Tensor, code_logits: torch.Tensor
+    ) -> None:
+        grammar = row.request.grammar
+        row.unsafe_probability = float(torch.softmax(label_logits, -1)[grammar.tokens.unsafe])
+        row.category_probabilities = category_probabilities(grammar, code_logits)
+
+    def _advance(self, row: _Row, token: int) -> None:
+        state = row.request.grammar.advance(row.state, token)
+        assert state is not None, "constrained decoding chose a token outside the grammar"
+        row.state, row.done = state, state.done
+        row.generated.append(token)
+
+    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
+        """The allowed token with the highest logit (the first allowed wins ties)."""
+        allowed = row.request.grammar.allowed(row.state)
+        return allowed[int(torch.argmax(logits[list(allowed)]))]
+
+    def _constrained(self, rows: list[_Row]) -> None:
+        first = rows[0].request.grammar.tokens
+        suffix = [first.blank, first.unsafe, first.newline, first.s]
+        logits = self._step(
+            rows,
+            [list(row.request.prompt) + suffix for row in rows],
+            [[len(row.request.prompt), len(row.request.prompt) + 3] for row in rows],
+        )
+        for row, (label_logits, code_logits) in zip(rows, logits, strict=True):
+            self._label_scores(row, label_logits, code_logits)
+            self._advance(row, first.blank)
+            # LABEL allows (safe, unsafe) in that order; put unsafe first so a tie fails closed.
+            tokens = row.request.grammar.tokens
+            pair = label_logits[[tokens.unsafe, tokens.safe]]
+            self._advance(row, tokens.unsafe if pair[0] >= pair[1] else tokens.safe)
+            while not row.done and (forced := row.request.grammar.forced(row.state)) is not None:
+                self._advance(row, forced)  # safe → eot; unsafe → \n, S
+            row.code_logits = code_logits
+        active = [row for row in rows if not row.done]
+        while active:
+            for row in active:
+                assert row.code_logits is not None
+                self._advance(row, self._pick(row, row.code_logits))
+                if (forced := row.request.grammar.forced(row.state)) is not None:
+                    self._advance(row, forced)  # every listed code given: <|eot_id|>
+            active = [row for row in active if not row.done]
+            if not active:
+                break
+            comma = active[0].request.grammar.tokens.comma_s
+            logits = self._step(
+                active, [[row.generated[-1], comma] for row in active], [[0, 1]] * len(active)
+            )
+            for row, (after_code, after_comma) in zip(active, logits, strict=True):
+                choice = self._pick(row, after_code)
+                self._advance(row, choice)
+                row.code_logits = after_comma
+            active = [row for row in active if not row.done]
+
+    def _greedy(self, rows: list[_Row]) -> None:
+        logits = self._step(
+            rows,
+            [list(row.request.prompt) for row in rows],
+            [[len(row.request.prompt) - 1] for row in rows],
+        )
+        active = rows
+        while active:
+            for row, step_logits in zip(active, logits[:, 0], strict=True):
+                self._record_greedy_scores(row, step_logits)
+                token = int(torch.argmax(step_logits))
+                row.generated.append(token)
+                limit = max_new_tokens(row.request.grammar)
+                row.done = token in STOP_IDS or len(row.generated) >= limit
+            active = [row for row in active if not row.done]
+            if active:
+                logits = self._step(
+                    active, [[row.generated[-1]] for row in active], [[0]] * len(active)
+                )
+
+    def _record_greedy_scores(self, row: _Row, logits: torch.Tensor) -> None:
+        """Scores from the steps where the greedy output follows the grammar's path."""
+        tokens = row.request.grammar.tokens
+        if row.generated == [tokens.blank]:
+            row.unsafe_probability = float(torch.softmax(logits, -1)[tokens.unsafe])
+        if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
+            row.category_probabilities = category_probabilities(row.request.grammar, logits)
+
+    def _verdict(self, row: _Row) -> Verdict:
+        parsed = row.request.grammar.parse(row.generated)
+        return dataclasses.replace(
+            parsed,
+            unsafe_probability=row.unsafe_probability,
+            category_probabilities=row.category_probabilities,
+        )

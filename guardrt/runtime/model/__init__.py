@@ -1,0 +1,1 @@
+"""Our PyTorch mllama (needs the `torch` extra): config, vision, text, composition, loading."""

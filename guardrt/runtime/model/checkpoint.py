@@ -1,0 +1,136 @@
+"""Strict loading of HF-format checkpoint directories into `MllamaModel` (reference §5.5).
+
+A directory holds `config.json` and `model.safetensors`, or shards listed by
+`model.safetensors.index.json`. The model is built on the meta device; every header is read and
+every key, shape and dtype checked before any weight is read; then each tensor goes once from
+the memory-mapped file to its device and dtype and is assigned in place (no second copy).
+
+Names are mapped in one place (`canonical_name`): the hub layout (`language_model.model.*`,
+`language_model.lm_head.*`, `vision_model.*`, `multi_modal_projector.*`, what the published
+checkpoint uses) is guardrt's own; the layout transformers 5.x keeps in memory
+(`model.language_model.*`, `lm_head.*`, `model.vision_model.*`, ...) maps onto it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.functional import rope_inv_freq
+from guardrt.runtime.model.mllama import MllamaModel, Semantics
+from guardrt.runtime.model.safetensors_io import DTYPES, MappedFile, TensorEntry, read_header
+
+_RENAMES = (  # transformers 5.x in-memory prefix → hub prefix
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
+_SHOWN = 5
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint whose tensors do not match the configured model; the message names keys."""
+
+
+def canonical_name(name: str) -> str:
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _listing(names: Iterable[str]) -> str:
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:_SHOWN])
+    return shown + (f" and {len(ordered) - _SHOWN} more" if len(ordered) > _SHOWN else "")
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one file, or the index's shards)."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index") from exc
+        files = sorted({directory / str(name) for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: shards listed in the index are missing: {missing}")
+        return files
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{directory} has neither model.safetensors nor an index of shards")
+
+
+def read_entries(directory: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint by canonical name; a name stored twice is refused."""
+    entries: dict[str, TensorEntry] = {}
+    for path in checkpoint_files(directory):
+        for name, entry in read_header(path).items():
+            key = canonical_name(name)
+            if key in entries:
+                raise CheckpointError(f"{directory}: tensor {key} is stored twice")
+            entries[key] = entry
+    return entries
+
+
+def check_entries(entries: dict[str, TensorEntry], expected: dict[str, torch.Size]) -> None:
+    """Refuse missing, unexpected and misshaped keys, and non-float weights, all named."""
+    missing = expected.keys() - entries.keys()
+    extra = entries.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors: {_listing(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors: {_listing(extra)}")
+    misshaped = [
+        f"{name} is {list(entries[name].shape)}, expected {list(shape)}"
+        for name, shape in sorted(expected.items())
+        if name in entries and tuple(entries[name].shape) != tuple(shape)
+    ]
+    if misshaped:
+        problems.append(f"{len(misshaped)} misshaped: {'; '.join(misshaped[:_SHOWN])}")
+    not_float = sorted(
+        n for n, e in entries.items() if n in expected and e.dtype not in _FLOAT_DTYPES
+    )
+    if not_float:
+        problems.append(f"non-float weights: {_listing(not_float)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def load_model(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    semantics: Semantics = "meta",
+) -> MllamaModel:
+    """Build and load the model of a checkpoint directory (dtype None = the stored dtype)."""
+    directory = Path(directory)
+    config = ModelConfig.from_checkpoint(directory)
+    with torch.device("meta"):
+        model = MllamaModel(config, semantics)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    entries = read_entries(directory)
+    check_entries(entries, expected)
+    # One dtype for the whole model: asked for, else the one most weights are stored in.
+    stored = Counter(entry.dtype for entry in entries.values()).most_common(1)[0][0]
+    target = dtype or DTYPES[stored]
+    maps = {path: MappedFile(path) for path in {e.path for e in entries.values()}}
+    state = {}
+    for name, entry in entries.items():
+        state[name] = maps[entry.path].tensor(entry).to(device=device, dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+    # The RoPE table is computed, not stored: rebuild it off the meta device.
+    model.inv_freq = rope_inv_freq(config.text.rope, config.text.head_dim).to(device)
+    return model.eval()

@@ -1,0 +1,117 @@
+"""Pure functions of the mllama forward: norms, RoPE, attention and its masks (reference §5).
+
+Modules hold weights and call these; everything here is a function of its tensor arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from guardrt.runtime.model.config import RopeConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x·rsqrt(mean(x²) + eps) computed in fp32, cast back, then scaled (as HF and Meta)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies, llama3-scaled when configured.
+
+    Bitwise equal to HF's `_compute_llama3_parameters` and Meta's `apply_scaling`.
+    """
+    inv_freq = 1.0 / (
+        rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    )
+    if not rope.llama3:
+        return inv_freq
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, S, head_dim) for integer positions (B, S): angles in fp32, then cast."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # (B, S, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B, S, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA with grouped kv heads: q (B, H, S, D), k/v (B, Hkv, L, D), boolean mask broadcastable
+    to (B, H, S, L) where True = may attend. Returns (B, H, S, D). Every row must allow a key."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)  # (B, H, L, D)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def causal_cache_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """(B, 1, S, cache_len) bool: query at position p sees cache slots 0..p.
+
+    Slots past a row's own tokens may hold another step's leftovers; position order hides them.
+    """
+    slots = torch.arange(cache_len, device=positions.device)
+    return (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, S, L)
+
+
+def vision_padding(
+    aspect_ratio_mask: torch.Tensor, num_patches: int, padded_patches: int
+) -> torch.Tensor:
+    """(N, T·padded) bool: True for tokens of padding tiles and for the pad slots of every tile."""
+    tiles = aspect_ratio_mask.shape[-1]
+    slot_is_pad = torch.arange(padded_patches, device=aspect_ratio_mask.device) >= num_patches
+    pad = (aspect_ratio_mask[:, :, None] == 0) | slot_is_pad[None, None, :]  # (N, T, P')
+    return pad.reshape(-1, tiles * padded_patches)
+
+
+def vision_mask(padding: torch.Tensor) -> torch.Tensor:
+    """(N, 1, L, L) bool from (N, L) padding: only padding-query × padding-key pairs are blocked
+    (reference §5.1 step 7); real tokens attend to everything."""
+    return ~(padding[:, None, :, None] & padding[:, None, None, :])
+
+
+def cross_masks(
+    positions: torch.Tensor,
+    image_start: torch.Tensor,
+    num_tiles: torch.Tensor,
+    tiles: int,
+    per_tile: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention key mask (B, 1, S, tiles·per_tile) and row mask (B, S, 1).
+
+    positions (B, S); image_start (B,) the position of `<|image|>` (a position past any text when
+    the request has no image); num_tiles (B,). Rows at or after the image see its real tiles.
+    A row that sees nothing (before the image, or no image) attends uniformly to every key,
+    as HF and Meta do to avoid NaN; its output is then zeroed or not per semantics.
+    """
+    row = positions >= image_start[:, None]  # (B, S)
+    tile_of_key = torch.arange(tiles * per_tile, device=positions.device) // per_tile  # (L,)
+    key_real = tile_of_key[None, :] < num_tiles[:, None]  # (B, L)
+    sees = row[:, :, None] & key_real[:, None, :]  # (B, S, L)
+    mask = sees | ~row[:, :, None]  # (B, S, L): blind rows attend uniformly
+    return mask[:, None], row[..., None]

@@ -1,0 +1,151 @@
+"""`MllamaForConditionalGeneration` composed: vision encoder → projector → decoder → head.
+
+Tensors in, tensors out; preprocessing and prompting live outside. The parameter tree matches
+the HF hub checkpoint's key names (`vision_model.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.*`), so loading maps names in one place.
+
+Semantics (reference §10): "meta" (default, what the model was trained with) takes the vision
+features from the inputs of the listed local layers and zeroes the cross-attention output of
+rows before `<|image|>`; "transformers" reproduces transformers ≥ 4.56 (layer outputs; only the
+cross MLP branch is zeroed on those rows). Either way a request without an image gets exactly
+nothing from the cross layers, as if they were skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.functional import (
+    causal_cache_mask,
+    cross_masks,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from guardrt.runtime.model.text import (
+    CrossAttentionLayer,
+    LanguageModel,
+    SelfAttentionLayer,
+    StepInputs,
+)
+from guardrt.runtime.model.vision import VisionModel
+
+Semantics = Literal["meta", "transformers"]
+SEMANTICS: tuple[Semantics, ...] = ("meta", "transformers")
+
+
+class MllamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, semantics: Semantics = "meta") -> None:
+        super().__init__()
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
+        self.config, self.semantics = config, semantics
+        self.vision_model = VisionModel(config.vision, semantics)
+        self.multi_modal_projector = nn.Linear(config.vision.output_dim, config.text.hidden_size)
+        self.language_model = LanguageModel(config.text)
+        self.inv_freq: torch.Tensor
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(config.text.rope, config.text.head_dim), persistent=False
+        )
+        self.max_batch = self.max_seq = 0
+
+    @property
+    def image_keys(self) -> int:
+        """Cross-attention keys per image: every tile slot, padding tiles included (6404)."""
+        return self.config.vision.max_num_tiles * self.config.vision.num_patches
+
+    def _self_layers(self) -> list[SelfAttentionLayer]:
+        return [m for m in self.language_model.model.layers if isinstance(m, SelfAttentionLayer)]
+
+    def _cross_layers(self) -> list[CrossAttentionLayer]:
+        return [m for m in self.language_model.model.layers if isinstance(m, CrossAttentionLayer)]
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        """Allocate self-attention K/V (max_batch, Hkv, max_seq, d) per self layer and image K/V
+        (max_batch, Hkv, image_keys, d) per cross layer, on the weights' device and dtype."""
+        text = self.config.text
+        weight = self.multi_modal_projector.weight
+        device, dtype = weight.device, weight.dtype
+        for layer in self._self_layers():
+            shape = (max_batch, text.num_kv_heads, max_seq, text.head_dim)
+            layer.self_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+            layer.self_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        for cross in self._cross_layers():
+            shape = (max_batch, text.num_kv_heads, self.image_keys, text.head_dim)
+            cross.cross_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+            cross.cross_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        aspect_ratio_ids: torch.Tensor,
+        aspect_ratio_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N, T, 3, H, W), (N,), (N, T) → projected vision states (N, T·P, hidden)."""
+        features = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        states = self.multi_modal_projector(features)  # (N, T, P, hidden)
+        result: torch.Tensor = states.flatten(1, 2)
+        return result
+
+    def write_images(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
+        """Cross-attention K/V of each image, once, into the cache rows `slots` (N,)."""
+        for cross in self._cross_layers():
+            cross.cross_attn.write_image(slots, vision_states)
+
+    def clear_images(self, slots: torch.Tensor) -> None:
+        """Zero the image K/V of rows that hold no image (their attention reads these values
+        uniformly before the output is zeroed; zeros keep that product finite)."""
+        for cross in self._cross_layers():
+            cross.cross_attn.k_cache[slots] = 0
+            cross.cross_attn.v_cache[slots] = 0
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        image_start: torch.Tensor,
+        num_tiles: torch.Tensor,
+        logit_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """One step for a batch of B requests (prefill or decode).
+
+        tokens, positions (B, S); slots (B,) cache rows; image_start (B,) the position of each
+        request's `<|image|>` (≥ max_seq when it has none); num_tiles (B,); logit_index (B, R)
+        indices into S of the rows whose logits are wanted. Returns fp32 logits (B, R, vocab).
+        Positions must be written in order per slot (a step covers positions after the last).
+        """
+        if self.max_batch == 0:
+            raise RuntimeError("setup_caches(max_batch, max_seq) must be called before forward")
+        dtype = self.multi_modal_projector.weight.dtype
+        kv_len = int(positions.max()) + 1
+        cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
+        has_image = image_start < self.max_seq  # (B,)
+        config = self.config.vision
+        cross_mask, rows = cross_masks(
+            positions, image_start, num_tiles, config.max_num_tiles, config.num_patches
+        )
+        attn_rows = rows if self.semantics == "meta" else has_image[:, None, None].expand_as(rows)
+        step = StepInputs(
+            slots=slots,
+            positions=positions,
+            cos=cos,
+            sin=sin,
+            self_mask=causal_cache_mask(positions, kv_len),
+            kv_len=kv_len,
+            cross_mask=cross_mask,
+            cross_rows=rows,
+            attn_rows=attn_rows,
+            use_cross=bool(has_image.any()),
+        )
+        hidden = self.language_model.model(tokens, step)  # (B, S, D)
+        picked = torch.gather(
+            hidden, 1, logit_index[..., None].expand(-1, -1, hidden.shape[-1])
+        )  # (B, R, D)
+        normed = self.language_model.model.norm(picked)
+        result: torch.Tensor = self.language_model.lm_head(normed).float()
+        return result

@@ -1,0 +1,190 @@
+"""The text decoder (`MllamaTextModel`): 40 layers, 8 of them gated cross-attention (§5.3).
+
+Parameter names follow the HF checkpoint (`language_model.model.*`). Self-attention K/V live in
+preallocated caches (`setup_caches`), addressed by slot (a row of the cache a request owns) and
+position; cross-attention K/V are computed once per image (`write_image`) into per-slot caches.
+Every step runs the same layer plan; only an all-text batch skips the cross layers (they would
+add exactly zero to every row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from guardrt.runtime.model.config import TextConfig
+from guardrt.runtime.model.functional import apply_rope, attention, rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return result
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one forward step reads (built once per step by the model)."""
+
+    slots: torch.Tensor  # (B,) cache rows of the batch
+    positions: torch.Tensor  # (B, S) position of each token
+    cos: torch.Tensor  # (B, S, head_dim)
+    sin: torch.Tensor  # (B, S, head_dim)
+    self_mask: torch.Tensor  # (B, 1, S, kv_len) bool
+    kv_len: int  # cache slots read by self-attention this step
+    cross_mask: torch.Tensor  # (B, 1, S, L) bool
+    cross_rows: torch.Tensor  # (B, S, 1): rows at/after their image (the MLP branch keeps these)
+    attn_rows: torch.Tensor  # (B, S, 1): rows whose cross-attention output is kept (semantics)
+    use_cross: bool  # False when no request of the batch has an image
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        dim, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)  # (B, S, Hkv, d)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        rows = step.slots[:, None]  # (B, 1) with positions (B, S) → cache[(B, S), :, :]
+        self.k_cache[rows, :, step.positions] = k.transpose(1, 2)
+        self.v_cache[rows, :, step.positions] = v
+        keys = self.k_cache[step.slots, :, : step.kv_len]  # (B, Hkv, kv_len, d)
+        values = self.v_cache[step.slots, :, : step.kv_len]
+        out = attention(q, keys, values, step.self_mask)  # (B, H, S, d)
+        result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return result
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        result: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return result
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        dim, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def write_image(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
+        """K/V of projected vision states (N, L, D) into the cache rows `slots` (N,); no RoPE."""
+        n, length, _ = vision_states.shape
+        k = self.k_proj(vision_states).view(n, length, self.kv_heads, self.head_dim)
+        v = self.v_proj(vision_states).view(n, length, self.kv_heads, self.head_dim)
+        self.k_cache[slots] = self.k_norm(k).transpose(1, 2)  # (N, Hkv, L, d)
+        self.v_cache[slots] = v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
+        q = self.q_norm(q)
+        keys, values = self.k_cache[step.slots], self.v_cache[step.slots]  # (B, Hkv, L, d)
+        out = attention(q, keys, values, step.cross_mask).transpose(1, 2).reshape(b, s, -1)
+        result: torch.Tensor = self.o_proj(out * step.attn_rows.to(out.dtype))
+        return result
+
+
+class CrossAttentionLayer(nn.Module):
+    """h = x + tanh(g_attn)·attn; out = h + tanh(g_mlp)·row·MLP(h)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.cross_attn = CrossAttention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        if not step.use_cross:
+            return x
+        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), step)
+        mlp = self.mlp(self.post_attention_layernorm(x)) * step.cross_rows.to(x.dtype)
+        result: torch.Tensor = x + self.cross_attn_mlp_gate.tanh() * mlp
+        return result
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size + 8, config.hidden_size)
+        self.layers = nn.ModuleList(
+            CrossAttentionLayer(config) if i in config.cross_attention_layers
+            else SelfAttentionLayer(config)
+            for i in range(config.num_layers)
+        )  # fmt: skip
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """tokens (B, S) → final hidden states (B, S, D), before the final norm."""
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, step)
+        result: torch.Tensor = x
+        return result
+
+
+class LanguageModel(nn.Module):
+    """The decoder and its head (checkpoint prefix `language_model.`)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.model = TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
