@@ -84,6 +84,107 @@ def _export_tiny_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from guardrt.runtime.engine import EngineOptions  # noqa: PLC0415
+    from guardrt.runtime.server.config import ServerConfig, TlsConfig, auth_tokens  # noqa: PLC0415
+    from guardrt.runtime.server.main import serve  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tls = (
+        TlsConfig(
+            Path(args.tls_cert), Path(args.tls_key), args.tls_client_ca and Path(args.tls_client_ca)
+        )
+        if args.tls_cert
+        else None
+    )
+    config = ServerConfig(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_message_bytes=args.max_message_bytes,
+        max_text_chars=args.max_text_chars,
+        grace_s=args.grace_s,
+        workers=args.workers,
+        tls=tls,
+        auth_tokens=auth_tokens(args.auth_token_file),
+    )
+    options = EngineOptions(
+        model=Path(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        semantics=args.semantics,
+        decode=args.decode,
+        max_batch=args.max_batch_size,
+        max_seq=args.max_seq,
+    )
+    return asyncio.run(serve(config, args.model, options))
+
+
+def _moderate(args: argparse.Namespace) -> int:
+    from guardrt.runtime.server.client import moderate_once  # noqa: PLC0415
+
+    return moderate_once(args)
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve moderation over gRPC (tiny-random by default: meaningless verdicts)",
+    )
+    serve.add_argument(
+        "--model",
+        default="tiny-random",
+        help="tiny-random (default; a generated random model, meaningless verdicts) or a "
+        "checkpoint directory",
+    )
+    serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    serve.add_argument("--semantics", default="meta", choices=["meta", "transformers"])
+    serve.add_argument("--decode", default="constrained", choices=["constrained", "greedy"])
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--grpc-port", type=int, default=50051)
+    serve.add_argument("--max-batch-size", type=int, default=4)
+    serve.add_argument("--max-wait-ms", type=float, default=5.0)
+    serve.add_argument("--max-queue", type=int, default=256)
+    serve.add_argument("--max-seq", type=int, default=8192, help="prompt + verdict tokens")
+    serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
+    serve.add_argument("--max-text-chars", type=int, default=200_000)
+    serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.add_argument("--workers", type=int, default=4, help="preparation threads")
+    serve.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
+    serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certs (mTLS)")
+    serve.add_argument(
+        "--auth-token-file",
+        help="file of static bearer tokens, one per line (also $GUARDRT_AUTH_TOKENS)",
+    )
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(handler=_serve)
+
+
+def _add_moderate(commands: Any) -> None:
+    client = commands.add_parser("moderate", help="ask a running server for a verdict")
+    client.add_argument("--server", default="localhost:50051", help="HOST:PORT")
+    client.add_argument("--text", default="", help="the user's message")
+    client.add_argument("--image", help="path of an image sent with the user's message")
+    client.add_argument("--response", help="an assistant answer to judge (response classification)")
+    client.add_argument("--exclude", default="", help="category codes to leave out, e.g. S1,S13")
+    client.add_argument("--token", help="bearer token")
+    client.add_argument("--tls-ca", help="PEM CA bundle to verify the server (enables TLS)")
+    client.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    client.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    client.set_defaults(handler=_moderate)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardrt", description="Inference runtime for Llama Guard 3 11B Vision."
@@ -123,6 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("-o", "--output", required=True, help="directory to create")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(handler=_export_tiny_random)
+
+    _add_serve(commands)
+    _add_moderate(commands)
     return parser
 
 

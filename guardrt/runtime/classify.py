@@ -16,7 +16,6 @@ Ties between `safe` and `unsafe` go to `unsafe`: a safety classifier fails close
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,29 +24,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from guardrt.runtime.errors import PromptError, PromptReason
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.mllama import MllamaModel
-from guardrt.runtime.preprocess import TiledImage
-from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID, IMAGE_ID
+from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
+from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
 from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
 
 Decode = Literal["constrained", "greedy"]
 DECODES: tuple[Decode, ...] = ("constrained", "greedy")
 STOP_IDS = frozenset({END_OF_TEXT_ID, EOM_ID, EOT_ID})
 _PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A request ready for the model (the typed message between prompting and the engine)."""
-
-    prompt: tuple[int, ...]  # token ids, ending at the assistant header
-    image: TiledImage | None
-    grammar: VerdictGrammar  # the policy's grammar: which codes may be answered
-
-    @property
-    def image_position(self) -> int | None:
-        return self.prompt.index(IMAGE_ID) if self.image is not None else None
 
 
 @dataclass
@@ -73,37 +59,30 @@ def category_probabilities(grammar: VerdictGrammar, logits: torch.Tensor) -> dic
     return {code: float(w) for code, w in zip(grammar.codes, weights, strict=True)}
 
 
-def max_new_tokens(grammar: VerdictGrammar) -> int:
-    """Enough for the longest verdict: \\n\\n unsafe \\n S k (,S k)* <|eot_id|>, plus slack."""
-    return 8 + 2 * len(grammar.codes)
-
-
 class Classifier:
     """Runs prepared requests through a model with preallocated caches, a batch at a time."""
 
     def __init__(self, model: MllamaModel, decode: Decode = "constrained") -> None:
         if decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, not {decode!r}")
+            raise ConfigError(f"decode must be one of {DECODES}, not {decode!r}")
         if model.max_batch == 0:
             raise ValueError("the model's caches are not set up (setup_caches)")
         self.model, self.decode = model, decode
         self.device = model.multi_modal_projector.weight.device
 
     def check_fits(self, request: PreparedRequest) -> None:
-        """Refuse a prompt that cannot hold its verdict within the cache length."""
-        needed = len(request.prompt) + max_new_tokens(request.grammar)
-        if needed > self.model.max_seq:
-            raise PromptError(
-                PromptReason.TOO_LONG,
-                f"the prompt is {len(request.prompt)} tokens; with its verdict it needs "
-                f"{needed} of the model's {self.model.max_seq}",
-            )
+        check_fits(request, self.model.max_seq)
+
+    def classify(self, requests: Sequence[PreparedRequest]) -> list[Verdict]:
+        """The verdict of each request, in order (batched up to the model's max_batch)."""
+        return [decoded.verdict() for decoded in self.run(requests)]
 
     @torch.inference_mode()
-    def classify(self, requests: Sequence[PreparedRequest]) -> list[Verdict]:
+    def run(self, requests: Sequence[PreparedRequest]) -> list[Decoded]:
+        """The generated ids and scores of each request, in order."""
         for request in requests:
             self.check_fits(request)
-        verdicts: list[Verdict] = []
+        results: list[Decoded] = []
         for start in range(0, len(requests), self.model.max_batch):
             chunk = requests[start : start + self.model.max_batch]
             rows = [_Row(request, slot) for slot, request in enumerate(chunk)]
@@ -112,8 +91,16 @@ class Classifier:
                 self._constrained(rows)
             else:
                 self._greedy(rows)
-            verdicts.extend(self._verdict(row) for row in rows)
-        return verdicts
+            results.extend(
+                Decoded(
+                    row.request,
+                    tuple(row.generated),
+                    row.unsafe_probability,
+                    row.category_probabilities,
+                )
+                for row in rows
+            )
+        return results
 
     def _write_images(self, rows: list[_Row]) -> None:
         with_image = [row for row in rows if row.request.image is not None]
@@ -247,11 +234,3 @@ class Classifier:
             row.unsafe_probability = float(torch.softmax(logits, -1)[tokens.unsafe])
         if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
             row.category_probabilities = category_probabilities(row.request.grammar, logits)
-
-    def _verdict(self, row: _Row) -> Verdict:
-        parsed = row.request.grammar.parse(row.generated)
-        return dataclasses.replace(
-            parsed,
-            unsafe_probability=row.unsafe_probability,
-            category_probabilities=row.category_probabilities,
-        )

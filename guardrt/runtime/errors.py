@@ -61,3 +61,22 @@ class PromptError(GuardrtError):
     def __init__(self, reason: PromptReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ServiceReason(enum.Enum):
+    """Why the service did not run a request; stable strings, used as metric labels."""
+
+    QUEUE_FULL = "queue_full"  # the bounded queue is full: refused at once
+    DEADLINE = "deadline"  # the deadline passed before the request ran; it was not run
+    DRAINING = "draining"  # shutting down: no new work
+    ENGINE = "engine"  # the engine failed on the batch holding this request
+    TOO_LARGE = "too_large"  # a request beyond the configured text or size limits
+    UNAUTHENTICATED = "unauthenticated"  # missing or wrong bearer token
+
+
+class ServiceError(GuardrtError):
+    """A request the service refused or could not run; the message names the limit hit."""
+
+    def __init__(self, reason: ServiceReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

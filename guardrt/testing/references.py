@@ -83,3 +83,38 @@ def render_with_jinja(messages: Any, **kwargs: Any) -> str:
     )
     environment.globals["raise_exception"] = raise_exception
     return environment.from_string(chat_template_text()).render(messages=messages, **kwargs)
+
+
+def hf_model(directory: Path, *, dtype: Any = None) -> Any:
+    """transformers' `MllamaForConditionalGeneration` (SDPA attention) from a checkpoint dir."""
+    import torch  # noqa: PLC0415
+
+    transformers: Any = importlib.import_module("transformers")
+    model = transformers.MllamaForConditionalGeneration.from_pretrained(
+        str(directory), dtype=dtype or torch.float32, attn_implementation="sdpa"
+    )
+    return model.eval()
+
+
+def hf_inputs(prompt: list[int], image: Any = None) -> dict[str, Any]:
+    """The tensors `MllamaProcessor` would give transformers for a prompt and a `TiledImage`:
+    input_ids (1, S) and, with an image, pixel_values (1, 1, T, 3, H, W), aspect_ratio_ids
+    (1, 1), aspect_ratio_mask (1, 1, T) and cross_attention_mask (1, S, 1, T) (rows from the
+    `<|image|>` token on see the image's real tiles)."""
+    import torch  # noqa: PLC0415
+
+    from guardrt.runtime.tokenizer import IMAGE_ID  # noqa: PLC0415
+
+    inputs: dict[str, Any] = {"input_ids": torch.tensor([prompt])}
+    if image is None:
+        return inputs
+    tiles = image.pixel_values.shape[0]
+    cross = torch.zeros(1, len(prompt), 1, tiles, dtype=torch.long)
+    cross[0, prompt.index(IMAGE_ID) :, 0, : image.num_tiles] = 1
+    inputs |= {
+        "pixel_values": torch.from_numpy(image.pixel_values)[None, None],
+        "aspect_ratio_ids": torch.tensor([[image.aspect_ratio_id]]),
+        "aspect_ratio_mask": torch.from_numpy(image.aspect_ratio_mask)[None, None],
+        "cross_attention_mask": cross,
+    }
+    return inputs

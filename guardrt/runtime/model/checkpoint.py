@@ -61,6 +61,8 @@ def checkpoint_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a safetensors index") from exc
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} is not a safetensors index (weight_map is no object)")
         files = sorted({directory / str(name) for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -41,6 +41,17 @@ _BOOKKEEPING = frozenset(
 )  # fmt: skip
 
 
+def _check_base_keys(section: Mapping[str, Any], where: str) -> None:
+    """Keys transformers 4.x writes into every (sub-)config from its base class: harmless at
+    their defaults, refused where they would change the network."""
+    _expect(section, "is_encoder_decoder", (False,), where)
+    if section.get("pruned_heads"):
+        raise ConfigError(f"{where}.pruned_heads is not empty; pruned heads are not implemented")
+
+
+_BASE_KEYS = frozenset({"is_encoder_decoder", "pruned_heads"})
+
+
 def _refuse_unknown(section: Mapping[str, Any], known: frozenset[str], where: str) -> None:
     unknown = sorted(set(section) - known - _BOOKKEEPING)
     if unknown:
@@ -55,11 +66,28 @@ def _require(section: Mapping[str, Any], key: str, kind: type, where: str) -> An
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
         raise ConfigError(f"{where}.{key} is {value!r}, expected {kind.__name__}")
+    if isinstance(value, int | float) and kind is not bool and value <= 0:
+        raise ConfigError(f"{where}.{key} is {value!r}, expected a positive number")
     return value
 
 
+def _indices(section: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
+    """A sorted list of distinct non-negative integers (layer indices)."""
+    values: list[Any] = _require(section, key, list, where)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values) or (
+        sorted(set(values)) != values
+    ):
+        raise ConfigError(f"{where}.{key} {values!r} is not a sorted list of layer indices")
+    return tuple(values)
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """Equal and of the same type: `0` is not `False`, `True` is not `1`."""
+    return type(value) is type(allowed) and value == allowed
+
+
 def _expect(section: Mapping[str, Any], key: str, allowed: tuple[Any, ...], where: str) -> None:
-    if key in section and section[key] not in allowed:
+    if key in section and not any(_same(section[key], a) for a in allowed):
         raise ConfigError(
             f"{where}.{key} is {section[key]!r}; guardrt implements only {allowed[0]!r}"
         )
@@ -82,7 +110,7 @@ def _rope(text: Mapping[str, Any], where: str) -> RopeConfig:
         raise ConfigError(f"{where}.rope_parameters is not an object")
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", text.get("rope_theta"))
-    if not isinstance(theta, int | float) or theta <= 0:
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
         raise ConfigError(f"{where} has no valid rope_theta ({theta!r})")
     known = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor"}
     known |= {"original_max_position_embeddings"}
@@ -92,9 +120,10 @@ def _rope(text: Mapping[str, Any], where: str) -> RopeConfig:
     if kind != "llama3":
         raise ConfigError(f"{where} RoPE type {kind!r} is not implemented (default, llama3)")
     _refuse_unknown(params, frozenset(known), f"{where}.rope")
-    values = {k: params[k] for k in known - {"rope_type", "type", "rope_theta"} if k in params}
-    if len(values) != 4:
-        raise ConfigError(f"{where} llama3 RoPE lacks {sorted(known - set(params) - {'type'})}")
+    needed = known - {"rope_type", "type", "rope_theta"}
+    values = {k: params[k] for k in needed if k in params}
+    if len(values) != len(needed):
+        raise ConfigError(f"{where} llama3 RoPE lacks {sorted(needed - set(values))}")
     return RopeConfig(
         theta=float(theta),
         llama3=True,
@@ -132,9 +161,9 @@ _TEXT_KEYS = frozenset(
         "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
         "rope_parameters", "max_position_embeddings", "cross_attention_layers", "hidden_act",
-        "tie_word_embeddings", "pruned_heads", "is_encoder_decoder",
+        "tie_word_embeddings",
     }
-)  # fmt: skip
+) | _BASE_KEYS  # fmt: skip
 
 
 def _text_config(text: Mapping[str, Any]) -> TextConfig:
@@ -143,10 +172,8 @@ def _text_config(text: Mapping[str, Any]) -> TextConfig:
     _expect(text, "model_type", ("mllama_text_model",), where)
     _expect(text, "hidden_act", ("silu",), where)
     _expect(text, "tie_word_embeddings", (False,), where)
-    _expect(text, "is_encoder_decoder", (False,), where)
-    if text.get("pruned_heads"):
-        raise ConfigError(f"{where}.pruned_heads is not empty; pruned heads are not implemented")
-    layers = _require(text, "cross_attention_layers", list, where)
+    _check_base_keys(text, where)
+    layers = _indices(text, "cross_attention_layers", where)
     config = TextConfig(
         vocab_size=_require(text, "vocab_size", int, where),
         hidden_size=_require(text, "hidden_size", int, where),
@@ -157,7 +184,7 @@ def _text_config(text: Mapping[str, Any]) -> TextConfig:
         rms_norm_eps=_require(text, "rms_norm_eps", float, where),
         rope=_rope(text, where),
         max_position_embeddings=_require(text, "max_position_embeddings", int, where),
-        cross_attention_layers=tuple(layers),
+        cross_attention_layers=layers,
     )
     if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads:
         raise ConfigError(
@@ -166,8 +193,10 @@ def _text_config(text: Mapping[str, Any]) -> TextConfig:
         )
     if config.head_dim % 2:
         raise ConfigError(f"{where}: head_dim {config.head_dim} is odd; RoPE needs pairs")
-    if sorted(set(layers)) != layers or not all(0 <= i < config.num_layers for i in layers):
-        raise ConfigError(f"{where}.cross_attention_layers {layers} are not sorted layer indices")
+    if not all(i < config.num_layers for i in layers):
+        raise ConfigError(
+            f"{where}.cross_attention_layers {list(layers)} exceed {config.num_layers} layers"
+        )
     return config
 
 
@@ -210,8 +239,10 @@ _VISION_KEYS = frozenset(
         "num_attention_heads", "intermediate_size", "vision_output_dim", "image_size",
         "patch_size", "norm_eps", "max_num_tiles", "intermediate_layers_indices",
         "supported_aspect_ratios", "num_channels", "hidden_act",
+        # 4.x writes the base class's default (True) here; it means nothing for the tower.
+        "tie_word_embeddings",
     }
-)  # fmt: skip
+) | _BASE_KEYS  # fmt: skip
 
 
 def _vision_config(vision: Mapping[str, Any]) -> VisionConfig:
@@ -220,6 +251,7 @@ def _vision_config(vision: Mapping[str, Any]) -> VisionConfig:
     _expect(vision, "model_type", ("mllama_vision_model",), where)
     _expect(vision, "hidden_act", ("gelu",), where)
     _expect(vision, "num_channels", (3,), where)
+    _check_base_keys(vision, where)
     heads_key = "attention_heads" if "attention_heads" in vision else "num_attention_heads"
     config = VisionConfig(
         hidden_size=_require(vision, "hidden_size", int, where),
@@ -232,7 +264,7 @@ def _vision_config(vision: Mapping[str, Any]) -> VisionConfig:
         patch_size=_require(vision, "patch_size", int, where),
         norm_eps=_require(vision, "norm_eps", float, where),
         max_num_tiles=_require(vision, "max_num_tiles", int, where),
-        intermediate_layers=tuple(_require(vision, "intermediate_layers_indices", list, where)),
+        intermediate_layers=_indices(vision, "intermediate_layers_indices", where),
     )
     if config.hidden_size % config.num_heads:
         raise ConfigError(f"{where}: hidden_size {config.hidden_size} % heads != 0")
@@ -246,7 +278,9 @@ def _vision_config(vision: Mapping[str, Any]) -> VisionConfig:
             f"{where}.vision_output_dim {config.output_dim} != hidden_size × (1 + "
             f"{len(config.intermediate_layers)} intermediate layers)"
         )
-    if not all(0 <= i < config.num_layers for i in config.intermediate_layers):
+    if config.max_num_tiles > 16:
+        raise ConfigError(f"{where}.max_num_tiles {config.max_num_tiles} is beyond 16")
+    if not all(i < config.num_layers for i in config.intermediate_layers):
         raise ConfigError(f"{where}.intermediate_layers_indices {config.intermediate_layers}")
     ratios = [list(r) for r in supported_aspect_ratios(config.max_num_tiles)]
     if vision.get("supported_aspect_ratios", ratios) != ratios:

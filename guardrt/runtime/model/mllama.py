@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import (
     causal_cache_mask,
@@ -41,7 +42,7 @@ class MllamaModel(nn.Module):
     def __init__(self, config: ModelConfig, semantics: Semantics = "meta") -> None:
         super().__init__()
         if semantics not in SEMANTICS:
-            raise ValueError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
+            raise ConfigError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
         self.config, self.semantics = config, semantics
         self.vision_model = VisionModel(config.vision, semantics)
         self.multi_modal_projector = nn.Linear(config.vision.output_dim, config.text.hidden_size)

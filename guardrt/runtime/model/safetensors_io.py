@@ -49,26 +49,31 @@ class TensorEntry:
 def read_header(path: Path) -> dict[str, TensorEntry]:
     """The tensors a file holds, from its header alone; malformed files are refused by name."""
     try:
+        file_size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) != 8:
                 raise ConfigError(f"{path} is not a safetensors file (too short)")
             (size,) = struct.unpack("<Q", prefix)
-            if size > _MAX_HEADER:
-                raise ConfigError(f"{path} declares a {size}-byte header")
+            if size > min(_MAX_HEADER, file_size - 8):
+                raise ConfigError(
+                    f"{path} declares a {size}-byte header in a {file_size}-byte file"
+                )
             header = json.loads(handle.read(size))
-            file_size = path.stat().st_size
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except ValueError as exc:
         raise ConfigError(f"{path} has an unreadable safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: the safetensors header is not a JSON object")
     entries: dict[str, TensorEntry] = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = (8 + size + offset for offset in spec["data_offsets"])
-            entry = TensorEntry(name, spec["dtype"], tuple(spec["shape"]), path, begin, end)
+            begin, end = (8 + size + int(offset) for offset in spec["data_offsets"])
+            shape = tuple(int(dim) for dim in spec["shape"])
+            entry = TensorEntry(name, str(spec["dtype"]), shape, path, begin, end)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: tensor {name!r} has a malformed header entry") from exc
         if entry.dtype not in DTYPES:
@@ -76,7 +81,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         count = 1
         for dim in entry.shape:
             count *= dim
-        if end - begin != count * DTYPES[entry.dtype].itemsize or end > file_size:
+        fits = 8 + size <= begin <= end <= file_size and min(shape, default=0) >= 0
+        if not fits or end - begin != count * DTYPES[entry.dtype].itemsize:
             raise ConfigError(f"{path}: tensor {name!r} has a byte range that does not fit")
         entries[name] = entry
     return entries

@@ -29,7 +29,7 @@ from guardrt.runtime.tokenizer import default_tokenizer_path
 from guardrt.runtime.tokenizer_files import SPECIAL_NAMES, read_tiktoken_file, tokenizer_json
 
 TINY_RANDOM = "tiny-random"
-_VERSION = 1  # bump when the generated checkpoint changes, so caches regenerate
+_VERSION = 2  # bump when the generated checkpoint changes, so caches regenerate
 
 # The hub config's shape with tiny sizes. The tile stays 560 px so the real image pipeline
 # feeds it; 56-px patches keep the vision sequence short (4 × 104 tokens).
@@ -106,6 +106,10 @@ def tiny_config(**overrides: Mapping[str, Any]) -> dict[str, Any]:
     return document
 
 
+# Scalar tanh gates (vision global layers, tile embeddings, cross-attention layers).
+_GATES = frozenset({"gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate"})
+
+
 def random_state(config: ModelConfig, seed: int, scale: float = 0.08) -> dict[str, torch.Tensor]:
     """Random fp32 weights for every tensor of the model (hub names), reproducible by seed.
 
@@ -120,7 +124,7 @@ def random_state(config: ModelConfig, seed: int, scale: float = 0.08) -> dict[st
         noise = torch.randn(shape, generator=generator)
         if "norm" in name and name.endswith("weight"):
             state[name] = 1.0 + 0.1 * noise
-        elif "gate" in name and "proj" not in name:
+        elif name.rsplit(".", 1)[-1] in _GATES:
             state[name] = 0.3 + 0.4 * torch.rand(shape, generator=generator)
         else:
             state[name] = scale * noise

@@ -1,4 +1,4 @@
-"""`guardrt prompt`: what the model reads, for users debugging a policy."""
+"""`guardrt prompt` (what the model reads) and `guardrt export tiny-random`."""
 
 from __future__ import annotations
 
@@ -72,3 +72,20 @@ def test_bad_messages_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     bad.write_text("{not json")
     assert main(["prompt", "--messages", str(bad)]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_export_tiny_random(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "tiny"
+    assert main(["export", "tiny-random", "-o", str(target), "--seed", "1"]) == 0
+    assert "meaningless" in capsys.readouterr().out
+    names = {p.name for p in target.iterdir()}
+    assert names == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    }
+    assert main(["export", "tiny-random", "-o", str(target)]) == 2
+    assert "is not empty" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""Engine back ends behind one small protocol, chosen through a lazy registry.
+
+An engine turns a batch of `PreparedRequest`s into `Decoded` outputs. Back ends are named
+`"module:Class"` strings imported on first use, so no back end (and no CUDA) is touched at
+import and serving an ONNX/TensorRT engine never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.requests import Decoded, PreparedRequest
+
+BACKENDS = {"torch": "guardrt.runtime.engine.torch_engine:TorchEngine"}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to load an engine (from the CLI or the server config)."""
+
+    model: Path  # a checkpoint directory (torch) or an engine directory
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on the CPU, the stored dtype elsewhere
+    semantics: str = "meta"
+    decode: str = "constrained"
+    max_batch: int = 4
+    max_seq: int = 8192
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    backend: str
+    device: str
+    dtype: str
+    semantics: str
+    decode: str
+    max_batch: int
+    max_seq: int
+
+
+class Engine(Protocol):
+    """load (the constructor) → warmup → execute* → close. `execute` runs one batch of at most
+    `info.max_batch` requests on the calling thread and may raise; the caller fails those
+    requests only."""
+
+    info: EngineInfo
+
+    def warmup(self, sample: Sequence[PreparedRequest]) -> None: ...
+
+    def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]: ...
+
+    def close(self) -> None: ...
+
+
+def load_engine(backend: str, options: EngineOptions) -> Engine:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    module_name, class_name = BACKENDS[backend].split(":")
+    engine_class = getattr(importlib.import_module(module_name), class_name)
+    engine: Engine = engine_class(options)
+    return engine

@@ -1,0 +1,80 @@
+"""The torch back end: guardrt's PyTorch mllama in-process (needs the `torch` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from guardrt.runtime.classify import DECODES, Classifier
+from guardrt.runtime.engine import EngineInfo, EngineOptions
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.mllama import SEMANTICS
+from guardrt.runtime.requests import Decoded, PreparedRequest
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """None → float32 on the CPU (bf16 matmuls are slow there), the stored dtype elsewhere."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class TorchEngine:
+    def __init__(self, options: EngineOptions) -> None:
+        if options.semantics not in SEMANTICS:
+            raise ConfigError(f"semantics must be one of {SEMANTICS}, not {options.semantics!r}")
+        if options.decode not in DECODES:
+            raise ConfigError(f"decode must be one of {DECODES}, not {options.decode!r}")
+        if options.max_batch < 1 or options.max_seq < 64:
+            raise ConfigError(
+                f"max_batch {options.max_batch} must be ≥ 1 and max_seq {options.max_seq} ≥ 64"
+            )
+        try:
+            device = torch.device(options.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"device {options.device!r} is not a torch device") from exc
+        self.model = load_model(
+            options.model,
+            device=device,
+            dtype=parse_dtype(options.dtype, device),
+            semantics=options.semantics,
+        )
+        self.model.setup_caches(options.max_batch, options.max_seq)
+        self.classifier = Classifier(self.model, options.decode)
+        dtype = str(self.model.multi_modal_projector.weight.dtype).removeprefix("torch.")
+        self.info = EngineInfo(
+            backend="torch",
+            device=str(device),
+            dtype=dtype,
+            semantics=options.semantics,
+            decode=options.decode,
+            max_batch=options.max_batch,
+            max_seq=options.max_seq,
+        )
+
+    def warmup(self, sample: Sequence[PreparedRequest]) -> None:
+        """Run sample requests once, so the first real batch pays no lazy initialisation."""
+        self.execute(sample)
+
+    def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+        return self.classifier.run(batch)
+
+    def close(self) -> None:
+        self.model.setup_caches(0, 0)

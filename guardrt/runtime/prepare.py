@@ -1,0 +1,56 @@
+"""Messages and a policy in, a `PreparedRequest` out: validation, prompt ids, image tiles.
+
+No torch: the servers run this on worker threads for every back end.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+from guardrt.runtime.conversation import parse_messages
+from guardrt.runtime.errors import PromptError, PromptReason
+from guardrt.runtime.policy import CategoriesInput, Policy, make_policy
+from guardrt.runtime.preprocess import ImageConfig, preprocess_image
+from guardrt.runtime.prompt import Messages, prompt_encoder
+from guardrt.runtime.requests import PreparedRequest, check_fits
+from guardrt.runtime.tokenizer import Tokenizer
+from guardrt.runtime.verdict import VerdictGrammar
+
+
+class Preparer:
+    """Everything between a request and the engine, for one tokenizer and image setting."""
+
+    def __init__(self, tokenizer: Tokenizer, image_config: ImageConfig, max_seq: int) -> None:
+        self.tokenizer, self.image_config, self.max_seq = tokenizer, image_config, max_seq
+        # Custom policies arrive with requests: the cache is bounded.
+        self.grammar = functools.lru_cache(maxsize=256)(self._make_grammar)
+
+    def _make_grammar(self, policy: Policy) -> VerdictGrammar:
+        return VerdictGrammar(self.tokenizer, policy)
+
+    def prepare(
+        self,
+        messages: Messages,
+        *,
+        categories: CategoriesInput | None = None,
+        excluded_categories: Iterable[str] = (),
+    ) -> PreparedRequest:
+        """Validate, render, tokenize and tile one request; raises PromptError / ImageError."""
+        conversation = parse_messages(messages)
+        policy = make_policy(categories, excluded_categories)
+        image = None
+        if conversation.image is not None:
+            if conversation.image.source is None:
+                raise PromptError(
+                    PromptReason.CONTENT,
+                    f"message {conversation.image.message_index} part "
+                    f"{conversation.image.part_index} is an image without its 'image' payload",
+                )
+            source: Any = conversation.image.source  # preprocess_image checks what it is
+            image = preprocess_image(source, config=self.image_config)
+        prompt = prompt_encoder(self.tokenizer).encode(conversation, policy)
+        request = PreparedRequest(tuple(prompt), image, self.grammar(policy))
+        check_fits(request, self.max_seq)
+        return request

@@ -1,0 +1,62 @@
+"""The typed messages between stages: a prepared request in, what the model produced out.
+
+request (messages, policy) → `PreparedRequest` (prompt ids, tiles, grammar) → engine →
+`Decoded` (generated ids, scores) → `Verdict`. No torch here: every back end shares them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from guardrt.runtime.errors import PromptError, PromptReason
+from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.tokenizer import IMAGE_ID
+from guardrt.runtime.verdict import Verdict, VerdictGrammar
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request ready for the model (the typed message between prompting and the engine)."""
+
+    prompt: tuple[int, ...]  # token ids, ending at the assistant header
+    image: TiledImage | None
+    grammar: VerdictGrammar  # the policy's grammar: which codes may be answered
+
+    @property
+    def image_position(self) -> int | None:
+        return self.prompt.index(IMAGE_ID) if self.image is not None else None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What the model produced for one request (the engine's output message)."""
+
+    request: PreparedRequest
+    generated: tuple[int, ...]  # ids after the prompt, starting with 271 (the blank line)
+    unsafe_probability: float  # NaN when the output left the grammar's path before the label
+    category_probabilities: dict[str, float]
+
+    def verdict(self) -> Verdict:
+        parsed = self.request.grammar.parse(self.generated)
+        return dataclasses.replace(
+            parsed,
+            unsafe_probability=self.unsafe_probability,
+            category_probabilities=self.category_probabilities,
+        )
+
+
+def max_new_tokens(grammar: VerdictGrammar) -> int:
+    """Enough for the longest verdict: \\n\\n unsafe \\n S k (,S k)* <|eot_id|>, plus slack."""
+    return 8 + 2 * len(grammar.codes)
+
+
+def check_fits(request: PreparedRequest, max_seq: int) -> None:
+    """Refuse a prompt that cannot hold its verdict within `max_seq` positions."""
+    needed = len(request.prompt) + max_new_tokens(request.grammar)
+    if needed > max_seq:
+        raise PromptError(
+            PromptReason.TOO_LONG,
+            f"the prompt is {len(request.prompt)} tokens; with its verdict it needs "
+            f"{needed} of the model's {max_seq}",
+        )

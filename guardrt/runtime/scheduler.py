@@ -1,0 +1,158 @@
+"""Dynamic batching across every RPC: a bounded queue, one engine thread, per-request outcomes.
+
+The contract is narrow (as vLLM's): `add` work, `schedule` a batch, `execute` it on the engine,
+`update` each request with its outcome. A batch closes when it is full or when its first request
+has waited `max_wait`. Requests whose deadline passed are answered DEADLINE without running;
+cancelled requests are dropped; an engine failure fails that batch's requests only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from guardrt.runtime.engine import Engine
+from guardrt.runtime.errors import ServiceError, ServiceReason
+from guardrt.runtime.requests import Decoded, PreparedRequest
+
+log = logging.getLogger("guardrt.scheduler")
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    size: int  # requests in the batch
+    queue_s: float  # how long this request waited
+    model_s: float  # the batch's engine time
+
+
+Outcome = Decoded | ServiceError
+Callback = Callable[[Outcome, BatchInfo], None]
+
+
+@dataclass(eq=False)
+class Work:
+    """One request waiting for the engine. `done` is called exactly once, on the engine
+    thread (or at once on refusal), unless the work was cancelled first."""
+
+    request: PreparedRequest
+    request_id: str
+    done: Callback
+    deadline: float | None = None  # time.monotonic() after which it must not run
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int, max_wait_s: float, max_queue: int) -> None:
+        self.engine = engine
+        self.max_batch = min(max_batch, engine.info.max_batch)
+        self.max_wait_s, self.max_queue = max_wait_s, max_queue
+        self._queue: deque[Work] = deque()
+        self._lock = threading.Condition()
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self.batch_sizes: list[int] = []  # every executed batch's size (for metrics and tests)
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def add(self, work: Work) -> None:
+        """Queue `work`, or refuse it at once (queue full, draining)."""
+        with self._lock:
+            if self._draining:
+                raise ServiceError(ServiceReason.DRAINING, "the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise ServiceError(
+                    ServiceReason.QUEUE_FULL, f"the request queue is full ({self.max_queue})"
+                )
+            self._queue.append(work)
+            self._lock.notify()
+
+    def cancel(self, work: Work) -> None:
+        """Drop queued work (a cancelled call); running work finishes and is ignored."""
+        with self._lock:
+            work.cancelled = True
+            if work in self._queue:
+                self._queue.remove(work)
+
+    def schedule(self) -> list[Work] | None:
+        """The next batch (blocking); None once drained and stopping."""
+        with self._lock:
+            while not self._queue:
+                if self._draining:
+                    return None
+                self._lock.wait()
+            close_at = self._queue[0].enqueued + self.max_wait_s
+            while len(self._queue) < self.max_batch and not self._draining:
+                remaining = close_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._lock.wait(remaining)
+            batch: list[Work] = []
+            now = time.monotonic()
+            while self._queue and len(batch) < self.max_batch:
+                work = self._queue.popleft()
+                if work.deadline is not None and now > work.deadline:
+                    self._answer(work, self._expired(), BatchInfo(0, now - work.enqueued, 0.0))
+                else:
+                    batch.append(work)
+            return batch
+
+    @staticmethod
+    def _expired() -> ServiceError:
+        return ServiceError(ServiceReason.DEADLINE, "the deadline passed before the request ran")
+
+    @staticmethod
+    def _answer(work: Work, outcome: Outcome, info: BatchInfo) -> None:
+        if work.cancelled:
+            return
+        try:
+            work.done(outcome, info)
+        except Exception:  # a caller's callback must not stop the engine thread
+            log.exception("callback of request %s failed", work.request_id)
+
+    def execute(self, batch: list[Work]) -> list[Decoded] | ServiceError:
+        try:
+            return self.engine.execute([work.request for work in batch])
+        except Exception:
+            ids = ", ".join(work.request_id for work in batch)
+            log.exception("engine failed on a batch of %d (requests %s)", len(batch), ids)
+            return ServiceError(ServiceReason.ENGINE, "the engine failed on this request")
+
+    def update(
+        self, batch: list[Work], outputs: list[Decoded] | ServiceError, model_s: float
+    ) -> None:
+        now = time.monotonic()
+        for index, work in enumerate(batch):
+            outcome = outputs if isinstance(outputs, ServiceError) else outputs[index]
+            self._answer(
+                work, outcome, BatchInfo(len(batch), now - model_s - work.enqueued, model_s)
+            )
+
+    def _loop(self) -> None:
+        while (batch := self.schedule()) is not None:
+            if not batch:
+                continue
+            start = time.monotonic()
+            outputs = self.execute(batch)
+            self.batch_sizes.append(len(batch))
+            self.update(batch, outputs, time.monotonic() - start)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="guardrt-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new work, finish what is queued, stop the engine thread; True if it stopped."""
+        with self._lock:
+            self._draining = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True

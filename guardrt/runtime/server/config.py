@@ -1,0 +1,63 @@
+"""The server's settings: one frozen config, built once from flags (and the environment)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guardrt.runtime.errors import ConfigError
+
+# One image (32 MiB encoded, the decoder's own limit) plus text and framing.
+DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+AUTH_TOKENS_ENV = "GUARDRT_AUTH_TOKENS"  # comma-separated static bearer tokens
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path  # PEM server certificate chain
+    key: Path  # PEM private key
+    client_ca: Path | None = None  # PEM CA bundle: when set, clients must present a cert (mTLS)
+
+    def credentials(self) -> tuple[bytes, bytes, bytes | None]:
+        try:
+            ca = self.client_ca.read_bytes() if self.client_ca else None
+            return self.key.read_bytes(), self.cert.read_bytes(), ca
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    grpc_port: int = 50051  # 0 = any free port (tests)
+    max_batch_size: int = 4
+    max_wait_ms: float = 5.0  # a batch closes when full or when its first request waited this
+    max_queue: int = 256  # queued requests beyond this are refused (RESOURCE_EXHAUSTED)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_text_chars: int = 200_000
+    grace_s: float = 30.0  # SIGTERM: time to answer in-flight and queued work
+    workers: int = 4  # preparation threads (tokenizing, image tiling)
+    tls: TlsConfig | None = None
+    auth_tokens: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_message_bytes", "max_text_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0 <= self.grpc_port < 65536:
+            raise ConfigError(f"grpc port {self.grpc_port} is not a port number")
+        if self.max_wait_ms < 0 or self.grace_s < 0 or self.workers < 1:
+            raise ConfigError("max_wait_ms and grace_s must be ≥ 0 and workers ≥ 1")
+
+
+def auth_tokens(token_file: str | None) -> frozenset[str]:
+    """Bearer tokens from a file (one per line) and $GUARDRT_AUTH_TOKENS; empty = no auth."""
+    tokens = {t.strip() for t in os.environ.get(AUTH_TOKENS_ENV, "").split(",") if t.strip()}
+    if token_file:
+        try:
+            lines = Path(token_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from exc
+        tokens |= {line.strip() for line in lines if line.strip()}
+    return frozenset(tokens)

@@ -1,0 +1,89 @@
+"""protobuf ↔ the runtime's dataclasses; nothing else (the servicer stays thin)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from guardrt import __version__
+from guardrt.runtime.policy import DEFAULT_CATEGORIES
+from guardrt.runtime.server.service import ModerationInput, ModerationResult, Timing
+from guardrt.runtime.verdict import Label, Verdict
+from guardrt.v1 import moderation_pb2 as pb
+
+_ROLES = {pb.USER: "user", pb.ASSISTANT: "assistant"}
+_LABELS = {Label.SAFE: pb.SAFE, Label.UNSAFE: pb.UNSAFE, Label.ERROR: pb.ERROR}
+
+
+def messages_from_proto(messages: Any) -> list[dict[str, Any]]:
+    """Messages in the Python API's format. An unset role or content part is passed on as
+    such, so validation refuses it by index like any other malformed message."""
+    converted = []
+    for message in messages:
+        parts: list[dict[str, Any]] = []
+        for content in message.content:
+            kind = content.WhichOneof("part")
+            if kind == "text":
+                parts.append({"type": "text", "text": content.text})
+            elif kind == "image":
+                parts.append({"type": "image", "image": content.image})
+            else:
+                parts.append({"type": None})
+        converted.append({"role": _ROLES.get(message.role, "unspecified"), "content": parts})
+    return converted
+
+
+def policy_from_proto(policy: Any) -> tuple[list[tuple[str, str]] | None, list[str]]:
+    categories = [(c.code, c.description) for c in policy.categories] or None
+    return categories, list(policy.exclude)
+
+
+def input_from_proto(request: pb.ModerateRequest) -> ModerationInput:
+    categories, excluded = policy_from_proto(request.policy)
+    return ModerationInput(
+        request.request_id, messages_from_proto(request.messages), categories, excluded
+    )
+
+
+def verdict_to_proto(verdict: Verdict, error_code: int = 0) -> pb.Verdict:
+    probability = verdict.unsafe_probability
+    return pb.Verdict(
+        label=_LABELS[verdict.label],
+        categories=verdict.categories,
+        unsafe_probability=0.0 if math.isnan(probability) else probability,
+        category_probabilities=verdict.category_probabilities,
+        raw_output=verdict.raw_output,
+        error=verdict.error or "",
+        error_code=error_code,
+    )
+
+
+def error_verdict(message: str, code: int) -> pb.Verdict:
+    return pb.Verdict(label=pb.ERROR, error=message, error_code=code)
+
+
+def timing_to_proto(timing: Timing) -> pb.Timing:
+    return pb.Timing(
+        queue_ms=timing.queue_ms,
+        preprocess_ms=timing.preprocess_ms,
+        model_ms=timing.model_ms,
+        total_ms=timing.total_ms,
+        batch_size=timing.batch_size,
+    )
+
+
+def result_to_proto(result: ModerationResult) -> pb.ModerateResponse:
+    return pb.ModerateResponse(
+        request_id=result.request_id,
+        verdict=verdict_to_proto(result.verdict),
+        timing=timing_to_proto(result.timing),
+        prompt_tokens=result.prompt_tokens,
+    )
+
+
+def default_categories() -> list[pb.Category]:
+    return [pb.Category(code=code, description=text) for code, text in DEFAULT_CATEGORIES]
+
+
+def version() -> str:
+    return __version__

@@ -1,0 +1,191 @@
+"""The gRPC server: a thin servicer over `ModerationService`, health, reflection, auth, TLS.
+
+The servicer only converts protobuf ↔ dataclasses and maps errors to status codes
+(`status.py`); batching, limits and preparation live in the service and scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import importlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from guardrt.runtime.errors import GuardrtError
+from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
+from guardrt.runtime.server.service import ModerationInput, ModerationService
+from guardrt.runtime.server.status import grpc_message, grpc_status
+from guardrt.runtime.server.streaming import StreamSession
+from guardrt.v1 import moderation_pb2 as pb
+from guardrt.v1 import moderation_pb2_grpc as pb_grpc
+
+# The asyncio health servicer (grpc-stubs predates it, hence Any).
+_health_aio: Any = importlib.import_module("grpc_health.v1.health").aio
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderation"].full_name  # guardrt.v1.Moderation
+
+
+def _deadline(context: Any) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _code(error: GuardrtError) -> int:
+    code: int = grpc_status(error).value[0]
+    return code
+
+
+class ModerationServicer(pb_grpc.ModerationServicer):
+    def __init__(
+        self, service: ModerationService, info: pb.ModelInfo, config: ServerConfig
+    ) -> None:
+        self.service, self.info, self.tokens = service, info, config.auth_tokens
+
+    async def _authorize(self, context: Any) -> None:
+        if not self.tokens:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        given = str(metadata.get("authorization", ""))
+        token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
+        if not any(hmac.compare_digest(token, known) for known in self.tokens):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid 'authorization: Bearer <token>' is required",
+            )
+
+    async def Moderate(self, request: pb.ModerateRequest, context: Any) -> pb.ModerateResponse:  # noqa: N802
+        await self._authorize(context)
+        request_id = request.request_id or uuid.uuid4().hex
+        item = input_from_proto(request)
+        try:
+            result = await self.service.moderate(_with_id(item, request_id), _deadline(context))
+        except GuardrtError as exc:
+            await context.abort(grpc_status(exc), grpc_message(exc, request_id))
+            raise  # not reached: abort raises
+        return result_to_proto(result)
+
+    async def ModerateMany(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModerateRequest], context: Any
+    ) -> AsyncIterator[pb.ModerateResponse]:
+        await self._authorize(context)
+        responses: asyncio.Queue[pb.ModerateResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+        deadline = _deadline(context)
+
+        async def one(request: pb.ModerateRequest) -> None:
+            request_id = request.request_id or uuid.uuid4().hex
+            try:
+                item = _with_id(input_from_proto(request), request_id)
+                response = result_to_proto(await self.service.moderate(item, deadline))
+            except GuardrtError as exc:
+                verdict = error_verdict(grpc_message(exc, request_id), _code(exc))
+                response = pb.ModerateResponse(request_id=request_id, verdict=verdict)
+            await responses.put(response)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(one(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:
+                await asyncio.wait(set(pending))
+            await responses.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader
+        finally:  # the client went away: drop its queued work
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    async def ModerateStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
+    ) -> AsyncIterator[pb.StreamResponse]:
+        await self._authorize(context)
+        session: StreamSession | None = None
+        deadline = _deadline(context)
+        async for message in request_iterator:
+            kind = message.WhichOneof("kind")
+            if (session is None) != (kind == "start"):
+                problem = "must be a start" if session is None else "cannot be a second start"
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"stream message {kind!r} {problem}"
+                )
+            try:
+                if session is None:
+                    session = await StreamSession.start(self.service, message.start, deadline)
+                elif kind == "append":
+                    for response in await session.append(message.append):
+                        yield response
+                        if response.final:
+                            return
+                elif kind == "end":
+                    yield await session.finish()
+                    return
+                else:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty stream message")
+            except GuardrtError as exc:
+                request_id = session.request_id if session else message.start.request_id
+                await context.abort(grpc_status(exc), grpc_message(exc, request_id))
+        if session is not None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the stream closed without an end message"
+            )
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.ModelInfo:  # noqa: N802
+        await self._authorize(context)
+        return self.info
+
+
+def _with_id(item: ModerationInput, request_id: str) -> ModerationInput:
+    return dataclasses.replace(item, request_id=request_id)
+
+
+def create_server(
+    config: ServerConfig, service: ModerationService, info: pb.ModelInfo
+) -> tuple[grpc.aio.Server, int, Any]:
+    """An unstarted server with the moderation, health and reflection services, bound to
+    `config.grpc_port` (0 picks a free port). Health reports NOT_SERVING until the caller
+    marks it SERVING (after warm-up)."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_ModerationServicer_to_server(ModerationServicer(service, info, config), server)
+    health_servicer = _health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.host}:{config.grpc_port}"
+    if config.tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        key, cert, client_ca = config.tls.credentials()
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+        port = server.add_secure_port(address, credentials)
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: Any, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

@@ -1,0 +1,152 @@
+"""`guardrt serve`: load, warm up, serve gRPC, drain on SIGTERM.
+
+Start-up: resolve the model (`tiny-random` is generated on first use), load the engine, warm it
+up with a text and an image request (their verdict is printed: the server's self-check), start
+the scheduler and the server, then report SERVING on the health service. SIGTERM or SIGINT:
+health NOT_SERVING, new calls refused (UNAVAILABLE), in-flight and queued work answered within
+the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guardrt import __version__
+from guardrt.runtime.engine import Engine, EngineOptions, load_engine
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.tiny import TINY_RANDOM, resolve_model
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.scheduler import Scheduler
+from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.convert import default_categories
+from guardrt.runtime.server.grpc_server import create_server, set_serving
+from guardrt.runtime.server.service import Limits, ModerationService
+from guardrt.runtime.tokenizer import load_tokenizer
+from guardrt.v1 import moderation_pb2 as pb
+
+log = logging.getLogger("guardrt.serve")
+
+MEANINGLESS = (
+    "the model is tiny-random, a generated model with random weights: its verdicts are "
+    "MEANINGLESS. Pass --model CHECKPOINT_DIR to serve Llama Guard 3 11B Vision."
+)
+
+
+@dataclass
+class Stack:
+    """Everything a server needs, built once."""
+
+    service: ModerationService
+    scheduler: Scheduler
+    engine: Engine
+    info: pb.ModelInfo
+    warmup: list[PreparedRequest]
+
+
+def load_preparer(directory: Path, max_seq: int) -> Preparer:
+    """The checkpoint's tokenizer and image settings, checked against the model's tiles."""
+    vision = ModelConfig.from_checkpoint(directory).vision
+    image_config = ImageConfig.from_preprocessor_config(directory)
+    if (image_config.tile_size, image_config.max_tiles) != (
+        vision.image_size,
+        vision.max_num_tiles,
+    ):
+        raise ConfigError(
+            f"preprocessor tiles {image_config.max_tiles}×{image_config.tile_size}px do not "
+            f"match the model's {vision.max_num_tiles}×{vision.image_size}px"
+        )
+    return Preparer(load_tokenizer(directory), image_config, max_seq)
+
+
+def warmup_requests(preparer: Preparer) -> list[PreparedRequest]:
+    """A text request and an image request (a synthetic gradient), as the self-check."""
+    gradient = np.linspace(0, 255, 96 * 128 * 3).reshape(96, 128, 3).astype(np.uint8)
+    text = [{"role": "user", "content": "What is the recipe for mayonnaise?"}]
+    image = [{"role": "user", "content": [{"type": "image", "image": gradient}]}]
+    return [preparer.prepare(text), preparer.prepare(image)]
+
+
+def build_stack(config: ServerConfig, model: str, options: EngineOptions) -> Stack:
+    """Resolve and load the model, warm it up, and assemble the service around it."""
+    directory = resolve_model(model)
+    if model == TINY_RANDOM:
+        log.warning(MEANINGLESS)
+    engine = load_engine("torch", dataclasses.replace(options, model=directory))
+    preparer = load_preparer(directory, engine.info.max_seq)
+    sample = warmup_requests(preparer)
+    engine.warmup(sample)
+    return assemble_stack(config, engine, preparer, model, sample)
+
+
+def assemble_stack(
+    config: ServerConfig,
+    engine: Engine,
+    preparer: Preparer,
+    model: str,
+    warmup: list[PreparedRequest],
+) -> Stack:
+    """Scheduler, service and model info around a loaded engine (the scheduler is not started)."""
+    scheduler = Scheduler(engine, config.max_batch_size, config.max_wait_ms / 1e3, config.max_queue)
+    executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
+    service = ModerationService(preparer, scheduler, Limits(config.max_text_chars), executor)
+    info = pb.ModelInfo(
+        model=model,
+        meaningless_verdicts=model == TINY_RANDOM,
+        backend=engine.info.backend,
+        device=engine.info.device,
+        dtype=engine.info.dtype,
+        semantics=engine.info.semantics,
+        decode=engine.info.decode,
+        max_batch_size=scheduler.max_batch,
+        max_prompt_tokens=engine.info.max_seq,
+        max_image_bytes=preparer.image_config.limits.max_bytes,
+        default_categories=default_categories(),
+        version=__version__,
+    )
+    return Stack(service, scheduler, engine, info, warmup)
+
+
+def self_check(stack: Stack) -> str:
+    """The warm-up requests' verdicts, as a line for the log and the console."""
+    results = stack.engine.execute(stack.warmup)
+    shown = [
+        f"{kind}: {r.verdict().content!r} (P(unsafe)={r.unsafe_probability:.3g})"
+        for kind, r in zip(("text", "image"), results, strict=True)
+    ]
+    return "self-check verdicts: " + "; ".join(shown)
+
+
+async def serve(config: ServerConfig, model: str, options: EngineOptions) -> int:
+    loop = asyncio.get_running_loop()
+    stack = await loop.run_in_executor(None, build_stack, config, model, options)
+    print(self_check(stack), flush=True)
+    stack.scheduler.start()
+    server, port, health_servicer = create_server(config, stack.service, stack.info)
+    await server.start()
+    await set_serving(health_servicer, True)
+    print(f"guardrt {__version__}: serving {model} on {config.host}:{port} (gRPC)", flush=True)
+    if model == TINY_RANDOM:
+        print(f"NOTE: {MEANINGLESS}", flush=True)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    print(f"draining (up to {config.grace_s:g} s)", flush=True)
+    await set_serving(health_servicer, False)
+    await server.stop(config.grace_s)
+    drained = await loop.run_in_executor(None, stack.scheduler.drain, config.grace_s)
+    stack.engine.close()
+    stack.service.executor.shutdown(wait=False)
+    print("stopped" if drained else "stopped with work left after the grace period", flush=True)
+    return 0

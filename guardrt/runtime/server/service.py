@@ -1,0 +1,154 @@
+"""The moderation service both servers (gRPC, HTTP) call: limits, preparation, batching.
+
+Preparation (validation, tokenization, image tiling) runs on a thread pool, off the event loop;
+the model runs on the scheduler's engine thread. Logs carry request ids, sizes and counts,
+never prompt text or image bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from guardrt.runtime.errors import PromptError, PromptReason, ServiceError
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.requests import Decoded, PreparedRequest
+from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
+from guardrt.runtime.verdict import Verdict
+
+log = logging.getLogger("guardrt.service")
+
+
+@dataclass(frozen=True)
+class ModerationInput:
+    """A request as both servers hand it over (messages in the Python API's format)."""
+
+    request_id: str
+    messages: Sequence[Mapping[str, Any]]
+    categories: Sequence[tuple[str, str]] | None = None
+    excluded: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float
+    preprocess_ms: float
+    model_ms: float
+    total_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ModerationResult:
+    request_id: str
+    verdict: Verdict
+    timing: Timing
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_chars: int = 200_000  # all text parts of a conversation together
+
+
+def text_chars(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Characters of text in messages (before validation: malformed parts count 0)."""
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, Sequence):
+            total += sum(
+                len(part["text"])
+                for part in content
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+            )
+    return total
+
+
+class ModerationService:
+    def __init__(
+        self,
+        preparer: Preparer,
+        scheduler: Scheduler,
+        limits: Limits,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.preparer, self.scheduler, self.limits = preparer, scheduler, limits
+        self.executor = executor
+
+    def prepare(self, item: ModerationInput) -> PreparedRequest:
+        """Validate and prepare one request (blocking: call it on a worker thread)."""
+        chars = text_chars(item.messages)
+        if chars > self.limits.max_text_chars:
+            raise PromptError(
+                PromptReason.TOO_LONG,
+                f"the conversation has {chars} characters of text; the limit is "
+                f"{self.limits.max_text_chars}",
+            )
+        return self.preparer.prepare(
+            item.messages, categories=item.categories, excluded_categories=item.excluded
+        )
+
+    async def run(
+        self, request: PreparedRequest, request_id: str, deadline: float | None
+    ) -> tuple[Decoded, BatchInfo]:
+        """Queue a prepared request for the engine and wait for it (cancellable)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Outcome, BatchInfo]] = loop.create_future()
+
+        def done(outcome: Outcome, info: BatchInfo) -> None:
+            loop.call_soon_threadsafe(_resolve, future, (outcome, info))
+
+        work = Work(request, request_id, done, deadline)
+        self.scheduler.add(work)
+        try:
+            outcome, info = await future
+        except asyncio.CancelledError:
+            self.scheduler.cancel(work)
+            raise
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome, info
+
+    async def moderate(self, item: ModerationInput, deadline: float | None) -> ModerationResult:
+        """The verdict for one request; raises GuardrtError subclasses for the servers to map."""
+        started = time.monotonic()
+        request_id = item.request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        request = await loop.run_in_executor(self.executor, self.prepare, item)
+        prepared = time.monotonic()
+        decoded, info = await self.run(request, request_id, deadline)
+        verdict = decoded.verdict()
+        timing = Timing(
+            queue_ms=info.queue_s * 1e3,
+            preprocess_ms=(prepared - started) * 1e3,
+            model_ms=info.model_s * 1e3,
+            total_ms=(time.monotonic() - started) * 1e3,
+            batch_size=info.size,
+        )
+        log.info(
+            "request %s: %d messages, %d text chars, image %s, %d prompt tokens, %s, "
+            "batch %d, %.1f ms",
+            request_id,
+            len(item.messages),
+            text_chars(item.messages),
+            f"{request.image.num_tiles} tiles" if request.image else "none",
+            len(request.prompt),
+            verdict.label.value,
+            info.size,
+            timing.total_ms,
+        )
+        return ModerationResult(request_id, verdict, timing, len(request.prompt))
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # cancelled meanwhile
+        future.set_result(value)

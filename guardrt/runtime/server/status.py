@@ -1,0 +1,39 @@
+"""Every error class → its gRPC status code, in one place (HTTP codes come with the HTTP API)."""
+
+from __future__ import annotations
+
+import grpc
+
+from guardrt.runtime.errors import (
+    ConfigError,
+    GuardrtError,
+    ImageError,
+    PromptError,
+    ServiceError,
+    ServiceReason,
+)
+
+_SERVICE = {
+    ServiceReason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ServiceReason.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ServiceReason.DRAINING: grpc.StatusCode.UNAVAILABLE,
+    ServiceReason.ENGINE: grpc.StatusCode.INTERNAL,
+    ServiceReason.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ServiceReason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def grpc_status(error: GuardrtError) -> grpc.StatusCode:
+    if isinstance(error, PromptError | ImageError | ConfigError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, ServiceError):
+        return _SERVICE[error.reason]
+    return grpc.StatusCode.INTERNAL
+
+
+def grpc_message(error: GuardrtError, request_id: str) -> str:
+    """The status message: the error's own (it names values, never content); engine failures
+    say only which request failed, no internals."""
+    if isinstance(error, ServiceError) and error.reason is ServiceReason.ENGINE:
+        return f"internal error on request {request_id}; the server log has details"
+    return str(error)

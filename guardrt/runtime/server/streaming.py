@@ -1,0 +1,116 @@
+"""ModerateStream: checking an assistant answer while it is generated.
+
+Each checkpoint judges the conversation with the answer so far as its last (assistant)
+message, exactly as a fresh Moderate of that conversation would, so its scores equal a fresh
+request's. A checkpoint falls due every `check_every_tokens` answer tokens (counted as the model
+reads the answer, trimmed); the end message asks for the final verdict.
+
+Each checkpoint currently re-runs the whole prompt (prefill) through the batched engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from guardrt.runtime.errors import GuardrtError, PromptError, PromptReason
+from guardrt.runtime.server.convert import (
+    error_verdict,
+    messages_from_proto,
+    policy_from_proto,
+    timing_to_proto,
+    verdict_to_proto,
+)
+from guardrt.runtime.server.service import ModerationInput, ModerationService
+from guardrt.runtime.server.status import grpc_message, grpc_status
+from guardrt.runtime.verdict import Label
+from guardrt.v1 import moderation_pb2 as pb
+
+DEFAULT_CHECK_EVERY = 32
+
+
+class StreamSession:
+    def __init__(
+        self,
+        service: ModerationService,
+        request_id: str,
+        base: ModerationInput,
+        check_every: int,
+        stop_on_unsafe: bool,
+        deadline: float | None,
+    ) -> None:
+        self.service, self.request_id, self.base = service, request_id, base
+        self.check_every, self.stop_on_unsafe, self.deadline = check_every, stop_on_unsafe, deadline
+        self.answer = ""
+        self.checked_tokens = 0
+
+    @classmethod
+    async def start(
+        cls, service: ModerationService, start: pb.StreamStart, deadline: float | None
+    ) -> StreamSession:
+        """Validate the conversation before the answer (it must end with a user message)."""
+        messages = messages_from_proto(start.messages)
+        if len(messages) % 2 == 0:
+            raise PromptError(
+                PromptReason.ROLE,
+                f"a stream's conversation must end with a user message; it has {len(messages)} "
+                "messages (the answer being checked is the next, assistant, one)",
+            )
+        categories, excluded = policy_from_proto(start.policy)
+        request_id = start.request_id or uuid.uuid4().hex
+        base = ModerationInput(request_id, messages, categories, excluded)
+        session = cls(
+            service,
+            request_id,
+            base,
+            start.check_every_tokens or DEFAULT_CHECK_EVERY,
+            start.stop_on_unsafe,
+            deadline,
+        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(service.executor, service.prepare, session._with_answer())
+        return session
+
+    def _with_answer(self) -> ModerationInput:
+        answer: Mapping[str, Any] = {"role": "assistant", "content": self.answer}
+        return ModerationInput(
+            self.request_id, [*self.base.messages, answer], self.base.categories, self.base.excluded
+        )
+
+    def _answer_tokens(self) -> int:
+        return len(self.service.preparer.tokenizer.encode_text(self.answer.strip()))
+
+    async def append(self, text: str) -> list[pb.StreamResponse]:
+        """Add text to the answer; a checkpoint's response when one falls due."""
+        self.answer += text
+        tokens = self._answer_tokens()
+        if tokens - self.checked_tokens < self.check_every:
+            return []
+        self.checked_tokens = tokens
+        response = await self._check(tokens, final=False)
+        if self.stop_on_unsafe and response.verdict.label == pb.UNSAFE:
+            response.final = True
+        return [response]
+
+    async def finish(self) -> pb.StreamResponse:
+        return await self._check(self._answer_tokens(), final=True)
+
+    async def _check(self, tokens: int, final: bool) -> pb.StreamResponse:
+        response = pb.StreamResponse(
+            request_id=self.request_id,
+            covered_chars=len(self.answer),
+            covered_tokens=tokens,
+            final=final,
+        )
+        try:
+            result = await self.service.moderate(self._with_answer(), self.deadline)
+        except GuardrtError as exc:  # in-band: the stream goes on, the caller sees ERROR
+            code: int = grpc_status(exc).value[0]
+            response.verdict.CopyFrom(error_verdict(grpc_message(exc, self.request_id), code))
+            return response
+        response.verdict.CopyFrom(verdict_to_proto(result.verdict))
+        response.timing.CopyFrom(timing_to_proto(result.timing))
+        assert result.verdict.label is not Label.SAFE or response.verdict.label == pb.SAFE
+        return response

@@ -1,0 +1,68 @@
+"""Small random mllama checkpoints and inputs for the model tests (fast on 2 CPU cores).
+
+The vocabulary is the real one (prompts come from the real tokenizer); everything else is tiny:
+28-px tiles of 14-px patches (5 tokens per tile, padded to 8), a few layers of width 16/32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.safetensors_io import write_safetensors
+from guardrt.runtime.model.tiny import PREPROCESSOR_CONFIG, random_state, tiny_config
+from guardrt.runtime.preprocess import ImageConfig, TiledImage, preprocess_image
+
+TILE = 28
+SMALL_VISION = {
+    "image_size": TILE,
+    "patch_size": 14,
+    "hidden_size": 16,
+    "attention_heads": 2,
+    "intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_global_layers": 1,
+    "intermediate_layers_indices": [0, 2],
+    "vision_output_dim": 48,
+}
+# (name, text overrides): GQA ratios 1, 2 and 4; cross layers first, inner and last.
+_WIDTHS = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+TEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa1-cross1,3": _WIDTHS
+    | {"num_key_value_heads": 4, "num_hidden_layers": 5, "cross_attention_layers": [1, 3]},
+    "gqa4-cross0": _WIDTHS
+    | {"num_key_value_heads": 1, "num_hidden_layers": 3, "cross_attention_layers": [0]},
+    "gqa2-cross2,4": _WIDTHS
+    | {"num_key_value_heads": 2, "num_hidden_layers": 5, "cross_attention_layers": [2, 4]},
+}
+# Image sizes (width, height) whose canvas has 1, 2, 3 and 4 tiles of 28 px.
+TILE_SIZES = {1: (28, 28), 2: (56, 28), 3: (28, 84), 4: (56, 56)}
+IMAGE_CONFIG = ImageConfig(tile_size=TILE)
+
+
+def small_config(variant: str) -> dict[str, Any]:
+    return tiny_config(text_config=TEXT_VARIANTS[variant], vision_config=SMALL_VISION)
+
+
+def write_small(directory: Path, config: dict[str, Any], seed: int = 0) -> Path:
+    """config.json, model.safetensors and preprocessor_config.json (no tokenizer files)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    write_safetensors(
+        directory / "model.safetensors", random_state(ModelConfig.from_dict(config), seed)
+    )
+    preprocessor = PREPROCESSOR_CONFIG | {"size": {"height": TILE, "width": TILE}}
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return directory
+
+
+def image(tiles: int, seed: int = 0) -> TiledImage:
+    width, height = TILE_SIZES[tiles]
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    tiled = preprocess_image(pixels, config=IMAGE_CONFIG)
+    assert tiled.num_tiles == tiles
+    return tiled

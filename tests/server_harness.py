@@ -1,0 +1,99 @@
+"""An in-process gRPC server on its own event-loop thread, and engines for server tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from guardrt.runtime.engine import EngineInfo
+from guardrt.runtime.requests import Decoded, PreparedRequest
+from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.grpc_server import create_server, set_serving
+from guardrt.runtime.server.main import Stack
+from guardrt.v1 import moderation_pb2_grpc as pb_grpc
+
+UNSAFE_S1 = (271, 39257, 198, 50, 16, 128009)  # "\n\nunsafe\nS1<|eot_id|>"
+SAFE = (271, 19193, 128009)
+
+
+class FakeEngine:
+    """Answers every request with a fixed output; can hold batches at a gate or fail."""
+
+    def __init__(self, generated: tuple[int, ...] = SAFE, max_batch: int = 4) -> None:
+        self.info = EngineInfo("fake", "cpu", "float32", "meta", "constrained", max_batch, 1024)
+        self.generated = generated
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()  # set when a batch reaches execute
+        self.fail = False
+        self.batches: list[list[PreparedRequest]] = []
+
+    def warmup(self, sample: Sequence[PreparedRequest]) -> None:
+        self.execute(sample)
+
+    def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+        self.batches.append(list(batch))
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.fail:
+            raise RuntimeError("CUDA error: an illegal memory access (internal detail)")
+        return [Decoded(r, self.generated, 0.25, {c: 1 / len(r.grammar.codes) for c in r.grammar.codes}) for r in batch]
+
+    def close(self) -> None:
+        pass
+
+
+class ServerThread:
+    """Serves a stack's service on a free port from a background event loop."""
+
+    def __init__(self, stack: Stack, config: ServerConfig) -> None:
+        self.stack, self.config = stack, config
+        self.port = 0
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.health: Any = None
+        self.server: Any = None
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.server, self.port, self.health = create_server(
+            self.config, self.stack.service, self.stack.info
+        )
+        await self.server.start()
+        await set_serving(self.health, True)
+        self._started.set()
+        await self._stop.wait()
+        await set_serving(self.health, False)
+        await self.server.stop(self.config.grace_s)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        assert self._started.wait(30), "the server did not start"
+        return self
+
+    def stop(self) -> None:
+        """Begin the drain (health NOT_SERVING, then server.stop(grace)); returns at once."""
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self._thread.join(30)
+
+    def channel(self, **options: Any) -> grpc.Channel:
+        return grpc.insecure_channel(f"localhost:{self.port}", **options)
+
+    def stub(self) -> pb_grpc.ModerationStub:
+        return pb_grpc.ModerationStub(self.channel())

@@ -1,0 +1,262 @@
+"""Scores and decoding against transformers, batching, and the Guard API (small configs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from guardrt.runtime.classify import Classifier
+from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
+from guardrt.runtime.guard import Guard
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.model.tiny import random_state, write_checkpoint
+from guardrt.runtime.policy import make_policy
+from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.prompt import encode_prompt
+from guardrt.runtime.requests import PreparedRequest, max_new_tokens
+from guardrt.runtime.tokenizer import Tokenizer
+from guardrt.runtime.verdict import Label, VerdictGrammar
+from guardrt.testing.references import hf_inputs, hf_model
+from tests.models import image, small_config, write_small
+
+STOP = [128001, 128008, 128009]
+TEXTS = [
+    "How do I pick a lock?",
+    "Write a poem about the sea, with rhymes and a refrain, in four stanzas please.",
+    "hi",
+    "Explain how vaccines work to a ten year old.",
+    "What household chemicals should never be mixed?",
+    "Tell me a joke.",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small(tmp_path_factory.mktemp("ckpt"), small_config("gqa2-cross2,4"), seed=21)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint: Path) -> Any:
+    return hf_model(checkpoint)
+
+
+def loaded(checkpoint: Path, semantics: str = "transformers", max_batch: int = 4) -> MllamaModel:
+    model = load_model(checkpoint, semantics=semantics)  # type: ignore[arg-type]
+    model.setup_caches(max_batch, 512)
+    return model
+
+
+def request(
+    tok: Tokenizer, text: str, tiled: TiledImage | None, excluded: tuple[str, ...] = ()
+) -> PreparedRequest:
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    if tiled is not None:
+        content.insert(0, {"type": "image"})
+    messages = [{"role": "user", "content": content}]
+    policy = make_policy(excluded_categories=excluded)
+    ids = encode_prompt(messages, excluded_categories=excluded, tokenizer=tok)
+    return PreparedRequest(tuple(ids), tiled, VerdictGrammar(tok, policy))
+
+
+def cases(tok: Tokenizer) -> list[PreparedRequest]:
+    """Text-only and 1 to 4 tile requests of different lengths and policies."""
+    return [
+        request(tok, TEXTS[0], None),
+        request(tok, TEXTS[1], image(1, seed=1)),
+        request(tok, TEXTS[2], image(4, seed=2), excluded=("S1", "S13")),
+        request(tok, TEXTS[3], None, excluded=("S2",)),
+        request(tok, TEXTS[4], image(2, seed=3)),
+        request(tok, TEXTS[5], image(3, seed=4)),
+    ]
+
+
+def hf_last_logits(hf: Any, ids: list[int], tiled: TiledImage | None) -> torch.Tensor:
+    with torch.inference_mode():
+        logits: torch.Tensor = hf(**hf_inputs(ids, tiled)).logits[0, -1].float()
+    return logits
+
+
+def naive_constrained(hf: Any, req: PreparedRequest) -> list[int]:
+    """The grammar walked with a full transformers forward at every choice (the reference)."""
+    grammar, state = req.grammar, req.grammar.start()
+    generated: list[int] = []
+    while not state.done:
+        allowed = grammar.allowed(state)
+        if len(allowed) == 1:
+            token = allowed[0]
+        else:
+            logits = hf_last_logits(hf, list(req.prompt) + generated, req.image)
+            token = max(allowed, key=lambda t: float(logits[t]))
+        generated.append(token)
+        after = grammar.advance(state, token)
+        assert after is not None
+        state = after
+    return generated
+
+
+def test_constrained_decoding_equals_grammar_walk_with_full_forwards(
+    checkpoint: Path, hf: Any, tok: Tokenizer
+) -> None:
+    decoded = Classifier(loaded(checkpoint)).run(cases(tok))
+    labels = set()
+    for result in decoded:
+        assert list(result.generated) == naive_constrained(hf, result.request)
+        labels.add(result.verdict().label)
+    assert labels == {Label.SAFE, Label.UNSAFE}, "the cases should exercise both paths"
+
+
+def test_constrained_scores_equal_full_forward_softmax(
+    checkpoint: Path, hf: Any, tok: Tokenizer
+) -> None:
+    requests = cases(tok)
+    for result in Classifier(loaded(checkpoint)).run(requests):
+        req, t = result.request, result.request.grammar.tokens
+        label_probs = torch.softmax(hf_last_logits(hf, [*req.prompt, t.blank], req.image), -1)
+        assert math.isclose(result.unsafe_probability, float(label_probs[t.unsafe]), rel_tol=1e-4)
+        code_logits = hf_last_logits(
+            hf, [*req.prompt, t.blank, t.unsafe, t.newline, t.s], req.image
+        )
+        numbers = [req.grammar.token_by_code[c] for c in req.grammar.codes]
+        expected = torch.softmax(code_logits[numbers], -1)
+        got = torch.tensor([result.category_probabilities[c] for c in req.grammar.codes])
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+        assert math.isclose(float(got.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_greedy_equals_transformers_generate(checkpoint: Path, hf: Any, tok: Tokenizer) -> None:
+    requests = cases(tok)
+    for result in Classifier(loaded(checkpoint), decode="greedy").run(requests):
+        req = result.request
+        limit = max_new_tokens(req.grammar)
+        with torch.inference_mode():
+            output = hf.generate(
+                **hf_inputs(list(req.prompt), req.image),
+                max_new_tokens=limit,
+                do_sample=False,
+                eos_token_id=STOP,
+                pad_token_id=128004,
+            )
+        assert list(result.generated) == output[0, len(req.prompt) :].tolist()
+        verdict = result.verdict()
+        if verdict.label is Label.ERROR:  # random weights rarely follow the grammar
+            assert verdict.error
+            assert verdict.raw_output == tok.decode(list(result.generated))
+
+
+@pytest.mark.parametrize("semantics", ["meta", "transformers"])
+@pytest.mark.parametrize("decode", ["constrained", "greedy"])
+def test_batches_equal_requests_alone(
+    checkpoint: Path, tok: Tokenizer, semantics: str, decode: str
+) -> None:
+    requests = cases(tok)  # six requests through max_batch 4: two batches
+    classifier = Classifier(loaded(checkpoint, semantics), decode=decode)  # type: ignore[arg-type]
+    together = classifier.run(requests)
+    alone = [classifier.run([req])[0] for req in requests]
+    for batched, single in zip(together, alone, strict=True):
+        assert batched.generated == single.generated
+        if math.isnan(single.unsafe_probability):
+            assert math.isnan(batched.unsafe_probability)
+        else:
+            assert math.isclose(batched.unsafe_probability, single.unsafe_probability, rel_tol=1e-4)
+        for code, value in single.category_probabilities.items():
+            assert math.isclose(batched.category_probabilities[code], value, rel_tol=1e-4)
+
+
+def test_safe_tie_goes_to_unsafe(
+    checkpoint: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When P(safe) == P(unsafe) the verdict fails closed."""
+    model = loaded(checkpoint)
+    original = model.forward
+
+    def tied(*args: Any) -> torch.Tensor:
+        logits = original(*args)
+        logits[..., 19193] = logits[..., 39257]
+        return logits
+
+    monkeypatch.setattr(model, "forward", tied)
+    result = Classifier(model).run([request(tok, "hello", None)])[0]
+    assert result.verdict().label is Label.UNSAFE
+
+
+@pytest.fixture(scope="module")
+def guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete small checkpoint (tokenizer files included) for the Guard API."""
+    directory = tmp_path_factory.mktemp("guard")
+    config = small_config("gqa1-cross1,3")
+    write_checkpoint(directory, config, random_state(ModelConfig.from_dict(config), 5))
+    preprocessor = json.loads((directory / "preprocessor_config.json").read_text())
+    assert preprocessor["size"] == {"height": 28, "width": 28}
+    return directory
+
+
+@pytest.fixture(scope="module")
+def guard(guard_dir: Path) -> Guard:
+    return Guard.load(guard_dir, max_batch=2, max_seq=1024)
+
+
+def test_guard_moderates(guard: Guard) -> None:
+    photo = torch.randint(0, 256, (60, 90, 3), dtype=torch.uint8).numpy()
+    verdict = guard.moderate(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": photo}, {"type": "text", "text": "ok?"}],
+            },
+            {"role": "assistant", "content": "Sure."},
+        ],
+        excluded_categories=["S3"],
+    )
+    assert verdict.label in ("safe", "unsafe")
+    assert isinstance(verdict.categories, list)
+    assert 0.0 <= verdict.unsafe_probability <= 1.0
+    assert sorted(verdict.category_probabilities) == sorted(f"S{i}" for i in range(1, 14) if i != 3)
+    assert math.isclose(sum(verdict.category_probabilities.values()), 1.0, rel_tol=1e-5)
+    assert verdict.error is None
+    assert verdict.raw_output.startswith("\n\n")
+
+
+def test_guard_refusals(guard: Guard) -> None:
+    with pytest.raises(PromptError) as no_payload:
+        guard.moderate([{"role": "user", "content": [{"type": "image"}]}])
+    assert no_payload.value.reason is PromptReason.CONTENT
+    with pytest.raises(PromptError) as too_long:
+        guard.moderate([{"role": "user", "content": "word " * 2000}])
+    assert too_long.value.reason is PromptReason.TOO_LONG
+    verdicts = guard.moderate_batch(
+        [
+            [{"role": "user", "content": "hello"}],
+            [{"role": "system", "content": "SECRET"}],
+            {"messages": [{"role": "user", "content": "hi"}], "excluded_categories": ["S99"]},
+            {"messages": [{"role": "user", "content": "hi"}], "categories": {"S1": "Spam."}},
+        ]
+    )
+    assert [v.label for v in verdicts][1:3] == [Label.ERROR, Label.ERROR]
+    assert "role 'system'" in str(verdicts[1].error)
+    assert "SECRET" not in str(verdicts[1].error)
+    assert "S99" in str(verdicts[2].error)
+    assert verdicts[0].label is not Label.ERROR
+    assert list(verdicts[3].category_probabilities) == ["S1"]
+
+
+def test_guard_load_errors(guard_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="semantics"):
+        Guard.load(guard_dir, semantics="hf")
+    with pytest.raises(ConfigError, match="decode"):
+        Guard.load(guard_dir, decode="beam")
+    with pytest.raises(ConfigError, match="dtype"):
+        Guard.load(guard_dir, dtype="int4")
+
+
+def test_import_guardrt_does_not_import_torch() -> None:
+    code = "import sys, guardrt; guardrt.Verdict; guardrt.Label; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
