@@ -14,7 +14,12 @@ import numpy as np
 
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.safetensors_io import write_safetensors
-from guardrt.runtime.model.tiny import PREPROCESSOR_CONFIG, random_state, tiny_config
+from guardrt.runtime.model.tiny import (
+    PREPROCESSOR_CONFIG,
+    random_state,
+    tiny_config,
+    write_checkpoint,
+)
 from guardrt.runtime.preprocess import ImageConfig, TiledImage, preprocess_image
 
 TILE = 28
@@ -57,6 +62,13 @@ def write_small(directory: Path, config: dict[str, Any], seed: int = 0) -> Path:
     )
     preprocessor = PREPROCESSOR_CONFIG | {"size": {"height": TILE, "width": TILE}}
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return directory
+
+
+def write_guard_checkpoint(directory: Path, variant: str = "gqa1-cross1,3", seed: int = 5) -> Path:
+    """A complete small checkpoint (tokenizer files included), as Guard and the server load."""
+    config = small_config(variant)
+    write_checkpoint(directory, config, random_state(ModelConfig.from_dict(config), seed))
     return directory
 
 

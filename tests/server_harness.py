@@ -42,7 +42,10 @@ class FakeEngine:
             self.gate.wait(30)
         if self.fail:
             raise RuntimeError("CUDA error: an illegal memory access (internal detail)")
-        return [Decoded(r, self.generated, 0.25, {c: 1 / len(r.grammar.codes) for c in r.grammar.codes}) for r in batch]
+        return [
+            Decoded(r, self.generated, 0.25, {c: 1 / len(r.grammar.codes) for c in r.grammar.codes})
+            for r in batch
+        ]
 
     def close(self) -> None:
         pass
@@ -54,6 +57,7 @@ class ServerThread:
     def __init__(self, stack: Stack, config: ServerConfig) -> None:
         self.stack, self.config = stack, config
         self.port = 0
+        self.delay = 0.0
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -71,6 +75,7 @@ class ServerThread:
         self._started.set()
         await self._stop.wait()
         await set_serving(self.health, False)
+        await asyncio.sleep(self.delay)
         await self.server.stop(self.config.grace_s)
 
     def __enter__(self) -> ServerThread:
@@ -78,10 +83,14 @@ class ServerThread:
         assert self._started.wait(30), "the server did not start"
         return self
 
-    def stop(self) -> None:
-        """Begin the drain (health NOT_SERVING, then server.stop(grace)); returns at once."""
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
+    def stop(self, delay: float = 0.0) -> None:
+        """Begin the drain (health NOT_SERVING, `delay` s later server.stop(grace)); returns
+        at once."""
+        assert self._loop is not None
+        assert self._stop is not None
+        self.delay = delay
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
 
     def __exit__(
         self,
@@ -89,7 +98,8 @@ class ServerThread:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.stop()
+        if self._thread.is_alive():
+            self.stop()
         self._thread.join(30)
 
     def channel(self, **options: Any) -> grpc.Channel:

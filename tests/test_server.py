@@ -1,0 +1,444 @@
+"""The gRPC service with a real client against an in-process server: every RPC, every error
+code, batching, streaming equivalence, cancellation and the drain."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from guardrt.runtime.engine import Engine, EngineOptions, load_engine
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.server.config import ServerConfig, TlsConfig
+from guardrt.runtime.server.main import assemble_stack, load_preparer
+from guardrt.v1 import moderation_pb2 as pb
+from guardrt.v1 import moderation_pb2_grpc as pb_grpc
+from tests.images import encode
+from tests.models import write_guard_checkpoint
+from tests.server_harness import UNSAFE_S1, FakeEngine, ServerThread
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_guard_checkpoint(tmp_path_factory.mktemp("server-ckpt"))
+
+
+@pytest.fixture(scope="module")
+def preparer(checkpoint: Path) -> Preparer:
+    return load_preparer(checkpoint, 1024)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> Engine:
+    return load_engine("torch", EngineOptions(checkpoint, max_batch=4, max_seq=1024))
+
+
+@contextmanager
+def serving(engine: Any, preparer: Preparer, **settings: Any) -> Iterator[ServerThread]:
+    base = ServerConfig(grpc_port=0, host="localhost", grace_s=5.0)
+    config = dataclasses.replace(base, **settings)
+    stack = assemble_stack(config, engine, preparer, "test-model", [])
+    stack.scheduler.start()
+    try:
+        with ServerThread(stack, config) as server:
+            yield server
+    finally:
+        stack.scheduler.drain(10)
+
+
+def jpeg(seed: int = 0, size: tuple[int, int] = (90, 60)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+def user(text: str, image: bytes | None = None) -> pb.Message:
+    message = pb.Message(role=pb.USER)
+    if image is not None:
+        message.content.append(pb.Content(image=image))
+    message.content.append(pb.Content(text=text))
+    return message
+
+
+def answer(text: str) -> pb.Message:
+    return pb.Message(role=pb.ASSISTANT, content=[pb.Content(text=text)])
+
+
+def request(
+    *messages: pb.Message, request_id: str = "", exclude: tuple[str, ...] = ()
+) -> pb.ModerateRequest:
+    return pb.ModerateRequest(
+        request_id=request_id, messages=messages, policy=pb.Policy(exclude=exclude)
+    )
+
+
+def assert_same_verdict(a: pb.Verdict, b: pb.Verdict, rel: float = 1e-4) -> None:
+    assert (a.label, list(a.categories), a.raw_output) == (
+        b.label,
+        list(b.categories),
+        b.raw_output,
+    )
+    assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=rel)
+    assert a.category_probabilities.keys() == b.category_probabilities.keys()
+    for code, value in a.category_probabilities.items():
+        assert math.isclose(value, b.category_probabilities[code], rel_tol=rel, abs_tol=1e-7)
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+def test_moderate_equals_guard(engine: Engine, preparer: Preparer, checkpoint: Path) -> None:
+    from guardrt.runtime.guard import Guard  # noqa: PLC0415
+
+    guard = Guard(preparer, engine)
+    image = jpeg(1)
+    cases: list[tuple[list[pb.Message], list[dict[str, Any]]]] = [
+        ([user("How do I pick a lock?")], [{"role": "user", "content": "How do I pick a lock?"}]),
+        (
+            [user("Is this fine?", image), answer("Yes, it is a picture.")],
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": image},
+                        {"type": "text", "text": "Is this fine?"},
+                    ],
+                },
+                {"role": "assistant", "content": "Yes, it is a picture."},
+            ],
+        ),
+    ]
+    with serving(engine, preparer) as server:
+        stub = server.stub()
+        for messages, python in cases:
+            response = stub.Moderate(request(*messages, request_id="r-1"), timeout=30)
+            expected = guard.moderate(python)
+            assert response.request_id == "r-1"
+            assert response.verdict.label == {"safe": pb.SAFE, "unsafe": pb.UNSAFE}[expected.label]
+            assert list(response.verdict.categories) == expected.categories
+            assert math.isclose(
+                response.verdict.unsafe_probability, expected.unsafe_probability, rel_tol=1e-5
+            )
+            assert response.prompt_tokens == len(guard.prepare(python).prompt)
+            assert response.timing.total_ms >= response.timing.model_ms > 0
+            assert response.timing.batch_size == 1
+        assert len(stub.Moderate(request(user("hi")), timeout=30).request_id) == 32  # made up
+
+
+def test_get_info_health_and_reflection(engine: Engine, preparer: Preparer) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # noqa: PLC0415
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with serving(engine, preparer) as server:
+        info = server.stub().GetInfo(pb.GetInfoRequest(), timeout=10)
+        assert (info.backend, info.semantics, info.decode, info.max_batch_size) == (
+            "torch",
+            "meta",
+            "constrained",
+            4,
+        )
+        assert [c.code for c in info.default_categories] == [f"S{i}" for i in range(1, 14)]
+        assert not info.meaningless_verdicts
+        health = health_pb2_grpc.HealthStub(server.channel())
+        for service in ("", "guardrt.v1.Moderation"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(server.channel()).get_services()
+        assert "guardrt.v1.Moderation" in services
+        assert "grpc.health.v1.Health" in services
+
+
+def test_moderate_many_answers_each_and_isolates_errors(engine: Engine, preparer: Preparer) -> None:
+    requests = [request(user(f"question number {i}"), request_id=f"m{i}") for i in range(5)] + [
+        request(pb.Message(role=pb.ASSISTANT, content=[pb.Content(text="x")]), request_id="bad")
+    ]
+    with serving(engine, preparer, max_wait_ms=20) as server:
+        stub = server.stub()
+        responses = {r.request_id: r for r in stub.ModerateMany(iter(requests), timeout=60)}
+        assert sorted(responses) == sorted(r.request_id for r in requests)
+        bad = responses.pop("bad").verdict
+        assert bad.label == pb.ERROR
+        assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "message 0 has role 'assistant'" in bad.error
+        for request_id, response in responses.items():
+            alone = stub.Moderate(requests[int(request_id[1:])], timeout=30)
+            assert_same_verdict(response.verdict, alone.verdict)
+
+
+def test_concurrent_requests_form_batches_with_the_same_answers(
+    engine: Engine, preparer: Preparer
+) -> None:
+    texts = [f"Tell me about topic {i}, please." for i in range(8)]
+    with serving(engine, preparer, max_wait_ms=200) as server:
+        stub = server.stub()
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda t: stub.Moderate(request(user(t)), timeout=60), texts))
+        assert max(r.timing.batch_size for r in together) > 1
+        for text, response in zip(texts, together, strict=True):
+            assert_same_verdict(
+                response.verdict, stub.Moderate(request(user(text)), timeout=60).verdict
+            )
+
+
+def test_stream_checkpoints_equal_fresh_moderate(engine: Engine, preparer: Preparer) -> None:
+    question = user("Can you explain how bridges carry heavy loads?")
+    pieces = [
+        "Bridges car",
+        "ry loads by sp",
+        "reading forces: ",
+        "a beam bends, an arch ",
+        "compresses,",
+        " a suspension bridge hangs its deck from cables  ",
+        "anchored at both ends; ",
+        "ümlaut ok.  ",
+    ]
+    start = pb.StreamStart(request_id="s1", messages=[question], check_every_tokens=4)
+    messages = [pb.StreamRequest(start=start)]
+    messages += [pb.StreamRequest(append=p) for p in pieces] + [
+        pb.StreamRequest(end=pb.StreamEnd())
+    ]
+    with serving(engine, preparer) as server:
+        stub = server.stub()
+        responses = list(stub.ModerateStream(iter(messages), timeout=120))
+        assert len(responses) >= 3
+        assert [r.final for r in responses] == [False] * (len(responses) - 1) + [True]
+        full = "".join(pieces)
+        assert responses[-1].covered_chars == len(full)
+        covered = [r.covered_chars for r in responses]
+        assert covered == sorted(covered)
+        for response in responses:
+            assert response.request_id == "s1"
+            fresh = stub.Moderate(
+                request(question, answer(full[: response.covered_chars])), timeout=30
+            )
+            assert_same_verdict(response.verdict, fresh.verdict)
+
+
+def test_stream_stops_at_first_unsafe_and_validates(preparer: Preparer) -> None:
+    question = user("hello")
+    start = pb.StreamStart(messages=[question], check_every_tokens=2, stop_on_unsafe=True)
+    messages = [pb.StreamRequest(start=start)] + [
+        pb.StreamRequest(append="word ") for _ in range(20)
+    ]
+    with serving(FakeEngine(UNSAFE_S1), preparer) as server:
+        stub = server.stub()
+        responses = list(stub.ModerateStream(iter(messages), timeout=30))
+        assert len(responses) == 1
+        assert responses[0].final
+        assert responses[0].verdict.label == pb.UNSAFE
+        for bad, message in [
+            ([pb.StreamRequest(append="x")], "must be a start"),
+            (
+                [pb.StreamRequest(start=pb.StreamStart(messages=[question, answer("a")]))],
+                "end with a user message",
+            ),
+            ([pb.StreamRequest(start=start), pb.StreamRequest(start=start)], "second start"),
+            ([pb.StreamRequest(start=start)], "without an end"),
+        ]:
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.ModerateStream(iter(bad), timeout=30))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in str(caught.value.details())
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("messages", "exclude", "names"),
+    [
+        ([], (), "no messages"),
+        (
+            [pb.Message(role=pb.ROLE_UNSPECIFIED, content=[pb.Content(text="hi")])],
+            (),
+            "message 0 has role",
+        ),
+        ([user("a"), user("b")], (), "message 1 has role 'user'"),
+        ([user("a", jpeg(1)), answer("b"), user("c", jpeg(2))], (), "second image"),
+        ([user("a", b"not an image at all")], (), "image"),
+        ([user("a")], ("S99",), "'S99' is not in the policy"),
+        ([pb.Message(role=pb.USER, content=[pb.Content()])], (), "type is missing"),
+    ],
+    ids=[
+        "empty",
+        "unspecified-role",
+        "two-users",
+        "two-images",
+        "bad-image",
+        "unknown-category",
+        "empty-part",
+    ],
+)
+def test_invalid_requests(
+    preparer: Preparer, messages: list[pb.Message], exclude: tuple[str, ...], names: str
+) -> None:
+    with serving(FakeEngine(), preparer) as server:
+        with pytest.raises(grpc.RpcError) as caught:
+            server.stub().Moderate(request(*messages, exclude=exclude), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert names in str(caught.value.details())
+
+
+def test_size_and_text_limits(preparer: Preparer) -> None:
+    short = Preparer(preparer.tokenizer, preparer.image_config, max_seq=256)
+    with serving(FakeEngine(), short, max_message_bytes=200_000, max_text_chars=1000) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as oversized:
+            stub.Moderate(request(user("x", b"\xff" * 300_000)), timeout=10)
+        assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as long_text:
+            stub.Moderate(request(user("y" * 1001)), timeout=10)
+        assert long_text.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1001 characters" in str(long_text.value.details())
+        with pytest.raises(grpc.RpcError) as too_many_tokens:
+            stub.Moderate(request(user("word " * 150)), timeout=10)  # 750 chars, ~350 tokens
+        assert too_many_tokens.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "of the model's 256" in str(too_many_tokens.value.details())
+
+
+def test_queue_full_deadline_and_cancellation(preparer: Preparer) -> None:
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    with serving(engine, preparer, max_batch_size=1, max_queue=2, max_wait_ms=0) as server:
+        stub = server.stub()
+        first = stub.Moderate.future(request(user("first"), request_id="first"), timeout=30)
+        assert engine.entered.wait(10)  # running, held at the gate
+        expiring = stub.Moderate.future(request(user("expiring"), request_id="late"), timeout=0.5)
+        cancelled: Any = stub.Moderate.future(
+            request(user("cancel me"), request_id="gone"), timeout=30
+        )
+        time.sleep(0.3)  # both are queued now: the queue (2) is full
+        with pytest.raises(grpc.RpcError) as full:
+            stub.Moderate(request(user("one too many")), timeout=10)
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        cancelled.cancel()
+        time.sleep(1.0)  # the deadline of "late" passes while it waits
+        engine.gate.set()
+        assert first.result().verdict.label == pb.SAFE
+        with pytest.raises(grpc.RpcError) as late:
+            expiring.result()
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        executed = [len(r.prompt) for batch in engine.batches for r in batch]
+        assert len(executed) == 1, "only the first request may have run"
+        assert server.stack.scheduler.depth() == 0
+
+
+def test_engine_failure_fails_only_its_requests(preparer: Preparer) -> None:
+    engine = FakeEngine()
+    with serving(engine, preparer) as server:
+        stub = server.stub()
+        engine.fail = True
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Moderate(request(user("boom"), request_id="req-42"), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert "req-42" in str(failed.value.details())
+        assert "CUDA" not in str(failed.value.details())
+        engine.fail = False
+        assert stub.Moderate(request(user("fine")), timeout=10).verdict.label == pb.SAFE
+
+
+def test_bearer_tokens(preparer: Preparer) -> None:
+    with serving(FakeEngine(), preparer, auth_tokens=frozenset({"s3cret"})) as server:
+        stub = server.stub()
+        for metadata in (
+            None,
+            (("authorization", "Bearer wrong"),),
+            (("authorization", "s3cret"),),
+        ):
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.Moderate(request(user("hi")), timeout=10, metadata=metadata)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Moderate(
+            request(user("hi")), timeout=10, metadata=(("authorization", "Bearer s3cret"),)
+        )
+        assert ok.verdict.label == pb.SAFE
+        health = health_pb2_grpc.HealthStub(server.channel())  # health stays open
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+def test_drain_answers_in_flight_work_and_refuses_new_calls(preparer: Preparer) -> None:
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    with serving(engine, preparer, max_batch_size=1, max_wait_ms=0, grace_s=10) as server:
+        stub = server.stub()
+        in_flight = stub.Moderate.future(request(user("running")), timeout=30)
+        queued = stub.Moderate.future(request(user("queued")), timeout=30)
+        assert engine.entered.wait(10)
+        health = health_pb2_grpc.HealthStub(server.channel())
+        server.stop(delay=1.0)  # NOT_SERVING first, then the server stops taking calls
+        time.sleep(0.3)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(1.2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Moderate(request(user("new")), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        engine.gate.set()
+        assert in_flight.result().verdict.label == pb.SAFE
+        assert queued.result().verdict.label == pb.SAFE
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate"
+)
+def test_tls(preparer: Preparer, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    command += ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+    subprocess.run(
+        [*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True
+    )
+    with serving(FakeEngine(), preparer, tls=TlsConfig(cert, key)) as server:
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        secure = pb_grpc.ModerationStub(
+            grpc.secure_channel(f"localhost:{server.port}", credentials)
+        )
+        assert secure.Moderate(request(user("hi")), timeout=10).verdict.label == pb.SAFE
+        with pytest.raises(grpc.RpcError) as plain:
+            server.stub().Moderate(request(user("hi")), timeout=5)
+        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_serve_command_drains_on_sigterm(checkpoint: Path) -> None:
+    """`guardrt serve` end to end: self-check, serving, SIGTERM, exit 0."""
+    import signal  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    command = [sys.executable, "-m", "guardrt", "serve", "--model", str(checkpoint)]
+    command += ["--grpc-port", "0", "--host", "localhost", "--max-seq", "1024", "--grace-s", "5"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "serving" in line:
+            break
+    assert "self-check verdicts: text:" in "".join(lines)
+    port = int(lines[-1].split("(gRPC)")[0].rsplit(":", 1)[1])
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        stub = pb_grpc.ModerationStub(channel)
+        stub.Moderate(request(user("connect first")), timeout=30)
+        pending = [stub.Moderate.future(request(user(f"hello {i}")), timeout=30) for i in range(6)]
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert all(p.result().verdict.label in (pb.SAFE, pb.UNSAFE) for p in pending)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert "stopped" in output
