@@ -125,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         decode=args.decode,
         max_batch=args.max_batch_size,
         max_seq=args.max_seq,
+        max_sessions=args.max_streams,
     )
     return asyncio.run(serve(config, args.model, options))
 
@@ -156,6 +157,9 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-wait-ms", type=float, default=5.0)
     serve.add_argument("--max-queue", type=int, default=256)
     serve.add_argument("--max-seq", type=int, default=8192, help="prompt + verdict tokens")
+    serve.add_argument(
+        "--max-streams", type=int, default=4, help="cache slots kept for ModerateStream"
+    )
     serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
     serve.add_argument("--max-text-chars", type=int, default=200_000)
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")

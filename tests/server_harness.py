@@ -47,6 +47,12 @@ class FakeEngine:
             for r in batch
         ]
 
+    def open_session(self) -> int | None:
+        return None
+
+    def close_session(self, session: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

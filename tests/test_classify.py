@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -260,3 +261,32 @@ def test_guard_load_errors(guard_dir: Path) -> None:
 def test_import_guardrt_does_not_import_torch() -> None:
     code = "import sys, guardrt; guardrt.Verdict; guardrt.Label; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_session_reuses_the_common_prefix_exactly(
+    checkpoint: Path, tok: Tokenizer, with_image: bool
+) -> None:
+    """A request in a session re-reads only what differs from the session's previous prompt,
+    and answers what a fresh request answers."""
+    model = load_model(checkpoint, semantics="meta")
+    model.setup_caches(2 + 1, 512)
+    classifier = Classifier(model, sessions=1)
+    session = classifier.sessions.open()
+    assert session is not None
+    assert classifier.sessions.open() is None  # the only session slot is taken
+    tiled = image(2, seed=9) if with_image else None
+    answers = ["The answer starts", "The answer starts here and goes on", "The answer starts here"]
+    reused_counts = []
+    for text in answers:
+        base = request(tok, f"Question? {text}", tiled)
+        in_session = dataclasses.replace(base, session=session)
+        reused, fresh = classifier.run([in_session])[0], classifier.run([base])[0]
+        assert fresh.reused_tokens == 0
+        assert reused.generated == fresh.generated
+        assert math.isclose(reused.unsafe_probability, fresh.unsafe_probability, rel_tol=1e-5)
+        reused_counts.append(reused.reused_tokens)
+    assert reused_counts[0] == 0
+    assert min(reused_counts[1:]) > 100  # the shared prefix (policy, question) was not recomputed
+    classifier.sessions.close(session)
+    assert classifier.sessions.open() is not None

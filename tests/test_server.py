@@ -4,6 +4,7 @@ code, batching, streaming equivalence, cancellation and the drain."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import shutil
 import subprocess
@@ -226,6 +227,13 @@ def test_stream_checkpoints_equal_fresh_moderate(engine: Engine, preparer: Prepa
                 request(question, answer(full[: response.covered_chars])), timeout=30
             )
             assert_same_verdict(response.verdict, fresh.verdict)
+            assert response.prompt_tokens == fresh.prompt_tokens
+        # After the first check the conversation's K/V come from the stream's cache slot: only
+        # the changed answer tokens and the template's suffix (the line's end and
+        # "<END CONVERSATION>…<|end_header_id|>": 56 tokens) are recomputed.
+        assert responses[0].reused_tokens == 0
+        for previous, response in itertools.pairwise(responses):
+            assert response.reused_tokens >= previous.prompt_tokens - 56 - 3
 
 
 def test_stream_stops_at_first_unsafe_and_validates(preparer: Preparer) -> None:

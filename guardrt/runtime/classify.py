@@ -27,6 +27,7 @@ import torch
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
+from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
 from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
 from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
 
@@ -49,6 +50,8 @@ class _Row:
     category_probabilities: dict[str, float] = field(default_factory=dict)
     code_logits: torch.Tensor | None = None
     done: bool = False
+    skip: int = 0  # prompt tokens already in the slot's cache (a session's common prefix)
+    session: SessionState | None = None
 
 
 def category_probabilities(grammar: VerdictGrammar, logits: torch.Tensor) -> dict[str, float]:
@@ -62,12 +65,17 @@ def category_probabilities(grammar: VerdictGrammar, logits: torch.Tensor) -> dic
 class Classifier:
     """Runs prepared requests through a model with preallocated caches, a batch at a time."""
 
-    def __init__(self, model: MllamaModel, decode: Decode = "constrained") -> None:
+    def __init__(
+        self, model: MllamaModel, decode: Decode = "constrained", sessions: int = 0
+    ) -> None:
+        """`model`'s caches hold the batch slots and then `sessions` session slots."""
         if decode not in DECODES:
             raise ConfigError(f"decode must be one of {DECODES}, not {decode!r}")
-        if model.max_batch == 0:
-            raise ValueError("the model's caches are not set up (setup_caches)")
+        if model.max_batch <= sessions:
+            raise ValueError("the model's caches are not set up for a batch (setup_caches)")
         self.model, self.decode = model, decode
+        self.batch_size = model.max_batch - sessions
+        self.sessions = SessionTable(self.batch_size, sessions)
         self.device = model.multi_modal_projector.weight.device
 
     def check_fits(self, request: PreparedRequest) -> None:
@@ -83,9 +91,9 @@ class Classifier:
         for request in requests:
             self.check_fits(request)
         results: list[Decoded] = []
-        for start in range(0, len(requests), self.model.max_batch):
-            chunk = requests[start : start + self.model.max_batch]
-            rows = [_Row(request, slot) for slot, request in enumerate(chunk)]
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            rows = [self._row(request, slot) for slot, request in enumerate(chunk)]
             self._write_images(rows)
             if self.decode == "constrained":
                 self._constrained(rows)
@@ -97,28 +105,44 @@ class Classifier:
                     tuple(row.generated),
                     row.unsafe_probability,
                     row.category_probabilities,
+                    row.skip,
                 )
                 for row in rows
             )
+            for row in rows:
+                if row.session is not None:
+                    row.session.cached = row.request.prompt
         return results
 
+    def _row(self, request: PreparedRequest, slot: int) -> _Row:
+        """A batch row; a session's row uses its own slot and skips the cached prefix (all
+        but the last prompt token at most, whose logits a greedy step needs)."""
+        session = self.sessions.get(request.session)
+        if session is None:
+            return _Row(request, slot)
+        reuse = common_prefix(session.cached, request.prompt) if session.image_ready else 0
+        reuse = min(reuse, len(request.prompt) - 1)
+        return _Row(request, session.slot, next_position=reuse, skip=reuse, session=session)
+
     def _write_images(self, rows: list[_Row]) -> None:
-        with_image = [row for row in rows if row.request.image is not None]
-        without = [row.slot for row in rows if row.request.image is None]
+        """Image K/V into each row's slot (once per session); zeros for rows without one."""
+        fresh = [row for row in rows if row.session is None or not row.session.image_ready]
+        with_image = [row for row in fresh if row.request.image is not None]
+        without = [row.slot for row in fresh if row.request.image is None]
         if with_image:
-            images = [row.request.image for row in with_image]
-            assert all(image is not None for image in images)
-            pixels = np.stack([image.pixel_values for image in images if image is not None])
+            images = [row.request.image for row in with_image if row.request.image is not None]
+            pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
             states = self.model.encode_images(
-                torch.from_numpy(pixels).to(self.device),  # (N, T, 3, H, W)
-                torch.tensor([i.aspect_ratio_id for i in images if i], device=self.device),
-                torch.from_numpy(np.stack([i.aspect_ratio_mask for i in images if i])).to(
-                    self.device
-                ),  # (N, T)
+                torch.from_numpy(pixels).to(self.device),
+                self._tensor([image.aspect_ratio_id for image in images]),
+                self._tensor([image.aspect_ratio_mask.tolist() for image in images]),  # (N, T)
             )
             self.model.write_images(self._tensor([row.slot for row in with_image]), states)
-            if without:
-                self.model.clear_images(self._tensor(without))
+        if without and (with_image or any(row.session is not None for row in fresh)):
+            self.model.clear_images(self._tensor(without))
+        for row in fresh:
+            if row.session is not None:
+                row.session.image_ready = True
 
     def _tensor(self, values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -174,8 +198,8 @@ class Classifier:
         suffix = [first.blank, first.unsafe, first.newline, first.s]
         logits = self._step(
             rows,
-            [list(row.request.prompt) + suffix for row in rows],
-            [[len(row.request.prompt), len(row.request.prompt) + 3] for row in rows],
+            [list(row.request.prompt[row.skip :]) + suffix for row in rows],
+            [[len(row.request.prompt) - row.skip + i for i in (0, 3)] for row in rows],
         )
         for row, (label_logits, code_logits) in zip(rows, logits, strict=True):
             self._label_scores(row, label_logits, code_logits)
@@ -210,8 +234,8 @@ class Classifier:
     def _greedy(self, rows: list[_Row]) -> None:
         logits = self._step(
             rows,
-            [list(row.request.prompt) for row in rows],
-            [[len(row.request.prompt) - 1] for row in rows],
+            [list(row.request.prompt[row.skip :]) for row in rows],
+            [[len(row.request.prompt) - 1 - row.skip] for row in rows],
         )
         active = rows
         while active:

@@ -22,6 +22,7 @@ class PreparedRequest:
     prompt: tuple[int, ...]  # token ids, ending at the assistant header
     image: TiledImage | None
     grammar: VerdictGrammar  # the policy's grammar: which codes may be answered
+    session: int | None = None  # a cache session whose K/V this request may reuse
 
     @property
     def image_position(self) -> int | None:
@@ -36,6 +37,7 @@ class Decoded:
     generated: tuple[int, ...]  # ids after the prompt, starting with 271 (the blank line)
     unsafe_probability: float  # NaN when the output left the grammar's path before the label
     category_probabilities: dict[str, float]
+    reused_tokens: int = 0  # prompt tokens whose K/V came from the request's session cache
 
     def verdict(self) -> Verdict:
         parsed = self.request.grammar.parse(self.generated)

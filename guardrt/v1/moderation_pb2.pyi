@@ -451,6 +451,8 @@ class StreamResponse(_message.Message):
     COVERED_TOKENS_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    REUSED_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     covered_chars: _builtins.int
     """How much of the answer this verdict judged: characters of the text received, and the
@@ -459,6 +461,11 @@ class StreamResponse(_message.Message):
     covered_tokens: _builtins.int
     final: _builtins.bool
     """True for the last response of the stream (end received, or stopped at UNSAFE)."""
+    prompt_tokens: _builtins.int
+    """The prompt's length in tokens, and how many of them the server did not recompute because
+    their K/V were kept from the previous check (the conversation and the answer so far).
+    """
+    reused_tokens: _builtins.int
     @_builtins.property
     def verdict(self) -> Global___Verdict: ...
     @_builtins.property
@@ -472,10 +479,12 @@ class StreamResponse(_message.Message):
         covered_tokens: _builtins.int = ...,
         final: _builtins.bool = ...,
         timing: Global___Timing | None = ...,
+        prompt_tokens: _builtins.int = ...,
+        reused_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered_chars", b"covered_chars", "covered_tokens", b"covered_tokens", "final", b"final", "request_id", b"request_id", "timing", b"timing", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered_chars", b"covered_chars", "covered_tokens", b"covered_tokens", "final", b"final", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "reused_tokens", b"reused_tokens", "timing", b"timing", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,6 +30,7 @@ class EngineOptions:
     decode: str = "constrained"
     max_batch: int = 4
     max_seq: int = 8192
+    max_sessions: int = 4  # cache slots kept for streaming checks (each costs a full K/V row)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class Engine(Protocol):
     def warmup(self, sample: Sequence[PreparedRequest]) -> None: ...
 
     def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]: ...
+
+    def open_session(self) -> int | None:
+        """A cache session for requests that extend each other (None: none free)."""
+        ...
+
+    def close_session(self, session: int) -> None: ...
 
     def close(self) -> None: ...
 

@@ -42,9 +42,10 @@ class TorchEngine:
             raise ConfigError(f"semantics must be one of {SEMANTICS}, not {options.semantics!r}")
         if options.decode not in DECODES:
             raise ConfigError(f"decode must be one of {DECODES}, not {options.decode!r}")
-        if options.max_batch < 1 or options.max_seq < 64:
+        if options.max_batch < 1 or options.max_seq < 64 or options.max_sessions < 0:
             raise ConfigError(
-                f"max_batch {options.max_batch} must be ≥ 1 and max_seq {options.max_seq} ≥ 64"
+                f"max_batch {options.max_batch} must be ≥ 1, max_seq {options.max_seq} ≥ 64 "
+                f"and max_sessions {options.max_sessions} ≥ 0"
             )
         try:
             device = torch.device(options.device)
@@ -56,8 +57,8 @@ class TorchEngine:
             dtype=parse_dtype(options.dtype, device),
             semantics=options.semantics,
         )
-        self.model.setup_caches(options.max_batch, options.max_seq)
-        self.classifier = Classifier(self.model, options.decode)
+        self.model.setup_caches(options.max_batch + options.max_sessions, options.max_seq)
+        self.classifier = Classifier(self.model, options.decode, options.max_sessions)
         dtype = str(self.model.multi_modal_projector.weight.dtype).removeprefix("torch.")
         self.info = EngineInfo(
             backend="torch",
@@ -75,6 +76,12 @@ class TorchEngine:
 
     def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
         return self.classifier.run(batch)
+
+    def open_session(self) -> int | None:
+        return self.classifier.sessions.open()
+
+    def close_session(self, session: int) -> None:
+        self.classifier.sessions.close(session)
 
     def close(self) -> None:
         self.model.setup_caches(0, 0)

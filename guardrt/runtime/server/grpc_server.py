@@ -115,33 +115,39 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         await self._authorize(context)
         session: StreamSession | None = None
         deadline = _deadline(context)
-        async for message in request_iterator:
-            kind = message.WhichOneof("kind")
-            if (session is None) != (kind == "start"):
-                problem = "must be a start" if session is None else "cannot be a second start"
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if (session is None) != (kind == "start"):
+                    problem = "must be a start" if session is None else "cannot be a second start"
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"stream message {kind!r} {problem}"
+                    )
+                try:
+                    if session is None:
+                        session = await StreamSession.start(self.service, message.start, deadline)
+                    elif kind == "append":
+                        for response in await session.append(message.append):
+                            yield response
+                            if response.final:
+                                return
+                    elif kind == "end":
+                        yield await session.finish()
+                        return
+                    else:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, "empty stream message"
+                        )
+                except GuardrtError as exc:
+                    request_id = session.request_id if session else message.start.request_id
+                    await context.abort(grpc_status(exc), grpc_message(exc, request_id))
+            if session is not None:
                 await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"stream message {kind!r} {problem}"
+                    grpc.StatusCode.INVALID_ARGUMENT, "the stream closed without an end message"
                 )
-            try:
-                if session is None:
-                    session = await StreamSession.start(self.service, message.start, deadline)
-                elif kind == "append":
-                    for response in await session.append(message.append):
-                        yield response
-                        if response.final:
-                            return
-                elif kind == "end":
-                    yield await session.finish()
-                    return
-                else:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty stream message")
-            except GuardrtError as exc:
-                request_id = session.request_id if session else message.start.request_id
-                await context.abort(grpc_status(exc), grpc_message(exc, request_id))
-        if session is not None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the stream closed without an end message"
-            )
+        finally:  # ended, aborted or cancelled: the cache slot goes back
+            if session is not None:
+                session.close()
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.ModelInfo:  # noqa: N802
         await self._authorize(context)

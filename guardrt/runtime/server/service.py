@@ -8,6 +8,7 @@ never prompt text or image bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -50,6 +51,7 @@ class ModerationResult:
     verdict: Verdict
     timing: Timing
     prompt_tokens: int
+    reused_tokens: int = 0  # prompt tokens read from a session's cache, not recomputed
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,17 @@ class ModerationService:
             raise outcome
         return outcome, info
 
-    async def moderate(self, item: ModerationInput, deadline: float | None) -> ModerationResult:
-        """The verdict for one request; raises GuardrtError subclasses for the servers to map."""
+    async def moderate(
+        self, item: ModerationInput, deadline: float | None, session: int | None = None
+    ) -> ModerationResult:
+        """The verdict for one request; raises GuardrtError subclasses for the servers to map.
+        `session` (from the engine's `open_session`) lets the engine reuse the K/V of the
+        session's previous request."""
         started = time.monotonic()
         request_id = item.request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         request = await loop.run_in_executor(self.executor, self.prepare, item)
+        request = dataclasses.replace(request, session=session)
         prepared = time.monotonic()
         decoded, info = await self.run(request, request_id, deadline)
         verdict = decoded.verdict()
@@ -146,7 +153,9 @@ class ModerationService:
             info.size,
             timing.total_ms,
         )
-        return ModerationResult(request_id, verdict, timing, len(request.prompt))
+        return ModerationResult(
+            request_id, verdict, timing, len(request.prompt), decoded.reused_tokens
+        )
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -5,7 +5,11 @@ message, exactly as a fresh Moderate of that conversation would, so its scores e
 request's. A checkpoint falls due every `check_every_tokens` answer tokens (counted as the model
 reads the answer, trimmed); the end message asks for the final verdict.
 
-Each checkpoint currently re-runs the whole prompt (prefill) through the batched engine.
+The stream holds an engine cache session: the conversation's K/V (and its image's
+cross-attention K/V) stay in a cache slot between checkpoints, and each check re-reads only the
+tokens that differ from the previous check's prompt (the new answer tokens, the few at the old
+answer's end whose tokenization changed, and the fixed template suffix). When every session
+slot is taken, checks run as fresh requests: same answers, more compute.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class StreamSession:
         self.check_every, self.stop_on_unsafe, self.deadline = check_every, stop_on_unsafe, deadline
         self.answer = ""
         self.checked_tokens = 0
+        self.session = service.scheduler.engine.open_session()
 
     @classmethod
     async def start(
@@ -70,8 +75,18 @@ class StreamSession:
             deadline,
         )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(service.executor, service.prepare, session._with_answer())
+        try:
+            await loop.run_in_executor(service.executor, service.prepare, session._with_answer())
+        except BaseException:
+            session.close()
+            raise
         return session
+
+    def close(self) -> None:
+        """Give the cache session back (idempotent)."""
+        if self.session is not None:
+            self.service.scheduler.engine.close_session(self.session)
+            self.session = None
 
     def _with_answer(self) -> ModerationInput:
         answer: Mapping[str, Any] = {"role": "assistant", "content": self.answer}
@@ -105,12 +120,14 @@ class StreamSession:
             final=final,
         )
         try:
-            result = await self.service.moderate(self._with_answer(), self.deadline)
+            result = await self.service.moderate(self._with_answer(), self.deadline, self.session)
         except GuardrtError as exc:  # in-band: the stream goes on, the caller sees ERROR
             code: int = grpc_status(exc).value[0]
             response.verdict.CopyFrom(error_verdict(grpc_message(exc, self.request_id), code))
             return response
         response.verdict.CopyFrom(verdict_to_proto(result.verdict))
         response.timing.CopyFrom(timing_to_proto(result.timing))
+        response.prompt_tokens = result.prompt_tokens
+        response.reused_tokens = result.reused_tokens
         assert result.verdict.label is not Label.SAFE or response.verdict.label == pb.SAFE
         return response
