@@ -36,24 +36,15 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_json(path: str, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
-
-
 def _prompt(args: argparse.Namespace) -> int:
+    from guardrt.runtime.jsonfile import read_json  # noqa: PLC0415
     from guardrt.runtime.prompt import encode_prompt, render_prompt  # noqa: PLC0415
     from guardrt.runtime.tokenizer import load_tokenizer  # noqa: PLC0415
 
-    document = _read_json(args.messages, "messages file")
+    document = read_json(Path(args.messages), "messages file")
     # A list of messages, or {"messages": [...]}; parse_messages refuses anything else by name.
     messages: Any = document.get("messages") if isinstance(document, dict) else document
-    categories = _read_json(args.categories, "categories file") if args.categories else None
+    categories = read_json(Path(args.categories), "categories file") if args.categories else None
     excluded = [code.strip() for code in args.exclude.split(",") if code.strip()]
     if not args.ids:
         text = render_prompt(messages, categories=categories, excluded_categories=excluded)

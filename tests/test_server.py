@@ -23,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from guardrt.runtime.engine import Engine, EngineOptions, load_engine
-from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.server.config import ServerConfig, TlsConfig
-from guardrt.runtime.server.main import assemble_stack, load_preparer
+from guardrt.runtime.server.main import assemble_stack
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.images import encode

@@ -12,31 +12,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from guardrt.runtime.engine import Engine, EngineOptions
 from guardrt.runtime.engine.torch_engine import TorchEngine
-from guardrt.runtime.errors import ConfigError, GuardrtError
+from guardrt.runtime.errors import GuardrtError
 from guardrt.runtime.model.tiny import resolve_model
 from guardrt.runtime.policy import CategoriesInput
-from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.prompt import Messages
 from guardrt.runtime.requests import PreparedRequest
-from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.runtime.verdict import Label, Verdict
-
-
-def load_preparer(directory: Path, max_seq: int, tile_size: int, max_tiles: int) -> Preparer:
-    """The checkpoint's tokenizer and image settings, checked against the model's tiles."""
-    image_config = ImageConfig.from_preprocessor_config(directory)
-    if (image_config.tile_size, image_config.max_tiles) != (tile_size, max_tiles):
-        raise ConfigError(
-            f"preprocessor tiles {image_config.max_tiles}×{image_config.tile_size}px do not "
-            f"match the model's {max_tiles}×{tile_size}px"
-        )
-    return Preparer(load_tokenizer(directory), image_config, max_seq)
 
 
 class Guard:
@@ -66,8 +52,7 @@ class Guard:
         directory = resolve_model(model)
         options = EngineOptions(directory, device, dtype, semantics, decode, max_batch, max_seq)
         engine = TorchEngine(options)
-        vision = engine.model.config.vision
-        preparer = load_preparer(directory, max_seq, vision.image_size, vision.max_num_tiles)
+        preparer = load_preparer(directory, max_seq)
         return cls(preparer, engine, source=str(directory))
 
     def prepare(

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from guardrt.runtime.conversation import parse_messages
-from guardrt.runtime.errors import PromptError, PromptReason
+from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
+from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.policy import CategoriesInput, Policy, make_policy
 from guardrt.runtime.preprocess import ImageConfig, preprocess_image
 from guardrt.runtime.prompt import Messages, prompt_encoder
 from guardrt.runtime.requests import PreparedRequest, check_fits
-from guardrt.runtime.tokenizer import Tokenizer
+from guardrt.runtime.tokenizer import Tokenizer, load_tokenizer
 from guardrt.runtime.verdict import VerdictGrammar
 
 
@@ -54,3 +56,18 @@ class Preparer:
         request = PreparedRequest(tuple(prompt), image, self.grammar(policy))
         check_fits(request, self.max_seq)
         return request
+
+
+def load_preparer(directory: Path, max_seq: int) -> Preparer:
+    """The checkpoint's tokenizer and image settings, checked against the model's tiles."""
+    vision = ModelConfig.from_checkpoint(directory).vision
+    image_config = ImageConfig.from_preprocessor_config(directory)
+    if (image_config.tile_size, image_config.max_tiles) != (
+        vision.image_size,
+        vision.max_num_tiles,
+    ):
+        raise ConfigError(
+            f"preprocessor tiles {image_config.max_tiles}×{image_config.tile_size}px do not "
+            f"match the model's {vision.max_num_tiles}×{vision.image_size}px"
+        )
+    return Preparer(load_tokenizer(directory), image_config, max_seq)

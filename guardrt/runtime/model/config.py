@@ -9,7 +9,6 @@ different model family cannot load by accident.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.jsonfile import read_json_object
 from guardrt.runtime.preprocess.canvas import supported_aspect_ratios
 
 # Keys every transformers config may carry (4.x writes all of them out, 5.x fewer) that do not
@@ -327,12 +327,4 @@ class ModelConfig:
         target = Path(path)
         if target.is_dir():
             target = target / "config.json"
-        try:
-            document = json.loads(target.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read {target}: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"{target} is not valid JSON: {exc}") from exc
-        if not isinstance(document, Mapping):
-            raise ConfigError(f"{target} is not a JSON object")
-        return cls.from_dict(document)
+        return cls.from_dict(read_json_object(target, "model config"))

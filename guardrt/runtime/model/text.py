@@ -57,15 +57,14 @@ class StepInputs:
     use_cross: bool  # False when no request of the batch has an image
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q/k/v/o of a grouped-query attention layer (no biases) and the K/V cache it owns."""
+
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         dim, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
+        self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, kv_dim, bias=False)
         self.v_proj = nn.Linear(dim, kv_dim, bias=False)
@@ -73,6 +72,8 @@ class SelfAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
+
+class SelfAttention(Projections):
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
@@ -103,23 +104,13 @@ class SelfAttentionLayer(nn.Module):
         return result
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Projections):
+    """Attention to an image's K/V (8 kv heads repeated, no RoPE), q and k RMS-normalised."""
+
     def __init__(self, config: TextConfig) -> None:
-        super().__init__()
-        dim, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        super().__init__(config)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
 
     def write_image(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
         """K/V of projected vision states (N, L, D) into the cache rows `slots` (N,); no RoPE."""

@@ -9,7 +9,6 @@ refused by name instead of silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.jsonfile import read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,15 +100,7 @@ def _load_json(source: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping[st
     path = Path(source)
     if path.is_dir():
         path = path / "preprocessor_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"preprocessor config not found: {path}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"preprocessor config {path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"preprocessor config {path} must hold a JSON object")
-    return data
+    return read_json_object(path, "preprocessor config")
 
 
 def _translate(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,24 +15,19 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from guardrt import __version__
 from guardrt.runtime.engine import Engine, EngineOptions, load_engine
-from guardrt.runtime.errors import ConfigError
-from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.tiny import TINY_RANDOM, resolve_model
-from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.scheduler import Scheduler
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import create_server, set_serving
 from guardrt.runtime.server.service import Limits, ModerationService
-from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.v1 import moderation_pb2 as pb
 
 log = logging.getLogger("guardrt.serve")
@@ -52,21 +47,6 @@ class Stack:
     engine: Engine
     info: pb.ModelInfo
     warmup: list[PreparedRequest]
-
-
-def load_preparer(directory: Path, max_seq: int) -> Preparer:
-    """The checkpoint's tokenizer and image settings, checked against the model's tiles."""
-    vision = ModelConfig.from_checkpoint(directory).vision
-    image_config = ImageConfig.from_preprocessor_config(directory)
-    if (image_config.tile_size, image_config.max_tiles) != (
-        vision.image_size,
-        vision.max_num_tiles,
-    ):
-        raise ConfigError(
-            f"preprocessor tiles {image_config.max_tiles}×{image_config.tile_size}px do not "
-            f"match the model's {vision.max_num_tiles}×{vision.image_size}px"
-        )
-    return Preparer(load_tokenizer(directory), image_config, max_seq)
 
 
 def warmup_requests(preparer: Preparer) -> list[PreparedRequest]:
