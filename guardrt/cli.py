@@ -79,7 +79,6 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
     import logging  # noqa: PLC0415
 
-    from guardrt.runtime.engine import EngineOptions  # noqa: PLC0415
     from guardrt.runtime.server.config import ServerConfig, TlsConfig, auth_tokens  # noqa: PLC0415
     from guardrt.runtime.server.main import serve  # noqa: PLC0415
 
@@ -96,6 +95,13 @@ def _serve(args: argparse.Namespace) -> int:
         else None
     )
     config = ServerConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        semantics=args.semantics,
+        decode=args.decode,
+        max_seq=args.max_seq,
+        max_streams=args.max_streams,
         host=args.host,
         grpc_port=args.grpc_port,
         max_batch_size=args.max_batch_size,
@@ -108,17 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls=tls,
         auth_tokens=auth_tokens(args.auth_token_file),
     )
-    options = EngineOptions(
-        model=Path(args.model),
-        device=args.device,
-        dtype=args.dtype,
-        semantics=args.semantics,
-        decode=args.decode,
-        max_batch=args.max_batch_size,
-        max_seq=args.max_seq,
-        max_sessions=args.max_streams,
-    )
-    return asyncio.run(serve(config, args.model, options))
+    return asyncio.run(serve(config))
 
 
 def _moderate(args: argparse.Namespace) -> int:

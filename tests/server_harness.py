@@ -13,8 +13,8 @@ import grpc
 from guardrt.runtime.engine import EngineInfo
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server.config import ServerConfig
-from guardrt.runtime.server.grpc_server import create_server, set_serving
-from guardrt.runtime.server.main import Stack
+from guardrt.runtime.server.grpc_server import set_serving
+from guardrt.runtime.server.main import Stack, create_server, health_of
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
 UNSAFE_S1 = (271, 39257, 198, 50, 16, 128009)  # "\n\nunsafe\nS1<|eot_id|>"
@@ -73,11 +73,9 @@ class ServerThread:
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        self.server, self.port, self.health = create_server(
-            self.config, self.stack.service, self.stack.info
-        )
+        self.server, self.port = create_server(self.config, self.stack)
+        self.health = health_of(self.server)
         await self.server.start()
-        await set_serving(self.health, True)
         self._started.set()
         await self._stop.wait()
         await set_serving(self.health, False)

@@ -53,7 +53,6 @@ def serving(engine: Any, preparer: Preparer, **settings: Any) -> Iterator[Server
     base = ServerConfig(grpc_port=0, host="localhost", grace_s=5.0)
     config = dataclasses.replace(base, **settings)
     stack = assemble_stack(config, engine, preparer, "test-model", [])
-    stack.scheduler.start()
     try:
         with ServerThread(stack, config) as server:
             yield server
@@ -450,3 +449,27 @@ def test_serve_command_drains_on_sigterm(checkpoint: Path) -> None:
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     assert "stopped" in output
+
+
+def test_create_server_from_config_alone(checkpoint: Path) -> None:
+    """`create_server(config) -> (server, port)` loads and warms the model itself."""
+    import asyncio  # noqa: PLC0415
+
+    from guardrt.runtime.server.main import create_server  # noqa: PLC0415
+
+    async def main() -> tuple[str, int]:
+        config = ServerConfig(model=str(checkpoint), grpc_port=0, host="localhost", max_seq=1024)
+        server, port = create_server(config)
+        await server.start()
+        async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = await health.Check(
+                health_pb2.HealthCheckRequest(service="guardrt.v1.Moderation")
+            )
+            info = await pb_grpc.ModerationStub(channel).GetInfo(pb.GetInfoRequest())
+        await server.stop(1)
+        return info.model, status.status
+
+    model, status = asyncio.run(main())
+    assert model == str(checkpoint)
+    assert status == health_pb2.HealthCheckResponse.SERVING

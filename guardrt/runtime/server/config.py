@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from guardrt.runtime.engine import EngineOptions
 from guardrt.runtime.errors import ConfigError
 
 # One image (32 MiB encoded, the decoder's own limit) plus text and framing.
@@ -29,6 +30,15 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """Everything `guardrt serve` is configured with (the engine's settings included)."""
+
+    model: str = "tiny-random"  # a checkpoint directory, or tiny-random (meaningless verdicts)
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on the CPU, the checkpoint's dtype elsewhere
+    semantics: str = "meta"
+    decode: str = "constrained"
+    max_seq: int = 8192  # prompt + verdict tokens: the model was fine-tuned on 8,192
+    max_streams: int = 4  # cache slots kept for ModerateStream sessions
     host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0 = any free port (tests)
     max_batch_size: int = 4
@@ -40,6 +50,18 @@ class ServerConfig:
     workers: int = 4  # preparation threads (tokenizing, image tiling)
     tls: TlsConfig | None = None
     auth_tokens: frozenset[str] = field(default_factory=frozenset)
+
+    def engine_options(self, directory: Path) -> EngineOptions:
+        return EngineOptions(
+            model=directory,
+            device=self.device,
+            dtype=self.dtype,
+            semantics=self.semantics,
+            decode=self.decode,
+            max_batch=self.max_batch_size,
+            max_seq=self.max_seq,
+            max_sessions=self.max_streams,
+        )
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_message_bytes", "max_text_chars"):

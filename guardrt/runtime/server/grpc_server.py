@@ -158,7 +158,7 @@ def _with_id(item: ModerationInput, request_id: str) -> ModerationInput:
     return dataclasses.replace(item, request_id=request_id)
 
 
-def create_server(
+def build_server(
     config: ServerConfig, service: ModerationService, info: pb.ModelInfo
 ) -> tuple[grpc.aio.Server, int, Any]:
     """An unstarted server with the moderation, health and reflection services, bound to

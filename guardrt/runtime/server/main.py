@@ -10,23 +10,25 @@ the grace period, exit 0.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 import numpy as np
 
 from guardrt import __version__
-from guardrt.runtime.engine import Engine, EngineOptions, load_engine
+from guardrt.runtime.engine import Engine, load_engine
 from guardrt.runtime.model.tiny import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.scheduler import Scheduler
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import default_categories
-from guardrt.runtime.server.grpc_server import create_server, set_serving
+from guardrt.runtime.server.grpc_server import build_server, set_serving
 from guardrt.runtime.server.service import Limits, ModerationService
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -57,16 +59,16 @@ def warmup_requests(preparer: Preparer) -> list[PreparedRequest]:
     return [preparer.prepare(text), preparer.prepare(image)]
 
 
-def build_stack(config: ServerConfig, model: str, options: EngineOptions) -> Stack:
+def build_stack(config: ServerConfig) -> Stack:
     """Resolve and load the model, warm it up, and assemble the service around it."""
-    directory = resolve_model(model)
-    if model == TINY_RANDOM:
+    directory = resolve_model(config.model)
+    if config.model == TINY_RANDOM:
         log.warning(MEANINGLESS)
-    engine = load_engine("torch", dataclasses.replace(options, model=directory))
+    engine = load_engine("torch", config.engine_options(directory))
     preparer = load_preparer(directory, engine.info.max_seq)
     sample = warmup_requests(preparer)
     engine.warmup(sample)
-    return assemble_stack(config, engine, preparer, model, sample)
+    return assemble_stack(config, engine, preparer, config.model, sample)
 
 
 def assemble_stack(
@@ -107,26 +109,47 @@ def self_check(stack: Stack) -> str:
     return "self-check verdicts: " + "; ".join(shown)
 
 
-async def serve(config: ServerConfig, model: str, options: EngineOptions) -> int:
+async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
-    stack = await loop.run_in_executor(None, build_stack, config, model, options)
+    stack = await loop.run_in_executor(None, build_stack, config)
     print(self_check(stack), flush=True)
-    stack.scheduler.start()
-    server, port, health_servicer = create_server(config, stack.service, stack.info)
+    server, port = create_server(config, stack)
     await server.start()
-    await set_serving(health_servicer, True)
-    print(f"guardrt {__version__}: serving {model} on {config.host}:{port} (gRPC)", flush=True)
-    if model == TINY_RANDOM:
+    print(
+        f"guardrt {__version__}: serving {config.model} on {config.host}:{port} (gRPC)", flush=True
+    )
+    if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     print(f"draining (up to {config.grace_s:g} s)", flush=True)
-    await set_serving(health_servicer, False)
+    await set_serving(health_of(server), False)
     await server.stop(config.grace_s)
     drained = await loop.run_in_executor(None, stack.scheduler.drain, config.grace_s)
     stack.engine.close()
     stack.service.executor.shutdown(wait=False)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
     return 0
+
+
+def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server for `config`, bound to `config.grpc_port` (0 picks a free port), not yet
+    started. Without `stack` the model is loaded and warmed up first (blocking), so health
+    reports SERVING from the start. Call it inside a running event loop; the scheduler is
+    started here."""
+    stack = stack or build_stack(config)
+    stack.scheduler.start()
+    server, port, health_servicer = build_server(config, stack.service, stack.info)
+    _health[server] = health_servicer
+    asyncio.get_running_loop().create_task(set_serving(health_servicer, True))
+    return server, port
+
+
+def health_of(server: grpc.aio.Server) -> Any:
+    """The health servicer of a server made by `create_server` (to report NOT_SERVING)."""
+    return _health[server]
+
+
+_health: weakref.WeakKeyDictionary[grpc.aio.Server, Any] = weakref.WeakKeyDictionary()
