@@ -21,7 +21,8 @@ its verdicts are meaningless, its timings are those of the runtime around a very
 --overhead measures what the gRPC service adds to a request: the p50 latency of sequential
 text-only Moderate calls to an in-process server built with max_wait_ms=0 (a lone request does
 not wait for a batch to fill), minus the p50 of the same requests through `Guard.moderate`
-called directly in this process on the same model. The two are interleaved request by request.
+called directly in this process on the same model (one prompt throughout), interleaved request
+by request, and where the gRPC path's time goes by the server's own timing.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -46,11 +46,10 @@ import torch
 from PIL import Image
 
 from guardrt import Guard
-from guardrt.runtime.engine import EngineOptions
 from guardrt.runtime.model.tiny import TINY_RANDOM
 from guardrt.runtime.server.config import ServerConfig
-from guardrt.runtime.server.grpc_server import create_server, set_serving
-from guardrt.runtime.server.main import Stack, build_stack
+from guardrt.runtime.server.grpc_server import set_serving
+from guardrt.runtime.server.main import Stack, build_stack, create_server, health_of
 from guardrt.testing.timing import machine
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
@@ -61,6 +60,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 KINDS = ("text", "image", "stream")
 CHECK_EVERY_TOKENS = 8
+CONNECT_TIMEOUT_S = 10.0
+WRITE_RACE = "INTERNAL_WRITE_RACE"
 STREAM_APPENDS = 8
 
 QUESTIONS = (
@@ -73,6 +74,7 @@ QUESTIONS = (
     "Can you summarise the plot of Hamlet without spoilers for the ending?",
     "How do I pick a lock if I am locked out of my own house?",
 )
+OVERHEAD_QUESTION = QUESTIONS[1]
 IMAGE_QUESTIONS = (
     "What is in this picture?",
     "Is there anything dangerous in this image?",
@@ -186,6 +188,7 @@ class Sample:
     finished: float = math.nan
     code: str = "OK"  # the gRPC status code name (in-band stream errors included)
     timings: list[pb.Timing] = field(default_factory=list)  # every verdict's server timing
+    reuse: list[tuple[int, int]] = field(default_factory=list)  # stream: (prompt, reused) tokens
 
     @property
     def latency_ms(self) -> float:
@@ -200,26 +203,39 @@ async def call_moderate(
 
 
 async def call_stream(
-    stub: ModerationAsyncStub, requests: list[pb.StreamRequest], metadata: Any, timeout: float
-) -> tuple[list[pb.Timing], str]:
-    """Every verdict's timing, and OK or the first in-band error's status code name."""
+    stub: ModerationAsyncStub,
+    requests: list[pb.StreamRequest],
+    metadata: Any,
+    timeout: float,
+    sample: Sample,
+) -> None:
+    """Every verdict's timing and K/V reuse into `sample`; its code is the first in-band
+    error's (a stream goes on after one)."""
 
     async def send() -> AsyncIterator[pb.StreamRequest]:
         for request in requests:
             yield request
 
-    timings: list[pb.Timing] = []
-    code = "OK"
     final = False
     async for response in stub.ModerateStream(send(), timeout=timeout, metadata=metadata):
-        if response.verdict.label == pb.ERROR and code == "OK":
-            code = status_name(response.verdict.error_code)
+        if response.verdict.label == pb.ERROR:
+            if sample.code == "OK":
+                sample.code = status_name(response.verdict.error_code)
         elif response.HasField("timing"):
-            timings.append(response.timing)
+            sample.timings.append(response.timing)
+            sample.reuse.append((response.prompt_tokens, response.reused_tokens))
         final = final or response.final
-    if not final and code == "OK":
-        code = "NO_FINAL_VERDICT"
-    return timings, code
+    if not final and sample.code == "OK":
+        sample.code = "NO_FINAL_VERDICT"
+
+
+def error_name(exc: grpc.aio.AioRpcError) -> str:
+    """The status code's name; WRITE_RACE where grpcio's asyncio client replaced the server's
+    status by INTERNAL because a request was still being written as the server ended the call
+    (grpc/grpc#36066: the server's real code, e.g. UNAUTHENTICATED, is lost)."""
+    if exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in exc.debug_error_string():
+        return WRITE_RACE
+    return str(exc.code().name)
 
 
 def status_name(value: int) -> str:
@@ -244,11 +260,9 @@ async def one(
             if isinstance(request, pb.ModerateRequest):
                 sample.timings = await call_moderate(stub, request, metadata, args.timeout)
             else:
-                sample.timings, sample.code = await call_stream(
-                    stub, request, metadata, args.timeout
-                )
+                await call_stream(stub, request, metadata, args.timeout, sample)
         except grpc.aio.AioRpcError as exc:
-            sample.code = exc.code().name
+            sample.code = error_name(exc)
         sample.finished = time.perf_counter() - clock
 
 
@@ -267,7 +281,7 @@ async def run_load(target: str, args: argparse.Namespace) -> tuple[list[Sample],
     tasks: list[asyncio.Task[None]] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.ModerationStub(channel)
-        await channel.channel_ready()
+        await connect(channel, target)
         clock = time.perf_counter()
         for index, (when, kind) in enumerate(zip(schedule, kinds, strict=True)):
             request_id = f"load-{index}"
@@ -278,9 +292,8 @@ async def run_load(target: str, args: argparse.Namespace) -> tuple[list[Sample],
                 request = image_request(rng, images, request_id)
             else:
                 request = stream_requests(rng, request_id)
-            delay = clock + when - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Behind schedule, sleep(0) still lets the requests already sent run.
+            await asyncio.sleep(max(0.0, clock + when - time.perf_counter()))
             sample = Sample(kind, when, measured=when >= args.warmup)
             samples.append(sample)
             tasks.append(asyncio.create_task(one(stub, sample, request, limit, clock, args)))
@@ -294,42 +307,39 @@ async def run_load(target: str, args: argparse.Namespace) -> tuple[list[Sample],
 class InProcessServer:
     """build_stack + create_server on a free port, served on a thread with its own event loop.
 
-    `stop` is the clean shutdown of `guardrt serve`: stop the server, drain the scheduler.
+    `stop` is the clean shutdown of `guardrt serve`: NOT_SERVING, stop the server (1 s grace),
+    drain the scheduler (5 s).
     """
 
     def __init__(self, max_batch: int, max_wait_ms: float, token: str | None) -> None:
         self.config = ServerConfig(
+            model=TINY_RANDOM,
             host="127.0.0.1",
             grpc_port=0,
             max_batch_size=max_batch,
             max_wait_ms=max_wait_ms,
             auth_tokens=frozenset({token}) if token else frozenset(),
         )
-        self.stack: Stack = build_stack(
-            self.config, TINY_RANDOM, EngineOptions(Path(TINY_RANDOM), max_batch=max_batch)
-        )
+        self.stack: Stack = build_stack(self.config)
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="load-server")
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="load-server", daemon=True
+        )
         self.thread.start()
-        self.server, self.port, health = self._call(self._start())
-        self.health: Any = health
+        self.server, self.port = self._call(self._start())
         self.drained = False
 
-    def _call(self, coroutine: Awaitable[T]) -> T:
-        async def wrapped() -> T:
-            return await coroutine
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result()
-
-    async def _start(self) -> tuple[grpc.aio.Server, int, Any]:
-        server, port, health = create_server(self.config, self.stack.service, self.stack.info)
+    async def _start(self) -> tuple[grpc.aio.Server, int]:
+        server, port = create_server(self.config, self.stack)  # starts the scheduler
         await server.start()
-        self.stack.scheduler.start()
-        await set_serving(health, True)
-        return server, port, health
+        await set_serving(health_of(server), True)
+        return server, port
 
     async def _stop(self) -> None:
-        await set_serving(self.health, False)
+        await set_serving(health_of(self.server), False)
         await self.server.stop(1)
 
     @property
@@ -346,11 +356,23 @@ class InProcessServer:
         self.stack.service.executor.shutdown(wait=True)
 
 
-async def server_info(target: str, token: str | None) -> pb.ModelInfo:
+async def connect(channel: grpc.aio.Channel, target: str) -> None:
+    try:
+        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+    except TimeoutError:
+        raise SystemExit(f"no gRPC server answered at {target} in {CONNECT_TIMEOUT_S} s") from None
+
+
+async def server_info(target: str, token: str | None) -> pb.ModelInfo | str:
+    """The server's ModelInfo, or why GetInfo failed."""
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     async with grpc.aio.insecure_channel(target) as channel:
+        await connect(channel, target)
         stub = pb_grpc.ModerationStub(channel)
-        return await stub.GetInfo(pb.GetInfoRequest(), metadata=metadata, timeout=30)
+        try:
+            return await stub.GetInfo(pb.GetInfoRequest(), metadata=metadata, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -372,11 +394,14 @@ def latency_row(name: str, samples: Sequence[Sample], window: float) -> str:
     ok = [s.latency_ms for s in samples if s.code == "OK"]
     errors = Counter(s.code for s in samples if s.code != "OK")
     shown = ", ".join(f"{code} {n}" for code, n in errors.most_common()) or "0"
+    shown_ms = [fmt(percentile(ok, q)) for q in (50, 90, 99)] + [fmt(max(ok, default=math.nan))]
     return (
-        f"| {name} | {len(samples)} | {shown} | {len(ok) / window:.2f} "
-        f"| {percentile(ok, 50):.1f} | {percentile(ok, 90):.1f} | {percentile(ok, 99):.1f} "
-        f"| {max(ok, default=math.nan):.1f} |"
+        f"| {name} | {len(samples)} | {shown} | {len(ok) / window:.2f} | {' | '.join(shown_ms)} |"
     )
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def report(samples: list[Sample], elapsed: float, args: argparse.Namespace) -> None:
@@ -397,11 +422,18 @@ def report(samples: list[Sample], elapsed: float, args: argparse.Namespace) -> N
         print(latency_row(kind, [s for s in measured if s.kind == kind], window))
     print(latency_row("**all**", measured, window))
 
+    if any(s.code == WRITE_RACE for s in measured):
+        print(
+            f"\n{WRITE_RACE}: the server ended a ModerateStream while the client was still "
+            "writing to it, and grpcio's asyncio client reported INTERNAL instead of the "
+            "server's status (grpc/grpc#36066); the server's code is unknown."
+        )
+
     waits = [(s.started - s.scheduled) * 1e3 for s in measured]
     print(
         "\nsend delay (scheduled → issued: generator lag plus the --concurrency "
-        f"{args.concurrency} limit): p50 {percentile(waits, 50):.1f} ms, p99 {percentile(waits, 99):.1f} ms, "
-        f"max {max(waits, default=math.nan):.1f} ms"
+        f"{args.concurrency} limit): p50 {percentile(waits, 50):.1f} ms, "
+        f"p99 {percentile(waits, 99):.1f} ms, max {max(waits, default=math.nan):.1f} ms"
     )
 
     timings = [(s.kind, t) for s in measured for t in s.timings]
@@ -416,6 +448,16 @@ def report(samples: list[Sample], elapsed: float, args: argparse.Namespace) -> N
     for size in sorted(sizes):
         batches = sizes[size] / size if size else math.nan
         print(f"| {size} | {sizes[size]} | {sizes[size] / total:.1%} | {batches:.0f} |")
+
+    streams = [s for s in measured if s.kind == "stream" and s.code == "OK"]
+    if streams:
+        reuse = [pair for s in streams for pair in s.reuse]
+        prompt, reused = sum(p for p, _ in reuse), sum(r for _, r in reuse)
+        print(
+            f"\nstreams: {len(reuse) / len(streams):.1f} verdicts per stream (checkpoints every "
+            f"{CHECK_EVERY_TOKENS} answer tokens, and the final); K/V kept from the previous "
+            f"check for {reused} of {prompt} prompt tokens ({reused / max(prompt, 1):.0%})"
+        )
 
     print("\nserver-side timing, medians per verdict (ms)\n")
     print("| kind | verdicts | queue | preprocess | model | total | mean batch |")
@@ -436,7 +478,9 @@ def report(samples: list[Sample], elapsed: float, args: argparse.Namespace) -> N
 # --- the modes ----------------------------------------------------------------------------
 
 
-def describe(info: pb.ModelInfo, target: str) -> str:
+def describe(info: pb.ModelInfo | str, target: str) -> str:
+    if isinstance(info, str):
+        return f"server {target}: GetInfo failed ({info}); the model is unknown"
     line = (
         f"server {target}: {info.model} ({info.backend}, {info.device}, {info.dtype}, "
         f"{info.decode} decode), max batch {info.max_batch_size}, guardrt {info.version}"
@@ -481,18 +525,20 @@ def load_mode(args: argparse.Namespace) -> None:
 
 async def overhead_grpc(
     target: str, guard: Guard, texts: list[str], warmup: int, token: str | None
-) -> tuple[list[float], list[float]]:
-    """Sequential latencies in ms: (gRPC Moderate, direct Guard.moderate), interleaved."""
+) -> tuple[list[float], list[float], list[pb.Timing]]:
+    """Sequential latencies in ms (gRPC Moderate, direct Guard.moderate; interleaved) and
+    the gRPC responses' server-side timings."""
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     over_grpc: list[float] = []
     direct: list[float] = []
+    timings: list[pb.Timing] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.ModerationStub(channel)
-        await channel.channel_ready()
+        await connect(channel, target)
         for index, text in enumerate(texts):
             request = pb.ModerateRequest(request_id=f"overhead-{index}", messages=[user(text)])
             start = time.perf_counter()
-            await stub.Moderate(request, metadata=metadata, timeout=30)
+            response = await stub.Moderate(request, metadata=metadata, timeout=30)
             grpc_ms = (time.perf_counter() - start) * 1e3
             start = time.perf_counter()
             guard.moderate([{"role": "user", "content": text}])
@@ -500,18 +546,20 @@ async def overhead_grpc(
             if index >= warmup:
                 over_grpc.append(grpc_ms)
                 direct.append(direct_ms)
-    return over_grpc, direct
+                timings.append(response.timing)
+    return over_grpc, direct, timings
 
 
 def overhead_mode(args: argparse.Namespace) -> None:
-    rng = random.Random(args.seed)
+    # One prompt throughout: with prompts of different lengths the two p50s could fall on
+    # different lengths' clusters, and their difference would be noise.
     warmup = 20
-    texts = [rng.choice(QUESTIONS) for _ in range(warmup + args.requests)]
+    texts = [OVERHEAD_QUESTION] * (warmup + args.requests)
     server = InProcessServer(args.max_batch_size, 0.0, args.token)
     guard = Guard.load(TINY_RANDOM, max_batch=args.max_batch_size)
     try:
         print(describe(server.stack.info, server.target))
-        over_grpc, direct = asyncio.run(
+        over_grpc, direct, timings = asyncio.run(
             overhead_grpc(server.target, guard, texts, warmup, args.token)
         )
     finally:
@@ -519,7 +567,7 @@ def overhead_mode(args: argparse.Namespace) -> None:
         guard.engine.close()
     print(
         f"\n{args.requests} sequential text-only requests each way after {warmup} warm-up "
-        "calls, interleaved; server max_wait_ms 0\n"
+        f"calls, interleaved; server max_wait_ms 0; the prompt: {OVERHEAD_QUESTION!r}\n"
     )
     print("| path | p50 ms | p90 ms | p99 ms |")
     print("|---|---|---|---|")
@@ -537,6 +585,14 @@ def overhead_mode(args: argparse.Namespace) -> None:
     print(
         f"\nservice overhead at p50: {difference:.2f} ms ({verdict} the 2 ms target); "
         f"median of the per-request differences: {paired:.2f} ms"
+    )
+    total = median([t.total_ms for t in timings])
+    print(
+        f"server-side medians over gRPC (ms): queue {median([t.queue_ms for t in timings]):.2f}, "
+        f"preprocess {median([t.preprocess_ms for t in timings]):.2f}, "
+        f"model {median([t.model_ms for t in timings]):.2f}, total {total:.2f}; "
+        f"client p50 minus server total p50: {percentile(over_grpc, 50) - total:.2f} "
+        "(transport, protobuf, servicer)"
     )
 
 
@@ -561,7 +617,8 @@ def main() -> None:
         parser.error("--rate and --duration must be > 0, --warmup ≥ 0, --concurrency ≥ 1")
     if args.overhead and args.server:
         parser.error("--overhead compares against the in-process engine: no --server")
-    print("machine: " + machine(f"grpcio {grpc.__version__}", f"torch {torch.__version__}"))
+    libraries = (f"grpcio {grpc.__version__}", f"torch {torch.__version__}")
+    print("machine: " + machine(*libraries), flush=True)
     if args.overhead:
         overhead_mode(args)
     else:

@@ -235,6 +235,30 @@ def test_stream_checkpoints_equal_fresh_moderate(engine: Engine, preparer: Prepa
             assert response.reused_tokens >= previous.prompt_tokens - 56 - 3
 
 
+def test_cancelled_stream_gives_its_cache_slot_back(engine: Engine, preparer: Preparer) -> None:
+    sessions = engine.classifier.sessions  # type: ignore[attr-defined]
+    free = sessions.available()
+    start = pb.StreamStart(messages=[user("hello")], check_every_tokens=1000)
+    gate = threading.Event()
+
+    def messages() -> Iterator[pb.StreamRequest]:
+        yield pb.StreamRequest(start=start)
+        yield pb.StreamRequest(append="some answer text")
+        gate.wait(10)  # the client stops here, mid-stream
+
+    with serving(engine, preparer) as server:
+        call: Any = server.stub().ModerateStream(messages(), timeout=30)
+        deadline = time.monotonic() + 10
+        while sessions.available() == free and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sessions.available() == free - 1  # the stream holds a slot
+        call.cancel()
+        gate.set()
+        while sessions.available() != free and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sessions.available() == free
+
+
 def test_stream_stops_at_first_unsafe_and_validates(preparer: Preparer) -> None:
     question = user("hello")
     start = pb.StreamStart(messages=[question], check_every_tokens=2, stop_on_unsafe=True)

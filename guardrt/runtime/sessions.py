@@ -53,6 +53,11 @@ class SessionTable:
             if state is not None:
                 self._free.append(state.slot)
 
+    def available(self) -> int:
+        """Session slots free now."""
+        with self._lock:
+            return len(self._free)
+
     def get(self, session: int | None) -> SessionState | None:
         if session is None:
             return None

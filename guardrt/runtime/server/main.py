@@ -143,7 +143,10 @@ def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grp
     stack.scheduler.start()
     server, port, health_servicer = build_server(config, stack.service, stack.info)
     _health[server] = health_servicer
-    asyncio.get_running_loop().create_task(set_serving(health_servicer, True))
+    # No client can call before start(); the task is kept so it cannot be collected unrun.
+    task = asyncio.get_running_loop().create_task(set_serving(health_servicer, True))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
     return server, port
 
 
@@ -153,3 +156,4 @@ def health_of(server: grpc.aio.Server) -> Any:
 
 
 _health: weakref.WeakKeyDictionary[grpc.aio.Server, Any] = weakref.WeakKeyDictionary()
+_tasks: set[asyncio.Task[None]] = set()

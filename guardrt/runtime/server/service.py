@@ -128,8 +128,11 @@ class ModerationService:
         session's previous request."""
         started = time.monotonic()
         request_id = item.request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        request = await loop.run_in_executor(self.executor, self.prepare, item)
+        if _is_small(item):  # cheaper than two thread hops: tokenizing ~2k chars takes ~0.1 ms
+            request = self.prepare(item)
+        else:
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(self.executor, self.prepare, item)
         request = dataclasses.replace(request, session=session)
         prepared = time.monotonic()
         decoded, info = await self.run(request, request_id, deadline)
@@ -156,6 +159,19 @@ class ModerationService:
         return ModerationResult(
             request_id, verdict, timing, len(request.prompt), decoded.reused_tokens
         )
+
+
+_SMALL_TEXT = 2_000
+
+
+def _is_small(item: ModerationInput) -> bool:
+    """Text-only and short: prepared on the event loop itself."""
+    for message in item.messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        parts = content if isinstance(content, Sequence) and not isinstance(content, str) else ()
+        if any(isinstance(p, Mapping) and p.get("type") != "text" for p in parts):
+            return False
+    return text_chars(item.messages) <= _SMALL_TEXT
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
