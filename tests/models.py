@@ -7,6 +7,7 @@ The vocabulary is the real one (prompts come from the real tokenizer); everythin
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from guardrt.runtime.model.tiny import (
 )
 from guardrt.runtime.preprocess import ImageConfig, TiledImage, preprocess_image
 
+# The device the model tests run on: the CPU in CI; GUARDRT_TEST_DEVICE=cuda on a GPU machine
+# runs the same parity checks there (scripts/gpu_check.sh).
+DEVICE = os.environ.get("GUARDRT_TEST_DEVICE", "cpu")
 TILE = 28
 SMALL_VISION = {
     "image_size": TILE,

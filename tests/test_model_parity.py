@@ -21,7 +21,7 @@ from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.prompt import encode_prompt
 from guardrt.runtime.tokenizer import IMAGE_ID, Tokenizer
 from guardrt.testing.references import hf_inputs, hf_model
-from tests.models import TEXT_VARIANTS, image, small_config, write_small
+from tests.models import DEVICE, TEXT_VARIANTS, image, small_config, write_small
 
 RTOL = 1e-4
 
@@ -48,10 +48,26 @@ class Pair:
     """One small checkpoint loaded by transformers and by guardrt (both semantics)."""
 
     def __init__(self, directory: Path) -> None:
-        self.hf = hf_model(directory)
-        self.ours = {s: load_model(directory, semantics=s) for s in ("transformers", "meta")}
+        self.hf = hf_model(directory).to(DEVICE)
+        self.ours = {
+            s: load_model(directory, semantics=s, device=DEVICE) for s in ("transformers", "meta")
+        }
         for model in self.ours.values():
             model.setup_caches(4, 512)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_device() -> Iterator[None]:
+    """New tensors on the test device; on CUDA, exact fp32 (no TF32) so 1e-4 means fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
+
+
+def inputs_for(prompt: list[int], tiled: TiledImage | None) -> dict[str, torch.Tensor]:
+    return {key: value.to(DEVICE) for key, value in hf_inputs(prompt, tiled).items()}
 
 
 @pytest.fixture(scope="module", params=sorted(TEXT_VARIANTS))
@@ -73,7 +89,7 @@ def our_logits(model: MllamaModel, prompt: list[int], tiled: TiledImage | None) 
     start, tiles = model.max_seq, 0
     with torch.inference_mode():
         if tiled is not None:
-            inputs = hf_inputs(prompt, tiled)
+            inputs = inputs_for(prompt, tiled)
             states = model.encode_images(
                 inputs["pixel_values"][:, 0],
                 inputs["aspect_ratio_ids"][:, 0],
@@ -97,7 +113,7 @@ def our_logits(model: MllamaModel, prompt: list[int], tiled: TiledImage | None) 
 def test_logits_match_transformers(pair: Pair, tok: Tokenizer, tiles: int) -> None:
     tiled = image(tiles, seed=tiles) if tiles else None
     prompt = prompt_for(tiled, tok)
-    inputs = hf_inputs(prompt, tiled)
+    inputs = inputs_for(prompt, tiled)
     ours = pair.ours["transformers"]
     pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode():
@@ -121,7 +137,7 @@ def test_meta_vision_features_are_layer_inputs(pair: Pair) -> None:
     """Meta's intermediate features are the inputs of the listed local layers (reference
     §5.1.7): rebuilt by hand from transformers' own layers with pre-hooks."""
     tiled = image(3, seed=11)
-    inputs = hf_inputs([IMAGE_ID], tiled)
+    inputs = inputs_for([IMAGE_ID], tiled)
     vision = pair.hf.model.vision_model
     captured: dict[int, torch.Tensor] = {}
 
@@ -186,7 +202,7 @@ def test_reduced_precisions_run(tmp_path: Path, tok: Tokenizer) -> None:
     prompt = prompt_for(tiled, tok)
     results = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        model = load_model(directory, dtype=dtype)
+        model = load_model(directory, dtype=dtype, device=DEVICE)
         model.setup_caches(1, 256)
         results[dtype] = our_logits(model, prompt, tiled)[-1]
         assert torch.isfinite(results[dtype]).all(), dtype
