@@ -104,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -140,6 +141,9 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--decode", default="constrained", choices=["constrained", "greedy"])
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--grpc-port", type=int, default=50051)
+    serve.add_argument(
+        "--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API (-1: off)"
+    )
     serve.add_argument("--max-batch-size", type=int, default=4)
     serve.add_argument("--max-wait-ms", type=float, default=5.0)
     serve.add_argument("--max-queue", type=int, default=256)

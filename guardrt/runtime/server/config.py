@@ -41,6 +41,7 @@ class ServerConfig:
     max_streams: int = 4  # cache slots kept for ModerateStream sessions
     host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0 = any free port (tests)
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 = any free port, -1 = off
     max_batch_size: int = 4
     max_wait_ms: float = 5.0  # a batch closes when full or when its first request waited this
     max_queue: int = 256  # queued requests beyond this are refused (RESOURCE_EXHAUSTED)
@@ -69,6 +70,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0 <= self.grpc_port < 65536:
             raise ConfigError(f"grpc port {self.grpc_port} is not a port number")
+        if not -1 <= self.http_port < 65536:
+            raise ConfigError(f"http port {self.http_port} is not a port number (or -1: off)")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.workers < 1:
             raise ConfigError("max_wait_ms and grace_s must be ≥ 0 and workers ≥ 1")
 

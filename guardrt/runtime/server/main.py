@@ -29,6 +29,8 @@ from guardrt.runtime.scheduler import Scheduler
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import build_server, set_serving
+from guardrt.runtime.server.http_server import build_http_app, start_http
+from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.service import Limits, ModerationService
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -49,6 +51,8 @@ class Stack:
     engine: Engine
     info: pb.ModelInfo
     warmup: list[PreparedRequest]
+    metrics: Metrics
+    ready: bool = True  # model loaded and warmed, not draining (HTTP /readyz)
 
 
 def warmup_requests(preparer: Preparer) -> list[PreparedRequest]:
@@ -96,7 +100,8 @@ def assemble_stack(
         default_categories=default_categories(),
         version=__version__,
     )
-    return Stack(service, scheduler, engine, info, warmup)
+    metrics = Metrics(scheduler.depth)
+    return Stack(service, scheduler, engine, info, warmup, metrics)
 
 
 def self_check(stack: Stack) -> str:
@@ -118,6 +123,11 @@ async def serve(config: ServerConfig) -> int:
     print(
         f"guardrt {__version__}: serving {config.model} on {config.host}:{port} (gRPC)", flush=True
     )
+    runner = None
+    if config.http_port >= 0:
+        app = build_http_app(config, stack.service, stack.metrics, lambda: stack.ready)
+        runner, http_port = await start_http(app, config.host, config.http_port)
+        print(f"OpenAI-compatible HTTP API on {config.host}:{http_port}", flush=True)
     if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)
     stop = asyncio.Event()
@@ -125,8 +135,12 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     print(f"draining (up to {config.grace_s:g} s)", flush=True)
+    stack.ready = False
     await set_serving(health_of(server), False)
     await server.stop(config.grace_s)
+    if runner is not None:
+        await runner.shutdown()
+        await runner.cleanup()
     drained = await loop.run_in_executor(None, stack.scheduler.drain, config.grace_s)
     stack.engine.close()
     stack.service.executor.shutdown(wait=False)

@@ -52,6 +52,7 @@ class ModerationResult:
     timing: Timing
     prompt_tokens: int
     reused_tokens: int = 0  # prompt tokens read from a session's cache, not recomputed
+    generated_tokens: int = 0  # tokens of the verdict the model wrote
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,12 @@ class ModerationService:
             timing.total_ms,
         )
         return ModerationResult(
-            request_id, verdict, timing, len(request.prompt), decoded.reused_tokens
+            request_id,
+            verdict,
+            timing,
+            len(request.prompt),
+            decoded.reused_tokens,
+            len(decoded.generated),
         )
 
 

@@ -37,3 +37,23 @@ def grpc_message(error: GuardrtError, request_id: str) -> str:
     if isinstance(error, ServiceError) and error.reason is ServiceReason.ENGINE:
         return f"internal error on request {request_id}; the server log has details"
     return str(error)
+
+
+_HTTP = {
+    ServiceReason.QUEUE_FULL: (429, "server_overloaded"),
+    ServiceReason.DEADLINE: (504, "timeout"),
+    ServiceReason.DRAINING: (503, "shutting_down"),
+    ServiceReason.ENGINE: (500, "internal_error"),
+    ServiceReason.TOO_LARGE: (413, "request_too_large"),
+    ServiceReason.UNAUTHENTICATED: (401, "invalid_api_key"),
+}
+
+
+def http_status(error: GuardrtError) -> tuple[int, str]:
+    """(HTTP status, OpenAI error code) of an error."""
+    if isinstance(error, PromptError | ImageError | ConfigError):
+        reason = getattr(error, "reason", None)
+        return 400, str(reason.value) if reason is not None else "invalid_value"
+    if isinstance(error, ServiceError):
+        return _HTTP[error.reason]
+    return 500, "internal_error"

@@ -1,0 +1,175 @@
+"""The OpenAI-compatible HTTP API, in the gRPC server's process and event loop.
+
+aiohttp: asyncio-native (it shares the loop, the scheduler and the engine with gRPC), streams
+responses (SSE), bounds request bodies before reading them (`client_max_size` → 413), and does
+nothing on the hot path but JSON parsing: validation, tokenization and tiling run where gRPC's
+do, and the model on the engine thread.
+
+Routes: POST /v1/chat/completions, POST /v1/moderations, GET /v1/models, GET /healthz (alive),
+GET /readyz (model loaded and warmed, not draining), GET /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from guardrt.runtime.errors import GuardrtError
+from guardrt.runtime.model.tiny import TINY_RANDOM
+from guardrt.runtime.server import openai_compat as oa
+from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.metrics import Metrics
+from guardrt.runtime.server.service import ModerationResult, ModerationService
+from guardrt.runtime.server.status import http_status
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
+
+
+def served_model_id(model: str) -> str:
+    """The id /v1/models lists: `tiny-random`, or the checkpoint directory's name."""
+    return model if model == TINY_RANDOM else Path(model).name or model
+
+
+def _error(error: oa.ApiError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+class HttpApi:
+    def __init__(
+        self,
+        config: ServerConfig,
+        service: ModerationService,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+    ) -> None:
+        self.config, self.service, self.metrics, self.ready = config, service, metrics, ready
+        self.served = served_model_id(config.model)
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error in OpenAI's shape; every answer counted by route, code and reason."""
+        route = request.path
+        try:
+            if route not in _OPEN:
+                self._authorize(request)
+            response = await handler(request)
+        except oa.ApiError as exc:
+            self.metrics.failed(route, str(exc.status), exc.code or exc.type)
+            return _error(exc)
+        except GuardrtError as exc:
+            status, code = http_status(exc)
+            message = str(exc) if status != 500 else "internal error; the server log has details"
+            kind = "server_error" if status >= 500 else "invalid_request_error"
+            self.metrics.failed(route, str(status), code)
+            return _error(oa.ApiError(status, message, type=kind, code=code))
+        except web.HTTPRequestEntityTooLarge as exc:
+            self.metrics.failed(route, "413", "request_too_large")
+            message = f"the request body is over the {self.body_limit()}-byte limit"
+            return _error(oa.ApiError(exc.status, message, code="request_too_large"))
+        except web.HTTPException as exc:
+            self.metrics.failed(route, str(exc.status), "http")
+            return _error(oa.ApiError(exc.status, exc.reason, code=str(exc.status)))
+        return response
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self.config.auth_tokens:
+            return
+        given = request.headers.get("Authorization", "")
+        token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
+        if not any(hmac.compare_digest(token, known) for known in self.config.auth_tokens):
+            raise oa.ApiError(
+                401,
+                "a valid 'Authorization: Bearer <token>' header is required",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    def body_limit(self) -> int:
+        # Images arrive base64-encoded in JSON: 4/3 of the binary limit, plus the text.
+        return self.config.max_message_bytes * 4 // 3 + 1024 * 1024
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            return json.loads(await request.read())
+        except ValueError as exc:
+            raise oa.ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from exc
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        request_id = uuid.uuid4().hex
+        chat = oa.parse_chat(await self._json(request), self.served, request_id)
+        result = await self.service.moderate(chat.item, None)
+        self.metrics.answered(request.path, result.timing)
+        created = oa.now()
+        if not chat.stream:
+            return web.json_response(oa.chat_completion(result, chat.model, created))
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        for chunk in oa.chat_chunks(result, chat.model, created):
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def moderations(self, request: web.Request) -> web.StreamResponse:
+        request_id = uuid.uuid4().hex
+        inputs = oa.parse_moderations(await self._json(request), self.served, request_id)
+        results: list[ModerationResult] = await asyncio.gather(
+            *(self.service.moderate(item, None) for item in inputs.items)
+        )
+        for result in results:
+            self.metrics.answered(request.path, result.timing)
+        body = [oa.moderation_result(r, t) for r, t in zip(results, inputs.types, strict=True)]
+        return web.json_response(oa.moderations_response(request_id, inputs.model, body))
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        created = oa.now()
+        ids = [self.served, *oa.ALIASES]
+        data = [
+            {"id": i, "object": "model", "created": created, "owned_by": "guardrt"} for i in ids
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        ready = self.ready()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.metrics.text(), content_type="text/plain", charset="utf-8")
+
+
+def build_http_app(
+    config: ServerConfig, service: ModerationService, metrics: Metrics, ready: Callable[[], bool]
+) -> web.Application:
+    api = HttpApi(config, service, metrics, ready)
+    app = web.Application(middlewares=[api.errors], client_max_size=api.body_limit())
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_post("/v1/moderations", api.moderations)
+    app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics_text)
+    return app
+
+
+async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = a free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, int(bound)

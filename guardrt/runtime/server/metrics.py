@@ -1,0 +1,64 @@
+"""Prometheus metrics shared by both servers (one registry per server, not the global one)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from guardrt.runtime.server.service import Timing
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, queue_depth: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "guardrt_requests",
+            "Requests answered, by route, status code and reason ('ok' when answered).",
+            ["route", "code", "reason"],
+            registry=self.registry,
+        )
+        self.stage = Histogram(
+            "guardrt_stage_seconds",
+            "Time per request in each stage: queue, preprocess, model (prefill and decode "
+            "steps of its batch), total.",
+            ["stage"],
+            buckets=_SECONDS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "guardrt_batch_size",
+            "Requests in the batch each request ran in.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "guardrt_rejections",
+            "Requests refused before running, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        depth = Gauge(
+            "guardrt_queue_depth", "Requests waiting for a batch.", registry=self.registry
+        )
+        depth.set_function(queue_depth)
+
+    def answered(self, route: str, timing: Timing) -> None:
+        self.requests.labels(route, "200", "ok").inc()
+        for stage, milliseconds in (
+            ("queue", timing.queue_ms),
+            ("preprocess", timing.preprocess_ms),
+            ("model", timing.model_ms),
+            ("total", timing.total_ms),
+        ):
+            self.stage.labels(stage).observe(milliseconds / 1e3)
+        self.batch_size.observe(timing.batch_size)
+
+    def failed(self, route: str, code: str, reason: str) -> None:
+        self.requests.labels(route, code, reason).inc()
+        self.rejections.labels(reason).inc()
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

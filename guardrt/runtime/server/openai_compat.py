@@ -1,0 +1,308 @@
+"""OpenAI's request and response shapes ↔ the moderation service's (no HTTP framework here).
+
+`/v1/chat/completions` answers what the hosted Llama Guard 3 Vision answers (`safe` or
+`unsafe\\nS1,S3`); `/v1/moderations` answers OpenAI's moderation schema with real scores:
+score_k = P(unsafe) × P(S_k | unsafe). Every refusal is an `ApiError` rendered in OpenAI's
+error shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrt.runtime.policy import DEFAULT_CATEGORIES
+from guardrt.runtime.server.service import ModerationInput, ModerationResult
+from guardrt.runtime.verdict import Label
+
+ALIASES = ("meta-llama/Llama-Guard-3-11B-Vision", "meta-llama/Llama-Guard-3-11B-Vision-Turbo")
+# OpenAI-style snake_case names of the hazard categories (moderations' keys).
+CATEGORY_NAMES = {
+    "S1": "violent_crimes",
+    "S2": "non_violent_crimes",
+    "S3": "sex_crimes",
+    "S4": "child_exploitation",
+    "S5": "defamation",
+    "S6": "specialized_advice",
+    "S7": "privacy",
+    "S8": "intellectual_property",
+    "S9": "indiscriminate_weapons",
+    "S10": "hate",
+    "S11": "self_harm",
+    "S12": "sexual_content",
+    "S13": "elections",
+}
+assert list(CATEGORY_NAMES) == [code for code, _ in DEFAULT_CATEGORIES]
+# Sampling parameters the hosted API takes: accepted and range-checked, never used (the
+# verdict is always the constrained/greedy one).
+_SAMPLING = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "max_tokens": (1, 1_000_000),
+    "max_completion_tokens": (1, 1_000_000),
+    "top_k": (0, 1_000_000),
+    "repetition_penalty": (0.0, 10.0),
+    "seed": (-(2**63), 2**63 - 1),
+}
+
+
+@dataclass
+class ApiError(Exception):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "param": self.param}
+        return {"error": error | {"code": self.code}}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def check_model(model: object, served: str) -> str:
+    if not isinstance(model, str) or model not in (served, *ALIASES):
+        shown = repr(model)[:80]
+        raise ApiError(
+            404,
+            f"The model {shown} does not exist; this server serves {served!r} "
+            f"(aliases: {', '.join(ALIASES)})",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def decode_image_url(part: Mapping[str, Any], where: str) -> bytes:
+    """The bytes of a `data:` URL; remote URLs are refused (no outbound connections)."""
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+    if not isinstance(url, str):
+        raise _bad(f"{where}: image_url needs a 'url'", param=where)
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0][:16]
+        raise _bad(
+            f"{where}: only data: URLs are accepted (got a {scheme!r} URL); this server makes "
+            "no outbound connections: send the image inline as data:image/...;base64,...",
+            param=where,
+            code="remote_image_url",
+        )
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise _bad(f"{where}: the data: URL must be base64-encoded", param=where)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(f"{where}: the data: URL is not valid base64", param=where) from exc
+
+
+def _content_parts(content: object, where: str) -> list[dict[str, Any]]:
+    """OpenAI content (a string or text/image_url parts) → guardrt's parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _bad(f"{where}.content must be a string or a list of parts", param=where)
+    parts: list[dict[str, Any]] = []
+    for index, part in enumerate(content):
+        here = f"{where}.content[{index}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part, Mapping):
+            parts.append({"type": "text", "text": part.get("text")})
+        elif kind == "image_url" and isinstance(part, Mapping):
+            parts.append({"type": "image", "image": decode_image_url(part, here)})
+        else:
+            shown = repr(kind)[:30]
+            raise _bad(f"{here}: type {shown} is not 'text' or 'image_url'", param=here)
+    return parts
+
+
+def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The `guardrt` extension field: {"categories": [{"code", "description"}], "exclude": []}."""
+    extension = body.get("guardrt") or {}
+    if not isinstance(extension, Mapping):
+        raise _bad("guardrt must be an object", param="guardrt")
+    raw = extension.get("categories")
+    categories = None
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
+            raise _bad("guardrt.categories must be a list of {code, description}")
+        categories = [(c.get("code"), c.get("description")) for c in raw]
+    exclude = extension.get("exclude", [])
+    if not isinstance(exclude, list):
+        raise _bad("guardrt.exclude must be a list of codes", param="guardrt.exclude")
+    return categories, exclude  # their values are checked by make_policy
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    item: ModerationInput
+    stream: bool
+    ignored_system: int = 0  # system messages accepted and dropped
+
+
+def _check_sampling(body: Mapping[str, Any]) -> None:
+    for name, (low, high) in _SAMPLING.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value <= high)
+        ):
+            raise _bad(f"{name} must be a number in [{low}, {high}], not {value!r}"[:200], name)
+    if body.get("n", 1) != 1:
+        raise _bad("n must be 1: the model gives one verdict per conversation", param="n")
+
+
+def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
+    if not isinstance(body, Mapping):
+        raise _bad("the request body must be a JSON object")
+    model = check_model(body.get("model"), served)
+    _check_sampling(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list", param="messages")
+    converted, system = [], 0
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, Mapping):
+            raise _bad(f"{where} must be an object", param=where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system += 1  # Llama Guard's template has no system role: accepted and ignored
+            continue
+        converted.append({"role": role, "content": _content_parts(message.get("content"), where)})
+    categories, exclude = policy_extension(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream must be true or false", param="stream")
+    item = ModerationInput(request_id, converted, categories, exclude)
+    return ChatRequest(model, item, stream, system)
+
+
+def _extension(result: ModerationResult) -> dict[str, Any]:
+    verdict = result.verdict
+    probability = verdict.unsafe_probability
+    return {
+        "label": verdict.label.value,
+        "categories": verdict.categories,
+        "unsafe_probability": None if math.isnan(probability) else probability,
+        "category_probabilities": verdict.category_probabilities,
+        "error": verdict.error,
+        "request_id": result.request_id,
+    }
+
+
+def chat_completion(result: ModerationResult, model: str, created: int) -> dict[str, Any]:
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.generated_tokens,
+        "total_tokens": result.prompt_tokens + result.generated_tokens,
+    }
+    message = {"role": "assistant", "content": result.verdict.content}
+    return {
+        "id": f"chatcmpl-{result.request_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "usage": usage,
+        "guardrt": _extension(result),
+    }
+
+
+def chat_chunks(result: ModerationResult, model: str, created: int) -> list[dict[str, Any]]:
+    """The `stream: true` answer: role, content, then the finish (with usage and scores)."""
+    base = {
+        "id": f"chatcmpl-{result.request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return base | {"choices": [choice]} | extra
+
+    final = chat_completion(result, model, created)
+    return [
+        chunk({"role": "assistant", "content": ""}, None),
+        chunk({"content": result.verdict.content}, None),
+        chunk({}, "stop", usage=final["usage"], guardrt=final["guardrt"]),
+    ]
+
+
+@dataclass
+class ModerationInputs:
+    model: str
+    items: list[ModerationInput]
+    types: list[list[str]] = field(default_factory=list)  # input types of each item
+
+
+def parse_moderations(body: object, served: str, request_id: str) -> ModerationInputs:
+    """`input`: a string, a list of strings (one result each), or a list of text/image_url
+    parts (one result for the whole multimodal input)."""
+    if not isinstance(body, Mapping):
+        raise _bad("the request body must be a JSON object")
+    model = check_model(body.get("model", served), served)
+    categories, exclude = policy_extension(body)
+    raw = body.get("input")
+    if isinstance(raw, str):
+        groups: list[object] = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        groups = list(raw)
+    elif isinstance(raw, list) and raw and all(isinstance(x, Mapping) for x in raw):
+        groups = [raw]
+    else:
+        raise _bad("input must be a string, a list of strings, or a list of parts", "input")
+    items, types = [], []
+    for index, group in enumerate(groups):
+        parts = _content_parts(group, f"input[{index}]" if len(groups) > 1 else "input")
+        kinds = sorted({"image" if p["type"] == "image" else "text" for p in parts})
+        items.append(
+            ModerationInput(
+                f"{request_id}-{index}", [{"role": "user", "content": parts}], categories, exclude
+            )
+        )
+        types.append(kinds)
+    return ModerationInputs(model, items, types)
+
+
+def moderation_result(result: ModerationResult, types: Sequence[str]) -> dict[str, Any]:
+    verdict = result.verdict
+    probability = 0.0 if math.isnan(verdict.unsafe_probability) else verdict.unsafe_probability
+    names = {code: CATEGORY_NAMES.get(code, code) for code in verdict.category_probabilities}
+    flagged = verdict.label is not Label.SAFE  # an error is flagged: fail closed
+    return {
+        "flagged": flagged,
+        "categories": {names[c]: c in verdict.categories for c in names},
+        "category_scores": {
+            names[c]: probability * p for c, p in verdict.category_probabilities.items()
+        },
+        "category_applied_input_types": {names[c]: list(types) for c in names},
+        "guardrt": _extension(result),
+    }
+
+
+def moderations_response(
+    request_id: str, model: str, results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {"id": f"modr-{request_id}", "model": model, "results": results}
+
+
+def now() -> int:
+    return int(time.time())
