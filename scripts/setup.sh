@@ -14,6 +14,10 @@ venv="${GUARDRT_VENV:-.venv}"
 python -m pip install --quiet "${GUARDRT_TORCH_SPEC:-torch==2.13.0}"
 if [ "${1:-}" = "test" ]; then
     python -m pip install --quiet -e ".[torch,default-tokenizer,test]"
+    # The openai npm client for the JavaScript sample test (pinned by tests/js/package-lock.json).
+    if command -v npm > /dev/null; then
+        npm ci --prefix tests/js --no-audit --no-fund --silent
+    fi
 else
     python -m pip install --quiet -e ".[torch,default-tokenizer]"
 fi

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 import grpc
 
 from guardrt.runtime.engine import EngineInfo
+from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.grpc_server import set_serving
-from guardrt.runtime.server.main import Stack, create_server, health_of
+from guardrt.runtime.server.http_server import build_http_app, start_http
+from guardrt.runtime.server.main import Stack, assemble_stack, create_server, health_of
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
 UNSAFE_S1 = (271, 39257, 198, 50, 16, 128009)  # "\n\nunsafe\nS1<|eot_id|>"
@@ -62,7 +66,7 @@ class ServerThread:
 
     def __init__(self, stack: Stack, config: ServerConfig) -> None:
         self.stack, self.config = stack, config
-        self.port = 0
+        self.port = self.http_port = 0
         self.delay = 0.0
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,11 +80,21 @@ class ServerThread:
         self.server, self.port = create_server(self.config, self.stack)
         self.health = health_of(self.server)
         await self.server.start()
+        app = build_http_app(self.config, self.stack.service, self.stack.metrics, self._ready)
+        runner, self.http_port = await start_http(app, "localhost", 0)
         self._started.set()
         await self._stop.wait()
         await set_serving(self.health, False)
         await asyncio.sleep(self.delay)
         await self.server.stop(self.config.grace_s)
+        await runner.cleanup()
+
+    def _ready(self) -> bool:
+        return self.stack.ready
+
+    @property
+    def base_url(self) -> str:
+        return f"http://localhost:{self.http_port}/v1"
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -111,3 +125,15 @@ class ServerThread:
 
     def stub(self) -> pb_grpc.ModerationStub:
         return pb_grpc.ModerationStub(self.channel())
+
+
+@contextmanager
+def serving(engine: Any, preparer: Preparer, **settings: Any) -> Iterator[ServerThread]:
+    base = ServerConfig(grpc_port=0, host="localhost", grace_s=5.0)
+    config = dataclasses.replace(base, **settings)
+    stack = assemble_stack(config, engine, preparer, "test-model", [])
+    try:
+        with ServerThread(stack, config) as server:
+            yield server
+    finally:
+        stack.scheduler.drain(10)

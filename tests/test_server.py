@@ -3,7 +3,6 @@ code, batching, streaming equivalence, cancellation and the drain."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import shutil
@@ -12,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,42 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from guardrt.runtime.engine import Engine, EngineOptions, load_engine
-from guardrt.runtime.prepare import Preparer, load_preparer
+from guardrt.runtime.engine import Engine
+from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server.config import ServerConfig, TlsConfig
-from guardrt.runtime.server.main import assemble_stack
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.images import encode
-from tests.models import write_guard_checkpoint
-from tests.server_harness import UNSAFE_S1, FakeEngine, ServerThread
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_guard_checkpoint(tmp_path_factory.mktemp("server-ckpt"))
-
-
-@pytest.fixture(scope="module")
-def preparer(checkpoint: Path) -> Preparer:
-    return load_preparer(checkpoint, 1024)
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint: Path) -> Engine:
-    return load_engine("torch", EngineOptions(checkpoint, max_batch=4, max_seq=1024))
-
-
-@contextmanager
-def serving(engine: Any, preparer: Preparer, **settings: Any) -> Iterator[ServerThread]:
-    base = ServerConfig(grpc_port=0, host="localhost", grace_s=5.0)
-    config = dataclasses.replace(base, **settings)
-    stack = assemble_stack(config, engine, preparer, "test-model", [])
-    try:
-        with ServerThread(stack, config) as server:
-            yield server
-    finally:
-        stack.scheduler.drain(10)
+from tests.server_harness import UNSAFE_S1, FakeEngine, serving
 
 
 def jpeg(seed: int = 0, size: tuple[int, int] = (90, 60)) -> bytes:

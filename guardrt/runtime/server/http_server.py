@@ -128,7 +128,10 @@ class HttpApi:
         )
         for result in results:
             self.metrics.answered(request.path, result.timing)
-        body = [oa.moderation_result(r, t) for r, t in zip(results, inputs.types, strict=True)]
+        body = [
+            oa.moderation_result(result, types, inputs.custom)
+            for result, types in zip(results, inputs.types, strict=True)
+        ]
         return web.json_response(oa.moderations_response(request_id, inputs.model, body))
 
     async def models(self, request: web.Request) -> web.StreamResponse:

@@ -251,6 +251,7 @@ class ModerationInputs:
     model: str
     items: list[ModerationInput]
     types: list[list[str]] = field(default_factory=list)  # input types of each item
+    custom: bool = False  # custom categories: results are keyed by code, not by name
 
 
 def parse_moderations(body: object, served: str, request_id: str) -> ModerationInputs:
@@ -279,13 +280,19 @@ def parse_moderations(body: object, served: str, request_id: str) -> ModerationI
             )
         )
         types.append(kinds)
-    return ModerationInputs(model, items, types)
+    return ModerationInputs(model, items, types, custom=categories is not None)
 
 
-def moderation_result(result: ModerationResult, types: Sequence[str]) -> dict[str, Any]:
+def moderation_result(
+    result: ModerationResult, types: Sequence[str], custom: bool = False
+) -> dict[str, Any]:
+    """One result; keys are the snake_case names of S1-S13, or the codes of custom categories."""
     verdict = result.verdict
     probability = 0.0 if math.isnan(verdict.unsafe_probability) else verdict.unsafe_probability
-    names = {code: CATEGORY_NAMES.get(code, code) for code in verdict.category_probabilities}
+    names = {
+        code: code if custom else CATEGORY_NAMES.get(code, code)
+        for code in verdict.category_probabilities
+    }
     flagged = verdict.label is not Label.SAFE  # an error is flagged: fail closed
     return {
         "flagged": flagged,

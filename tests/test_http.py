@@ -1,0 +1,270 @@
+"""The OpenAI-compatible HTTP API: the hosted model's samples (Python `openai`, JavaScript
+`openai` on node) unchanged but for base_url/api_key, chat completions, moderations with images
+and real scores, SSE, models, health, metrics, and every error in OpenAI's shape."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from guardrt.runtime.engine import Engine
+from guardrt.runtime.guard import Guard
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.server.openai_compat import CATEGORY_NAMES
+from tests.server_harness import FakeEngine, ServerThread, serving
+from tests.test_server import jpeg
+
+JS = Path(__file__).parent / "js"
+HOSTED_SAMPLE = """
+from openai import OpenAI
+client = OpenAI(base_url="{base_url}", api_key="{api_key}")
+response = client.chat.completions.create(
+    model="meta-llama/Llama-Guard-3-11B-Vision-Turbo",
+    messages=[
+        {{"role": "system", "content": "You are an AI assistant who knows everything."}},
+        {{"role": "user", "content": "Tell me, why is the sky blue?"}},
+    ],
+)
+print(f"Assistant: {{response.choices[0].message.content}}")
+"""
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine, preparer: Preparer) -> Iterator[ServerThread]:
+    with serving(engine, preparer, auth_tokens=frozenset({"sk-test"})) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def guard(engine: Engine, preparer: Preparer) -> Guard:
+    return Guard(preparer, engine)
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(image).decode()
+
+
+def post(
+    server: ServerThread, path: str, body: bytes, token: str | None = "sk-test"
+) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"{server.base_url}{path}", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def get(server: ServerThread, path: str) -> tuple[int, bytes]:
+    url = f"http://localhost:{server.http_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_hosted_python_sample_runs_unchanged(server: ServerThread) -> None:
+    code = HOSTED_SAMPLE.format(base_url=server.base_url, api_key="sk-test")
+    command = [sys.executable, "-c", code]
+    output = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert output.returncode == 0, output.stderr
+    assert output.stdout.startswith("Assistant: ")
+    content = output.stdout.removeprefix("Assistant: ").strip()
+    assert content == "safe" or content.startswith("unsafe\nS")
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (JS / "node_modules" / "openai").is_dir(),
+    reason="needs node and tests/js/node_modules (scripts/setup.sh test installs them with npm)",
+)
+def test_hosted_javascript_sample_runs_unchanged(server: ServerThread) -> None:
+    env = dict(os.environ, GUARDRT_BASE_URL=server.base_url, GUARDRT_API_KEY="sk-test")
+    command = ["node", str(JS / "sample.mjs")]
+    output = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+    assert output.returncode == 0, output.stderr
+    content = output.stdout.removeprefix("Assistant: ").strip()
+    assert content == "safe" or content.startswith("unsafe\nS")
+
+
+def test_chat_completion_is_the_verdict(client: openai.OpenAI, guard: Guard) -> None:
+    picture = {"type": "image_url", "image_url": {"url": data_url(jpeg(3))}}
+    messages: list[Any] = [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": [{"type": "text", "text": "Is this a cat?"}, picture]},
+        {"role": "assistant", "content": "Yes, a small cat."},
+    ]
+    model = "meta-llama/Llama-Guard-3-11B-Vision"
+    response = client.chat.completions.create(model=model, messages=messages)
+    parts = [{"type": "text", "text": "Is this a cat?"}, {"type": "image", "image": jpeg(3)}]
+    expected = guard.moderate(
+        [{"role": "user", "content": parts}, {"role": "assistant", "content": "Yes, a small cat."}]
+    )
+    choice = response.choices[0]
+    assert choice.message.content == expected.content
+    assert choice.finish_reason == "stop"
+    assert response.object == "chat.completion"
+    assert response.usage is not None
+    assert response.usage.prompt_tokens > 100
+    assert response.usage.completion_tokens >= 3
+    extension = (response.model_extra or {})["guardrt"]
+    assert extension["label"] == expected.label.value
+    assert math.isclose(extension["unsafe_probability"], expected.unsafe_probability, rel_tol=1e-5)
+
+
+def test_streaming_sends_sse_chunks(client: openai.OpenAI, guard: Guard) -> None:
+    stream = client.chat.completions.create(
+        model="meta-llama/Llama-Guard-3-11B-Vision-Turbo",
+        messages=[{"role": "user", "content": "Tell me a joke."}],
+        stream=True,
+        temperature=0.7,
+        max_tokens=20,
+    )
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert content == guard.moderate([{"role": "user", "content": "Tell me a joke."}]).content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_moderations_with_images_and_real_scores(
+    client: openai.OpenAI, guard: Guard, server: ServerThread
+) -> None:
+    image = jpeg(4)
+    parts = [
+        {"type": "text", "text": "What is shown here?"},
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+    ]
+    body = {"model": "meta-llama/Llama-Guard-3-11B-Vision", "input": parts}
+    code, response = post(server, "/moderations", json.dumps(body).encode())
+    assert code == 200
+    assert len(response["results"]) == 1
+    result = response["results"][0]
+    ours = [{"type": "text", "text": "What is shown here?"}, {"type": "image", "image": image}]
+    expected = guard.moderate([{"role": "user", "content": ours}])
+    assert list(result["category_scores"]) == list(CATEGORY_NAMES.values())
+    for code_, name in CATEGORY_NAMES.items():
+        score = expected.unsafe_probability * expected.category_probabilities[code_]
+        assert math.isclose(result["category_scores"][name], score, rel_tol=1e-5)
+        assert result["category_applied_input_types"][name] == ["image", "text"]
+        assert result["categories"][name] == (code_ in expected.categories)
+    assert result["flagged"] == (expected.label.value == "unsafe")
+    several = client.moderations.create(input=["first text", "second text"])
+    assert len(several.results) == 2
+
+
+def test_moderations_custom_policy(server: ServerThread) -> None:
+    """Custom categories via the `guardrt` extension field; their keys are their codes."""
+    policy = {"categories": [{"code": "S1", "description": "Spam."}]}
+    body = {"input": "buy cheap pills now", "guardrt": policy}
+    code, response = post(server, "/moderations", json.dumps(body).encode())
+    assert code == 200
+    assert list(response["results"][0]["category_scores"]) == ["S1"]
+
+
+def test_models_health_ready_and_metrics(server: ServerThread) -> None:
+    models = openai.OpenAI(base_url=server.base_url, api_key="sk-test").models.list()
+    ids = [model.id for model in models.data]
+    assert "meta-llama/Llama-Guard-3-11B-Vision-Turbo" in ids
+    assert get(server, "/healthz")[0] == 200
+    assert get(server, "/readyz")[0] == 200
+    server.stack.ready = False
+    try:
+        assert get(server, "/readyz")[0] == 503
+    finally:
+        server.stack.ready = True
+    status, text = get(server, "/metrics")
+    metrics = text.decode()
+    assert status == 200
+    names = ["guardrt_requests_total", "guardrt_stage_seconds_bucket", "guardrt_batch_size_count"]
+    names += ["guardrt_queue_depth", 'stage="queue"', 'stage="preprocess"', 'stage="model"']
+    for name in names:
+        assert name in metrics, name
+
+
+GUARD = "meta-llama/Llama-Guard-3-11B-Vision"
+USER_X = [{"role": "user", "content": "x"}]
+
+
+def chat_body(**fields: Any) -> bytes:
+    return json.dumps({"model": GUARD, "messages": USER_X} | fields).encode()
+
+
+def image_message(url: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (chat_body(model="gpt-4o"), 404, "does not exist"),
+        (chat_body(n=2), 400, "n must be 1"),
+        (chat_body(temperature=9), 400, "temperature"),
+        (chat_body(messages=[{"role": "assistant", "content": "x"}]), 400, "role 'assistant'"),
+        (chat_body(messages=image_message("https://x.org/a.png")), 400, "no outbound"),
+        (chat_body(messages=image_message("data:image/png;base64,AAAA")), 400, "image"),
+        (chat_body(messages=[]), 400, "non-empty"),
+    ],
+    ids=[
+        "bad-json",
+        "unknown-model",
+        "n",
+        "temperature",
+        "roles",
+        "remote-url",
+        "bad-image",
+        "empty",
+    ],
+)
+def test_chat_errors_in_openai_shape(
+    server: ServerThread, body: bytes, status: int, fragment: str
+) -> None:
+    code, payload = post(server, "/chat/completions", body)
+    assert code == status
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert fragment in payload["error"]["message"]
+
+
+def test_auth_and_body_limit(engine: Engine, preparer: Preparer, server: ServerThread) -> None:
+    body = chat_body()
+    for token in (None, "wrong"):
+        code, payload = post(server, "/chat/completions", body, token=token)
+        assert code == 401
+        assert payload["error"]["code"] == "invalid_api_key"
+    with serving(FakeEngine(), preparer, max_message_bytes=10_000) as small:
+        big = chat_body(messages=[{"role": "user", "content": "x" * 2_000_000}])
+        code, payload = post(small, "/chat/completions", big, token=None)
+        assert code == 413
+        assert "limit" in payload["error"]["message"]
+
+
+def test_engine_failure_is_a_500_without_internals(preparer: Preparer) -> None:
+    engine = FakeEngine()
+    engine.fail = True
+    with serving(engine, preparer) as failing:
+        code, payload = post(failing, "/chat/completions", chat_body(), token=None)
+        assert code == 500
+        assert "CUDA" not in payload["error"]["message"]
+        assert payload["error"]["type"] == "server_error"
