@@ -194,11 +194,14 @@ def test_models_health_ready_and_metrics(server: ServerThread) -> None:
         assert get(server, "/readyz")[0] == 503
     finally:
         server.stack.ready = True
+    assert post(server, "/chat/completions", chat_body())[0] == 200
+    assert post(server, "/chat/completions", chat_body(model="gpt-4o"))[0] == 404
     status, text = get(server, "/metrics")
     metrics = text.decode()
     assert status == 200
     names = ["guardrt_requests_total", "guardrt_stage_seconds_bucket", "guardrt_batch_size_count"]
     names += ["guardrt_queue_depth", 'stage="queue"', 'stage="preprocess"', 'stage="model"']
+    names += ['stage="prefill"', 'stage="decode"', 'code="404",reason="model_not_found"']
     for name in names:
         assert name in metrics, name
 

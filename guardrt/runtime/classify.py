@@ -17,6 +17,7 @@ Ties between `safe` and `unsafe` go to `unsafe`: a safety classifier fails close
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -77,6 +78,7 @@ class Classifier:
         self.batch_size = model.max_batch - sessions
         self.sessions = SessionTable(self.batch_size, sessions)
         self.device = model.multi_modal_projector.weight.device
+        self._prefilled = 0.0
 
     def check_fits(self, request: PreparedRequest) -> None:
         check_fits(request, self.model.max_seq)
@@ -94,6 +96,7 @@ class Classifier:
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             rows = [self._row(request, slot) for slot, request in enumerate(chunk)]
+            started, self._prefilled = time.perf_counter(), 0.0
             self._write_images(rows)
             if self.decode == "constrained":
                 self._constrained(rows)
@@ -106,6 +109,8 @@ class Classifier:
                     row.unsafe_probability,
                     row.category_probabilities,
                     row.skip,
+                    prefill_s=self._prefilled - started,
+                    decode_s=time.perf_counter() - self._prefilled,
                 )
                 for row in rows
             )

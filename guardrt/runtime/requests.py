@@ -38,6 +38,8 @@ class Decoded:
     unsafe_probability: float  # NaN when the output left the grammar's path before the label
     category_probabilities: dict[str, float]
     reused_tokens: int = 0  # prompt tokens whose K/V came from the request's session cache
+    prefill_s: float = 0.0  # its batch's image encoding and first forward (host-side clock)
+    decode_s: float = 0.0  # its batch's later forwards
 
     def verdict(self) -> Verdict:
         parsed = self.request.grammar.parse(self.generated)

@@ -297,6 +297,8 @@ class Timing(_message.Message):
     MODEL_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PREFILL_MS_FIELD_NUMBER: _builtins.int
+    DECODE_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """waiting for a batch"""
     preprocess_ms: _builtins.float
@@ -307,6 +309,10 @@ class Timing(_message.Message):
     """from receipt to answer"""
     batch_size: _builtins.int
     """requests in the batch this one ran in"""
+    prefill_ms: _builtins.float
+    """of model_ms: image encoding and the batch's first forward"""
+    decode_ms: _builtins.float
+    """of model_ms: the batch's later forwards"""
     def __init__(
         self,
         *,
@@ -315,10 +321,12 @@ class Timing(_message.Message):
         model_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
         batch_size: _builtins.int = ...,
+        prefill_ms: _builtins.float = ...,
+        decode_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "model_ms", b"model_ms", "preprocess_ms", b"preprocess_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "decode_ms", b"decode_ms", "model_ms", b"model_ms", "prefill_ms", b"prefill_ms", "preprocess_ms", b"preprocess_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,6 +69,8 @@ def timing_to_proto(timing: Timing) -> pb.Timing:
         model_ms=timing.model_ms,
         total_ms=timing.total_ms,
         batch_size=timing.batch_size,
+        prefill_ms=timing.prefill_ms,
+        decode_ms=timing.decode_ms,
     )
 
 

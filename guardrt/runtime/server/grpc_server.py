@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from guardrt.runtime.errors import GuardrtError
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
-from guardrt.runtime.server.service import ModerationInput, ModerationService
+from guardrt.runtime.server.metrics import Metrics
+from guardrt.runtime.server.service import ModerationInput, ModerationResult, ModerationService
 from guardrt.runtime.server.status import grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
 from guardrt.v1 import moderation_pb2 as pb
@@ -45,9 +46,24 @@ def _code(error: GuardrtError) -> int:
 
 class ModerationServicer(pb_grpc.ModerationServicer):
     def __init__(
-        self, service: ModerationService, info: pb.ModelInfo, config: ServerConfig
+        self,
+        service: ModerationService,
+        info: pb.ModelInfo,
+        config: ServerConfig,
+        metrics: Metrics | None = None,
     ) -> None:
         self.service, self.info, self.tokens = service, info, config.auth_tokens
+        self.metrics = metrics
+
+    def _count(self, route: str, outcome: ModerationResult | GuardrtError) -> None:
+        if self.metrics is None:
+            return
+        if isinstance(outcome, ModerationResult):
+            self.metrics.answered(route, outcome.timing)
+        else:
+            reason = getattr(outcome, "reason", None)
+            label = reason.value if reason is not None else type(outcome).__name__
+            self.metrics.failed(route, grpc_status(outcome).name, label)
 
     async def _authorize(self, context: Any) -> None:
         if not self.tokens:
@@ -84,8 +100,11 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             request_id = request.request_id or uuid.uuid4().hex
             try:
                 item = _with_id(input_from_proto(request), request_id)
-                response = result_to_proto(await self.service.moderate(item, deadline))
+                result = await self.service.moderate(item, deadline)
+                self._count("grpc/ModerateMany", result)
+                response = result_to_proto(result)
             except GuardrtError as exc:
+                self._count("grpc/ModerateMany", exc)
                 verdict = error_verdict(grpc_message(exc, request_id), _code(exc))
                 response = pb.ModerateResponse(request_id=request_id, verdict=verdict)
             await responses.put(response)
@@ -159,7 +178,10 @@ def _with_id(item: ModerationInput, request_id: str) -> ModerationInput:
 
 
 def build_server(
-    config: ServerConfig, service: ModerationService, info: pb.ModelInfo
+    config: ServerConfig,
+    service: ModerationService,
+    info: pb.ModelInfo,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.aio.Server, int, Any]:
     """An unstarted server with the moderation, health and reflection services, bound to
     `config.grpc_port` (0 picks a free port). Health reports NOT_SERVING until the caller
@@ -169,7 +191,8 @@ def build_server(
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_ModerationServicer_to_server(ModerationServicer(service, info, config), server)
+    servicer = ModerationServicer(service, info, config, metrics)
+    pb_grpc.add_ModerationServicer_to_server(servicer, server)
     health_servicer = _health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -155,7 +155,7 @@ def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grp
     started here."""
     stack = stack or build_stack(config)
     stack.scheduler.start()
-    server, port, health_servicer = build_server(config, stack.service, stack.info)
+    server, port, health_servicer = build_server(config, stack.service, stack.info, stack.metrics)
     _health[server] = health_servicer
     # No client can call before start(); the task is kept so it cannot be collected unrun.
     task = asyncio.get_running_loop().create_task(set_serving(health_servicer, True))

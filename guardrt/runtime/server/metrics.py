@@ -22,8 +22,9 @@ class Metrics:
         )
         self.stage = Histogram(
             "guardrt_stage_seconds",
-            "Time per request in each stage: queue, preprocess, model (prefill and decode "
-            "steps of its batch), total.",
+            "Time per request in each stage: queue, preprocess, prefill and decode (its "
+            "batch's first forward with image encoding, then the later forwards), model "
+            "(both), total.",
             ["stage"],
             buckets=_SECONDS,
             registry=self.registry,
@@ -50,6 +51,8 @@ class Metrics:
         for stage, milliseconds in (
             ("queue", timing.queue_ms),
             ("preprocess", timing.preprocess_ms),
+            ("prefill", timing.prefill_ms),
+            ("decode", timing.decode_ms),
             ("model", timing.model_ms),
             ("total", timing.total_ms),
         ):

@@ -43,6 +43,8 @@ class Timing:
     model_ms: float
     total_ms: float
     batch_size: int
+    prefill_ms: float = 0.0  # of model_ms: image encoding and the batch's first forward
+    decode_ms: float = 0.0  # of model_ms: the later forwards (categories of unsafe verdicts)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ class ModerationService:
             model_ms=info.model_s * 1e3,
             total_ms=(time.monotonic() - started) * 1e3,
             batch_size=info.size,
+            prefill_ms=decoded.prefill_s * 1e3,
+            decode_ms=decoded.decode_s * 1e3,
         )
         log.info(
             "request %s: %d messages, %d text chars, image %s, %d prompt tokens, %s, "
