@@ -271,3 +271,26 @@ def test_engine_failure_is_a_500_without_internals(preparer: Preparer) -> None:
         assert code == 500
         assert "CUDA" not in payload["error"]["message"]
         assert payload["error"]["type"] == "server_error"
+
+
+def test_queue_full_is_a_429(preparer: Preparer) -> None:
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    with (
+        serving(engine, preparer, max_batch_size=1, max_queue=1, max_wait_ms=0) as busy,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        running = pool.submit(post, busy, "/chat/completions", chat_body(), None)
+        assert engine.entered.wait(10)
+        queued = pool.submit(post, busy, "/chat/completions", chat_body(), None)
+        time.sleep(0.3)
+        code, payload = post(busy, "/chat/completions", chat_body(), token=None)
+        assert code == 429
+        assert payload["error"]["code"] == "server_overloaded"
+        engine.gate.set()
+        assert running.result()[0] == 200
+        assert queued.result()[0] == 200
