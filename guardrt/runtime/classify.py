@@ -77,7 +77,7 @@ class Classifier:
         self.model, self.decode = model, decode
         self.batch_size = model.max_batch - sessions
         self.sessions = SessionTable(self.batch_size, sessions)
-        self.device = model.multi_modal_projector.weight.device
+        self.device = model.device
         self._prefilled = 0.0
 
     def check_fits(self, request: PreparedRequest) -> None:

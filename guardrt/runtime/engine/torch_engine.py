@@ -59,7 +59,7 @@ class TorchEngine:
         )
         self.model.setup_caches(options.max_batch + options.max_sessions, options.max_seq)
         self.classifier = Classifier(self.model, options.decode, options.max_sessions)
-        dtype = str(self.model.multi_modal_projector.weight.dtype).removeprefix("torch.")
+        dtype = str(self.model.weight_dtype).removeprefix("torch.")
         self.info = EngineInfo(
             backend="torch",
             device=str(device),

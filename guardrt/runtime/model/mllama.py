@@ -54,6 +54,15 @@ class MllamaModel(nn.Module):
         self.max_batch = self.max_seq = 0
 
     @property
+    def weight_dtype(self) -> torch.dtype:
+        """The model's dtype (read off the embedding, which quantization never replaces)."""
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    @property
     def image_keys(self) -> int:
         """Cross-attention keys per image: every tile slot, padding tiles included (6404)."""
         return self.config.vision.max_num_tiles * self.config.vision.num_patches
@@ -68,8 +77,7 @@ class MllamaModel(nn.Module):
         """Allocate self-attention K/V (max_batch, Hkv, max_seq, d) per self layer and image K/V
         (max_batch, Hkv, image_keys, d) per cross layer, on the weights' device and dtype."""
         text = self.config.text
-        weight = self.multi_modal_projector.weight
-        device, dtype = weight.device, weight.dtype
+        device, dtype = self.device, self.weight_dtype
         for layer in self._self_layers():
             shape = (max_batch, text.num_kv_heads, max_seq, text.head_dim)
             layer.self_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -122,7 +130,7 @@ class MllamaModel(nn.Module):
         """
         if self.max_batch == 0:
             raise RuntimeError("setup_caches(max_batch, max_seq) must be called before forward")
-        dtype = self.multi_modal_projector.weight.dtype
+        dtype = self.weight_dtype
         kv_len = int(positions.max()) + 1
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
         has_image = image_start < self.max_seq  # (B,)
