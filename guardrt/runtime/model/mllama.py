@@ -70,7 +70,7 @@ class MllamaModel(nn.Module):
     def _self_layers(self) -> list[SelfAttentionLayer]:
         return [m for m in self.language_model.model.layers if isinstance(m, SelfAttentionLayer)]
 
-    def _cross_layers(self) -> list[CrossAttentionLayer]:
+    def cross_layers(self) -> list[CrossAttentionLayer]:
         return [m for m in self.language_model.model.layers if isinstance(m, CrossAttentionLayer)]
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
@@ -82,7 +82,7 @@ class MllamaModel(nn.Module):
             shape = (max_batch, text.num_kv_heads, max_seq, text.head_dim)
             layer.self_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
             layer.self_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        for cross in self._cross_layers():
+        for cross in self.cross_layers():
             shape = (max_batch, text.num_kv_heads, self.image_keys, text.head_dim)
             cross.cross_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
             cross.cross_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -102,13 +102,13 @@ class MllamaModel(nn.Module):
 
     def write_images(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
         """Cross-attention K/V of each image, once, into the cache rows `slots` (N,)."""
-        for cross in self._cross_layers():
+        for cross in self.cross_layers():
             cross.cross_attn.write_image(slots, vision_states)
 
     def clear_images(self, slots: torch.Tensor) -> None:
         """Zero the image K/V of rows that hold no image (their attention reads these values
         uniformly before the output is zeroed; zeros keep that product finite)."""
-        for cross in self._cross_layers():
+        for cross in self.cross_layers():
             cross.cross_attn.k_cache[slots] = 0
             cross.cross_attn.v_cache[slots] = 0
 

@@ -112,13 +112,16 @@ class CrossAttention(Projections):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def write_image(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
-        """K/V of projected vision states (N, L, D) into the cache rows `slots` (N,); no RoPE."""
+    def image_kv(self, vision_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (RMS-normalised) and V of projected vision states (N, L, D): each (N, Hkv, L, d)."""
         n, length, _ = vision_states.shape
         k = self.k_proj(vision_states).view(n, length, self.kv_heads, self.head_dim)
         v = self.v_proj(vision_states).view(n, length, self.kv_heads, self.head_dim)
-        self.k_cache[slots] = self.k_norm(k).transpose(1, 2)  # (N, Hkv, L, d)
-        self.v_cache[slots] = v.transpose(1, 2)
+        return self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+
+    def write_image(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
+        """K/V of projected vision states (N, L, D) into the cache rows `slots` (N,); no RoPE."""
+        self.k_cache[slots], self.v_cache[slots] = self.image_kv(vision_states)
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b, s, _ = x.shape

@@ -1,0 +1,99 @@
+"""The exported graphs: tensors in, tensors out, traced from guardrt's own model.
+
+The split TensorRT-LLM and Qualcomm's exporter converged on: a vision graph that turns an
+image's tiles into the cross-attention K/V of every cross layer (6,404 vision tokens projected
+once per image), and a decoder graph for prefill and decode steps (in progress).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from guardrt.runtime.model.mllama import MllamaModel
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]  # symbolic dims by name
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+class VisionGraph(nn.Module):
+    """pixel_values (N, T, 3, H, W) f32, aspect_ratio_ids (N,) i64, aspect_ratio_mask (N, T) i64
+    → cross_kv (C, 2, N, Hkv, T·P, d): K then V of each of the C cross layers."""
+
+    def __init__(self, model: MllamaModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        aspect_ratio_ids: torch.Tensor,
+        aspect_ratio_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        states = self.model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        per_layer = [
+            torch.stack(layer.cross_attn.image_kv(states))  # (2, N, Hkv, L, d)
+            for layer in self.model.cross_layers()
+        ]
+        return torch.stack(per_layer)  # (C, 2, N, Hkv, L, d)
+
+
+def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
+    """Trace the vision graph (dynamic in the number of images) to ONNX at `path`."""
+    config = model.config
+    tiles, side = config.vision.max_num_tiles, config.vision.image_size
+    example = (
+        torch.zeros(1, tiles, 3, side, side),
+        torch.ones(1, dtype=torch.int64),
+        torch.ones(1, tiles, dtype=torch.int64),
+    )
+    images = torch.export.Dim("images", min=1, max=max_batch)
+    names = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+    torch.onnx.export(
+        VisionGraph(model).eval(),
+        example,
+        str(path),
+        dynamo=True,
+        input_names=list(names),
+        output_names=["cross_kv"],
+        dynamic_shapes=({0: images}, {0: images}, {0: images}),
+        verbose=False,
+    )
+    text = config.text
+    keys = tiles * config.vision.num_patches
+    return GraphSpec(
+        path,
+        (
+            TensorSpec(names[0], "float32", ("images", tiles, 3, side, side)),
+            TensorSpec(names[1], "int64", ("images",)),
+            TensorSpec(names[2], "int64", ("images", tiles)),
+        ),
+        (
+            TensorSpec(
+                "cross_kv",
+                "float32",
+                (
+                    len(text.cross_attention_layers),
+                    2,
+                    "images",
+                    text.num_kv_heads,
+                    keys,
+                    text.head_dim,
+                ),
+            ),
+        ),
+    )

@@ -1,0 +1,57 @@
+"""The exported vision graph, run by ONNX Runtime, against guardrt's torch model."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from guardrt.export.graphs import GraphSpec, VisionGraph, export_vision
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.mllama import MllamaModel
+from tests.models import image, small_config, write_small
+
+ort: Any = importlib.import_module("onnxruntime")  # untyped
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MllamaModel, GraphSpec]:
+    directory = write_small(tmp_path_factory.mktemp("graph"), small_config("gqa2-cross2,4"), 17)
+    model = load_model(directory)
+    return model, export_vision(model, directory / "vision.onnx", max_batch=4)
+
+
+@pytest.mark.parametrize("tile_counts", [(1,), (4,), (2, 3), (1, 2, 3, 4)], ids=str)
+def test_vision_graph_matches_torch(
+    exported: tuple[MllamaModel, GraphSpec], tile_counts: tuple[int, ...]
+) -> None:
+    model, spec = exported
+    tiled = [image(count, seed=count) for count in tile_counts]
+    pixels = np.stack([t.pixel_values for t in tiled])  # (N, T, 3, H, W)
+    ids = np.array([t.aspect_ratio_id for t in tiled], dtype=np.int64)
+    masks = np.stack([t.aspect_ratio_mask for t in tiled])
+    session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
+    feeds = {"pixel_values": pixels, "aspect_ratio_ids": ids, "aspect_ratio_mask": masks}
+    (onnx_kv,) = session.run(None, feeds)
+    with torch.inference_mode():
+        torch_kv = VisionGraph(model)(*(torch.from_numpy(x) for x in (pixels, ids, masks)))
+    assert onnx_kv.shape == tuple(torch_kv.shape)
+    error = np.abs(onnx_kv - torch_kv.numpy()).max()
+    assert error <= 1e-4 * np.abs(torch_kv.numpy()).max()
+
+
+def test_vision_graph_spec(exported: tuple[MllamaModel, GraphSpec]) -> None:
+    _, spec = exported
+    assert [t.name for t in spec.inputs] == [
+        "pixel_values",
+        "aspect_ratio_ids",
+        "aspect_ratio_mask",
+    ]
+    (output,) = spec.outputs
+    assert output.shape == (2, 2, "images", 2, 4 * 5, 8)  # 2 cross layers, K and V, 4 tiles × 5
+    session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
+    assert str(session.get_inputs()[0].shape[0]) == "images"  # dynamic in the number of images
