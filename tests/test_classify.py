@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +291,15 @@ def test_session_reuses_the_common_prefix_exactly(
     assert min(reused_counts[1:]) > 100  # the shared prefix (policy, question) was not recomputed
     classifier.sessions.close(session)
     assert classifier.sessions.open() is not None
+
+
+def test_decoded_times_split_the_batch_into_prefill_and_decode(
+    checkpoint: Path, tok: Tokenizer
+) -> None:
+    classifier = Classifier(loaded(checkpoint), decode="greedy")
+    started = time.perf_counter()
+    (result,) = classifier.run([request(tok, "hello", None)])
+    elapsed = time.perf_counter() - started
+    assert result.prefill_s > 0
+    assert result.decode_s > 0  # greedy generation takes several steps after the prefill
+    assert result.prefill_s + result.decode_s <= elapsed

@@ -177,6 +177,8 @@ class Classifier:
         )
         for row, fed in zip(rows, tokens, strict=True):
             row.next_position += len(fed)
+        if not self._prefilled:  # the batch's first forward: its prefill ends here
+            self._prefilled = time.perf_counter()
         result: torch.Tensor = logits
         return result
 
