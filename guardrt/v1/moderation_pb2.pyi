@@ -256,8 +256,9 @@ class Verdict(_message.Message):
     error: _builtins.str
     """Why the label is ERROR; empty otherwise."""
     error_code: _builtins.int
-    """The gRPC status code of the error (ModerateMany and ModerateStream carry errors in-band);
-    0 (OK) unless label is ERROR.
+    """The gRPC status code of a request that failed (ModerateMany and ModerateStream carry such
+    errors in-band). 0 (OK) when the model ran, including an ERROR verdict whose cause is the
+    model's own output falling outside the verdict grammar (see error).
     """
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

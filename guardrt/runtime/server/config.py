@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,17 @@ class ServerConfig:
             raise ConfigError(f"http port {self.http_port} is not a port number (or -1: off)")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.workers < 1:
             raise ConfigError("max_wait_ms and grace_s must be ≥ 0 and workers ≥ 1")
+
+
+def bearer_allowed(authorization: str, tokens: frozenset[str]) -> bool:
+    """Whether an `Authorization` value carries one of `tokens` (any value when there are
+    none); compared in constant time. The one check gRPC and HTTP share."""
+    if not tokens:
+        return True
+    token = (
+        authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
+    )
+    return any(hmac.compare_digest(token, known) for known in tokens)
 
 
 def auth_tokens(token_file: str | None) -> frozenset[str]:

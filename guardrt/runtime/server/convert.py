@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from guardrt import __version__
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
 from guardrt.runtime.server.service import ModerationInput, ModerationResult, Timing
 from guardrt.runtime.verdict import Label, Verdict
@@ -45,7 +44,7 @@ def input_from_proto(request: pb.ModerateRequest) -> ModerationInput:
     )
 
 
-def verdict_to_proto(verdict: Verdict, error_code: int = 0) -> pb.Verdict:
+def verdict_to_proto(verdict: Verdict) -> pb.Verdict:
     probability = verdict.unsafe_probability
     return pb.Verdict(
         label=_LABELS[verdict.label],
@@ -54,7 +53,6 @@ def verdict_to_proto(verdict: Verdict, error_code: int = 0) -> pb.Verdict:
         category_probabilities=verdict.category_probabilities,
         raw_output=verdict.raw_output,
         error=verdict.error or "",
-        error_code=error_code,
     )
 
 
@@ -85,7 +83,3 @@ def result_to_proto(result: ModerationResult) -> pb.ModerateResponse:
 
 def default_categories() -> list[pb.Category]:
     return [pb.Category(code=code, description=text) for code, text in DEFAULT_CATEGORIES]
-
-
-def version() -> str:
-    return __version__

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import importlib
 import time
 import uuid
@@ -20,11 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from guardrt.runtime.errors import GuardrtError
-from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.service import ModerationInput, ModerationResult, ModerationService
-from guardrt.runtime.server.status import grpc_message, grpc_status
+from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
@@ -37,11 +36,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Moderation"].full_name  # guardrt
 def _deadline(context: Any) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def _code(error: GuardrtError) -> int:
-    code: int = grpc_status(error).value[0]
-    return code
 
 
 class ModerationServicer(pb_grpc.ModerationServicer):
@@ -66,16 +60,10 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             self.metrics.failed(route, grpc_status(outcome).name, label)
 
     async def _authorize(self, context: Any) -> None:
-        if not self.tokens:
-            return
         metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
-        if not any(hmac.compare_digest(token, known) for known in self.tokens):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a valid 'authorization: Bearer <token>' is required",
-            )
+        if not bearer_allowed(str(metadata.get("authorization", "")), self.tokens):
+            message = "a valid 'authorization: Bearer <token>' header is required"
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def Moderate(self, request: pb.ModerateRequest, context: Any) -> pb.ModerateResponse:  # noqa: N802
         await self._authorize(context)
@@ -105,7 +93,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                 response = result_to_proto(result)
             except GuardrtError as exc:
                 self._count("grpc/ModerateMany", exc)
-                verdict = error_verdict(grpc_message(exc, request_id), _code(exc))
+                verdict = error_verdict(grpc_message(exc, request_id), grpc_code(exc))
                 response = pb.ModerateResponse(request_id=request_id, verdict=verdict)
             await responses.put(response)
 

@@ -12,7 +12,6 @@ GET /readyz (model loaded and warmed, not draining), GET /metrics (Prometheus).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from aiohttp import web
 from guardrt.runtime.errors import GuardrtError
 from guardrt.runtime.model.tiny import TINY_RANDOM
 from guardrt.runtime.server import openai_compat as oa
-from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.service import ModerationResult, ModerationService
 from guardrt.runtime.server.status import http_status
@@ -80,11 +79,7 @@ class HttpApi:
         return response
 
     def _authorize(self, request: web.Request) -> None:
-        if not self.config.auth_tokens:
-            return
-        given = request.headers.get("Authorization", "")
-        token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
-        if not any(hmac.compare_digest(token, known) for known in self.config.auth_tokens):
+        if not bearer_allowed(request.headers.get("Authorization", ""), self.config.auth_tokens):
             raise oa.ApiError(
                 401,
                 "a valid 'Authorization: Bearer <token>' header is required",

@@ -150,7 +150,6 @@ class ChatRequest:
     model: str
     item: ModerationInput
     stream: bool
-    ignored_system: int = 0  # system messages accepted and dropped
 
 
 def _check_sampling(body: Mapping[str, Any]) -> None:
@@ -176,22 +175,21 @@ def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list", param="messages")
-    converted, system = [], 0
+    converted = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
             raise _bad(f"{where} must be an object", param=where)
         role = message.get("role")
         if role in ("system", "developer"):
-            system += 1  # Llama Guard's template has no system role: accepted and ignored
-            continue
+            continue  # Llama Guard's template has no system role: accepted and ignored
         converted.append({"role": role, "content": _content_parts(message.get("content"), where)})
     categories, exclude = policy_extension(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream must be true or false", param="stream")
     item = ModerationInput(request_id, converted, categories, exclude)
-    return ChatRequest(model, item, stream, system)
+    return ChatRequest(model, item, stream)
 
 
 def _extension(result: ModerationResult) -> dict[str, Any]:

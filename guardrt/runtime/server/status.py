@@ -31,6 +31,12 @@ def grpc_status(error: GuardrtError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def grpc_code(error: GuardrtError) -> int:
+    """The numeric status code (for errors carried in-band, as `Verdict.error_code`)."""
+    code: int = grpc_status(error).value[0]
+    return code
+
+
 def grpc_message(error: GuardrtError, request_id: str) -> str:
     """The status message: the error's own (it names values, never content); engine failures
     say only which request failed, no internals."""

@@ -28,7 +28,7 @@ from guardrt.runtime.server.convert import (
     verdict_to_proto,
 )
 from guardrt.runtime.server.service import ModerationInput, ModerationService
-from guardrt.runtime.server.status import grpc_message, grpc_status
+from guardrt.runtime.server.status import grpc_code, grpc_message
 from guardrt.runtime.verdict import Label
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -122,8 +122,8 @@ class StreamSession:
         try:
             result = await self.service.moderate(self._with_answer(), self.deadline, self.session)
         except GuardrtError as exc:  # in-band: the stream goes on, the caller sees ERROR
-            code: int = grpc_status(exc).value[0]
-            response.verdict.CopyFrom(error_verdict(grpc_message(exc, self.request_id), code))
+            message = grpc_message(exc, self.request_id)
+            response.verdict.CopyFrom(error_verdict(message, grpc_code(exc)))
             return response
         response.verdict.CopyFrom(verdict_to_proto(result.verdict))
         response.timing.CopyFrom(timing_to_proto(result.timing))
