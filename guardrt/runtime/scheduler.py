@@ -55,7 +55,6 @@ class Scheduler:
         self._lock = threading.Condition()
         self._draining = False
         self._thread: threading.Thread | None = None
-        self.batch_sizes: list[int] = []  # every executed batch's size (for metrics and tests)
 
     def depth(self) -> int:
         with self._lock:
@@ -140,7 +139,6 @@ class Scheduler:
                 continue
             start = time.monotonic()
             outputs = self.execute(batch)
-            self.batch_sizes.append(len(batch))
             self.update(batch, outputs, time.monotonic() - start)
 
     def start(self) -> None:
