@@ -45,11 +45,7 @@ class VisionGraph(nn.Module):
         aspect_ratio_mask: torch.Tensor,
     ) -> torch.Tensor:
         states = self.model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        per_layer = [
-            torch.stack(layer.cross_attn.image_kv(states))  # (2, N, Hkv, L, d)
-            for layer in self.model.cross_layers()
-        ]
-        return torch.stack(per_layer)  # (C, 2, N, Hkv, L, d)
+        return self.model.image_kv(states)  # (C, 2, N, Hkv, L, d)
 
 
 def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:

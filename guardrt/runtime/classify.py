@@ -1,267 +1,71 @@
-"""From prepared requests to verdicts with scores, driven by the verdict grammar.
+"""guardrt's torch model as a `StepModel`, and the `Classifier` that decodes with it.
 
-Constrained decoding (default): the prefill reads the prompt followed by `\\n\\n unsafe \\n S`
-(4 forced or hypothetical tokens). Causal attention makes the logits at `\\n\\n` the label
-distribution (P(unsafe) and P(safe) over the full vocabulary) and those at `S` the category
-distribution given `unsafe`, so one prefill gives every score. A `safe` verdict ends there; an
-`unsafe` one costs one small forward per category given ([code, ",S"] at once: the logits at the
-code decide between `,S` and `<|eot_id|>`, those at `,S` pick the next code).
-
-Greedy decoding: plain argmax generation over the full vocabulary until a stop token, identical
-to transformers' `generate(do_sample=False)`; the output is then parsed by the grammar, so text
-outside it is an error verdict.
-
-Ties between `safe` and `unsafe` go to `unsafe`: a safety classifier fails closed.
+The decoding loop (`decoding.py`) is torch-free and shared with the ONNX back end; this file is
+only the adapter: numpy ids in, the model's cache-backed forward under inference mode, fp32
+logits back as numpy.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 
-from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.decoding import Decode, Decoder
 from guardrt.runtime.model.mllama import MllamaModel
-from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
-from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
-from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
-from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
-
-Decode = Literal["constrained", "greedy"]
-DECODES: tuple[Decode, ...] = ("constrained", "greedy")
-STOP_IDS = frozenset({END_OF_TEXT_ID, EOM_ID, EOT_ID})
-_PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
+from guardrt.runtime.preprocess import TiledImage
 
 
-@dataclass
-class _Row:
-    """Decoding state of one request in a batch."""
+class TorchSteps:
+    """`StepModel` over an `MllamaModel` whose caches are set up (`setup_caches`)."""
 
-    request: PreparedRequest
-    slot: int
-    next_position: int = 0
-    generated: list[int] = field(default_factory=list)
-    state: GrammarState = field(default_factory=GrammarState)
-    unsafe_probability: float = math.nan
-    category_probabilities: dict[str, float] = field(default_factory=dict)
-    code_logits: torch.Tensor | None = None
-    done: bool = False
-    skip: int = 0  # prompt tokens already in the slot's cache (a session's common prefix)
-    session: SessionState | None = None
+    def __init__(self, model: MllamaModel) -> None:
+        self.model = model
+        self.max_batch, self.max_seq = model.max_batch, model.max_seq
+        self.device = model.device
+
+    def _tensor(self, values: np.ndarray | Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+
+    @torch.inference_mode()
+    def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
+        masks = np.stack([image.aspect_ratio_mask for image in images])  # (N, T)
+        states = self.model.encode_images(
+            torch.from_numpy(pixels).to(self.device),
+            self._tensor([image.aspect_ratio_id for image in images]),
+            self._tensor(masks),
+        )
+        self.model.write_images(self._tensor(slots), states)
+
+    @torch.inference_mode()
+    def clear_images(self, slots: Sequence[int]) -> None:
+        self.model.clear_images(self._tensor(slots))
+
+    @torch.inference_mode()
+    def step(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        image_start: np.ndarray,
+        num_tiles: np.ndarray,
+        logit_index: np.ndarray,
+    ) -> np.ndarray:
+        logits = self.model(
+            *(self._tensor(x) for x in (tokens, positions, slots, image_start, num_tiles)),
+            self._tensor(logit_index),
+        )
+        result: np.ndarray = logits.cpu().numpy()
+        return result
 
 
-def category_probabilities(grammar: VerdictGrammar, logits: torch.Tensor) -> dict[str, float]:
-    """P(S_k | unsafe): the logits (vocab,) at the category step, softmaxed over the listed
-    codes' number tokens only (the only tokens the grammar allows there)."""
-    tokens = [grammar.token_by_code[code] for code in grammar.codes]
-    weights = torch.softmax(logits[tokens], -1)
-    return {code: float(w) for code, w in zip(grammar.codes, weights, strict=True)}
-
-
-class Classifier:
-    """Runs prepared requests through a model with preallocated caches, a batch at a time."""
+class Classifier(Decoder):
+    """Decodes prepared requests with guardrt's torch model (caches for the batch rows, then
+    `sessions` session rows)."""
 
     def __init__(
         self, model: MllamaModel, decode: Decode = "constrained", sessions: int = 0
     ) -> None:
-        """`model`'s caches hold the batch slots and then `sessions` session slots."""
-        if decode not in DECODES:
-            raise ConfigError(f"decode must be one of {DECODES}, not {decode!r}")
-        if model.max_batch <= sessions:
-            raise ValueError("the model's caches are not set up for a batch (setup_caches)")
-        self.model, self.decode = model, decode
-        self.batch_size = model.max_batch - sessions
-        self.sessions = SessionTable(self.batch_size, sessions)
-        self.device = model.device
-        self._prefilled = 0.0
-
-    def check_fits(self, request: PreparedRequest) -> None:
-        check_fits(request, self.model.max_seq)
-
-    def classify(self, requests: Sequence[PreparedRequest]) -> list[Verdict]:
-        """The verdict of each request, in order (batched up to the model's max_batch)."""
-        return [decoded.verdict() for decoded in self.run(requests)]
-
-    @torch.inference_mode()
-    def run(self, requests: Sequence[PreparedRequest]) -> list[Decoded]:
-        """The generated ids and scores of each request, in order."""
-        for request in requests:
-            self.check_fits(request)
-        results: list[Decoded] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            rows = [self._row(request, slot) for slot, request in enumerate(chunk)]
-            started, self._prefilled = time.perf_counter(), 0.0
-            self._write_images(rows)
-            if self.decode == "constrained":
-                self._constrained(rows)
-            else:
-                self._greedy(rows)
-            results.extend(
-                Decoded(
-                    row.request,
-                    tuple(row.generated),
-                    row.unsafe_probability,
-                    row.category_probabilities,
-                    row.skip,
-                    prefill_s=self._prefilled - started,
-                    decode_s=time.perf_counter() - self._prefilled,
-                )
-                for row in rows
-            )
-            for row in rows:
-                if row.session is not None:
-                    row.session.cached = row.request.prompt
-        return results
-
-    def _row(self, request: PreparedRequest, slot: int) -> _Row:
-        """A batch row; a session's row uses its own slot and skips the cached prefix (all
-        but the last prompt token at most, whose logits a greedy step needs)."""
-        session = self.sessions.get(request.session)
-        if session is None:
-            return _Row(request, slot)
-        reuse = common_prefix(session.cached, request.prompt) if session.image_ready else 0
-        reuse = min(reuse, len(request.prompt) - 1)
-        return _Row(request, session.slot, next_position=reuse, skip=reuse, session=session)
-
-    def _write_images(self, rows: list[_Row]) -> None:
-        """Image K/V into each row's slot (once per session); zeros for rows without one."""
-        fresh = [row for row in rows if row.session is None or not row.session.image_ready]
-        with_image = [row for row in fresh if row.request.image is not None]
-        without = [row.slot for row in fresh if row.request.image is None]
-        if with_image:
-            images = [row.request.image for row in with_image if row.request.image is not None]
-            pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
-            states = self.model.encode_images(
-                torch.from_numpy(pixels).to(self.device),
-                self._tensor([image.aspect_ratio_id for image in images]),
-                self._tensor([image.aspect_ratio_mask.tolist() for image in images]),  # (N, T)
-            )
-            self.model.write_images(self._tensor([row.slot for row in with_image]), states)
-        if without and (with_image or any(row.session is not None for row in fresh)):
-            self.model.clear_images(self._tensor(without))
-        for row in fresh:
-            if row.session is not None:
-                row.session.image_ready = True
-
-    def _tensor(self, values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _step(
-        self, rows: list[_Row], tokens: list[list[int]], offsets: list[list[int]]
-    ) -> torch.Tensor:
-        """Feed each row its tokens (right-padded) and return fp32 logits (B, R, vocab) at
-        `offsets` (indices into each row's tokens)."""
-        width = max(len(t) for t in tokens)
-        padded = [t + [_PAD_ID] * (width - len(t)) for t in tokens]
-        positions = [[row.next_position + j for j in range(width)] for row in rows]
-        starts = [
-            row.request.image_position
-            if row.request.image_position is not None
-            else self.model.max_seq
-            for row in rows
-        ]
-        tiles = [row.request.image.num_tiles if row.request.image else 0 for row in rows]
-        logits = self.model(
-            self._tensor(padded),
-            self._tensor(positions),
-            self._tensor([row.slot for row in rows]),
-            self._tensor(starts),
-            self._tensor(tiles),
-            self._tensor(offsets),
-        )
-        for row, fed in zip(rows, tokens, strict=True):
-            row.next_position += len(fed)
-        if not self._prefilled:  # the batch's first forward: its prefill ends here
-            self._prefilled = time.perf_counter()
-        result: torch.Tensor = logits
-        return result
-
-    def _label_scores(
-        self, row: _Row, label_logits: torch.Tensor, code_logits: torch.Tensor
-    ) -> None:
-        grammar = row.request.grammar
-        row.unsafe_probability = float(torch.softmax(label_logits, -1)[grammar.tokens.unsafe])
-        row.category_probabilities = category_probabilities(grammar, code_logits)
-
-    def _advance(self, row: _Row, token: int) -> None:
-        state = row.request.grammar.advance(row.state, token)
-        assert state is not None, "constrained decoding chose a token outside the grammar"
-        row.state, row.done = state, state.done
-        row.generated.append(token)
-
-    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
-        """The allowed token with the highest logit (the first allowed wins ties)."""
-        allowed = row.request.grammar.allowed(row.state)
-        return allowed[int(torch.argmax(logits[list(allowed)]))]
-
-    def _constrained(self, rows: list[_Row]) -> None:
-        first = rows[0].request.grammar.tokens
-        suffix = [first.blank, first.unsafe, first.newline, first.s]
-        logits = self._step(
-            rows,
-            [list(row.request.prompt[row.skip :]) + suffix for row in rows],
-            [[len(row.request.prompt) - row.skip + i for i in (0, 3)] for row in rows],
-        )
-        for row, (label_logits, code_logits) in zip(rows, logits, strict=True):
-            self._label_scores(row, label_logits, code_logits)
-            self._advance(row, first.blank)
-            # LABEL allows (safe, unsafe) in that order; put unsafe first so a tie fails closed.
-            tokens = row.request.grammar.tokens
-            pair = label_logits[[tokens.unsafe, tokens.safe]]
-            self._advance(row, tokens.unsafe if pair[0] >= pair[1] else tokens.safe)
-            while not row.done and (forced := row.request.grammar.forced(row.state)) is not None:
-                self._advance(row, forced)  # safe → eot; unsafe → \n, S
-            row.code_logits = code_logits
-        active = [row for row in rows if not row.done]
-        while active:
-            for row in active:
-                assert row.code_logits is not None
-                self._advance(row, self._pick(row, row.code_logits))
-                if (forced := row.request.grammar.forced(row.state)) is not None:
-                    self._advance(row, forced)  # every listed code given: <|eot_id|>
-            active = [row for row in active if not row.done]
-            if not active:
-                break
-            comma = active[0].request.grammar.tokens.comma_s
-            logits = self._step(
-                active, [[row.generated[-1], comma] for row in active], [[0, 1]] * len(active)
-            )
-            for row, (after_code, after_comma) in zip(active, logits, strict=True):
-                choice = self._pick(row, after_code)
-                self._advance(row, choice)
-                row.code_logits = after_comma
-            active = [row for row in active if not row.done]
-
-    def _greedy(self, rows: list[_Row]) -> None:
-        logits = self._step(
-            rows,
-            [list(row.request.prompt[row.skip :]) for row in rows],
-            [[len(row.request.prompt) - 1 - row.skip] for row in rows],
-        )
-        active = rows
-        while active:
-            for row, step_logits in zip(active, logits[:, 0], strict=True):
-                self._record_greedy_scores(row, step_logits)
-                token = int(torch.argmax(step_logits))
-                row.generated.append(token)
-                limit = max_new_tokens(row.request.grammar)
-                row.done = token in STOP_IDS or len(row.generated) >= limit
-            active = [row for row in active if not row.done]
-            if active:
-                logits = self._step(
-                    active, [[row.generated[-1]] for row in active], [[0]] * len(active)
-                )
-
-    def _record_greedy_scores(self, row: _Row, logits: torch.Tensor) -> None:
-        """Scores from the steps where the greedy output follows the grammar's path."""
-        tokens = row.request.grammar.tokens
-        if row.generated == [tokens.blank]:
-            row.unsafe_probability = float(torch.softmax(logits, -1)[tokens.unsafe])
-        if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
-            row.category_probabilities = category_probabilities(row.request.grammar, logits)
+        super().__init__(TorchSteps(model), decode, sessions)

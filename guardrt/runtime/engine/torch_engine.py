@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from guardrt.runtime.classify import DECODES, Classifier
+from guardrt.runtime.classify import Classifier
+from guardrt.runtime.decoding import DECODES
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model

@@ -79,6 +79,19 @@ def causal_cache_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
     return (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, S, L)
 
 
+def past_and_step_mask(positions: torch.Tensor, past_len: int) -> torch.Tensor:
+    """(B, 1, S, past_len + S) bool over keys [past K/V, this step's K/V] (the exported decoder).
+
+    Past slot j holds position j and is valid for a row only below its first position this step
+    (slots past it are another row's leftovers); this step's keys follow position order, so a
+    right-padded row's pad keys sit after all its real queries.
+    """
+    slots = torch.arange(past_len, device=positions.device)  # (P,)
+    past = slots[None, None, :] < positions[:, :1, None]  # (B, 1, P)
+    step = positions[:, None, :] <= positions[:, :, None]  # (B, S, S): key t, query s
+    return torch.cat((past.expand(-1, positions.shape[1], -1), step), dim=-1)[:, None]
+
+
 def vision_padding(
     aspect_ratio_mask: torch.Tensor, num_patches: int, padded_patches: int
 ) -> torch.Tensor:
@@ -99,18 +112,19 @@ def cross_masks(
     positions: torch.Tensor,
     image_start: torch.Tensor,
     num_tiles: torch.Tensor,
-    tiles: int,
+    keys: int,
     per_tile: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-attention key mask (B, 1, S, tiles·per_tile) and row mask (B, S, 1).
+    """Cross-attention key mask (B, 1, S, keys) and row mask (B, S, 1).
 
     positions (B, S); image_start (B,) the position of `<|image|>` (a position past any text when
-    the request has no image); num_tiles (B,). Rows at or after the image see its real tiles.
+    the request has no image); num_tiles (B,); keys = tiles·per_tile, or fewer for an exported
+    graph's text-only batch (a placeholder key). Rows at or after the image see its real tiles.
     A row that sees nothing (before the image, or no image) attends uniformly to every key,
     as HF and Meta do to avoid NaN; its output is then zeroed or not per semantics.
     """
     row = positions >= image_start[:, None]  # (B, S)
-    tile_of_key = torch.arange(tiles * per_tile, device=positions.device) // per_tile  # (L,)
+    tile_of_key = torch.arange(keys, device=positions.device) // per_tile  # (L,)
     key_real = tile_of_key[None, :] < num_tiles[:, None]  # (B, L)
     sees = row[:, :, None] & key_real[:, None, :]  # (B, S, L)
     mask = sees | ~row[:, :, None]  # (B, S, L): blind rows attend uniformly

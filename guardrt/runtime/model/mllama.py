@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.cache import KVCache
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import (
     causal_cache_mask,
@@ -28,8 +29,8 @@ from guardrt.runtime.model.functional import (
 )
 from guardrt.runtime.model.text import (
     CrossAttentionLayer,
+    KVStore,
     LanguageModel,
-    SelfAttentionLayer,
     StepInputs,
 )
 from guardrt.runtime.model.vision import VisionModel
@@ -52,6 +53,7 @@ class MllamaModel(nn.Module):
             "inv_freq", rope_inv_freq(config.text.rope, config.text.head_dim), persistent=False
         )
         self.max_batch = self.max_seq = 0
+        self._cache: KVCache | None = None
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -67,26 +69,31 @@ class MllamaModel(nn.Module):
         """Cross-attention keys per image: every tile slot, padding tiles included (6404)."""
         return self.config.vision.max_num_tiles * self.config.vision.num_patches
 
-    def _self_layers(self) -> list[SelfAttentionLayer]:
-        return [m for m in self.language_model.model.layers if isinstance(m, SelfAttentionLayer)]
-
     def cross_layers(self) -> list[CrossAttentionLayer]:
         return [m for m in self.language_model.model.layers if isinstance(m, CrossAttentionLayer)]
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
-        """Allocate self-attention K/V (max_batch, Hkv, max_seq, d) per self layer and image K/V
-        (max_batch, Hkv, image_keys, d) per cross layer, on the weights' device and dtype."""
+        """Allocate the K/V cache (`model/cache.py`) for `max_batch` rows of `max_seq`
+        positions, on the weights' device and dtype (0, 0 frees it)."""
         text = self.config.text
-        device, dtype = self.device, self.weight_dtype
-        for layer in self._self_layers():
-            shape = (max_batch, text.num_kv_heads, max_seq, text.head_dim)
-            layer.self_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-            layer.self_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        for cross in self.cross_layers():
-            shape = (max_batch, text.num_kv_heads, self.image_keys, text.head_dim)
-            cross.cross_attn.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-            cross.cross_attn.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self._cache = KVCache(
+            self_layers=len(text.self_attention_layers),
+            cross_layers=len(text.cross_attention_layers),
+            rows=max_batch,
+            kv_heads=text.num_kv_heads,
+            max_seq=max_seq,
+            image_keys=self.image_keys if max_batch else 0,
+            head_dim=text.head_dim,
+            device=self.device,
+            dtype=self.weight_dtype,
+        )
         self.max_batch, self.max_seq = max_batch, max_seq
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None or self.max_batch == 0:
+            raise RuntimeError("setup_caches(max_batch, max_seq) must be called first")
+        return self._cache
 
     def encode_images(
         self,
@@ -100,17 +107,19 @@ class MllamaModel(nn.Module):
         result: torch.Tensor = states.flatten(1, 2)
         return result
 
+    def image_kv(self, vision_states: torch.Tensor) -> torch.Tensor:
+        """Projected vision states (N, L, hidden) → K (normalised) and V of every cross layer,
+        (cross layers, 2, N, Hkv, L, d): what the cache and the exported graphs hold."""
+        per_layer = [torch.stack(c.cross_attn.image_kv(vision_states)) for c in self.cross_layers()]
+        return torch.stack(per_layer)
+
     def write_images(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
         """Cross-attention K/V of each image, once, into the cache rows `slots` (N,)."""
-        for cross in self.cross_layers():
-            cross.cross_attn.write_image(slots, vision_states)
+        self.cache.write_images(slots, self.image_kv(vision_states))
 
     def clear_images(self, slots: torch.Tensor) -> None:
-        """Zero the image K/V of rows that hold no image (their attention reads these values
-        uniformly before the output is zeroed; zeros keep that product finite)."""
-        for cross in self.cross_layers():
-            cross.cross_attn.k_cache[slots] = 0
-            cross.cross_attn.v_cache[slots] = 0
+        """Zero the image K/V of rows that hold no image."""
+        self.cache.clear_images(slots)
 
     def forward(
         self,
@@ -121,35 +130,60 @@ class MllamaModel(nn.Module):
         num_tiles: torch.Tensor,
         logit_index: torch.Tensor,
     ) -> torch.Tensor:
-        """One step for a batch of B requests (prefill or decode).
+        """One step for a batch of B requests (prefill or decode) on the cache.
 
         tokens, positions (B, S); slots (B,) cache rows; image_start (B,) the position of each
-        request's `<|image|>` (≥ max_seq when it has none); num_tiles (B,); logit_index (B, R)
-        indices into S of the rows whose logits are wanted. Returns fp32 logits (B, R, vocab).
-        Positions must be written in order per slot (a step covers positions after the last).
+        request's `<|image|>` (any position past its text when it has none); num_tiles (B,),
+        0 for no image; logit_index (B, R) indices into S of the rows whose logits are wanted.
+        Returns fp32 logits (B, R, vocab). Positions must be written in order per slot (a step
+        covers positions after the last).
         """
-        if self.max_batch == 0:
-            raise RuntimeError("setup_caches(max_batch, max_seq) must be called before forward")
-        dtype = self.weight_dtype
         kv_len = int(positions.max()) + 1
+        return self.step(
+            tokens,
+            positions,
+            image_start,
+            num_tiles,
+            logit_index,
+            kv=self.cache.step(slots, positions, kv_len),
+            self_mask=causal_cache_mask(positions, kv_len),
+            use_cross=bool((num_tiles > 0).any()),
+        )
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        image_start: torch.Tensor,
+        num_tiles: torch.Tensor,
+        logit_index: torch.Tensor,
+        *,
+        kv: KVStore,
+        self_mask: torch.Tensor,
+        use_cross: bool,
+    ) -> torch.Tensor:
+        """The decoder over any K/V store (the cache here, graph inputs in export): `forward`'s
+        arguments, the store, its self-attention mask (B, 1, S, K) and whether to run the
+        cross layers at all (they add exactly zero to rows without an image)."""
+        dtype = self.weight_dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
-        has_image = image_start < self.max_seq  # (B,)
-        config = self.config.vision
+        has_image = num_tiles > 0  # (B,)
+        crossing = use_cross and bool(self.config.text.cross_attention_layers)
+        image_keys = kv.cross_kv(0)[0].shape[2] if crossing else self.image_keys
         cross_mask, rows = cross_masks(
-            positions, image_start, num_tiles, config.max_num_tiles, config.num_patches
+            positions, image_start, num_tiles, image_keys, self.config.vision.num_patches
         )
         attn_rows = rows if self.semantics == "meta" else has_image[:, None, None].expand_as(rows)
         step = StepInputs(
-            slots=slots,
+            kv=kv,
             positions=positions,
             cos=cos,
             sin=sin,
-            self_mask=causal_cache_mask(positions, kv_len),
-            kv_len=kv_len,
+            self_mask=self_mask,
             cross_mask=cross_mask,
             cross_rows=rows,
             attn_rows=attn_rows,
-            use_cross=bool(has_image.any()),
+            use_cross=use_cross,
         )
         hidden = self.language_model.model(tokens, step)  # (B, S, D)
         picked = torch.gather(

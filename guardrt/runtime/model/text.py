@@ -1,15 +1,18 @@
 """The text decoder (`MllamaTextModel`): 40 layers, 8 of them gated cross-attention (§5.3).
 
-Parameter names follow the HF checkpoint (`language_model.model.*`). Self-attention K/V live in
-preallocated caches (`setup_caches`), addressed by slot (a row of the cache a request owns) and
-position; cross-attention K/V are computed once per image (`write_image`) into per-slot caches.
-Every step runs the same layer plan; only an all-text batch skips the cross layers (they would
-add exactly zero to every row).
+Parameter names follow the HF checkpoint (`language_model.model.*`). Layers own weights, not
+K/V: each attention layer hands its step's K/V to the step's `KVStore` and attends to what it
+returns. The runtime's store is a preallocated cache addressed by slot and position
+(`model/cache.py`); the exported decoder graph's store concatenates past K/V inputs and collects
+present K/V outputs (`guardrt/export/decoder.py`). Cross-attention K/V are computed once per
+image (`image_kv`). Every step runs the same layer plan; only an all-text batch skips the cross
+layers (they would add exactly zero to every row).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -41,16 +44,31 @@ class MLP(nn.Module):
         return result
 
 
+class KVStore(Protocol):
+    """Where one step's attention layers put and find K/V."""
+
+    def self_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take self layer `layer`'s K (RoPE applied) and V of this step's tokens, each
+        (B, Hkv, S, d); return the keys and values to attend to, each (B, Hkv, K, d), in the
+        order the step's `self_mask` describes."""
+        ...
+
+    def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross layer `layer`'s image K and V, each (B, Hkv, L, d)."""
+        ...
+
+
 @dataclass
 class StepInputs:
     """What every layer of one forward step reads (built once per step by the model)."""
 
-    slots: torch.Tensor  # (B,) cache rows of the batch
+    kv: KVStore
     positions: torch.Tensor  # (B, S) position of each token
     cos: torch.Tensor  # (B, S, head_dim)
     sin: torch.Tensor  # (B, S, head_dim)
-    self_mask: torch.Tensor  # (B, 1, S, kv_len) bool
-    kv_len: int  # cache slots read by self-attention this step
+    self_mask: torch.Tensor  # (B, 1, S, K) bool over the keys `kv.self_kv` returns
     cross_mask: torch.Tensor  # (B, 1, S, L) bool
     cross_rows: torch.Tensor  # (B, S, 1): rows at/after their image (the MLP branch keeps these)
     attn_rows: torch.Tensor  # (B, S, 1): rows whose cross-attention output is kept (semantics)
@@ -58,10 +76,12 @@ class StepInputs:
 
 
 class Projections(nn.Module):
-    """q/k/v/o of a grouped-query attention layer (no biases) and the K/V cache it owns."""
+    """q/k/v/o of a grouped-query attention layer (no biases); `index` counts layers of its
+    kind (self or cross) and names its K/V in the step's store."""
 
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, index: int) -> None:
         super().__init__()
+        self.index = index
         dim, kv_dim = config.hidden_size, config.num_kv_heads * config.head_dim
         self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -69,8 +89,6 @@ class Projections(nn.Module):
         self.k_proj = nn.Linear(dim, kv_dim, bias=False)
         self.v_proj = nn.Linear(dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
 
 
 class SelfAttention(Projections):
@@ -78,22 +96,18 @@ class SelfAttention(Projections):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)  # (B, S, Hkv, d)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        rows = step.slots[:, None]  # (B, 1) with positions (B, S) → cache[(B, S), :, :]
-        self.k_cache[rows, :, step.positions] = k.transpose(1, 2)
-        self.v_cache[rows, :, step.positions] = v
-        keys = self.k_cache[step.slots, :, : step.kv_len]  # (B, Hkv, kv_len, d)
-        values = self.v_cache[step.slots, :, : step.kv_len]
+        keys, values = step.kv.self_kv(self.index, k, v)  # (B, Hkv, K, d)
         out = attention(q, keys, values, step.self_mask)  # (B, H, S, d)
         result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         return result
 
 
 class SelfAttentionLayer(nn.Module):
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, index)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -107,8 +121,8 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttention(Projections):
     """Attention to an image's K/V (8 kv heads repeated, no RoPE), q and k RMS-normalised."""
 
-    def __init__(self, config: TextConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TextConfig, index: int) -> None:
+        super().__init__(config, index)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -119,15 +133,11 @@ class CrossAttention(Projections):
         v = self.v_proj(vision_states).view(n, length, self.kv_heads, self.head_dim)
         return self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
 
-    def write_image(self, slots: torch.Tensor, vision_states: torch.Tensor) -> None:
-        """K/V of projected vision states (N, L, D) into the cache rows `slots` (N,); no RoPE."""
-        self.k_cache[slots], self.v_cache[slots] = self.image_kv(vision_states)
-
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
         q = self.q_norm(q)
-        keys, values = self.k_cache[step.slots], self.v_cache[step.slots]  # (B, Hkv, L, d)
+        keys, values = step.kv.cross_kv(self.index)  # (B, Hkv, L, d)
         out = attention(q, keys, values, step.cross_mask).transpose(1, 2).reshape(b, s, -1)
         result: torch.Tensor = self.o_proj(out * step.attn_rows.to(out.dtype))
         return result
@@ -136,9 +146,9 @@ class CrossAttention(Projections):
 class CrossAttentionLayer(nn.Module):
     """h = x + tanh(g_attn)·attn; out = h + tanh(g_mlp)·row·MLP(h)."""
 
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, index: int) -> None:
         super().__init__()
-        self.cross_attn = CrossAttention(config)
+        self.cross_attn = CrossAttention(config, index)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -159,9 +169,10 @@ class TextModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size + 8, config.hidden_size)
+        cross, plain = config.cross_attention_layers, config.self_attention_layers
         self.layers = nn.ModuleList(
-            CrossAttentionLayer(config) if i in config.cross_attention_layers
-            else SelfAttentionLayer(config)
+            CrossAttentionLayer(config, cross.index(i)) if i in cross
+            else SelfAttentionLayer(config, plain.index(i))
             for i in range(config.num_layers)
         )  # fmt: skip
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

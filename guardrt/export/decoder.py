@@ -1,0 +1,150 @@
+"""The exported decoder graph: one step (prefill or decode) with K/V as inputs and outputs.
+
+The same `MllamaModel.step` the runtime runs, over a `KVStore` that concatenates the past K/V
+input with this step's K/V and collects the latter as the `present_kv` output; the caller keeps
+the cache and writes `present_kv` back at the rows' positions. Inputs and outputs:
+
+    input_ids     (B, S) int64       right-padded tokens
+    position_ids  (B, S) int64       position of each token (padding continues the count)
+    past_kv       (Ls, 2, B, Hkv, P, d)  K then V of the Ls self layers at positions 0..P-1
+    cross_kv      (C, 2, B, Hkv, L, d)   image K/V of the C cross layers (the vision graph's
+                                     output; L = 1 zeros for an all-text batch)
+    image_start   (B,) int64         position of `<|image|>` (any position past the text: none)
+    num_tiles     (B,) int64         0 for a request without an image
+    logit_index   (B, R) int64       indices into S of the rows whose logits are wanted
+    →
+    logits        (B, R, vocab) float32
+    present_kv    (Ls, 2, B, Hkv, S, d)  this step's K/V, to store at position_ids
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from guardrt.export.graphs import GraphSpec, TensorSpec
+from guardrt.runtime.model.functional import past_and_step_mask
+from guardrt.runtime.model.mllama import MllamaModel
+
+DECODER_INPUTS = (
+    "input_ids",
+    "position_ids",
+    "past_kv",
+    "cross_kv",
+    "image_start",
+    "num_tiles",
+    "logit_index",
+)
+DECODER_OUTPUTS = ("logits", "present_kv")
+
+
+class GraphKV:
+    """A `KVStore` over graph inputs: attend to [past, present]; remember present."""
+
+    def __init__(self, past_kv: torch.Tensor, cross_kv: torch.Tensor) -> None:
+        self.past_kv, self.cross = past_kv, cross_kv
+        self.presents: list[torch.Tensor] = []
+
+    def self_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.presents.append(torch.stack((k, v)))  # (2, B, Hkv, S, d)
+        past = self.past_kv[layer]  # (2, B, Hkv, P, d)
+        return torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+
+    def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross[layer, 0], self.cross[layer, 1]
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: MllamaModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_kv: torch.Tensor,
+        cross_kv: torch.Tensor,
+        image_start: torch.Tensor,
+        num_tiles: torch.Tensor,
+        logit_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = GraphKV(past_kv, cross_kv)
+        logits = self.model.step(
+            input_ids,
+            position_ids,
+            image_start,
+            num_tiles,
+            logit_index,
+            kv=kv,
+            self_mask=past_and_step_mask(position_ids, past_kv.shape[4]),
+            use_cross=True,  # one graph for every batch; text rows get exactly zero from it
+        )
+        return logits, torch.stack(kv.presents)  # (Ls, 2, B, Hkv, S, d)
+
+
+def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str) -> GraphSpec:
+    text = model.config.text
+    selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
+    heads, dim = text.num_kv_heads, text.head_dim
+    return GraphSpec(
+        path,
+        (
+            TensorSpec("input_ids", "int64", ("batch", "tokens")),
+            TensorSpec("position_ids", "int64", ("batch", "tokens")),
+            TensorSpec("past_kv", kv_dtype, (selfs, 2, "batch", heads, "past", dim)),
+            TensorSpec("cross_kv", kv_dtype, (crosses, 2, "batch", heads, "image_keys", dim)),
+            TensorSpec("image_start", "int64", ("batch",)),
+            TensorSpec("num_tiles", "int64", ("batch",)),
+            TensorSpec("logit_index", "int64", ("batch", "rows")),
+        ),
+        (
+            TensorSpec("logits", "float32", ("batch", "rows", text.vocab_size)),
+            TensorSpec("present_kv", kv_dtype, (selfs, 2, "batch", heads, "tokens", dim)),
+        ),
+    )
+
+
+def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int) -> GraphSpec:
+    """Trace the decoder graph, dynamic in batch, tokens, past length, image keys and rows."""
+    text = model.config.text
+    selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
+    heads, dim, dtype = text.num_kv_heads, text.head_dim, model.weight_dtype
+    batch, tokens, past, rows = 2, 5, 3, 2
+    example = (
+        torch.ones(batch, tokens, dtype=torch.int64),
+        torch.arange(past, past + tokens).repeat(batch, 1),
+        torch.zeros(selfs, 2, batch, heads, past, dim, dtype=dtype),
+        torch.zeros(crosses, 2, batch, heads, model.image_keys, dim, dtype=dtype),
+        torch.zeros(batch, dtype=torch.int64),
+        torch.ones(batch, dtype=torch.int64),
+        torch.zeros(batch, rows, dtype=torch.int64),
+    )
+    dim_b = torch.export.Dim("batch", min=1, max=max_batch)
+    dim_s = torch.export.Dim("tokens", min=1, max=max_seq)
+    dim_p = torch.export.Dim("past", min=0, max=max_seq)
+    dim_l = torch.export.Dim("image_keys", min=1, max=model.image_keys)
+    dim_r = torch.export.Dim("rows", min=1, max=max_seq)
+    torch.onnx.export(
+        DecoderGraph(model).eval(),
+        example,
+        str(path),
+        dynamo=True,
+        input_names=list(DECODER_INPUTS),
+        output_names=list(DECODER_OUTPUTS),
+        dynamic_shapes=(
+            {0: dim_b, 1: dim_s},
+            {0: dim_b, 1: dim_s},
+            {2: dim_b, 4: dim_p},
+            {2: dim_b, 4: dim_l},
+            {0: dim_b},
+            {0: dim_b},
+            {0: dim_b, 1: dim_r},
+        ),
+        verbose=False,
+    )
+    return decoder_spec(model, path, str(dtype).removeprefix("torch."))
