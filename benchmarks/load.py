@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from guardrt import Guard
-from guardrt.runtime.model.tiny import TINY_RANDOM
+from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.grpc_server import set_serving
 from guardrt.runtime.server.main import Stack, build_stack, create_server, health_of

@@ -26,20 +26,14 @@ from guardrt.runtime.model.checkpoint import (
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import rope_inv_freq
 from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.model.resolve import cache_root, resolve_model
 from guardrt.runtime.model.safetensors_io import (
     DTYPES,
     MappedFile,
     read_header,
     write_safetensors,
 )
-from guardrt.runtime.model.tiny import (
-    TINY_CONFIG,
-    cache_root,
-    random_state,
-    resolve_model,
-    tiny_config,
-    write_checkpoint,
-)
+from guardrt.runtime.model.tiny import TINY_CONFIG, random_state, tiny_config, write_checkpoint
 
 # A model small enough to build, write and load in milliseconds (82,567 parameters).
 SMALL_CONFIG: dict[str, Any] = tiny_config(

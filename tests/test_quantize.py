@@ -11,7 +11,7 @@ from torch import nn
 
 from guardrt.export.quantize import (
     QMAX,
-    Int8Linear,
+    QuantizedLinear,
     deviation,
     quantize_linears,
     quantize_weight,
@@ -51,10 +51,10 @@ def test_groups_are_at_least_as_accurate_as_channels() -> None:
         quantize_weight(weight, 48)
 
 
-def test_int8_linear_is_the_dequantized_linear() -> None:
+def test_quantized_linear_is_the_dequantized_linear() -> None:
     linear = nn.Linear(32, 16)
     quantized = quantize_weight(linear.weight, 16)
-    swapped = Int8Linear(quantized, linear.bias)
+    swapped = QuantizedLinear(quantized, linear.bias)
     x = torch.randn(5, 32)
     expected = nn.functional.linear(x, quantized.dequantize(), linear.bias)
     assert torch.equal(swapped(x), expected)

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guardrt.export.graphs import GraphSpec, TensorSpec
+from guardrt.export.graphs import GraphSpec
+from guardrt.export.onnx_ops import OPSET, TRANSLATIONS, check_exportable
+from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model.functional import past_and_step_mask
 from guardrt.runtime.model.mllama import MllamaModel
 
@@ -73,7 +75,8 @@ class DecoderGraph(nn.Module):
         num_tiles: torch.Tensor,
         logit_index: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = GraphKV(past_kv, cross_kv)
+        dtype = self.model.weight_dtype  # K/V cross the graph boundary in fp32 (numpy has no bf16)
+        kv = GraphKV(past_kv.to(dtype), cross_kv.to(dtype))
         logits = self.model.step(
             input_ids,
             position_ids,
@@ -84,10 +87,10 @@ class DecoderGraph(nn.Module):
             self_mask=past_and_step_mask(position_ids, past_kv.shape[4]),
             use_cross=True,  # one graph for every batch; text rows get exactly zero from it
         )
-        return logits, torch.stack(kv.presents)  # (Ls, 2, B, Hkv, S, d)
+        return logits, torch.stack(kv.presents).to(torch.float32)  # (Ls, 2, B, Hkv, S, d)
 
 
-def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str) -> GraphSpec:
+def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str = "float32") -> GraphSpec:
     text = model.config.text
     selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
     heads, dim = text.num_kv_heads, text.head_dim
@@ -111,9 +114,10 @@ def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str) -> GraphSpec:
 
 def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int) -> GraphSpec:
     """Trace the decoder graph, dynamic in batch, tokens, past length, image keys and rows."""
+    check_exportable(model)
     text = model.config.text
     selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
-    heads, dim, dtype = text.num_kv_heads, text.head_dim, model.weight_dtype
+    heads, dim, dtype = text.num_kv_heads, text.head_dim, torch.float32
     batch, tokens, past, rows = 2, 5, 3, 2
     example = (
         torch.ones(batch, tokens, dtype=torch.int64),
@@ -134,6 +138,8 @@ def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int)
         example,
         str(path),
         dynamo=True,
+        opset_version=OPSET,
+        custom_translation_table=TRANSLATIONS,
         input_names=list(DECODER_INPUTS),
         output_names=list(DECODER_OUTPUTS),
         dynamic_shapes=(
@@ -147,4 +153,4 @@ def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int)
         ),
         verbose=False,
     )
-    return decoder_spec(model, path, str(dtype).removeprefix("torch."))
+    return decoder_spec(model, path)

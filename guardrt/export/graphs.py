@@ -1,8 +1,10 @@
-"""The exported graphs: tensors in, tensors out, traced from guardrt's own model.
+"""The vision graph, and the graph descriptions both exported graphs share.
 
 The split TensorRT-LLM and Qualcomm's exporter converged on: a vision graph that turns an
 image's tiles into the cross-attention K/V of every cross layer (6,404 vision tokens projected
-once per image), and a decoder graph for prefill and decode steps (in progress).
+once per image), and a decoder graph for prefill and decode steps (`decoder.py`). Both are
+traced from guardrt's own model with torch's dynamo exporter; tensors cross their boundaries in
+fp32 whatever the precision inside.
 """
 
 from __future__ import annotations
@@ -13,14 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from guardrt.export.onnx_ops import OPSET, TRANSLATIONS, check_exportable
+from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model.mllama import MllamaModel
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple[str | int, ...]  # symbolic dims by name
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,14 @@ class VisionGraph(nn.Module):
         aspect_ratio_ids: torch.Tensor,
         aspect_ratio_mask: torch.Tensor,
     ) -> torch.Tensor:
-        states = self.model.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        return self.model.image_kv(states)  # (C, 2, N, Hkv, L, d)
+        pixels = pixel_values.to(self.model.weight_dtype)
+        states = self.model.encode_images(pixels, aspect_ratio_ids, aspect_ratio_mask)
+        return self.model.image_kv(states).to(torch.float32)  # (C, 2, N, Hkv, L, d)
 
 
 def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
     """Trace the vision graph (dynamic in the number of images) to ONNX at `path`."""
+    check_exportable(model)
     config = model.config
     tiles, side = config.vision.max_num_tiles, config.vision.image_size
     example = (
@@ -64,6 +63,8 @@ def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
         example,
         str(path),
         dynamo=True,
+        opset_version=OPSET,
+        custom_translation_table=TRANSLATIONS,
         input_names=list(names),
         output_names=["cross_kv"],
         dynamic_shapes=({0: images}, {0: images}, {0: images}),

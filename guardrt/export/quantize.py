@@ -1,54 +1,83 @@
-"""int8 weight quantization: one implementation for the export path and the GPU engine.
+"""Weight quantization (int8, fp8): one implementation for the export path and the GPU engine.
 
-Two steps, as in gpt-fast: `quantize_weight` makes symmetric int8 weights with per-output-channel
+Two steps, as in gpt-fast: `quantize_weight` makes symmetric 8-bit weights with per-output-channel
 (or per-group) fp32 scales offline; `quantize_linears` swaps a model's `nn.Linear`s for
-`Int8Linear`s holding them. `Int8Linear`'s forward here is the plain-PyTorch reference
-(dequantize, then matmul); fused kernels reading int8 directly come with the GPU engine and are
-tested against it.
+`QuantizedLinear`s holding them. The forward dequantizes through one custom op,
+`guardrt::dequantize` (plain PyTorch here, the reference for fused kernels later); the ONNX
+exporter translates it to a `DequantizeLinear` on the stored 8-bit weight (`onnx_ops.py`), so
+exported graphs keep the weights in 8 bits.
 
-Symmetric, zero-point free: w ≈ scale · q with q = round(w / scale) ∈ [-127, 127] and
-scale = max|w| / 127 over the channel (or group of `group_size` input columns).
+Symmetric, zero-point free: w ≈ scale · q with scale = max|w| / QMAX over the channel (or group
+of `group_size` input columns). int8: q = round(w / scale) ∈ [-127, 127]. fp8 (e4m3, QMAX 448):
+q = w / scale rounded to the nearest e4m3 value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+QuantKind = Literal["int8", "fp8"]
 QMAX = 127
+QMAX_BY_KIND: dict[QuantKind, float] = {"int8": 127.0, "fp8": 448.0}
+_STORAGE: dict[QuantKind, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+@torch.library.custom_op("guardrt::dequantize", mutates_args=())
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 (out, in) = scale · q for 8-bit q (out, in) and fp32 scales (out, groups)."""
+    out, columns = qweight.shape
+    grouped = qweight.view(out, scales.shape[1], -1).to(torch.float32)  # (out, g, in/g)
+    return (grouped * scales[..., None]).reshape(out, columns)
+
+
+@dequantize.register_fake
+def _(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.new_empty(qweight.shape, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    qweight: torch.Tensor  # int8 (out, in)
+    qweight: torch.Tensor  # int8 or float8_e4m3fn (out, in)
     scales: torch.Tensor  # fp32 (out, groups); groups = 1 for per-channel
     group_size: int  # input columns per scale (= in for per-channel)
 
+    @property
+    def kind(self) -> QuantKind:
+        return "int8" if self.qweight.dtype == torch.int8 else "fp8"
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) weights in `dtype`: scale · q, group by group."""
-        out, columns = self.qweight.shape
-        grouped = self.qweight.view(out, -1, self.group_size).to(torch.float32)  # (out, g, gs)
-        return (grouped * self.scales[..., None]).reshape(out, columns).to(dtype)
+        result: torch.Tensor = torch.ops.guardrt.dequantize(self.qweight, self.scales)
+        return result.to(dtype)
 
 
-def quantize_weight(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
-    """Symmetric int8 of an (out, in) weight, per output channel or per `group_size` columns."""
+def quantize_weight(
+    weight: torch.Tensor, group_size: int | None = None, kind: QuantKind = "int8"
+) -> QuantizedWeight:
+    """Symmetric 8-bit `kind` of an (out, in) weight, per output channel or per `group_size`
+    columns."""
     out, columns = weight.shape
     size = columns if group_size is None else group_size
     if columns % size:
         raise ValueError(f"group size {size} does not divide the {columns} input columns")
+    if kind not in QMAX_BY_KIND:
+        raise ValueError(f"quantization kind {kind!r} is not one of {', '.join(QMAX_BY_KIND)}")
+    qmax = QMAX_BY_KIND[kind]
     grouped = weight.detach().to(torch.float32).reshape(out, columns // size, size)
-    scales = grouped.abs().amax(dim=-1) / QMAX  # (out, groups)
+    scales = grouped.abs().amax(dim=-1) / qmax  # (out, groups)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero rows stay 0
-    q = torch.clamp(torch.round(grouped / scales[..., None]), -QMAX, QMAX).to(torch.int8)
+    scaled = torch.clamp(grouped / scales[..., None], -qmax, qmax)
+    q = (torch.round(scaled) if kind == "int8" else scaled).to(_STORAGE[kind])
     return QuantizedWeight(q.reshape(out, columns), scales, size)
 
 
-class Int8Linear(nn.Module):
-    """A bias-free or biased Linear whose weight is int8 with fp32 scales (reference forward)."""
+class QuantizedLinear(nn.Module):
+    """A bias-free or biased Linear whose weight is 8-bit with fp32 scales."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -62,13 +91,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = QuantizedWeight(self.qweight, self.scales, self.group_size)
-        return nn.functional.linear(x, weight.dequantize(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
 
 @dataclass(frozen=True)
 class QuantizationReport:
     layers: int  # Linear layers swapped
-    int8_bytes: int  # int8 weights + fp32 scales
+    int8_bytes: int  # 8-bit weights + fp32 scales
     original_bytes: int  # the same weights as they were
     worst_layer_error: float  # max over layers of max|w - ŵ| / max|w|
 
@@ -77,10 +107,11 @@ def quantize_linears(
     model: nn.Module,
     *,
     group_size: int | None = None,
+    kind: QuantKind = "int8",
     keep: Callable[[str], bool] = lambda name: False,
 ) -> QuantizationReport:
-    """Swap every `nn.Linear` of `model` (except those `keep(name)` is true for) for an
-    `Int8Linear`, in place."""
+    """Swap every `nn.Linear` of `model` (except those `keep(name)` is true for) for a
+    `QuantizedLinear`, in place."""
     swapped, int8_bytes, original_bytes, worst = 0, 0, 0, 0.0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -89,37 +120,13 @@ def quantize_linears(
                 continue
             columns = child.in_features
             size = group_size if group_size is not None and columns % group_size == 0 else None
-            quantized = quantize_weight(child.weight, size)
+            quantized = quantize_weight(child.weight, size, kind)
             original = child.weight.detach().float()
             error = (quantized.dequantize() - original).abs().max()
             scale = original.abs().max().clamp_min(1e-12)
             worst = max(worst, float(error / scale))
-            setattr(module, child_name, Int8Linear(quantized, child.bias))
+            setattr(module, child_name, QuantizedLinear(quantized, child.bias))
             swapped += 1
             int8_bytes += quantized.qweight.numel() + 4 * quantized.scales.numel()
             original_bytes += child.weight.numel() * child.weight.element_size()
     return QuantizationReport(swapped, int8_bytes, original_bytes, worst)
-
-
-@dataclass(frozen=True)
-class Deviation:
-    """How far a quantized model is from the reference, over a set of inputs."""
-
-    max_relative_logit_error: float  # max|Δlogit| / max|logit| over all compared positions
-    max_abs_delta_p_unsafe: float  # max |ΔP(unsafe)| over the verdict positions
-
-
-def deviation(
-    reference: Iterable[torch.Tensor], candidate: Iterable[torch.Tensor], unsafe_id: int
-) -> Deviation:
-    """Compare matching (positions, vocab) logits; the last row of each is the verdict row."""
-    worst_logit, worst_p = 0.0, 0.0
-    for ref, cand in zip(reference, candidate, strict=True):
-        if not torch.isfinite(cand).all():
-            raise ValueError("the candidate model produced non-finite logits")
-        scale = float(ref.abs().max())
-        worst_logit = max(worst_logit, float((cand - ref).abs().max()) / max(scale, 1e-12))
-        p_ref = torch.softmax(ref[-1].float(), -1)[unsafe_id]
-        p_cand = torch.softmax(cand[-1].float(), -1)[unsafe_id]
-        worst_p = max(worst_p, abs(float(p_cand - p_ref)))
-    return Deviation(worst_logit, worst_p)

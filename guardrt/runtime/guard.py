@@ -17,7 +17,7 @@ from typing import Any
 from guardrt.runtime.engine import Engine, EngineOptions
 from guardrt.runtime.engine.torch_engine import TorchEngine
 from guardrt.runtime.errors import GuardrtError
-from guardrt.runtime.model.tiny import resolve_model
+from guardrt.runtime.model.resolve import resolve_model
 from guardrt.runtime.policy import CategoriesInput
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.prompt import Messages

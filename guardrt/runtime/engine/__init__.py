@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from guardrt.runtime.engine.manifest import is_engine_dir, read_manifest
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.requests import Decoded, PreparedRequest
 
-BACKENDS = {"torch": "guardrt.runtime.engine.torch_engine:TorchEngine"}
+BACKENDS = {
+    "torch": "guardrt.runtime.engine.torch_engine:TorchEngine",
+    "onnx": "guardrt.runtime.engine.onnx_engine:OnnxEngine",
+    "tensorrt": "guardrt.runtime.engine.tensorrt_engine:TensorrtEngine",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,14 @@ class Engine(Protocol):
     def close_session(self, session: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def backend_for(directory: Path) -> str:
+    """The back end a model directory needs: an engine directory's format (its manifest),
+    else torch for a checkpoint."""
+    if not is_engine_dir(directory):
+        return "torch"
+    return read_manifest(directory, verify=False).engine_format
 
 
 def load_engine(backend: str, options: EngineOptions) -> Engine:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,9 +24,6 @@ from guardrt.runtime.model.safetensors_io import write_safetensors
 from guardrt.runtime.preprocess.config import CLIP_MEAN, CLIP_STD
 from guardrt.runtime.tokenizer import default_tokenizer_path
 from guardrt.runtime.tokenizer_files import SPECIAL_NAMES, read_tiktoken_file, tokenizer_json
-
-TINY_RANDOM = "tiny-random"
-_VERSION = 2  # bump when the generated checkpoint changes, so caches regenerate
 
 # The hub config's shape with tiny sizes. The tile stays 560 px so the real image pipeline
 # feeds it; 56-px patches keep the vision sequence short (4 × 104 tokens).
@@ -172,31 +166,3 @@ def write_tiny_random(
     document = dict(config or TINY_CONFIG)
     write_checkpoint(directory, document, random_state(ModelConfig.from_dict(document), seed))
     return directory
-
-
-def cache_root() -> Path:
-    """Where generated models are kept: $GUARDRT_CACHE, else ~/.cache/guardrt."""
-    configured = os.environ.get("GUARDRT_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "guardrt"
-
-
-def resolve_model(model: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory for `model`: the name `tiny-random` is generated on first use
-    (atomically, so concurrent first uses are safe); anything else is a directory path."""
-    if str(model) != TINY_RANDOM:
-        return Path(model)
-    target = cache_root() / f"{TINY_RANDOM}-v{_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_RANDOM}-", dir=target.parent))
-    try:
-        write_tiny_random(scratch)
-        try:
-            scratch.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent writer's success
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target

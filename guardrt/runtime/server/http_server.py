@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from guardrt.runtime.errors import GuardrtError
-from guardrt.runtime.model.tiny import TINY_RANDOM
+from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.metrics import Metrics

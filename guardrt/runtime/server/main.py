@@ -22,7 +22,7 @@ import numpy as np
 
 from guardrt import __version__
 from guardrt.runtime.engine import Engine, load_engine
-from guardrt.runtime.model.tiny import TINY_RANDOM, resolve_model
+from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.scheduler import Scheduler

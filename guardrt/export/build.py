@@ -1,0 +1,440 @@
+"""`guardrt export build`: checkpoint → engine directory, as a chain of checked steps.
+
+    source   hash the checkpoint's files (the manifest names what was built from what)
+    convert  HF checkpoint → guardrt's torch model in the build's dtype; parity vs the fp32 model
+    quantize int8 / fp8 weights (per output channel; the head stays full precision); parity vs
+             convert (skipped for fp32 / fp16 / bf16)
+    build    trace the vision and decoder graphs to ONNX (and build TensorRT engines from them);
+             parity of the engine, run by ONNX Runtime / TensorRT, vs the step before
+    manifest files, hashes, graphs, tool versions, parity, deviation from fp32
+
+Every parity check runs the same fixed probes (`parity.py`). The build happens in a scratch
+directory beside the output and is renamed into place at the end, so a failed build never
+leaves a directory that looks like an engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from guardrt import __version__
+from guardrt.export.decoder import export_decoder
+from guardrt.export.errors import ExportError
+from guardrt.export.graphs import GraphSpec, export_vision
+from guardrt.export.parity import Deviation, deviation, probe_digest, probe_logits, probes
+from guardrt.export.progress import Progress
+from guardrt.export.quantize import QuantKind, quantize_linears
+from guardrt.runtime.classify import TorchSteps
+from guardrt.runtime.decoding import StepModel
+from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps
+from guardrt.runtime.engine.manifest import (
+    ENGINE_FORMATS,
+    FORMAT,
+    PRECISIONS,
+    VERSION,
+    file_entries,
+    parse_manifest,
+    sha256_file,
+    write_manifest,
+)
+from guardrt.runtime.engine.onnx_engine import OrtRunner
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.mllama import SEMANTICS, MllamaModel, Semantics
+from guardrt.runtime.prepare import load_preparer
+from guardrt.runtime.requests import PreparedRequest
+
+INT8_COMPUTE = ("weight-only", "weight+activation")
+COPIED = (
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+_COMPUTE_DTYPE = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.float32,  # int8 / fp8 weights, fp32 activations (the CPU provider's)
+    "fp8": torch.float32,
+}
+_KEEP_FULL = "lm_head"  # the verdict's own projection stays full precision
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: Path
+    output: Path
+    precision: str = "fp32"
+    engine_format: str = "onnx"
+    max_batch: int = 4
+    max_seq: int = 8192
+    semantics: str = "meta"
+    int8_compute: str = "weight-only"
+    device: str = "cpu"  # torch device for converting and for the torch side of parity
+    force: bool = False  # replace an existing output directory
+
+
+def check_options(options: BuildOptions) -> None:
+    checks = (
+        (options.precision in PRECISIONS, f"--precision {options.precision!r}", PRECISIONS),
+        (
+            options.engine_format in ENGINE_FORMATS,
+            f"--format {options.engine_format!r}",
+            ENGINE_FORMATS,
+        ),
+        (options.semantics in SEMANTICS, f"--semantics {options.semantics!r}", SEMANTICS),
+        (
+            options.int8_compute in INT8_COMPUTE,
+            f"--int8-compute {options.int8_compute!r}",
+            INT8_COMPUTE,
+        ),
+    )
+    for ok, what, allowed in checks:
+        if not ok:
+            raise ExportError(f"{what} is not one of {', '.join(allowed)}")
+    if options.max_batch < 1 or options.max_seq < 64:
+        raise ExportError(
+            f"--max-batch-size {options.max_batch} must be ≥ 1 and --max-seq-len "
+            f"{options.max_seq} ≥ 64"
+        )
+    if not (options.model / "config.json").is_file():
+        raise ExportError(f"--model {options.model} is not a checkpoint directory (no config.json)")
+    if options.output.exists() and any(options.output.iterdir()) and not options.force:
+        raise ExportError(f"-o {options.output} exists and is not empty (--force replaces it)")
+    if options.output.resolve() == options.model.resolve():
+        raise ExportError("-o must not be the checkpoint directory")
+
+
+def tool_versions(*extra: str) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version(), "guardrt": __version__}
+    for name in ("numpy", "torch", "onnx", "onnxscript", "onnxruntime", *extra):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def source_hashes(directory: Path, progress: Progress) -> dict[str, Any]:
+    """sha256 of every file of the checkpoint, and one over them all (name order)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    hashes = {}
+    for index, path in enumerate(files):
+        progress.update(index, len(files), "files hashed")
+        hashes[path.name] = sha256_file(path)
+    combined = sha256_text("".join(f"{name}\0{digest}\n" for name, digest in hashes.items()))
+    return {"path": str(directory.resolve()), "sha256": combined, "files": hashes}
+
+
+def sha256_text(text: str) -> str:
+    import hashlib  # noqa: PLC0415
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_probes(
+    model: StepModel, requests: Sequence[PreparedRequest], progress: Progress
+) -> list[np.ndarray]:
+    logits = []
+    for index, request in enumerate(requests):
+        progress.update(index, len(requests), "probes")
+        logits.append(probe_logits(model, request))
+    return logits
+
+
+def _parity(
+    against: str, reference: list[np.ndarray], candidate: list[np.ndarray], ids: tuple[int, int]
+) -> dict[str, Any]:
+    measured: Deviation = deviation(reference, candidate, *ids)
+    return {"against": against, **measured.to_json()}
+
+
+def _torch_steps(model: MllamaModel, max_seq: int) -> TorchSteps:
+    model.setup_caches(1, max_seq)
+    return TorchSteps(model)
+
+
+def _quantize(model: MllamaModel, precision: str) -> dict[str, Any]:
+    kind: QuantKind = "int8" if precision == "int8" else "fp8"
+    report = quantize_linears(model, kind=kind, keep=lambda name: name.endswith(_KEEP_FULL))
+    return {
+        "weights": "int8" if kind == "int8" else "float8_e4m3fn",
+        "scheme": "symmetric, one fp32 scale per output channel, no zero point",
+        "layers": report.layers,
+        "kept_full_precision": [_KEEP_FULL],
+        "quantized_bytes": report.int8_bytes,
+        "original_bytes": report.original_bytes,
+        "worst_layer_error": report.worst_layer_error,
+    }
+
+
+def _export_onnx(
+    model: MllamaModel, directory: Path, options: BuildOptions
+) -> dict[str, GraphSpec]:
+    return {
+        "vision": export_vision(model, directory / "vision.onnx", options.max_batch),
+        "decoder": export_decoder(
+            model, directory / "decoder.onnx", options.max_batch, options.max_seq
+        ),
+    }
+
+
+def _graph_json(spec: GraphSpec, file: str) -> dict[str, Any]:
+    return {
+        "file": file,
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+    }
+
+
+def _copy_side_files(source: Path, target: Path) -> list[str]:
+    copied = []
+    for name in COPIED:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+def _provisional(document: dict[str, Any], compute: str | None) -> Any:
+    """The manifest the back ends would read, before the files are listed (for parity runs)."""
+    draft = dict(document, files={})
+    if compute is not None:
+        draft["quantization"] = dict(draft["quantization"], compute=compute)
+    return parse_manifest(draft)
+
+
+def _engine_logits(
+    make_runner: Callable[[], GraphRunner],
+    config: ModelConfig,
+    requests: Sequence[PreparedRequest],
+    max_seq: int,
+    progress: Progress,
+) -> tuple[list[np.ndarray] | None, str | None]:
+    """The engine's probe logits, or None and why it could not run here."""
+    try:
+        runner = make_runner()
+    except ConfigError as exc:
+        return None, str(exc)
+    steps = GraphSteps(runner, config, rows=1, max_seq=max_seq)
+    return run_probes(steps, requests, progress), None
+
+
+def _summary(parity: dict[str, Any] | None) -> str:
+    if not parity:
+        return ""
+    if "not_run" in parity:
+        return f"parity not run: {parity['not_run']}"
+    return (
+        f"max rel logit err {parity['max_relative_logit_error']:.2e}, "
+        f"max |ΔP(unsafe)| {parity['max_abs_delta_p_unsafe']:.2e} vs {parity['against']}"
+    )
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    from guardrt.runtime.jsonfile import read_json_object  # noqa: PLC0415
+
+    return read_json_object(directory / "config.json", "model config")
+
+
+def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Build the engine directory at `options.output`; returns its manifest document."""
+    check_options(options)
+    trt = None
+    if options.engine_format == "tensorrt":
+        from guardrt.export.tensorrt_build import require_tensorrt  # noqa: PLC0415
+
+        trt = require_tensorrt()  # before any long step: fail fast where TensorRT is absent
+    progress = progress or Progress(5)
+    output = options.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}-work-", dir=output.parent))
+    try:
+        document = _build_into(scratch, work, options, progress, trt)
+        if output.exists():
+            shutil.rmtree(output)
+        scratch.rename(output)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return document
+
+
+def _build_engine(
+    specs: dict[str, GraphSpec],
+    document: dict[str, Any],
+    engine_dir: Path,
+    work: Path,
+    options: BuildOptions,
+    trt: Any,
+    probe_run: Callable[[Callable[[], GraphRunner]], tuple[list[np.ndarray] | None, str | None]],
+    progress: Progress,
+) -> tuple[list[np.ndarray] | None, str | None]:
+    """Fill the document's graphs (and artifact); the engine's probe logits or why not run."""
+    if trt is None:
+        document["graphs"] = {
+            name: _graph_json(spec, spec.path.name) for name, spec in specs.items()
+        }
+        document["artifact"] = "ONNX graphs (vision.onnx, decoder.onnx, weights in .data files)"
+        manifest = _provisional(document, None)
+        return probe_run(lambda: OrtRunner(engine_dir, manifest, "cpu", 0))
+    from guardrt.export.tensorrt_build import build_plans  # noqa: PLC0415
+    from guardrt.runtime.engine.tensorrt_engine import TrtRunner  # noqa: PLC0415
+
+    summary = build_plans(trt, specs, engine_dir, work, options, progress)
+    document["graphs"] = {name: _graph_json(spec, f"{name}.plan") for name, spec in specs.items()}
+    document["artifact"] = f"TensorRT engines (vision.plan, decoder.plan): {summary}"
+    manifest = _provisional(document, None)
+    return probe_run(lambda: TrtRunner(engine_dir, manifest, options.device))
+
+
+def _quantize_step(
+    model: MllamaModel,
+    options: BuildOptions,
+    converted: list[np.ndarray],
+    requests: Sequence[PreparedRequest],
+    ids: tuple[int, int],
+    progress: Progress,
+) -> tuple[dict[str, Any] | None, list[np.ndarray], dict[str, Any]]:
+    """Quantize in place (int8 / fp8): the quantization record, probe logits, the step."""
+    if options.precision not in ("int8", "fp8"):
+        return None, converted, {"name": "quantize", "skipped": f"{options.precision} has none"}
+    quantization = _quantize(model, options.precision)
+    if options.precision == "int8":
+        quantization["compute"] = options.int8_compute
+    quantized = run_probes(_torch_steps(model, options.max_seq), requests, progress)
+    step = {
+        "name": "quantize",
+        "artifact": f"torch model with {quantization['weights']} weights",
+        "parity": _parity("convert", converted, quantized, ids),
+    }
+    return quantization, quantized, step
+
+
+def _build_into(
+    engine_dir: Path, work: Path, options: BuildOptions, progress: Progress, trt: Any
+) -> dict[str, Any]:
+    semantics: Semantics = "meta" if options.semantics == "meta" else "transformers"
+    tensorrt = trt is not None
+    progress.step("source: hash the checkpoint")
+    source = source_hashes(options.model, progress)
+    config = ModelConfig.from_checkpoint(options.model)  # validates before anything heavy
+    requests = probes(load_preparer(options.model, options.max_seq))
+    grammar = requests[0].grammar.tokens
+    ids = (grammar.unsafe, grammar.safe)
+
+    def probe_run(
+        make_runner: Callable[[], GraphRunner],
+    ) -> tuple[list[np.ndarray] | None, str | None]:
+        return _engine_logits(make_runner, config, requests, options.max_seq, progress)
+
+    progress.done(f"sha256 {source['sha256'][:16]}… over {len(source['files'])} files")
+
+    progress.step(f"convert: checkpoint → torch model for {options.precision}")
+    model = load_model(
+        options.model, device=torch.device(options.device), dtype=torch.float32, semantics=semantics
+    )
+    reference = run_probes(_torch_steps(model, options.max_seq), requests, progress)
+    dtype = _COMPUTE_DTYPE[options.precision]
+    converted = reference
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        converted = run_probes(_torch_steps(model, options.max_seq), requests, progress)
+    steps: list[dict[str, Any]] = [
+        {
+            "name": "convert",
+            "artifact": f"guardrt torch model, {str(dtype).removeprefix('torch.')}",
+            "parity": _parity("the checkpoint in fp32", reference, converted, ids),
+        }
+    ]
+    progress.done(_summary(steps[-1]["parity"]))
+
+    progress.step("quantize")
+    quantization, before, step = _quantize_step(model, options, converted, requests, ids, progress)
+    before_name = "quantize" if quantization is not None else "convert"
+    steps.append(step)
+    progress.done(_summary(step.get("parity")) or "skipped")
+    model.setup_caches(0, 0)
+
+    progress.step(f"build: {options.engine_format} graphs")
+    specs = _export_onnx(model, work if tensorrt else engine_dir, options)
+    del model
+    document: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "engine_format": options.engine_format,
+        "precision": options.precision,
+        "quantization": quantization,
+        "semantics": options.semantics,
+        "max_batch": options.max_batch,
+        "max_seq": options.max_seq,
+        "source": source,
+        "config": _read_config(options.model),
+        "tools": tool_versions("tensorrt") if tensorrt else tool_versions(),
+        "graphs": {},
+        "copied": _copy_side_files(options.model, engine_dir),
+        "probes": {"count": len(requests), "sha256": probe_digest(requests)},
+    }
+    logits, why = _build_engine(
+        specs, document, engine_dir, work, options, trt, probe_run, progress
+    )
+    runtime = "TensorRT" if tensorrt else "ONNX Runtime (CPU)"
+    parity = (
+        _parity(f"{before_name} (engine run by {runtime})", before, logits, ids)
+        if logits is not None
+        else {"against": before_name, "not_run": why}
+    )
+    steps.append({"name": "build", "artifact": document.pop("artifact"), "parity": parity})
+    progress.done(_summary(parity))
+
+    progress.step("manifest")
+    document["steps"] = steps
+    document["deviation"] = (
+        _parity("fp32 model", reference, logits, ids) if logits is not None else {"not_run": why}
+    )
+    if options.precision == "int8" and not tensorrt:
+        document["alternatives"] = _int8_alternatives(
+            engine_dir, document, reference, ids, probe_run
+        )
+    document["files"] = file_entries(engine_dir)
+    parse_manifest(document)  # what we write must be what the back ends read
+    write_manifest(engine_dir, document)
+    progress.done(f"{len(document['files'])} files")
+    return document
+
+
+def _int8_alternatives(
+    engine_dir: Path,
+    document: dict[str, Any],
+    reference: list[np.ndarray],
+    ids: tuple[int, int],
+    probe_run: Callable[[Callable[[], GraphRunner]], tuple[list[np.ndarray] | None, str | None]],
+) -> dict[str, Any]:
+    """Both int8 compute modes measured on the same graphs (the choice's evidence)."""
+    measured: dict[str, Any] = {}
+    for compute in INT8_COMPUTE:
+        manifest = _provisional(document, compute)
+        logits, why = probe_run(functools.partial(OrtRunner, engine_dir, manifest, "cpu", 0))
+        measured[compute] = (
+            _parity("fp32 model", reference, logits, ids)
+            if logits is not None
+            else {"not_run": why}
+        )
+    return measured

@@ -1,0 +1,41 @@
+"""How guardrt's custom torch ops become ONNX: the exporter's translation table.
+
+`guardrt::dequantize` → `DequantizeLinear(q, scales, axis=0)`: the weight stays 8-bit in the
+graph (int8 or float8e4m3fn initializers), and runtimes fuse it with the following MatMul
+(ONNX Runtime: `MatMulNBits`; TensorRT: weight-only / fp8 GEMMs). ONNX's per-axis
+`DequantizeLinear` takes one scale per output channel, so exported graphs use per-channel scales;
+per-group scales (blocked quantization, opset 21) would need the exporter to translate at
+opset 21, which torch's exporter does not (it translates at 18 and converts after).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from onnxscript import opset18 as op
+
+import guardrt.export.quantize  # noqa: F401  (registers torch.ops.guardrt.dequantize)
+
+OPSET = 21  # float8 DequantizeLinear needs ≥ 19; 21 is what ONNX Runtime and TensorRT 10 read
+
+
+def _dequantize(qweight: Any, scales: Any) -> Any:
+    """scales (out, 1) → (out,) per-axis scales on axis 0."""
+    shape: Any = op.Constant(value_ints=[-1])
+    flat = op.Reshape(scales, shape)
+    return op.DequantizeLinear(qweight, flat, axis=0)
+
+
+TRANSLATIONS: dict[Any, Any] = {torch.ops.guardrt.dequantize.default: _dequantize}
+
+
+def check_exportable(model: torch.nn.Module) -> None:
+    """Refuse per-group quantized layers before tracing (the exporter would fail obscurely)."""
+    for name, module in model.named_modules():
+        scales = getattr(module, "scales", None)
+        if isinstance(scales, torch.Tensor) and scales.dim() == 2 and scales.shape[1] != 1:
+            raise ValueError(
+                f"{name} has per-group scales ({scales.shape[1]} groups); exported graphs take "
+                "per-channel scales (quantize with group_size=None)"
+            )

@@ -1,0 +1,118 @@
+"""A `StepModel` over the two exported graphs, with the K/V caches in host memory (numpy).
+
+Shared by the ONNX Runtime and TensorRT back ends: each supplies a `GraphRunner` (run the
+vision graph, run the decoder graph); this file owns the caches and the feeds. The layouts are
+the graphs' (see `guardrt/export/decoder.py`):
+
+    self_kv   (self layers, 2, rows, Hkv, capacity, d)  grown on demand up to max_seq
+    cross_kv  (cross layers, 2, rows, Hkv, image_keys, d)  allocated with the first image
+
+A step feeds each row's past (positions before its first position this step; the graph masks
+the rest) and writes the step's K/V back at the step's positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.preprocess import TiledImage
+
+_MIN_CAPACITY = 256
+
+
+class GraphRunner(Protocol):
+    def vision(
+        self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray
+    ) -> np.ndarray:
+        """(N, T, 3, H, W) f32, (N,) i64, (N, T) i64 → cross_kv (C, 2, N, Hkv, L, d) f32."""
+        ...
+
+    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The decoder graph's inputs by name → (logits, present_kv)."""
+        ...
+
+
+class GraphSteps:
+    def __init__(self, runner: GraphRunner, config: ModelConfig, rows: int, max_seq: int) -> None:
+        text = config.text
+        self.runner, self.max_batch, self.max_seq = runner, rows, max_seq
+        self._self_shape = (len(text.self_attention_layers), 2, rows, text.num_kv_heads)
+        self._cross_shape = (len(text.cross_attention_layers), 2, rows, text.num_kv_heads)
+        self._head_dim = text.head_dim
+        self._image_keys = config.vision.max_num_tiles * config.vision.num_patches
+        self.self_kv = np.zeros((*self._self_shape, 0, text.head_dim), np.float32)
+        self.cross_kv: np.ndarray | None = None
+
+    def release(self) -> None:
+        """Free the caches (the engine is closing)."""
+        self.self_kv = self.self_kv[:, :, :, :, :0].copy()
+        self.cross_kv = None
+
+    def _reserve(self, length: int) -> None:
+        """Grow the self-attention cache to hold positions 0..length-1 (doubling, ≤ max_seq)."""
+        capacity = self.self_kv.shape[4]
+        if length <= capacity:
+            return
+        grown = min(self.max_seq, max(length, 2 * capacity, _MIN_CAPACITY))
+        bigger = np.zeros((*self._self_shape, grown, self._head_dim), np.float32)
+        bigger[:, :, :, :, :capacity] = self.self_kv
+        self.self_kv = bigger
+
+    def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
+        ids = np.asarray([image.aspect_ratio_id for image in images], dtype=np.int64)
+        masks = np.stack([image.aspect_ratio_mask for image in images]).astype(np.int64)
+        kv = self.runner.vision(pixels, ids, masks)  # (C, 2, N, Hkv, L, d)
+        if self.cross_kv is None:
+            shape = (*self._cross_shape, self._image_keys, self._head_dim)
+            self.cross_kv = np.zeros(shape, np.float32)
+        self.cross_kv[:, :, list(slots)] = kv
+
+    def clear_images(self, slots: Sequence[int]) -> None:
+        if self.cross_kv is not None:
+            self.cross_kv[:, :, list(slots)] = 0
+
+    def step(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        image_start: np.ndarray,
+        num_tiles: np.ndarray,
+        logit_index: np.ndarray,
+    ) -> np.ndarray:
+        past = int(positions[:, 0].max())  # every row's past lies below its first position
+        self._reserve(past)
+        past_kv = self.self_kv[:, :, slots, :, :past]  # (Ls, 2, B, Hkv, P, d)
+        if self.cross_kv is not None and bool((num_tiles > 0).any()):
+            cross_kv = self.cross_kv[:, :, slots]  # (C, 2, B, Hkv, L, d)
+        else:  # an all-text batch: one zero key, which the graph's masks and gates zero out
+            layers, _, _, heads = self._cross_shape
+            cross_kv = np.zeros((layers, 2, len(slots), heads, 1, self._head_dim), np.float32)
+        logits, present = self.runner.decoder(
+            {
+                "input_ids": tokens,
+                "position_ids": positions,
+                "past_kv": np.ascontiguousarray(past_kv),
+                "cross_kv": np.ascontiguousarray(cross_kv),
+                "image_start": image_start,
+                "num_tiles": num_tiles,
+                "logit_index": logit_index,
+            }
+        )
+        self._store(present, slots, positions)
+        return logits
+
+    def _store(self, present: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
+        """present (Ls, 2, B, Hkv, S, d) at (slot, position); a right-padded row's pad
+        positions past max_seq are dropped (nothing reads them)."""
+        self._reserve(min(self.max_seq, int(positions.max()) + 1))
+        keep = positions < self.self_kv.shape[4]  # (B, S)
+        rows, columns = np.nonzero(keep)
+        by_token = present.transpose(2, 4, 0, 1, 3, 5)  # (B, S, Ls, 2, Hkv, d)
+        # Advanced indices split by slices go first: the target is (K, Ls, 2, Hkv, d).
+        self.self_kv[:, :, slots[rows], :, positions[rows, columns]] = by_token[rows, columns]

@@ -1,0 +1,234 @@
+"""The ONNX Runtime back end: an engine directory from `guardrt export build --format onnx`,
+served without torch.
+
+Execution providers: `device="cpu"` runs on the CPU; `"cuda"` / `"cuda:N"` asks for ONNX
+Runtime's TensorRT provider (when present) then its CUDA provider, and fails if neither is;
+`"auto"` takes the best provider this onnxruntime has (TensorRT, CUDA, else CPU). int8 engines
+apply the manifest's compute mode: ONNX Runtime fuses each `DequantizeLinear` + `MatMul` into
+`MatMulNBits`, which computes in fp32 from int8 weights ("weight-only") or quantizes activations
+to int8 per block on the fly ("weight+activation").
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardrt.runtime.decoding import DECODES, Decoder
+from guardrt.runtime.engine import EngineInfo, EngineOptions
+from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps
+from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, read_manifest
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.requests import Decoded, PreparedRequest
+
+# MatMulNBits accuracy levels (onnxruntime's session.qdq_matmulnbits_accuracy_level):
+# 1 = fp32 compute, 4 = int8 compute.
+_ACCURACY = {"weight-only": "1", "weight+activation": "4"}
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+
+
+def _ort() -> Any:
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError as exc:
+        raise ConfigError(
+            "serving an ONNX engine needs onnxruntime: pip install 'guardrt[onnx]' "
+            "(or 'guardrt[onnx-gpu]' for CUDA)"
+        ) from exc
+
+
+def providers_for(device: str, available: Sequence[str]) -> list[Any]:
+    """ONNX Runtime providers for `device` (cpu, auto, cuda, cuda:N) among `available`."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    index = 0
+    if device.startswith("cuda:"):
+        try:
+            index = int(device.removeprefix("cuda:"))
+        except ValueError as exc:
+            raise ConfigError(f"device {device!r} is not cpu, auto, cuda or cuda:N") from exc
+    elif device not in ("cuda", "auto"):
+        raise ConfigError(f"device {device!r} is not cpu, auto, cuda or cuda:N")
+    gpu = [
+        (name, {"device_id": index})
+        for name in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+        if name in available
+    ]
+    if not gpu and device != "auto":
+        raise ConfigError(
+            f"device {device!r} needs onnxruntime's CUDA or TensorRT provider; this onnxruntime "
+            f"has {', '.join(available)} (install onnxruntime-gpu: pip install 'guardrt[onnx-gpu]')"
+        )
+    return [*gpu, "CPUExecutionProvider"]
+
+
+class OrtRunner:
+    """The two graphs in ONNX Runtime sessions, their inputs and outputs checked against the
+    manifest."""
+
+    def __init__(self, directory: Path, manifest: Manifest, device: str, threads: int) -> None:
+        ort = _ort()
+        self.providers = providers_for(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if manifest.int8_compute is not None:
+            if manifest.int8_compute not in _ACCURACY:
+                raise EngineDirError(
+                    f"{directory}: int8 compute {manifest.int8_compute!r} is not one of "
+                    f"{', '.join(_ACCURACY)}"
+                )
+            level = _ACCURACY[manifest.int8_compute]
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+        self.sessions = {
+            name: self._session(ort, directory, name, graph, options)
+            for name, graph in manifest.graphs.items()
+        }
+
+    def _session(
+        self, ort: Any, directory: Path, name: str, graph: GraphEntry, options: Any
+    ) -> Any:
+        try:
+            session = ort.InferenceSession(
+                str(directory / graph.file), options, providers=self.providers
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineDirError(
+                f"{directory}: onnxruntime cannot load {graph.file}: {str(exc)[:300]}"
+            ) from exc
+        for kind, declared, actual in (
+            ("input", graph.inputs, session.get_inputs()),
+            ("output", graph.outputs, session.get_outputs()),
+        ):
+            got = [(t.name, t.type) for t in actual]
+            want = [(t.name, _ORT_TYPES.get(t.dtype, t.dtype)) for t in declared]
+            if got != want:
+                raise EngineDirError(
+                    f"{directory}: the {name} graph's {kind}s {got} are not the manifest's {want}"
+                )
+        return session
+
+    def vision(
+        self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray
+    ) -> np.ndarray:
+        feeds = {
+            "pixel_values": pixel_values,
+            "aspect_ratio_ids": aspect_ratio_ids,
+            "aspect_ratio_mask": aspect_ratio_mask,
+        }
+        (kv,) = self.sessions["vision"].run(None, feeds)
+        result: np.ndarray = kv
+        return result
+
+    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        logits, present = self.sessions["decoder"].run(None, feeds)
+        return logits, present
+
+
+def check_options(options: EngineOptions, manifest: Manifest, directory: Path) -> None:
+    """What an engine directory can serve: its semantics, no more rows or positions than it was
+    built for (TensorRT profiles enforce these; the checks keep both back ends alike)."""
+    if options.decode not in DECODES:
+        raise ConfigError(f"decode must be one of {DECODES}, not {options.decode!r}")
+    if options.semantics != manifest.semantics:
+        raise ConfigError(
+            f"{directory} was exported with semantics {manifest.semantics!r}, not "
+            f"{options.semantics!r} (export again with --semantics {options.semantics})"
+        )
+    if options.dtype is not None and options.dtype != manifest.precision:
+        raise ConfigError(
+            f"{directory} is a {manifest.precision} engine; dtype {options.dtype!r} cannot be "
+            "chosen at load time (export another precision)"
+        )
+    if options.max_batch < 1 or options.max_sessions < 0:
+        raise ConfigError(
+            f"max_batch {options.max_batch} must be ≥ 1 and max_sessions {options.max_sessions} ≥ 0"
+        )
+    if options.max_batch > manifest.max_batch:
+        raise ConfigError(
+            f"max_batch {options.max_batch} exceeds the {manifest.max_batch} {directory} was "
+            "built for"
+        )
+    if not 64 <= options.max_seq <= manifest.max_seq:
+        raise ConfigError(
+            f"max_seq {options.max_seq} must be between 64 and the {manifest.max_seq} "
+            f"{directory} was built for"
+        )
+
+
+def engine_threads() -> int:
+    """Intra-op threads from $GUARDRT_ORT_THREADS (0: onnxruntime's default)."""
+    value = os.environ.get("GUARDRT_ORT_THREADS", "0")
+    if not value.isdigit():
+        raise ConfigError(f"GUARDRT_ORT_THREADS {value!r} is not a thread count")
+    return int(value)
+
+
+class GraphEngine:
+    """An engine over an engine directory's two graphs: the manifest checked, host K/V caches
+    (`GraphSteps`), the shared decoding loop. Subclasses say which format they serve and how
+    to run the graphs (`_runner`)."""
+
+    backend = ""
+
+    def __init__(self, options: EngineOptions) -> None:
+        directory = Path(options.model)
+        manifest = read_manifest(directory)
+        if manifest.engine_format != self.backend:
+            raise EngineDirError(
+                f"{directory} holds a {manifest.engine_format} engine, not {self.backend}"
+            )
+        check_options(options, manifest, directory)
+        runner, device = self._runner(directory, manifest, options)
+        config = ModelConfig.from_dict(manifest.config)
+        rows = options.max_batch + options.max_sessions
+        self.steps = GraphSteps(runner, config, rows, options.max_seq)
+        self.decoder = Decoder(self.steps, options.decode, options.max_sessions)
+        self.info = EngineInfo(
+            backend=self.backend,
+            device=device,
+            dtype=manifest.precision,
+            semantics=manifest.semantics,
+            decode=options.decode,
+            max_batch=options.max_batch,
+            max_seq=options.max_seq,
+        )
+        self.manifest = manifest
+
+    def _runner(
+        self, directory: Path, manifest: Manifest, options: EngineOptions
+    ) -> tuple[GraphRunner, str]:
+        """The graph runner and the device it runs on, in words."""
+        raise NotImplementedError
+
+    def warmup(self, sample: Sequence[PreparedRequest]) -> None:
+        self.execute(sample)
+
+    def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+        return self.decoder.run(batch)
+
+    def open_session(self) -> int | None:
+        return self.decoder.sessions.open()
+
+    def close_session(self, session: int) -> None:
+        self.decoder.sessions.close(session)
+
+    def close(self) -> None:
+        self.steps.release()
+
+
+class OnnxEngine(GraphEngine):
+    backend = "onnx"
+
+    def _runner(
+        self, directory: Path, manifest: Manifest, options: EngineOptions
+    ) -> tuple[GraphRunner, str]:
+        runner = OrtRunner(directory, manifest, options.device, engine_threads())
+        first = runner.providers[0]
+        return runner, first if isinstance(first, str) else first[0]
