@@ -75,6 +75,68 @@ def _export_tiny_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_build(args: argparse.Namespace) -> int:
+    from guardrt.export.build import BuildOptions, build  # noqa: PLC0415 (needs torch)
+    from guardrt.export.report import build_report  # noqa: PLC0415
+    from guardrt.runtime.model.resolve import resolve_model  # noqa: PLC0415
+
+    options = BuildOptions(
+        model=resolve_model(args.model),
+        output=Path(args.output),
+        precision=args.precision,
+        engine_format=args.format,
+        max_batch=args.max_batch_size,
+        max_seq=args.max_seq_len,
+        semantics=args.semantics,
+        int8_compute=args.int8_compute,
+        device=args.device,
+        force=args.force,
+    )
+    document = build(options)
+    print(build_report(document, options.output))
+    return 0
+
+
+def _add_export(commands: Any) -> None:
+    export = commands.add_parser("export", help="write checkpoints and engines")
+    exports = export.add_subparsers(dest="export_command", required=True)
+    tiny = exports.add_parser(
+        "tiny-random",
+        help="write a tiny random mllama as a complete HF checkpoint (meaningless verdicts)",
+    )
+    tiny.add_argument("-o", "--output", required=True, help="directory to create")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.set_defaults(handler=_export_tiny_random)
+    built = exports.add_parser(
+        "build",
+        help="build an engine directory (ONNX or TensorRT) from a checkpoint",
+        description="convert → quantize → build, each step checked against the one before on "
+        "fixed probes; ENGINE_DIR/manifest.json records every step, file and tool version. "
+        "Serve the result with `guardrt serve --model ENGINE_DIR`.",
+    )
+    built.add_argument("--model", required=True, help="checkpoint directory (or tiny-random)")
+    built.add_argument("-o", "--output", required=True, help="engine directory to create")
+    built.add_argument(
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8"]
+    )
+    built.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    built.add_argument("--max-batch-size", type=int, default=4, help="rows per batch (4)")
+    built.add_argument("--max-seq-len", type=int, default=8192, help="positions per row (8192)")
+    built.add_argument("--semantics", default="meta", choices=["meta", "transformers"])
+    built.add_argument(
+        "--int8-compute",
+        default="weight-only",
+        choices=["weight-only", "weight+activation"],
+        help="int8: fp32 math on int8 weights (default), or int8 activations too (faster on "
+        "CPUs, less exact; the manifest records both deviations)",
+    )
+    built.add_argument(
+        "--device", default="cpu", help="torch device for converting and parity (cpu, cuda)"
+    )
+    built.add_argument("--force", action="store_true", help="replace a non-empty -o directory")
+    built.set_defaults(handler=_export_build)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
     import logging  # noqa: PLC0415
@@ -135,9 +197,18 @@ def _add_serve(commands: Any) -> None:
         help="tiny-random (default; a generated random model, meaningless verdicts) or a "
         "checkpoint directory",
     )
-    serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    serve.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: the GPU when the back end has one, else the CPU), cpu, cuda, cuda:N",
+    )
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    serve.add_argument("--semantics", default="meta", choices=["meta", "transformers"])
+    serve.add_argument(
+        "--semantics",
+        default=None,
+        choices=["meta", "transformers"],
+        help="meta (default for a checkpoint) or transformers; an engine directory has its own",
+    )
     serve.add_argument("--decode", default="constrained", choices=["constrained", "greedy"])
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--grpc-port", type=int, default=50051)
@@ -210,16 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     prompt.set_defaults(handler=_prompt)
 
-    export = commands.add_parser("export", help="write checkpoints and engines")
-    exports = export.add_subparsers(dest="export_command", required=True)
-    tiny = exports.add_parser(
-        "tiny-random",
-        help="write a tiny random mllama as a complete HF checkpoint (meaningless verdicts)",
-    )
-    tiny.add_argument("-o", "--output", required=True, help="directory to create")
-    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    tiny.set_defaults(handler=_export_tiny_random)
-
+    _add_export(commands)
     _add_serve(commands)
     _add_moderate(commands)
     return parser

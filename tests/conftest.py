@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from guardrt.runtime.engine import Engine, EngineOptions, load_engine
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.tokenizer import Tokenizer, load_tokenizer
 from guardrt.testing.references import converted_tokenizer_json
-from tests.models import write_guard_checkpoint
+from tests.models import DEVICE, write_guard_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -37,4 +38,26 @@ def preparer(checkpoint: Path) -> Preparer:
 
 @pytest.fixture(scope="session")
 def engine(checkpoint: Path) -> Engine:
-    return load_engine("torch", EngineOptions(checkpoint, max_batch=4, max_seq=1024))
+    options = EngineOptions(checkpoint, device=DEVICE, max_batch=4, max_seq=1024)
+    return load_engine("torch", options)
+
+
+def _build(checkpoint: Path, output: Path, precision: str) -> Path:
+    from guardrt.export.build import BuildOptions, build  # noqa: PLC0415
+    from guardrt.export.progress import Progress  # noqa: PLC0415
+
+    options = BuildOptions(checkpoint, output, precision, max_batch=4, max_seq=1024)
+    build(options, Progress(5, io.StringIO()))
+    return output
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`guardrt export build --precision fp32 --format onnx` of the checkpoint (once)."""
+    return _build(checkpoint, tmp_path_factory.mktemp("engines") / "fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def onnx_int8(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with int8 weights (weight-only compute)."""
+    return _build(checkpoint, tmp_path_factory.mktemp("engines") / "int8", "int8")

@@ -27,8 +27,8 @@ _TEXTS = (
     "How do I pick a lock without the key?",
     "Write a short story about a dragon who learns to bake bread.",
 )
-# (height, width) → tiles: 1 (fits one tile), 2 (1x2), 3 (3x1), 4 (2x2)
-_IMAGE_SIZES = ((400, 500), (500, 1100), (1500, 480), (1000, 1100))
+# (height, width) in tiles → 1 (fits one tile), 2 (1x2), 3 (3x1), 4 (2x2)
+_IMAGE_SIZES = ((0.7, 0.9), (0.9, 1.95), (2.7, 0.85), (1.8, 1.95))
 
 
 def _picture(height: int, width: int, seed: int) -> np.ndarray:
@@ -50,9 +50,11 @@ def probes(preparer: Preparer) -> list[PreparedRequest]:
         {"role": "assistant", "content": "Use a tension wrench and a pick, raking the pins."},
     ]
     requests.append(preparer.prepare(conversation))
+    tile = preparer.image_config.tile_size
     for seed, (height, width) in enumerate(_IMAGE_SIZES):
+        picture = _picture(round(height * tile), round(width * tile), seed)
         content = [
-            {"type": "image", "image": _picture(height, width, seed)},
+            {"type": "image", "image": picture},
             {"type": "text", "text": _TEXTS[seed % len(_TEXTS)]},
         ]
         requests.append(preparer.prepare([{"role": "user", "content": content}]))

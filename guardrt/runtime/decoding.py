@@ -86,6 +86,13 @@ class _Row:
     session: SessionState | None = None
 
 
+def parse_decode(value: str) -> Decode:
+    for decode in DECODES:
+        if value == decode:
+            return decode
+    raise ConfigError(f"decode must be one of {DECODES}, not {value!r}")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, computed in float64 (vocab-wide sums of tiny terms)."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)

@@ -4,8 +4,10 @@
     verdict = guard.moderate([{"role": "user", "content": "How do I pick a lock?"}])
     verdict.label, verdict.categories, verdict.unsafe_probability
 
-The torch back end in-process (needs the `torch` extra). `tiny-random` is a generated random
-model: it runs the real tokenizer, prompt and image pipeline, and its verdicts are meaningless.
+A checkpoint directory runs on the torch back end in-process (needs the `torch` extra); an
+engine directory from `guardrt export build` runs on its own back end (ONNX Runtime or
+TensorRT), without torch. `tiny-random` is a generated random model: it runs the real
+tokenizer, prompt and image pipeline, and its verdicts are meaningless.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from guardrt.runtime.engine import Engine, EngineOptions
-from guardrt.runtime.engine.torch_engine import TorchEngine
+from guardrt.runtime.engine import Engine, EngineOptions, backend_for, load_engine
 from guardrt.runtime.errors import GuardrtError
 from guardrt.runtime.model.resolve import resolve_model
 from guardrt.runtime.policy import CategoriesInput
@@ -36,14 +37,19 @@ class Guard:
         cls,
         model: str | os.PathLike[str] = "tiny-random",
         *,
-        device: str = "cpu",
+        device: str = "auto",
         dtype: str | None = None,
-        semantics: str = "meta",
+        semantics: str | None = None,
         decode: str = "constrained",
         max_batch: int = 4,
         max_seq: int = 8192,
     ) -> Guard:
-        """Load a checkpoint directory (or `tiny-random`, generated on first use).
+        """Load a checkpoint directory (or `tiny-random`, generated on first use) or an engine
+        directory (`guardrt export build`).
+
+        `device="auto"` takes the GPU when the back end has one (torch: CUDA; ONNX Runtime: its
+        TensorRT or CUDA provider), else the CPU; or name it: cpu, cuda, cuda:N. An engine
+        directory fixes its dtype and semantics (asking for others is refused).
 
         `semantics="meta"` runs the model as it was trained; `"transformers"` as transformers
         ≥ 4.56 computes it. `decode="constrained"` reads the scores from one prefill and follows
@@ -51,7 +57,7 @@ class Guard:
         """
         directory = resolve_model(model)
         options = EngineOptions(directory, device, dtype, semantics, decode, max_batch, max_seq)
-        engine = TorchEngine(options)
+        engine = load_engine(backend_for(directory), options)
         preparer = load_preparer(directory, max_seq)
         return cls(preparer, engine, source=str(directory))
 

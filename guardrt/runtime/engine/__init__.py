@@ -29,9 +29,9 @@ class EngineOptions:
     """How to load an engine (from the CLI or the server config)."""
 
     model: Path  # a checkpoint directory (torch) or an engine directory
-    device: str = "cpu"
-    dtype: str | None = None  # None: float32 on the CPU, the stored dtype elsewhere
-    semantics: str = "meta"
+    device: str = "auto"  # auto: the back end's GPU when it has one, else the CPU
+    dtype: str | None = None  # None: float32 on the CPU, the stored dtype elsewhere (torch)
+    semantics: str | None = None  # None: "meta" for a checkpoint, an engine's own
     decode: str = "constrained"
     max_batch: int = 4
     max_seq: int = 8192

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrt.runtime.decoding import DECODES, Decoder
+from guardrt.runtime.decoding import Decoder, parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps
 from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, read_manifest
@@ -131,12 +131,13 @@ class OrtRunner:
         return logits, present
 
 
-def check_options(options: EngineOptions, manifest: Manifest, directory: Path) -> None:
-    """What an engine directory can serve: its semantics, no more rows or positions than it was
-    built for (TensorRT profiles enforce these; the checks keep both back ends alike)."""
-    if options.decode not in DECODES:
-        raise ConfigError(f"decode must be one of {DECODES}, not {options.decode!r}")
-    if options.semantics != manifest.semantics:
+def check_options(
+    options: EngineOptions, manifest: Manifest, directory: Path, bounded: bool
+) -> None:
+    """What an engine directory can serve: its semantics and precision; with `bounded`
+    (TensorRT: optimization profiles), no more rows or positions than it was built for.
+    ONNX Runtime's graphs are dynamic in both."""
+    if options.semantics is not None and options.semantics != manifest.semantics:
         raise ConfigError(
             f"{directory} was exported with semantics {manifest.semantics!r}, not "
             f"{options.semantics!r} (export again with --semantics {options.semantics})"
@@ -150,15 +151,17 @@ def check_options(options: EngineOptions, manifest: Manifest, directory: Path) -
         raise ConfigError(
             f"max_batch {options.max_batch} must be ≥ 1 and max_sessions {options.max_sessions} ≥ 0"
         )
-    if options.max_batch > manifest.max_batch:
+    if options.max_seq < 64:
+        raise ConfigError(f"max_seq {options.max_seq} must be ≥ 64")
+    if bounded and options.max_batch > manifest.max_batch:
         raise ConfigError(
             f"max_batch {options.max_batch} exceeds the {manifest.max_batch} {directory} was "
-            "built for"
+            "built for (export again with a larger --max-batch-size)"
         )
-    if not 64 <= options.max_seq <= manifest.max_seq:
+    if bounded and options.max_seq > manifest.max_seq:
         raise ConfigError(
-            f"max_seq {options.max_seq} must be between 64 and the {manifest.max_seq} "
-            f"{directory} was built for"
+            f"max_seq {options.max_seq} exceeds the {manifest.max_seq} {directory} was built "
+            "for (export again with a larger --max-seq-len, or serve with a smaller one)"
         )
 
 
@@ -176,6 +179,7 @@ class GraphEngine:
     to run the graphs (`_runner`)."""
 
     backend = ""
+    bounded = False  # built for at most the manifest's max_batch / max_seq
 
     def __init__(self, options: EngineOptions) -> None:
         directory = Path(options.model)
@@ -184,12 +188,12 @@ class GraphEngine:
             raise EngineDirError(
                 f"{directory} holds a {manifest.engine_format} engine, not {self.backend}"
             )
-        check_options(options, manifest, directory)
+        check_options(options, manifest, directory, self.bounded)
         runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
         rows = options.max_batch + options.max_sessions
         self.steps = GraphSteps(runner, config, rows, options.max_seq)
-        self.decoder = Decoder(self.steps, options.decode, options.max_sessions)
+        self.decoder = Decoder(self.steps, parse_decode(options.decode), options.max_sessions)
         self.info = EngineInfo(
             backend=self.backend,
             device=device,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from guardrt.runtime.classify import Classifier
-from guardrt.runtime.decoding import DECODES
+from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
@@ -39,33 +39,36 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 class TorchEngine:
     def __init__(self, options: EngineOptions) -> None:
-        if options.semantics not in SEMANTICS:
-            raise ConfigError(f"semantics must be one of {SEMANTICS}, not {options.semantics!r}")
-        if options.decode not in DECODES:
-            raise ConfigError(f"decode must be one of {DECODES}, not {options.decode!r}")
+        semantics = options.semantics or "meta"
+        if semantics not in SEMANTICS:
+            raise ConfigError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
+        decode = parse_decode(options.decode)
         if options.max_batch < 1 or options.max_seq < 64 or options.max_sessions < 0:
             raise ConfigError(
                 f"max_batch {options.max_batch} must be ≥ 1, max_seq {options.max_seq} ≥ 64 "
                 f"and max_sessions {options.max_sessions} ≥ 0"
             )
+        name = options.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            device = torch.device(options.device)
+            device = torch.device(name)
         except RuntimeError as exc:
             raise ConfigError(f"device {options.device!r} is not a torch device") from exc
         self.model = load_model(
             options.model,
             device=device,
             dtype=parse_dtype(options.dtype, device),
-            semantics=options.semantics,
+            semantics=semantics,
         )
         self.model.setup_caches(options.max_batch + options.max_sessions, options.max_seq)
-        self.classifier = Classifier(self.model, options.decode, options.max_sessions)
+        self.classifier = Classifier(self.model, decode, options.max_sessions)
         dtype = str(self.model.weight_dtype).removeprefix("torch.")
         self.info = EngineInfo(
             backend="torch",
             device=str(device),
             dtype=dtype,
-            semantics=options.semantics,
+            semantics=semantics,
             decode=options.decode,
             max_batch=options.max_batch,
             max_seq=options.max_seq,

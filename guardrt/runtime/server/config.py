@@ -34,9 +34,9 @@ class ServerConfig:
     """Everything `guardrt serve` is configured with (the engine's settings included)."""
 
     model: str = "tiny-random"  # a checkpoint directory, or tiny-random (meaningless verdicts)
-    device: str = "cpu"
+    device: str = "auto"  # the back end's GPU when it has one, else the CPU
     dtype: str | None = None  # None: float32 on the CPU, the checkpoint's dtype elsewhere
-    semantics: str = "meta"
+    semantics: str | None = None  # None: "meta" for a checkpoint, an engine's own
     decode: str = "constrained"
     max_seq: int = 8192  # prompt + verdict tokens: the model was fine-tuned on 8,192
     max_streams: int = 4  # cache slots kept for ModerateStream sessions

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from guardrt import __version__
-from guardrt.runtime.engine import Engine, load_engine
+from guardrt.runtime.engine import Engine, backend_for, load_engine
 from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
@@ -68,7 +68,7 @@ def build_stack(config: ServerConfig) -> Stack:
     directory = resolve_model(config.model)
     if config.model == TINY_RANDOM:
         log.warning(MEANINGLESS)
-    engine = load_engine("torch", config.engine_options(directory))
+    engine = load_engine(backend_for(directory), config.engine_options(directory))
     preparer = load_preparer(directory, engine.info.max_seq)
     sample = warmup_requests(preparer)
     engine.warmup(sample)

@@ -1,0 +1,716 @@
+"""The TensorRT build and back end without TensorRT: the profile shapes, the refusals where
+TensorRT (or a GPU) is absent, and both sides driven through small fakes of `tensorrt` and of
+cuda-python's runtime that record what they were asked and move bytes in host memory."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guardrt.export.build import BuildOptions
+from guardrt.export.decoder import decoder_spec
+from guardrt.export.errors import ExportError
+from guardrt.export.graphs import GraphSpec
+from guardrt.export.progress import Progress
+from guardrt.export.tensorrt_build import (
+    TIMING_CACHE,
+    WORKSPACE_BYTES,
+    ProfileLimits,
+    build_plans,
+    limits_for,
+    profile_shapes,
+    require_tensorrt,
+)
+from guardrt.runtime.engine import EngineOptions, load_engine
+from guardrt.runtime.engine import tensorrt_engine as te
+from guardrt.runtime.engine.manifest import (
+    FORMAT,
+    VERSION,
+    EngineDirError,
+    Manifest,
+    TensorSpec,
+    file_entries,
+    parse_manifest,
+    write_manifest,
+)
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.config import ModelConfig
+from tests.models import small_config, write_small
+
+_CONFIG = small_config("gqa2-cross2,4")
+Shape = tuple[int, ...]
+
+
+def _vision_spec(config: ModelConfig, path: Path) -> GraphSpec:
+    """The spec `export_vision` returns, without tracing (graphs.py builds it the same way)."""
+    tiles, side, text = config.vision.max_num_tiles, config.vision.image_size, config.text
+    keys = tiles * config.vision.num_patches
+    kv = (len(text.cross_attention_layers), 2, "images", text.num_kv_heads, keys, text.head_dim)
+    return GraphSpec(
+        path,
+        (
+            TensorSpec("pixel_values", "float32", ("images", tiles, 3, side, side)),
+            TensorSpec("aspect_ratio_ids", "int64", ("images",)),
+            TensorSpec("aspect_ratio_mask", "int64", ("images", tiles)),
+        ),
+        (TensorSpec("cross_kv", "float32", kv),),
+    )
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GraphSpec]:
+    directory = write_small(tmp_path_factory.mktemp("trt-model"), _CONFIG, 17)
+    model = load_model(directory)
+    return {
+        "vision": _vision_spec(model.config, directory / "vision.onnx"),
+        "decoder": decoder_spec(model, directory / "decoder.onnx"),
+    }
+
+
+# --- profiles -------------------------------------------------------------------------------
+
+
+def test_decoder_profile(specs: dict[str, GraphSpec]) -> None:
+    limits = limits_for(specs, max_batch=4, max_seq=8192)
+    assert limits.image_keys == 20  # 4 tiles × 5 patches
+    shapes = profile_shapes(specs["decoder"], limits)
+    assert list(shapes) == [t.name for t in specs["decoder"].inputs]
+    assert shapes["input_ids"] == ((1, 1), (1, 512), (4, 8192))
+    # (Ls, 2, batch, Hkv, past, d): a prefill's past is empty, so the minimum is 0.
+    assert shapes["past_kv"] == ((3, 2, 1, 2, 0, 8), (3, 2, 1, 2, 0, 8), (3, 2, 4, 2, 8192, 8))
+    # (C, 2, batch, Hkv, image_keys, d): 1 key (zeros) for text, tuned for an image.
+    assert shapes["cross_kv"] == ((2, 2, 1, 2, 1, 8), (2, 2, 1, 2, 20, 8), (2, 2, 4, 2, 20, 8))
+    assert shapes["image_start"] == ((1,), (1,), (4,))
+    assert shapes["logit_index"] == ((1, 1), (1, 2), (4, 16))
+
+
+def test_vision_profile(specs: dict[str, GraphSpec]) -> None:
+    shapes = profile_shapes(specs["vision"], ProfileLimits(3, 1024, 20))
+    assert shapes["pixel_values"] == ((1, 4, 3, 28, 28), (1, 4, 3, 28, 28), (3, 4, 3, 28, 28))
+    assert shapes["aspect_ratio_mask"] == ((1, 4), (1, 4), (3, 4))
+
+
+def test_profile_limits_small_sequence() -> None:
+    ranges = ProfileLimits(max_batch=1, max_seq=64, image_keys=20).ranges()
+    assert (ranges["tokens"].min, ranges["tokens"].opt, ranges["tokens"].max) == (1, 64, 64)
+    assert all(r.min <= r.opt <= r.max for r in ranges.values())
+
+
+def test_profile_refuses_an_unknown_dim(tmp_path: Path) -> None:
+    spec = GraphSpec(tmp_path / "g.onnx", (TensorSpec("x", "float32", ("frames", 3)),), ())
+    with pytest.raises(ExportError, match="'frames'"):
+        profile_shapes(spec, ProfileLimits(1, 64, 1))
+
+
+# --- refusals without TensorRT --------------------------------------------------------------
+
+
+def test_require_tensorrt_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt → ImportError
+    with pytest.raises(ExportError) as info:
+        require_tensorrt()
+    assert "pip install 'guardrt[tensorrt]'" in str(info.value)
+    assert "NVIDIA GPU" in str(info.value) and "--format onnx" in str(info.value)
+
+
+@pytest.mark.parametrize(("device", "index"), [("auto", 0), ("cuda", 0), ("cuda:3", 3)])
+def test_cuda_device_index(device: str, index: int) -> None:
+    assert te.cuda_device_index(device) == index
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu", "cuda:"])
+def test_cuda_device_index_refuses(device: str) -> None:
+    with pytest.raises(ConfigError, match="NVIDIA GPUs only" if device == "cpu" else "cuda:N"):
+        te.cuda_device_index(device)
+
+
+def _engine_dir(directory: Path, specs: dict[str, GraphSpec], plans: dict[str, bytes]) -> Path:
+    """A TensorRT engine directory with the given plan bytes and a manifest listing them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_CONFIG))
+    for name, blob in plans.items():
+        (directory / f"{name}.plan").write_bytes(blob)
+    document = _document(specs) | {"files": file_entries(directory)}
+    parse_manifest(document)
+    write_manifest(directory, document)
+    return directory
+
+
+def _document(specs: dict[str, GraphSpec]) -> dict[str, Any]:
+    graphs = {
+        name: {
+            "file": f"{name}.plan",
+            "inputs": [t.to_json() for t in spec.inputs],
+            "outputs": [t.to_json() for t in spec.outputs],
+        }
+        for name, spec in specs.items()
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "engine_format": "tensorrt",
+        "precision": "fp32",
+        "quantization": None,
+        "semantics": "meta",
+        "max_batch": 2,
+        "max_seq": 256,
+        "config": _CONFIG,
+        "graphs": graphs,
+        "files": {},
+    }
+
+
+def _manifest(specs: dict[str, GraphSpec]) -> Manifest:
+    return parse_manifest(_document(specs))
+
+
+def test_engine_refuses_without_tensorrt(
+    tmp_path: Path, specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = _engine_dir(tmp_path / "engine", specs, {"vision": b"v", "decoder": b"d"})
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(ConfigError, match=r"pip install 'guardrt\[tensorrt\]'"):
+        load_engine("tensorrt", EngineOptions(directory, device="cuda", max_batch=2, max_seq=256))
+    with pytest.raises(ConfigError, match="NVIDIA GPUs only"):
+        load_engine("tensorrt", EngineOptions(directory, device="cpu", max_batch=2, max_seq=256))
+    with pytest.raises(ConfigError, match="exceeds the 2"):  # bounded by the built profiles
+        load_engine("tensorrt", EngineOptions(directory, device="cuda", max_batch=3, max_seq=256))
+
+
+# --- a fake tensorrt ------------------------------------------------------------------------
+
+
+class Flag(enum.IntEnum):
+    EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 1  # TensorRT 10's value
+
+
+class DataType(enum.Enum):
+    FLOAT = "float32"
+    INT64 = "int64"
+    HALF = "float16"
+
+
+class Mode(enum.Enum):
+    INPUT = 1
+    OUTPUT = 2
+
+
+class Logger:
+    WARNING = "warning"
+
+    def __init__(self, severity: str) -> None:
+        self.severity = severity
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Network:
+    def __init__(self, flags: int, calls: dict[str, Any]) -> None:
+        self.flags, self.calls = flags, calls
+        self.inputs: list[Named] = []
+        self.outputs: list[Named] = []
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_input(self, index: int) -> Named:
+        return self.inputs[index]
+
+    def get_output(self, index: int) -> Named:
+        return self.outputs[index]
+
+
+class ParserError:
+    def node_name(self) -> str:
+        return "/layers.0/Attention"
+
+    def node_operator(self) -> str:
+        return "FancyOp"
+
+    def desc(self) -> str:
+        return "no importer registered for op FancyOp"
+
+
+class FakeTrt:
+    """`tensorrt` as `build_plans` and `TrtRunner` use it; `graphs` says what each ONNX file
+    holds (input and output names), `engines` what each plan's bytes deserialize to."""
+
+    __version__ = "10.99.0"
+    NetworkDefinitionCreationFlag = Flag
+    DataType = DataType
+    TensorIOMode = Mode
+    Logger = Logger
+
+    class MemoryPoolType(enum.Enum):
+        WORKSPACE = 0
+
+    def __init__(self, graphs: dict[str, GraphSpec], fail_parse: bool = False) -> None:
+        self.graphs, self.fail_parse = graphs, fail_parse
+        self.builds: list[dict[str, Any]] = []
+        self.engines: dict[bytes, FakeEngine] = {}
+
+    def Builder(self, logger: Logger) -> Builder:  # noqa: N802 (tensorrt's name)
+        return Builder(self)
+
+    def OnnxParser(self, network: Network, logger: Logger) -> Parser:  # noqa: N802
+        return Parser(self, network)
+
+    def Runtime(self, logger: Logger) -> Runtime:  # noqa: N802
+        return Runtime(self)
+
+
+class Parser:
+    def __init__(self, trt: FakeTrt, network: Network) -> None:
+        self.trt, self.network, self.num_errors = trt, network, 0
+
+    def parse_from_file(self, path: str) -> bool:
+        self.network.calls["onnx"] = path
+        if self.trt.fail_parse:
+            self.num_errors = 1
+            return False
+        spec = next(s for s in self.trt.graphs.values() if str(s.path) == path)
+        self.network.inputs = [Named(t.name) for t in spec.inputs]
+        self.network.outputs = [Named(t.name) for t in spec.outputs]
+        return True
+
+    def get_error(self, index: int) -> ParserError:
+        return ParserError()
+
+
+class Profile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[Shape, Shape, Shape]] = {}
+
+    def set_shape(self, name: str, low: Shape, opt: Shape, high: Shape) -> None:
+        self.shapes[name] = (low, opt, high)
+
+
+class TimingCache:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def serialize(self) -> bytes:
+        return self.blob + b"+timed"
+
+
+class Config:
+    def __init__(self, calls: dict[str, Any]) -> None:
+        self.calls, self.cache = calls, TimingCache(b"")
+        calls["profiles"] = []
+
+    def set_memory_pool_limit(self, pool: Any, size: int) -> None:
+        self.calls["pool"] = (pool, size)
+
+    def add_optimization_profile(self, profile: Profile) -> int:
+        self.calls["profiles"].append(profile.shapes)
+        return 0
+
+    def create_timing_cache(self, blob: bytes) -> TimingCache:
+        self.calls.setdefault("timing_blobs", []).append(bytes(blob))
+        return TimingCache(bytes(blob))
+
+    def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return cache.blob != b"from another GPU"  # a mismatched cache is refused
+
+    def get_timing_cache(self) -> TimingCache:
+        return self.cache
+
+
+class Builder:
+    def __init__(self, trt: FakeTrt) -> None:
+        self.trt = trt
+        self.calls: dict[str, Any] = {}
+        trt.builds.append(self.calls)
+
+    def create_network(self, flags: int) -> Network:
+        self.calls["flags"] = flags
+        return Network(flags, self.calls)
+
+    def create_builder_config(self) -> Config:
+        return Config(self.calls)
+
+    def create_optimization_profile(self) -> Profile:
+        return Profile()
+
+    def build_serialized_network(self, network: Network, config: Config) -> bytes:
+        return f"plan of {Path(self.calls['onnx']).stem}".encode()
+
+
+def _options(tmp_path: Path) -> BuildOptions:
+    return BuildOptions(model=tmp_path, output=tmp_path / "out", max_batch=2, max_seq=128)
+
+
+def _build_files(specs: dict[str, GraphSpec], root: Path) -> dict[str, GraphSpec]:
+    """The specs, their ONNX files made (empty) under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    placed = {}
+    for name, spec in specs.items():
+        path = root / spec.path.name
+        path.write_bytes(b"")
+        placed[name] = GraphSpec(path, spec.inputs, spec.outputs)
+    return placed
+
+
+def test_build_plans(
+    tmp_path: Path, specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GUARDRT_CACHE", str(tmp_path / "cache"))
+    placed = _build_files(specs, tmp_path / "work")
+    trt = FakeTrt(placed)
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    progress = Progress(1, io.StringIO())
+    summary = build_plans(trt, placed, engine_dir, tmp_path / "work", _options(tmp_path), progress)
+
+    assert (engine_dir / "vision.plan").read_bytes() == b"plan of vision"
+    assert (engine_dir / "decoder.plan").read_bytes() == b"plan of decoder"
+    vision, decoder = trt.builds
+    limits = ProfileLimits(max_batch=2, max_seq=128, image_keys=20)
+    for calls, name in ((vision, "vision"), (decoder, "decoder")):
+        assert calls["flags"] == 1 << 1  # STRONGLY_TYPED, and no other flag
+        assert calls["onnx"] == str(placed[name].path)
+        assert calls["pool"] == (FakeTrt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        assert calls["profiles"] == [profile_shapes(placed[name], limits)]
+    assert decoder["profiles"][0]["past_kv"][0][4] == 0
+    assert "TensorRT 10.99.0, strongly typed" in summary and "past 0..128 (opt 0)" in summary
+    # The timing cache: none at first, then each build starts from the one saved before it.
+    cache = tmp_path / "cache" / TIMING_CACHE
+    assert vision["timing_blobs"] == [b""]
+    assert decoder["timing_blobs"] == [b"+timed"]
+    assert cache.read_bytes() == b"+timed+timed"
+
+
+def test_build_plans_replaces_a_foreign_timing_cache(
+    tmp_path: Path, specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GUARDRT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / TIMING_CACHE).write_bytes(b"from another GPU")
+    placed = _build_files(specs, tmp_path / "work")
+    trt = FakeTrt(placed)
+    (tmp_path / "engine").mkdir()
+    progress = Progress(1, io.StringIO())
+    build_plans(trt, placed, tmp_path / "engine", tmp_path / "work", _options(tmp_path), progress)
+    assert trt.builds[0]["timing_blobs"] == [b"from another GPU", b""]
+    assert (tmp_path / "cache" / TIMING_CACHE).read_bytes() == b"+timed+timed"
+
+
+def test_build_plans_names_parser_errors(
+    tmp_path: Path, specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GUARDRT_CACHE", str(tmp_path / "cache"))
+    placed = _build_files(specs, tmp_path / "work")
+    progress = Progress(1, io.StringIO())
+    with pytest.raises(ExportError, match=r"vision.onnx: node '/layers.0/Attention' \(FancyOp\)"):
+        build_plans(
+            FakeTrt(placed, fail_parse=True),
+            placed,
+            tmp_path,
+            tmp_path / "work",
+            _options(tmp_path),
+            progress,
+        )
+    assert not (tmp_path / "vision.plan").exists()
+
+
+# --- a fake runtime: engines computing in numpy, "device" memory in host memory ---------------
+
+
+class FakeCudart:
+    """cuda-python's runtime: (error, value) tuples; device buffers are host buffers."""
+
+    class cudaError_t(enum.Enum):  # noqa: N801 (cuda-python's names)
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+
+    class cudaMemcpyKind(enum.Enum):  # noqa: N801
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        self.live: dict[int, np.ndarray] = {}
+        self.mallocs: list[int] = []
+        self.device = -1
+        self.fail_malloc = False
+
+    def cudaSetDevice(self, index: int) -> tuple[Any]:  # noqa: N802
+        self.device = index
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMalloc(self, size: int) -> tuple[Any, int | None]:  # noqa: N802
+        if self.fail_malloc:
+            return self.cudaError_t.cudaErrorMemoryAllocation, None
+        block = np.zeros(size, np.uint8)
+        self.live[block.ctypes.data] = block
+        self.mallocs.append(size)
+        return self.cudaError_t.cudaSuccess, block.ctypes.data
+
+    def cudaFree(self, pointer: int) -> tuple[Any]:  # noqa: N802
+        del self.live[pointer]
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreate(self) -> tuple[Any, int]:  # noqa: N802
+        return self.cudaError_t.cudaSuccess, 77
+
+    def cudaStreamDestroy(self, stream: int) -> tuple[Any]:  # noqa: N802
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[Any]:  # noqa: N802
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemcpyAsync(  # noqa: N802
+        self, dst: int, src: int, count: int, kind: Any, stream: int
+    ) -> tuple[Any]:
+        ctypes.memmove(dst, src, count)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaGetErrorName(self, error: Any) -> tuple[Any, bytes]:  # noqa: N802
+        return self.cudaError_t.cudaSuccess, error.name.encode()
+
+    def cudaGetErrorString(self, error: Any) -> tuple[Any, bytes]:  # noqa: N802
+        return self.cudaError_t.cudaSuccess, b"out of memory"
+
+
+def _read(pointer: int, shape: Shape, dtype: str) -> np.ndarray:
+    count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = (ctypes.c_char * count).from_address(pointer) if count else b""
+    return np.frombuffer(raw, dtype).reshape(shape).copy()
+
+
+Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class FakeEngine:
+    """An engine over `spec`'s tensors whose outputs `compute` makes from the inputs."""
+
+    def __init__(self, spec: GraphSpec, compute: Compute, limits: ProfileLimits) -> None:
+        self.spec, self.compute = spec, compute
+        self.profile = profile_shapes(spec, limits)
+        self.tensors = {t.name: (Mode.INPUT, t) for t in spec.inputs}
+        self.tensors |= {t.name: (Mode.OUTPUT, t) for t in spec.outputs}
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.tensors)
+
+    def get_tensor_name(self, index: int) -> str:
+        return list(self.tensors)[index]
+
+    def get_tensor_mode(self, name: str) -> Mode:
+        return self.tensors[name][0]
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType(self.tensors[name][1].dtype)
+
+    def get_tensor_shape(self, name: str) -> Shape:
+        return tuple(d if isinstance(d, int) else -1 for d in self.tensors[name][1].shape)
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[Shape, Shape, Shape]:
+        return self.profile[name]
+
+    def create_execution_context(self) -> Context:
+        return Context(self)
+
+
+class Context:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.shapes: dict[str, Shape] = {}
+        self.addresses: dict[str, int] = {}
+
+    def set_input_shape(self, name: str, shape: Shape) -> bool:
+        low, _, high = self.engine.profile[name]
+        fits = len(shape) == len(low) and all(
+            a <= s <= b for a, s, b in zip(low, shape, high, strict=True)
+        )
+        self.shapes[name] = shape
+        return fits
+
+    def _outputs(self) -> dict[str, np.ndarray]:
+        spec = self.engine.spec
+        feeds = {
+            t.name: _read(self.addresses[t.name], self.shapes[t.name], t.dtype) for t in spec.inputs
+        }
+        return self.engine.compute(feeds)
+
+    def get_tensor_shape(self, name: str) -> Shape:
+        zeros = {t.name: np.zeros(self.shapes[t.name], t.dtype) for t in self.engine.spec.inputs}
+        return self.engine.compute(zeros)[name].shape
+
+    def set_tensor_address(self, name: str, pointer: int) -> bool:
+        self.addresses[name] = pointer
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        assert stream == 77
+        for name, value in self._outputs().items():
+            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+        return True
+
+
+class Runtime:
+    def __init__(self, trt: FakeTrt) -> None:
+        self.trt = trt
+
+    def deserialize_cuda_engine(self, blob: bytes) -> FakeEngine | None:
+        return self.trt.engines.get(blob)
+
+
+def _vision(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """cross_kv (2, 2, N, 2, 20, 8): each image's id plus its tile count, everywhere."""
+    images = feeds["aspect_ratio_ids"] + feeds["aspect_ratio_mask"].sum(1)  # (N,)
+    kv = np.ones((2, 2, len(images), 2, 20, 8), np.float32)
+    return {"cross_kv": kv * images[None, None, :, None, None, None]}
+
+
+def _decoder(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """logits: the token at each logit index; present_kv: each position plus the past length."""
+    ids, positions, rows = feeds["input_ids"], feeds["position_ids"], feeds["logit_index"]
+    picked = np.take_along_axis(ids, rows, axis=1).astype(np.float32)  # (B, R)
+    logits = np.repeat(picked[:, :, None], 128256, axis=2)  # (B, R, vocab)
+    past = feeds["past_kv"].shape[4] + feeds["past_kv"].sum()
+    present = np.ones((3, 2, *ids.shape[:1], 2, ids.shape[1], 8), np.float32)  # (Ls,2,B,Hkv,S,d)
+    present *= (positions + past)[None, None, :, None, :, None]
+    return {"logits": logits, "present_kv": present}
+
+
+@pytest.fixture
+def fakes(
+    specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
+) -> tuple[FakeTrt, FakeCudart]:
+    trt, cudart = FakeTrt(specs), FakeCudart()
+    limits = ProfileLimits(max_batch=2, max_seq=256, image_keys=20)
+    trt.engines[b"vision"] = FakeEngine(specs["vision"], _vision, limits)
+    trt.engines[b"decoder"] = FakeEngine(specs["decoder"], _decoder, limits)
+    monkeypatch.setattr(te, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(te, "import_cudart", lambda: cudart)
+    return trt, cudart
+
+
+def _decoder_feeds(past: int, tokens: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.array([[5, 6, 7][:tokens], [8, 9, 10][:tokens]], np.int64),
+        "position_ids": np.arange(past, past + tokens, dtype=np.int64)[None].repeat(2, 0),
+        "past_kv": np.zeros((3, 2, 2, 2, past, 8), np.float32),
+        "cross_kv": np.zeros((2, 2, 2, 2, 1, 8), np.float32),
+        "image_start": np.array([256, 256], np.int64),
+        "num_tiles": np.array([0, 0], np.int64),
+        "logit_index": np.array([[0, tokens - 1], [tokens - 1, 0]], np.int64),
+    }
+
+
+def test_trt_runner_runs_both_plans(
+    tmp_path: Path, specs: dict[str, GraphSpec], fakes: tuple[FakeTrt, FakeCudart]
+) -> None:
+    _, cudart = fakes
+    plans = {"vision": b"vision", "decoder": b"decoder"}
+    directory = _engine_dir(tmp_path / "engine", specs, plans)
+    runner = te.TrtRunner(directory, _manifest(specs), "cuda:1")
+    assert cudart.device == 1 and runner.device == "cuda:1 (TensorRT 10.99.0)"
+
+    kv = runner.vision(
+        np.zeros((2, 4, 3, 28, 28), np.float32),
+        np.array([3, 6], np.int64),
+        np.array([[1, 0, 0, 0], [1, 1, 1, 1]], np.int64),
+    )
+    assert kv.shape == (2, 2, 2, 2, 20, 8)
+    assert (kv[:, :, 0] == 4).all() and (kv[:, :, 1] == 10).all()
+
+    logits, present = runner.decoder(_decoder_feeds(past=0, tokens=3))  # empty past: 0 bytes
+    assert logits.shape == (2, 2, 128256)
+    assert logits[:, :, 0].tolist() == [[5, 7], [10, 8]]
+    assert present.shape == (3, 2, 2, 2, 3, 8) and present[0, 0, 1, 0, :, 0].tolist() == [0, 1, 2]
+
+    mallocs = len(cudart.mallocs)
+    for past in (3, 4, 5):  # decode steps: the past K/V grows a position each, buffers double
+        logits, present = runner.decoder(_decoder_feeds(past=past, tokens=1))
+        assert present[0, 0, 0, 0, :, 0].tolist() == [2 * past]
+    # past_kv grew at 3 positions and at 4 (doubling to 6), not at 5; nothing else grew
+    assert len(cudart.mallocs) - mallocs == 2
+
+    runner.close()
+    assert not cudart.live  # every device buffer freed
+
+
+def test_trt_runner_refuses_shapes_outside_the_profile(
+    tmp_path: Path, specs: dict[str, GraphSpec], fakes: tuple[FakeTrt, FakeCudart]
+) -> None:
+    directory = _engine_dir(
+        tmp_path / "engine", specs, {"vision": b"vision", "decoder": b"decoder"}
+    )
+    runner = te.TrtRunner(directory, _manifest(specs), "cuda")
+    feeds = _decoder_feeds(past=0, tokens=3) | {"logit_index": np.zeros((2, 17), np.int64)}
+    with pytest.raises(te.DeviceError, match=r"logit_index shape \(2, 17\) is outside"):
+        runner.decoder(feeds)
+    with pytest.raises(ValueError, match="input_ids is int32, not int64"):
+        runner.decoder(_decoder_feeds(0, 3) | {"input_ids": np.zeros((2, 3), np.int32)})
+
+
+def test_trt_runner_checks_the_engines_against_the_manifest(
+    tmp_path: Path, specs: dict[str, GraphSpec], fakes: tuple[FakeTrt, FakeCudart]
+) -> None:
+    trt, _ = fakes
+    directory = _engine_dir(tmp_path / "engine", specs, {"vision": b"vision", "decoder": b"d16"})
+    half = tuple(
+        TensorSpec(t.name, "float16", t.shape) if t.name == "past_kv" else t
+        for t in specs["decoder"].inputs
+    )
+    limits = ProfileLimits(2, 256, 20)
+    trt.engines[b"d16"] = FakeEngine(
+        GraphSpec(specs["decoder"].path, half, specs["decoder"].outputs), _decoder, limits
+    )
+    with pytest.raises(EngineDirError, match=r"input past_kv is DataType.HALF, the manifest says"):
+        te.TrtRunner(directory, _manifest(specs), "cuda")
+    with pytest.raises(EngineDirError, match="cannot load"):
+        (directory / "decoder.plan").write_bytes(b"garbage")
+        te.TrtRunner(directory, _manifest(specs), "cuda")
+
+
+def test_trt_runner_reports_cuda_errors(
+    tmp_path: Path, specs: dict[str, GraphSpec], fakes: tuple[FakeTrt, FakeCudart]
+) -> None:
+    _, cudart = fakes
+    directory = _engine_dir(
+        tmp_path / "engine", specs, {"vision": b"vision", "decoder": b"decoder"}
+    )
+    runner = te.TrtRunner(directory, _manifest(specs), "cuda")
+    cudart.fail_malloc = True
+    with pytest.raises(
+        te.DeviceError, match="cudaMalloc.* cuda:0 failed: cudaErrorMemoryAllocation"
+    ):
+        runner.decoder(_decoder_feeds(0, 3))
+
+
+def test_tensorrt_engine_loads_and_closes(
+    tmp_path: Path, specs: dict[str, GraphSpec], fakes: tuple[FakeTrt, FakeCudart]
+) -> None:
+    _, cudart = fakes
+    directory = _engine_dir(
+        tmp_path / "engine", specs, {"vision": b"vision", "decoder": b"decoder"}
+    )
+    engine = load_engine(
+        "tensorrt", EngineOptions(directory, device="auto", max_batch=2, max_seq=256)
+    )
+    assert (engine.info.backend, engine.info.device) == ("tensorrt", "cuda:0 (TensorRT 10.99.0)")
+    engine.close()
+    assert not cudart.live
