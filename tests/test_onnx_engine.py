@@ -71,7 +71,7 @@ def test_logits_match_torch(onnx_fp32: Path, checkpoint: Path, preparer: Prepare
     tiles = []
     for request in probes(preparer):
         expected = probe_logits(reference, request)
-        got = probe_logits(graph, request)  # type: ignore[arg-type]
+        got = probe_logits(graph, request)
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= REL * np.abs(expected).max()
         tiles.append(request.image.num_tiles if request.image else 0)

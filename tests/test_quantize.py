@@ -4,15 +4,17 @@ model's verdict scores (tiny random mllama; the bounds asserted are the ones mea
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from guardrt.export.parity import deviation
 from guardrt.export.quantize import (
     QMAX,
     QuantizedLinear,
-    deviation,
+    QuantKind,
     quantize_linears,
     quantize_weight,
 )
@@ -23,7 +25,7 @@ from guardrt.runtime.tokenizer import IMAGE_ID, Tokenizer
 from guardrt.testing.references import hf_inputs
 from tests.models import image, small_config, write_small
 
-UNSAFE = 39257
+UNSAFE, SAFE = 39257, 19193
 
 
 @pytest.mark.parametrize("group_size", [None, 8, 16])
@@ -104,9 +106,56 @@ def test_int8_model_stays_close_to_fp32(tmp_path: Path, tok: Tokenizer) -> None:
         prompt = [*encode_prompt([{"role": "user", "content": content}], tokenizer=tok), 271]
         outputs["fp32"].append(_logits(reference, prompt, tiles))
         outputs["int8"].append(_logits(quantized, prompt, tiles))
-    measured = deviation(outputs["fp32"], outputs["int8"], UNSAFE)
+    measured = deviation(
+        [x.numpy() for x in outputs["fp32"]], [x.numpy() for x in outputs["int8"]], UNSAFE, SAFE, -1
+    )
     # Measured on this model (CPU, fp32 activations): max relative logit error 2.1e-2 per
     # channel (1.6e-2 with groups of 16), |ΔP(unsafe)| 5e-8 (its P(unsafe) is ~1e-5). The
     # bounds leave room for platform differences.
     assert 0 < measured.max_relative_logit_error < 0.05
     assert measured.max_abs_delta_p_unsafe < 1e-3
+
+
+def test_fp8_round_trip_is_within_e4m3_precision() -> None:
+    weight = torch.randn(24, 32, generator=torch.Generator().manual_seed(2))
+    quantized = quantize_weight(weight, kind="fp8")
+    assert quantized.qweight.dtype == torch.float8_e4m3fn
+    assert quantized.kind == "fp8"
+    restored = quantized.dequantize()
+    # e4m3 keeps 3 mantissa bits: half a step is 1/16 of the value (normal range), and the
+    # subnormal floor is 2^-10 of the channel's scale·448.
+    bound = weight.abs() / 16 + quantized.scales * 2.0**-9 + 1e-7
+    assert torch.all((restored - weight).abs() <= bound)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_linear_exports_as_dequantize_linear(kind: QuantKind, tmp_path: Path) -> None:
+    """The custom op becomes ONNX DequantizeLinear on the 8-bit weight; ONNX Runtime computes
+    the same as the torch reference (its int8 MatMulNBits fusion asked for fp32 compute)."""
+    onnx: Any = pytest.importorskip("onnx")
+    ort: Any = pytest.importorskip("onnxruntime")
+    from guardrt.export.onnx_ops import OPSET, TRANSLATIONS, check_exportable  # noqa: PLC0415
+
+    linear = nn.Linear(32, 16, bias=False)
+    module = QuantizedLinear(quantize_weight(linear.weight, kind=kind), None)
+    x = torch.randn(3, 32)
+    path = tmp_path / "linear.onnx"
+    check_exportable(module)
+    torch.onnx.export(
+        module, (x,), str(path), dynamo=True, opset_version=OPSET,
+        custom_translation_table=TRANSLATIONS,
+    )  # fmt: skip
+    graph = onnx.load(str(path))
+    assert "DequantizeLinear" in {node.op_type for node in graph.graph.node}
+    storage = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}[kind]
+    assert storage in {init.data_type for init in graph.graph.initializer}
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.inference_mode():
+        expected = module(x).numpy()
+    assert abs(got - expected).max() <= 1e-5 * abs(expected).max()
+    grouped = QuantizedLinear(quantize_weight(linear.weight, 8), None)
+    with pytest.raises(ValueError, match="per-group scales"):
+        check_exportable(grouped)

@@ -120,7 +120,8 @@ def test_require_tensorrt_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ExportError) as info:
         require_tensorrt()
     assert "pip install 'guardrt[tensorrt]'" in str(info.value)
-    assert "NVIDIA GPU" in str(info.value) and "--format onnx" in str(info.value)
+    assert "NVIDIA GPU" in str(info.value)
+    assert "--format onnx" in str(info.value)
 
 
 @pytest.mark.parametrize(("device", "index"), [("auto", 0), ("cuda", 0), ("cuda:3", 3)])
@@ -206,7 +207,7 @@ class Mode(enum.Enum):
     OUTPUT = 2
 
 
-class Logger:
+class FakeLogger:
     WARNING = "warning"
 
     def __init__(self, severity: str) -> None:
@@ -258,7 +259,7 @@ class FakeTrt:
     NetworkDefinitionCreationFlag = Flag
     DataType = DataType
     TensorIOMode = Mode
-    Logger = Logger
+    Logger = FakeLogger
 
     class MemoryPoolType(enum.Enum):
         WORKSPACE = 0
@@ -268,13 +269,13 @@ class FakeTrt:
         self.builds: list[dict[str, Any]] = []
         self.engines: dict[bytes, FakeEngine] = {}
 
-    def Builder(self, logger: Logger) -> Builder:  # noqa: N802 (tensorrt's name)
+    def Builder(self, logger: FakeLogger) -> Builder:  # noqa: N802 (tensorrt's name)
         return Builder(self)
 
-    def OnnxParser(self, network: Network, logger: Logger) -> Parser:  # noqa: N802
+    def OnnxParser(self, network: Network, logger: FakeLogger) -> Parser:  # noqa: N802
         return Parser(self, network)
 
-    def Runtime(self, logger: Logger) -> Runtime:  # noqa: N802
+    def Runtime(self, logger: FakeLogger) -> Runtime:  # noqa: N802
         return Runtime(self)
 
 
@@ -392,7 +393,8 @@ def test_build_plans(
         assert calls["pool"] == (FakeTrt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         assert calls["profiles"] == [profile_shapes(placed[name], limits)]
     assert decoder["profiles"][0]["past_kv"][0][4] == 0
-    assert "TensorRT 10.99.0, strongly typed" in summary and "past 0..128 (opt 0)" in summary
+    assert "TensorRT 10.99.0, strongly typed" in summary
+    assert "past 0..128 (opt 0)" in summary
     # The timing cache: none at first, then each build starts from the one saved before it.
     cache = tmp_path / "cache" / TIMING_CACHE
     assert vision["timing_blobs"] == [b""]
@@ -440,12 +442,12 @@ class FakeCudart:
     """cuda-python's runtime: (error, value) tuples; device buffers are host buffers."""
 
     class cudaError_t(enum.Enum):  # noqa: N801 (cuda-python's names)
-        cudaSuccess = 0
-        cudaErrorMemoryAllocation = 2
+        cudaSuccess = 0  # noqa: N815
+        cudaErrorMemoryAllocation = 2  # noqa: N815
 
     class cudaMemcpyKind(enum.Enum):  # noqa: N801
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
+        cudaMemcpyHostToDevice = 1  # noqa: N815
+        cudaMemcpyDeviceToHost = 2  # noqa: N815
 
     def __init__(self) -> None:
         self.live: dict[int, np.ndarray] = {}
@@ -493,8 +495,7 @@ class FakeCudart:
 
 def _read(pointer: int, shape: Shape, dtype: str) -> np.ndarray:
     count = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = (ctypes.c_char * count).from_address(pointer) if count else b""
-    return np.frombuffer(raw, dtype).reshape(shape).copy()
+    return np.frombuffer(ctypes.string_at(pointer, count), dtype).reshape(shape).copy()
 
 
 Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -563,7 +564,9 @@ class Context:
 
     def execute_async_v3(self, stream: int) -> bool:
         assert stream == 77
+        declared = {t.name: np.dtype(t.dtype) for t in self.engine.spec.outputs}
         for name, value in self._outputs().items():
+            assert value.dtype == declared[name]  # else the copy would overrun the buffer
             ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
         return True
 
@@ -580,7 +583,7 @@ def _vision(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """cross_kv (2, 2, N, 2, 20, 8): each image's id plus its tile count, everywhere."""
     images = feeds["aspect_ratio_ids"] + feeds["aspect_ratio_mask"].sum(1)  # (N,)
     kv = np.ones((2, 2, len(images), 2, 20, 8), np.float32)
-    return {"cross_kv": kv * images[None, None, :, None, None, None]}
+    return {"cross_kv": kv * images[None, None, :, None, None, None].astype(np.float32)}
 
 
 def _decoder(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -626,7 +629,8 @@ def test_trt_runner_runs_both_plans(
     plans = {"vision": b"vision", "decoder": b"decoder"}
     directory = _engine_dir(tmp_path / "engine", specs, plans)
     runner = te.TrtRunner(directory, _manifest(specs), "cuda:1")
-    assert cudart.device == 1 and runner.device == "cuda:1 (TensorRT 10.99.0)"
+    assert cudart.device == 1
+    assert runner.device == "cuda:1 (TensorRT 10.99.0)"
 
     kv = runner.vision(
         np.zeros((2, 4, 3, 28, 28), np.float32),
@@ -634,12 +638,14 @@ def test_trt_runner_runs_both_plans(
         np.array([[1, 0, 0, 0], [1, 1, 1, 1]], np.int64),
     )
     assert kv.shape == (2, 2, 2, 2, 20, 8)
-    assert (kv[:, :, 0] == 4).all() and (kv[:, :, 1] == 10).all()
+    assert (kv[:, :, 0] == 4).all()  # id 3 + 1 tile
+    assert (kv[:, :, 1] == 10).all()  # id 6 + 4 tiles
 
     logits, present = runner.decoder(_decoder_feeds(past=0, tokens=3))  # empty past: 0 bytes
     assert logits.shape == (2, 2, 128256)
     assert logits[:, :, 0].tolist() == [[5, 7], [10, 8]]
-    assert present.shape == (3, 2, 2, 2, 3, 8) and present[0, 0, 1, 0, :, 0].tolist() == [0, 1, 2]
+    assert present.shape == (3, 2, 2, 2, 3, 8)
+    assert present[0, 0, 1, 0, :, 0].tolist() == [0, 1, 2]
 
     mallocs = len(cudart.mallocs)
     for past in (3, 4, 5):  # decode steps: the past K/V grows a position each, buffers double
@@ -681,8 +687,8 @@ def test_trt_runner_checks_the_engines_against_the_manifest(
     )
     with pytest.raises(EngineDirError, match=r"input past_kv is DataType.HALF, the manifest says"):
         te.TrtRunner(directory, _manifest(specs), "cuda")
+    (directory / "decoder.plan").write_bytes(b"garbage")
     with pytest.raises(EngineDirError, match="cannot load"):
-        (directory / "decoder.plan").write_bytes(b"garbage")
         te.TrtRunner(directory, _manifest(specs), "cuda")
 
 
@@ -696,7 +702,7 @@ def test_trt_runner_reports_cuda_errors(
     runner = te.TrtRunner(directory, _manifest(specs), "cuda")
     cudart.fail_malloc = True
     with pytest.raises(
-        te.DeviceError, match="cudaMalloc.* cuda:0 failed: cudaErrorMemoryAllocation"
+        te.DeviceError, match=r"cudaMalloc.* cuda:0 failed: cudaErrorMemoryAllocation"
     ):
         runner.decoder(_decoder_feeds(0, 3))
 
