@@ -303,3 +303,31 @@ def test_decoded_times_split_the_batch_into_prefill_and_decode(
     assert result.prefill_s > 0
     assert result.decode_s > 0  # greedy generation takes several steps after the prefill
     assert result.prefill_s + result.decode_s <= elapsed
+
+
+def test_session_row_beside_a_long_prompt_stays_in_the_cache(
+    checkpoint: Path, tok: Tokenizer
+) -> None:
+    """A session row (its prefix cached) batched with a fresh prompt longer than its own
+    remainder is right-padded to that prompt's width: its pad positions must not run past
+    max_seq (they did: an IndexError failed the whole batch)."""
+    model = load_model(checkpoint, semantics="meta")
+    model.setup_caches(2 + 1, 512)
+    classifier = Classifier(model, sessions=1)
+    session = classifier.sessions.open()
+    assert session is not None
+    first = dataclasses.replace(request(tok, "Question? The answer", None), session=session)
+    classifier.run([first])
+    extended = dataclasses.replace(
+        request(tok, "Question? The answer goes on", None), session=session
+    )
+    long = request(tok, "word " * 270, None)
+    assert len(long.prompt) + max_new_tokens(long.grammar) <= 512  # fits alone
+    assert len(first.prompt) + len(long.prompt) > 512  # the padded session row would not
+    together = classifier.run([extended, long])
+    alone = [classifier.run([request(tok, "Question? The answer goes on", None)])[0]]
+    alone.append(classifier.run([long])[0])
+    assert together[0].reused_tokens > 100
+    for a, b in zip(together, alone, strict=True):
+        assert a.generated == b.generated
+        assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-5)

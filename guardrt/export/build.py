@@ -302,7 +302,9 @@ def _build_engine(
     document["graphs"] = {name: _graph_json(spec, f"{name}.plan") for name, spec in specs.items()}
     document["artifact"] = f"TensorRT engines (vision.plan, decoder.plan): {summary}"
     manifest = _provisional(document, None)
-    return probe_run(lambda: TrtRunner(engine_dir, manifest, options.device))
+    # --device names the torch device for converting; TensorRT runs on a GPU whatever it says.
+    gpu = "cuda" if options.device == "cpu" else options.device
+    return probe_run(lambda: TrtRunner(engine_dir, manifest, gpu))
 
 
 def _quantize_step(

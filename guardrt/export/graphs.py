@@ -27,6 +27,9 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
+VISION_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+
+
 class VisionGraph(nn.Module):
     """pixel_values (N, T, 3, H, W) f32, aspect_ratio_ids (N,) i64, aspect_ratio_mask (N, T) i64
     → cross_kv (C, 2, N, Hkv, T·P, d): K then V of each of the C cross layers."""
@@ -57,7 +60,6 @@ def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
         torch.ones(1, tiles, dtype=torch.int64),
     )
     images = torch.export.Dim("images", min=1, max=max_batch)
-    names = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
     torch.onnx.export(
         VisionGraph(model).eval(),
         example,
@@ -65,32 +67,27 @@ def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
         dynamo=True,
         opset_version=OPSET,
         custom_translation_table=TRANSLATIONS,
-        input_names=list(names),
+        input_names=list(VISION_INPUTS),
         output_names=["cross_kv"],
         dynamic_shapes=({0: images}, {0: images}, {0: images}),
         verbose=False,
     )
+    return vision_spec(model, path)
+
+
+def vision_spec(model: MllamaModel, path: Path) -> GraphSpec:
+    """The vision graph's inputs and outputs (symbolic dims by name)."""
+    config = model.config
+    tiles, side = config.vision.max_num_tiles, config.vision.image_size
     text = config.text
-    keys = tiles * config.vision.num_patches
+    layers = len(text.cross_attention_layers)
+    output = (layers, 2, "images", text.num_kv_heads, model.image_keys, text.head_dim)
     return GraphSpec(
         path,
         (
-            TensorSpec(names[0], "float32", ("images", tiles, 3, side, side)),
-            TensorSpec(names[1], "int64", ("images",)),
-            TensorSpec(names[2], "int64", ("images", tiles)),
+            TensorSpec(VISION_INPUTS[0], "float32", ("images", tiles, 3, side, side)),
+            TensorSpec(VISION_INPUTS[1], "int64", ("images",)),
+            TensorSpec(VISION_INPUTS[2], "int64", ("images", tiles)),
         ),
-        (
-            TensorSpec(
-                "cross_kv",
-                "float32",
-                (
-                    len(text.cross_attention_layers),
-                    2,
-                    "images",
-                    text.num_kv_heads,
-                    keys,
-                    text.head_dim,
-                ),
-            ),
-        ),
+        (TensorSpec("cross_kv", "float32", output),),
     )

@@ -196,7 +196,14 @@ class Decoder:
         `offsets` (indices into each row's tokens)."""
         width = max(len(t) for t in tokens)
         padded = [t + [_PAD_ID] * (width - len(t)) for t in tokens]
-        positions = [[row.next_position + j for j in range(width)] for row in rows]
+        # A row's pads continue its positions (after its real tokens, so its real queries never
+        # see them) but stop at the last cache position: a session row with a long cached
+        # prefix, padded to a fresh row's width, would run past max_seq. Real positions never
+        # reach it before the last verdict token (check_fits), which overwrites what pads left.
+        last = self.model.max_seq - 1
+        positions = [
+            [min(row.next_position + j, last) for j in range(width)] for row in rows
+        ]
         starts = [
             row.request.image_position
             if row.request.image_position is not None

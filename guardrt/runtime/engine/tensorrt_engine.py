@@ -296,10 +296,14 @@ class TrtRunner:
             raise ConfigError(f"device {device!r} cannot run a TensorRT engine: {exc}") from exc
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)  # outlives the engines it deserialized
-        self.plans = {
-            name: Plan(trt, self.runtime, self.cuda, directory / graph.file, graph)
-            for name, graph in manifest.graphs.items()
-        }
+        try:
+            self.plans = {
+                name: Plan(trt, self.runtime, self.cuda, directory / graph.file, graph)
+                for name, graph in manifest.graphs.items()
+            }
+        except Exception:  # a plan that cannot load: give the stream back, then say why
+            self.cuda.destroy(self.stream)
+            raise
         self.device = f"cuda:{index} (TensorRT {trt.__version__})"
 
     def vision(
