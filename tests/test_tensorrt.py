@@ -1,15 +1,13 @@
 """The TensorRT build and back end without TensorRT: the profile shapes, the refusals where
 TensorRT (or a GPU) is absent, and both sides driven through small fakes of `tensorrt` and of
-cuda-python's runtime that record what they were asked and move bytes in host memory."""
+cuda-python's runtime (tests/fake_tensorrt.py) that record what they were asked and move bytes in
+host memory."""
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import io
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import pytest
 from guardrt.export.build import BuildOptions
 from guardrt.export.decoder import decoder_spec
 from guardrt.export.errors import ExportError
-from guardrt.export.graphs import GraphSpec
+from guardrt.export.graphs import GraphSpec, vision_spec
 from guardrt.export.progress import Progress
 from guardrt.export.tensorrt_build import (
     TIMING_CACHE,
@@ -44,27 +42,10 @@ from guardrt.runtime.engine.manifest import (
 )
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
-from guardrt.runtime.model.config import ModelConfig
+from tests.fake_tensorrt import FakeCudart, FakeEngine, FakeTrt, decoder_compute, vision_compute
 from tests.models import small_config, write_small
 
 _CONFIG = small_config("gqa2-cross2,4")
-Shape = tuple[int, ...]
-
-
-def _vision_spec(config: ModelConfig, path: Path) -> GraphSpec:
-    """The spec `export_vision` returns, without tracing (graphs.py builds it the same way)."""
-    tiles, side, text = config.vision.max_num_tiles, config.vision.image_size, config.text
-    keys = tiles * config.vision.num_patches
-    kv = (len(text.cross_attention_layers), 2, "images", text.num_kv_heads, keys, text.head_dim)
-    return GraphSpec(
-        path,
-        (
-            TensorSpec("pixel_values", "float32", ("images", tiles, 3, side, side)),
-            TensorSpec("aspect_ratio_ids", "int64", ("images",)),
-            TensorSpec("aspect_ratio_mask", "int64", ("images", tiles)),
-        ),
-        (TensorSpec("cross_kv", "float32", kv),),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +53,7 @@ def specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GraphSpec]:
     directory = write_small(tmp_path_factory.mktemp("trt-model"), _CONFIG, 17)
     model = load_model(directory)
     return {
-        "vision": _vision_spec(model.config, directory / "vision.onnx"),
+        "vision": vision_spec(model, directory / "vision.onnx"),
         "decoder": decoder_spec(model, directory / "decoder.onnx"),
     }
 
@@ -188,175 +169,6 @@ def test_engine_refuses_without_tensorrt(
         load_engine("tensorrt", EngineOptions(directory, device="cuda", max_batch=3, max_seq=256))
 
 
-# --- a fake tensorrt ------------------------------------------------------------------------
-
-
-class Flag(enum.IntEnum):
-    EXPLICIT_BATCH = 0
-    STRONGLY_TYPED = 1  # TensorRT 10's value
-
-
-class DataType(enum.Enum):
-    FLOAT = "float32"
-    INT64 = "int64"
-    HALF = "float16"
-
-
-class Mode(enum.Enum):
-    INPUT = 1
-    OUTPUT = 2
-
-
-class FakeLogger:
-    WARNING = "warning"
-
-    def __init__(self, severity: str) -> None:
-        self.severity = severity
-
-
-class Named:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class Network:
-    def __init__(self, flags: int, calls: dict[str, Any]) -> None:
-        self.flags, self.calls = flags, calls
-        self.inputs: list[Named] = []
-        self.outputs: list[Named] = []
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self.inputs)
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.outputs)
-
-    def get_input(self, index: int) -> Named:
-        return self.inputs[index]
-
-    def get_output(self, index: int) -> Named:
-        return self.outputs[index]
-
-
-class ParserError:
-    def node_name(self) -> str:
-        return "/layers.0/Attention"
-
-    def node_operator(self) -> str:
-        return "FancyOp"
-
-    def desc(self) -> str:
-        return "no importer registered for op FancyOp"
-
-
-class FakeTrt:
-    """`tensorrt` as `build_plans` and `TrtRunner` use it; `graphs` says what each ONNX file
-    holds (input and output names), `engines` what each plan's bytes deserialize to."""
-
-    __version__ = "10.99.0"
-    NetworkDefinitionCreationFlag = Flag
-    DataType = DataType
-    TensorIOMode = Mode
-    Logger = FakeLogger
-
-    class MemoryPoolType(enum.Enum):
-        WORKSPACE = 0
-
-    def __init__(self, graphs: dict[str, GraphSpec], fail_parse: bool = False) -> None:
-        self.graphs, self.fail_parse = graphs, fail_parse
-        self.builds: list[dict[str, Any]] = []
-        self.engines: dict[bytes, FakeEngine] = {}
-
-    def Builder(self, logger: FakeLogger) -> Builder:  # noqa: N802 (tensorrt's name)
-        return Builder(self)
-
-    def OnnxParser(self, network: Network, logger: FakeLogger) -> Parser:  # noqa: N802
-        return Parser(self, network)
-
-    def Runtime(self, logger: FakeLogger) -> Runtime:  # noqa: N802
-        return Runtime(self)
-
-
-class Parser:
-    def __init__(self, trt: FakeTrt, network: Network) -> None:
-        self.trt, self.network, self.num_errors = trt, network, 0
-
-    def parse_from_file(self, path: str) -> bool:
-        self.network.calls["onnx"] = path
-        if self.trt.fail_parse:
-            self.num_errors = 1
-            return False
-        spec = next(s for s in self.trt.graphs.values() if str(s.path) == path)
-        self.network.inputs = [Named(t.name) for t in spec.inputs]
-        self.network.outputs = [Named(t.name) for t in spec.outputs]
-        return True
-
-    def get_error(self, index: int) -> ParserError:
-        return ParserError()
-
-
-class Profile:
-    def __init__(self) -> None:
-        self.shapes: dict[str, tuple[Shape, Shape, Shape]] = {}
-
-    def set_shape(self, name: str, low: Shape, opt: Shape, high: Shape) -> None:
-        self.shapes[name] = (low, opt, high)
-
-
-class TimingCache:
-    def __init__(self, blob: bytes) -> None:
-        self.blob = blob
-
-    def serialize(self) -> bytes:
-        return self.blob + b"+timed"
-
-
-class Config:
-    def __init__(self, calls: dict[str, Any]) -> None:
-        self.calls, self.cache = calls, TimingCache(b"")
-        calls["profiles"] = []
-
-    def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-        self.calls["pool"] = (pool, size)
-
-    def add_optimization_profile(self, profile: Profile) -> int:
-        self.calls["profiles"].append(profile.shapes)
-        return 0
-
-    def create_timing_cache(self, blob: bytes) -> TimingCache:
-        self.calls.setdefault("timing_blobs", []).append(bytes(blob))
-        return TimingCache(bytes(blob))
-
-    def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
-        self.cache = cache
-        return cache.blob != b"from another GPU"  # a mismatched cache is refused
-
-    def get_timing_cache(self) -> TimingCache:
-        return self.cache
-
-
-class Builder:
-    def __init__(self, trt: FakeTrt) -> None:
-        self.trt = trt
-        self.calls: dict[str, Any] = {}
-        trt.builds.append(self.calls)
-
-    def create_network(self, flags: int) -> Network:
-        self.calls["flags"] = flags
-        return Network(flags, self.calls)
-
-    def create_builder_config(self) -> Config:
-        return Config(self.calls)
-
-    def create_optimization_profile(self) -> Profile:
-        return Profile()
-
-    def build_serialized_network(self, network: Network, config: Config) -> bytes:
-        return f"plan of {Path(self.calls['onnx']).stem}".encode()
-
-
 def _options(tmp_path: Path) -> BuildOptions:
     return BuildOptions(model=tmp_path, output=tmp_path / "out", max_batch=2, max_seq=128)
 
@@ -435,176 +247,14 @@ def test_build_plans_names_parser_errors(
     assert not (tmp_path / "vision.plan").exists()
 
 
-# --- a fake runtime: engines computing in numpy, "device" memory in host memory ---------------
-
-
-class FakeCudart:
-    """cuda-python's runtime: (error, value) tuples; device buffers are host buffers."""
-
-    class cudaError_t(enum.Enum):  # noqa: N801 (cuda-python's names)
-        cudaSuccess = 0  # noqa: N815
-        cudaErrorMemoryAllocation = 2  # noqa: N815
-
-    class cudaMemcpyKind(enum.Enum):  # noqa: N801
-        cudaMemcpyHostToDevice = 1  # noqa: N815
-        cudaMemcpyDeviceToHost = 2  # noqa: N815
-
-    def __init__(self) -> None:
-        self.live: dict[int, np.ndarray] = {}
-        self.mallocs: list[int] = []
-        self.device = -1
-        self.fail_malloc = False
-
-    def cudaSetDevice(self, index: int) -> tuple[Any]:  # noqa: N802
-        self.device = index
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaMalloc(self, size: int) -> tuple[Any, int | None]:  # noqa: N802
-        if self.fail_malloc:
-            return self.cudaError_t.cudaErrorMemoryAllocation, None
-        block = np.zeros(size, np.uint8)
-        self.live[block.ctypes.data] = block
-        self.mallocs.append(size)
-        return self.cudaError_t.cudaSuccess, block.ctypes.data
-
-    def cudaFree(self, pointer: int) -> tuple[Any]:  # noqa: N802
-        del self.live[pointer]
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaStreamCreate(self) -> tuple[Any, int]:  # noqa: N802
-        return self.cudaError_t.cudaSuccess, 77
-
-    def cudaStreamDestroy(self, stream: int) -> tuple[Any]:  # noqa: N802
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaStreamSynchronize(self, stream: int) -> tuple[Any]:  # noqa: N802
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaMemcpyAsync(  # noqa: N802
-        self, dst: int, src: int, count: int, kind: Any, stream: int
-    ) -> tuple[Any]:
-        ctypes.memmove(dst, src, count)
-        return (self.cudaError_t.cudaSuccess,)
-
-    def cudaGetErrorName(self, error: Any) -> tuple[Any, bytes]:  # noqa: N802
-        return self.cudaError_t.cudaSuccess, error.name.encode()
-
-    def cudaGetErrorString(self, error: Any) -> tuple[Any, bytes]:  # noqa: N802
-        return self.cudaError_t.cudaSuccess, b"out of memory"
-
-
-def _read(pointer: int, shape: Shape, dtype: str) -> np.ndarray:
-    count = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(ctypes.string_at(pointer, count), dtype).reshape(shape).copy()
-
-
-Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-class FakeEngine:
-    """An engine over `spec`'s tensors whose outputs `compute` makes from the inputs."""
-
-    def __init__(self, spec: GraphSpec, compute: Compute, limits: ProfileLimits) -> None:
-        self.spec, self.compute = spec, compute
-        self.profile = profile_shapes(spec, limits)
-        self.tensors = {t.name: (Mode.INPUT, t) for t in spec.inputs}
-        self.tensors |= {t.name: (Mode.OUTPUT, t) for t in spec.outputs}
-
-    @property
-    def num_io_tensors(self) -> int:
-        return len(self.tensors)
-
-    def get_tensor_name(self, index: int) -> str:
-        return list(self.tensors)[index]
-
-    def get_tensor_mode(self, name: str) -> Mode:
-        return self.tensors[name][0]
-
-    def get_tensor_dtype(self, name: str) -> DataType:
-        return DataType(self.tensors[name][1].dtype)
-
-    def get_tensor_shape(self, name: str) -> Shape:
-        return tuple(d if isinstance(d, int) else -1 for d in self.tensors[name][1].shape)
-
-    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[Shape, Shape, Shape]:
-        return self.profile[name]
-
-    def create_execution_context(self) -> Context:
-        return Context(self)
-
-
-class Context:
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
-        self.shapes: dict[str, Shape] = {}
-        self.addresses: dict[str, int] = {}
-
-    def set_input_shape(self, name: str, shape: Shape) -> bool:
-        low, _, high = self.engine.profile[name]
-        fits = len(shape) == len(low) and all(
-            a <= s <= b for a, s, b in zip(low, shape, high, strict=True)
-        )
-        self.shapes[name] = shape
-        return fits
-
-    def _outputs(self) -> dict[str, np.ndarray]:
-        spec = self.engine.spec
-        feeds = {
-            t.name: _read(self.addresses[t.name], self.shapes[t.name], t.dtype) for t in spec.inputs
-        }
-        return self.engine.compute(feeds)
-
-    def get_tensor_shape(self, name: str) -> Shape:
-        zeros = {t.name: np.zeros(self.shapes[t.name], t.dtype) for t in self.engine.spec.inputs}
-        return self.engine.compute(zeros)[name].shape
-
-    def set_tensor_address(self, name: str, pointer: int) -> bool:
-        self.addresses[name] = pointer
-        return True
-
-    def execute_async_v3(self, stream: int) -> bool:
-        assert stream == 77
-        declared = {t.name: np.dtype(t.dtype) for t in self.engine.spec.outputs}
-        for name, value in self._outputs().items():
-            assert value.dtype == declared[name]  # else the copy would overrun the buffer
-            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
-        return True
-
-
-class Runtime:
-    def __init__(self, trt: FakeTrt) -> None:
-        self.trt = trt
-
-    def deserialize_cuda_engine(self, blob: bytes) -> FakeEngine | None:
-        return self.trt.engines.get(blob)
-
-
-def _vision(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """cross_kv (2, 2, N, 2, 20, 8): each image's id plus its tile count, everywhere."""
-    images = feeds["aspect_ratio_ids"] + feeds["aspect_ratio_mask"].sum(1)  # (N,)
-    kv = np.ones((2, 2, len(images), 2, 20, 8), np.float32)
-    return {"cross_kv": kv * images[None, None, :, None, None, None].astype(np.float32)}
-
-
-def _decoder(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """logits: the token at each logit index; present_kv: each position plus the past length."""
-    ids, positions, rows = feeds["input_ids"], feeds["position_ids"], feeds["logit_index"]
-    picked = np.take_along_axis(ids, rows, axis=1).astype(np.float32)  # (B, R)
-    logits = np.repeat(picked[:, :, None], 128256, axis=2)  # (B, R, vocab)
-    past = feeds["past_kv"].shape[4] + feeds["past_kv"].sum()
-    present = np.ones((3, 2, *ids.shape[:1], 2, ids.shape[1], 8), np.float32)  # (Ls,2,B,Hkv,S,d)
-    present *= (positions + past)[None, None, :, None, :, None]
-    return {"logits": logits, "present_kv": present}
-
-
 @pytest.fixture
 def fakes(
     specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[FakeTrt, FakeCudart]:
     trt, cudart = FakeTrt(specs), FakeCudart()
     limits = ProfileLimits(max_batch=2, max_seq=256, image_keys=20)
-    trt.engines[b"vision"] = FakeEngine(specs["vision"], _vision, limits)
-    trt.engines[b"decoder"] = FakeEngine(specs["decoder"], _decoder, limits)
+    trt.engines[b"vision"] = FakeEngine(specs["vision"], vision_compute, limits)
+    trt.engines[b"decoder"] = FakeEngine(specs["decoder"], decoder_compute, limits)
     monkeypatch.setattr(te, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(te, "import_cudart", lambda: cudart)
     return trt, cudart
@@ -683,7 +333,7 @@ def test_trt_runner_checks_the_engines_against_the_manifest(
     )
     limits = ProfileLimits(2, 256, 20)
     trt.engines[b"d16"] = FakeEngine(
-        GraphSpec(specs["decoder"].path, half, specs["decoder"].outputs), _decoder, limits
+        GraphSpec(specs["decoder"].path, half, specs["decoder"].outputs), decoder_compute, limits
     )
     with pytest.raises(EngineDirError, match=r"input past_kv is DataType.HALF, the manifest says"):
         te.TrtRunner(directory, _manifest(specs), "cuda")
