@@ -13,5 +13,7 @@ import importlib.util as u
 for name in ("tiktoken", "llama_models", "pytest", "hypothesis", "safetensors", "PIL", "grpc"):
     print(name, "ok" if u.find_spec(name) else "MISSING")
 PY
-PYTHONPATH=. GUARDRT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
+PYTHONPATH=".:${PYTHONPATH:-}" GUARDRT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
     tests/test_model_parity.py 2>&1 | tee "$out/parity_cuda.txt"
+# The torch back end's verdict latency on the full-size architecture (random bf16 weights).
+PYTHONPATH=".:${PYTHONPATH:-}" python benchmarks/gpu_probe.py --repeat 10 2>&1 | tee "$out/gpu_probe.json"

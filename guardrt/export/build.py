@@ -231,7 +231,7 @@ def _engine_logits(
     try:
         runner = make_runner()
     except ConfigError as exc:
-        return None, str(exc)
+        return None, str(exc)  # the scratch directory's name is replaced by the caller
     steps = GraphSteps(runner, config, rows=1, max_seq=max_seq)
     return run_probes(steps, requests, progress), None
 
@@ -397,6 +397,8 @@ def _build_into(
     logits, why = _build_engine(
         specs, document, engine_dir, work, options, trt, probe_run, progress
     )
+    if why is not None:  # name the engine directory as it will be, not the scratch one
+        why = why.replace(str(engine_dir), str(options.output))
     runtime = "TensorRT" if tensorrt else "ONNX Runtime (CPU)"
     parity = (
         _parity(f"{before_name} (engine run by {runtime})", before, logits, ids)
