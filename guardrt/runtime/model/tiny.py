@@ -115,11 +115,12 @@ def random_state(config: ModelConfig, seed: int, scale: float = 0.08) -> dict[st
         shapes = {n: t.shape for n, t in MllamaModel(config).state_dict().items()}
     state = {}
     for name, shape in shapes.items():
-        noise = torch.randn(shape, generator=generator)
+        # On the CPU explicitly: the generator is a CPU one, whatever the default device is.
+        noise = torch.randn(shape, generator=generator, device="cpu")
         if "norm" in name and name.endswith("weight"):
             state[name] = 1.0 + 0.1 * noise
         elif name.rsplit(".", 1)[-1] in _GATES:
-            state[name] = 0.3 + 0.4 * torch.rand(shape, generator=generator)
+            state[name] = 0.3 + 0.4 * torch.rand(shape, generator=generator, device="cpu")
         else:
             state[name] = scale * noise
     return state
