@@ -201,9 +201,7 @@ class Decoder:
         # prefix, padded to a fresh row's width, would run past max_seq. Real positions never
         # reach it before the last verdict token (check_fits), which overwrites what pads left.
         last = self.model.max_seq - 1
-        positions = [
-            [min(row.next_position + j, last) for j in range(width)] for row in rows
-        ]
+        positions = [[min(row.next_position + j, last) for j in range(width)] for row in rows]
         starts = [
             row.request.image_position
             if row.request.image_position is not None
