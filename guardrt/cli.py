@@ -97,6 +97,12 @@ def _export_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from guardrt.bench.latency import main as bench  # noqa: PLC0415 (needs torch)
+
+    return bench(args.bench_args)
+
+
 def _add_export(commands: Any) -> None:
     export = commands.add_parser("export", help="write checkpoints and engines")
     exports = export.add_subparsers(dest="export_command", required=True)
@@ -282,6 +288,10 @@ def _parser() -> argparse.ArgumentParser:
     prompt.set_defaults(handler=_prompt)
 
     _add_export(commands)
+    commands.add_parser(  # parsed by guardrt/bench/latency.py (main() hands it over)
+        "bench",
+        help="verdict latency on this GPU against transformers (needs torch and the test extra)",
+    )
     _add_serve(commands)
     _add_moderate(commands)
     return parser
@@ -289,7 +299,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardrt` console script; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["bench"]:  # its own parser (guardrt/bench/latency.py), --help included
+        return _bench(argparse.Namespace(bench_args=given[1:]))
+    args = _parser().parse_args(given)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -1,0 +1,62 @@
+"""Force a verdict's path without skipping any of its work: every forward runs in full, then
+the logits the decoding loop reads are edited so the grammar takes the chosen path.
+
+With random weights the path would be whatever the weights say; a benchmark needs both the
+`safe` path (one prefill) and the `unsafe` + one category path (one more small forward), the
+two costs a deployment sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from guardrt.runtime.decoding import StepModel
+from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.verdict import VerdictGrammar
+
+Path = Literal["safe", "unsafe"]
+
+
+class ForcedSteps:
+    """A `StepModel` that runs `inner` and forces, per batch (`reset` before each run): at the
+    prefill, the label row to `path` and the category row to `code`; after a code, the end."""
+
+    def __init__(self, inner: StepModel, grammar: VerdictGrammar, path: Path, code: str) -> None:
+        self.inner, self.path = inner, path
+        self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
+        tokens = grammar.tokens
+        self._label = tokens.safe if path == "safe" else tokens.unsafe
+        self._code = grammar.token_by_code[code]
+        self._end = tokens.eot
+        self._steps = 0
+
+    def reset(self) -> None:
+        self._steps = 0
+
+    def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        self.inner.write_images(slots, images)
+
+    def clear_images(self, slots: Sequence[int]) -> None:
+        self.inner.clear_images(slots)
+
+    def step(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        image_start: np.ndarray,
+        num_tiles: np.ndarray,
+        logit_index: np.ndarray,
+    ) -> np.ndarray:
+        logits = self.inner.step(tokens, positions, slots, image_start, num_tiles, logit_index)
+        top = float(logits.max()) + 10.0
+        if self._steps == 0:  # the prefill: rows (label, category)
+            logits[:, 0, self._label] = top
+            logits[:, 1, self._code] = top
+        else:  # a category step: rows (after the code, after ",S")
+            logits[:, 0, self._end] = top
+        self._steps += 1
+        return logits

@@ -1,0 +1,280 @@
+"""`guardrt bench` / `benchmarks/latency.py`: verdict latency on this machine's GPU, in one run.
+
+    guardrt bench [--model DIR] [--precisions bf16,int8,fp8] [--repeat 20] [--results DIR]
+
+Builds Llama-Guard-3-11B-Vision's architecture with random weights on the device (or loads
+`--model`), measures the card's ceilings, then for each precision: p50/p90/p99 end-to-end
+verdict latency at batch 1 for a ~350-token prompt, the same with a 4-tile image, and a
+response classification with an image, each on the `safe` and the `unsafe` + one category path;
+then throughput at concurrency 8 and 32 through the scheduler. Then the same cases with
+transformers eager bf16 on the same weights, and our probabilities (bf16,
+`semantics="transformers"`) against transformers' on the same inputs. Prints a table with the
+ratios to transformers and to the floor, writes JSON (and a PNG when matplotlib is installed)
+under the results folder.
+
+int8 / fp8 run the reference `QuantizedLinear` forward (dequantize, then a bf16 matmul) until
+the fused kernels land: their times show what the kernels must win back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from guardrt.bench import baseline, cases, roofline
+from guardrt.bench.fullsize import SIZES, random_model
+from guardrt.export.parity import probe_logits
+from guardrt.export.quantize import quantize_linears
+from guardrt.runtime.classify import TorchSteps
+from guardrt.runtime.decoding import softmax
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.mllama import MllamaModel, Semantics
+from guardrt.runtime.prepare import Preparer, load_preparer
+from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.tokenizer import load_tokenizer
+
+PRECISIONS = ("bf16", "int8", "fp8")
+MAX_SEQ = 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardrt bench", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", type=Path, help="a checkpoint directory (default: random)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="random model size")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--concurrency", default="8,32")
+    parser.add_argument("--requests", type=int, default=64, help="per throughput measurement")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    return parser
+
+
+def _model(args: argparse.Namespace, device: torch.device, semantics: Semantics) -> MllamaModel:
+    if args.model is not None:
+        return load_model(args.model, device=device, dtype=torch.bfloat16, semantics=semantics)
+    return random_model(SIZES[args.size], device, torch.bfloat16, semantics)
+
+
+def _preparer(args: argparse.Namespace) -> Preparer:
+    if args.model is not None:
+        return load_preparer(args.model, MAX_SEQ)
+    return Preparer(load_tokenizer(), ImageConfig(), MAX_SEQ)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _precision_run(
+    args: argparse.Namespace, device: torch.device, precision: str, requests: dict[str, Any],
+    ceilings: roofline.Ceilings, concurrency: Sequence[int],
+) -> dict[str, Any]:  # fmt: skip
+    model = _model(args, device, "meta")
+    if precision != "bf16":
+        quantize_linears(model, kind="int8" if precision == "int8" else "fp8",
+                         keep=lambda name: name.endswith("lm_head"))  # fmt: skip
+    _free(device)
+    work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)
+    model.setup_caches(max(concurrency), MAX_SEQ)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latencies = {}
+    for name, request in requests.items():
+        for path in cases.PATHS:
+            measured = cases.time_ours(model, request, path, args.repeat)
+            tiles = request.image.num_tiles if request.image else 0
+            steps = 0 if path == "safe" else 1
+            floor = work.floor_s(model, len(request.prompt) + 4, tiles, steps, ceilings) * 1e3
+            latencies[f"{name} {path}"] = asdict(measured) | {"floor_ms": floor}
+    batch1_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+    rates: dict[str, Any] = {}
+    for name in ("text", "image+text"):
+        for c in concurrency:
+            try:
+                rates[f"{name} c={c}"] = asdict(
+                    cases.throughput(model, requests[name], c, args.requests)
+                )
+            except Exception as exc:  # noqa: BLE001 (an out-of-memory batch, say: recorded)
+                rates[f"{name} c={c}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                _free(device)
+    model.setup_caches(0, 0)
+    del model
+    _free(device)
+    return {"latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak}
+
+
+def _baseline_run(
+    args: argparse.Namespace, device: torch.device, requests: dict[str, Any]
+) -> dict[str, Any]:
+    """transformers eager bf16 on the same weights; our probabilities against its."""
+    model = _model(args, device, "transformers")
+    document = (
+        SIZES[args.size]
+        if args.model is None
+        else json.loads((args.model / "config.json").read_text())
+    )
+    hf = baseline.sharing_model(model, document)
+    _free(device)
+    timings = {}
+    for name, request in requests.items():
+        for path in cases.PATHS:
+            tokens = baseline.PATH_TOKENS[path]
+            run = functools.partial(baseline.generate, hf, request, tokens, torch.bfloat16)
+            times = cases.time_calls(run, device, max(3, args.repeat // 4))
+            ordered = sorted(times)
+            timings[f"{name} {path}"] = {
+                "p50_ms": ordered[len(ordered) // 2], "min_ms": ordered[0], "runs": len(times),
+                "generated_tokens": tokens,
+            }  # fmt: skip
+    model.setup_caches(1, MAX_SEQ)
+    steps = TorchSteps(model)
+    agreement = []
+    for name, request in requests.items():
+        tokens = request.grammar.tokens
+        ours = probe_logits(steps, request)[1]  # the label row
+        theirs = baseline.label_logits(hf, request, torch.bfloat16)
+        p_ours, p_theirs = (float(softmax(x)[tokens.unsafe]) for x in (ours, theirs))
+        labels = [
+            "unsafe" if x[tokens.unsafe] >= x[tokens.safe] else "safe" for x in (ours, theirs)
+        ]
+        agreement.append({
+            "input": name, "ours": p_ours, "transformers": p_theirs,
+            "abs_delta": abs(p_ours - p_theirs),
+            "max_rel_logit_error": float(np.abs(ours - theirs).max() / np.abs(theirs).max()),
+            "labels": labels, "agree": labels[0] == labels[1],
+        })  # fmt: skip
+    del hf, model, steps
+    _free(device)
+    return {"latency": timings, "probabilities": agreement}
+
+
+def _table(report: dict[str, Any]) -> str:
+    base = report.get("transformers", {}).get("latency", {})
+    lines = [f"{report['device']}; torch {report['torch']}; {report['model']}", ""]
+    columns = ("p50 ms", "p90", "p99", "floor", "×floor", "HF ms", "HF/ours")
+    lines.append(f"{'case':<24}{'prec':>6}" + "".join(f"{c:>9}" for c in columns))
+    for precision, run in report["precisions"].items():
+        for case, row in run["latency"].items():
+            hf = base.get(case, {}).get("p50_ms")
+            ratio = f"{hf / row['p50_ms']:8.1f}×" if hf else f"{'—':>9}"
+            lines.append(
+                f"{case:<24}{precision:>6}{row['p50_ms']:9.1f}{row['p90_ms']:8.1f}"
+                f"{row['p99_ms']:8.1f}{row['floor_ms']:8.1f}{row['p50_ms'] / row['floor_ms']:7.1f}×"
+                f"{(hf or float('nan')):9.1f}{ratio}"
+            )
+        for case, rate in run["throughput"].items():
+            if "error" in rate:
+                lines.append(f"  throughput {case:<20}{precision:>6}: ERROR {rate['error'][:200]}")
+                continue
+            per_s, batch = rate["requests_per_s"], rate["mean_batch"]
+            lines.append(
+                f"  throughput {case:<20}{precision:>6}: {per_s:.1f} req/s (batch {batch:.1f})"
+            )
+        lines.append(
+            f"  peak GPU memory at batch 1 ({precision}): {run['peak_memory_gb_batch1']:.1f} GB"
+        )
+    for row in report.get("transformers", {}).get("probabilities", []):
+        lines.append(f"P(unsafe) {row['input']:<16} ours {row['ours']:.3e}  transformers "
+                     f"{row['transformers']:.3e}  |Δ| {row['abs_delta']:.1e}  label-row logit "
+                     f"err {row['max_rel_logit_error']:.1e}  labels {row['labels']}")  # fmt: skip
+    for phase, error in report.get("errors", {}).items():
+        lines.append(f"ERROR in {phase}: {error[:500]}")
+    return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        matplotlib: Any = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt: Any = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        return False
+    series = {p: r["latency"] for p, r in report["precisions"].items()}
+    if "transformers" in report:
+        series["transformers bf16"] = report["transformers"]["latency"]
+    labels = list(next(iter(series.values())))
+    width = 0.8 / len(series)
+    figure, axes = plt.subplots(figsize=(12, 5))
+    for index, (name, rows) in enumerate(series.items()):
+        values = [rows.get(label, {}).get("p50_ms", np.nan) for label in labels]
+        axes.bar(np.arange(len(labels)) + index * width, values, width, label=name)
+    axes.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=20)
+    axes.set_ylabel("p50 verdict latency (ms)")
+    axes.set_title(f"{report['device']}: batch 1")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device)
+    precisions = [p for p in args.precisions.split(",") if p]
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        raise SystemExit(f"--precisions {unknown} not among {PRECISIONS}")
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    started = time.perf_counter()
+    ceilings = (
+        roofline.measure(device) if device.type == "cuda" else roofline.measure(device, 16, 512)
+    )
+    requests = cases.requests(_preparer(args))
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": str(args.model)
+        if args.model
+        else f"{args.size} architecture, random bf16 weights",
+        "batch": 1,
+        "decode": "constrained",
+        "ceilings": ceilings.to_json(),
+        "prompt_tokens": {name: len(r.prompt) for name, r in requests.items()},
+        "precisions": {},
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"latency-{report['device'].replace(' ', '-')}"
+    # Each phase is saved as it ends, and a failing phase is recorded, not fatal: one run on
+    # a lent GPU must bring back whatever it measured.
+    for precision in precisions:
+        try:
+            report["precisions"][precision] = _precision_run(
+                args, device, precision, requests, ceilings, concurrency
+            )
+        except Exception as exc:  # noqa: BLE001 (recorded in the report)
+            report.setdefault("errors", {})[precision] = f"{type(exc).__name__}: {exc}"[:2000]
+            _free(device)
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_baseline:
+        try:
+            report["transformers"] = _baseline_run(args, device, requests)
+        except Exception as exc:  # noqa: BLE001
+            report.setdefault("errors", {})["transformers"] = f"{type(exc).__name__}: {exc}"[:2000]
+    report["elapsed_s"] = time.perf_counter() - started
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plotted = _plot(report, stem.with_suffix(".png"))
+    print(_table(report))
+    print(f"wrote {stem}.json" + (f" and {stem}.png" if plotted else " (no matplotlib: no PNG)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
