@@ -102,6 +102,35 @@ def vision_padding(
     return pad.reshape(-1, tiles * padded_patches)
 
 
+def padded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    padding: torch.Tensor,
+    pad_rows: list[torch.Tensor],
+) -> torch.Tensor:
+    """The vision tower's attention without an arbitrary mask (reference §5.1 step 7).
+
+    q, k, v (N, H, L, d); padding (N, L) bool; pad_rows[i] the indices of image i's padding
+    tokens. The mask blocks only padding-query × padding-key pairs, so it splits exactly: every
+    query attends to every key unmasked (one flash-attention call), then each image's padding
+    queries, few for a full image, are recomputed against its real keys only.
+    """
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, d)
+    for image, rows in enumerate(pad_rows):
+        if rows.numel() == 0:
+            continue
+        keys = ~padding[image]  # (L,) the real keys
+        fixed = F.scaled_dot_product_attention(
+            q[image : image + 1, :, rows],  # (1, H, R, d)
+            k[image : image + 1],
+            v[image : image + 1],
+            attn_mask=keys[None, None, None, :],  # (1, 1, 1, L)
+        )
+        out[image : image + 1, :, rows] = fixed
+    return out
+
+
 def vision_mask(padding: torch.Tensor) -> torch.Tensor:
     """(N, 1, L, L) bool from (N, L) padding: only padding-query × padding-key pairs are blocked
     (reference §5.1 step 7); real tokens attend to everything."""

@@ -7,12 +7,35 @@ an image jointly (T·P' tokens), with a mask that blocks only padding × padding
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from guardrt.runtime.model.config import VisionConfig
-from guardrt.runtime.model.functional import attention, vision_mask, vision_padding
+from guardrt.runtime.model.functional import (
+    attention,
+    padded_attention,
+    vision_mask,
+    vision_padding,
+)
+
+
+@dataclass(frozen=True)
+class VisionMask:
+    """The joint attention's padding: as a full mask (traced graphs: no data-dependent shapes)
+    or split (eager: `padded_attention`, flash attention for the real queries)."""
+
+    padding: torch.Tensor  # (N, L) bool
+    mask: torch.Tensor | None  # (N, 1, L, L) bool when traced
+    pad_rows: list[torch.Tensor]  # per image, its padding tokens' indices (eager)
+
+    @classmethod
+    def of(cls, padding: torch.Tensor) -> VisionMask:
+        if torch.compiler.is_compiling():
+            return cls(padding, vision_mask(padding), [])
+        return cls(padding, None, [row.nonzero().flatten() for row in padding])
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -66,14 +89,18 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (N, L, D), mask (N, 1, L, L) bool."""
+    def forward(self, x: torch.Tensor, mask: VisionMask) -> torch.Tensor:
+        """x (N, L, D)."""
         n, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(n, length, self.heads, self.head_dim).transpose(1, 2)  # (N, H, L, d)
 
-        out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if mask.mask is not None:
+            out = attention(q, k, v, mask.mask)
+        else:
+            out = padded_attention(q, k, v, mask.padding, mask.pad_rows)
         result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(n, length, -1))
         return result
 
@@ -103,7 +130,7 @@ class VisionLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: VisionMask) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), mask)
         x = x + (self.gate_attn.tanh() * attn if self.gated else attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
@@ -166,7 +193,7 @@ class VisionModel(nn.Module):
         x = self._embed(pixel_values, aspect_ratio_ids)
         # Zeros appended after layernorm_pre: P → P' slots per tile, then one joint sequence.
         x = F.pad(x, (0, 0, 0, padded - patches)).reshape(n, tiles * padded, -1)  # (N, L, D)
-        mask = vision_mask(vision_padding(aspect_ratio_mask, patches, padded)).to(x.device)
+        mask = VisionMask.of(vision_padding(aspect_ratio_mask, patches, padded).to(x.device))
         wanted, features = set(config.intermediate_layers), {}
         for index, layer in enumerate(self.transformer.layers):
             if self.take_inputs and index in wanted:
