@@ -87,6 +87,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(model: MllamaModel, requests: Sequence[PreparedRequest], rounds: int = 3) -> None:
+    """Run every request on both paths before anything is timed: the first timed case must
+    not pay for clocks ramping up, allocator growth or kernel selection."""
+    for _ in range(rounds):
+        for request in requests:
+            for path in PATHS:
+                forced = ForcedSteps(TorchSteps(model), request.grammar, path, "S1")
+                Decoder(forced, "constrained").run([request])
+    _sync(model.device)
+
+
 def time_ours(
     model: MllamaModel, request: PreparedRequest, path: Path, repeat: int, warmup: int = 2
 ) -> Latency:

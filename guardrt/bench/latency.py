@@ -94,6 +94,7 @@ def _precision_run(
     model.setup_caches(max(concurrency), MAX_SEQ)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    cases.warm_up(model, list(requests.values()))
     latencies = {}
     for name, request in requests.items():
         for path in cases.PATHS:
