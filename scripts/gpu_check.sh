@@ -15,5 +15,5 @@ for name in ("tiktoken", "llama_models", "pytest", "hypothesis", "safetensors", 
 PY
 PYTHONPATH=".:${PYTHONPATH:-}" GUARDRT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
     tests/test_model_parity.py 2>&1 | tee "$out/parity_cuda.txt"
-# The torch back end's verdict latency on the full-size architecture (random bf16 weights).
-PYTHONPATH=".:${PYTHONPATH:-}" python benchmarks/gpu_probe.py --repeat 10 2>&1 | tee "$out/gpu_probe.json"
+# The latency benchmark (full-size random model, all precisions, transformers baseline).
+PYTHONPATH=".:${PYTHONPATH:-}" python -m guardrt.bench.latency --results "$out" 2>&1 | tee "$out/latency.txt"

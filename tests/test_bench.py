@@ -1,0 +1,96 @@
+"""The latency benchmark's parts on the CPU (tiny model): forced paths do the full work and
+take the chosen path, transformers shares our weights and computes the same logits, the floor
+grows with the work. No timing is asserted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guardrt.bench import baseline, cases, roofline
+from guardrt.bench.forced import ForcedSteps
+from guardrt.bench.fullsize import SIZES, random_model
+from guardrt.export.parity import probe_logits
+from guardrt.runtime.classify import TorchSteps
+from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.tokenizer import Tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def requests(tok: Tokenizer) -> dict[str, PreparedRequest]:
+    return cases.requests(Preparer(tok, ImageConfig(), 1024), prompt_tokens=300)
+
+
+@pytest.fixture(scope="module")
+def model() -> MllamaModel:
+    built = random_model(SIZES["tiny"], CPU, torch.float32, semantics="transformers")
+    built.setup_caches(2, 1024)
+    return built
+
+
+class Counting:
+    """Counts the forwards a decoding loop asks for."""
+
+    def __init__(self, inner: TorchSteps) -> None:
+        self.inner, self.calls = inner, 0
+        self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
+        self.write_images, self.clear_images = inner.write_images, inner.clear_images
+
+    def step(self, *arrays: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return self.inner.step(*arrays)
+
+
+@pytest.mark.parametrize(
+    ("path", "output", "forwards"),
+    [("safe", "safe<|eot_id|>", 1), ("unsafe", "unsafe\nS1<|eot_id|>", 2)],
+)
+def test_forced_paths(
+    model: MllamaModel,
+    requests: dict[str, PreparedRequest],
+    path: str,
+    output: str,
+    forwards: int,
+) -> None:
+    request = requests["image+text"]
+    counting = Counting(TorchSteps(model))
+    forced = ForcedSteps(counting, request.grammar, path, "S1")  # type: ignore[arg-type]
+    (decoded,) = Decoder(forced, "constrained").run([request])
+    assert decoded.verdict().raw_output.strip() == output
+    assert counting.calls == forwards  # the path's whole work, no more, no less
+    forced.reset()
+    (again,) = Decoder(forced, "constrained").run([request])
+    assert again.generated == decoded.generated
+
+
+def test_transformers_shares_our_weights(
+    model: MllamaModel, requests: dict[str, PreparedRequest]
+) -> None:
+    hf = baseline.sharing_model(model, SIZES["tiny"])
+    ours = dict(model.named_parameters())
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.values())
+    steps = TorchSteps(model)
+    for request in requests.values():
+        expected = probe_logits(steps, request)[1]  # our label row
+        got = baseline.label_logits(hf, request, torch.float32)
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_floor_grows_with_the_work(model: MllamaModel) -> None:
+    ceilings = roofline.Ceilings(copy_bytes_per_s=3e12, bf16_flops_per_s=8e14, fp8_flops_per_s=None)
+    work = roofline.Work.of(model, 2.0)
+    assert work.text_params > 0
+    assert work.head_params == model.config.text.vocab_size * model.config.text.hidden_size
+    text = work.floor_s(model, 350, 0, 0, ceilings)
+    assert work.floor_s(model, 350, 0, 1, ceilings) > text
+    assert work.floor_s(model, 350, 4, 0, ceilings) > text
+    assert roofline.Work.of(model, 1.0).floor_s(model, 350, 0, 1, ceilings) < work.floor_s(
+        model, 350, 0, 1, ceilings
+    )
