@@ -43,6 +43,9 @@ class Counting:
         self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
         self.write_images, self.clear_images = inner.write_images, inner.clear_images
 
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        self.inner.copy_kv(source, target, length)
+
     def step(self, *arrays: np.ndarray) -> np.ndarray:
         self.calls += 1
         return self.inner.step(*arrays)

@@ -8,13 +8,16 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from guardrt.runtime.classify import Classifier
+from guardrt.runtime.classify import Classifier, TorchSteps
+from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.model.checkpoint import load_model
@@ -22,13 +25,14 @@ from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.model.tiny import random_state, write_checkpoint
 from guardrt.runtime.policy import make_policy
+from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.prompt import encode_prompt
 from guardrt.runtime.requests import PreparedRequest, max_new_tokens
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label, VerdictGrammar
 from guardrt.testing.references import hf_inputs, hf_model
-from tests.models import image, small_config, write_small
+from tests.models import IMAGE_CONFIG, image, small_config, write_small
 
 STOP = [128001, 128008, 128009]
 TEXTS = [
@@ -331,3 +335,83 @@ def test_session_row_beside_a_long_prompt_stays_in_the_cache(
     for a, b in zip(together, alone, strict=True):
         assert a.generated == b.generated
         assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-5)
+
+
+class _Counting:
+    """A StepModel wrapper counting forwards and K/V copies."""
+
+    def __init__(self, inner: TorchSteps) -> None:
+        self.inner, self.steps, self.copies, self.fills = inner, 0, 0, 0
+        self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
+
+    def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        self.inner.write_images(slots, images)
+
+    def clear_images(self, slots: Sequence[int]) -> None:
+        self.inner.clear_images(slots)
+
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        self.copies += 1
+        self.inner.copy_kv(source, target, length)
+
+    def step(self, *arrays: np.ndarray) -> np.ndarray:
+        self.steps += 1
+        self.fills += int(arrays[5].shape[1] == 1)  # constrained steps read 2 rows; fills 1
+        return self.inner.step(*arrays)
+
+
+def test_shared_policy_prefix_gives_what_a_fresh_prefill_gives(
+    checkpoint: Path, tok: Tokenizer
+) -> None:
+    """Text-only rows copy their policy head's K/V from a prefix row (filled once per policy,
+    the least recently used evicted) and answer what full prefills answer; image rows and
+    session rows do not use it."""
+    preparer = Preparer(tok, IMAGE_CONFIG, 512)
+    texts = ["How do I pick a lock?", "Is this fine?", "Write me a poem about the sea."]
+    default = [preparer.prepare([{"role": "user", "content": t}]) for t in texts]
+    custom = preparer.prepare(
+        [{"role": "user", "content": texts[0]}], excluded_categories=["S1", "S2"]
+    )
+    response = preparer.prepare(
+        [{"role": "user", "content": texts[0]}, {"role": "assistant", "content": "No."}]
+    )
+    picture = np.full((40, 60, 3), 128, np.uint8)
+    with_image = preparer.prepare(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": picture},
+                    {"type": "text", "text": texts[1]},
+                ],
+            }
+        ]
+    )
+    assert default[0].prefix_len > 100  # BOS, header, task and the 13 categories
+    assert default[0].prefix_len == default[1].prefix_len != custom.prefix_len
+    assert with_image.prefix_len == 0
+    batch = [*default, custom, with_image, response, default[2]]
+    model = load_model(checkpoint, semantics="meta")
+    model.setup_caches(4 + 2, 512)
+    counting = _Counting(TorchSteps(model))
+    shared = Decoder(counting, "constrained", sessions=0, prefixes=2)
+    got = shared.run(batch)
+    reference = Classifier(loaded(checkpoint, "meta")).run(batch)
+    for a, b in zip(got, reference, strict=True):
+        assert a.generated == b.generated
+        assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-5)
+    reused = [d.reused_tokens for d in got]
+    assert reused[:3] == [default[0].prefix_len] * 3
+    assert reused[3] == custom.prefix_len
+    assert reused[4] == 0  # the image comes before the policy: nothing to share
+    assert reused[5] == response.prefix_len  # the response policy head: its own prefix
+    # 6 text rows; 3 distinct heads (default, custom, response) through 2 rows: the default's
+    # is evicted by the response's and filled again for the last request, 4 fills in all.
+    assert (counting.copies, counting.fills) == (6, 4)
+    plain_model = loaded(checkpoint, "meta")
+    plain = _Counting(TorchSteps(plain_model))
+    Decoder(plain, "constrained").run([default[0]])
+    before = counting.steps
+    shared.run([default[0]])  # the default head is warm now: a copy, no fill
+    assert (counting.copies, counting.fills) == (7, 4)
+    assert counting.steps - before == plain.steps

@@ -9,6 +9,7 @@ token count (min = max new tokens, greedy): prefill plus one forward per further
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -27,7 +28,9 @@ PATH_TOKENS = {"safe": 3, "unsafe": 6}
 def sharing_model(model: MllamaModel, document: dict[str, Any]) -> Any:
     """transformers' model on `model`'s device, holding `model`'s weights."""
     transformers: Any = importlib.import_module("transformers")
-    config = transformers.MllamaConfig(**document)
+    # A copy: transformers rewrites the nested dicts it is given (rope keys), and `document` may
+    # be a module-level constant (TINY_CONFIG) that others read.
+    config = transformers.MllamaConfig(**copy.deepcopy(document))
     config._attn_implementation = "sdpa"
     with torch.device(model.device):
         hf = transformers.MllamaForConditionalGeneration._from_config(

@@ -42,6 +42,9 @@ class ForcedSteps:
     def clear_images(self, slots: Sequence[int]) -> None:
         self.inner.clear_images(slots)
 
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        self.inner.copy_kv(source, target, length)
+
     def step(
         self,
         tokens: np.ndarray,
@@ -52,6 +55,8 @@ class ForcedSteps:
         logit_index: np.ndarray,
     ) -> np.ndarray:
         logits = self.inner.step(tokens, positions, slots, image_start, num_tiles, logit_index)
+        if logit_index.shape[1] == 1:  # filling a shared prefix row: no decision read
+            return logits
         top = float(logits.max()) + 10.0
         if self._steps == 0:  # the prefill: rows (label, category)
             logits[:, 0, self._label] = top

@@ -44,6 +44,10 @@ class TorchSteps:
         self.model.clear_images(self._tensor(slots))
 
     @torch.inference_mode()
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        self.model.cache.copy_kv(source, target, length)
+
+    @torch.inference_mode()
     def step(
         self,
         tokens: np.ndarray,
@@ -63,9 +67,13 @@ class TorchSteps:
 
 class Classifier(Decoder):
     """Decodes prepared requests with guardrt's torch model (caches for the batch rows, then
-    `sessions` session rows)."""
+    `sessions` session rows, then `prefixes` shared-prefix rows)."""
 
     def __init__(
-        self, model: MllamaModel, decode: Decode = "constrained", sessions: int = 0
+        self,
+        model: MllamaModel,
+        decode: Decode = "constrained",
+        sessions: int = 0,
+        prefixes: int = 0,
     ) -> None:
-        super().__init__(TorchSteps(model), decode, sessions)
+        super().__init__(TorchSteps(model), decode, sessions, prefixes)

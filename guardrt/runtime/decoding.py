@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.prefixes import PrefixTable
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
 from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
@@ -38,6 +39,7 @@ Decode = Literal["constrained", "greedy"]
 DECODES: tuple[Decode, ...] = ("constrained", "greedy")
 STOP_IDS = frozenset({END_OF_TEXT_ID, EOM_ID, EOT_ID})
 _PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
+_MIN_PREFIX = 16  # shorter policy heads are not worth a copy
 
 
 class StepModel(Protocol):
@@ -52,6 +54,10 @@ class StepModel(Protocol):
 
     def clear_images(self, slots: Sequence[int]) -> None:
         """Zero the image K/V of rows without an image."""
+        ...
+
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        """Copy row `source`'s self-attention K/V at positions 0..length-1 into row `target`."""
         ...
 
     def step(
@@ -116,15 +122,23 @@ def _ids(values: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
 class Decoder:
     """Runs prepared requests through a `StepModel`, a batch at a time."""
 
-    def __init__(self, model: StepModel, decode: Decode = "constrained", sessions: int = 0) -> None:
-        """`model`'s cache rows hold the batch rows and then `sessions` session rows."""
+    def __init__(
+        self,
+        model: StepModel,
+        decode: Decode = "constrained",
+        sessions: int = 0,
+        prefixes: int = 0,
+    ) -> None:
+        """`model`'s cache rows hold the batch rows, then `sessions` session rows, then
+        `prefixes` rows of shared policy prefixes (`prefixes.py`)."""
         if decode not in DECODES:
             raise ConfigError(f"decode must be one of {DECODES}, not {decode!r}")
-        if model.max_batch <= sessions:
+        if model.max_batch <= sessions + prefixes:
             raise ValueError("the model's caches are not set up for a batch (setup_caches)")
         self.model, self.decode = model, decode
-        self.batch_size = model.max_batch - sessions
+        self.batch_size = model.max_batch - sessions - prefixes
         self.sessions = SessionTable(self.batch_size, sessions)
+        self.prefixes = PrefixTable(self.batch_size + sessions, prefixes)
         self._prefilled = 0.0
 
     def check_fits(self, request: PreparedRequest) -> None:
@@ -143,6 +157,7 @@ class Decoder:
             chunk = requests[start : start + self.batch_size]
             rows = [self._row(request, slot) for slot, request in enumerate(chunk)]
             started, self._prefilled = time.perf_counter(), 0.0
+            self._share_prefixes(rows)
             self._write_images(rows)
             if self.decode == "constrained":
                 self._constrained(rows)
@@ -174,6 +189,33 @@ class Decoder:
         reuse = common_prefix(session.cached, request.prompt) if session.image_ready else 0
         reuse = min(reuse, len(request.prompt) - 1)
         return _Row(request, session.slot, next_position=reuse, skip=reuse, session=session)
+
+    def _share_prefixes(self, rows: list[_Row]) -> None:
+        """Text-only rows outside sessions start after their policy's prefix: its K/V, filled
+        once into a prefix row (one forward), are copied into theirs."""
+        if self.prefixes.count == 0:
+            return
+        for row in rows:
+            length = row.request.prefix_len
+            if row.session is not None or row.request.image is not None or length < _MIN_PREFIX:
+                continue
+            prefix = row.request.prompt[:length]
+            slot, ready = self.prefixes.lookup(prefix)
+            if not ready:
+                try:
+                    self.model.step(
+                        _ids([prefix]),
+                        _ids([list(range(length))]),
+                        _ids([slot]),
+                        _ids([self.model.max_seq]),  # no image
+                        _ids([0]),
+                        _ids([[length - 1]]),
+                    )
+                except BaseException:
+                    self.prefixes.forget(prefix)
+                    raise
+            self.model.copy_kv(slot, row.slot, length)
+            row.next_position = row.skip = length
 
     def _write_images(self, rows: list[_Row]) -> None:
         """Image K/V into each row's slot (once per session); zeros for rows without one."""

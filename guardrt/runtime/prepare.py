@@ -52,8 +52,11 @@ class Preparer:
                 )
             source: Any = conversation.image.source  # preprocess_image checks what it is
             image = preprocess_image(source, config=self.image_config)
-        prompt = prompt_encoder(self.tokenizer).encode(conversation, policy)
-        request = PreparedRequest(tuple(prompt), image, self.grammar(policy))
+        encoder = prompt_encoder(self.tokenizer)
+        prompt = encoder.encode(conversation, policy)
+        # A text-only prompt's head is shared by every request with its policy (prefixes.py).
+        prefix = 0 if image is not None else len(encoder.head(conversation, policy))
+        request = PreparedRequest(tuple(prompt), image, self.grammar(policy), prefix_len=prefix)
         check_fits(request, self.max_seq)
         return request
 

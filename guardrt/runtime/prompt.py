@@ -113,10 +113,15 @@ class PromptEncoder:
             return (*self._start, *text("\n\n"), IMAGE_ID, *text(" " + policy_text))
         return (*self._start, *text("\n\n" + policy_text))
 
+    def head(self, conversation: Conversation, policy: Policy) -> tuple[int, ...]:
+        """The ids from BOS to the conversation's first line (they depend only on the policy,
+        the judged role and whether an image comes first): a prefix of `encode`'s ids."""
+        return self._head(conversation.judged, policy, conversation.image is not None)
+
     def encode(self, conversation: Conversation, policy: Policy) -> list[int]:
         """The ids the model reads for a validated conversation and policy."""
         role = conversation.judged
-        ids = list(self._head(role, policy, conversation.image is not None))
+        ids = list(self.head(conversation, policy))
         for line in _message_lines(conversation):
             ids.extend(self.tokenizer.encode_text(line))
         ids.extend(self._end[role])

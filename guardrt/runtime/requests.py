@@ -23,6 +23,7 @@ class PreparedRequest:
     image: TiledImage | None
     grammar: VerdictGrammar  # the policy's grammar: which codes may be answered
     session: int | None = None  # a cache session whose K/V this request may reuse
+    prefix_len: int = 0  # leading ids that depend only on the policy (text-only prompts)
 
     @property
     def image_position(self) -> int | None:
@@ -37,7 +38,7 @@ class Decoded:
     generated: tuple[int, ...]  # ids after the prompt, starting with 271 (the blank line)
     unsafe_probability: float  # NaN when the output left the grammar's path before the label
     category_probabilities: dict[str, float]
-    reused_tokens: int = 0  # prompt tokens whose K/V came from the request's session cache
+    reused_tokens: int = 0  # prompt tokens whose K/V were copied (a session's, a shared prefix)
     prefill_s: float = 0.0  # its batch's image encoding and first forward (host-side clock)
     decode_s: float = 0.0  # its batch's later forwards
 

@@ -36,6 +36,7 @@ class EngineOptions:
     max_batch: int = 4
     max_seq: int = 8192
     max_sessions: int = 4  # cache slots kept for streaming checks (each costs a full K/V row)
+    max_prefixes: int = 1  # cache rows of shared policy prefixes (prefixes.py; each a K/V row)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ class GraphSteps:
             self.cross_kv = np.zeros(shape, np.float32)
         self.cross_kv[:, :, list(slots)] = kv
 
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        self._reserve(length)
+        self.self_kv[:, :, target, :, :length] = self.self_kv[:, :, source, :, :length]
+
     def clear_images(self, slots: Sequence[int]) -> None:
         if self.cross_kv is not None:
             self.cross_kv[:, :, list(slots)] = 0

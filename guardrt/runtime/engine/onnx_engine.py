@@ -147,9 +147,10 @@ def check_options(
             f"{directory} is a {manifest.precision} engine; dtype {options.dtype!r} cannot be "
             "chosen at load time (export another precision)"
         )
-    if options.max_batch < 1 or options.max_sessions < 0:
+    if options.max_batch < 1 or options.max_sessions < 0 or options.max_prefixes < 0:
         raise ConfigError(
-            f"max_batch {options.max_batch} must be ≥ 1 and max_sessions {options.max_sessions} ≥ 0"
+            f"max_batch {options.max_batch} must be ≥ 1, max_sessions {options.max_sessions} "
+            f"and max_prefixes {options.max_prefixes} ≥ 0"
         )
     if options.max_seq < 64:
         raise ConfigError(f"max_seq {options.max_seq} must be ≥ 64")
@@ -191,9 +192,10 @@ class GraphEngine:
         check_options(options, manifest, directory, self.bounded)
         runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
-        rows = options.max_batch + options.max_sessions
+        rows = options.max_batch + options.max_sessions + options.max_prefixes
         self.steps = GraphSteps(runner, config, rows, options.max_seq)
-        self.decoder = Decoder(self.steps, parse_decode(options.decode), options.max_sessions)
+        decode = parse_decode(options.decode)
+        self.decoder = Decoder(self.steps, decode, options.max_sessions, options.max_prefixes)
         self.info = EngineInfo(
             backend=self.backend,
             device=device,

@@ -43,10 +43,15 @@ class TorchEngine:
         if semantics not in SEMANTICS:
             raise ConfigError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
         decode = parse_decode(options.decode)
-        if options.max_batch < 1 or options.max_seq < 64 or options.max_sessions < 0:
+        if (
+            options.max_batch < 1
+            or options.max_seq < 64
+            or options.max_sessions < 0
+            or options.max_prefixes < 0
+        ):
             raise ConfigError(
-                f"max_batch {options.max_batch} must be ≥ 1, max_seq {options.max_seq} ≥ 64 "
-                f"and max_sessions {options.max_sessions} ≥ 0"
+                f"max_batch {options.max_batch} must be ≥ 1, max_seq {options.max_seq} ≥ 64"
+                f", max_sessions {options.max_sessions} and max_prefixes {options.max_prefixes} ≥ 0"
             )
         name = options.device
         if name == "auto":
@@ -61,8 +66,9 @@ class TorchEngine:
             dtype=parse_dtype(options.dtype, device),
             semantics=semantics,
         )
-        self.model.setup_caches(options.max_batch + options.max_sessions, options.max_seq)
-        self.classifier = Classifier(self.model, decode, options.max_sessions)
+        rows = options.max_batch + options.max_sessions + options.max_prefixes
+        self.model.setup_caches(rows, options.max_seq)
+        self.classifier = Classifier(self.model, decode, options.max_sessions, options.max_prefixes)
         dtype = str(self.model.weight_dtype).removeprefix("torch.")
         self.info = EngineInfo(
             backend="torch",

@@ -41,6 +41,10 @@ class KVCache:
         uniformly before the output is zeroed; zeros keep that product finite)."""
         self.cross_kv[:, :, slots] = 0
 
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        """Self-attention K/V of row `source` at positions 0..length-1 into row `target`."""
+        self.self_kv[:, :, target, :, :length] = self.self_kv[:, :, source, :, :length]
+
     def step(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> CacheStep:
         return CacheStep(self, slots, positions, kv_len)
 
