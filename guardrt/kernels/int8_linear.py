@@ -1,0 +1,87 @@
+"""int8 weight-only linear in Triton: y = x · (s ⊙ q)ᵀ (+ b), reading the int8 weights directly.
+
+A decode step reads every weight once and does little else, so its floor is the weight bytes
+over the memory bandwidth: int8 weights (1 byte) instead of bf16 (2 bytes) halve it. The
+reference this kernel must equal is `guardrt.export.quantize.QuantizedLinear`'s forward
+(dequantize to the activations' dtype, then matmul); `tests/test_kernels.py` checks it under
+Triton's CPU interpreter (TRITON_INTERPRET=1). Per-output-channel scales only (the export's
+scheme): the scale factors out of the K reduction and is applied once to the accumulator.
+
+Not yet wired into `QuantizedLinear`: it has not run on a GPU (the GPU engine issue owes that
+run and the benchmark, `benchmarks/kernels.py`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+triton: Any = importlib.import_module("triton")
+tl: Any = importlib.import_module("triton.language")
+
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _int8_linear_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr,
+    m, n,
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_ym, stride_yn,
+    k: tl.constexpr,  # one compile per layer width; the K loop's bounds are plain ints
+    has_bias: tl.constexpr, bm: tl.constexpr, bn: tl.constexpr, bk: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * bm + tl.arange(0, bm)  # (bm,) rows of x / y
+    cols = tl.program_id(1) * bn + tl.arange(0, bn)  # (bn,) output channels
+    acc = tl.zeros((bm, bn), dtype=tl.float32)
+    for start in range(0, k, bk):
+        inner = start + tl.arange(0, bk)  # (bk,)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + inner[None, :] * stride_xk,
+            mask=(rows[:, None] < m) & (inner[None, :] < k),
+            other=0.0,
+        )  # (bm, bk)
+        q = tl.load(
+            q_ptr + cols[None, :] * stride_qn + inner[:, None] * stride_qk,
+            mask=(cols[None, :] < n) & (inner[:, None] < k),
+            other=0,
+        )  # (bk, bn) int8: the weight's transpose, read in place
+        acc += tl.dot(x, q.to(x.dtype))
+    scale = tl.load(s_ptr + cols, mask=cols < n, other=0.0)  # (bn,) fp32
+    acc = acc * scale[None, :]
+    if has_bias:
+        acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rows[:, None] < m) & (cols[None, :] < n),
+    )
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) in fp32/fp16/bf16; qweight (N, K) int8; scales (N, 1) or (N,) fp32 (one per
+    output channel); bias (N,) or None → (..., N) in x's dtype."""
+    if qweight.dtype != torch.int8:
+        raise ValueError(f"qweight must be int8, not {qweight.dtype}")
+    if scales.numel() != qweight.shape[0]:
+        raise ValueError(
+            f"{scales.numel()} scales for {qweight.shape[0]} output channels: the kernel takes "
+            "one scale per channel (per-group weights use the reference forward)"
+        )
+    n, k = qweight.shape
+    flat = x.reshape(-1, k)  # (M, K)
+    m = flat.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    _int8_linear_kernel[grid](
+        flat, qweight, scales.reshape(-1).to(torch.float32).contiguous(),
+        bias if bias is not None else scales, out,
+        m, n,
+        flat.stride(0), flat.stride(1), qweight.stride(0), qweight.stride(1),
+        out.stride(0), out.stride(1),
+        k=k, has_bias=bias is not None, bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
