@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton kernels run under Triton's CPU interpreter in the tests. Triton decides when it is first
+# imported (transformers and others import it), so this comes before any import; a GPU run of
+# the kernel tests sets TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import io
 from pathlib import Path
 

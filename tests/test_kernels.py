@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 import pytest
@@ -11,8 +10,7 @@ import torch
 
 from guardrt.export.quantize import QuantizedLinear, quantize_weight
 
-# The interpreter is chosen when a kernel is defined: set before the kernels are imported.
-os.environ["TRITON_INTERPRET"] = "1"
+# conftest.py sets TRITON_INTERPRET=1 before anything imports triton (the CPU interpreter).
 pytest.importorskip("triton", reason="the test extra installs triton (x86-64 Linux)")
 kernels: Any = importlib.import_module("guardrt.kernels.int8_linear")
 
