@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels run under Triton's CPU interpreter in the tests. Triton decides when it is first
-# imported (transformers and others import it), so this comes before any import; a GPU run of
-# the kernel tests sets TRITON_INTERPRET=0.
+# Triton kernels run under Triton's CPU interpreter in the tests (on CPU tensors, on any
+# machine). Triton decides when it is first imported (transformers and others import it), so
+# this comes before any import. On a GPU, benchmarks/kernels.py checks them against the reference.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import io
