@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from guardrt.bench.timing import times_ms
 from guardrt.export.quantize import QuantizedLinear, quantize_weight
 from guardrt.kernels.int8_linear import int8_linear
 
@@ -31,15 +31,8 @@ SHAPES = {  # (out, in) of the text decoder's projections
 
 
 def _median_us(run: Callable[[], object], repeat: int) -> float:
-    """Median µs of `run()` over `repeat` calls after 3 warm-ups (synchronized each time)."""
-    times: list[float] = []
-    for _ in range(repeat + 3):
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - begin) * 1e6)
-    return statistics.median(times[3:])
+    """Median µs of `run()` over `repeat` calls after 3 warm-ups."""
+    return statistics.median(times_ms(run, torch.device("cuda"), repeat, warmup=3)) * 1e3
 
 
 def main() -> None:

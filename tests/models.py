@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.safetensors_io import write_safetensors
 from guardrt.runtime.model.tiny import (
@@ -82,3 +84,26 @@ def image(tiles: int, seed: int = 0) -> TiledImage:
     tiled = preprocess_image(pixels, config=IMAGE_CONFIG)
     assert tiled.num_tiles == tiles
     return tiled
+
+
+class CountingSteps:
+    """A `StepModel` over a `TorchSteps` counting forwards, prefix fills and K/V copies."""
+
+    def __init__(self, inner: TorchSteps) -> None:
+        self.inner, self.steps, self.copies, self.fills = inner, 0, 0, 0
+        self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
+
+    def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        self.inner.write_images(slots, images)
+
+    def clear_images(self, slots: Sequence[int]) -> None:
+        self.inner.clear_images(slots)
+
+    def copy_kv(self, source: int, target: int, length: int) -> None:
+        self.copies += 1
+        self.inner.copy_kv(source, target, length)
+
+    def step(self, *arrays: np.ndarray) -> np.ndarray:
+        self.steps += 1
+        self.fills += int(arrays[5].shape[1] == 1)  # constrained steps read 2 rows; fills 1
+        return self.inner.step(*arrays)

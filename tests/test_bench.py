@@ -19,6 +19,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.tokenizer import Tokenizer
+from tests.models import CountingSteps
 
 CPU = torch.device("cpu")
 
@@ -35,22 +36,6 @@ def model() -> MllamaModel:
     return built
 
 
-class Counting:
-    """Counts the forwards a decoding loop asks for."""
-
-    def __init__(self, inner: TorchSteps) -> None:
-        self.inner, self.calls = inner, 0
-        self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
-        self.write_images, self.clear_images = inner.write_images, inner.clear_images
-
-    def copy_kv(self, source: int, target: int, length: int) -> None:
-        self.inner.copy_kv(source, target, length)
-
-    def step(self, *arrays: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        return self.inner.step(*arrays)
-
-
 @pytest.mark.parametrize(
     ("path", "output", "forwards"),
     [("safe", "safe<|eot_id|>", 1), ("unsafe", "unsafe\nS1<|eot_id|>", 2)],
@@ -63,11 +48,11 @@ def test_forced_paths(
     forwards: int,
 ) -> None:
     request = requests["image+text"]
-    counting = Counting(TorchSteps(model))
+    counting = CountingSteps(TorchSteps(model))
     forced = ForcedSteps(counting, request.grammar, path, "S1")  # type: ignore[arg-type]
     (decoded,) = Decoder(forced, "constrained").run([request])
     assert decoded.verdict().raw_output.strip() == output
-    assert counting.calls == forwards  # the path's whole work, no more, no less
+    assert counting.steps == forwards  # the path's whole work, no more, no less
     forced.reset()
     (again,) = Decoder(forced, "constrained").run([request])
     assert again.generated == decoded.generated

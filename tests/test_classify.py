@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from guardrt.runtime.requests import PreparedRequest, max_new_tokens
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label, VerdictGrammar
 from guardrt.testing.references import hf_inputs, hf_model
-from tests.models import IMAGE_CONFIG, image, small_config, write_small
+from tests.models import IMAGE_CONFIG, CountingSteps, image, small_config, write_small
 
 STOP = [128001, 128008, 128009]
 TEXTS = [
@@ -337,29 +336,6 @@ def test_session_row_beside_a_long_prompt_stays_in_the_cache(
         assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-5)
 
 
-class _Counting:
-    """A StepModel wrapper counting forwards and K/V copies."""
-
-    def __init__(self, inner: TorchSteps) -> None:
-        self.inner, self.steps, self.copies, self.fills = inner, 0, 0, 0
-        self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
-
-    def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
-        self.inner.write_images(slots, images)
-
-    def clear_images(self, slots: Sequence[int]) -> None:
-        self.inner.clear_images(slots)
-
-    def copy_kv(self, source: int, target: int, length: int) -> None:
-        self.copies += 1
-        self.inner.copy_kv(source, target, length)
-
-    def step(self, *arrays: np.ndarray) -> np.ndarray:
-        self.steps += 1
-        self.fills += int(arrays[5].shape[1] == 1)  # constrained steps read 2 rows; fills 1
-        return self.inner.step(*arrays)
-
-
 def test_shared_policy_prefix_gives_what_a_fresh_prefill_gives(
     checkpoint: Path, tok: Tokenizer
 ) -> None:
@@ -393,7 +369,7 @@ def test_shared_policy_prefix_gives_what_a_fresh_prefill_gives(
     batch = [*default, custom, with_image, response, default[2]]
     model = load_model(checkpoint, semantics="meta")
     model.setup_caches(4 + 2, 512)
-    counting = _Counting(TorchSteps(model))
+    counting = CountingSteps(TorchSteps(model))
     shared = Decoder(counting, "constrained", sessions=0, prefixes=2)
     got = shared.run(batch)
     reference = Classifier(loaded(checkpoint, "meta")).run(batch)
@@ -409,7 +385,7 @@ def test_shared_policy_prefix_gives_what_a_fresh_prefill_gives(
     # is evicted by the response's and filled again for the last request, 4 fills in all.
     assert (counting.copies, counting.fills) == (6, 4)
     plain_model = loaded(checkpoint, "meta")
-    plain = _Counting(TorchSteps(plain_model))
+    plain = CountingSteps(TorchSteps(plain_model))
     Decoder(plain, "constrained").run([default[0]])
     before = counting.steps
     shared.run([default[0]])  # the default head is warm now: a copy, no fill

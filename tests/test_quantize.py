@@ -134,17 +134,13 @@ def test_quantized_linear_exports_as_dequantize_linear(kind: QuantKind, tmp_path
     the same as the torch reference (its int8 MatMulNBits fusion asked for fp32 compute)."""
     onnx: Any = pytest.importorskip("onnx")
     ort: Any = pytest.importorskip("onnxruntime")
-    from guardrt.export.onnx_ops import OPSET, TRANSLATIONS, check_exportable  # noqa: PLC0415
+    from guardrt.export.onnx_ops import check_exportable, trace  # noqa: PLC0415
 
     linear = nn.Linear(32, 16, bias=False)
     module = QuantizedLinear(quantize_weight(linear.weight, kind=kind), None)
     x = torch.randn(3, 32)
     path = tmp_path / "linear.onnx"
-    check_exportable(module)
-    torch.onnx.export(
-        module, (x,), str(path), dynamo=True, opset_version=OPSET,
-        custom_translation_table=TRANSLATIONS,
-    )  # fmt: skip
+    trace(module, (x,), path, ["x"], ["y"])
     graph = onnx.load(str(path))
     assert "DequantizeLinear" in {node.op_type for node in graph.graph.node}
     storage = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}[kind]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from guardrt.bench.forced import ForcedSteps, Path
+from guardrt.bench.timing import sync
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import EngineInfo
@@ -82,11 +82,6 @@ class Latency:
         )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def warm_up(model: MllamaModel, requests: Sequence[PreparedRequest], rounds: int = 3) -> None:
     """Run every request on both paths before anything is timed: the first timed case must
     not pay for clocks ramping up, allocator growth or kernel selection."""
@@ -95,7 +90,7 @@ def warm_up(model: MllamaModel, requests: Sequence[PreparedRequest], rounds: int
             for path in PATHS:
                 forced = ForcedSteps(TorchSteps(model), request.grammar, path, "S1")
                 Decoder(forced, "constrained").run([request])
-    _sync(model.device)
+    sync(model.device)
 
 
 def time_ours(
@@ -107,10 +102,10 @@ def time_ours(
     totals, decoded = [], []
     for index in range(warmup + repeat):
         forced.reset()
-        _sync(model.device)
+        sync(model.device)
         start = time.perf_counter()
         (result,) = decoder.run([request])
-        _sync(model.device)
+        sync(model.device)
         if index >= warmup:
             totals.append((time.perf_counter() - start) * 1e3)
             decoded.append(result)
@@ -123,7 +118,6 @@ class _ForcedEngine:
     def __init__(self, model: MllamaModel, sample: PreparedRequest, path: Path) -> None:
         self.forced = ForcedSteps(TorchSteps(model), sample.grammar, path, "S1")
         self.decoder = Decoder(self.forced, "constrained")
-        self.lock = threading.Lock()
         self.info = EngineInfo("torch", str(model.device), "bench", model.semantics,
                                "constrained", model.max_batch, model.max_seq)  # fmt: skip
 
@@ -187,18 +181,3 @@ def throughput(
     elapsed = time.perf_counter() - start
     scheduler.drain()
     return Throughput(concurrency, total, total / elapsed, statistics.mean(sizes))
-
-
-def time_calls(
-    run: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1
-) -> list[float]:
-    """ms per call of `run`, after `warmup` calls."""
-    times = []
-    for index in range(warmup + repeat):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        if index >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return times

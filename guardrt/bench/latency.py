@@ -35,6 +35,7 @@ import torch
 
 from guardrt.bench import baseline, cases, roofline
 from guardrt.bench.fullsize import SIZES, random_model
+from guardrt.bench.timing import times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import quantize_linears
 from guardrt.runtime.classify import TorchSteps
@@ -137,7 +138,7 @@ def _baseline_run(
         for path in cases.PATHS:
             tokens = baseline.PATH_TOKENS[path]
             run = functools.partial(baseline.generate, hf, request, tokens, torch.bfloat16)
-            times = cases.time_calls(run, device, max(3, args.repeat // 4))
+            times = times_ms(run, device, max(3, args.repeat // 4))
             ordered = sorted(times)
             timings[f"{name} {path}"] = {
                 "p50_ms": ordered[len(ordered) // 2], "min_ms": ordered[0], "runs": len(times),

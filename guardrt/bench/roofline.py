@@ -9,13 +9,13 @@ bandwidth), and each decode step no faster than the text-side weight bytes / ban
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from guardrt.bench.timing import times_ms
 from guardrt.runtime.model.mllama import MllamaModel
 
 
@@ -30,17 +30,8 @@ class Ceilings:
 
 
 def _timed(run: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median seconds of `run()` after one warm-up (synchronized on a GPU)."""
-    times: list[float] = []
-    for _ in range(repeat + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times[1:])
+    """Median seconds of `run()` after one warm-up."""
+    return statistics.median(times_ms(run, device, repeat)) / 1e3
 
 
 def measure(device: torch.device, copy_mib: int = 1024, n: int = 8192) -> Ceilings:

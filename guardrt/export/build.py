@@ -16,6 +16,7 @@ leaves a directory that looks like an engine.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import platform
 import shutil
@@ -50,6 +51,7 @@ from guardrt.runtime.engine.manifest import (
 )
 from guardrt.runtime.engine.onnx_engine import OrtRunner
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.jsonfile import read_json_object
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.mllama import SEMANTICS, MllamaModel, Semantics
@@ -138,14 +140,9 @@ def source_hashes(directory: Path, progress: Progress) -> dict[str, Any]:
     for index, path in enumerate(files):
         progress.update(index, len(files), "files hashed")
         hashes[path.name] = sha256_file(path)
-    combined = sha256_text("".join(f"{name}\0{digest}\n" for name, digest in hashes.items()))
+    listing = "".join(f"{name}\0{digest}\n" for name, digest in hashes.items())
+    combined = hashlib.sha256(listing.encode()).hexdigest()
     return {"path": str(directory.resolve()), "sha256": combined, "files": hashes}
-
-
-def sha256_text(text: str) -> str:
-    import hashlib  # noqa: PLC0415
-
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_probes(
@@ -245,12 +242,6 @@ def _summary(parity: dict[str, Any] | None) -> str:
         f"max rel logit err {parity['max_relative_logit_error']:.2e}, "
         f"max |ΔP(unsafe)| {parity['max_abs_delta_p_unsafe']:.2e} vs {parity['against']}"
     )
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    from guardrt.runtime.jsonfile import read_json_object  # noqa: PLC0415
-
-    return read_json_object(directory / "config.json", "model config")
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -388,7 +379,7 @@ def _build_into(
         "max_batch": options.max_batch,
         "max_seq": options.max_seq,
         "source": source,
-        "config": _read_config(options.model),
+        "config": read_json_object(options.model / "config.json", "model config"),
         "tools": tool_versions("tensorrt") if tensorrt else tool_versions(),
         "graphs": {},
         "copied": _copy_side_files(options.model, engine_dir),

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from guardrt.export.graphs import GraphSpec
-from guardrt.export.onnx_ops import OPSET, TRANSLATIONS, check_exportable
+from guardrt.export.onnx_ops import trace
 from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model.functional import past_and_step_mask
 from guardrt.runtime.model.mllama import MllamaModel
@@ -114,7 +114,6 @@ def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str = "float32") -> G
 
 def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int) -> GraphSpec:
     """Trace the decoder graph, dynamic in batch, tokens, past length, image keys and rows."""
-    check_exportable(model)
     text = model.config.text
     selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
     heads, dim, dtype = text.num_kv_heads, text.head_dim, torch.float32
@@ -133,16 +132,13 @@ def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int)
     dim_p = torch.export.Dim("past", min=0, max=max_seq)
     dim_l = torch.export.Dim("image_keys", min=1, max=model.image_keys)
     dim_r = torch.export.Dim("rows", min=1, max=max_seq)
-    torch.onnx.export(
-        DecoderGraph(model).eval(),
+    trace(
+        DecoderGraph(model),
         example,
-        str(path),
-        dynamo=True,
-        opset_version=OPSET,
-        custom_translation_table=TRANSLATIONS,
-        input_names=list(DECODER_INPUTS),
-        output_names=list(DECODER_OUTPUTS),
-        dynamic_shapes=(
+        path,
+        DECODER_INPUTS,
+        DECODER_OUTPUTS,
+        (
             {0: dim_b, 1: dim_s},
             {0: dim_b, 1: dim_s},
             {2: dim_b, 4: dim_p},
@@ -151,6 +147,5 @@ def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int)
             {0: dim_b},
             {0: dim_b, 1: dim_r},
         ),
-        verbose=False,
     )
     return decoder_spec(model, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guardrt.export.onnx_ops import OPSET, TRANSLATIONS, check_exportable
+from guardrt.export.onnx_ops import trace
 from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model.mllama import MllamaModel
 
@@ -51,7 +51,6 @@ class VisionGraph(nn.Module):
 
 def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
     """Trace the vision graph (dynamic in the number of images) to ONNX at `path`."""
-    check_exportable(model)
     config = model.config
     tiles, side = config.vision.max_num_tiles, config.vision.image_size
     example = (
@@ -60,18 +59,8 @@ def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
         torch.ones(1, tiles, dtype=torch.int64),
     )
     images = torch.export.Dim("images", min=1, max=max_batch)
-    torch.onnx.export(
-        VisionGraph(model).eval(),
-        example,
-        str(path),
-        dynamo=True,
-        opset_version=OPSET,
-        custom_translation_table=TRANSLATIONS,
-        input_names=list(VISION_INPUTS),
-        output_names=["cross_kv"],
-        dynamic_shapes=({0: images}, {0: images}, {0: images}),
-        verbose=False,
-    )
+    dynamic = ({0: images}, {0: images}, {0: images})
+    trace(VisionGraph(model), example, path, VISION_INPUTS, ["cross_kv"], dynamic)
     return vision_spec(model, path)
 
 

@@ -10,6 +10,8 @@ opset 21, which torch's exporter does not (it translates at 18 and converts afte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,3 +41,28 @@ def check_exportable(model: torch.nn.Module) -> None:
                 f"{name} has per-group scales ({scales.shape[1]} groups); exported graphs take "
                 "per-channel scales (quantize with group_size=None)"
             )
+
+
+def trace(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic_shapes: tuple[dict[int, Any], ...] | None = None,
+) -> None:
+    """Trace `module` to ONNX at `path` as every guardrt graph is: torch's dynamo exporter at
+    `OPSET`, with guardrt's translations, after `check_exportable`."""
+    check_exportable(module)
+    torch.onnx.export(
+        module.eval(),
+        example,
+        str(path),
+        dynamo=True,
+        opset_version=OPSET,
+        custom_translation_table=TRANSLATIONS,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        dynamic_shapes=dynamic_shapes,
+        verbose=False,
+    )

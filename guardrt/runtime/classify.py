@@ -57,10 +57,8 @@ class TorchSteps:
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
     ) -> np.ndarray:
-        logits = self.model(
-            *(self._tensor(x) for x in (tokens, positions, slots, image_start, num_tiles)),
-            self._tensor(logit_index),
-        )
+        inputs = (tokens, positions, slots, image_start, num_tiles, logit_index)
+        logits = self.model(*(self._tensor(x) for x in inputs))
         result: np.ndarray = logits.cpu().numpy()
         return result
 

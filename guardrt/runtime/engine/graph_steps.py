@@ -112,11 +112,9 @@ class GraphSteps:
         return logits
 
     def _store(self, present: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
-        """present (Ls, 2, B, Hkv, S, d) at (slot, position); a right-padded row's pad
-        positions past max_seq are dropped (nothing reads them)."""
-        self._reserve(min(self.max_seq, int(positions.max()) + 1))
-        keep = positions < self.self_kv.shape[4]  # (B, S)
-        rows, columns = np.nonzero(keep)
-        by_token = present.transpose(2, 4, 0, 1, 3, 5)  # (B, S, Ls, 2, Hkv, d)
-        # Advanced indices split by slices go first: the target is (K, Ls, 2, Hkv, d).
-        self.self_kv[:, :, slots[rows], :, positions[rows, columns]] = by_token[rows, columns]
+        """present (Ls, 2, B, Hkv, S, d) at (slot, position); positions stay below max_seq
+        (the decoding loop stops pads at the last one), as the torch cache requires too."""
+        self._reserve(int(positions.max()) + 1)
+        rows = slots[:, None]  # (B, 1) with positions (B, S)
+        # Advanced indices split by slices go first: the target is (B, S, Ls, 2, Hkv, d).
+        self.self_kv[:, :, rows, :, positions] = present.transpose(2, 4, 0, 1, 3, 5)
