@@ -1,42 +1,323 @@
-"""Triton kernels against their plain-PyTorch references, under Triton's CPU interpreter."""
+"""guardrt's kernels against their plain-PyTorch references, and the dispatch that picks them.
+
+The int8 Triton kernel runs under Triton's CPU interpreter (conftest.py sets TRITON_INTERPRET=1
+before anything imports triton). The interpreter has no bfloat16 (`tl.dot` multiplies bf16 bit
+patterns; triton-lang/triton#11584), so its tests run fp16 and fp32: bf16, the GPU's dtype, is
+checked by benchmarks/kernels.py on the GPU only. The fp8 path's `torch._scaled_mm` runs on the
+CPU in torch 2.13, so it is tested here against `scaled_mm_reference`.
+"""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-from guardrt.export.quantize import QuantizedLinear, quantize_weight
+from guardrt.export import quantize
+from guardrt.export.quantize import QuantizedLinear, QuantKind, dequantize, quantize_weight
+from guardrt.kernels import dispatch
+from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, Capability
+from guardrt.kernels.fp8_linear import E4M3_MAX, fp8_linear, quantize_rows, scaled_mm_reference
 
-# conftest.py sets TRITON_INTERPRET=1 before anything imports triton (the CPU interpreter).
-pytest.importorskip("triton", reason="the test extra installs triton (x86-64 Linux)")
-kernels: Any = importlib.import_module("guardrt.kernels.int8_linear")
+HOPPER: Capability = (9, 0)
+
+
+@pytest.fixture
+def int8() -> ModuleType:
+    """guardrt.kernels.int8_linear (imports triton: the test extra installs it on x86-64 Linux)."""
+    pytest.importorskip("triton", reason="the test extra installs triton (x86-64 Linux)")
+    return dispatch._int8_module()
+
+
+def _layer(
+    n: int, k: int, kind: QuantKind, bias: bool, seed: int, group_size: int | None = None
+) -> QuantizedLinear:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator)
+    bias_tensor = torch.randn(n, generator=generator) if bias else None
+    return QuantizedLinear(quantize_weight(weight, group_size, kind), bias_tensor)
+
+
+def _bias(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+    assert layer.bias is not None
+    return layer.bias.to(dtype)
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got − expected| / max |expected|, in fp32."""
+    return float((got.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+# --- the int8 Triton kernel ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 48), (5, 96, 130), (33, 128, 64)])
-def test_int8_linear_equals_the_reference(m: int, k: int, n: int, bias: bool) -> None:
+def test_int8_linear_equals_the_reference(
+    int8: ModuleType, m: int, k: int, n: int, bias: bool
+) -> None:
     """Shapes off the block sizes on every axis (M 1/5/33, K 96, N 48/130)."""
-    generator = torch.Generator().manual_seed(m * k + n)
-    linear = torch.nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(n, k, generator=generator))
-    reference = QuantizedLinear(quantize_weight(linear.weight), linear.bias)
-    x = torch.randn(2, m, k, generator=generator)  # a leading batch dim too
+    reference = _layer(n, k, "int8", bias, seed=m * k + n)
+    x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(m))  # a leading batch dim
     with torch.inference_mode():
         expected = reference(x)
-        got = kernels.int8_linear(x, reference.qweight, reference.scales, reference.bias)
+        got = int8.int8_linear(x, reference.qweight, reference.scales, reference.bias)
     assert got.shape == expected.shape == (2, m, n)
     assert got.dtype == x.dtype
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert _relative(got, expected) <= 1e-5
 
 
-def test_int8_linear_refuses_what_it_does_not_compute() -> None:
+def test_int8_linear_in_fp16_equals_the_reference(int8: ModuleType) -> None:
+    """fp16, a dtype the dispatch sends to the kernel (bf16 cannot run in the interpreter)."""
+    reference = _layer(48, 64, "int8", bias=True, seed=3)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)).half()
+    with torch.inference_mode():
+        expected = reference(x)
+        got = int8.int8_linear(
+            x, reference.qweight, reference.scales, _bias(reference, torch.float16)
+        )
+    assert got.dtype == torch.float16
+    assert _relative(got, expected) <= 2e-3  # fp16 output rounding (2⁻¹¹) and operand order
+
+
+def test_int8_linear_refuses_what_it_does_not_compute(int8: ModuleType) -> None:
     weight = torch.randn(16, 32)
     grouped = quantize_weight(weight, group_size=8)
     with pytest.raises(ValueError, match="one scale per channel"):
-        kernels.int8_linear(torch.randn(2, 32), grouped.qweight, grouped.scales, None)
+        int8.int8_linear(torch.randn(2, 32), grouped.qweight, grouped.scales, None)
     with pytest.raises(ValueError, match="must be int8"):
-        kernels.int8_linear(torch.randn(2, 32), weight, torch.ones(16), None)
+        int8.int8_linear(torch.randn(2, 32), weight, torch.ones(16), None)
+
+
+# --- fp8: rowwise activation quantization and the _scaled_mm math --------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_rows_round_trip(dtype: torch.dtype) -> None:
+    """Rows of very different magnitudes each get their own scale; each row's largest value
+    maps to ±448; the round trip is within half an e4m3 step; an all-zero row stays zero."""
+    generator = torch.Generator().manual_seed(4)
+    magnitude = torch.tensor([1e-3, 1.0, 1e3, 0.0])[:, None]  # (4, 1): the last row all zero
+    x = (torch.randn(2, 4, 80, generator=generator) * magnitude).to(dtype)  # (2, 4, K)
+    xq, scales = quantize_rows(x)
+    assert xq.dtype == torch.float8_e4m3fn
+    assert xq.shape == x.shape
+    assert scales.dtype == torch.float32
+    assert scales.shape == (2, 4, 1)
+    wide = x.float()
+    restored = xq.float() * scales
+    # 3 mantissa bits: half a step is 2⁻⁴ of the value (normal range); the subnormal floor
+    # (steps of 2⁻⁹ below 2⁻⁶) is 2⁻¹⁰ of the row's scale.
+    bound = (wide.abs() * 2.0**-4 + scales * 2.0**-10) * (1 + 1e-6)  # + fp32 rounding
+    assert torch.all((restored - wide).abs() <= bound)
+    live = xq[:, :3].float().abs().amax(dim=-1)  # (2, 3): the nonzero rows
+    assert torch.equal(live, torch.full_like(live, E4M3_MAX))
+    assert torch.equal(scales[:, 3], torch.ones(2, 1))
+    assert torch.equal(restored[:, 3], torch.zeros(2, 80))
+
+
+def test_quantize_rows_keeps_subnormal_rows_finite() -> None:
+    """fp32 subnormal rows: max|x| / 448 rounds coarsely (668 / 448 of the least subnormal
+    rounds to 1 of it) and x / scale overshoots 448. The values stay finite and the zero stays
+    zero (a reciprocal scale would be inf here, and 0 · inf NaN). torch 2.13's cast saturates,
+    so the clamp before it shows only on older torch (NaN from 480 up)."""
+    tiny = torch.tensor([[668.0, -300.0, 0.0]]) * 2.0**-149  # (1, 3): multiples of the least
+    assert float(tiny[0, 0] / (tiny[0, 0] / E4M3_MAX)) > E4M3_MAX  # the overshoot is real
+    xq, scales = quantize_rows(tiny)
+    assert torch.isfinite(xq.float()).all()
+    assert float(xq[0, 2].float()) == 0.0
+    assert float(xq.float().abs().max()) == E4M3_MAX
+    assert torch.all(scales > 0)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_scaled_mm_reference_is_the_dequantized_matmul(bias: bool) -> None:
+    """Scales applied to the accumulator equal scales applied to the operands first."""
+    layer = _layer(48, 64, "fp8", bias, seed=5)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(5))
+    xq, x_scales = quantize_rows(x)
+    got = scaled_mm_reference(xq, x_scales, layer.qweight, layer.scales, layer.bias, torch.float32)
+    weight = dequantize(layer.qweight, layer.scales)  # (N, K) fp32
+    expected = torch.nn.functional.linear(xq.float() * x_scales, weight, layer.bias)
+    assert got.shape == (7, 48)
+    assert _relative(got, expected) <= 1e-6
+    half = scaled_mm_reference(xq, x_scales, layer.qweight, layer.scales, layer.bias, torch.float16)
+    assert torch.equal(half, got.half())  # one rounding, at the end
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_fp8_linear_equals_the_scaled_mm_reference(m: int, dtype: torch.dtype) -> None:
+    """torch._scaled_mm (CPU) with rowwise scales and a bias in the output dtype, M off 16."""
+    layer = _layer(48, 64, "fp8", bias=True, seed=m)
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).to(dtype)
+    bias = _bias(layer, dtype)
+    with torch.inference_mode():
+        got = fp8_linear(x, layer.qweight, layer.scales, bias)
+    xq, x_scales = quantize_rows(x)
+    expected = scaled_mm_reference(xq, x_scales, layer.qweight, layer.scales, bias, torch.float32)
+    assert got.shape == (m, 48)
+    assert got.dtype == dtype
+    assert _relative(got, expected) <= 2.0**-7  # one rounding to bf16 (2⁻⁸ relative, per value)
+    # Quantizing the activations costs a few e4m3 steps against the W8A16 reference:
+    assert _relative(got, layer(x)) <= 0.05
+
+
+# --- the dispatch -------------------------------------------------------------------------
+
+
+def _case(
+    kind: QuantKind, m: int, dtype: torch.dtype, k: int = 64, n: int = 48, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) in `dtype`, qweight (N, K) of `kind`, scales (N, groups): CPU tensors."""
+    storage = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    return (
+        torch.zeros(m, k, dtype=dtype),
+        torch.zeros(n, k).to(storage),
+        torch.ones(n, groups),
+    )
+
+
+ROWS = INT8_TRITON_MAX_ROWS
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize(
+    ("case", "capability", "triton", "expected"),
+    [
+        (_case("int8", 1, BF16), HOPPER, True, "int8_triton"),
+        (_case("int8", ROWS, FP16), HOPPER, True, "int8_triton"),
+        (_case("int8", ROWS + 1, BF16), HOPPER, True, "reference"),  # prefill: cuBLAS
+        (_case("int8", 1, BF16), HOPPER, False, "reference"),  # no triton
+        (_case("int8", 1, BF16), None, True, "reference"),  # not CUDA
+        (_case("int8", 1, BF16), (7, 5), True, "reference"),  # Turing: no bf16 tl.dot
+        (_case("int8", 1, FP32), HOPPER, True, "reference"),  # fp32: TF32 in tl.dot
+        (_case("int8", 1, BF16, groups=4), HOPPER, True, "reference"),  # per-group
+        (_case("int8", 0, BF16), HOPPER, True, "reference"),  # no rows
+        (_case("fp8", 1, BF16), HOPPER, True, "fp8_scaled_mm"),
+        (_case("fp8", 6432, FP16), (8, 9), False, "fp8_scaled_mm"),  # any M, Ada, no triton
+        (_case("fp8", 1, BF16), (8, 6), True, "reference"),  # Ampere: no fp8 tensor cores
+        (_case("fp8", 1, BF16), None, True, "reference"),
+        (_case("fp8", 1, FP32), HOPPER, True, "reference"),  # no bias with fp32 output
+        (_case("fp8", 1, BF16, k=72), HOPPER, True, "reference"),  # K % 16
+        (_case("fp8", 1, BF16, n=40), HOPPER, True, "reference"),  # N % 16
+        (_case("fp8", 1, BF16, groups=4), HOPPER, True, "reference"),  # per-group
+    ],
+)
+def test_choose_path(
+    case: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    capability: Capability | None,
+    triton: bool,
+    expected: dispatch.LinearPath,
+) -> None:
+    x, qweight, scales = case
+    assert dispatch.choose_path(x, qweight, scales, capability, triton) == expected
+
+
+def test_choose_path_counts_the_rows_of_every_leading_dim() -> None:
+    _, qweight, scales = _case("int8", 1, BF16)
+    half = INT8_TRITON_MAX_ROWS // 2
+    for lead, expected in (((2, half), "int8_triton"), ((2, half + 1), "reference")):
+        x = torch.zeros(*lead, 64, dtype=BF16)  # (B, T, K): M = B·T rows
+        assert dispatch.choose_path(x, qweight, scales, HOPPER, True) == expected
+
+
+def test_choose_path_needs_a_row_major_fp8_weight() -> None:
+    x, qweight, scales = _case("fp8", 1, BF16)
+    transposed = qweight.t().contiguous().t()  # (N, K) column-major: its .t() is row-major
+    assert dispatch.choose_path(x, transposed, scales, HOPPER, True) == "reference"
+
+
+@pytest.fixture
+def on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every device reads as an sm 9.0 CUDA device with triton: the CPU runs the fast paths."""
+    monkeypatch.setattr(dispatch, "cuda_capability", lambda device: HOPPER)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """Wrap owner.name so that calls are counted; returns the counter (one entry per call)."""
+    calls: list[int] = []
+    original: Callable[..., torch.Tensor] = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.usefixtures("on_hopper")
+def test_forward_runs_the_int8_kernel(int8: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer(48, 64, "int8", bias=True, seed=6)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(6)).half()
+    calls = _spy(monkeypatch, int8, "int8_linear")
+    with torch.inference_mode():
+        got = layer(x)
+        assert len(calls) == 1
+        assert torch.equal(
+            got, int8.int8_linear(x, layer.qweight, layer.scales, _bias(layer, torch.float16))
+        )
+        layer.force_reference = True
+        expected = layer(x)
+    assert len(calls) == 2  # the direct call above; the forced forward did not add one
+    assert _relative(got, expected) <= 2e-3
+
+
+@pytest.mark.usefixtures("on_hopper")
+def test_forward_runs_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer(48, 64, "fp8", bias=True, seed=7)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
+    calls = _spy(monkeypatch, torch, "_scaled_mm")
+    with torch.inference_mode():
+        got = layer(x)
+        assert len(calls) == 1
+        assert torch.equal(
+            got, fp8_linear(x, layer.qweight, layer.scales, _bias(layer, torch.bfloat16))
+        )
+        layer.force_reference = True
+        expected = layer(x)
+    assert len(calls) == 2
+    assert _relative(got, expected) <= 0.05
+
+
+@pytest.mark.usefixtures("on_hopper")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_tracers_see_the_reference(kind: QuantKind, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.export (what the dynamo ONNX exporter runs) and torch.jit.trace record
+    guardrt::dequantize, not a kernel, even where the eager forward takes a fast path."""
+    if kind == "int8":
+        pytest.importorskip("triton", reason="the test extra installs triton (x86-64 Linux)")
+    layer = _layer(48, 64, kind, bias=False, seed=8)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(8)).half()
+    fast = _spy(monkeypatch, quantize, "run_fast_path")
+    with torch.inference_mode():
+        layer(x)
+    assert len(fast) == 1  # eager: the fast path
+    exported = torch.export.export(layer, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert "guardrt.dequantize.default" in targets
+    assert not any("scaled_mm" in target or "triton" in target for target in targets)
+    traced = torch.jit.trace(layer, (x,), check_trace=False)  # type: ignore[no-untyped-call]
+    assert "guardrt::dequantize" in str(traced.graph)
+    assert len(fast) == 1
+
+
+@pytest.mark.usefixtures("on_hopper")
+def test_onnx_export_keeps_dequantize_linear(tmp_path: Path) -> None:
+    """The exporter guardrt builds engines with, on a layer whose eager forward is the kernel."""
+    onnx: Any = pytest.importorskip("onnx")
+    from guardrt.export.onnx_ops import trace  # noqa: PLC0415
+
+    layer = _layer(48, 64, "int8", bias=False, seed=9)
+    path = tmp_path / "linear.onnx"
+    trace(layer, (torch.randn(2, 64).half(),), path, ["x"], ["y"])
+    nodes = onnx.load(str(path)).graph.node
+    assert "DequantizeLinear" in {node.op_type for node in nodes}
+    assert all(node.domain in ("", "ai.onnx") for node in nodes)  # no custom or kernel op

@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from guardrt.kernels.dispatch import run_fast_path, select_path
+
 QuantKind = Literal["int8", "fp8"]
 QMAX = 127
 QMAX_BY_KIND: dict[QuantKind, float] = {"int8": 127.0, "fp8": 448.0}
@@ -77,10 +79,20 @@ def quantize_weight(
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free or biased Linear whose weight is 8-bit with fp32 scales."""
+    """A bias-free or biased Linear whose weight is 8-bit with fp32 scales.
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    The forward runs a fast GPU kernel where `guardrt.kernels.dispatch.select_path` finds one (the
+    int8 Triton kernel for few rows, fp8 `_scaled_mm`) and the reference otherwise: dequantize to
+    the input's dtype, then `F.linear`. Tracers and exporters always see the reference.
+    `force_reference` (settable on a built layer) pins the reference, for parity checks and
+    benchmarks.
+    """
+
+    def __init__(
+        self, weight: QuantizedWeight, bias: torch.Tensor | None, *, force_reference: bool = False
+    ) -> None:
         super().__init__()
+        self.force_reference = force_reference
         self.group_size = weight.group_size
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
@@ -90,8 +102,12 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = weight.qweight.shape[1], weight.qweight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = QuantizedWeight(self.qweight, self.scales, self.group_size)
+        """x (..., in) → (..., out) in x's dtype."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        path = "reference" if self.force_reference else select_path(x, self.qweight, self.scales)
+        if path != "reference":
+            return run_fast_path(path, x, self.qweight, self.scales, bias)
+        weight = QuantizedWeight(self.qweight, self.scales, self.group_size)
         return nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
 

@@ -2,13 +2,15 @@
 
 A decode step reads every weight once and does little else, so its floor is the weight bytes
 over the memory bandwidth: int8 weights (1 byte) instead of bf16 (2 bytes) halve it. The
-reference this kernel must equal is `guardrt.export.quantize.QuantizedLinear`'s forward
+reference this kernel must equal is `guardrt.export.quantize.QuantizedLinear`'s reference forward
 (dequantize to the activations' dtype, then matmul); `tests/test_kernels.py` checks it under
 Triton's CPU interpreter (TRITON_INTERPRET=1). Per-output-channel scales only (the export's
 scheme): the scale factors out of the K reduction and is applied once to the accumulator.
 
-Not yet wired into `QuantizedLinear`: it has not run on a GPU (the GPU engine issue owes that
-run and the benchmark, `benchmarks/kernels.py`).
+`QuantizedLinear` runs it for bf16/fp16 inputs of at most `INT8_TRITON_MAX_ROWS` rows on CUDA
+(`guardrt/kernels/dispatch.py`). It has not run on a GPU yet: `benchmarks/kernels.py` checks it
+there and measures where it stops beating the reference. The interpreter has no bf16, so bf16 is
+checked only on the GPU.
 """
 
 from __future__ import annotations

@@ -1,0 +1,124 @@
+"""Which implementation a quantized linear runs: a fast GPU path or the reference forward.
+
+`QuantizedLinear.forward` (guardrt/export/quantize.py) asks `select_path` and runs the answer;
+"reference" is its own dequantize-then-`F.linear`, the only path a tracer ever sees:
+
+  int8 weights, per-channel scales, bf16/fp16 input, CUDA (sm ≥ 8.0), triton importable,
+    M ≤ INT8_TRITON_MAX_ROWS rows                                  → "int8_triton" (int8_linear.py)
+  fp8 e4m3 weights, per-channel scales, bf16/fp16 input, CUDA sm ≥ 8.9,
+    K and N multiples of 16, row-major weight                      → "fp8_scaled_mm" (fp8_linear.py)
+  anything else: per-group scales, fp32 input, CPU, ROCm, no rows,
+    or tracing (torch.jit.trace, torch.export / the dynamo ONNX exporter, torch.compile)
+                                                                   → "reference"
+
+fp32 inputs stay on the reference: Triton's `tl.dot` on fp32 defaults to TF32 on the GPU, which the
+reference (a plain fp32 matmul) does not, and `_scaled_mm` takes no bias with an fp32 output.
+`choose_path` is the decision on tensor metadata with the device facts passed in (the tests call it
+with CPU tensors); `select_path` supplies those facts; `run_fast_path` runs the chosen kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from guardrt.kernels import fp8_linear as fp8
+
+LinearPath = Literal["reference", "int8_triton", "fp8_scaled_mm"]
+Capability = tuple[int, int]  # CUDA compute capability (major, minor)
+
+# Rows (tokens) up to which the int8 weight-only kernel runs instead of dequantize-then-cuBLAS. A
+# decode step (a few rows) reads every weight once and little else, so int8 weights halve its
+# cost; a prefill (hundreds to thousands of rows) is compute-bound, where cuBLAS wins and the
+# dequantize is amortised. 64 is a guess: tune it with benchmarks/kernels.py on the GPU (the M at
+# which the int8 kernel's column stops beating the int8 reference's).
+INT8_TRITON_MAX_ROWS = 64
+TRITON_MIN_CAPABILITY: Capability = (8, 0)  # bf16 tl.dot
+FP8_MIN_CAPABILITY: Capability = (8, 9)  # fp8 tensor cores (Ada, Hopper and later)
+FAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def choose_path(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    capability: Capability | None,
+    has_triton: bool,
+) -> LinearPath:
+    """The path for x (..., K) through qweight (N, K) with scales (N, groups), on a CUDA device
+    of `capability` (None: not a CUDA device). Reads shapes and dtypes only."""
+    n, k = qweight.shape
+    rows = x.numel() // k if k else 0  # M: the rows of x flattened to (M, K)
+    if capability is None or rows == 0 or x.dtype not in FAST_DTYPES:
+        return "reference"
+    if scales.numel() != n:  # per-group scales: the kernels take one scale per output channel
+        return "reference"
+    if qweight.dtype == torch.int8:
+        small = rows <= INT8_TRITON_MAX_ROWS
+        fast = has_triton and capability >= TRITON_MIN_CAPABILITY and small
+        return "int8_triton" if fast else "reference"
+    if qweight.dtype == torch.float8_e4m3fn:
+        takes = fp8.scaled_mm_takes(n, k) and qweight.is_contiguous()  # .t() must be column-major
+        return "fp8_scaled_mm" if capability >= FP8_MIN_CAPABILITY and takes else "reference"
+    return "reference"
+
+
+def select_path(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> LinearPath:
+    """`choose_path` on this process's facts; "reference" whenever a tracer is recording, so
+    exported graphs (ONNX, torch.export) keep the `guardrt::dequantize` op their translation
+    table maps to DequantizeLinear. Checked first, before any look at the device."""
+    # torch._C._is_tracing is what torch.jit.is_tracing returns outside TorchScript (the public
+    # name is untyped); is_compiling is true under torch.export, hence the dynamo ONNX exporter.
+    if torch._C._is_tracing() or torch.compiler.is_compiling():
+        return "reference"
+    return choose_path(x, qweight, scales, cuda_capability(x.device), triton_available())
+
+
+def run_fast_path(
+    path: LinearPath,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x (..., K), qweight (N, K), scales (N, 1) fp32, bias (N,) in x's dtype or None → (..., N)
+    in x's dtype, through the kernel `path` names (never "reference": the caller owns that)."""
+    if path == "int8_triton":
+        result: torch.Tensor = _int8_module().int8_linear(x, qweight, scales, bias)
+        return result
+    if path == "fp8_scaled_mm":
+        return fp8.fp8_linear(x, qweight, scales, bias)
+    raise ValueError(f"{path!r} is not a fast path (int8_triton, fp8_scaled_mm)")
+
+
+def cuda_capability(device: torch.device) -> Capability | None:
+    """(major, minor) of a CUDA device; None for any other device, ROCm's included (its fp8 is
+    e4m3fnuz on MI300, and the Triton kernel has not run there)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)
+
+
+@functools.cache
+def _capability(index: int) -> Capability:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (the test extra installs it on x86-64 Linux; serving
+    machines may lack it), without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _int8_module() -> ModuleType:
+    """int8_linear.py, imported on first use: it imports triton (a second's start-up, absent on
+    some machines), and quantize.py, which imports this module, runs everywhere."""
+    return importlib.import_module("guardrt.kernels.int8_linear")
