@@ -62,12 +62,35 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """SDPA with grouped kv heads: q (B, H, S, D), k/v (B, Hkv, L, D), boolean mask broadcastable
-    to (B, H, S, L) where True = may attend. Returns (B, H, S, D). Every row must allow a key."""
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)  # (B, H, L, D)
-        v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    to (B, H, S, L) where True = may attend. Returns (B, H, S, D). Every row must allow a key.
+
+    Grouped heads are folded into the queries instead of repeating K/V: head h reads kv head
+    h // g (g = H / Hkv, as `repeat_interleave` would pair them), so the g query heads of a kv
+    head become g·S query rows of one head. Same math per query row, and no (B, H, L, D) copy of
+    the keys: for a cross layer that copy is 6,404 keys × 32 heads per step.
+    """
+    b, heads, s, d = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    group = heads // kv_heads
+    folded = q.reshape(b, kv_heads, group * s, d)  # (B, Hkv, g·S, D), head-major within a group
+    if mask is not None:
+        mask = _fold_mask(mask, b, kv_heads, group, s)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # (B, Hkv, g·S, D)
+    return out.reshape(b, heads, s, d)
+
+
+def _fold_mask(
+    mask: torch.Tensor, batch: int, kv_heads: int, group: int, queries: int
+) -> torch.Tensor:
+    """A mask broadcastable to (B, H, S, L) as (B', 1 or Hkv, g·S, L) for folded queries."""
+    keys = mask.shape[-1]
+    if mask.dim() == 4 and mask.shape[1] == 1:  # the same for every head: repeat only g times
+        rows = mask.expand(mask.shape[0], 1, queries, keys)[:, :, None]  # (B', 1, 1, S, L)
+        return rows.expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * queries, keys)
+    full = mask.expand(batch, kv_heads * group, queries, keys)  # (B, H, S, L)
+    return full.reshape(batch, kv_heads, group * queries, keys)
 
 
 def causal_cache_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:

@@ -39,8 +39,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+        self.gate_up: nn.Module | None = None  # set by `fuse` (model/fuse.py)
+
+    def fuse(self, gate_up: nn.Module) -> None:
+        """Compute gate and up with one module whose output is [gate, up] (…, 2·I). Held
+        outside the module tree: its weight's views are gate_proj's and up_proj's weights."""
+        object.__setattr__(self, "gate_up", gate_up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)  # (…, I) each
+        result: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return result
 
 
@@ -92,11 +103,28 @@ class Projections(nn.Module):
 
 
 class SelfAttention(Projections):
+    def __init__(self, config: TextConfig, index: int) -> None:
+        super().__init__(config, index)
+        self.qkv: nn.Module | None = None  # set by `fuse` (model/fuse.py)
+
+    def fuse(self, qkv: nn.Module) -> None:
+        """Compute q, k and v with one module whose output is [q, k, v]. Held outside the
+        module tree: its weight's views are the q/k/v weights the checkpoint names."""
+        object.__setattr__(self, "qkv", qkv)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x)  # (B, S, H·d), (B, S, Hkv·d) ×2
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, d)
+        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, d)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         keys, values = step.kv.self_kv(self.index, k, v)  # (B, Hkv, K, d)
         out = attention(q, keys, values, step.self_mask)  # (B, H, S, d)
