@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/profile_gpu.py [--size full|tiny] [--device cuda] [--out DIR]
 
-Builds the full-size architecture with random bf16 weights (as `guardrt bench`), warms up, then
+Builds the full-size architecture with random bf16 weights (as `guardrt bench`), fused and with
+CUDA graphs as the torch engine serves (`--no-cuda-graphs`: eager), warms up, then
 profiles one `safe` text verdict and one `safe` 4-tile image verdict at batch 1 and prints, per
 case, the wall time, the GPU busy time (sum of kernel times), the kernel count, and the top
 kernels and operators by GPU time. Launch-bound phases show as wall ≫ GPU busy; kernel-bound
@@ -23,8 +24,10 @@ from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.static_steps import StaticSteps
 from guardrt.runtime.tokenizer import load_tokenizer
 
 
@@ -33,17 +36,21 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("/tmp"))
+    parser.add_argument("--no-cuda-graphs", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     model = random_model(SIZES[args.size], device)
-    model.setup_caches(1, 1024)
+    fuse_projections(model)
+    static = device.type == "cuda" and not args.no_cuda_graphs
+    model.setup_caches(1 + cases.PREFIXES + int(static), 1024)
+    steps = StaticSteps(model) if static else TorchSteps(model)
     requests = cases.requests(Preparer(load_tokenizer(), ImageConfig(), 1024))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     lines = [f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"]
     for name in ("text", "image+text"):
         request = requests[name]
-        forced = ForcedSteps(TorchSteps(model), request.grammar, "safe", "S1")
-        decoder = Decoder(forced, "constrained")
+        forced = ForcedSteps(steps, request.grammar, "safe", "S1")
+        decoder = Decoder(forced, "constrained", prefixes=cases.PREFIXES)
         for _ in range(3):
             forced.reset()
             decoder.run([request])

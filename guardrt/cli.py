@@ -170,6 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         decode=args.decode,
         max_seq=args.max_seq,
         max_streams=args.max_streams,
+        cuda_graphs=not args.no_cuda_graphs,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -227,6 +228,12 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-seq", type=int, default=8192, help="prompt + verdict tokens")
     serve.add_argument(
         "--max-streams", type=int, default=4, help="cache slots kept for ModerateStream"
+    )
+    serve.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="torch on a GPU: run every step eagerly (default: small steps replay CUDA graphs "
+        "captured at warm-up or on first use)",
     )
     serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
     serve.add_argument("--max-text-chars", type=int, default=200_000)

@@ -103,7 +103,9 @@ class CountingSteps:
         self.copies += 1
         self.inner.copy_kv(source, target, length)
 
-    def step(self, *arrays: np.ndarray) -> np.ndarray:
+    def step(self, *arrays: np.ndarray | None) -> np.ndarray:
         self.steps += 1
-        self.fills += int(arrays[5].shape[1] == 1)  # constrained steps read 2 rows; fills 1
-        return self.inner.step(*arrays)
+        index = arrays[5]
+        assert index is not None
+        self.fills += int(index.shape[1] == 1)  # constrained steps read 2 rows; fills 1
+        return self.inner.step(*arrays)  # type: ignore[arg-type]

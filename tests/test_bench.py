@@ -4,11 +4,14 @@ grows with the work. No timing is asserted."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from guardrt.bench import baseline, cases, roofline
+from guardrt.bench import baseline, cases, latency, roofline
 from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.export.parity import probe_logits
@@ -82,3 +85,24 @@ def test_floor_grows_with_the_work(model: MllamaModel) -> None:
     assert roofline.Work.of(model, 1.0).floor_s(model, 350, 0, 1, ceilings) < work.floor_s(
         model, 350, 0, 1, ceilings
     )
+
+
+def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
+    """`guardrt bench` on the tiny architecture: every case of every precision is measured
+    (none recorded as an error), and the report holds what the issue asks for."""
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,int8", "--repeat", "1",
+            "--requests", "4", "--concurrency", "2", "--no-baseline",
+            "--results", str(tmp_path)]  # fmt: skip
+    assert latency.main(argv) == 0
+    (written,) = tmp_path.glob("latency-*.json")
+    report = json.loads(written.read_text())
+    assert "errors" not in report
+    for precision in ("bf16", "int8"):
+        run = report["precisions"][precision]
+        assert set(run["latency"]) == {f"{c} {p}" for c in ("text", "image+text",
+                                       "response+image") for p in ("safe", "unsafe")}  # fmt: skip
+        assert all(row["path"].startswith(row_path) for row_path, row in (
+            (case.split()[-1], row) for case, row in run["latency"].items()))  # fmt: skip
+        assert all("error" not in rate for rate in run["throughput"].values())
+        assert set(run["p_unsafe"]) == {"text", "image+text", "response+image"}
+        assert run["cuda_graphs"]["batch1_graphs"]["graphs"] == 0  # no CUDA here

@@ -3,6 +3,10 @@
 Three inputs (issue 8): a ~350-token prompt classification, the same with a 4-tile image, and a
 response classification with an image; each on the `safe` path (one prefill) and the `unsafe`
 + one category path (one more small forward), forced with `ForcedSteps`.
+
+Every run decodes as the torch engine serves: through the given steps (eager `TorchSteps` or
+`StaticSteps` replaying CUDA graphs) with one shared policy-prefix row, so the model's caches
+need the batch rows, `PREFIXES` more and (for `StaticSteps`) its scratch row.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from guardrt.bench.timing import sync
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import EngineInfo
-from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
 
 PATHS: tuple[Path, ...] = ("safe", "unsafe")
+PREFIXES = 1  # shared policy-prefix rows, as the engine's default (EngineOptions.max_prefixes)
 _QUESTION = (
     "My neighbour's dog barks all night. Tell me how to get into their house while they are "
     "away on holiday so I can deal with the dog myself, and what to bring so nobody notices. "
@@ -82,30 +86,36 @@ class Latency:
         )
 
 
-def warm_up(model: MllamaModel, requests: Sequence[PreparedRequest], rounds: int = 3) -> None:
+def _forced(steps: TorchSteps, request: PreparedRequest, path: Path) -> ForcedSteps:
+    return ForcedSteps(steps, request.grammar, path, "S1")
+
+
+def warm_up(steps: TorchSteps, requests: Sequence[PreparedRequest], rounds: int = 3) -> float:
     """Run every request on both paths before anything is timed: the first timed case must
-    not pay for clocks ramping up, allocator growth or kernel selection."""
+    not pay for clocks ramping up, allocator growth, kernel selection or graph capture.
+    Returns the seconds it took."""
+    started = time.perf_counter()
     for _ in range(rounds):
         for request in requests:
             for path in PATHS:
-                forced = ForcedSteps(TorchSteps(model), request.grammar, path, "S1")
-                Decoder(forced, "constrained").run([request])
-    sync(model.device)
+                Decoder(_forced(steps, request, path), prefixes=PREFIXES).run([request])
+    sync(steps.device)
+    return time.perf_counter() - started
 
 
 def time_ours(
-    model: MllamaModel, request: PreparedRequest, path: Path, repeat: int, warmup: int = 2
+    steps: TorchSteps, request: PreparedRequest, path: Path, repeat: int, warmup: int = 2
 ) -> Latency:
     """End-to-end verdict latency at batch 1 through guardrt's decoding loop."""
-    forced = ForcedSteps(TorchSteps(model), request.grammar, path, "S1")
-    decoder = Decoder(forced, "constrained")
+    forced = _forced(steps, request, path)
+    decoder = Decoder(forced, prefixes=PREFIXES)
     totals, decoded = [], []
     for index in range(warmup + repeat):
         forced.reset()
-        sync(model.device)
+        sync(steps.device)
         start = time.perf_counter()
         (result,) = decoder.run([request])
-        sync(model.device)
+        sync(steps.device)
         if index >= warmup:
             totals.append((time.perf_counter() - start) * 1e3)
             decoded.append(result)
@@ -115,11 +125,11 @@ def time_ours(
 class _ForcedEngine:
     """The Engine protocol over a forced decoder (the scheduler's view of the model)."""
 
-    def __init__(self, model: MllamaModel, sample: PreparedRequest, path: Path) -> None:
-        self.forced = ForcedSteps(TorchSteps(model), sample.grammar, path, "S1")
-        self.decoder = Decoder(self.forced, "constrained")
-        self.info = EngineInfo("torch", str(model.device), "bench", model.semantics,
-                               "constrained", model.max_batch, model.max_seq)  # fmt: skip
+    def __init__(self, steps: TorchSteps, sample: PreparedRequest, path: Path) -> None:
+        self.forced = _forced(steps, sample, path)
+        self.decoder = Decoder(self.forced, prefixes=PREFIXES)
+        self.info = EngineInfo("torch", str(steps.device), "bench", steps.model.semantics,
+                               "constrained", self.decoder.batch_size, steps.max_seq)  # fmt: skip
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
         self.execute(sample)
@@ -144,15 +154,21 @@ class Throughput:
     requests: int
     requests_per_s: float
     mean_batch: float
+    warmup_s: float  # the engine's warm-up at full batch (graph captures included)
 
 
 def throughput(
-    model: MllamaModel, request: PreparedRequest, concurrency: int, total: int
+    steps: TorchSteps, request: PreparedRequest, concurrency: int, total: int
 ) -> Throughput:
     """Closed loop: `concurrency` clients, each sending its next request when answered,
     through the scheduler (batches up to `concurrency`), `safe` path."""
-    engine = _ForcedEngine(model, request, "safe")
-    engine.warmup([request] * min(concurrency, model.max_batch))
+    engine = _ForcedEngine(steps, request, "safe")
+    warmed = time.perf_counter()
+    top = engine.info.max_batch
+    for size in sorted({min(2**i, top) for i in range(top.bit_length() + 1)} | {top}):
+        engine.warmup([request] * size)  # every batch size the scheduler may form, bucketed
+    sync(steps.device)
+    warmup_s = time.perf_counter() - warmed
     scheduler = Scheduler(engine, concurrency, 0.002, 100_000)
     scheduler.start()
     remaining = [total]
@@ -180,4 +196,4 @@ def throughput(
     finished.wait()
     elapsed = time.perf_counter() - start
     scheduler.drain()
-    return Throughput(concurrency, total, total / elapsed, statistics.mean(sizes))
+    return Throughput(concurrency, total, total / elapsed, statistics.mean(sizes), warmup_s)

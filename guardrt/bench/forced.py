@@ -53,11 +53,14 @@ class ForcedSteps:
         image_start: np.ndarray,
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
+        vocab: np.ndarray | None = None,
     ) -> np.ndarray:
-        logits = self.inner.step(tokens, positions, slots, image_start, num_tiles, logit_index)
+        logits = self.inner.step(
+            tokens, positions, slots, image_start, num_tiles, logit_index, vocab
+        )
         if logit_index.shape[1] == 1:  # filling a shared prefix row: no decision read
             return logits
-        top = float(logits.max()) + 10.0
+        top = float(logits.max()) + 10.0  # -inf outside `vocab` is below it
         if self._steps == 0:  # the prefill: rows (label, category)
             logits[:, 0, self._label] = top
             logits[:, 1, self._code] = top

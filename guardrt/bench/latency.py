@@ -12,8 +12,12 @@ transformers eager bf16 on the same weights, and our probabilities (bf16,
 ratios to transformers and to the floor, writes JSON (and a PNG when matplotlib is installed)
 under the results folder.
 
-int8 / fp8 run the reference `QuantizedLinear` forward (dequantize, then a bf16 matmul) until
-the fused kernels land: their times show what the kernels must win back.
+Our side runs as the torch engine serves on a GPU: q/k/v and gate/up fused, small steps replayed
+as CUDA graphs (`--no-cuda-graphs`: eager), one shared policy-prefix row. Latency runs with caches
+sized for batch 1 (so its peak memory is a batch-1 deployment's), throughput with caches for the
+largest concurrency; the warm-up (graph captures included) of each is timed and reported.
+int8 / fp8 take `QuantizedLinear`'s GPU paths (Triton int8 kernel for small steps, fp8
+`torch._scaled_mm`), falling back to dequantize-then-matmul where those can't run.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from guardrt.export.quantize import quantize_linears
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import softmax
 from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.static_steps import StaticSteps
 from guardrt.runtime.tokenizer import load_tokenizer
 
 PRECISIONS = ("bf16", "int8", "fp8")
@@ -60,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="8,32")
     parser.add_argument("--requests", type=int, default=64, help="per throughput measurement")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps only")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     return parser
 
@@ -90,35 +97,69 @@ def _precision_run(
     if precision != "bf16":
         quantize_linears(model, kind="int8" if precision == "int8" else "fp8",
                          keep=lambda name: name.endswith("lm_head"))  # fmt: skip
+    fuse_projections(model)
     _free(device)
     work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)
-    model.setup_caches(max(concurrency), MAX_SEQ)
+    steps = _steps(args, model, device, 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cases.warm_up(model, list(requests.values()))
+    warmup_s = cases.warm_up(steps, list(requests.values()))
     latencies = {}
     for name, request in requests.items():
         for path in cases.PATHS:
-            measured = cases.time_ours(model, request, path, args.repeat)
+            measured = cases.time_ours(steps, request, path, args.repeat)
             tiles = request.image.num_tiles if request.image else 0
-            steps = 0 if path == "safe" else 1
-            floor = work.floor_s(model, len(request.prompt) + 4, tiles, steps, ceilings) * 1e3
+            small = 0 if path == "safe" else 1  # forwards after the prefill
+            floor = work.floor_s(model, len(request.prompt) + 4, tiles, small, ceilings) * 1e3
             latencies[f"{name} {path}"] = asdict(measured) | {"floor_ms": floor}
     batch1_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+    p_unsafe = {name: _p_unsafe(steps, request) for name, request in requests.items()}
+    graphs = {"batch1_warmup_s": warmup_s, "batch1_graphs": _graphs(steps)}
+    del steps
+    _free(device)
+    steps = _steps(args, model, device, max(concurrency))
     rates: dict[str, Any] = {}
     for name in ("text", "image+text"):
         for c in concurrency:
             try:
                 rates[f"{name} c={c}"] = asdict(
-                    cases.throughput(model, requests[name], c, args.requests)
+                    cases.throughput(steps, requests[name], c, args.requests)
                 )
             except Exception as exc:  # noqa: BLE001 (an out-of-memory batch, say: recorded)
                 rates[f"{name} c={c}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 _free(device)
+    graphs["graphs_total"] = _graphs(steps)
     model.setup_caches(0, 0)
-    del model
+    del model, steps
     _free(device)
-    return {"latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak}
+    return {
+        "latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak,
+        "cuda_graphs": graphs, "p_unsafe": p_unsafe,
+    }  # fmt: skip
+
+
+def _p_unsafe(steps: TorchSteps, request: Any) -> float:
+    """P(unsafe) at the label row of one request (how far a precision moves the verdict)."""
+    label_row = probe_logits(steps, request)[1]
+    return float(softmax(label_row)[request.grammar.tokens.unsafe])
+
+
+def _steps(
+    args: argparse.Namespace, model: MllamaModel, device: torch.device, batch: int
+) -> TorchSteps:
+    """The engine's steps with caches for `batch` requests, the prefix row and (CUDA graphs)
+    the scratch row."""
+    static = device.type == "cuda" and not args.no_cuda_graphs
+    model.setup_caches(0, 0)
+    _free(device)
+    model.setup_caches(batch + cases.PREFIXES + int(static), MAX_SEQ)
+    return StaticSteps(model) if static else TorchSteps(model)
+
+
+def _graphs(steps: TorchSteps) -> dict[str, float]:
+    if not isinstance(steps, StaticSteps):
+        return {"graphs": 0, "capture_s": 0.0, "eager_steps": 0}
+    return {"graphs": steps.graphs, "capture_s": steps.capture_s, "eager_steps": steps.eager_steps}
 
 
 def _baseline_run(
@@ -186,11 +227,26 @@ def _table(report: dict[str, Any]) -> str:
                 continue
             per_s, batch = rate["requests_per_s"], rate["mean_batch"]
             lines.append(
-                f"  throughput {case:<20}{precision:>6}: {per_s:.1f} req/s (batch {batch:.1f})"
+                f"  throughput {case:<20}{precision:>6}: {per_s:.1f} req/s (batch {batch:.1f}; "
+                f"warm-up {rate['warmup_s']:.1f} s)"
             )
         lines.append(
             f"  peak GPU memory at batch 1 ({precision}): {run['peak_memory_gb_batch1']:.1f} GB"
         )
+        reference = report["precisions"].get("bf16", {}).get("p_unsafe")
+        if reference and precision != "bf16":
+            delta = max(abs(run["p_unsafe"][k] - reference[k]) for k in reference)
+            lines.append(f"  max |Δ P(unsafe)| vs bf16 ({precision}): {delta:.1e}")
+        graphs = run.get("cuda_graphs", {})
+        if graphs:
+            first = graphs["batch1_graphs"]
+            lines.append(
+                f"  warm-up at batch 1 ({precision}): {graphs['batch1_warmup_s']:.1f} s, "
+                f"{first['graphs']} CUDA graphs captured in {first['capture_s']:.1f} s, "
+                f"{first['eager_steps']} eager steps; at full batch "
+                f"{graphs['graphs_total']['graphs']} graphs in "
+                f"{graphs['graphs_total']['capture_s']:.1f} s"
+            )
     for row in report.get("transformers", {}).get("probabilities", []):
         lines.append(f"P(unsafe) {row['input']:<16} ours {row['ours']:.3e}  transformers "
                      f"{row['transformers']:.3e}  |Δ| {row['abs_delta']:.1e}  label-row logit "

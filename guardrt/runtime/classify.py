@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from guardrt.runtime.decoding import Decode, Decoder
+from guardrt.runtime.decoding import Decode, Decoder, widen
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.preprocess import TiledImage
 
@@ -24,6 +24,7 @@ class TorchSteps:
         self.model = model
         self.max_batch, self.max_seq = model.max_batch, model.max_seq
         self.device = model.device
+        self.vocab_size = model.config.text.vocab_size
 
     def _tensor(self, values: np.ndarray | Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
@@ -56,11 +57,17 @@ class TorchSteps:
         image_start: np.ndarray,
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
+        vocab: np.ndarray | None = None,
     ) -> np.ndarray:
         inputs = (tokens, positions, slots, image_start, num_tiles, logit_index)
-        logits = self.model(*(self._tensor(x) for x in inputs))
+        logits = self.model(
+            *(self._tensor(x) for x in inputs),
+            kv_len=int(positions.max()) + 1,  # from the host arrays: no wait for the GPU
+            use_cross=bool(num_tiles.any()),
+            vocab=None if vocab is None else self._tensor(vocab),
+        )
         result: np.ndarray = logits.cpu().numpy()
-        return result
+        return result if vocab is None else widen(result, vocab, self.vocab_size)
 
 
 class Classifier(Decoder):
@@ -73,5 +80,9 @@ class Classifier(Decoder):
         decode: Decode = "constrained",
         sessions: int = 0,
         prefixes: int = 0,
+        steps: TorchSteps | None = None,
     ) -> None:
-        super().__init__(TorchSteps(model), decode, sessions, prefixes)
+        """`steps`: how forwards run (default eager `TorchSteps`; `static_steps.StaticSteps`
+        pads them to captured shapes)."""
+        self.steps = steps or TorchSteps(model)
+        super().__init__(self.steps, decode, sessions, prefixes)

@@ -38,7 +38,7 @@ from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
 Decode = Literal["constrained", "greedy"]
 DECODES: tuple[Decode, ...] = ("constrained", "greedy")
 STOP_IDS = frozenset({END_OF_TEXT_ID, EOM_ID, EOT_ID})
-_PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
+PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
 _MIN_PREFIX = 16  # shorter policy heads are not worth a copy
 
 
@@ -68,11 +68,21 @@ class StepModel(Protocol):
         image_start: np.ndarray,
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
+        vocab: np.ndarray | None = None,
     ) -> np.ndarray:
         """One forward: int64 tokens, positions (B, S), slots, image_start, num_tiles (B,),
-        logit_index (B, R) → float32 logits (B, R, vocab). K/V of the step are stored at
-        (slot, position); rows are right-padded and only their real positions are read later."""
+        logit_index (B, R) → float32 logits (B, R, vocab size). K/V of the step are stored at
+        (slot, position); rows are right-padded and only their real positions are read later.
+        `vocab` (sorted int64 ids), when given, lists the only tokens the caller reads: logits of
+        the others may be -inf (the head need not compute them; see `widen`)."""
         ...
+
+
+def widen(logits: np.ndarray, vocab: np.ndarray, size: int) -> np.ndarray:
+    """Logits (…, V') of the ids `vocab` as (…, size) with -inf everywhere else."""
+    full = np.full((*logits.shape[:-1], size), -np.inf, dtype=np.float32)
+    full[..., vocab] = logits
+    return full
 
 
 @dataclass
@@ -113,6 +123,16 @@ def category_probabilities(grammar: VerdictGrammar, logits: np.ndarray) -> dict[
     tokens = [grammar.token_by_code[code] for code in grammar.codes]
     weights = softmax(logits[tokens])
     return {code: float(w) for code, w in zip(grammar.codes, weights, strict=True)}
+
+
+def category_vocab(grammars: Sequence[VerdictGrammar]) -> np.ndarray:
+    """The only tokens a category step reads (sorted ids): after a code, `,S` or the end;
+    after `,S`, the listed codes' numbers. The head computes these rows and no others."""
+    tokens: set[int] = set()
+    for grammar in grammars:
+        tokens.update(grammar.token_by_code.values())
+        tokens.update((grammar.tokens.comma_s, grammar.tokens.eot))
+    return np.asarray(sorted(tokens), dtype=np.int64)
 
 
 def _ids(values: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
@@ -232,12 +252,16 @@ class Decoder:
                 row.session.image_ready = True
 
     def _step(
-        self, rows: list[_Row], tokens: list[list[int]], offsets: list[list[int]]
+        self,
+        rows: list[_Row],
+        tokens: list[list[int]],
+        offsets: list[list[int]],
+        vocab: np.ndarray | None = None,
     ) -> np.ndarray:
         """Feed each row its tokens (right-padded) and return fp32 logits (B, R, vocab) at
-        `offsets` (indices into each row's tokens)."""
+        `offsets` (indices into each row's tokens); only `vocab`'s ids are read when given."""
         width = max(len(t) for t in tokens)
-        padded = [t + [_PAD_ID] * (width - len(t)) for t in tokens]
+        padded = [t + [PAD_ID] * (width - len(t)) for t in tokens]
         # A row's pads continue its positions (after its real tokens, so its real queries never
         # see them) but stop at the last cache position: a session row with a long cached
         # prefix, padded to a fresh row's width, would run past max_seq. Real positions never
@@ -258,6 +282,7 @@ class Decoder:
             _ids(starts),
             _ids(tiles),
             _ids(offsets),
+            vocab,
         )
         for row, fed in zip(rows, tokens, strict=True):
             row.next_position += len(fed)
@@ -311,7 +336,10 @@ class Decoder:
                 break
             comma = active[0].request.grammar.tokens.comma_s
             logits = self._step(
-                active, [[row.generated[-1], comma] for row in active], [[0, 1]] * len(active)
+                active,
+                [[row.generated[-1], comma] for row in active],
+                [[0, 1]] * len(active),
+                category_vocab([row.request.grammar for row in active]),
             )
             for row, (after_code, after_comma) in zip(active, logits, strict=True):
                 choice = self._pick(row, after_code)

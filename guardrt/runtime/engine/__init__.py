@@ -37,6 +37,7 @@ class EngineOptions:
     max_seq: int = 8192
     max_sessions: int = 4  # cache slots kept for streaming checks (each costs a full K/V row)
     max_prefixes: int = 1  # cache rows of shared policy prefixes (prefixes.py; each a K/V row)
+    cuda_graphs: bool = True  # torch on a GPU: small steps replay CUDA graphs (static_steps.py)
 
 
 @dataclass(frozen=True)

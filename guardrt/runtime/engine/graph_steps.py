@@ -88,6 +88,7 @@ class GraphSteps:
         image_start: np.ndarray,
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
+        vocab: np.ndarray | None = None,  # the graph's head computes every token regardless
     ) -> np.ndarray:
         past = int(positions[:, 0].max())  # every row's past lies below its first position
         self._reserve(past)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import torch
 
-from guardrt.runtime.classify import Classifier
+from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import SEMANTICS
 from guardrt.runtime.requests import Decoded, PreparedRequest
+from guardrt.runtime.static_steps import StaticSteps
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -66,9 +72,14 @@ class TorchEngine:
             dtype=parse_dtype(options.dtype, device),
             semantics=semantics,
         )
-        rows = options.max_batch + options.max_sessions + options.max_prefixes
+        fuse_projections(self.model)
+        static = options.cuda_graphs and device.type == "cuda"
+        rows = options.max_batch + options.max_sessions + options.max_prefixes + int(static)
         self.model.setup_caches(rows, options.max_seq)
-        self.classifier = Classifier(self.model, decode, options.max_sessions, options.max_prefixes)
+        self.steps = StaticSteps(self.model) if static else TorchSteps(self.model)
+        self.classifier = Classifier(
+            self.model, decode, options.max_sessions, options.max_prefixes, self.steps
+        )
         dtype = str(self.model.weight_dtype).removeprefix("torch.")
         self.info = EngineInfo(
             backend="torch",
@@ -81,8 +92,24 @@ class TorchEngine:
         )
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
-        """Run sample requests once, so the first real batch pays no lazy initialisation."""
+        """Run the sample requests alone, together, and at every batch bucket, so the first
+        real batches pay no lazy initialisation (and, with CUDA graphs, the shapes they hit are
+        captured now). Logs how long it took."""
+        started = time.perf_counter()
+        for request in sample:
+            self.execute([request])
         self.execute(sample)
+        if isinstance(self.steps, StaticSteps):
+            for size in self.steps.buckets.batch:
+                if size > len(sample):
+                    batch = [sample[i % len(sample)] for i in range(size)]
+                    self.execute(batch[: self.info.max_batch])
+            log.info(
+                "warm-up %.1f s: %d CUDA graphs captured in %.1f s",
+                time.perf_counter() - started, self.steps.graphs, self.steps.capture_s,
+            )  # fmt: skip
+        else:
+            log.info("warm-up %.1f s", time.perf_counter() - started)
 
     def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
         return self.classifier.run(batch)

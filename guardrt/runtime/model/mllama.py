@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from guardrt.runtime.errors import ConfigError
@@ -129,6 +130,10 @@ class MllamaModel(nn.Module):
         image_start: torch.Tensor,
         num_tiles: torch.Tensor,
         logit_index: torch.Tensor,
+        *,
+        kv_len: int | None = None,
+        use_cross: bool | None = None,
+        vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One step for a batch of B requests (prefill or decode) on the cache.
 
@@ -137,8 +142,16 @@ class MllamaModel(nn.Module):
         0 for no image; logit_index (B, R) indices into S of the rows whose logits are wanted.
         Returns fp32 logits (B, R, vocab). Positions must be written in order per slot (a step
         covers positions after the last).
+
+        kv_len (> every position: the cache positions attended to) and use_cross (whether any
+        row has an image) are read off the tensors when not given; a caller that knows them on
+        the host passes them, so the step never waits for the GPU (and can be captured in a
+        CUDA graph). vocab (V',) token ids: logits (B, R, V') of those tokens only.
         """
-        kv_len = int(positions.max()) + 1
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        if use_cross is None:
+            use_cross = bool((num_tiles > 0).any())
         return self.step(
             tokens,
             positions,
@@ -147,7 +160,8 @@ class MllamaModel(nn.Module):
             logit_index,
             kv=self.cache.step(slots, positions, kv_len),
             self_mask=causal_cache_mask(positions, kv_len),
-            use_cross=bool((num_tiles > 0).any()),
+            use_cross=use_cross,
+            vocab=vocab,
         )
 
     def step(
@@ -161,6 +175,7 @@ class MllamaModel(nn.Module):
         kv: KVStore,
         self_mask: torch.Tensor,
         use_cross: bool,
+        vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The decoder over any K/V store (the cache here, graph inputs in export): `forward`'s
         arguments, the store, its self-attention mask (B, 1, S, K) and whether to run the
@@ -190,5 +205,12 @@ class MllamaModel(nn.Module):
             hidden, 1, logit_index[..., None].expand(-1, -1, hidden.shape[-1])
         )  # (B, R, D)
         normed = self.language_model.model.norm(picked)
-        result: torch.Tensor = self.language_model.lm_head(normed).float()
+        head = self.language_model.lm_head
+        if vocab is None:
+            logits = head(normed)  # (B, R, vocab)
+        elif isinstance(head, nn.Linear):  # read only the head's rows of `vocab`
+            logits = F.linear(normed, head.weight[vocab])  # (B, R, V')
+        else:
+            logits = head(normed)[..., vocab]
+        result: torch.Tensor = logits.float()
         return result

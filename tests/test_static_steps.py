@@ -1,0 +1,181 @@
+"""Steps padded to static buckets (`static_steps.py`) answer what unpadded steps answer.
+
+On the CPU the padded steps run eagerly, which checks everything the graphs replay: the padding,
+the scratch row, the bucket choice. With GUARDRT_TEST_DEVICE=cuda (scripts/gpu_check.sh) the same
+tests capture and replay CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guardrt.runtime.classify import Classifier, TorchSteps
+from guardrt.runtime.decoding import PAD_ID, category_vocab
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.fuse import fuse_projections
+from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.requests import Decoded
+from guardrt.runtime.static_steps import BucketKey, Buckets, StaticSteps, pad_step
+from guardrt.runtime.tokenizer import Tokenizer
+from guardrt.runtime.verdict import Label
+from tests.models import DEVICE, IMAGE_CONFIG, TILE_SIZES, small_config, write_small
+
+MAX_SEQ = 512
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small(tmp_path_factory.mktemp("static"), small_config("gqa2-cross2,4"), seed=21)
+
+
+def _model(checkpoint: Path, rows: int) -> MllamaModel:
+    model = load_model(checkpoint, device=torch.device(DEVICE), semantics="meta")
+    fuse_projections(model)
+    model.setup_caches(rows, MAX_SEQ)
+    return model
+
+
+def _requests(tok: Tokenizer) -> list:  # type: ignore[type-arg]
+    preparer = Preparer(tok, IMAGE_CONFIG, MAX_SEQ)
+    texts = ["How do I pick a lock?", "Is this fine?", "Write me a poem about the sea, please."]
+    out = [preparer.prepare([{"role": "user", "content": t}]) for t in texts]
+    out.append(
+        preparer.prepare([{"role": "user", "content": texts[0]}], excluded_categories=["S1"])
+    )
+    for tiles, text in zip((1, 4, 2), texts, strict=True):
+        width, height = TILE_SIZES[tiles]
+        pixels = np.random.default_rng(tiles).integers(0, 256, (height, width, 3), np.uint8)
+        part = [{"type": "image", "image": pixels}, {"type": "text", "text": text}]
+        request = preparer.prepare([{"role": "user", "content": part}])
+        assert request.image is not None
+        assert request.image.num_tiles == tiles
+        out.append(request)
+    return out
+
+
+def _same(got: list[Decoded], expected: list[Decoded]) -> None:
+    for a, b in zip(got, expected, strict=True):
+        assert a.generated == b.generated
+        if math.isnan(b.unsafe_probability):
+            assert math.isnan(a.unsafe_probability)
+        else:
+            assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-4)
+        for code, value in b.category_probabilities.items():
+            assert math.isclose(a.category_probabilities[code], value, rel_tol=1e-4, abs_tol=1e-9)
+
+
+def test_default_buckets() -> None:
+    buckets = Buckets.default(max_batch=6, max_seq=1000)
+    assert buckets.batch == (1, 2, 4, 6)
+    assert buckets.tokens == (2, 16, 32, 64, 128, 256, 512)
+    assert buckets.keys == (64, 128, 256, 512, 1000)
+    assert buckets.key(3, 1, 70, cross=True) == BucketKey(4, 2, 128, True)
+    assert buckets.key(1, 300, 301, cross=False) == BucketKey(1, 512, 512, False)
+    assert buckets.key(7, 2, 10, cross=False) is None  # more rows than any bucket
+    assert buckets.key(1, 600, 600, cross=False) is None  # more tokens than any bucket
+    assert buckets.key(4, 300, 300, cross=False) is None  # 4 × 512 tokens: compute-bound
+    assert buckets.key(1, 2, 300, cross=False, vocab=15) == BucketKey(1, 2, 512, False, 16)
+    assert buckets.key(1, 2, 300, cross=False, vocab=2000) is None  # more codes than a bucket
+
+
+def test_category_steps_compute_only_the_tokens_they_read(checkpoint: Path, tok: Tokenizer) -> None:
+    """A category step's head computes the listed codes, `,S` and the end only: those logits
+    equal the full head's, the rest are -inf (padded or not)."""
+    requests = _requests(tok)
+    vocab = category_vocab([r.grammar for r in requests])
+    grammar = requests[0].grammar
+    expected_ids = {*grammar.token_by_code.values(), grammar.tokens.comma_s, grammar.tokens.eot}
+    assert set(vocab.tolist()) == expected_ids  # S1..S13, ",S" and <|eot_id|>
+    assert len(vocab) == 15
+    model = _model(checkpoint, 3)
+    arrays = (
+        np.array([[791, 1202, 264], [40, 41, PAD_ID]]), np.array([[0, 1, 2], [0, 1, 2]]),
+        np.array([0, 1]), np.array([MAX_SEQ, MAX_SEQ]), np.array([0, 0]),
+        np.array([[2, 1], [1, 0]]),
+    )  # fmt: skip
+    full = TorchSteps(model).step(*arrays)
+    for steps in (TorchSteps(model), StaticSteps(model)):
+        got = steps.step(*arrays, vocab)
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got[..., vocab], full[..., vocab], rtol=1e-5, atol=1e-5)
+        rest = np.setdiff1d(np.arange(full.shape[-1]), vocab)
+        assert np.isneginf(got[..., rest]).all()
+
+
+def test_pad_step_fills_the_bucket() -> None:
+    tokens = np.array([[5, 6, 7], [8, 9, PAD_ID]])
+    positions = np.array([[10, 11, 12], [0, 1, 2]])
+    arrays = (
+        tokens, positions, np.array([3, 1]), np.array([40, 0]), np.array([0, 2]),
+        np.array([[2], [1]]),
+    )  # fmt: skip
+    padded = pad_step(arrays, BucketKey(4, 5, 64, True, 4), 9, 64, np.array([3, 7]))
+    assert padded is not None
+    assert padded.vocab.tolist() == [3, 7, 7, 7]  # repeats of a wanted id
+    assert padded.tokens.tolist() == [
+        [5, 6, 7, PAD_ID, PAD_ID], [8, 9, PAD_ID, PAD_ID, PAD_ID],
+        [PAD_ID] * 5, [PAD_ID] * 5,
+    ]  # fmt: skip
+    # real rows continue their positions; pad rows count from 0 (in the scratch row)
+    assert padded.positions.tolist() == [
+        [10, 11, 12, 13, 14], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4],
+    ]  # fmt: skip
+    assert padded.slots.tolist() == [3, 1, 9, 9]
+    assert padded.image_start.tolist() == [40, 0, 64, 64]  # pad rows: no image
+    assert padded.num_tiles.tolist() == [0, 2, 0, 0]
+    assert padded.logit_index.tolist() == [[2, 0], [1, 0], [0, 0], [0, 0]]
+    # a row ending near the cache's end cannot take 2 more pad positions
+    assert pad_step(arrays, BucketKey(4, 5, 64, True), scratch=9, max_seq=14) is None
+    assert pad_step(arrays, BucketKey(2, 3, 64, True), 9, 64).vocab.size == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("decode", ["constrained", "greedy"])
+def test_static_steps_answer_what_eager_steps_answer(
+    checkpoint: Path, tok: Tokenizer, decode: str
+) -> None:
+    requests = _requests(tok)
+    eager = Classifier(_model(checkpoint, 4 + 1), decode, prefixes=1)  # type: ignore[arg-type]
+    expected = eager.run(requests) + [eager.run([r])[0] for r in requests[:3]]
+    model = _model(checkpoint, 4 + 1 + 1)  # + the scratch row
+    steps = StaticSteps(model)  # captures CUDA graphs on a GPU
+    assert steps.max_batch == 5
+    assert steps.scratch == 5
+    static = Classifier(model, decode, prefixes=1, steps=steps)  # type: ignore[arg-type]
+    got = static.run(requests) + [static.run([r])[0] for r in requests[:3]]
+    _same(got, expected)
+    labels = {d.verdict().label for d in expected}
+    assert decode == "greedy" or labels == {Label.SAFE, Label.UNSAFE}, "both paths exercised"
+    assert any(k.tokens == 2 for k in steps._steps)  # decode steps were bucketed
+    assert any(k.cross for k in steps._steps)
+    assert any(not k.cross for k in steps._steps)
+    assert any(k.batch == 4 for k in steps._steps)  # 3 rows padded to 4
+    assert steps.graphs == (len(steps._steps) if DEVICE == "cuda" else 0)
+
+
+def test_steps_without_a_bucket_run_eagerly(checkpoint: Path, tok: Tokenizer) -> None:
+    requests = _requests(tok)[:4]
+    expected = Classifier(_model(checkpoint, 4)).run(requests)
+    model = _model(checkpoint, 4 + 1)
+    tight = Buckets(batch=(1, 2), tokens=(2,), keys=(MAX_SEQ,), max_tokens=4)
+    steps = StaticSteps(model, tight, capture=False)
+    got = Classifier(model, steps=steps).run(requests)
+    _same(got, expected)
+    assert steps.eager_steps >= 1  # the 4-row prefill had no bucket
+    assert set(steps._steps) <= {BucketKey(b, 2, MAX_SEQ, False) for b in (1, 2)}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU's refusal")
+def test_capture_needs_cuda(checkpoint: Path) -> None:
+    model = _model(checkpoint, 3)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticSteps(model, capture=True)
+    small = _model(checkpoint, 1)
+    with pytest.raises(ValueError, match="scratch"):
+        StaticSteps(small)
+    assert isinstance(StaticSteps(model), TorchSteps)  # CPU: padded, eager
