@@ -25,8 +25,8 @@ GUARDRT_TEST_DEVICE=cuda timeout 150 python -m pytest -q -p no:cacheprovider -x 
 tail -3 "$out/parity_cuda.txt"
 
 stamp "kernels"
-TRITON_INTERPRET=0 timeout 90 python benchmarks/kernels.py --budget-s 70 --results "$out" \
-    > "$out/kernels.txt" 2>&1
+TRITON_INTERPRET=0 timeout 100 python benchmarks/kernels.py --budget 70 \
+    --out "$out/kernels.json" > "$out/kernels.txt" 2>&1
 tail -25 "$out/kernels.txt"
 
 stamp "latency"

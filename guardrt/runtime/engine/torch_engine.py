@@ -76,6 +76,12 @@ class TorchEngine:
         static = options.cuda_graphs and device.type == "cuda"
         rows = options.max_batch + options.max_sessions + options.max_prefixes + int(static)
         self.model.setup_caches(rows, options.max_seq)
+        cache = self.model.cache
+        size = sum(t.numel() * t.element_size() for t in (cache.self_kv, cache.cross_kv))
+        log.info(
+            "K/V caches: %d rows of %d positions, %.2f GB (--max-seq, --max-streams and "
+            "--max-batch-size size them)", rows, options.max_seq, size / 1e9,
+        )  # fmt: skip
         self.steps = StaticSteps(self.model) if static else TorchSteps(self.model)
         self.classifier = Classifier(
             self.model, decode, options.max_sessions, options.max_prefixes, self.steps
