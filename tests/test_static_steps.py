@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from guardrt.export.quantize import quantize_linears
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
 from guardrt.runtime.model.checkpoint import load_model
@@ -73,13 +75,13 @@ def _same(got: list[Decoded], expected: list[Decoded]) -> None:
 def test_default_buckets() -> None:
     buckets = Buckets.default(max_batch=6, max_seq=1000)
     assert buckets.batch == (1, 2, 4, 6)
-    assert buckets.tokens == (2, 16, 32, 64, 128, 256, 512)
+    assert buckets.tokens == (2, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
     assert buckets.keys == (64, 128, 256, 512, 1000)
     assert buckets.key(3, 1, 70, cross=True) == BucketKey(4, 2, 128, True)
-    assert buckets.key(1, 300, 301, cross=False) == BucketKey(1, 512, 512, False)
+    assert buckets.key(1, 300, 301, cross=False) == BucketKey(1, 320, 512, False)
     assert buckets.key(7, 2, 10, cross=False) is None  # more rows than any bucket
     assert buckets.key(1, 600, 600, cross=False) is None  # more tokens than any bucket
-    assert buckets.key(4, 300, 300, cross=False) is None  # 4 × 512 tokens: compute-bound
+    assert buckets.key(4, 300, 300, cross=False) is None  # 4 × 320 tokens: compute-bound
     assert buckets.key(1, 2, 300, cross=False, vocab=15) == BucketKey(1, 2, 512, False, 16)
     assert buckets.key(1, 2, 300, cross=False, vocab=2000) is None  # more codes than a bucket
 
@@ -179,3 +181,52 @@ def test_capture_needs_cuda(checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="scratch"):
         StaticSteps(small)
     assert isinstance(StaticSteps(model), TorchSteps)  # CPU: padded, eager
+
+
+# Ops a CUDA graph cannot capture: a read back to the host (`.item()`, `int(t)`, `bool(t)`;
+# inference mode dispatches them undecomposed) or an output whose shape depends on the data
+# (nonzero, boolean-mask indexing: recorded as "index(bool)").
+UNCAPTURABLE = {
+    "item", "is_nonzero", "_local_scalar_dense", "nonzero", "masked_select", "unique",
+    "_unique2", "index(bool)", "index_put(bool)", "index_put_(bool)",
+}  # fmt: skip
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func._overloadpacket.__name__
+        indices = args[1] if name.startswith("index") and len(args) > 1 else ()
+        masks = [i for i in indices if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        self.ops.add(f"{name}(bool)" if masks else name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", [None, "int8", "fp8"])
+def test_a_static_step_never_reads_the_device_back(
+    checkpoint: Path, tok: Tokenizer, kind: str | None
+) -> None:
+    """What a CUDA graph captures (`_Static.forward`) has no host read-back and no data-shaped
+    output, for text, image and category steps (checked op by op on the CPU); the eager step
+    that reads its length off the tensors does (so the check can fail)."""
+    model = load_model(checkpoint, device=torch.device(DEVICE), semantics="meta")
+    if kind is not None:
+        quantize_linears(model, kind=kind, keep=lambda name: name.endswith("lm_head"))  # type: ignore[arg-type]
+    fuse_projections(model)
+    model.setup_caches(4 + 1 + 1, MAX_SEQ)
+    steps = StaticSteps(model, capture=False)
+    Classifier(model, prefixes=1, steps=steps).run(_requests(tok))
+    assert {k.cross for k in steps._steps} == {True, False}
+    assert any(k.vocab for k in steps._steps)
+    for static in steps._steps.values():
+        with torch.inference_mode(), _OpRecorder() as recorder:
+            static.forward()
+        assert not recorder.ops & UNCAPTURABLE, (static.key, recorder.ops & UNCAPTURABLE)
+        assert "index_put_" in recorder.ops or "index_put" in recorder.ops  # the K/V writes ran
+    tokens, positions, slots, starts, tiles, index, _ = next(iter(steps._steps.values())).inputs
+    with torch.inference_mode(), _OpRecorder() as recorder:
+        model(tokens, positions, slots, starts, tiles, index)  # kv_len read off the tensors
+    assert recorder.ops & UNCAPTURABLE == {"item", "is_nonzero"}

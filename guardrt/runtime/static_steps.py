@@ -62,10 +62,12 @@ class Buckets:
 
     @classmethod
     def default(cls, max_batch: int, max_seq: int, max_tokens: int = 1024) -> Buckets:
-        """Powers of two: batch up to `max_batch`, tokens 2 (decode steps) and 16..512,
-        keys 64.. up to `max_seq` (which is always a bucket)."""
+        """Batch: powers of two up to `max_batch`; tokens: 2 (decode steps), 16 … 128, then
+        steps of 64 up to 512 (a prefill pads its ~360 tokens to 384, not 512: padding is
+        compute); keys: powers of two from 64 up to `max_seq` (always a bucket)."""
         batch = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch} | {max_batch})
-        tokens = [t for t in (2, 16, 32, 64, 128, 256, 512) if t <= min(max_seq, max_tokens)]
+        widths = (2, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+        tokens = [t for t in widths if t <= min(max_seq, max_tokens)]
         keys = sorted({k for k in (64, 128, 256, 512, 1024, 2048, 4096) if k < max_seq} | {max_seq})
         return cls(tuple(batch), tuple(tokens), tuple(keys), max_tokens)
 

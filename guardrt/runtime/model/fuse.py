@@ -1,4 +1,5 @@
-"""Fused projections: q/k/v of each self-attention layer and gate/up of each MLP as one matmul.
+"""Fused projections: q/k/v of each self-attention layer and gate/up of each MLP as one matmul
+(the vision tower's q/k/v too).
 
 A batch-1 step is a chain of small matmuls; one (6144 × 4096) matmul instead of three, and one
 (28672 × 4096) instead of two, halves the launches of those layers and lets each read its weights
@@ -20,6 +21,7 @@ from torch import nn
 
 from guardrt.export.quantize import QuantizedLinear, QuantizedWeight
 from guardrt.runtime.model.text import MLP, SelfAttention
+from guardrt.runtime.model.vision import VisionAttention
 
 
 def _fused_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
@@ -63,11 +65,11 @@ def fuse_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
 
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse q/k/v of every self-attention layer and gate/up of every MLP of the decoder, in
-    place; returns how many groups were fused. Idempotent."""
+    """Fuse q/k/v of every self-attention layer (decoder and vision tower) and gate/up of every
+    decoder MLP, in place; returns how many groups were fused. Idempotent."""
     fused = 0
     for module in model.modules():
-        if isinstance(module, SelfAttention) and module.qkv is None:
+        if isinstance(module, SelfAttention | VisionAttention) and module.qkv is None:
             qkv = fuse_linears([module.q_proj, module.k_proj, module.v_proj])
             if qkv is not None:
                 module.fuse(qkv)

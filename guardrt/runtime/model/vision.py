@@ -88,6 +88,12 @@ class VisionAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.qkv: nn.Module | None = None  # set by `fuse` (model/fuse.py)
+
+    def fuse(self, qkv: nn.Module) -> None:
+        """Compute q, k and v with one module whose output is [q, k, v] (held outside the
+        module tree: its weight's views are the q/k/v weights)."""
+        object.__setattr__(self, "qkv", qkv)
 
     def forward(self, x: torch.Tensor, mask: VisionMask) -> torch.Tensor:
         """x (N, L, D)."""
@@ -96,7 +102,10 @@ class VisionAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(n, length, self.heads, self.head_dim).transpose(1, 2)  # (N, H, L, d)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if self.qkv is None:
+            q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        else:
+            q, k, v = (heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (N, L, D) each
         if mask.mask is not None:
             out = attention(q, k, v, mask.mask)
         else:
