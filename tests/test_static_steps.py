@@ -192,9 +192,9 @@ UNCAPTURABLE = {
 }  # fmt: skip
 
 
-class _OpRecorder(TorchDispatchMode):
+class _OpRecorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ops: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
