@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from guardrt.export.quantize import quantize_linears
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
+from guardrt.runtime.model.cache import KVCache
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel
@@ -230,3 +231,48 @@ def test_a_static_step_never_reads_the_device_back(
     with torch.inference_mode(), _OpRecorder() as recorder:
         model(tokens, positions, slots, starts, tiles, index)  # kv_len read off the tensors
     assert recorder.ops & UNCAPTURABLE == {"item", "is_nonzero"}
+
+
+def test_the_cache_grows_on_demand_and_keeps_every_row(checkpoint: Path, tok: Tokenizer) -> None:
+    """Caches that start with 64 positions grow (powers of two) as prompts need and answer what
+    fully allocated ones answer; a growth drops the steps captured on the old tensor."""
+    requests = _requests(tok)
+    expected = Classifier(_model(checkpoint, 4 + 1), prefixes=1).run(requests)
+    model = load_model(checkpoint, device=torch.device(DEVICE), semantics="meta")
+    fuse_projections(model)
+    model.setup_caches(4 + 1 + 1, MAX_SEQ, capacity=64)
+    assert model.cache.capacity == 64
+    assert model.cache.self_kv.shape[4] == 64
+    steps = StaticSteps(model)
+    got = Classifier(model, prefixes=1, steps=steps).run(requests)
+    _same(got, expected)
+    assert model.cache.capacity == 512  # the ~260-token prompts needed 512 (a power of two)
+    assert model.cache.version >= 1
+    assert steps.dropped >= 1  # steps set up on a smaller cache were dropped
+    eager = _model(checkpoint, 4 + 1)
+    eager.setup_caches(4 + 1, MAX_SEQ, capacity=100)
+    _same(Classifier(eager, prefixes=1).run(requests), expected)
+
+
+def test_cache_reserve() -> None:
+    cache = KVCache(
+        self_layers=2, cross_layers=1, rows=3, kv_heads=1, max_seq=300, image_keys=4,
+        head_dim=2, device=torch.device("cpu"), dtype=torch.float32, capacity=10,
+    )  # fmt: skip
+    cache.self_kv[:] = torch.arange(cache.self_kv.numel(), dtype=torch.float32).view_as(
+        cache.self_kv
+    )
+    before = cache.self_kv.clone()
+    assert not cache.reserve(10)
+    assert cache.reserve(11)
+    assert cache.capacity == 16
+    assert cache.version == 1
+    torch.testing.assert_close(cache.self_kv[:, :, :, :, :10], before)
+    assert cache.self_kv[:, :, :, :, 10:].abs().sum() == 0
+    assert cache.reserve(290)
+    assert cache.capacity == 300  # capped at max_seq
+    torch.testing.assert_close(cache.self_kv[:, :, :, :, :10], before)
+    with pytest.raises(IndexError, match="300"):
+        cache.reserve(301)
+    cache.copy_kv(0, 2, 300)  # copies reserve too (already enough here)
+    torch.testing.assert_close(cache.self_kv[:, :, 2], cache.self_kv[:, :, 0])

@@ -158,8 +158,11 @@ def _steps(
 
 def _graphs(steps: TorchSteps) -> dict[str, float]:
     if not isinstance(steps, StaticSteps):
-        return {"graphs": 0, "capture_s": 0.0, "eager_steps": 0}
-    return {"graphs": steps.graphs, "capture_s": steps.capture_s, "eager_steps": steps.eager_steps}
+        return {"graphs": 0, "capture_s": 0.0, "eager_steps": 0, "dropped": 0}
+    return {
+        "graphs": steps.graphs, "capture_s": steps.capture_s, "eager_steps": steps.eager_steps,
+        "dropped": steps.dropped,
+    }  # fmt: skip
 
 
 def _baseline_run(

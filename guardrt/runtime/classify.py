@@ -60,9 +60,11 @@ class TorchSteps:
         vocab: np.ndarray | None = None,
     ) -> np.ndarray:
         inputs = (tokens, positions, slots, image_start, num_tiles, logit_index)
+        kv_len = int(positions.max()) + 1  # from the host arrays: no wait for the GPU
+        self.model.cache.reserve(kv_len)
         logits = self.model(
             *(self._tensor(x) for x in inputs),
-            kv_len=int(positions.max()) + 1,  # from the host arrays: no wait for the GPU
+            kv_len=kv_len,
             use_cross=bool(num_tiles.any()),
             vocab=None if vocab is None else self._tensor(vocab),
         )

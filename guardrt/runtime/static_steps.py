@@ -15,6 +15,9 @@ Padding keeps results exact:
 - attending to a bucket's worth of keys is the same as attending to `kv_len` of them, because the
   causal mask hides every cache position after a row's own.
 
+A graph holds the cache's address: when the cache grows (`KVCache.reserve`), every captured step
+is dropped and recaptured on first use.
+
 On the CPU (or with `capture=False`) the padded steps run eagerly: the tests check the padding
 there against unpadded steps; the capture itself needs CUDA.
 """
@@ -227,6 +230,7 @@ class StaticSteps(TorchSteps):
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.capture_s = 0.0  # time spent capturing, for the warm-up report
         self.eager_steps = 0  # steps that had no bucket
+        self.dropped = 0  # captured steps dropped because the cache grew
 
     @property
     def graphs(self) -> int:
@@ -258,6 +262,17 @@ class StaticSteps(TorchSteps):
         self._steps[key] = static
         return static
 
+    def _reserve(self, length: int) -> None:
+        """Grow the cache to `length` positions; a grown cache is a new tensor, so every graph
+        captured on the old one is dropped (and recaptured on first use)."""
+        if self.model.cache.reserve(length) and self._steps:
+            log.info(
+                "K/V cache grew to %d positions: %d captured steps dropped",
+                self.model.cache.capacity, len(self._steps),
+            )  # fmt: skip
+            self.dropped += len(self._steps)
+            self._steps.clear()
+
     @torch.inference_mode()
     def step(
         self,
@@ -279,6 +294,8 @@ class StaticSteps(TorchSteps):
             0 if vocab is None else len(vocab),
         )
         padded = None if key is None else pad_step(arrays, key, self.scratch, self.max_seq, vocab)
+        if key is not None and padded is not None:
+            self._reserve(max(key.keys, int(padded.positions.max()) + 1))
         static = None if key is None or padded is None else self._static(key, padded)
         if static is None:
             self.eager_steps += 1

@@ -19,6 +19,9 @@ from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.static_steps import StaticSteps
 
 log = logging.getLogger(__name__)
+# Cache positions allocated at start: a few-hundred-token prompt never grows it (growing drops
+# captured CUDA graphs); a row of the 11B's 8,192 would cost 1.1 GB at once.
+_INITIAL_POSITIONS = 1024
 
 _DTYPES = {
     "float32": torch.float32,
@@ -75,12 +78,13 @@ class TorchEngine:
         fuse_projections(self.model)
         static = options.cuda_graphs and device.type == "cuda"
         rows = options.max_batch + options.max_sessions + options.max_prefixes + int(static)
-        self.model.setup_caches(rows, options.max_seq)
+        self.model.setup_caches(rows, options.max_seq, _INITIAL_POSITIONS)
         cache = self.model.cache
         size = sum(t.numel() * t.element_size() for t in (cache.self_kv, cache.cross_kv))
         log.info(
-            "K/V caches: %d rows of %d positions, %.2f GB (--max-seq, --max-streams and "
-            "--max-batch-size size them)", rows, options.max_seq, size / 1e9,
+            "K/V caches: %d rows, %d of %d positions allocated (more on demand), %.2f GB "
+            "(--max-batch-size, --max-streams and --max-seq size them)",
+            rows, cache.capacity, options.max_seq, size / 1e9,
         )  # fmt: skip
         self.steps = StaticSteps(self.model) if static else TorchSteps(self.model)
         self.classifier = Classifier(

@@ -4,6 +4,11 @@ Self-attention K/V of every self layer live in one tensor (layers, 2, rows, Hkv,
 image K/V of every cross layer in one (cross layers, 2, rows, Hkv, L, d): the exported graphs'
 `past_kv` / `cross_kv` layouts, so the ONNX back end's numpy caches and this one read alike.
 A row ("slot") belongs to one request of a batch or to one streaming session.
+
+The self-attention cache holds `capacity` positions and grows (doubling, up to `max_seq`) when a
+step needs more: a served engine's rows are sized for the model's 8,192-token context, but most
+prompts are a few hundred tokens, and 10 rows × 8,192 positions are 11 GB at full size. Growing
+reallocates the tensor, so whoever captured its address (a CUDA graph) must check `version`.
 """
 
 from __future__ import annotations
@@ -24,13 +29,33 @@ class KVCache:
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        capacity: int | None = None,
     ) -> None:
+        """`capacity`: positions allocated now (default all `max_seq`)."""
+        self.max_seq = max_seq
+        self.capacity = max_seq if capacity is None else min(capacity, max_seq)
+        self.version = 0  # counts reallocations of self_kv
         self.self_kv = torch.zeros(
-            (self_layers, 2, rows, kv_heads, max_seq, head_dim), device=device, dtype=dtype
+            (self_layers, 2, rows, kv_heads, self.capacity, head_dim), device=device, dtype=dtype
         )
         self.cross_kv = torch.zeros(
             (cross_layers, 2, rows, kv_heads, image_keys, head_dim), device=device, dtype=dtype
         )
+
+    def reserve(self, length: int) -> bool:
+        """Hold positions 0..length-1: grow to the next power of two (at most max_seq), keeping
+        every row's K/V. True when the tensor was reallocated."""
+        if length <= self.capacity:
+            return False
+        if length > self.max_seq:
+            raise IndexError(f"position {length - 1} is past the cache's {self.max_seq}")
+        grown = min(self.max_seq, 1 << (length - 1).bit_length())
+        shape = (*self.self_kv.shape[:4], grown, self.self_kv.shape[5])
+        bigger = self.self_kv.new_zeros(shape)
+        bigger[:, :, :, :, : self.capacity] = self.self_kv
+        self.self_kv, self.capacity = bigger, grown
+        self.version += 1
+        return True
 
     def write_images(self, slots: torch.Tensor, cross_kv: torch.Tensor) -> None:
         """Image K/V (cross layers, 2, N, Hkv, L, d) into rows `slots` (N,)."""
@@ -43,6 +68,7 @@ class KVCache:
 
     def copy_kv(self, source: int, target: int, length: int) -> None:
         """Self-attention K/V of row `source` at positions 0..length-1 into row `target`."""
+        self.reserve(length)
         self.self_kv[:, :, target, :, :length] = self.self_kv[:, :, source, :, :length]
 
     def step(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> CacheStep:

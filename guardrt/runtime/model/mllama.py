@@ -73,9 +73,10 @@ class MllamaModel(nn.Module):
     def cross_layers(self) -> list[CrossAttentionLayer]:
         return [m for m in self.language_model.model.layers if isinstance(m, CrossAttentionLayer)]
 
-    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+    def setup_caches(self, max_batch: int, max_seq: int, capacity: int | None = None) -> None:
         """Allocate the K/V cache (`model/cache.py`) for `max_batch` rows of `max_seq`
-        positions, on the weights' device and dtype (0, 0 frees it)."""
+        positions, on the weights' device and dtype (0, 0 frees it); `capacity` positions now
+        (default all), more as steps need them."""
         text = self.config.text
         self._cache = KVCache(
             self_layers=len(text.self_attention_layers),
@@ -87,6 +88,7 @@ class MllamaModel(nn.Module):
             head_dim=text.head_dim,
             device=self.device,
             dtype=self.weight_dtype,
+            capacity=capacity,
         )
         self.max_batch, self.max_seq = max_batch, max_seq
 
@@ -150,6 +152,7 @@ class MllamaModel(nn.Module):
         """
         if kv_len is None:
             kv_len = int(positions.max()) + 1
+        self.cache.reserve(kv_len)  # callers passing kv_len reserved their padded positions
         if use_cross is None:
             use_cross = bool((num_tiles > 0).any())
         return self.step(
