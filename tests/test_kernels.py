@@ -56,11 +56,12 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 48), (5, 96, 130), (33, 128, 64)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 48), (5, 96, 130), (13, 64, 40), (33, 128, 64)])
 def test_int8_linear_equals_the_reference(
     int8: ModuleType, m: int, k: int, n: int, bias: bool
 ) -> None:
-    """Shapes off the block sizes on every axis (M 1/5/33, K 96, N 48/130)."""
+    """Shapes off the block sizes on every axis (M 2/10/26/66 rows: blocks of 16, 32, 64; K 96;
+    N 40/48/130)."""
     reference = _layer(n, k, "int8", bias, seed=m * k + n)
     x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(m))  # a leading batch dim
     with torch.inference_mode():

@@ -23,7 +23,14 @@ import torch
 triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+BLOCK_N, BLOCK_K = 64, 64
+
+
+def block_m(m: int) -> int:
+    """Rows per program: each program reads its column block's weights once, so the weights are
+    read ceil(M / block) times; 16 rows suit a decode step, more rows the larger steps the
+    dispatch sends here (untuned: benchmarks/kernels.py measures it on the GPU)."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 @triton.jit  # type: ignore[untyped-decorator]
@@ -77,13 +84,14 @@ def int8_linear(
     flat = x.reshape(-1, k)  # (M, K)
     m = flat.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    bm = block_m(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, BLOCK_N))
     _int8_linear_kernel[grid](
         flat, qweight, scales.reshape(-1).to(torch.float32).contiguous(),
         bias if bias is not None else scales, out,
         m, n,
         flat.stride(0), flat.stride(1), qweight.stride(0), qweight.stride(1),
         out.stride(0), out.stride(1),
-        k=k, has_bias=bias is not None, bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K,
+        k=k, has_bias=bias is not None, bm=bm, bn=BLOCK_N, bk=BLOCK_K,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
