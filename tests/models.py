@@ -7,6 +7,7 @@ The vocabulary is the real one (prompts come from the real tokenizer); everythin
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from guardrt.runtime.model.tiny import (
     write_checkpoint,
 )
 from guardrt.runtime.preprocess import ImageConfig, TiledImage, preprocess_image
+from guardrt.runtime.requests import Decoded
 
 # The device the model tests run on: the CPU in CI; GUARDRT_TEST_DEVICE=cuda on a GPU machine
 # runs the same parity checks there (scripts/gpu_check.sh).
@@ -109,3 +111,15 @@ class CountingSteps:
         assert index is not None
         self.fills += int(index.shape[1] == 1)  # constrained steps read 2 rows; fills 1
         return self.inner.step(*arrays)  # type: ignore[arg-type]
+
+
+def assert_same_decoded(got: Sequence[Decoded], expected: Sequence[Decoded]) -> None:
+    """Same generated ids, and scores within 1e-4 relative (NaN where the reference has none)."""
+    for a, b in zip(got, expected, strict=True):
+        assert a.generated == b.generated
+        if math.isnan(b.unsafe_probability):
+            assert math.isnan(a.unsafe_probability)
+        else:
+            assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-4)
+        for code, value in b.category_probabilities.items():
+            assert math.isclose(a.category_probabilities[code], value, rel_tol=1e-4, abs_tol=1e-9)

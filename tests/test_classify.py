@@ -31,7 +31,14 @@ from guardrt.runtime.requests import PreparedRequest, max_new_tokens
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label, VerdictGrammar
 from guardrt.testing.references import hf_inputs, hf_model
-from tests.models import IMAGE_CONFIG, CountingSteps, image, small_config, write_small
+from tests.models import (
+    IMAGE_CONFIG,
+    CountingSteps,
+    assert_same_decoded,
+    image,
+    small_config,
+    write_small,
+)
 
 STOP = [128001, 128008, 128009]
 TEXTS = [
@@ -166,14 +173,7 @@ def test_batches_equal_requests_alone(
     classifier = Classifier(loaded(checkpoint, semantics), decode=decode)  # type: ignore[arg-type]
     together = classifier.run(requests)
     alone = [classifier.run([req])[0] for req in requests]
-    for batched, single in zip(together, alone, strict=True):
-        assert batched.generated == single.generated
-        if math.isnan(single.unsafe_probability):
-            assert math.isnan(batched.unsafe_probability)
-        else:
-            assert math.isclose(batched.unsafe_probability, single.unsafe_probability, rel_tol=1e-4)
-        for code, value in single.category_probabilities.items():
-            assert math.isclose(batched.category_probabilities[code], value, rel_tol=1e-4)
+    assert_same_decoded(together, alone)
 
 
 def test_safe_tie_goes_to_unsafe(

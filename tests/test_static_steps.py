@@ -7,7 +7,6 @@ tests capture and replay CUDA graphs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,17 @@ from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.requests import Decoded
 from guardrt.runtime.static_steps import BucketKey, Buckets, StaticSteps, pad_step
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label
-from tests.models import DEVICE, IMAGE_CONFIG, TILE_SIZES, small_config, write_small
+from tests.models import (
+    DEVICE,
+    IMAGE_CONFIG,
+    TILE_SIZES,
+    assert_same_decoded,
+    small_config,
+    write_small,
+)
 
 MAX_SEQ = 512
 
@@ -60,17 +65,6 @@ def _requests(tok: Tokenizer) -> list:  # type: ignore[type-arg]
         assert request.image.num_tiles == tiles
         out.append(request)
     return out
-
-
-def _same(got: list[Decoded], expected: list[Decoded]) -> None:
-    for a, b in zip(got, expected, strict=True):
-        assert a.generated == b.generated
-        if math.isnan(b.unsafe_probability):
-            assert math.isnan(a.unsafe_probability)
-        else:
-            assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-4)
-        for code, value in b.category_probabilities.items():
-            assert math.isclose(a.category_probabilities[code], value, rel_tol=1e-4, abs_tol=1e-9)
 
 
 def test_default_buckets() -> None:
@@ -151,7 +145,7 @@ def test_static_steps_answer_what_eager_steps_answer(
     assert steps.scratch == 5
     static = Classifier(model, decode, prefixes=1, steps=steps)  # type: ignore[arg-type]
     got = static.run(requests) + [static.run([r])[0] for r in requests[:3]]
-    _same(got, expected)
+    assert_same_decoded(got, expected)
     labels = {d.verdict().label for d in expected}
     assert decode == "greedy" or labels == {Label.SAFE, Label.UNSAFE}, "both paths exercised"
     assert any(k.tokens == 2 for k in steps._steps)  # decode steps were bucketed
@@ -168,7 +162,7 @@ def test_steps_without_a_bucket_run_eagerly(checkpoint: Path, tok: Tokenizer) ->
     tight = Buckets(batch=(1, 2), tokens=(2,), keys=(MAX_SEQ,), max_tokens=4)
     steps = StaticSteps(model, tight, capture=False)
     got = Classifier(model, steps=steps).run(requests)
-    _same(got, expected)
+    assert_same_decoded(got, expected)
     assert steps.eager_steps >= 1  # the 4-row prefill had no bucket
     assert set(steps._steps) <= {BucketKey(b, 2, MAX_SEQ, False) for b in (1, 2)}
 
@@ -245,13 +239,13 @@ def test_the_cache_grows_on_demand_and_keeps_every_row(checkpoint: Path, tok: To
     assert model.cache.self_kv.shape[4] == 64
     steps = StaticSteps(model)
     got = Classifier(model, prefixes=1, steps=steps).run(requests)
-    _same(got, expected)
+    assert_same_decoded(got, expected)
     assert model.cache.capacity == 512  # the ~260-token prompts needed 512 (a power of two)
     assert model.cache.version >= 1
     assert steps.dropped >= 1  # steps set up on a smaller cache were dropped
     eager = _model(checkpoint, 4 + 1)
     eager.setup_caches(4 + 1, MAX_SEQ, capacity=100)
-    _same(Classifier(eager, prefixes=1).run(requests), expected)
+    assert_same_decoded(Classifier(eager, prefixes=1).run(requests), expected)
 
 
 def test_cache_reserve() -> None:
