@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from guardrt.export.quantize import quantize_linears
+from guardrt.export.quantize import quantize_linears, quantize_weight
+from guardrt.kernels.fp8_linear import fp8_linear
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
 from guardrt.runtime.model.cache import KVCache
@@ -270,3 +271,35 @@ def test_cache_reserve() -> None:
         cache.reserve(301)
     cache.copy_kv(0, 2, 300)  # copies reserve too (already enough here)
     torch.testing.assert_close(cache.self_kv[:, :, 2], cache.self_kv[:, :, 0])
+
+
+def test_steps_on_an_older_cache_tensor_are_dropped(checkpoint: Path) -> None:
+    """Whoever grows the cache (an eager step, a prefix copy), the next step drops what was set
+    up on the old tensor and still answers what an unpadded step answers."""
+    model = _model(checkpoint, 3)
+    model.setup_caches(3, MAX_SEQ, capacity=64)
+    steps = StaticSteps(model)
+    arrays = (
+        np.array([[791, 1202, 264]]), np.array([[0, 1, 2]]), np.array([0]),
+        np.array([MAX_SEQ]), np.array([0]), np.array([[2]]),
+    )  # fmt: skip
+    first = steps.step(*arrays)
+    assert len(steps._steps) == 1
+    assert steps.dropped == 0
+    model.cache.copy_kv(0, 1, 200)  # grows the cache behind the static steps' back
+    assert model.cache.capacity == 256
+    again = steps.step(*arrays)
+    assert steps.dropped == 1
+    assert len(steps._steps) == 1  # set up anew on the grown tensor
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fp8_kernel_path_never_reads_the_device_back() -> None:
+    """`fp8_linear` (activation quantization + `_scaled_mm`, runnable on the CPU) runs inside
+    captured steps on the GPU: the same op-by-op check as the model's step."""
+    weight = quantize_weight(torch.randn(32, 64), kind="fp8")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode(), _OpRecorder() as recorder:
+        fp8_linear(x, weight.qweight, weight.scales, torch.zeros(32, dtype=torch.bfloat16))
+    assert "_scaled_mm" in recorder.ops
+    assert not recorder.ops & UNCAPTURABLE

@@ -231,6 +231,7 @@ class StaticSteps(TorchSteps):
         self.capture_s = 0.0  # time spent capturing, for the warm-up report
         self.eager_steps = 0  # steps that had no bucket
         self.dropped = 0  # captured steps dropped because the cache grew
+        self._version = model.cache.version
 
     @property
     def graphs(self) -> int:
@@ -262,16 +263,20 @@ class StaticSteps(TorchSteps):
         self._steps[key] = static
         return static
 
-    def _reserve(self, length: int) -> None:
-        """Grow the cache to `length` positions; a grown cache is a new tensor, so every graph
-        captured on the old one is dropped (and recaptured on first use)."""
-        if self.model.cache.reserve(length) and self._steps:
-            log.info(
-                "K/V cache grew to %d positions: %d captured steps dropped",
-                self.model.cache.capacity, len(self._steps),
-            )  # fmt: skip
+    def _current(self) -> None:
+        """Drop every step set up on an older cache tensor: the cache reallocates when it grows
+        (whoever grew it: a padded step, an eager one, a prefix copy), and a graph would replay
+        on the freed tensor. They are recaptured on first use."""
+        version = self.model.cache.version
+        if version != self._version:
+            if self._steps:
+                log.info(
+                    "K/V cache grew to %d positions: %d captured steps dropped",
+                    self.model.cache.capacity, len(self._steps),
+                )  # fmt: skip
             self.dropped += len(self._steps)
             self._steps.clear()
+            self._version = version
 
     @torch.inference_mode()
     def step(
@@ -295,7 +300,8 @@ class StaticSteps(TorchSteps):
         )
         padded = None if key is None else pad_step(arrays, key, self.scratch, self.max_seq, vocab)
         if key is not None and padded is not None:
-            self._reserve(max(key.keys, int(padded.positions.max()) + 1))
+            self.model.cache.reserve(max(key.keys, int(padded.positions.max()) + 1))
+        self._current()
         static = None if key is None or padded is None else self._static(key, padded)
         if static is None:
             self.eager_steps += 1
