@@ -5,7 +5,8 @@
 #   1. the model's parity tests and the static-step / CUDA-graph tests on CUDA (fp32, TF32 off);
 #   2. benchmarks/kernels.py (int8 Triton and fp8 _scaled_mm linears against their references);
 #   3. guardrt bench: full-size random model, bf16 / int8 / fp8, transformers baseline;
-#   4. a torch.profiler trace of one text and one image verdict on the served path.
+#   4. the bf16 cases again without CUDA graphs (if time allows), to show what they bring;
+#   5. a torch.profiler trace of one text and one image verdict on the served path.
 # The machine lacks llama_models: copy .venv/lib/python3.11/site-packages/llama_models into
 # .gpu_carry/ and pass carry [".gpu_carry"].
 #   bash scripts/gpu_check.sh
@@ -33,7 +34,18 @@ stamp "latency"
 timeout 300 python -m guardrt.bench.latency --results "$out" > "$out/latency.txt" 2>&1
 tail -45 "$out/latency.txt"
 
-stamp "profile"
-timeout 60 python benchmarks/profile_gpu.py --out "$out" > /dev/null 2>&1
-grep "==" "$out/profile.txt"
+# What the CUDA graphs bring: the same bf16 cases eagerly, if the time allows.
+if [ $(($(date +%s) - started)) -lt 420 ]; then
+    stamp "latency, eager bf16"
+    mkdir -p "$out/eager"
+    timeout 90 python -m guardrt.bench.latency --precisions bf16 --no-baseline --no-cuda-graphs \
+        --concurrency 8 --requests 32 --results "$out/eager" > "$out/eager/latency.txt" 2>&1
+    grep -E "safe|unsafe|throughput" "$out/eager/latency.txt" | head -12
+fi
+
+if [ $(($(date +%s) - started)) -lt 520 ]; then
+    stamp "profile"
+    timeout 60 python benchmarks/profile_gpu.py --out "$out" > /dev/null 2>&1
+    grep "==" "$out/profile.txt"
+fi
 stamp "done"
