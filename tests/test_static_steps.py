@@ -303,3 +303,24 @@ def test_the_fp8_kernel_path_never_reads_the_device_back() -> None:
         fp8_linear(x, weight.qweight, weight.scales, torch.zeros(32, dtype=torch.bfloat16))
     assert "_scaled_mm" in recorder.ops
     assert not recorder.ops & UNCAPTURABLE
+
+
+def test_common_steps_set_up_before_traffic_serve_it(checkpoint: Path, tok: Tokenizer) -> None:
+    """After `prepare(common_keys())` a batch-1 request (text or image, either path) meets only
+    steps already set up, and answers what it answers without them (dummies wrote only the
+    scratch row)."""
+    requests = _requests(tok)
+    expected = Classifier(_model(checkpoint, 2 + 1), prefixes=1).run(requests[:1])
+    expected += [Classifier(_model(checkpoint, 2 + 1), prefixes=1).run([r])[0] for r in requests]
+    model = _model(checkpoint, 2 + 1 + 1)
+    steps = StaticSteps(model)
+    keys = steps.common_keys()
+    assert all(k.batch == 1 for k in keys)
+    assert {k.tokens for k in keys} == set(steps.buckets.tokens)
+    assert steps.prepare(keys) == len(keys)
+    assert steps.prepare(keys) == 0  # already there
+    classifier = Classifier(model, prefixes=1, steps=steps)
+    got = classifier.run(requests[:1]) + [classifier.run([r])[0] for r in requests]
+    assert_same_decoded(got, expected)
+    assert set(steps._steps) == set(keys)  # nothing new was needed
+    assert steps.eager_steps == 0

@@ -263,6 +263,44 @@ class StaticSteps(TorchSteps):
         self._steps[key] = static
         return static
 
+    def common_keys(self, max_batch: int = 1) -> list[BucketKey]:
+        """The buckets a served request meets most, to capture before traffic: for batches up to
+        `max_batch`, every prefill width with the smallest and the next key bucket (a request
+        after a shared prefix attends to more keys than it feeds), with and without an image,
+        and the category steps over the keys a prompt of up to 1,024 tokens needs."""
+        b, vocab = self.buckets, self.buckets.vocab[0]
+        found: list[BucketKey] = []
+        for batch in (x for x in b.batch if x <= max_batch):
+            for tokens in (t for t in b.tokens if t > 2 and batch * t <= b.max_tokens):
+                for keys in [k for k in b.keys if k >= tokens][:2]:
+                    found += [BucketKey(batch, tokens, keys, cross) for cross in (False, True)]
+            for keys in (k for k in b.keys if 256 <= k <= 1024):
+                found += [BucketKey(batch, 2, keys, cross, vocab) for cross in (False, True)]
+        return found
+
+    @torch.inference_mode()
+    def prepare(self, keys: Sequence[BucketKey]) -> int:
+        """Set up (capture, on a GPU) the steps of `keys` now, on dummy inputs that write only
+        the scratch row; returns how many were new."""
+        self.model.cache.reserve(max(key.keys for key in keys))
+        self._current()
+        new = 0
+        for key in keys:
+            if key in self._steps:
+                continue
+            positions = np.tile(np.arange(key.tokens, dtype=np.int64), (key.batch, 1))
+            dummy = PaddedStep(
+                np.full((key.batch, key.tokens), PAD_ID, dtype=np.int64),
+                positions,
+                np.full(key.batch, self.scratch, dtype=np.int64),
+                np.full(key.batch, 0 if key.cross else self.max_seq, dtype=np.int64),
+                np.full(key.batch, 1 if key.cross else 0, dtype=np.int64),
+                np.zeros((key.batch, LOGIT_ROWS), dtype=np.int64),
+                np.zeros(key.vocab, dtype=np.int64),
+            )
+            new += self._static(key, dummy) is not None
+        return new
+
     def _current(self) -> None:
         """Drop every step set up on an older cache tensor: the cache reallocates when it grows
         (whoever grew it: a padded step, an eager one, a prefix copy), and a graph would replay

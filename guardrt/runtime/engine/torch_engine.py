@@ -102,10 +102,12 @@ class TorchEngine:
         )
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
-        """Run the sample requests alone, together, and at every batch bucket, so the first
-        real batches pay no lazy initialisation (and, with CUDA graphs, the shapes they hit are
-        captured now). Logs how long it took."""
+        """Capture the common batch-1 steps (CUDA graphs), then run the sample requests alone,
+        together, and at every batch bucket, so the first real batches pay no lazy
+        initialisation (and the shapes they hit are captured now). Logs how long it took."""
         started = time.perf_counter()
+        if isinstance(self.steps, StaticSteps):
+            self.steps.prepare(self.steps.common_keys(max_batch=1))
         for request in sample:
             self.execute([request])
         self.execute(sample)
