@@ -171,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_seq=args.max_seq,
         max_streams=args.max_streams,
         cuda_graphs=not args.no_cuda_graphs,
+        quantize=args.quantize,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -228,6 +229,12 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-seq", type=int, default=8192, help="prompt + verdict tokens")
     serve.add_argument(
         "--max-streams", type=int, default=4, help="cache slots kept for ModerateStream"
+    )
+    serve.add_argument(
+        "--quantize",
+        choices=["int8", "fp8"],
+        help="a checkpoint's linear weights as int8 (weight-only) or fp8 (e4m3, fp8 matmuls on "
+        "sm ≥ 8.9), made at load; an engine directory has its own precision",
     )
     serve.add_argument(
         "--no-cuda-graphs",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from guardrt.export.quantize import QuantizedLinear
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import Decoder, probability
 from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
@@ -261,6 +262,31 @@ def test_guard_load_errors(guard_dir: Path) -> None:
         Guard.load(guard_dir, decode="beam")
     with pytest.raises(ConfigError, match="dtype"):
         Guard.load(guard_dir, dtype="int4")
+    with pytest.raises(ConfigError, match=r"quantize must be one of int8, fp8 .*'int4'"):
+        Guard.load(guard_dir, quantize="int4")
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_guard_quantized_at_load(guard_dir: Path, kind: str) -> None:
+    """`quantize=` swaps the checkpoint's linears for 8-bit ones at load (the head kept) and
+    scores within the export's bounds of the full-precision model."""
+    full = Guard.load(guard_dir, max_batch=2, max_seq=1024)
+    quantized = Guard.load(guard_dir, max_batch=2, max_seq=1024, quantize=kind)
+    engine = quantized.engine
+    assert engine.info.dtype == kind
+    model = engine.model  # type: ignore[attr-defined]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers
+    assert {m.qweight.dtype for m in layers} == {
+        torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    }
+    assert not isinstance(model.language_model.lm_head, QuantizedLinear)
+    texts = [TEXTS[0], TEXTS[1], TEXTS[4]]
+    for text in texts:
+        messages = [{"role": "user", "content": text}]
+        a, b = full.moderate(messages), quantized.moderate(messages)
+        assert a.label == b.label
+        assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=0.1)
 
 
 def test_import_guardrt_does_not_import_torch() -> None:

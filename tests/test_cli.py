@@ -9,6 +9,7 @@ import pytest
 
 from guardrt.cli import main
 from guardrt.runtime.prompt import encode_prompt, render_prompt
+from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.tokenizer import Tokenizer
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "conversation.json"
@@ -89,3 +90,25 @@ def test_export_tiny_random(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     }
     assert main(["export", "tiny-random", "-o", str(target)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_serve_flags_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`guardrt serve --quantize fp8 --no-cuda-graphs`: the config the server is built from
+    carries them into the engine's options (nothing is served here)."""
+    seen: list[ServerConfig] = []
+
+    async def fake_serve(config: ServerConfig) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr("guardrt.runtime.server.main.serve", fake_serve)
+    assert main(["serve", "--quantize", "fp8", "--no-cuda-graphs", "--log-level", "ERROR"]) == 0
+    options = seen[0].engine_options(Path("ckpt"))
+    assert options.quantize == "fp8"
+    assert options.cuda_graphs is False
+    assert main(["serve", "--log-level", "ERROR"]) == 0
+    defaults = seen[1].engine_options(Path("ckpt"))
+    assert defaults.quantize is None
+    assert defaults.cuda_graphs is True
+    with pytest.raises(SystemExit):
+        main(["serve", "--quantize", "int4"])

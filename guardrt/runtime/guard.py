@@ -43,6 +43,7 @@ class Guard:
         decode: str = "constrained",
         max_batch: int = 4,
         max_seq: int = 8192,
+        quantize: str | None = None,
     ) -> Guard:
         """Load a checkpoint directory (or `tiny-random`, generated on first use) or an engine
         directory (`guardrt export build`).
@@ -54,9 +55,15 @@ class Guard:
         `semantics="meta"` runs the model as it was trained; `"transformers"` as transformers
         ≥ 4.56 computes it. `decode="constrained"` reads the scores from one prefill and follows
         the verdict grammar; `"greedy"` generates freely as transformers' `generate` does.
+
+        `quantize="int8"` or `"fp8"` quantizes a checkpoint's linear weights at load (torch back
+        end; per output channel, the head kept), as `guardrt export build --precision` does for
+        an engine.
         """
         directory = resolve_model(model)
-        options = EngineOptions(directory, device, dtype, semantics, decode, max_batch, max_seq)
+        options = EngineOptions(
+            directory, device, dtype, semantics, decode, max_batch, max_seq, quantize=quantize
+        )
         engine = load_engine(backend_for(directory), options)
         preparer = load_preparer(directory, max_seq)
         return cls(preparer, engine, source=str(directory))

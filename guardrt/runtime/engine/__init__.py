@@ -38,6 +38,7 @@ class EngineOptions:
     max_sessions: int = 4  # cache slots kept for streaming checks (each costs a full K/V row)
     max_prefixes: int = 1  # cache rows of shared policy prefixes (prefixes.py; each a K/V row)
     cuda_graphs: bool = True  # torch on a GPU: small steps replay CUDA graphs (static_steps.py)
+    quantize: str | None = None  # torch: "int8" / "fp8" weights made at load (engines: at build)
 
 
 @dataclass(frozen=True)

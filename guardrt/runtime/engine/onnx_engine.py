@@ -142,6 +142,11 @@ def check_options(
             f"{directory} was exported with semantics {manifest.semantics!r}, not "
             f"{options.semantics!r} (export again with --semantics {options.semantics})"
         )
+    if options.quantize is not None:
+        raise ConfigError(
+            f"{directory} is a {manifest.precision} engine; quantize={options.quantize!r} applies "
+            "to a checkpoint (an engine's precision is chosen by `guardrt export build`)"
+        )
     if options.dtype is not None and options.dtype != manifest.precision:
         raise ConfigError(
             f"{directory} is a {manifest.precision} engine; dtype {options.dtype!r} cannot be "

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from guardrt.export.quantize import QuantKind, quantize_linears
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 # Cache positions allocated at start: a few-hundred-token prompt never grows it (growing drops
 # captured CUDA graphs); a row of the 11B's 8,192 would cost 1.1 GB at once.
 _INITIAL_POSITIONS = 1024
+QUANT_KINDS: tuple[QuantKind, ...] = ("int8", "fp8")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -31,6 +33,22 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+def _keeps_full_precision(name: str) -> bool:
+    """The head stays in the model's dtype: P(unsafe) is its softmax (as the export keeps it)."""
+    return name.endswith("lm_head")
+
+
+def parse_quantize(value: str | None) -> QuantKind | None:
+    """None, "int8" (weight-only; the Triton kernel for small steps on a GPU) or "fp8" (e4m3
+    with rowwise activation scales, `torch._scaled_mm` on sm ≥ 8.9)."""
+    if value is None:
+        return None
+    for kind in QUANT_KINDS:
+        if value == kind:
+            return kind
+    raise ConfigError(f"quantize must be one of {', '.join(QUANT_KINDS)} (or none), not {value!r}")
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -69,12 +87,21 @@ class TorchEngine:
             device = torch.device(name)
         except RuntimeError as exc:
             raise ConfigError(f"device {options.device!r} is not a torch device") from exc
+        kind = parse_quantize(options.quantize)
         self.model = load_model(
             options.model,
             device=device,
             dtype=parse_dtype(options.dtype, device),
             semantics=semantics,
         )
+        dtype = str(self.model.weight_dtype).removeprefix("torch.")
+        if kind is not None:
+            report = quantize_linears(self.model, kind=kind, keep=_keeps_full_precision)
+            log.info(
+                "%s weights: %d layers, %.2f GB (were %.2f GB)",
+                kind, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
+            )  # fmt: skip
+            dtype = kind
         fuse_projections(self.model)
         static = options.cuda_graphs and device.type == "cuda"
         rows = options.max_batch + options.max_sessions + options.max_prefixes + int(static)
@@ -90,7 +117,6 @@ class TorchEngine:
         self.classifier = Classifier(
             self.model, decode, options.max_sessions, options.max_prefixes, self.steps
         )
-        dtype = str(self.model.weight_dtype).removeprefix("torch.")
         self.info = EngineInfo(
             backend="torch",
             device=str(device),

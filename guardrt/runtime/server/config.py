@@ -41,6 +41,7 @@ class ServerConfig:
     max_seq: int = 8192  # prompt + verdict tokens: the model was fine-tuned on 8,192
     max_streams: int = 4  # cache slots kept for ModerateStream sessions
     cuda_graphs: bool = True  # the torch back end on a GPU: replay small steps as CUDA graphs
+    quantize: str | None = None  # a checkpoint's weights as int8 / fp8 (the torch back end)
     host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0 = any free port (tests)
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 = any free port, -1 = off
@@ -65,6 +66,7 @@ class ServerConfig:
             max_seq=self.max_seq,
             max_sessions=self.max_streams,
             cuda_graphs=self.cuda_graphs,
+            quantize=self.quantize,
         )
 
     def __post_init__(self) -> None:
