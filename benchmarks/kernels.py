@@ -40,6 +40,12 @@ from guardrt.bench.timing import times_ms
 from guardrt.export.quantize import QuantizedLinear, quantize_weight
 from guardrt.kernels.dispatch import choose_path, cuda_capability
 from guardrt.kernels.fp8_linear import fp8_linear, quantize_rows, scaled_mm_reference
+from guardrt.kernels.int8_dynamic import (
+    int8_dynamic_linear,
+    int8_dynamic_reference,
+    int_mm_takes,
+    quantize_rows_int8,
+)
 
 log = logging.getLogger("benchmarks.kernels")
 
@@ -60,8 +66,8 @@ DRY_SHAPES: dict[str, tuple[int, int, bool]] = {
     "tiny 48x64+b": (48, 64, True),
     "tiny 64x32": (64, 32, False),
 }
-DRY_ROWS = (1, 5)
-METHODS = ("dense", "int8 ref", "int8 triton", "fp8 ref", "fp8 mm")
+DRY_ROWS = (1, 5, 24)  # 24: past _int_mm's 16-row minimum
+METHODS = ("dense", "int8 ref", "int8 triton", "int8 mm", "fp8 ref", "fp8 mm")
 # bf16 output rounding over K-long sums; beyond this a kernel is wrong, not imprecise.
 TOLERANCE = 2e-2
 CELL_SECONDS = 0.25  # timing per method and cell, at most (but at least 3 calls)
@@ -89,15 +95,20 @@ def _layers(n: int, k: int, bias: bool, device: torch.device, dtype: torch.dtype
     return Layers(dense, None if vector is None else vector.to(dtype), int8, fp8)
 
 
-def _methods(layers: Layers, int8_linear: Any) -> dict[str, Linear]:
+def _methods(layers: Layers, int8_linear: Any, m: int) -> dict[str, Linear]:
+    """Every method that takes M rows ("int8 mm", weight+activation int8 on `torch._int_mm`,
+    needs M > 16)."""
     bias, int8, fp8 = layers.bias, layers.int8, layers.fp8
-    return {
+    methods: dict[str, Linear] = {
         "dense": lambda x: torch.nn.functional.linear(x, layers.dense, bias),
         "int8 ref": int8,
         "int8 triton": lambda x: int8_linear(x, int8.qweight, int8.scales, bias),
         "fp8 ref": fp8,
         "fp8 mm": lambda x: fp8_linear(x, fp8.qweight, fp8.scales, bias),
     }
+    if int_mm_takes(m, *int8.qweight.shape):
+        methods["int8 mm"] = lambda x: int8_dynamic_linear(x, int8.qweight, int8.scales, bias)
+    return methods
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor, chunk: int = 1024) -> float:
@@ -117,8 +128,14 @@ CHECKS = {
     "int8 triton vs ref": ("int8 triton", "int8 ref"),
     "fp8 mm vs ref": ("fp8 mm", "fp8 ref"),  # + the activations' e4m3 rounding (information)
     "fp8 mm vs math": ("fp8 mm", "fp8 math"),
+    "int8 mm vs ref": ("int8 mm", "int8 ref"),  # + the activations' int8 rounding (information)
+    "int8 mm vs math": ("int8 mm", "int8 math"),
 }
-GATED = ("int8 triton vs ref", "fp8 mm vs math")  # beyond TOLERANCE: the cell is NOT OK
+GATED = (
+    "int8 triton vs ref",
+    "fp8 mm vs math",
+    "int8 mm vs math",
+)  # beyond TOLERANCE: the cell is NOT OK
 
 
 def _attempt(failures: dict[str, str], what: str, work: Callable[[], T]) -> T | None:
@@ -140,6 +157,15 @@ def _fp8_math(layers: Layers, x: torch.Tensor) -> torch.Tensor:
     return scaled_mm_reference(xq, x_scales, fp8.qweight, fp8.scales, layers.bias, x.dtype)
 
 
+def _int8_math(layers: Layers, x: torch.Tensor) -> torch.Tensor | None:
+    """The int8 weight+activation path's exact math (int64 products) on the same operands."""
+    int8 = layers.int8
+    if not int_mm_takes(x.shape[0], *int8.qweight.shape):
+        return None
+    xq, x_scales = quantize_rows_int8(x)
+    return int8_dynamic_reference(xq, x_scales, int8.qweight, int8.scales, layers.bias, x.dtype)
+
+
 def _median_us(run: Callable[[], object], device: torch.device, repeat: int) -> float:
     """Median µs per call: 1 warm-up and 1 call to size the run, then up to `repeat` calls
     within CELL_SECONDS (at least 3), each synchronized (`times_ms`)."""
@@ -158,9 +184,10 @@ def _cell(
     with torch.inference_mode():
         outputs = {name: _attempt(failures, name, partial(f, x)) for name, f in methods.items()}
         outputs["fp8 math"] = _attempt(failures, "fp8 math", partial(_fp8_math, layers, x))
+        outputs["int8 math"] = _attempt(failures, "int8 math", partial(_int8_math, layers, x))
         errors: dict[str, float] = {}
         for check, (got, expected) in CHECKS.items():
-            a, b = outputs[got], outputs[expected]
+            a, b = outputs.get(got), outputs.get(expected)
             if a is not None and b is not None:
                 errors[check] = relative_error(a, b)
         del outputs, a, b  # (M, N) each: 1.6 GB for the head at M = 6432
@@ -182,6 +209,7 @@ def _cell(
         "failures": failures,
         "dispatch": {
             "int8": choose_path(x, int8.qweight, int8.scales, capability, True),
+            "int8-wa": choose_path(x, int8.qweight, int8.scales, capability, True, True),
             "fp8": choose_path(x, fp8.qweight, fp8.scales, capability, True),
         },
         "fastest": min(us, key=us.__getitem__) if us else None,
@@ -194,16 +222,16 @@ def _line(name: str, m: int, cell: dict[str, Any]) -> str:
         return f"{name:<21}{m:>5}  ERROR {cell['error']}"
     us, errors = cell["us"], cell["errors"]
     times = "".join(f"{us[method]:>15.1f}" if method in us else f"{'-':>15}" for method in METHODS)
-    shown = ("int8 triton vs ref", "fp8 mm vs math", "fp8 mm vs ref")
+    shown = ("int8 triton vs ref", "int8 mm vs math", "fp8 mm vs math", "fp8 mm vs ref")
     error = "".join(f"{errors[c]:>10.1e}" if c in errors else f"{'-':>10}" for c in shown)
-    paths = f"{cell['dispatch']['int8']}/{cell['dispatch']['fp8']}"
+    paths = "/".join(cell["dispatch"][kind] for kind in ("int8", "int8-wa", "fp8"))
     flags = "" if cell["ok"] else f"  NOT OK: {cell['error']}"
     return f"{name:<21}{m:>5}{times}{error}  {paths}{flags}"
 
 
 HEADER = (
     f"{'shape':<21}{'M':>5}" + "".join(f"{method + ' µs':>15}" for method in METHODS)
-    + f"{'i8 err':>10}{'f8 math':>10}{'f8 ref':>10}  dispatch int8/fp8"
+    + f"{'i8 err':>10}{'i8mm err':>10}{'f8 math':>10}{'f8 ref':>10}  dispatch int8/int8-wa/fp8"
 )  # fmt: skip
 
 
@@ -232,7 +260,7 @@ def run(args: argparse.Namespace, int8_linear: Any) -> dict[str, Any]:
             if layers is None:
                 cell |= {"ok": False, "error": failures["weights"]}
             else:
-                cell |= _cell(_methods(layers, int8_linear), layers, m, device, args.repeat)
+                cell |= _cell(_methods(layers, int8_linear, m), layers, m, device, args.repeat)
             cells.append(cell)
             print(_line(name, m, cell), flush=True)
     if skipped:

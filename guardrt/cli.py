@@ -172,6 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_streams=args.max_streams,
         cuda_graphs=not args.no_cuda_graphs,
         quantize=args.quantize,
+        int8_compute=args.int8_compute,
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -235,6 +236,13 @@ def _add_serve(commands: Any) -> None:
         choices=["int8", "fp8"],
         help="a checkpoint's linear weights as int8 (weight-only) or fp8 (e4m3, fp8 matmuls on "
         "sm ≥ 8.9), made at load; an engine directory has its own precision",
+    )
+    serve.add_argument(
+        "--int8-compute",
+        default="weight-only",
+        choices=["weight-only", "weight+activation"],
+        help="with --quantize int8 on a GPU: weight+activation also quantizes the activations "
+        "of large steps per token (int8 tensor cores; moves scores more)",
     )
     serve.add_argument(
         "--no-cuda-graphs",

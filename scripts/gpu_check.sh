@@ -4,7 +4,7 @@
 # 600-s call and a failing part does not stop the rest. Results go under ${OUT:-/tmp}:
 #   1. the model's parity tests and the static-step / CUDA-graph tests on CUDA (fp32, TF32 off);
 #   2. benchmarks/kernels.py (int8 Triton and fp8 _scaled_mm linears against their references);
-#   3. guardrt bench: full-size random model, bf16 / int8 / fp8, transformers baseline;
+#   3. guardrt bench: full-size random model, bf16 / int8 / int8-wa / fp8, transformers baseline;
 #   4. the bf16 cases again without CUDA graphs (if time allows), to show what they bring;
 #   5. a torch.profiler trace of one text and one image verdict on the served path.
 # The machine lacks llama_models: copy .venv/lib/python3.11/site-packages/llama_models into
@@ -31,7 +31,7 @@ TRITON_INTERPRET=0 timeout 100 python benchmarks/kernels.py --budget 70 \
 tail -25 "$out/kernels.txt"
 
 stamp "latency"
-timeout 300 python -m guardrt.bench.latency --results "$out" > "$out/latency.txt" 2>&1
+timeout 330 python -m guardrt.bench.latency --results "$out" > "$out/latency.txt" 2>&1
 tail -45 "$out/latency.txt"
 
 # What the CUDA graphs bring: the same bf16 cases eagerly, if the time allows.

@@ -90,14 +90,14 @@ def test_floor_grows_with_the_work(model: MllamaModel) -> None:
 def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """`guardrt bench` on the tiny architecture: every case of every precision is measured
     (none recorded as an error), and the report holds what the issue asks for."""
-    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,int8", "--repeat", "1",
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,int8-wa", "--repeat", "1",
             "--requests", "4", "--concurrency", "2", "--no-baseline",
             "--results", str(tmp_path)]  # fmt: skip
     assert latency.main(argv) == 0
     (written,) = tmp_path.glob("latency-*.json")
     report = json.loads(written.read_text())
     assert "errors" not in report
-    for precision in ("bf16", "int8"):
+    for precision in ("bf16", "int8-wa"):
         run = report["precisions"][precision]
         assert set(run["latency"]) == {f"{c} {p}" for c in ("text", "image+text",
                                        "response+image") for p in ("safe", "unsafe")}  # fmt: skip

@@ -23,6 +23,7 @@ from guardrt.runtime.guard import Guard
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.model.text import SelfAttention
 from guardrt.runtime.model.tiny import random_state, write_checkpoint
 from guardrt.runtime.policy import make_policy
 from guardrt.runtime.prepare import Preparer
@@ -264,19 +265,34 @@ def test_guard_load_errors(guard_dir: Path) -> None:
         Guard.load(guard_dir, dtype="int4")
     with pytest.raises(ConfigError, match=r"quantize must be one of int8, fp8 .*'int4'"):
         Guard.load(guard_dir, quantize="int4")
+    with pytest.raises(ConfigError, match=r"int8_compute must be one of .*'fast'"):
+        Guard.load(guard_dir, quantize="int8", int8_compute="fast")
+    with pytest.raises(ConfigError, match="needs quantize='int8', not 'fp8'"):
+        Guard.load(guard_dir, quantize="fp8", int8_compute="weight+activation")
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_guard_quantized_at_load(guard_dir: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "compute"), [("int8", "weight-only"), ("int8", "weight+activation"), ("fp8", None)]
+)
+def test_guard_quantized_at_load(guard_dir: Path, kind: str, compute: str | None) -> None:
     """`quantize=` swaps the checkpoint's linears for 8-bit ones at load (the head kept) and
-    scores within the export's bounds of the full-precision model."""
+    scores within the export's bounds of the full-precision model; `int8_compute` reaches every
+    layer, the fused ones included (on the CPU they compute weight-only either way)."""
     full = Guard.load(guard_dir, max_batch=2, max_seq=1024)
-    quantized = Guard.load(guard_dir, max_batch=2, max_seq=1024, quantize=kind)
+    quantized = Guard.load(
+        guard_dir, max_batch=2, max_seq=1024, quantize=kind, int8_compute=compute or "weight-only"
+    )
     engine = quantized.engine
     assert engine.info.dtype == kind
     model = engine.model  # type: ignore[attr-defined]
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    fused = [m.qkv for m in model.modules() if isinstance(m, SelfAttention)]
     assert layers
+    assert fused
+    fused_layers = [f for f in fused if isinstance(f, QuantizedLinear)]
+    assert len(fused_layers) == len(fused)
+    wanted = compute == "weight+activation"
+    assert {m.activations for m in layers + fused_layers} == {wanted}
     assert {m.qweight.dtype for m in layers} == {
         torch.int8 if kind == "int8" else torch.float8_e4m3fn
     }

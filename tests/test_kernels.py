@@ -22,6 +22,11 @@ from guardrt.export.quantize import QuantizedLinear, QuantKind, dequantize, quan
 from guardrt.kernels import dispatch
 from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, Capability
 from guardrt.kernels.fp8_linear import E4M3_MAX, fp8_linear, quantize_rows, scaled_mm_reference
+from guardrt.kernels.int8_dynamic import (
+    int8_dynamic_linear,
+    int8_dynamic_reference,
+    quantize_rows_int8,
+)
 
 HOPPER: Capability = (9, 0)
 
@@ -217,6 +222,78 @@ def test_choose_path(
 ) -> None:
     x, qweight, scales = case
     assert dispatch.choose_path(x, qweight, scales, capability, triton) == expected
+
+
+@pytest.mark.parametrize(
+    ("case", "capability", "triton", "expected"),
+    [
+        (_case("int8", ROWS + 1, BF16), HOPPER, True, "int8_int_mm"),  # prefill: int8 cores
+        (_case("int8", 6432, FP16), (7, 5), False, "int8_int_mm"),  # Turing has them too
+        (_case("int8", 1, BF16), HOPPER, True, "int8_triton"),  # decode: weight-only still
+        (_case("int8", 1, BF16), HOPPER, False, "reference"),  # _int_mm needs M > 16
+        (_case("int8", ROWS + 1, FP32), HOPPER, True, "reference"),
+        (_case("int8", ROWS + 1, BF16), (7, 0), True, "reference"),  # Volta
+        (_case("int8", ROWS + 1, BF16, k=68), HOPPER, True, "reference"),  # K % 8
+        (_case("int8", ROWS + 1, BF16, n=44), HOPPER, True, "reference"),  # N % 8
+        (_case("int8", ROWS + 1, BF16, groups=4), HOPPER, True, "reference"),  # per-group
+        (_case("fp8", ROWS + 1, BF16), HOPPER, True, "fp8_scaled_mm"),  # fp8 unaffected
+    ],
+)
+def test_choose_path_with_quantized_activations(
+    case: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    capability: Capability | None,
+    triton: bool,
+    expected: dispatch.LinearPath,
+) -> None:
+    x, qweight, scales = case
+    assert dispatch.choose_path(x, qweight, scales, capability, triton, True) == expected
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+def test_quantize_rows_int8(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[1] = 0  # an all-zero row
+    xq, scales = quantize_rows_int8(x)
+    assert xq.dtype == torch.int8
+    assert scales.shape == (4, 1)
+    assert scales.dtype == torch.float32
+    assert xq[1].abs().sum() == 0
+    assert scales[1, 0] == 1
+    live = xq[[0, 2, 3]].abs().amax(dim=-1)
+    assert (live == 127).all()  # each row's largest magnitude lands on ±127
+    error = (xq.float() * scales - x.float()).abs()
+    assert (error <= scales / 2 * (1 + 1e-6)).all()  # rounding: at most half a step
+
+
+@pytest.mark.parametrize(("m", "bias"), [(17, False), (40, True)])
+def test_int8_dynamic_linear_equals_its_reference(m: int, bias: bool) -> None:
+    """`torch._int_mm` (on the CPU here) against the same math with int64 accumulation, and
+    both against the weight-only reference within the activation rounding."""
+    layer = _layer(48, 64, "int8", bias, seed=m)
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).bfloat16()
+    b = None if layer.bias is None else layer.bias.to(BF16)
+    with torch.inference_mode():
+        got = int8_dynamic_linear(x, layer.qweight, layer.scales, b)
+        xq, xs = quantize_rows_int8(x)
+        exact = int8_dynamic_reference(xq, xs, layer.qweight, layer.scales, b, BF16)
+        weight_only = layer(x)
+    assert got.dtype == BF16
+    assert torch.equal(got, exact)
+    assert _relative(got, weight_only) <= 0.03
+
+
+@pytest.mark.usefixtures("on_hopper")
+def test_forward_runs_int_mm_only_when_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer(48, 64, "int8", bias=True, seed=9)
+    x = torch.randn(ROWS + 6, 64, generator=torch.Generator().manual_seed(9)).bfloat16()
+    calls = _spy(monkeypatch, torch, "_int_mm")
+    with torch.inference_mode():
+        weight_only = layer(x)  # too many rows for the Triton kernel: the reference
+        assert calls == []
+        layer.activations = True
+        got = layer(x)
+    assert len(calls) == 1
+    assert _relative(got, weight_only) <= 0.03
 
 
 def test_choose_path_counts_the_rows_of_every_leading_dim() -> None:

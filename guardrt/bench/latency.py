@@ -1,6 +1,6 @@
 """`guardrt bench` / `benchmarks/latency.py`: verdict latency on this machine's GPU, in one run.
 
-    guardrt bench [--model DIR] [--precisions bf16,int8,fp8] [--repeat 20] [--results DIR]
+    guardrt bench [--model DIR] [--precisions bf16,int8,int8-wa,fp8] [--repeat 20] [--results DIR]
 
 Builds Llama-Guard-3-11B-Vision's architecture with random weights on the device (or loads
 `--model`), measures the card's ceilings, then for each precision: p50/p90/p99 end-to-end
@@ -17,7 +17,8 @@ as CUDA graphs (`--no-cuda-graphs`: eager), one shared policy-prefix row. Latenc
 sized for batch 1 (so its peak memory is a batch-1 deployment's), throughput with caches for the
 largest concurrency; the warm-up (graph captures included) of each is timed and reported.
 int8 / fp8 take `QuantizedLinear`'s GPU paths (Triton int8 kernel for small steps, fp8
-`torch._scaled_mm`), falling back to dequantize-then-matmul where those can't run.
+`torch._scaled_mm`), falling back to dequantize-then-matmul where those can't run; int8-wa is
+int8 with "weight+activation" compute (larger steps on `torch._int_mm`, activations per token).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from guardrt.bench import baseline, cases, roofline
 from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.bench.timing import times_ms
 from guardrt.export.parity import probe_logits
-from guardrt.export.quantize import quantize_linears
+from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import softmax
 from guardrt.runtime.model.checkpoint import load_model
@@ -52,7 +53,8 @@ from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.static_steps import StaticSteps
 from guardrt.runtime.tokenizer import load_tokenizer
 
-PRECISIONS = ("bf16", "int8", "fp8")
+# int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores)
+PRECISIONS = ("bf16", "int8", "int8-wa", "fp8")
 MAX_SEQ = 1024
 
 
@@ -95,8 +97,8 @@ def _precision_run(
 ) -> dict[str, Any]:  # fmt: skip
     model = _model(args, device, "meta")
     if precision != "bf16":
-        quantize_linears(model, kind="int8" if precision == "int8" else "fp8",
-                         keep=lambda name: name.endswith("lm_head"))  # fmt: skip
+        kind: QuantKind = "fp8" if precision == "fp8" else "int8"
+        quantize_model(model, kind, activations=precision == "int8-wa")
     fuse_projections(model)
     _free(device)
     work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)

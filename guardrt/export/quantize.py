@@ -85,7 +85,9 @@ class QuantizedLinear(nn.Module):
     int8 Triton kernel for few rows, fp8 `_scaled_mm`) and the reference otherwise: dequantize to
     the input's dtype, then `F.linear`. Tracers and exporters always see the reference.
     `force_reference` (settable on a built layer) pins the reference, for parity checks and
-    benchmarks.
+    benchmarks. `activations` (int8, settable too) allows quantizing the activations per token
+    for steps too large for the weight-only kernel ("weight+activation" compute, `torch._int_mm`
+    on the int8 tensor cores); off by default, as the export's default is weight-only.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class QuantizedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.force_reference = force_reference
+        self.activations = False
         self.group_size = weight.group_size
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
@@ -104,7 +107,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → (..., out) in x's dtype."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        path = "reference" if self.force_reference else select_path(x, self.qweight, self.scales)
+        path = (
+            "reference"
+            if self.force_reference
+            else select_path(x, self.qweight, self.scales, self.activations)
+        )
         if path != "reference":
             return run_fast_path(path, x, self.qweight, self.scales, bias)
         weight = QuantizedWeight(self.qweight, self.scales, self.group_size)
@@ -146,3 +153,21 @@ def quantize_linears(
             int8_bytes += quantized.qweight.numel() + 4 * quantized.scales.numel()
             original_bytes += child.weight.numel() * child.weight.element_size()
     return QuantizationReport(swapped, int8_bytes, original_bytes, worst)
+
+
+def keeps_full_precision(name: str) -> bool:
+    """The head stays in the model's dtype: P(unsafe) is its softmax over the whole vocabulary."""
+    return name.endswith("lm_head")
+
+
+def quantize_model(
+    model: nn.Module, kind: QuantKind, activations: bool = False
+) -> QuantizationReport:
+    """A whole model's linears (the head kept) as 8-bit per-channel `kind`, as the torch engine
+    serves them and the benchmark measures them; `activations`: int8 layers may quantize their
+    activations too ("weight+activation" compute)."""
+    report = quantize_linears(model, kind=kind, keep=keeps_full_precision)
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer.activations = activations
+    return report

@@ -5,6 +5,8 @@
 
   int8 weights, per-channel scales, bf16/fp16 input, CUDA (sm ≥ 8.0), triton importable,
     M ≤ INT8_TRITON_MAX_ROWS rows                                  → "int8_triton" (int8_linear.py)
+  the same with quantized activations allowed ("weight+activation"), more rows, CUDA
+    (sm ≥ 7.5), K and N multiples of 8               → "int8_int_mm" (int8_dynamic.py)
   fp8 e4m3 weights, per-channel scales, bf16/fp16 input, CUDA sm ≥ 8.9,
     K and N multiples of 16, row-major weight                      → "fp8_scaled_mm" (fp8_linear.py)
   anything else: per-group scales, fp32 input, CPU, ROCm, no rows,
@@ -28,8 +30,9 @@ from typing import Literal
 import torch
 
 from guardrt.kernels import fp8_linear as fp8
+from guardrt.kernels import int8_dynamic
 
-LinearPath = Literal["reference", "int8_triton", "fp8_scaled_mm"]
+LinearPath = Literal["reference", "int8_triton", "int8_int_mm", "fp8_scaled_mm"]
 Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 
 # Rows (tokens) up to which the int8 weight-only kernel runs instead of dequantize-then-cuBLAS. A
@@ -40,6 +43,7 @@ Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 INT8_TRITON_MAX_ROWS = 64
 TRITON_MIN_CAPABILITY: Capability = (8, 0)  # bf16 tl.dot
 FP8_MIN_CAPABILITY: Capability = (8, 9)  # fp8 tensor cores (Ada, Hopper and later)
+INT_MM_MIN_CAPABILITY: Capability = (7, 5)  # int8 tensor cores through cuBLASLt (Turing on)
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -49,9 +53,11 @@ def choose_path(
     scales: torch.Tensor,
     capability: Capability | None,
     has_triton: bool,
+    activations: bool = False,
 ) -> LinearPath:
     """The path for x (..., K) through qweight (N, K) with scales (N, groups), on a CUDA device
-    of `capability` (None: not a CUDA device). Reads shapes and dtypes only."""
+    of `capability` (None: not a CUDA device); `activations`: int8 may quantize the activations
+    too (the layer's "weight+activation" compute). Reads shapes and dtypes only."""
     n, k = qweight.shape
     rows = x.numel() // k if k else 0  # M: the rows of x flattened to (M, K)
     if capability is None or rows == 0 or x.dtype not in FAST_DTYPES:
@@ -59,16 +65,29 @@ def choose_path(
     if scales.numel() != n:  # per-group scales: the kernels take one scale per output channel
         return "reference"
     if qweight.dtype == torch.int8:
-        small = rows <= INT8_TRITON_MAX_ROWS
-        fast = has_triton and capability >= TRITON_MIN_CAPABILITY and small
-        return "int8_triton" if fast else "reference"
+        return _int8_path(qweight, rows, capability, has_triton, activations)
     if qweight.dtype == torch.float8_e4m3fn:
         takes = fp8.scaled_mm_takes(n, k) and qweight.is_contiguous()  # .t() must be column-major
         return "fp8_scaled_mm" if capability >= FP8_MIN_CAPABILITY and takes else "reference"
     return "reference"
 
 
-def select_path(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> LinearPath:
+def _int8_path(
+    qweight: torch.Tensor, rows: int, capability: Capability, has_triton: bool, activations: bool
+) -> LinearPath:
+    n, k = qweight.shape
+    small = rows <= INT8_TRITON_MAX_ROWS
+    if small and has_triton and capability >= TRITON_MIN_CAPABILITY:
+        return "int8_triton"
+    takes = int8_dynamic.int_mm_takes(rows, n, k) and qweight.is_contiguous()
+    if activations and not small and takes and capability >= INT_MM_MIN_CAPABILITY:
+        return "int8_int_mm"
+    return "reference"
+
+
+def select_path(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, activations: bool = False
+) -> LinearPath:
     """`choose_path` on this process's facts; "reference" whenever a tracer is recording, so
     exported graphs (ONNX, torch.export) keep the `guardrt::dequantize` op their translation
     table maps to DequantizeLinear. Checked first, before any look at the device."""
@@ -76,7 +95,8 @@ def select_path(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     # name is untyped); is_compiling is true under torch.export, hence the dynamo ONNX exporter.
     if torch._C._is_tracing() or torch.compiler.is_compiling():
         return "reference"
-    return choose_path(x, qweight, scales, cuda_capability(x.device), triton_available())
+    capability = cuda_capability(x.device)
+    return choose_path(x, qweight, scales, capability, triton_available(), activations)
 
 
 def run_fast_path(
@@ -93,7 +113,9 @@ def run_fast_path(
         return result
     if path == "fp8_scaled_mm":
         return fp8.fp8_linear(x, qweight, scales, bias)
-    raise ValueError(f"{path!r} is not a fast path (int8_triton, fp8_scaled_mm)")
+    if path == "int8_int_mm":
+        return int8_dynamic.int8_dynamic_linear(x, qweight, scales, bias)
+    raise ValueError(f"{path!r} is not a fast path (int8_triton, int8_int_mm, fp8_scaled_mm)")
 
 
 def cuda_capability(device: torch.device) -> Capability | None:

@@ -44,6 +44,7 @@ class Guard:
         max_batch: int = 4,
         max_seq: int = 8192,
         quantize: str | None = None,
+        int8_compute: str = "weight-only",
     ) -> Guard:
         """Load a checkpoint directory (or `tiny-random`, generated on first use) or an engine
         directory (`guardrt export build`).
@@ -58,12 +59,14 @@ class Guard:
 
         `quantize="int8"` or `"fp8"` quantizes a checkpoint's linear weights at load (torch back
         end; per output channel, the head kept), as `guardrt export build --precision` does for
-        an engine.
+        an engine; `int8_compute="weight+activation"` also quantizes the activations of large
+        int8 steps per token on a GPU (int8 tensor cores; opt-in, it moves scores more).
         """
         directory = resolve_model(model)
         options = EngineOptions(
-            directory, device, dtype, semantics, decode, max_batch, max_seq, quantize=quantize
-        )
+            directory, device, dtype, semantics, decode, max_batch, max_seq,
+            quantize=quantize, int8_compute=int8_compute,
+        )  # fmt: skip
         engine = load_engine(backend_for(directory), options)
         preparer = load_preparer(directory, max_seq)
         return cls(preparer, engine, source=str(directory))

@@ -39,6 +39,7 @@ class EngineOptions:
     max_prefixes: int = 1  # cache rows of shared policy prefixes (prefixes.py; each a K/V row)
     cuda_graphs: bool = True  # torch on a GPU: small steps replay CUDA graphs (static_steps.py)
     quantize: str | None = None  # torch: "int8" / "fp8" weights made at load (engines: at build)
+    int8_compute: str = "weight-only"  # or "weight+activation": int8 large steps on _int_mm
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ import time
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
-from guardrt.export.quantize import QuantKind, quantize_linears
+from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # captured CUDA graphs); a row of the 11B's 8,192 would cost 1.1 GB at once.
 _INITIAL_POSITIONS = 1024
 QUANT_KINDS: tuple[QuantKind, ...] = ("int8", "fp8")
+INT8_COMPUTE = ("weight-only", "weight+activation")  # as `guardrt export build --int8-compute`
 
 _DTYPES = {
     "float32": torch.float32,
@@ -35,11 +37,6 @@ _DTYPES = {
 }
 
 
-def _keeps_full_precision(name: str) -> bool:
-    """The head stays in the model's dtype: P(unsafe) is its softmax (as the export keeps it)."""
-    return name.endswith("lm_head")
-
-
 def parse_quantize(value: str | None) -> QuantKind | None:
     """None, "int8" (weight-only; the Triton kernel for small steps on a GPU) or "fp8" (e4m3
     with rowwise activation scales, `torch._scaled_mm` on sm ≥ 8.9)."""
@@ -49,6 +46,25 @@ def parse_quantize(value: str | None) -> QuantKind | None:
         if value == kind:
             return kind
     raise ConfigError(f"quantize must be one of {', '.join(QUANT_KINDS)} (or none), not {value!r}")
+
+
+def parse_int8_compute(value: str, kind: QuantKind | None) -> bool:
+    """Whether int8 layers may quantize their activations ("weight+activation")."""
+    if value not in INT8_COMPUTE:
+        raise ConfigError(f"int8_compute must be one of {', '.join(INT8_COMPUTE)}, not {value!r}")
+    activations = value == "weight+activation"
+    if activations and kind != "int8":
+        raise ConfigError(f"int8_compute {value!r} needs quantize='int8', not {kind!r}")
+    return activations
+
+
+def _quantize(model: nn.Module, kind: QuantKind, activations: bool) -> None:
+    """Swap the model's linears (the head kept) for 8-bit ones, as the export does."""
+    report = quantize_model(model, kind, activations)
+    log.info(
+        "%s weights: %d layers, %.2f GB (were %.2f GB)",
+        kind, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
+    )  # fmt: skip
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -88,6 +104,7 @@ class TorchEngine:
         except RuntimeError as exc:
             raise ConfigError(f"device {options.device!r} is not a torch device") from exc
         kind = parse_quantize(options.quantize)
+        activations = parse_int8_compute(options.int8_compute, kind)
         self.model = load_model(
             options.model,
             device=device,
@@ -96,11 +113,7 @@ class TorchEngine:
         )
         dtype = str(self.model.weight_dtype).removeprefix("torch.")
         if kind is not None:
-            report = quantize_linears(self.model, kind=kind, keep=_keeps_full_precision)
-            log.info(
-                "%s weights: %d layers, %.2f GB (were %.2f GB)",
-                kind, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
-            )  # fmt: skip
+            _quantize(self.model, kind, activations)
             dtype = kind
         fuse_projections(self.model)
         static = options.cuda_graphs and device.type == "cuda"

@@ -9,7 +9,8 @@ our tensors) and the state dict see the same parameters, and no weight is stored
 
 Works for `nn.Linear` (no bias) and for per-channel or per-group `QuantizedLinear` (8-bit rows and
 their scales concatenate along the output channels). Fuse after the model is on its device and
-quantized: moving the model afterwards would move the views, not the fused tensor.
+quantized (and with the layers' compute settings made): moving the model afterwards would move the
+views, not the fused tensor, and the fused modules are not among `model.modules()`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def _fused_quantized(parts: Sequence[QuantizedLinear]) -> QuantizedLinear:
     qweight = torch.cat([part.qweight for part in parts])  # (Σ out, in) 8-bit
     scales = torch.cat([part.scales for part in parts])  # (Σ out, groups) fp32
     fused = QuantizedLinear(QuantizedWeight(qweight, scales, parts[0].group_size), None)
+    fused.activations, fused.force_reference = parts[0].activations, parts[0].force_reference
     pairs = zip(parts, torch.split(qweight, sizes), torch.split(scales, sizes), strict=True)
     for part, q, s in pairs:
         part.qweight, part.scales = q, s  # views into the fused buffers
@@ -57,7 +59,11 @@ def fuse_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
         return None
     if all(isinstance(p, QuantizedLinear) and p.bias is None for p in parts):
         quantized = [p for p in parts if isinstance(p, QuantizedLinear)]
-        keys = {(p.in_features, p.group_size, p.qweight.dtype, p.qweight.device) for p in quantized}
+        keys = {
+            (p.in_features, p.group_size, p.qweight.dtype, p.qweight.device, p.activations,
+             p.force_reference)
+            for p in quantized
+        }  # fmt: skip
         if len(keys) == 1:
             return _fused_quantized(quantized)
     return None

@@ -42,6 +42,7 @@ class ServerConfig:
     max_streams: int = 4  # cache slots kept for ModerateStream sessions
     cuda_graphs: bool = True  # the torch back end on a GPU: replay small steps as CUDA graphs
     quantize: str | None = None  # a checkpoint's weights as int8 / fp8 (the torch back end)
+    int8_compute: str = "weight-only"  # or "weight+activation" (large int8 steps on _int_mm)
     host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0 = any free port (tests)
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 = any free port, -1 = off
@@ -67,6 +68,7 @@ class ServerConfig:
             max_sessions=self.max_streams,
             cuda_graphs=self.cuda_graphs,
             quantize=self.quantize,
+            int8_compute=self.int8_compute,
         )
 
     def __post_init__(self) -> None:
