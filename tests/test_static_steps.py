@@ -8,6 +8,7 @@ tests capture and replay CUDA graphs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from guardrt.export.quantize import quantize_linears, quantize_weight
 from guardrt.kernels.fp8_linear import fp8_linear
+from guardrt.kernels.int8_dynamic import int8_dynamic_linear
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
 from guardrt.runtime.model.cache import KVCache
@@ -294,14 +296,21 @@ def test_steps_on_an_older_cache_tensor_are_dropped(checkpoint: Path) -> None:
     np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)
 
 
-def test_the_fp8_kernel_path_never_reads_the_device_back() -> None:
-    """`fp8_linear` (activation quantization + `_scaled_mm`, runnable on the CPU) runs inside
-    captured steps on the GPU: the same op-by-op check as the model's step."""
-    weight = quantize_weight(torch.randn(32, 64), kind="fp8")
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    ("kind", "kernel", "op"),
+    [("fp8", fp8_linear, "_scaled_mm"), ("int8", int8_dynamic_linear, "_int_mm")],
+)
+def test_the_activation_quantizing_kernels_never_read_the_device_back(
+    kind: str, kernel: Any, op: str
+) -> None:
+    """`fp8_linear` and `int8_dynamic_linear` (activation quantization, then `_scaled_mm` /
+    `_int_mm`, both runnable on the CPU) run inside captured steps on the GPU: the same
+    op-by-op check as the model's step."""
+    weight = quantize_weight(torch.randn(32, 64), kind=kind)  # type: ignore[arg-type]
+    x = torch.randn(24, 64, dtype=torch.bfloat16)
     with torch.inference_mode(), _OpRecorder() as recorder:
-        fp8_linear(x, weight.qweight, weight.scales, torch.zeros(32, dtype=torch.bfloat16))
-    assert "_scaled_mm" in recorder.ops
+        kernel(x, weight.qweight, weight.scales, torch.zeros(32, dtype=torch.bfloat16))
+    assert op in recorder.ops
     assert not recorder.ops & UNCAPTURABLE
 
 
