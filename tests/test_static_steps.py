@@ -333,3 +333,18 @@ def test_common_steps_set_up_before_traffic_serve_it(checkpoint: Path, tok: Toke
     assert_same_decoded(got, expected)
     assert set(steps._steps) == set(keys)  # nothing new was needed
     assert steps.eager_steps == 0
+
+
+def test_steps_on_a_replaced_cache_are_dropped(checkpoint: Path) -> None:
+    """`setup_caches` again (same sizes) makes new tensors: what was set up on the old ones goes."""
+    model = _model(checkpoint, 3)
+    steps = StaticSteps(model)
+    arrays = (
+        np.array([[791, 1202]]), np.array([[0, 1]]), np.array([0]),
+        np.array([MAX_SEQ]), np.array([0]), np.array([[1]]),
+    )  # fmt: skip
+    first = steps.step(*arrays)
+    model.setup_caches(3, MAX_SEQ)
+    again = steps.step(*arrays)
+    assert steps.dropped == 1
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)

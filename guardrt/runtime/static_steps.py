@@ -231,7 +231,7 @@ class StaticSteps(TorchSteps):
         self.capture_s = 0.0  # time spent capturing, for the warm-up report
         self.eager_steps = 0  # steps that had no bucket
         self.dropped = 0  # captured steps dropped because the cache grew
-        self._version = model.cache.version
+        self._version = (model.cache, model.cache.version)
 
     @property
     def graphs(self) -> int:
@@ -303,9 +303,10 @@ class StaticSteps(TorchSteps):
 
     def _current(self) -> None:
         """Drop every step set up on an older cache tensor: the cache reallocates when it grows
-        (whoever grew it: a padded step, an eager one, a prefix copy), and a graph would replay
-        on the freed tensor. They are recaptured on first use."""
-        version = self.model.cache.version
+        (whoever grew it: a padded step, an eager one, a prefix copy) or is set up anew, and a
+        graph would replay on the freed tensor. They are recaptured on first use."""
+        cache = self.model.cache
+        version = (cache, cache.version)  # a new cache (setup_caches) or a grown one
         if version != self._version:
             if self._steps:
                 log.info(
