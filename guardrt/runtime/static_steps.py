@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,7 +232,9 @@ class StaticSteps(TorchSteps):
         self.capture_s = 0.0  # time spent capturing, for the warm-up report
         self.eager_steps = 0  # steps that had no bucket
         self.dropped = 0  # captured steps dropped because the cache grew
-        self._version = (model.cache, model.cache.version)
+        # The cache the steps were set up on, weakly (holding it would keep a replaced
+        # cache's tensors alive), and its growth count.
+        self._cache, self._version = weakref.ref(model.cache), model.cache.version
 
     @property
     def graphs(self) -> int:
@@ -306,8 +309,7 @@ class StaticSteps(TorchSteps):
         (whoever grew it: a padded step, an eager one, a prefix copy) or is set up anew, and a
         graph would replay on the freed tensor. They are recaptured on first use."""
         cache = self.model.cache
-        version = (cache, cache.version)  # a new cache (setup_caches) or a grown one
-        if version != self._version:
+        if self._cache() is not cache or cache.version != self._version:
             if self._steps:
                 log.info(
                     "K/V cache grew to %d positions: %d captured steps dropped",
@@ -315,7 +317,7 @@ class StaticSteps(TorchSteps):
                 )  # fmt: skip
             self.dropped += len(self._steps)
             self._steps.clear()
-            self._version = version
+            self._cache, self._version = weakref.ref(cache), cache.version
 
     @torch.inference_mode()
     def step(
