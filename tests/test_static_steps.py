@@ -7,6 +7,7 @@ tests capture and replay CUDA graphs.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +349,23 @@ def test_steps_on_a_replaced_cache_are_dropped(checkpoint: Path) -> None:
     again = steps.step(*arrays)
     assert steps.dropped == 1
     np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_sessions_through_static_steps(checkpoint: Path, tok: Tokenizer, with_image: bool) -> None:
+    """A streaming session's row (its prefix cached across requests) through padded steps
+    answers what a fresh request through eager steps answers."""
+    requests = _requests(tok)
+    base = requests[4] if with_image else requests[2]  # image: 1 tile; text: the longest
+    model = _model(checkpoint, 2 + 1 + 1)
+    classifier = Classifier(model, sessions=1, steps=StaticSteps(model))
+    session = classifier.sessions.open()
+    assert session is not None
+    eager = Classifier(_model(checkpoint, 2))
+    grown = base
+    for extra in ([], [791, 1202], [791, 1202, 264, 11]):  # the conversation grows
+        grown = dataclasses.replace(base, prompt=base.prompt[:-5] + tuple(extra) + base.prompt[-5:])
+        in_session = dataclasses.replace(grown, session=session)
+        (got,) = classifier.run([in_session])
+        assert_same_decoded([got], eager.run([grown]))
+    assert got.reused_tokens > 100  # the last request re-read only what changed
