@@ -21,6 +21,8 @@ from guardrt.kernels.fp8_linear import fp8_linear
 from guardrt.kernels.int8_dynamic import int8_dynamic_linear
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
+from guardrt.runtime.engine import EngineOptions, torch_engine
+from guardrt.runtime.engine.torch_engine import TorchEngine
 from guardrt.runtime.model.cache import KVCache
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
@@ -35,6 +37,7 @@ from tests.models import (
     TILE_SIZES,
     assert_same_decoded,
     small_config,
+    write_guard_checkpoint,
     write_small,
 )
 
@@ -369,3 +372,26 @@ def test_sessions_through_static_steps(checkpoint: Path, tok: Tokenizer, with_im
         (got,) = classifier.run([in_session])
         assert_same_decoded([got], eager.run([grown]))
     assert got.reused_tokens > 100  # the last request re-read only what changed
+
+
+def test_the_engine_warms_up_and_serves_through_static_steps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tok: Tokenizer
+) -> None:
+    """The torch engine as it runs on a GPU (static steps, the common steps set up at warm-up,
+    one batch per bucket), here with the padded steps run eagerly: it answers what the plain
+    engine answers, and serving the warm-up's shapes sets nothing new up."""
+    directory = write_guard_checkpoint(tmp_path / "ckpt", "gqa2-cross2,4", seed=21)
+    options = EngineOptions(directory, device="cpu", max_batch=3, max_seq=MAX_SEQ)
+    plain = TorchEngine(options)
+    monkeypatch.setattr(torch_engine, "static_steps_for", lambda options, device: True)
+    engine = TorchEngine(options)
+    steps = engine.steps
+    assert isinstance(steps, StaticSteps)
+    requests = _requests(tok)
+    engine.warmup(requests[:2])
+    assert set(steps.common_keys()) <= set(steps._steps)
+    assert {k.batch for k in steps._steps} >= {1, 2, 4}  # 3 rows land in the 4-row bucket
+    warmed = set(steps._steps)
+    assert_same_decoded(engine.execute(requests[:3]), plain.execute(requests[:3]))
+    assert_same_decoded(engine.execute(requests[:1]), plain.execute(requests[:1]))
+    assert set(steps._steps) - warmed <= {k for k in steps._steps if k.batch > 1}

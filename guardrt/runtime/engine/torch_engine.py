@@ -67,6 +67,12 @@ def _quantize(model: nn.Module, kind: QuantKind, activations: bool) -> None:
     )  # fmt: skip
 
 
+def static_steps_for(options: EngineOptions, device: torch.device) -> bool:
+    """Whether steps run padded to buckets (`StaticSteps`): on a GPU, where they replay CUDA
+    graphs, unless turned off. On the CPU padding only adds work."""
+    return options.cuda_graphs and device.type == "cuda"
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     """None → float32 on the CPU (bf16 matmuls are slow there), the stored dtype elsewhere."""
     if dtype is None:
@@ -116,7 +122,7 @@ class TorchEngine:
             _quantize(self.model, kind, activations)
             dtype = kind
         fuse_projections(self.model)
-        static = options.cuda_graphs and device.type == "cuda"
+        static = static_steps_for(options, device)
         rows = options.max_batch + options.max_sessions + options.max_prefixes + int(static)
         self.model.setup_caches(rows, options.max_seq, _INITIAL_POSITIONS)
         cache = self.model.cache
@@ -151,10 +157,11 @@ class TorchEngine:
             self.execute([request])
         self.execute(sample)
         if isinstance(self.steps, StaticSteps):
-            for size in self.steps.buckets.batch:
-                if size > len(sample):
-                    batch = [sample[i % len(sample)] for i in range(size)]
-                    self.execute(batch[: self.info.max_batch])
+            # One batch per bucket a batch can land in (the buckets also cover session rows).
+            top = self.info.max_batch
+            for size in sorted({min(b, top) for b in self.steps.buckets.batch} - {len(sample)}):
+                if size > 1:
+                    self.execute([sample[i % len(sample)] for i in range(size)])
             log.info(
                 "warm-up %.1f s: %d CUDA graphs captured in %.1f s",
                 time.perf_counter() - started, self.steps.graphs, self.steps.capture_s,
