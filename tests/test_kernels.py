@@ -220,8 +220,18 @@ def test_choose_path(
     triton: bool,
     expected: dispatch.LinearPath,
 ) -> None:
+    _check_path(case, capability, triton, expected, activations=False)
+
+
+def _check_path(
+    case: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    capability: Capability | None,
+    triton: bool,
+    expected: dispatch.LinearPath,
+    activations: bool,
+) -> None:
     x, qweight, scales = case
-    assert dispatch.choose_path(x, qweight, scales, capability, triton) == expected
+    assert dispatch.choose_path(x, qweight, scales, capability, triton, activations) == expected
 
 
 @pytest.mark.parametrize(
@@ -245,8 +255,7 @@ def test_choose_path_with_quantized_activations(
     triton: bool,
     expected: dispatch.LinearPath,
 ) -> None:
-    x, qweight, scales = case
-    assert dispatch.choose_path(x, qweight, scales, capability, triton, True) == expected
+    _check_path(case, capability, triton, expected, activations=True)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])

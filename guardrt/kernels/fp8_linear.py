@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from guardrt.kernels.scaling import rescale
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)  # outputs that may carry a bias (see above)
 SCALED_MM_ALIGNMENT = 16  # K and N must be multiples of this
@@ -64,10 +66,7 @@ def scaled_mm_reference(
     bias (N,) or None → (M, N) `out_dtype`. Scales are applied to the fp32 accumulator (the
     epilogue's order: (acc · sx) · sw + b), then one rounding to `out_dtype`."""
     acc = xq.to(torch.float32) @ wq.to(torch.float32).t()  # (M, N)
-    out = acc * x_scales.to(torch.float32) * w_scales.to(torch.float32).reshape(1, -1)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
+    return rescale(acc, x_scales, w_scales, bias, out_dtype)
 
 
 def fp8_linear(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from guardrt.kernels.scaling import rescale
+
 INT8_MAX = 127.0
 INT_MM_ALIGNMENT = 8  # K and N must be multiples of this
 INT_MM_MIN_ROWS = 17  # M must be greater than 16 on CUDA
@@ -49,11 +51,8 @@ def int8_dynamic_reference(
 ) -> torch.Tensor:
     """xq (M, K) int8, x_scales (M, 1), wq (N, K) int8, w_scales (N, 1) or (N,), bias (N,) or
     None → (M, N) `out_dtype`: the integer product exactly (int64), then the scales in fp32."""
-    acc = (xq.to(torch.int64) @ wq.to(torch.int64).t()).to(torch.float32)  # (M, N), exact
-    out = acc * x_scales.to(torch.float32) * w_scales.to(torch.float32).reshape(1, -1)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
+    acc = xq.to(torch.int64) @ wq.to(torch.int64).t()  # (M, N), exact
+    return rescale(acc, x_scales, w_scales, bias, out_dtype)
 
 
 def int8_dynamic_linear(
@@ -64,7 +63,4 @@ def int8_dynamic_linear(
     n, k = qweight.shape
     xq, x_scales = quantize_rows_int8(x.reshape(-1, k))  # (M, K) int8, (M, 1) fp32
     acc = torch._int_mm(xq.contiguous(), qweight.t())  # (M, N) int32, exact
-    out = acc.to(torch.float32) * x_scales * scales.to(torch.float32).reshape(1, n)
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return rescale(acc, x_scales, scales, bias, x.dtype).reshape(*x.shape[:-1], n)
