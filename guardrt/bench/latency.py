@@ -116,7 +116,11 @@ def _precision_run(
             measured = cases.time_ours(steps, request, path, args.repeat)
             tiles = request.image.num_tiles if request.image else 0
             small = 0 if path == "safe" else 1  # forwards after the prefill
-            floor = work.floor_s(model, len(request.prompt) + 4, tiles, small, ceilings) * 1e3
+            # A text prompt's policy head is shared work (computed once, `prefixes.py`): the
+            # least a verdict must compute is the rest, and the 4 verdict-suffix tokens.
+            shared = request.prefix_len if request.image is None else 0
+            fed = len(request.prompt) - shared + 4
+            floor = work.floor_s(model, fed, tiles, small, ceilings) * 1e3
             latencies[f"{name} {path}"] = asdict(measured) | {"floor_ms": floor}
     batch1_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     p_unsafe = {name: _p_unsafe(steps, request) for name, request in requests.items()}
