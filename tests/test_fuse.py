@@ -1,4 +1,5 @@
-"""Fused q/k/v and gate/up projections (`model/fuse.py`) change neither results nor parameters."""
+"""Model-level speed-ups change no result: fused q/k/v and gate/up projections (`model/fuse.py`,
+nor parameters either), and "meta" cross-attention's one mask per row."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from torch import nn
 
 from guardrt.export.quantize import QuantizedLinear, quantize_linears
 from guardrt.runtime.classify import TorchSteps
+from guardrt.runtime.model import mllama
 from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.functional import cross_masks
 from guardrt.runtime.model.fuse import fuse_linears, fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.model.text import MLP, SelfAttention
@@ -95,3 +98,31 @@ def test_what_cannot_fuse_is_left_alone() -> None:
     quantize_linears(mixed, keep=lambda name: name == "1")
     assert fuse_linears(list(mixed)) is None
     assert [p.weight.data_ptr() for p in biased] == pointers
+
+
+def test_meta_cross_attention_needs_one_mask_per_row(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In "meta" semantics a row's cross-attention output is zeroed before its image, so one
+    (B, 1, 1, L) mask of the real tiles' keys gives what the per-query mask gives, on a batch
+    of a text row, and image rows whose text runs before and after `<|image|>`."""
+    model = load_model(checkpoint)  # meta
+    model.setup_caches(3, 64)
+    steps = TorchSteps(model)
+    steps.write_images([1, 2], [image(2, seed=4), image(3, seed=5)])
+    steps.clear_images([0])
+    tokens = np.random.default_rng(1).integers(0, 1000, (3, 12))
+    tokens[1, 3] = tokens[2, 7] = 128256  # <|image|>
+    positions = np.tile(np.arange(12), (3, 1))
+    starts, tiles = np.array([64, 3, 7]), np.array([0, 2, 3])
+    arrays = (tokens, positions, np.array([0, 1, 2]), starts, tiles, positions)
+    fast = steps.step(*arrays)
+
+    def per_query(num_tiles: torch.Tensor, keys: int, per_tile: int) -> torch.Tensor:
+        as_tensors = (torch.as_tensor(positions), torch.as_tensor(starts), num_tiles)
+        mask, _ = cross_masks(*as_tensors, keys, per_tile)
+        return mask  # (B, 1, S, L)
+
+    monkeypatch.setattr(mllama, "cross_key_mask", per_query)
+    full = steps.step(*arrays)
+    np.testing.assert_allclose(fast, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())

@@ -86,6 +86,8 @@ def _fold_mask(
 ) -> torch.Tensor:
     """A mask broadcastable to (B, H, S, L) as (B', 1 or Hkv, g·S, L) for folded queries."""
     keys = mask.shape[-1]
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        return mask  # the same for every head and query: it broadcasts over the folded rows
     if mask.dim() == 4 and mask.shape[1] == 1:  # the same for every head: repeat only g times
         rows = mask.expand(mask.shape[0], 1, queries, keys)[:, :, None]  # (B', 1, 1, S, L)
         return rows.expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * queries, keys)
@@ -175,9 +177,30 @@ def cross_masks(
     A row that sees nothing (before the image, or no image) attends uniformly to every key,
     as HF and Meta do to avoid NaN; its output is then zeroed or not per semantics.
     """
-    row = positions >= image_start[:, None]  # (B, S)
-    tile_of_key = torch.arange(keys, device=positions.device) // per_tile  # (L,)
-    key_real = tile_of_key[None, :] < num_tiles[:, None]  # (B, L)
+    row = image_rows(positions, image_start)[..., 0]  # (B, S)
+    key_real = image_keys_mask(num_tiles, keys, per_tile)  # (B, L)
     sees = row[:, :, None] & key_real[:, None, :]  # (B, S, L)
     mask = sees | ~row[:, :, None]  # (B, S, L): blind rows attend uniformly
     return mask[:, None], row[..., None]
+
+
+def image_rows(positions: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
+    """(B, S, 1) bool: the rows at or after their `<|image|>`."""
+    return (positions >= image_start[:, None])[..., None]
+
+
+def image_keys_mask(num_tiles: torch.Tensor, keys: int, per_tile: int) -> torch.Tensor:
+    """(B, L) bool: the keys of each row's real tiles."""
+    tile_of_key = torch.arange(keys, device=num_tiles.device) // per_tile  # (L,)
+    return tile_of_key[None, :] < num_tiles[:, None]
+
+
+def cross_key_mask(num_tiles: torch.Tensor, keys: int, per_tile: int) -> torch.Tensor:
+    """(B, 1, 1, L) bool: one cross-attention mask for every query of a row, its real tiles'
+    keys (every key for a row without an image, so no row is fully masked).
+
+    Exact where the output of rows before the image is zeroed ("meta" semantics): the rows that
+    see the image see exactly these keys, and what the others attend to is thrown away. It
+    broadcasts over heads and queries, so nothing of size S × L is built per step."""
+    key_real = image_keys_mask(num_tiles, keys, per_tile)  # (B, L)
+    return (key_real | (num_tiles == 0)[:, None])[:, None, None]

@@ -24,7 +24,9 @@ from guardrt.runtime.model.cache import KVCache
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import (
     causal_cache_mask,
+    cross_key_mask,
     cross_masks,
+    image_rows,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -188,9 +190,12 @@ class MllamaModel(nn.Module):
         has_image = num_tiles > 0  # (B,)
         crossing = use_cross and bool(self.config.text.cross_attention_layers)
         image_keys = kv.cross_kv(0)[0].shape[2] if crossing else self.image_keys
-        cross_mask, rows = cross_masks(
-            positions, image_start, num_tiles, image_keys, self.config.vision.num_patches
-        )
+        per_tile = self.config.vision.num_patches
+        if self.semantics == "meta":  # rows before the image are zeroed: one mask per row
+            rows = image_rows(positions, image_start)
+            cross_mask = cross_key_mask(num_tiles, image_keys, per_tile)
+        else:
+            cross_mask, rows = cross_masks(positions, image_start, num_tiles, image_keys, per_tile)
         attn_rows = rows if self.semantics == "meta" else has_image[:, None, None].expand_as(rows)
         step = StepInputs(
             kv=kv,

@@ -80,7 +80,7 @@ class StepInputs:
     cos: torch.Tensor  # (B, S, head_dim)
     sin: torch.Tensor  # (B, S, head_dim)
     self_mask: torch.Tensor  # (B, 1, S, K) bool over the keys `kv.self_kv` returns
-    cross_mask: torch.Tensor  # (B, 1, S, L) bool
+    cross_mask: torch.Tensor  # (B, 1, S, L) bool, or (B, 1, 1, L) ("meta": cross_key_mask)
     cross_rows: torch.Tensor  # (B, S, 1): rows at/after their image (the MLP branch keeps these)
     attn_rows: torch.Tensor  # (B, S, 1): rows whose cross-attention output is kept (semantics)
     use_cross: bool  # False when no request of the batch has an image
