@@ -105,4 +105,6 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
             (case.split()[-1], row) for case, row in run["latency"].items()))  # fmt: skip
         assert all("error" not in rate for rate in run["throughput"].values())
         assert set(run["p_unsafe"]) == {"text", "image+text", "response+image"}
+        for name, p in run["p_unsafe"].items():  # the served path scores as one eager step
+            assert abs(run["p_unsafe_served"][name] - p) <= 5e-3 * p  # bf16 rounding
         assert run["cuda_graphs"]["batch1_graphs"]["graphs"] == 0  # no CUDA here

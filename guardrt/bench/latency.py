@@ -44,7 +44,7 @@ from guardrt.bench.timing import times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
-from guardrt.runtime.decoding import softmax
+from guardrt.runtime.decoding import Decoder, softmax
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
@@ -124,6 +124,10 @@ def _precision_run(
             latencies[f"{name} {path}"] = asdict(measured) | {"floor_ms": floor}
     batch1_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     p_unsafe = {name: _p_unsafe(steps, request) for name, request in requests.items()}
+    # The same scores through the served path (padded steps / CUDA graphs, the prefix row),
+    # unforced: a full-size check of the graphs against the eager step above.
+    served = Decoder(steps, prefixes=cases.PREFIXES)
+    p_served = {name: served.run([r])[0].unsafe_probability for name, r in requests.items()}
     graphs = {
         "batch1_prepare_s": prepare_s, "batch1_warmup_s": warmup_s, "batch1_graphs": _graphs(steps)
     }  # fmt: skip
@@ -146,7 +150,7 @@ def _precision_run(
     _free(device)
     return {
         "latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak,
-        "cuda_graphs": graphs, "p_unsafe": p_unsafe,
+        "cuda_graphs": graphs, "p_unsafe": p_unsafe, "p_unsafe_served": p_served,
     }  # fmt: skip
 
 
@@ -248,6 +252,15 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(
             f"  peak GPU memory at batch 1 ({precision}): {run['peak_memory_gb_batch1']:.1f} GB"
         )
+        if "p_unsafe_served" in run:
+            relative = max(
+                abs(run["p_unsafe_served"][k] - p) / max(p, 1e-30)
+                for k, p in run["p_unsafe"].items()
+            )
+            lines.append(
+                f"  served path vs one eager step ({precision}): max relative |Δ P(unsafe)| "
+                f"{relative:.1e}"
+            )
         reference = report["precisions"].get("bf16", {}).get("p_unsafe")
         if reference and precision != "bf16":
             delta = max(abs(run["p_unsafe"][k] - reference[k]) for k in reference)
