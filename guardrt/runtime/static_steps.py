@@ -254,7 +254,12 @@ class StaticSteps(TorchSteps):
             try:
                 static.capture(self._pool)
             except RuntimeError as exc:  # an op that can't be captured: eager from now on
-                log.warning("CUDA graph capture failed (%s); steps run eagerly", type(exc).__name__)
+                first = (str(exc).splitlines() or [""])[0][:300]  # torch's words, no input data
+                log.warning(
+                    "CUDA graph capture failed (%s: %s); steps run eagerly",
+                    type(exc).__name__,
+                    first,
+                )
                 self.capture = False
                 return None
             self.capture_s += time.perf_counter() - started
