@@ -45,7 +45,7 @@ fi
 
 if [ $(($(date +%s) - started)) -lt 520 ]; then
     stamp "profile"
-    timeout 60 python benchmarks/profile_gpu.py --out "$out" > /dev/null 2>&1
+    timeout 70 python benchmarks/profile_gpu.py --out "$out" > /dev/null 2>&1
     grep "==" "$out/profile.txt"
 fi
 stamp "done"
