@@ -26,11 +26,10 @@ from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.model.fuse import fuse_projections
-from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.requests import PreparedRequest
-from guardrt.runtime.static_steps import StaticSteps
+from guardrt.runtime.static_steps import setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 
 
@@ -49,7 +48,8 @@ def main() -> None:
     lines = [f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"]
     # Batch 1 (latency), then a full text batch (throughput: where its time goes).
     for rows, names in ((1, ("text", "image+text")), (args.batch, ("text",))):
-        steps = _steps(model, device, rows, args.no_cuda_graphs)
+        static = uses_graphs(device, not args.no_cuda_graphs)
+        steps = setup_steps(model, rows + cases.PREFIXES, 1024, static)
         for name in names:
             lines += _profile(steps, [requests[name]] * rows, f"{name} safe, batch {rows}")
         del steps
@@ -57,13 +57,6 @@ def main() -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.txt").write_text(text)
-
-
-def _steps(model: MllamaModel, device: torch.device, rows: int, eager: bool) -> TorchSteps:
-    static = device.type == "cuda" and not eager
-    model.setup_caches(0, 0)
-    model.setup_caches(rows + cases.PREFIXES + int(static), 1024)
-    return StaticSteps(model) if static else TorchSteps(model)
 
 
 def _profile(steps: TorchSteps, batch: list[PreparedRequest], title: str) -> list[str]:

@@ -44,13 +44,13 @@ from guardrt.bench.timing import times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
-from guardrt.runtime.decoding import Decoder, softmax
+from guardrt.runtime.decoding import Decoder, probability
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.preprocess import ImageConfig
-from guardrt.runtime.static_steps import StaticSteps
+from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 
 # int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores)
@@ -156,20 +156,15 @@ def _precision_run(
 
 def _p_unsafe(steps: TorchSteps, request: Any) -> float:
     """P(unsafe) at the label row of one request (how far a precision moves the verdict)."""
-    label_row = probe_logits(steps, request)[1]
-    return float(softmax(label_row)[request.grammar.tokens.unsafe])
+    return probability(probe_logits(steps, request)[1], request.grammar.tokens.unsafe)
 
 
 def _steps(
     args: argparse.Namespace, model: MllamaModel, device: torch.device, batch: int
 ) -> TorchSteps:
-    """The engine's steps with caches for `batch` requests, the prefix row and (CUDA graphs)
-    the scratch row."""
-    static = device.type == "cuda" and not args.no_cuda_graphs
-    model.setup_caches(0, 0)
-    _free(device)
-    model.setup_caches(batch + cases.PREFIXES + int(static), MAX_SEQ)
-    return StaticSteps(model) if static else TorchSteps(model)
+    """The engine's steps with caches for `batch` requests and the prefix row."""
+    static = uses_graphs(device, not args.no_cuda_graphs)
+    return setup_steps(model, batch + cases.PREFIXES, MAX_SEQ, static)
 
 
 def _graphs(steps: TorchSteps) -> dict[str, float]:
@@ -211,7 +206,7 @@ def _baseline_run(
         tokens = request.grammar.tokens
         ours = probe_logits(steps, request)[1]  # the label row
         theirs = baseline.label_logits(hf, request, torch.bfloat16)
-        p_ours, p_theirs = (float(softmax(x)[tokens.unsafe]) for x in (ours, theirs))
+        p_ours, p_theirs = (probability(x, tokens.unsafe) for x in (ours, theirs))
         labels = [
             "unsafe" if x[tokens.unsafe] >= x[tokens.safe] else "safe" for x in (ours, theirs)
         ]

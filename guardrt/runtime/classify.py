@@ -61,7 +61,6 @@ class TorchSteps:
     ) -> np.ndarray:
         inputs = (tokens, positions, slots, image_start, num_tiles, logit_index)
         kv_len = int(positions.max()) + 1  # from the host arrays: no wait for the GPU
-        self.model.cache.reserve(kv_len)
         logits = self.model(
             *(self._tensor(x) for x in inputs),
             kv_len=kv_len,

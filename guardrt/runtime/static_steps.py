@@ -357,3 +357,20 @@ class StaticSteps(TorchSteps):
         if vocab is None:
             return result
         return widen(result[..., : len(vocab)], vocab, self.vocab_size)
+
+
+def uses_graphs(device: torch.device, enabled: bool = True) -> bool:
+    """Whether steps run padded to buckets (`StaticSteps`): on a GPU, where they replay CUDA
+    graphs, unless turned off. On the CPU padding only adds work."""
+    return enabled and device.type == "cuda"
+
+
+def setup_steps(
+    model: MllamaModel, rows: int, max_seq: int, static: bool, capacity: int | None = None
+) -> TorchSteps:
+    """The torch engine's steps over caches for `rows` decoding rows (batch, session and prefix
+    rows), plus the scratch row `StaticSteps` pads into when `static`. The old caches are let
+    go first, so two are never held at once."""
+    model.setup_caches(0, 0)
+    model.setup_caches(rows + int(static), max_seq, capacity)
+    return StaticSteps(model) if static else TorchSteps(model)

@@ -24,6 +24,17 @@ from guardrt.runtime.preprocess import TiledImage
 _MIN_CAPACITY = 256
 
 
+def vision_feeds(
+    pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The vision graph's inputs by name (its manifest's contract)."""
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": aspect_ratio_ids,
+        "aspect_ratio_mask": aspect_ratio_mask,
+    }
+
+
 class GraphRunner(Protocol):
     def vision(
         self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray

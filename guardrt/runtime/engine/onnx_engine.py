@@ -21,7 +21,7 @@ import numpy as np
 
 from guardrt.runtime.decoding import Decoder, parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
-from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps
+from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps, vision_feeds
 from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, read_manifest
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
@@ -117,11 +117,7 @@ class OrtRunner:
     def vision(
         self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray
     ) -> np.ndarray:
-        feeds = {
-            "pixel_values": pixel_values,
-            "aspect_ratio_ids": aspect_ratio_ids,
-            "aspect_ratio_mask": aspect_ratio_mask,
-        }
+        feeds = vision_feeds(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         (kv,) = self.sessions["vision"].run(None, feeds)
         result: np.ndarray = kv
         return result

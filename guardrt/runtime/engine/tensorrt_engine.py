@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from guardrt.runtime.engine import EngineOptions
-from guardrt.runtime.engine.graph_steps import GraphRunner
+from guardrt.runtime.engine.graph_steps import GraphRunner, vision_feeds
 from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, TensorSpec
 from guardrt.runtime.engine.onnx_engine import GraphEngine
 from guardrt.runtime.errors import ConfigError, GuardrtError
@@ -309,11 +309,7 @@ class TrtRunner:
     def vision(
         self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray
     ) -> np.ndarray:
-        feeds = {
-            "pixel_values": pixel_values,
-            "aspect_ratio_ids": aspect_ratio_ids,
-            "aspect_ratio_mask": aspect_ratio_mask,
-        }
+        feeds = vision_feeds(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         (kv,) = self.plans["vision"].run(feeds, self.stream)
         return kv  # (C, 2, N, Hkv, L, d)
 

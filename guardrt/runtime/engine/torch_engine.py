@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from guardrt.export.quantize import QuantKind, quantize_model
-from guardrt.runtime.classify import Classifier, TorchSteps
+from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.errors import ConfigError
@@ -18,7 +18,7 @@ from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import SEMANTICS
 from guardrt.runtime.requests import Decoded, PreparedRequest
-from guardrt.runtime.static_steps import StaticSteps
+from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 
 log = logging.getLogger(__name__)
 # Cache positions allocated at start: a few-hundred-token prompt never grows it (growing drops
@@ -68,9 +68,8 @@ def _quantize(model: nn.Module, kind: QuantKind, activations: bool) -> None:
 
 
 def static_steps_for(options: EngineOptions, device: torch.device) -> bool:
-    """Whether steps run padded to buckets (`StaticSteps`): on a GPU, where they replay CUDA
-    graphs, unless turned off. On the CPU padding only adds work."""
-    return options.cuda_graphs and device.type == "cuda"
+    """Whether this engine's steps are `StaticSteps` (`uses_graphs`)."""
+    return uses_graphs(device, options.cuda_graphs)
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -122,17 +121,16 @@ class TorchEngine:
             _quantize(self.model, kind, activations)
             dtype = kind
         fuse_projections(self.model)
+        rows = options.max_batch + options.max_sessions + options.max_prefixes
         static = static_steps_for(options, device)
-        rows = options.max_batch + options.max_sessions + options.max_prefixes + int(static)
-        self.model.setup_caches(rows, options.max_seq, _INITIAL_POSITIONS)
+        self.steps = setup_steps(self.model, rows, options.max_seq, static, _INITIAL_POSITIONS)
         cache = self.model.cache
         size = sum(t.numel() * t.element_size() for t in (cache.self_kv, cache.cross_kv))
         log.info(
             "K/V caches: %d rows, %d of %d positions allocated (more on demand), %.2f GB "
             "(--max-batch-size, --max-streams and --max-seq size them)",
-            rows, cache.capacity, options.max_seq, size / 1e9,
+            self.model.max_batch, cache.capacity, options.max_seq, size / 1e9,
         )  # fmt: skip
-        self.steps = StaticSteps(self.model) if static else TorchSteps(self.model)
         self.classifier = Classifier(
             self.model, decode, options.max_sessions, options.max_prefixes, self.steps
         )
