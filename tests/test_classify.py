@@ -196,6 +196,23 @@ def test_safe_tie_goes_to_unsafe(
     assert result.verdict().label is Label.UNSAFE
 
 
+@pytest.mark.parametrize("decode", ["constrained", "greedy"])
+def test_nan_logits_never_give_safe(
+    checkpoint: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch, decode: str
+) -> None:
+    """A broken forward (NaN logits, as a faulty kernel would give) fails closed: unsafe
+    (constrained: no comparison with NaN is true) or an error verdict (greedy), never safe."""
+    model = loaded(checkpoint)
+    original = model.forward
+
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full_like(original(*args, **kwargs), float("nan"))
+
+    monkeypatch.setattr(model, "forward", broken)
+    result = Classifier(model, decode=decode).run([request(tok, "hello", None)])[0]  # type: ignore[arg-type]
+    assert result.verdict().label is not Label.SAFE
+
+
 @pytest.fixture(scope="module")
 def guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete small checkpoint (tokenizer files included) for the Guard API."""

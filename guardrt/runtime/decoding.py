@@ -327,10 +327,11 @@ class Decoder:
         for row, (label_logits, code_logits) in zip(rows, logits, strict=True):
             self._label_scores(row, label_logits, code_logits)
             self._advance(row, first.blank)
-            # LABEL allows (safe, unsafe) in that order; put unsafe first so a tie fails closed.
+            # `safe` only when strictly more likely: a tie, or logits a broken kernel made NaN
+            # (every comparison false), fail closed.
             tokens = row.request.grammar.tokens
-            pair = label_logits[[tokens.unsafe, tokens.safe]]
-            self._advance(row, tokens.unsafe if pair[0] >= pair[1] else tokens.safe)
+            safer = label_logits[tokens.safe] > label_logits[tokens.unsafe]
+            self._advance(row, tokens.safe if safer else tokens.unsafe)
             while not row.done and (forced := row.request.grammar.forced(row.state)) is not None:
                 self._advance(row, forced)  # safe → eot; unsafe → \n, S
             row.code_logits = code_logits
