@@ -16,9 +16,14 @@ from guardrt.runtime.engine import EngineInfo
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server.config import ServerConfig
-from guardrt.runtime.server.grpc_server import set_serving
 from guardrt.runtime.server.http_server import build_http_app, start_http
-from guardrt.runtime.server.main import Stack, assemble_stack, create_server, health_of
+from guardrt.runtime.server.main import (
+    Stack,
+    assemble_stack,
+    create_server,
+    health_of,
+    stop_front_ends,
+)
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
 UNSAFE_S1 = (271, 39257, 198, 50, 16, 128009)  # "\n\nunsafe\nS1<|eot_id|>"
@@ -81,13 +86,10 @@ class ServerThread:
         self.health = health_of(self.server)
         await self.server.start()
         app = build_http_app(self.config, self.stack.service, self.stack.metrics, self._ready)
-        runner, self.http_port = await start_http(app, "localhost", 0)
+        runner, self.http_port = await start_http(app, "localhost", 0, self.config.grace_s)
         self._started.set()
         await self._stop.wait()
-        await set_serving(self.health, False)
-        await asyncio.sleep(self.delay)
-        await self.server.stop(self.config.grace_s)
-        await runner.cleanup()
+        await stop_front_ends(self.stack, self.server, runner, self.config.grace_s, self.delay)
 
     def _ready(self) -> bool:
         return self.stack.ready

@@ -294,3 +294,149 @@ def test_queue_full_is_a_429(preparer: Preparer) -> None:
         engine.gate.set()
         assert running.result()[0] == 200
         assert queued.result()[0] == 200
+
+
+def post_with(
+    server: ServerThread, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, Any]:
+    """`post` with extra headers (and the test token)."""
+    every = {"Content-Type": "application/json", "Authorization": "Bearer sk-test"} | headers
+    request = urllib.request.Request(f"{server.base_url}{path}", body, every, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_until(condition: Any, seconds: float = 10.0) -> None:
+    import time  # noqa: PLC0415
+
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_an_error_verdict_fails_closed_over_http(preparer: Preparer) -> None:
+    """The model writes `safe`, then more text: outside the grammar, so an error. No reading
+    of the chat answer may take it for `safe`; moderations flag it; the text is kept."""
+    from tests.server_harness import SAFE  # noqa: PLC0415
+
+    with serving(FakeEngine(generated=(*SAFE, 271, 19193)), preparer) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="sk-test")
+        messages: Any = USER_X
+        chat = client.chat.completions.create(model=GUARD, messages=messages)
+        content = chat.choices[0].message.content
+        assert content == "unsafe"
+        extension = chat.model_extra["guardrt"]  # type: ignore[index]
+        assert extension["label"] == "error"
+        assert extension["error"]
+        assert extension["raw_output"].startswith("\n\nsafe<|eot_id|>")
+        chunks = client.chat.completions.create(model=GUARD, messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "unsafe"
+        result = client.moderations.create(input="x").results[0]
+        assert result.flagged is True
+        assert result.model_extra["guardrt"]["label"] == "error"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf", "1e9"])
+def test_a_bad_timeout_header_is_a_400(server: ServerThread, value: str) -> None:
+    for name in ("X-Request-Timeout", "X-Stainless-Read-Timeout"):
+        for path, body in (("/chat/completions", chat_body()), ("/moderations", b'{"input":"x"}')):
+            code, payload = post_with(server, path, body, {name: value})
+            assert code == 400, (name, value, path)
+            assert payload["error"]["param"] == name
+            assert repr(value) in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("header", ["X-Request-Timeout", "X-Stainless-Read-Timeout"])
+def test_a_call_whose_timeout_passes_in_the_queue_is_a_504_and_never_runs(
+    preparer: Preparer, header: str
+) -> None:
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    with (
+        serving(engine, preparer, max_batch_size=1, max_wait_ms=0) as busy,
+        ThreadPoolExecutor(3) as pool,
+    ):
+        engine.entered.clear()
+        ran = len(engine.batches)
+        running = pool.submit(post, busy, "/chat/completions", chat_body(), "sk-test")
+        assert engine.entered.wait(10)
+        late = pool.submit(post_with, busy, "/chat/completions", chat_body(), {header: "0.2"})
+        patient = pool.submit(post_with, busy, "/moderations", b'{"input":"x"}', {header: "60"})
+        wait_until(lambda: busy.stack.scheduler.depth() == 2)
+        time.sleep(0.4)  # the first call's timeout passes while it waits
+        engine.gate.set()
+        assert running.result()[0] == 200
+        code, payload = late.result()
+        assert code == 504
+        assert payload["error"]["code"] == "timeout"
+        assert patient.result()[0] == 200
+        assert len(engine.batches) == ran + 2  # the late call never reached the engine
+
+
+def test_draining_refuses_new_calls_with_503_and_answers_those_in_flight(
+    preparer: Preparer,
+) -> None:
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    with (
+        serving(engine, preparer, max_batch_size=1, max_wait_ms=0, grace_s=10) as server,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        engine.entered.clear()
+        in_flight = pool.submit(post, server, "/chat/completions", chat_body(), "sk-test")
+        assert engine.entered.wait(10)
+        server.stop(delay=0.5)  # the drain begins; the sites close 0.5 s later
+        wait_until(lambda: not server.stack.ready)
+        for path, body in (("/chat/completions", chat_body()), ("/moderations", b'{"input":1}')):
+            code, payload = post(server, path, body)
+            assert code == 503, path
+            assert payload["error"]["code"] == "shutting_down"
+        assert get(server, "/readyz")[0] == 503
+        time.sleep(0.8)  # the sites have closed: the call in flight is still answered
+        engine.gate.set()
+        code, payload = in_flight.result()
+        assert code == 200
+        assert payload["choices"][0]["message"]["content"] == "safe"
+
+
+def test_a_caller_that_disconnects_takes_its_queued_call_with_it(preparer: Preparer) -> None:
+    import socket  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    with (
+        serving(engine, preparer, max_batch_size=1, max_wait_ms=0) as busy,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        engine.entered.clear()
+        ran = len(engine.batches)
+        running = pool.submit(post, busy, "/chat/completions", chat_body(), "sk-test")
+        assert engine.entered.wait(10)
+        body = chat_body()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: Bearer sk-test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection(("localhost", busy.http_port)) as caller:
+            caller.sendall(head.encode() + body)
+            wait_until(lambda: busy.stack.scheduler.depth() == 1)
+        wait_until(lambda: busy.stack.scheduler.depth() == 0)  # dropped, not run
+        engine.gate.set()
+        assert running.result()[0] == 200
+        assert post(busy, "/chat/completions", chat_body())[0] == 200
+        assert len(engine.batches) == ran + 2  # the first call and the last, not the abandoned

@@ -338,10 +338,11 @@ def test_parse_from_the_state_after_the_blank() -> None:
         (ids("\n\nsafe", eot=True), "safe"),
         (ids("\n\nunsafe\nS1,S3", eot=True), "unsafe\nS1,S3"),
         (ids("\n\nunsafe\nS13,S10", eot=True), "unsafe\nS13,S10"),
-        (ids("\n\nSafe", eot=True), "\n\nSafe<|eot_id|>"),
-        ([], ""),
+        (ids("\n\nSafe", eot=True), "unsafe"),
+        (ids("\n\nsafe", eot=True) + ids("\n\nsafe"), "unsafe"),
+        ([], "unsafe"),
     ],
-    ids=["safe", "unsafe", "unsafe-order-kept", "error-raw", "error-empty"],
+    ids=["safe", "unsafe", "unsafe-order-kept", "error", "error-safe-then-more", "error-empty"],
 )
 def test_verdict_content(token_ids: list[int], content: str) -> None:
     assert grammar().parse(token_ids).content == content
@@ -350,4 +351,7 @@ def test_verdict_content(token_ids: list[int], content: str) -> None:
 def test_verdict_content_ignores_raw_output_for_verdicts() -> None:
     assert Verdict(Label.SAFE, [], "\n\nsafe<|eot_id|>").content == "safe"
     assert Verdict(Label.UNSAFE, ["S2"], "anything").content == "unsafe\nS2"
-    assert Verdict(Label.ERROR, [], "raw", "why").content == "raw"
+    # An error fails closed, even when the model's text reads `safe` (safe, then more text).
+    error = Verdict(Label.ERROR, [], "\n\nsafe<|eot_id|>\n\nsafe", "text after <|eot_id|>")
+    assert error.content == "unsafe"
+    assert error.raw_output.strip().startswith("safe")

@@ -45,12 +45,17 @@ class Verdict:
 
     @property
     def content(self) -> str:
-        """What the hosted API answers: `safe` or `unsafe\\nS1,S3` (raw text for errors)."""
+        """What the hosted API answers: `safe` or `unsafe\\nS1,S3`.
+
+        An error answers `unsafe` with no category line: it fails closed for every way a client
+        reads the hosted answer (`== "safe"`, `startswith("safe")`, `"unsafe" in`). The model's
+        own text, which can begin with `safe` (`safe` then more text), stays in `raw_output`.
+        """
         if self.label is Label.SAFE:
             return "safe"
         if self.label is Label.UNSAFE:
             return "unsafe\n" + ",".join(self.categories)
-        return self.raw_output
+        return "unsafe"
 
 
 class Phase(enum.Enum):

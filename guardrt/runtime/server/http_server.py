@@ -7,12 +7,18 @@ do, and the model on the engine thread.
 
 Routes: POST /v1/chat/completions, POST /v1/moderations, GET /v1/models, GET /healthz (alive),
 GET /readyz (model loaded and warmed, not draining), GET /metrics (Prometheus).
+
+While draining, new moderation calls are refused (503 `shutting_down`, as gRPC refuses new
+calls UNAVAILABLE) and calls already in flight are answered. A caller that disconnects
+cancels its call: queued work is dropped unrun. `X-Request-Timeout` (or the `openai` client's
+`X-Stainless-Read-Timeout`) bounds how long a call may wait in the queue (504 `timeout`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +36,7 @@ from guardrt.runtime.server.status import http_status
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
+_MODERATE = frozenset({"/v1/chat/completions", "/v1/moderations"})  # refused while draining
 
 
 def served_model_id(model: str) -> str:
@@ -59,6 +66,13 @@ class HttpApi:
         try:
             if route not in _OPEN:
                 self._authorize(request)
+            if route in _MODERATE and not self.ready():
+                raise oa.ApiError(
+                    503,
+                    "the server is not accepting new requests (shutting down)",
+                    type="server_error",
+                    code="shutting_down",
+                )
             response = await handler(request)
         except oa.ApiError as exc:
             self.metrics.failed(route, str(exc.status), exc.code or exc.type)
@@ -99,8 +113,9 @@ class HttpApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         request_id = uuid.uuid4().hex
+        deadline = oa.request_deadline(request.headers, time.monotonic())
         chat = oa.parse_chat(await self._json(request), self.served, request_id)
-        result = await self.service.moderate(chat.item, None)
+        result = await self.service.moderate(chat.item, deadline)
         self.metrics.answered(request.path, result.timing)
         created = oa.now()
         if not chat.stream:
@@ -117,9 +132,10 @@ class HttpApi:
 
     async def moderations(self, request: web.Request) -> web.StreamResponse:
         request_id = uuid.uuid4().hex
+        deadline = oa.request_deadline(request.headers, time.monotonic())
         inputs = oa.parse_moderations(await self._json(request), self.served, request_id)
         results: list[ModerationResult] = await asyncio.gather(
-            *(self.service.moderate(item, None) for item in inputs.items)
+            *(self.service.moderate(item, deadline) for item in inputs.items)
         )
         for result in results:
             self.metrics.answered(request.path, result.timing)
@@ -162,9 +178,16 @@ def build_http_app(
     return app
 
 
-async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0 = a free port); returns the runner and the bound port."""
-    runner = web.AppRunner(app, access_log=None)
+async def start_http(
+    app: web.Application, host: str, port: int, grace_s: float = 30.0
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = a free port); returns the runner and the bound port.
+    `runner.cleanup()` stops accepting and gives calls in flight up to `grace_s` to finish."""
+    # handler_cancellation: a caller that disconnects cancels its handler, which takes its
+    # work out of the queue (aiohttp's default lets abandoned work run).
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=grace_s
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from aiohttp import web
 
 from guardrt import __version__
 from guardrt.runtime.engine import Engine, backend_for, load_engine
@@ -126,7 +127,7 @@ async def serve(config: ServerConfig) -> int:
     runner = None
     if config.http_port >= 0:
         app = build_http_app(config, stack.service, stack.metrics, lambda: stack.ready)
-        runner, http_port = await start_http(app, config.host, config.http_port)
+        runner, http_port = await start_http(app, config.host, config.http_port, config.grace_s)
         print(f"OpenAI-compatible HTTP API on {config.host}:{http_port}", flush=True)
     if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)
@@ -135,17 +136,29 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     print(f"draining (up to {config.grace_s:g} s)", flush=True)
-    stack.ready = False
-    await set_serving(health_of(server), False)
-    await server.stop(config.grace_s)
-    if runner is not None:
-        await runner.shutdown()
-        await runner.cleanup()
+    await stop_front_ends(stack, server, runner, config.grace_s)
     drained = await loop.run_in_executor(None, stack.scheduler.drain, config.grace_s)
     stack.engine.close()
     stack.service.executor.shutdown(wait=False)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
     return 0
+
+
+async def stop_front_ends(
+    stack: Stack,
+    server: grpc.aio.Server,
+    runner: web.AppRunner | None,
+    grace_s: float,
+    delay_s: float = 0.0,
+) -> None:
+    """The drain's first half: not ready, health NOT_SERVING, then (`delay_s` later, for load
+    balancers to notice) both front ends refuse new calls and answer those in flight, within
+    one grace period. The scheduler keeps running until they have."""
+    stack.ready = False
+    await set_serving(health_of(server), False)
+    await asyncio.sleep(delay_s)
+    stopping = [server.stop(grace_s)] + ([runner.cleanup()] if runner is not None else [])
+    await asyncio.gather(*stopping)
 
 
 def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grpc.aio.Server, int]:

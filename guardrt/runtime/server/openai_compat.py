@@ -145,6 +145,36 @@ def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
     return categories, exclude  # their values are checked by make_policy
 
 
+# Request headers that bound how long the caller waits, in seconds: our own, and the one the
+# `openai` client sends on every call (its read timeout, 600 s by default). Past the smaller,
+# queued work is dropped unrun and answered 504: the caller has stopped reading, and its
+# client's retry would otherwise queue behind the abandoned copy.
+TIMEOUT_HEADERS = ("X-Request-Timeout", "X-Stainless-Read-Timeout")
+_MAX_TIMEOUT_S = 86_400.0
+
+
+def request_deadline(headers: Mapping[str, str], now: float) -> float | None:
+    """The `time.monotonic()` deadline the timeout headers give (None without them)."""
+    timeouts = []
+    for name in TIMEOUT_HEADERS:
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds <= _MAX_TIMEOUT_S:  # NaN and inf fail here too
+            raise _bad(
+                f"header {name} must be a number of seconds in (0, {_MAX_TIMEOUT_S:g}], "
+                f"not {raw[:40]!r}",
+                param=name,
+                code="invalid_timeout",
+            )
+        timeouts.append(seconds)
+    return now + min(timeouts) if timeouts else None
+
+
 @dataclass
 class ChatRequest:
     model: str
@@ -201,6 +231,8 @@ def _extension(result: ModerationResult) -> dict[str, Any]:
         "unsafe_probability": None if math.isnan(probability) else probability,
         "category_probabilities": verdict.category_probabilities,
         "error": verdict.error,
+        # The model's own text (an error's `content` is `unsafe`, whatever the model wrote).
+        "raw_output": verdict.raw_output,
         "request_id": result.request_id,
     }
 
