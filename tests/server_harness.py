@@ -34,7 +34,7 @@ class FakeEngine:
     """Answers every request with a fixed output; can hold batches at a gate or fail."""
 
     def __init__(self, generated: tuple[int, ...] = SAFE, max_batch: int = 4) -> None:
-        self.info = EngineInfo("fake", "cpu", "float32", "meta", "constrained", max_batch, 1024)
+        self.info = EngineInfo("fake", "cpu", "fp32", "meta", "constrained", max_batch, 1024)
         self.generated = generated
         self.gate: threading.Event | None = None
         self.entered = threading.Event()  # set when a batch reaches execute

@@ -296,6 +296,7 @@ def test_guard_quantized_at_load(guard_dir: Path, kind: str, compute: str | None
     scores within the export's bounds of the full-precision model; `int8_compute` reaches every
     layer, the fused ones included (on the CPU they compute weight-only either way)."""
     full = Guard.load(guard_dir, max_batch=2, max_seq=1024)
+    assert full.engine.info.dtype == "fp32"  # the precision names engine directories use
     quantized = Guard.load(
         guard_dir, max_batch=2, max_seq=1024, quantize=kind, int8_compute=compute or "weight-only"
     )

@@ -123,8 +123,13 @@ def test_session_reuses_cache(onnx_fp32: Path, preparer: Preparer) -> None:
 def test_options_refused(onnx_fp32: Path) -> None:
     with pytest.raises(ConfigError, match="exported with semantics 'meta'"):
         onnx_engine(onnx_fp32, semantics="transformers")
-    with pytest.raises(ConfigError, match="fp32 engine; dtype 'bf16'"):
-        onnx_engine(onnx_fp32, dtype="bf16")
+    for dtype in ("bf16", "bfloat16", "float16"):
+        with pytest.raises(ConfigError, match=f"fp32 engine; dtype '{dtype}'"):
+            onnx_engine(onnx_fp32, dtype=dtype)
+    with pytest.raises(ConfigError, match="dtype 'float64' is not one of"):
+        onnx_engine(onnx_fp32, dtype="float64")
+    for dtype in ("fp32", "float32"):  # torch's name and ours for the engine's precision
+        assert onnx_engine(onnx_fp32, dtype=dtype).info.dtype == "fp32"
     with pytest.raises(ConfigError, match="needs onnxruntime's CUDA or TensorRT provider"):
         onnx_engine(onnx_fp32, device="cuda")
     with pytest.raises(ConfigError, match="decode must be one of"):

@@ -538,6 +538,7 @@ class ModelInfo(_message.Message):
     """"torch", "onnxruntime" or "tensorrt" """
     device: _builtins.str
     dtype: _builtins.str
+    """the weights' precision: "fp32", "bf16", "fp16", "int8" or "fp8" """
     semantics: _builtins.str
     """"meta" or "transformers" """
     decode: _builtins.str

@@ -35,6 +35,22 @@ FORMAT, VERSION = "guardrt-engine", 1
 ENGINE_FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 GRAPHS = ("vision", "decoder")
+# `--dtype` spellings → precision names: torch's (`bfloat16`) and ours (`bf16`) are one thing.
+DTYPE_PRECISIONS = {
+    "float32": "fp32",
+    "fp32": "fp32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "fp16": "fp16",
+}
+
+
+def dtype_precision(dtype: str) -> str:
+    """The precision name of a `--dtype` value (fp32, bf16 or fp16)."""
+    if dtype not in DTYPE_PRECISIONS:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_PRECISIONS)}")
+    return DTYPE_PRECISIONS[dtype]
 
 
 class EngineDirError(ConfigError):

@@ -22,7 +22,13 @@ import numpy as np
 from guardrt.runtime.decoding import Decoder, parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps, vision_feeds
-from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, read_manifest
+from guardrt.runtime.engine.manifest import (
+    EngineDirError,
+    GraphEntry,
+    Manifest,
+    dtype_precision,
+    read_manifest,
+)
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.requests import Decoded, PreparedRequest
@@ -143,7 +149,7 @@ def check_options(
             f"{directory} is a {manifest.precision} engine; quantize={options.quantize!r} applies "
             "to a checkpoint (an engine's precision is chosen by `guardrt export build`)"
         )
-    if options.dtype is not None and options.dtype != manifest.precision:
+    if options.dtype is not None and dtype_precision(options.dtype) != manifest.precision:
         raise ConfigError(
             f"{directory} is a {manifest.precision} engine; dtype {options.dtype!r} cannot be "
             "chosen at load time (export another precision)"

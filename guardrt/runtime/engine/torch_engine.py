@@ -13,6 +13,7 @@ from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
+from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
@@ -27,14 +28,8 @@ _INITIAL_POSITIONS = 1024
 QUANT_KINDS: tuple[QuantKind, ...] = ("int8", "fp8")
 INT8_COMPUTE = ("weight-only", "weight+activation")  # as `guardrt export build --int8-compute`
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {name: _PRECISION_DTYPES[p] for name, p in DTYPE_PRECISIONS.items()}
 
 
 def parse_quantize(value: str | None) -> QuantKind | None:
@@ -116,7 +111,8 @@ class TorchEngine:
             dtype=parse_dtype(options.dtype, device),
             semantics=semantics,
         )
-        dtype = str(self.model.weight_dtype).removeprefix("torch.")
+        # Reported by the precision names engine directories use (fp32, bf16, int8, ...).
+        dtype = DTYPE_PRECISIONS[str(self.model.weight_dtype).removeprefix("torch.")]
         if kind is not None:
             _quantize(self.model, kind, activations)
             dtype = kind
