@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from guardrt.export.quantize import quantize_linears, quantize_weight
 from guardrt.kernels.fp8_linear import fp8_linear
 from guardrt.kernels.int8_dynamic import int8_dynamic_linear
+from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
 from guardrt.runtime.engine import EngineOptions, torch_engine
@@ -255,6 +256,27 @@ def test_the_cache_grows_on_demand_and_keeps_every_row(checkpoint: Path, tok: To
     assert_same_decoded(Classifier(eager, prefixes=1).run(requests), expected)
 
 
+@pytest.mark.parametrize(
+    ("capacity", "length", "max_seq", "grown"),
+    [
+        (0, 1, 8192, 256),  # never below MIN_CAPACITY
+        (256, 256, 8192, 256),  # fits: unchanged
+        (256, 257, 8192, 512),  # the next power of two
+        (512, 1500, 8192, 2048),
+        (1024, 5000, 6000, 6000),  # capped at max_seq
+        (100, 120, 8192, 256),  # a capacity not a power of two grows to one
+        (6000, 6000, 6000, 6000),
+    ],
+)
+def test_grown_capacity(capacity: int, length: int, max_seq: int, grown: int) -> None:
+    assert grown_capacity(capacity, length, max_seq) == grown
+
+
+def test_grown_capacity_refuses_past_max_seq() -> None:
+    with pytest.raises(IndexError, match="position 8192 is past the cache's 8192"):
+        grown_capacity(4096, 8193, 8192)
+
+
 def test_cache_reserve() -> None:
     cache = KVCache(
         self_layers=2, cross_layers=1, rows=3, kv_heads=1, max_seq=300, image_keys=4,
@@ -266,7 +288,7 @@ def test_cache_reserve() -> None:
     before = cache.self_kv.clone()
     assert not cache.reserve(10)
     assert cache.reserve(11)
-    assert cache.capacity == 16
+    assert cache.capacity == 256  # MIN_CAPACITY
     assert cache.version == 1
     torch.testing.assert_close(cache.self_kv[:, :, :, :, :10], before)
     assert cache.self_kv[:, :, :, :, 10:].abs().sum() == 0

@@ -18,10 +18,9 @@ from typing import Protocol
 
 import numpy as np
 
+from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
-
-_MIN_CAPACITY = 256
 
 
 def vision_feeds(
@@ -64,11 +63,11 @@ class GraphSteps:
         self.cross_kv = None
 
     def _reserve(self, length: int) -> None:
-        """Grow the self-attention cache to hold positions 0..length-1 (doubling, ≤ max_seq)."""
+        """Grow the self-attention cache to hold positions 0..length-1 (`grown_capacity`)."""
         capacity = self.self_kv.shape[4]
-        if length <= capacity:
+        grown = grown_capacity(capacity, length, self.max_seq)
+        if grown == capacity:
             return
-        grown = min(self.max_seq, max(length, 2 * capacity, _MIN_CAPACITY))
         bigger = np.zeros((*self._self_shape, grown, self._head_dim), np.float32)
         bigger[:, :, :, :, :capacity] = self.self_kv
         self.self_kv = bigger

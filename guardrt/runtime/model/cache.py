@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from guardrt.runtime.capacity import grown_capacity
+
 
 class KVCache:
     def __init__(
@@ -43,13 +45,11 @@ class KVCache:
         )
 
     def reserve(self, length: int) -> bool:
-        """Hold positions 0..length-1: grow to the next power of two (at most max_seq), keeping
-        every row's K/V. True when the tensor was reallocated."""
-        if length <= self.capacity:
+        """Hold positions 0..length-1 (`grown_capacity`), keeping every row's K/V. True when
+        the tensor was reallocated."""
+        grown = grown_capacity(self.capacity, length, self.max_seq)
+        if grown == self.capacity:
             return False
-        if length > self.max_seq:
-            raise IndexError(f"position {length - 1} is past the cache's {self.max_seq}")
-        grown = min(self.max_seq, 1 << (length - 1).bit_length())
         shape = (*self.self_kv.shape[:4], grown, self.self_kv.shape[5])
         bigger = self.self_kv.new_zeros(shape)
         bigger[:, :, :, :, : self.capacity] = self.self_kv
