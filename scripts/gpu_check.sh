@@ -22,7 +22,7 @@ timeout 30 python -c "import torch, triton; assert torch.cuda.is_available(); pr
 
 stamp "parity + static steps on CUDA"
 GUARDRT_TEST_DEVICE=cuda timeout 150 python -m pytest -q -p no:cacheprovider -x \
-    tests/test_model_parity.py tests/test_static_steps.py 2>&1 | tail -40 > "$out/parity_cuda.txt"
+    tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py 2>&1 | tail -40 > "$out/parity_cuda.txt"
 tail -3 "$out/parity_cuda.txt"
 
 stamp "kernels"

@@ -100,6 +100,7 @@ def _precision_run(
         kind: QuantKind = "fp8" if precision == "fp8" else "int8"
         quantize_model(model, kind, activations=precision == "int8-wa")
     fuse_projections(model)
+    tuning = model.vision_model.tune_attention()  # as the engine does at load
     _free(device)
     work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)
     steps = _steps(args, model, device, 1)
@@ -151,6 +152,9 @@ def _precision_run(
     return {
         "latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak,
         "cuda_graphs": graphs, "p_unsafe": p_unsafe, "p_unsafe_served": p_served,
+        "vision_attention": {
+            "plan": tuning.plan.name, "ms": tuning.timings_ms, "refused": tuning.rejected
+        },
     }  # fmt: skip
 
 
@@ -270,6 +274,13 @@ def _table(report: dict[str, Any]) -> str:
                 f"{first['eager_steps']} eager steps; at full batch "
                 f"{graphs['graphs_total']['graphs']} graphs in "
                 f"{graphs['graphs_total']['capture_s']:.1f} s"
+            )
+        attention = run.get("vision_attention", {})
+        if attention.get("ms"):
+            timed = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(attention["ms"].items()))
+            lines.append(
+                f"  vision attention ({precision}): {attention['plan']} chosen; ms per layer: "
+                f"{timed}; refused {len(attention['refused'])}"
             )
     for row in report.get("transformers", {}).get("probabilities", []):
         lines.append(f"P(unsafe) {row['input']:<16} ours {row['ours']:.3e}  transformers "

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, AttentionPlan, planned_attention
 from guardrt.runtime.model.config import RopeConfig
 
 
@@ -133,15 +134,16 @@ def padded_attention(
     v: torch.Tensor,
     padding: torch.Tensor,
     pad_rows: list[torch.Tensor],
+    plan: AttentionPlan = DEFAULT_PLAN,
 ) -> torch.Tensor:
     """The vision tower's attention without an arbitrary mask (reference §5.1 step 7).
 
     q, k, v (N, H, L, d); padding (N, L) bool; pad_rows[i] the indices of image i's padding
     tokens. The mask blocks only padding-query × padding-key pairs, so it splits exactly: every
-    query attends to every key unmasked (one flash-attention call), then each image's padding
-    queries, few for a full image, are recomputed against its real keys only.
+    query attends to every key unmasked (one flash-attention call, run as `plan` says), then
+    each image's padding queries, few for a full image, are recomputed against its real keys.
     """
-    out = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, d)
+    out = planned_attention(q, k, v, plan)  # (N, H, L, d), a view when padded
     for image, rows in enumerate(pad_rows):
         if rows.numel() == 0:
             continue

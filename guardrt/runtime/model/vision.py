@@ -7,12 +7,21 @@ an image jointly (T·P' tokens), with a mask that blocks only padding × padding
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from guardrt.runtime.model.attention_plan import (
+    CUDA_BACKENDS,
+    DEFAULT_PLAN,
+    AttentionPlan,
+    Tuning,
+    choose_plan,
+    cuda_timer,
+)
 from guardrt.runtime.model.config import VisionConfig
 from guardrt.runtime.model.functional import (
     attention,
@@ -30,12 +39,13 @@ class VisionMask:
     padding: torch.Tensor  # (N, L) bool
     mask: torch.Tensor | None  # (N, 1, L, L) bool when traced
     pad_rows: list[torch.Tensor]  # per image, its padding tokens' indices (eager)
+    plan: AttentionPlan = DEFAULT_PLAN  # how the unmasked attention runs (eager)
 
     @classmethod
-    def of(cls, padding: torch.Tensor) -> VisionMask:
+    def of(cls, padding: torch.Tensor, plan: AttentionPlan = DEFAULT_PLAN) -> VisionMask:
         if torch.compiler.is_compiling():
             return cls(padding, vision_mask(padding), [])
-        return cls(padding, None, [row.nonzero().flatten() for row in padding])
+        return cls(padding, None, [row.nonzero().flatten() for row in padding], plan)
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -109,7 +119,7 @@ class VisionAttention(nn.Module):
         if mask.mask is not None:
             out = attention(q, k, v, mask.mask)
         else:
-            out = padded_attention(q, k, v, mask.padding, mask.pad_rows)
+            out = padded_attention(q, k, v, mask.padding, mask.pad_rows, mask.plan)
         result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(n, length, -1))
         return result
 
@@ -174,6 +184,25 @@ class VisionModel(nn.Module):
         self.layernorm_post = nn.LayerNorm(dim, eps=config.norm_eps)
         self.transformer = VisionEncoder(config, config.num_layers, gated=False)
         self.global_transformer = VisionEncoder(config, config.num_global_layers, gated=True)
+        self.attention_plan = DEFAULT_PLAN  # set by `tune_attention`
+
+    def tune_attention(
+        self,
+        backends: tuple[str | None, ...] = CUDA_BACKENDS,
+        timer: Callable[[Callable[[], torch.Tensor]], float] | None = None,
+    ) -> Tuning:
+        """Time the joint attention of one full image (max tiles) each way `choose_plan`
+        knows on this model's device and dtype, and run it the fastest way from now on. Only
+        on a GPU unless a `timer` is given: on the CPU torch's default stands."""
+        weight = self.patch_embedding.weight
+        if timer is None and weight.device.type != "cuda":
+            return Tuning(self.attention_plan)
+        config = self.config
+        length = config.max_num_tiles * config.padded_patches
+        shape = (1, config.num_heads, length, config.head_dim)  # (N, H, L, d)
+        tuning = choose_plan(shape, weight.dtype, weight.device, backends, timer or cuda_timer)
+        self.attention_plan = tuning.plan
+        return tuning
 
     def _embed(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
         """(N, T, 3, H, W) → (N, T, P, D): patches, tile embedding, CLS, positions, LN."""
@@ -202,7 +231,8 @@ class VisionModel(nn.Module):
         x = self._embed(pixel_values, aspect_ratio_ids)
         # Zeros appended after layernorm_pre: P → P' slots per tile, then one joint sequence.
         x = F.pad(x, (0, 0, 0, padded - patches)).reshape(n, tiles * padded, -1)  # (N, L, D)
-        mask = VisionMask.of(vision_padding(aspect_ratio_mask, patches, padded).to(x.device))
+        padding = vision_padding(aspect_ratio_mask, patches, padded).to(x.device)  # (N, L)
+        mask = VisionMask.of(padding, self.attention_plan)
         wanted, features = set(config.intermediate_layers), {}
         for index, layer in enumerate(self.transformer.layers):
             if self.take_inputs and index in wanted:

@@ -1,0 +1,141 @@
+"""The vision tower's attention plan: every way of running it gives torch's default answer, the
+tuner keeps the fastest candidate that does, and a tuned model answers what an untuned one does."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from guardrt.runtime.model import functional
+from guardrt.runtime.model.attention_plan import (
+    DEFAULT_PLAN,
+    AttentionPlan,
+    candidates,
+    choose_plan,
+    planned_attention,
+)
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.functional import padded_attention, vision_mask
+from tests.models import DEVICE, image
+
+CPU = torch.device("cpu")
+
+
+def _qkv(shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(3)]
+
+
+@pytest.mark.parametrize("backend", [None, "MATH", "FLASH_ATTENTION"])
+@pytest.mark.parametrize("width", [None, 96, 128])
+def test_every_plan_gives_the_default_answer(backend: str | None, width: int | None) -> None:
+    q, k, v = _qkv((2, 3, 37, 80))
+    got = planned_attention(q, k, v, AttentionPlan(backend, width))
+    assert got.shape == (2, 3, 37, 80)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_attention_with_a_plan_equals_the_full_mask() -> None:
+    """The split (unmasked plan + padding queries against real keys) = the padding-pair mask."""
+    q, k, v = _qkv((2, 2, 24, 80), seed=1)
+    padding = torch.zeros(2, 24, dtype=torch.bool)
+    padding[0, 20:] = True  # image 0: 4 pad slots
+    padding[1, 8:] = True  # image 1: a padding tile's worth
+    rows = [row.nonzero().flatten() for row in padding]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=vision_mask(padding))
+    for plan in (DEFAULT_PLAN, AttentionPlan(None, 128), AttentionPlan("MATH", 96)):
+        got = padded_attention(q, k, v, padding, rows, plan)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_candidates() -> None:
+    plans = candidates(80, ("FLASH_ATTENTION",))
+    assert [p.name for p in plans] == [
+        "default/d=as is", "default/d=96", "default/d=128",
+        "FLASH_ATTENTION/d=as is", "FLASH_ATTENTION/d=96", "FLASH_ATTENTION/d=128",
+    ]  # fmt: skip
+    assert [p.head_dim for p in candidates(128, ())] == [None, 192, 256]
+
+
+def _table_timer(table: dict[str, float]) -> Any:
+    """A timer answering each plan's time from `table` (runs the call once, as timers do)."""
+
+    def timer(fn: functools.partial[torch.Tensor]) -> float:
+        fn()
+        plan: AttentionPlan = fn.args[-1]
+        return table[plan.name]
+
+    return timer
+
+
+def test_the_fastest_correct_candidate_is_chosen() -> None:
+    table = {p.name: 5.0 for p in candidates(80, ("MATH", "FLASH_ATTENTION"))}
+    table["FLASH_ATTENTION/d=128"] = 1.0
+    table["MATH/d=96"] = 2.0
+    tuning = choose_plan((1, 2, 40, 80), torch.float32, CPU, ("MATH", "FLASH_ATTENTION"),
+                         _table_timer(table))  # fmt: skip
+    assert tuning.plan == AttentionPlan("FLASH_ATTENTION", 128)
+    assert tuning.timings_ms == table
+    assert tuning.rejected == {}
+
+
+def test_failing_and_wrong_candidates_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A back end that cannot run is skipped; so is one whose answer is wrong, however fast:
+    here padding is broken (it scales what it pads), so every padded plan must lose."""
+    pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda t, p: pad(t * 1.5, p))
+    table = {p.name: 1.0 if p.head_dim else 3.0 for p in candidates(80, ("EFFICIENT_ATTENTION",))}
+    table["default/d=as is"] = 2.0
+    tuning = choose_plan((1, 2, 40, 80), torch.float32, CPU, ("EFFICIENT_ATTENTION",),
+                         _table_timer(table))  # fmt: skip
+    assert tuning.plan == DEFAULT_PLAN
+    assert set(tuning.timings_ms) == {"default/d=as is"}
+    assert "max |Δ|" in tuning.rejected["default/d=128"]
+    assert "No viable backend" in tuning.rejected["EFFICIENT_ATTENTION/d=as is"]  # CPU lacks it
+
+
+def test_a_tuned_model_answers_what_an_untuned_one_does(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[AttentionPlan] = []
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> Any:
+        used.append(plan)
+        return planned_attention(q, k, v, plan)
+
+    monkeypatch.setattr(functional, "planned_attention", spy)
+    device = torch.device(DEVICE)
+    model = load_model(checkpoint, device=device)
+    vision = model.vision_model
+    tiled = image(3)  # a padding tile and pad slots: the split's second call runs
+    inputs = (
+        torch.from_numpy(np.stack([tiled.pixel_values])).to(device),
+        torch.tensor([tiled.aspect_ratio_id], device=device),
+        torch.from_numpy(np.stack([tiled.aspect_ratio_mask])).long().to(device),
+    )
+    with torch.no_grad():
+        expected = vision(*inputs)
+        measured = vision.tune_attention()  # times on a GPU (gpu_check.sh); not on the CPU
+        if DEVICE == "cpu":
+            assert (measured.plan, measured.timings_ms) == (DEFAULT_PLAN, {})
+        else:
+            assert measured.timings_ms, measured.rejected
+            torch.testing.assert_close(vision(*inputs), expected, atol=1e-5, rtol=1e-5)
+        fastest = candidates(model.config.vision.head_dim, ("MATH",))[-1]  # MATH, padded most
+        assert fastest.backend == "MATH"
+        assert fastest.head_dim
+        table = {p.name: 1.0 if p == fastest else 2.0
+                 for p in candidates(model.config.vision.head_dim, ("MATH",))}  # fmt: skip
+        tuning = model.vision_model.tune_attention(("MATH",), _table_timer(table))
+        assert model.vision_model.attention_plan == tuning.plan == fastest
+        used.clear()
+        got = model.vision_model(*inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    layers = model.config.vision.num_layers + model.config.vision.num_global_layers
+    assert used == [fastest] * layers  # every layer ran the tuned plan
