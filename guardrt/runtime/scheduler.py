@@ -2,12 +2,15 @@
 
 The contract is narrow (as vLLM's): `add` work, `schedule` a batch, `execute` it on the engine,
 `update` each request with its outcome. A batch closes when it is full or when its first request
-has waited `max_wait`. Requests whose deadline passed are answered DEADLINE without running;
-cancelled requests are dropped; an engine failure fails that batch's requests only.
+has waited `max_wait`; which queued requests share it is `batching.choose`'s call (the oldest
+always, others where batching saves work). Requests whose deadline passed are answered DEADLINE
+without running; cancelled requests are dropped; an engine failure fails that batch's requests
+only.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -15,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guardrt.runtime.batching import Shape, choose
 from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ServiceError, ServiceReason
 from guardrt.runtime.requests import Decoded, PreparedRequest
@@ -44,6 +48,14 @@ class Work:
     deadline: float | None = None  # time.monotonic() after which it must not run
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    shape: Shape = field(init=False)  # what batching it costs
+
+    def __post_init__(self) -> None:
+        self.shape = Shape.of(self.request)
+
+
+# Queued requests `batching.choose` looks at for each batch: the oldest few batches' worth.
+_WINDOW_BATCHES = 4
 
 
 class Scheduler:
@@ -92,14 +104,17 @@ class Scheduler:
                 if remaining <= 0:
                     break
                 self._lock.wait(remaining)
-            batch: list[Work] = []
             now = time.monotonic()
-            while self._queue and len(batch) < self.max_batch:
-                work = self._queue.popleft()
-                if work.deadline is not None and now > work.deadline:
-                    self._answer(work, self._expired(), BatchInfo(0, now - work.enqueued, 0.0))
-                else:
-                    batch.append(work)
+            for work in [w for w in self._queue if w.deadline is not None and now > w.deadline]:
+                self._queue.remove(work)
+                self._answer(work, self._expired(), BatchInfo(0, now - work.enqueued, 0.0))
+            window = list(itertools.islice(self._queue, _WINDOW_BATCHES * self.max_batch))
+            if not window:
+                return []
+            picked = choose([work.shape for work in window], self.max_batch)
+            batch = [window[index] for index in picked]
+            for work in batch:
+                self._queue.remove(work)
             return batch
 
     @staticmethod

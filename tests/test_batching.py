@@ -1,0 +1,123 @@
+"""Which queued requests share a batch (`guardrt/runtime/batching.py`) and the scheduler that
+asks: the oldest always; others only where batching saves work, most alike first."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guardrt.runtime.batching import KNEE, Shape, choose, cost
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.scheduler import Scheduler, Work
+from tests.server_harness import FakeEngine
+
+
+def text(tokens: int) -> Shape:
+    return Shape(tokens, image=False)
+
+
+def test_cost() -> None:
+    assert cost([text(10)]) == 2 * KNEE  # below the knee a step costs a weight pass
+    assert cost([text(10)] * 8) == 2 * KNEE  # 80 tokens: batching is free
+    assert cost([text(100), text(2000)]) == KNEE + 4000  # padded to the longest
+
+
+@pytest.mark.parametrize(
+    ("shapes", "max_batch", "picked"),
+    [
+        ([text(300)] * 6, 4, [0, 1, 2, 3]),  # alike: the oldest first, as FIFO
+        ([text(100), text(2000)], 4, [0]),  # 4,256 together vs 2,768 apart: apart
+        ([text(2000), text(100)], 4, [0]),  # the same when the long one is oldest
+        ([text(300), text(350)], 4, [0, 1]),  # 956 together vs 1,162 apart
+        ([text(100), text(2000), text(110), text(120)], 2, [0, 2]),  # the nearest, not the older
+        ([Shape(400, True), text(400), Shape(420, True)], 2, [0, 2]),  # the same kind first
+        ([Shape(400, True), text(400), Shape(420, True)], 4, [0, 1, 2]),  # room: all
+        ([text(1500), text(1400), text(30), text(20)], 4, [0, 1]),  # two batches, not padding
+    ],
+)
+def test_choose(shapes: list[Shape], max_batch: int, picked: list[int]) -> None:
+    assert choose(shapes, max_batch) == picked
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 4000), st.booleans()), min_size=1, max_size=40),
+    st.integers(1, 8),
+)
+def test_every_request_runs_within_as_many_batches_as_were_ahead_of_it(
+    items: list[tuple[int, bool]], max_batch: int
+) -> None:
+    queue = list(range(len(items)))
+    shapes = [Shape(tokens, has_image) for tokens, has_image in items]
+    batches = 0
+    served_in: dict[int, int] = {}
+    while queue:
+        picked = choose([shapes[i] for i in queue], max_batch)
+        assert picked[0] == 0
+        assert picked == sorted(set(picked))
+        assert len(picked) <= max_batch
+        batches += 1
+        for index in picked:
+            served_in[queue[index]] = batches
+        queue = [q for i, q in enumerate(queue) if i not in picked]
+    assert all(served_in[r] <= r + 1 for r in served_in)
+
+
+def _long_and_short(preparer: Preparer) -> tuple[PreparedRequest, PreparedRequest]:
+    long = preparer.prepare([{"role": "user", "content": "word " * 700}])
+    short = preparer.prepare([{"role": "user", "content": "Hi."}])
+    assert Shape.of(long).tokens > 600
+    assert Shape.of(short).tokens < 100  # the shared policy head is not counted
+    return long, short
+
+
+def test_the_scheduler_keeps_a_long_prompt_from_padding_short_ones(preparer: Preparer) -> None:
+    long, short = _long_and_short(preparer)
+    engine = FakeEngine(max_batch=4)
+    engine.gate = threading.Event()
+    scheduler = Scheduler(engine, max_batch=4, max_wait_s=0.0, max_queue=16)
+    scheduler.start()
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def work(request: PreparedRequest, name: str) -> Work:
+        def done(*_: object) -> None:
+            with lock:
+                answered.append(name)
+
+        return Work(request, name, done)
+
+    try:
+        scheduler.add(work(short, "first"))
+        assert engine.entered.wait(10)  # the first batch holds the engine
+        for index, (request, name) in enumerate(
+            [(long, "long"), (short, "a"), (image_request(preparer), "image"), (short, "b")]
+        ):
+            scheduler.add(work(request, name))
+            assert scheduler.depth() == index + 1
+        engine.gate.set()
+        deadline = time.monotonic() + 10
+        while len(answered) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.drain(10)
+    # FIFO would have padded all four to the long prompt. Here the long prompt runs alone, then
+    # the rest together: the short texts (~20 tokens past the shared policy head) pad to the
+    # image's ~200-token prompt, 844 tokens of work against 1,024 for two batches.
+    sizes = [[len(r.prompt) for r in batch] for batch in engine.batches]
+    assert [len(batch) for batch in sizes] == [1, 1, 3], sizes
+    assert sizes[1] == [len(long.prompt)]
+    assert answered[:2] == ["first", "long"]
+    assert sorted(answered[2:]) == ["a", "b", "image"]
+
+
+def image_request(preparer: Preparer) -> PreparedRequest:
+    picture = np.zeros((300, 400, 3), np.uint8)
+    parts: Sequence[object] = [{"type": "image", "image": picture}, {"type": "text", "text": "Hi."}]
+    return preparer.prepare([{"role": "user", "content": parts}])
