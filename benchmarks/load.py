@@ -2,16 +2,18 @@
 
 Usage: python benchmarks/load.py [--server HOST:PORT] [--rate R] [--duration S] [--warmup S]
            [--concurrency N] [--mix text=0.6,image=0.3,stream=0.1] [--arrivals poisson|uniform]
-           [--max-batch-size N] [--max-wait-ms MS] [--seed N] [--token TOKEN] [--timeout S]
+           [--max-batch-size N] [--max-wait-ms MS] [--batching cost|fifo] [--seed N]
+           [--token TOKEN] [--timeout S]
        python benchmarks/load.py --overhead [--requests N] [--max-batch-size N]
 
 Open loop: requests are sent on a fixed arrival schedule (Poisson or evenly spaced at --rate
 requests/s), whether or not earlier ones have finished, and each latency is measured from the
 request's SCHEDULED send time, so any queueing (in the client's --concurrency limit, the server's
 batch queue, or a generator that fell behind) counts. Requests scheduled in the first --warmup
-seconds are sent but left out of the statistics. Kinds: `text` (a text-only Moderate), `image`
-(a Moderate with a seeded synthetic 320x240 JPEG) and `stream` (a ModerateStream: a start, 8
-appends of a few words with check_every_tokens 8, an end; its latency is to the final verdict).
+seconds are sent but left out of the statistics. Kinds: `text` (a text-only Moderate), `long`
+(a text-only Moderate of ~700 words), `image` (a Moderate with a seeded synthetic 320x240
+JPEG) and `stream` (a ModerateStream: a start, 8 appends of a few words with
+check_every_tokens 8, an end; its latency is to the final verdict).
 
 Without --server the script serves the tiny-random model itself, in this process on a free port
 (the server runs on its own thread and event loop, so that the load generator does not run inside
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
     from guardrt.v1.moderation_pb2_grpc import ModerationAsyncStub
 
 T = TypeVar("T")
-KINDS = ("text", "image", "stream")
+KINDS = ("text", "long", "image", "stream")
 CHECK_EVERY_TOKENS = 8
 CONNECT_TIMEOUT_S = 10.0
 WRITE_RACE = "INTERNAL_WRITE_RACE"
@@ -146,6 +148,12 @@ def user(text: str, image: bytes | None = None) -> pb.Message:
 
 def text_request(rng: random.Random, request_id: str) -> pb.ModerateRequest:
     return pb.ModerateRequest(request_id=request_id, messages=[user(rng.choice(QUESTIONS))])
+
+
+def long_request(rng: random.Random, request_id: str) -> pb.ModerateRequest:
+    """A text-only Moderate of ~700 words: several questions with a pasted document."""
+    words = " ".join(rng.choice(QUESTIONS) for _ in range(50))
+    return pb.ModerateRequest(request_id=request_id, messages=[user(words)])
 
 
 def image_request(
@@ -288,6 +296,8 @@ async def run_load(target: str, args: argparse.Namespace) -> tuple[list[Sample],
             request: pb.ModerateRequest | list[pb.StreamRequest]
             if kind == "text":
                 request = text_request(rng, request_id)
+            elif kind == "long":
+                request = long_request(rng, request_id)
             elif kind == "image":
                 request = image_request(rng, images, request_id)
             else:
@@ -311,13 +321,16 @@ class InProcessServer:
     drain the scheduler (5 s).
     """
 
-    def __init__(self, max_batch: int, max_wait_ms: float, token: str | None) -> None:
+    def __init__(
+        self, max_batch: int, max_wait_ms: float, token: str | None, batching: str = "cost"
+    ) -> None:
         self.config = ServerConfig(
             model=TINY_RANDOM,
             host="127.0.0.1",
             grpc_port=0,
             max_batch_size=max_batch,
             max_wait_ms=max_wait_ms,
+            batching=batching,
             auth_tokens=frozenset({token}) if token else frozenset(),
         )
         self.stack: Stack = build_stack(self.config)
@@ -497,7 +510,7 @@ def load_mode(args: argparse.Namespace) -> None:
     server = None
     target: str = args.server
     if target is None:
-        server = InProcessServer(args.max_batch_size, args.max_wait_ms, args.token)
+        server = InProcessServer(args.max_batch_size, args.max_wait_ms, args.token, args.batching)
         target = server.target
     try:
         info = asyncio.run(server_info(target, args.token))
@@ -509,7 +522,7 @@ def load_mode(args: argparse.Namespace) -> None:
             f"{args.concurrency}, seed {args.seed}"
             + (
                 f"; {where} server max_batch_size {args.max_batch_size}, "
-                f"max_wait_ms {args.max_wait_ms:g}"
+                f"max_wait_ms {args.max_wait_ms:g}, batching {args.batching}"
                 if server
                 else ""
             )
@@ -607,6 +620,7 @@ def main() -> None:
     parser.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batching", choices=("cost", "fifo"), default="cost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--token", help="bearer token (also required by the in-process server)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline, s")

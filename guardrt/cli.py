@@ -178,6 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
+        batching=args.batching,
         max_queue=args.max_queue,
         max_message_bytes=args.max_message_bytes,
         max_text_chars=args.max_text_chars,
@@ -226,6 +227,13 @@ def _add_serve(commands: Any) -> None:
     )
     serve.add_argument("--max-batch-size", type=int, default=4)
     serve.add_argument("--max-wait-ms", type=float, default=5.0)
+    serve.add_argument(
+        "--batching",
+        choices=["cost", "fifo"],
+        default="cost",
+        help="which queued requests share a batch: the oldest plus those whose padding costs "
+        "less than a batch of their own (cost), or the oldest --max-batch-size (fifo)",
+    )
     serve.add_argument("--max-queue", type=int, default=256)
     serve.add_argument("--max-seq", type=int, default=8192, help="prompt + verdict tokens")
     serve.add_argument(

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardrt.runtime.batching import KNEE, Shape, choose, cost
+from guardrt.runtime.batching import KNEE, POLICIES, Shape, choose, cost, fifo
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.scheduler import Scheduler, Work
@@ -67,6 +67,16 @@ def test_every_request_runs_within_as_many_batches_as_were_ahead_of_it(
             served_in[queue[index]] = batches
         queue = [q for i, q in enumerate(queue) if i not in picked]
     assert all(served_in[r] <= r + 1 for r in served_in)
+
+
+def test_fifo_and_the_policy_setting() -> None:
+    from guardrt.runtime.errors import ConfigError  # noqa: PLC0415
+    from guardrt.runtime.server.config import ServerConfig  # noqa: PLC0415
+
+    assert fifo([text(100), text(2000), text(100)], 2) == [0, 1]
+    assert POLICIES["cost"] is choose
+    with pytest.raises(ConfigError, match="batching 'lifo' is not one of cost, fifo"):
+        ServerConfig(batching="lifo")
 
 
 def _long_and_short(preparer: Preparer) -> tuple[PreparedRequest, PreparedRequest]:

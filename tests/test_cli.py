@@ -102,13 +102,17 @@ def test_serve_flags_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -
         return 0
 
     monkeypatch.setattr("guardrt.runtime.server.main.serve", fake_serve)
-    assert main(["serve", "--quantize", "fp8", "--no-cuda-graphs", "--log-level", "ERROR"]) == 0
+    flags = ["--quantize", "fp8", "--no-cuda-graphs", "--batching", "fifo"]
+    assert main(["serve", *flags, "--log-level", "ERROR"]) == 0
     options = seen[0].engine_options(Path("ckpt"))
     assert options.quantize == "fp8"
     assert options.cuda_graphs is False
+    assert seen[0].batching == "fifo"
     assert main(["serve", "--log-level", "ERROR"]) == 0
     defaults = seen[1].engine_options(Path("ckpt"))
     assert defaults.quantize is None
     assert defaults.cuda_graphs is True
-    with pytest.raises(SystemExit):
-        main(["serve", "--quantize", "int4"])
+    assert seen[1].batching == "cost"
+    for bad in (["--quantize", "int4"], ["--batching", "shortest-first"]):
+        with pytest.raises(SystemExit):
+            main(["serve", *bad])

@@ -19,7 +19,7 @@ requests ahead of it, as with first-in-first-out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from guardrt.runtime.requests import PreparedRequest
@@ -67,3 +67,12 @@ def choose(shapes: Sequence[Shape], max_batch: int) -> list[int]:
             chosen.append(candidate)
             picked.append(index)
     return sorted(picked)
+
+
+def fifo(shapes: Sequence[Shape], max_batch: int) -> list[int]:
+    """First in, first out: the oldest `max_batch`, whatever their lengths."""
+    return list(range(min(len(shapes), max_batch)))
+
+
+Policy = Callable[[Sequence[Shape], int], list[int]]
+POLICIES: dict[str, Policy] = {"cost": choose, "fifo": fifo}  # `guardrt serve --batching`

@@ -2,10 +2,10 @@
 
 The contract is narrow (as vLLM's): `add` work, `schedule` a batch, `execute` it on the engine,
 `update` each request with its outcome. A batch closes when it is full or when its first request
-has waited `max_wait`; which queued requests share it is `batching.choose`'s call (the oldest
-always, others where batching saves work). Requests whose deadline passed are answered DEADLINE
-without running; cancelled requests are dropped; an engine failure fails that batch's requests
-only.
+has waited `max_wait`; which queued requests share it is the policy's call (`batching.choose`:
+the oldest always, others where batching saves work; or first in, first out). Requests whose
+deadline passed are answered DEADLINE without running; cancelled requests are dropped; an
+engine failure fails that batch's requests only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guardrt.runtime.batching import Shape, choose
+from guardrt.runtime.batching import Policy, Shape, choose
 from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ServiceError, ServiceReason
 from guardrt.runtime.requests import Decoded, PreparedRequest
@@ -59,8 +59,15 @@ _WINDOW_BATCHES = 4
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int, max_wait_s: float, max_queue: int) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        policy: Policy = choose,
+    ) -> None:
+        self.engine, self.policy = engine, policy
         self.max_batch = min(max_batch, engine.info.max_batch)
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
         self._queue: deque[Work] = deque()
@@ -111,7 +118,7 @@ class Scheduler:
             window = list(itertools.islice(self._queue, _WINDOW_BATCHES * self.max_batch))
             if not window:
                 return []
-            picked = choose([work.shape for work in window], self.max_batch)
+            picked = self.policy([work.shape for work in window], self.max_batch)
             batch = [window[index] for index in picked]
             for work in batch:
                 self._queue.remove(work)

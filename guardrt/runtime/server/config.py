@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from guardrt.runtime.batching import POLICIES
 from guardrt.runtime.engine import EngineOptions
 from guardrt.runtime.errors import ConfigError
 
@@ -48,6 +49,7 @@ class ServerConfig:
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0 = any free port, -1 = off
     max_batch_size: int = 4
     max_wait_ms: float = 5.0  # a batch closes when full or when its first request waited this
+    batching: str = "cost"  # which queued requests share a batch: "cost" or "fifo" (batching.py)
     max_queue: int = 256  # queued requests beyond this are refused (RESOURCE_EXHAUSTED)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_text_chars: int = 200_000
@@ -79,6 +81,8 @@ class ServerConfig:
             raise ConfigError(f"grpc port {self.grpc_port} is not a port number")
         if not -1 <= self.http_port < 65536:
             raise ConfigError(f"http port {self.http_port} is not a port number (or -1: off)")
+        if self.batching not in POLICIES:
+            raise ConfigError(f"batching {self.batching!r} is not one of {', '.join(POLICIES)}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.workers < 1:
             raise ConfigError("max_wait_ms and grace_s must be ≥ 0 and workers ≥ 1")
 

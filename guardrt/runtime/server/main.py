@@ -22,6 +22,7 @@ import numpy as np
 from aiohttp import web
 
 from guardrt import __version__
+from guardrt.runtime.batching import POLICIES
 from guardrt.runtime.engine import Engine, backend_for, load_engine
 from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
@@ -84,7 +85,13 @@ def assemble_stack(
     warmup: list[PreparedRequest],
 ) -> Stack:
     """Scheduler, service and model info around a loaded engine (the scheduler is not started)."""
-    scheduler = Scheduler(engine, config.max_batch_size, config.max_wait_ms / 1e3, config.max_queue)
+    scheduler = Scheduler(
+        engine,
+        config.max_batch_size,
+        config.max_wait_ms / 1e3,
+        config.max_queue,
+        POLICIES[config.batching],
+    )
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
     service = ModerationService(preparer, scheduler, Limits(config.max_text_chars), executor)
     info = pb.ModelInfo(
