@@ -51,7 +51,7 @@ def main() -> None:
     # Batch 1 (latency), then a full text batch (throughput: where its time goes).
     for rows, names in ((1, ("text", "image+text")), (args.batch, ("text",))):
         static = uses_graphs(device, not args.no_cuda_graphs)
-        steps = setup_steps(model, rows + cases.PREFIXES, 1024, static)
+        steps = setup_steps(model, rows + cases.PREFIXES, 1024, static, image_rows=rows)
         for name in names:
             lines += _profile(steps, [requests[name]] * rows, f"{name} safe, batch {rows}")
         del steps

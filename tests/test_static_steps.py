@@ -24,7 +24,7 @@ from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
 from guardrt.runtime.engine import EngineOptions, torch_engine
 from guardrt.runtime.engine.torch_engine import TorchEngine
-from guardrt.runtime.model.cache import KVCache
+from guardrt.runtime.model.cache import CacheLayout, KVCache
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel
@@ -148,6 +148,10 @@ def test_static_steps_answer_what_eager_steps_answer(
     eager = Classifier(_model(checkpoint, 4 + 1), decode, prefixes=1)  # type: ignore[arg-type]
     expected = eager.run(requests) + [eager.run([r])[0] for r in requests[:3]]
     model = _model(checkpoint, 4 + 1 + 1)  # + the scratch row
+    # As the engine lays the cache out: image K/V only for the 4 batch rows, none for the
+    # prefix row or the scratch row (whose pad rows read the last batch row's instead).
+    model.setup_caches(4 + 1 + 1, MAX_SEQ, image_rows=4)
+    assert model.cache.cross_kv.shape[2] == 4
     steps = StaticSteps(model)  # captures CUDA graphs on a GPU
     assert steps.max_batch == 5
     assert steps.scratch == 5
@@ -278,10 +282,10 @@ def test_grown_capacity_refuses_past_max_seq() -> None:
 
 
 def test_cache_reserve() -> None:
-    cache = KVCache(
-        self_layers=2, cross_layers=1, rows=3, kv_heads=1, max_seq=300, image_keys=4,
-        head_dim=2, device=torch.device("cpu"), dtype=torch.float32, capacity=10,
-    )  # fmt: skip
+    layout = CacheLayout(
+        self_layers=2, cross_layers=1, rows=3, kv_heads=1, max_seq=300, image_keys=4, head_dim=2
+    )
+    cache = KVCache(layout, device=torch.device("cpu"), dtype=torch.float32, capacity=10)
     cache.self_kv[:] = torch.arange(cache.self_kv.numel(), dtype=torch.float32).view_as(
         cache.self_kv
     )
@@ -299,6 +303,19 @@ def test_cache_reserve() -> None:
         cache.reserve(301)
     cache.copy_kv(0, 2, 300)  # copies reserve too (already enough here)
     torch.testing.assert_close(cache.self_kv[:, :, 2], cache.self_kv[:, :, 0])
+
+
+def test_rows_without_image_kv_refuse_an_image(checkpoint: Path, tok: Tokenizer) -> None:
+    model = _model(checkpoint, 3)
+    model.setup_caches(3, MAX_SEQ, image_rows=2)
+    steps = TorchSteps(model)
+    image = _requests(tok)[4].image
+    assert image is not None
+    steps.write_images([1], [image])
+    with pytest.raises(ValueError, match=r"cache rows \[2\] hold no image K/V \(rows 0..1 do\)"):
+        steps.write_images([2], [image])
+    with pytest.raises(ValueError, match=r"cache rows \[2\]"):
+        steps.clear_images([0, 2])
 
 
 def test_steps_on_an_older_cache_tensor_are_dropped(checkpoint: Path) -> None:
@@ -416,4 +433,11 @@ def test_the_engine_warms_up_and_serves_through_static_steps(
     warmed = set(steps._steps)
     assert_same_decoded(engine.execute(requests[:3]), plain.execute(requests[:3]))
     assert_same_decoded(engine.execute(requests[:1]), plain.execute(requests[:1]))
+    # Image K/V for the batch and session rows only: not the prefix row nor the scratch row.
+    cache = engine.model.cache
+    rows = options.max_batch + options.max_sessions
+    assert cache.cross_kv.shape[2] == rows
+    assert cache.self_kv.shape[2] == rows + options.max_prefixes + 1
+    mixed = [requests[0], requests[5], requests[4]]  # text, 4 tiles, 1 tile
+    assert_same_decoded(engine.execute(mixed), plain.execute(mixed))
     assert set(steps._steps) - warmed <= {k for k in steps._steps if k.batch > 1}

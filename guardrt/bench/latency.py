@@ -168,7 +168,7 @@ def _steps(
 ) -> TorchSteps:
     """The engine's steps with caches for `batch` requests and the prefix row."""
     static = uses_graphs(device, not args.no_cuda_graphs)
-    return setup_steps(model, batch + cases.PREFIXES, MAX_SEQ, static)
+    return setup_steps(model, batch + cases.PREFIXES, MAX_SEQ, static, image_rows=batch)
 
 
 def _graphs(steps: TorchSteps) -> dict[str, float]:

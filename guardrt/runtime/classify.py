@@ -29,8 +29,18 @@ class TorchSteps:
     def _tensor(self, values: np.ndarray | Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
 
+    def _image_rows(self, slots: Sequence[int]) -> torch.Tensor:
+        """`slots` as a tensor, refused when one holds no image K/V (a device-side index
+        error would poison the CUDA context instead)."""
+        rows = self.model.cache.image_rows
+        outside = [slot for slot in slots if not 0 <= slot < rows]
+        if outside:
+            raise ValueError(f"cache rows {outside} hold no image K/V (rows 0..{rows - 1} do)")
+        return self._tensor(slots)
+
     @torch.inference_mode()
     def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        rows = self._image_rows(slots)
         pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
         masks = np.stack([image.aspect_ratio_mask for image in images])  # (N, T)
         states = self.model.encode_images(
@@ -38,11 +48,11 @@ class TorchSteps:
             self._tensor([image.aspect_ratio_id for image in images]),
             self._tensor(masks),
         )
-        self.model.write_images(self._tensor(slots), states)
+        self.model.write_images(rows, states)
 
     @torch.inference_mode()
     def clear_images(self, slots: Sequence[int]) -> None:
-        self.model.clear_images(self._tensor(slots))
+        self.model.clear_images(self._image_rows(slots))
 
     @torch.inference_mode()
     def copy_kv(self, source: int, target: int, length: int) -> None:

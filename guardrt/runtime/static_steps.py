@@ -366,11 +366,19 @@ def uses_graphs(device: torch.device, enabled: bool = True) -> bool:
 
 
 def setup_steps(
-    model: MllamaModel, rows: int, max_seq: int, static: bool, capacity: int | None = None
+    model: MllamaModel,
+    rows: int,
+    max_seq: int,
+    static: bool,
+    capacity: int | None = None,
+    image_rows: int | None = None,
 ) -> TorchSteps:
     """The torch engine's steps over caches for `rows` decoding rows (batch, session and prefix
-    rows), plus the scratch row `StaticSteps` pads into when `static`. The old caches are let
-    go first, so two are never held at once."""
+    rows, in that order), plus the scratch row `StaticSteps` pads into when `static`; the first
+    `image_rows` (batch and session rows; default all `rows`) hold image K/V. The old caches
+    are let go first, so two are never held at once."""
     model.setup_caches(0, 0)
-    model.setup_caches(rows + int(static), max_seq, capacity)
+    model.setup_caches(
+        rows + int(static), max_seq, capacity, rows if image_rows is None else image_rows
+    )
     return StaticSteps(model) if static else TorchSteps(model)

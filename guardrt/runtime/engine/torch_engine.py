@@ -128,7 +128,10 @@ class TorchEngine:
             )  # fmt: skip
         rows = options.max_batch + options.max_sessions + options.max_prefixes
         static = static_steps_for(options, device)
-        self.steps = setup_steps(self.model, rows, options.max_seq, static, _INITIAL_POSITIONS)
+        self.steps = setup_steps(
+            self.model, rows, options.max_seq, static, _INITIAL_POSITIONS,
+            image_rows=options.max_batch + options.max_sessions,  # not the prefix rows
+        )  # fmt: skip
         cache = self.model.cache
         size = sum(t.numel() * t.element_size() for t in (cache.self_kv, cache.cross_kv))
         log.info(

@@ -13,36 +13,51 @@ reallocates the tensor, so whoever captured its address (a CUDA graph) must chec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from guardrt.runtime.capacity import grown_capacity
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """The sizes of a K/V cache: (layers, 2, rows, Hkv, positions, d) per attention kind."""
+
+    self_layers: int
+    cross_layers: int
+    rows: int
+    kv_heads: int
+    max_seq: int
+    image_keys: int
+    head_dim: int
+    # The first rows, which alone may hold an image (None: all). Later rows (shared prefixes,
+    # the scratch row) never do and get no image K/V: 210 MB a row at full size.
+    image_rows: int | None = None
+
+
 class KVCache:
     def __init__(
         self,
+        layout: CacheLayout,
         *,
-        self_layers: int,
-        cross_layers: int,
-        rows: int,
-        kv_heads: int,
-        max_seq: int,
-        image_keys: int,
-        head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
         capacity: int | None = None,
     ) -> None:
         """`capacity`: positions allocated now (default all `max_seq`)."""
-        self.max_seq = max_seq
-        self.capacity = max_seq if capacity is None else min(capacity, max_seq)
+        rows, image_rows = layout.rows, layout.image_rows
+        self.max_seq = layout.max_seq
+        self.capacity = self.max_seq if capacity is None else min(capacity, self.max_seq)
+        self.image_rows = rows if image_rows is None else min(image_rows, rows)
         self.version = 0  # counts reallocations of self_kv
         self.self_kv = torch.zeros(
-            (self_layers, 2, rows, kv_heads, self.capacity, head_dim), device=device, dtype=dtype
+            (layout.self_layers, 2, rows, layout.kv_heads, self.capacity, layout.head_dim),
+            device=device,
+            dtype=dtype,
         )
-        self.cross_kv = torch.zeros(
-            (cross_layers, 2, rows, kv_heads, image_keys, head_dim), device=device, dtype=dtype
-        )
+        image = (layout.cross_layers, 2, self.image_rows, layout.kv_heads, layout.image_keys)
+        self.cross_kv = torch.zeros((*image, layout.head_dim), device=device, dtype=dtype)
 
     def reserve(self, length: int) -> bool:
         """Hold positions 0..length-1 (`grown_capacity`), keeping every row's K/V. True when
@@ -83,6 +98,14 @@ class CacheStep:
         self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv_len: int
     ) -> None:
         self.cache, self.slots, self.positions, self.kv_len = cache, slots, positions, kv_len
+        # Rows past the image rows (a shared prefix, the scratch row) hold no image: where a
+        # cross layer runs over them anyway (a pad row of an image step), they read the last
+        # image row's K/V, and their output is discarded or zeroed. A tensor op, not a host
+        # read, so CUDA graphs capture it.
+        rows = cache.self_kv.shape[2]
+        self.image_slots = (
+            slots if cache.image_rows == rows else slots.clamp(max=cache.image_rows - 1)
+        )
 
     def self_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -94,5 +117,5 @@ class CacheStep:
         return keys[self.slots, :, : self.kv_len], values[self.slots, :, : self.kv_len]
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.cache.cross_kv[layer]  # (2, rows, Hkv, L, d)
-        return image[0, self.slots], image[1, self.slots]
+        image = self.cache.cross_kv[layer]  # (2, image rows, Hkv, L, d)
+        return image[0, self.image_slots], image[1, self.image_slots]

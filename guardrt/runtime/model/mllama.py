@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from guardrt.runtime.errors import ConfigError
-from guardrt.runtime.model.cache import KVCache
+from guardrt.runtime.model.cache import CacheLayout, KVCache
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import (
     causal_cache_mask,
@@ -75,12 +75,19 @@ class MllamaModel(nn.Module):
     def cross_layers(self) -> list[CrossAttentionLayer]:
         return [m for m in self.language_model.model.layers if isinstance(m, CrossAttentionLayer)]
 
-    def setup_caches(self, max_batch: int, max_seq: int, capacity: int | None = None) -> None:
+    def setup_caches(
+        self,
+        max_batch: int,
+        max_seq: int,
+        capacity: int | None = None,
+        image_rows: int | None = None,
+    ) -> None:
         """Allocate the K/V cache (`model/cache.py`) for `max_batch` rows of `max_seq`
         positions, on the weights' device and dtype (0, 0 frees it); `capacity` positions now
-        (default all), more as steps need them."""
+        (default all), more as steps need them; image K/V for the first `image_rows` rows
+        (default all)."""
         text = self.config.text
-        self._cache = KVCache(
+        layout = CacheLayout(
             self_layers=len(text.self_attention_layers),
             cross_layers=len(text.cross_attention_layers),
             rows=max_batch,
@@ -88,9 +95,10 @@ class MllamaModel(nn.Module):
             max_seq=max_seq,
             image_keys=self.image_keys if max_batch else 0,
             head_dim=text.head_dim,
-            device=self.device,
-            dtype=self.weight_dtype,
-            capacity=capacity,
+            image_rows=image_rows,
+        )
+        self._cache = KVCache(
+            layout, device=self.device, dtype=self.weight_dtype, capacity=capacity
         )
         self.max_batch, self.max_seq = max_batch, max_seq
 
