@@ -11,8 +11,9 @@ step (1) to a full image prefill (6432), the median µs of five ways to compute 
 (`guardrt/kernels/fp8_linear.py`, activation quantization included). With them: each kernel's
 max relative error against its reference (fp8 also against the exact fp32 math of the same
 quantized operands), the path `choose_path` takes there, and the fastest.
-`INT8_TRITON_MAX_ROWS` (guardrt/kernels/dispatch.py) is the largest M at which "int8 triton"
-beats "int8 ref"; read it off the table.
+The engine measures the same crossover per layer shape when it loads (`int8_rows.py`); this
+table is the whole sweep, and shows whether `INT8_TRITON_MAX_ROWS` (the limit before any
+measurement, guardrt/kernels/dispatch.py) is a fair default.
 
 Rows run in increasing M, so the decode shapes come first if `--budget` (total seconds, default
 90) runs out; a cell that fails records its error and the run goes on. Writes the table to stdout

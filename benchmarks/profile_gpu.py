@@ -26,6 +26,7 @@ from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.model.fuse import fuse_projections
+from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.requests import PreparedRequest
@@ -44,10 +45,10 @@ def main() -> None:
     device = torch.device(args.device)
     model = random_model(SIZES[args.size], device)
     fuse_projections(model)
-    tuning = model.vision_model.tune_attention()  # as the engine does at load
+    tuning = tune_for_device(model)  # as the engine does at load
     requests = cases.requests(Preparer(load_tokenizer(), ImageConfig(), 1024))
     lines = [f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"]
-    lines.append(f"vision attention: {tuning.plan.name}; ms per call {tuning.timings_ms}")
+    lines += tuning.lines()
     # Batch 1 (latency), then a full text batch (throughput: where its time goes).
     for rows, names in ((1, ("text", "image+text")), (args.batch, ("text",))):
         static = uses_graphs(device, not args.no_cuda_graphs)

@@ -48,6 +48,7 @@ from guardrt.runtime.decoding import Decoder, probability
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
+from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
@@ -100,7 +101,7 @@ def _precision_run(
         kind: QuantKind = "fp8" if precision == "fp8" else "int8"
         quantize_model(model, kind, activations=precision == "int8-wa")
     fuse_projections(model)
-    tuning = model.vision_model.tune_attention()  # as the engine does at load
+    tuning = tune_for_device(model)  # as the engine does at load
     _free(device)
     work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)
     steps = _steps(args, model, device, 1)
@@ -152,10 +153,7 @@ def _precision_run(
     return {
         "latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak,
         "cuda_graphs": graphs, "p_unsafe": p_unsafe, "p_unsafe_served": p_served,
-        "vision_attention": {
-            "plan": tuning.plan.name, "ms": tuning.timings_ms, "refused": tuning.rejected
-        },
-    }  # fmt: skip
+    } | tuning.to_json()  # fmt: skip
 
 
 def _p_unsafe(steps: TorchSteps, request: Any) -> float:
@@ -275,6 +273,8 @@ def _table(report: dict[str, Any]) -> str:
                 f"{graphs['graphs_total']['graphs']} graphs in "
                 f"{graphs['graphs_total']['capture_s']:.1f} s"
             )
+        for shape, limit in run.get("int8_rows", {}).get("limits", {}).items():
+            lines.append(f"  int8 {shape} ({precision}): the Triton kernel up to {limit} rows")
         attention = run.get("vision_attention", {})
         if attention.get("ms"):
             timed = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(attention["ms"].items()))

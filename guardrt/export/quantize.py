@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from guardrt.kernels.dispatch import run_fast_path, select_path
+from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, run_fast_path, select_path
 
 QuantKind = Literal["int8", "fp8"]
 QMAX = 127
@@ -96,6 +96,9 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.force_reference = force_reference
         self.activations = False
+        # The most rows (tokens) the int8 Triton kernel takes for this layer; set per shape
+        # from measurements on the GPU (`guardrt/kernels/int8_rows.py`).
+        self.triton_rows = INT8_TRITON_MAX_ROWS
         self.group_size = weight.group_size
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
@@ -110,7 +113,7 @@ class QuantizedLinear(nn.Module):
         path = (
             "reference"
             if self.force_reference
-            else select_path(x, self.qweight, self.scales, self.activations)
+            else select_path(x, self.qweight, self.scales, self.activations, self.triton_rows)
         )
         if path != "reference":
             return run_fast_path(path, x, self.qweight, self.scales, bias)

@@ -4,7 +4,8 @@
 "reference" is its own dequantize-then-`F.linear`, the only path a tracer ever sees:
 
   int8 weights, per-channel scales, bf16/fp16 input, CUDA (sm ≥ 8.0), triton importable,
-    M ≤ INT8_TRITON_MAX_ROWS rows                                  → "int8_triton" (int8_linear.py)
+    M ≤ the layer's `triton_rows` (INT8_TRITON_MAX_ROWS until `int8_rows.tune` measures it
+    on the GPU at load)                                            → "int8_triton" (int8_linear.py)
   the same with quantized activations allowed ("weight+activation"), more rows, CUDA
     (sm ≥ 7.5), K and N multiples of 8               → "int8_int_mm" (int8_dynamic.py)
   fp8 e4m3 weights, per-channel scales, bf16/fp16 input, CUDA sm ≥ 8.9,
@@ -38,8 +39,8 @@ Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 # Rows (tokens) up to which the int8 weight-only kernel runs instead of dequantize-then-cuBLAS. A
 # decode step (a few rows) reads every weight once and little else, so int8 weights halve its
 # cost; a prefill (hundreds to thousands of rows) is compute-bound, where cuBLAS wins and the
-# dequantize is amortised. 64 is a guess: tune it with benchmarks/kernels.py on the GPU (the M at
-# which the int8 kernel's column stops beating the int8 reference's).
+# dequantize is amortised. 64 is the default before measurement: on a GPU the engine times both
+# paths per layer shape at load and sets each layer's own limit (`guardrt/kernels/int8_rows.py`).
 INT8_TRITON_MAX_ROWS = 64
 TRITON_MIN_CAPABILITY: Capability = (8, 0)  # bf16 tl.dot
 FP8_MIN_CAPABILITY: Capability = (8, 9)  # fp8 tensor cores (Ada, Hopper and later)
@@ -54,10 +55,12 @@ def choose_path(
     capability: Capability | None,
     has_triton: bool,
     activations: bool = False,
+    triton_rows: int = INT8_TRITON_MAX_ROWS,
 ) -> LinearPath:
     """The path for x (..., K) through qweight (N, K) with scales (N, groups), on a CUDA device
     of `capability` (None: not a CUDA device); `activations`: int8 may quantize the activations
-    too (the layer's "weight+activation" compute). Reads shapes and dtypes only."""
+    too (the layer's "weight+activation" compute); `triton_rows`: the most rows the int8
+    kernel takes (0: none). Reads shapes and dtypes only."""
     n, k = qweight.shape
     rows = x.numel() // k if k else 0  # M: the rows of x flattened to (M, K)
     if capability is None or rows == 0 or x.dtype not in FAST_DTYPES:
@@ -65,7 +68,7 @@ def choose_path(
     if scales.numel() != n:  # per-group scales: the kernels take one scale per output channel
         return "reference"
     if qweight.dtype == torch.int8:
-        return _int8_path(qweight, rows, capability, has_triton, activations)
+        return _int8_path(qweight, rows, capability, has_triton, activations, triton_rows)
     if qweight.dtype == torch.float8_e4m3fn:
         takes = fp8.scaled_mm_takes(n, k) and qweight.is_contiguous()  # .t() must be column-major
         return "fp8_scaled_mm" if capability >= FP8_MIN_CAPABILITY and takes else "reference"
@@ -73,20 +76,31 @@ def choose_path(
 
 
 def _int8_path(
-    qweight: torch.Tensor, rows: int, capability: Capability, has_triton: bool, activations: bool
+    qweight: torch.Tensor,
+    rows: int,
+    capability: Capability,
+    has_triton: bool,
+    activations: bool,
+    triton_rows: int,
 ) -> LinearPath:
     n, k = qweight.shape
-    small = rows <= INT8_TRITON_MAX_ROWS
-    if small and has_triton and capability >= TRITON_MIN_CAPABILITY:
+    if rows <= triton_rows and has_triton and capability >= TRITON_MIN_CAPABILITY:
         return "int8_triton"
+    # Steps the weight-only kernel declined; a decode step (≤ the default limit) keeps the
+    # weight-only reference: quantizing a few rows' activations buys nothing there.
+    large = rows > INT8_TRITON_MAX_ROWS
     takes = int8_dynamic.int_mm_takes(rows, n, k) and qweight.is_contiguous()
-    if activations and not small and takes and capability >= INT_MM_MIN_CAPABILITY:
+    if activations and large and takes and capability >= INT_MM_MIN_CAPABILITY:
         return "int8_int_mm"
     return "reference"
 
 
 def select_path(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, activations: bool = False
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    activations: bool = False,
+    triton_rows: int = INT8_TRITON_MAX_ROWS,
 ) -> LinearPath:
     """`choose_path` on this process's facts; "reference" whenever a tracer is recording, so
     exported graphs (ONNX, torch.export) keep the `guardrt::dequantize` op their translation
@@ -96,7 +110,7 @@ def select_path(
     if torch._C._is_tracing() or torch.compiler.is_compiling():
         return "reference"
     capability = cuda_capability(x.device)
-    return choose_path(x, qweight, scales, capability, triton_available(), activations)
+    return choose_path(x, qweight, scales, capability, triton_available(), activations, triton_rows)
 
 
 def run_fast_path(

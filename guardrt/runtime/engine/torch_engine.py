@@ -15,10 +15,10 @@ from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
 from guardrt.runtime.errors import ConfigError
-from guardrt.runtime.model.attention_plan import DEFAULT_PLAN
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import SEMANTICS
+from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 
@@ -118,14 +118,8 @@ class TorchEngine:
             _quantize(self.model, kind, activations)
             dtype = kind
         fuse_projections(self.model)
-        tuning = self.model.vision_model.tune_attention()  # on a GPU: times its kernels
-        if tuning.timings_ms:
-            log.info(
-                "vision attention: %s, %.2f ms per layer (torch's default: %.2f ms; %d ways "
-                "timed, %d refused)", tuning.plan.name, tuning.timings_ms[tuning.plan.name],
-                tuning.timings_ms.get(DEFAULT_PLAN.name, float("nan")),
-                len(tuning.timings_ms), len(tuning.rejected),
-            )  # fmt: skip
+        for line in tune_for_device(self.model).lines():  # measured on a GPU only
+            log.info("%s", line)
         rows = options.max_batch + options.max_sessions + options.max_prefixes
         static = static_steps_for(options, device)
         self.steps = setup_steps(

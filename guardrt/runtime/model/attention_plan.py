@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from guardrt.kernels.timer import Timer, cuda_timer
 
 # Tried on CUDA. MATH is left out: it materializes the (16, 6432, 6432) scores (2.6 GB in fp32).
 CUDA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
@@ -82,24 +83,12 @@ def candidates(head_dim: int, backends: tuple[str | None, ...]) -> list[Attentio
     return [AttentionPlan(b, w) for b in (None, *backends) for w in widths]
 
 
-def cuda_timer(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
-    """Milliseconds per call of `fn` on the current CUDA stream, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / reps
-
-
 def choose_plan(
     shape: tuple[int, int, int, int],
     dtype: torch.dtype,
     device: torch.device,
     backends: tuple[str | None, ...] = CUDA_BACKENDS,
-    timer: Callable[[Callable[[], torch.Tensor]], float] = cuda_timer,
+    timer: Timer = cuda_timer,
 ) -> Tuning:
     """Time every candidate on random q, k, v of `shape` (N, H, L, d) and keep the fastest
     whose output matches the default's; the default plan when none does better."""

@@ -86,3 +86,19 @@ def fuse_projections(model: nn.Module) -> int:
                 module.fuse(gate_up)
                 fused += 1
     return fused
+
+
+def modules_in_use(model: nn.Module) -> list[nn.Module]:
+    """The modules a forward runs: `model.modules()` with each fused group's parts replaced by
+    the fused module (the parts are views, never called; the fused modules are outside the
+    module tree)."""
+    parts: set[int] = set()
+    fused: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, SelfAttention | VisionAttention) and module.qkv is not None:
+            parts |= {id(module.q_proj), id(module.k_proj), id(module.v_proj)}
+            fused.append(module.qkv)
+        elif isinstance(module, MLP) and module.gate_up is not None:
+            parts |= {id(module.gate_proj), id(module.up_proj)}
+            fused.append(module.gate_up)
+    return [m for m in model.modules() if id(m) not in parts] + fused

@@ -7,20 +7,19 @@ an image jointly (T·P' tokens), with a mask that blocks only padding × padding
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from guardrt.kernels.timer import Timer, cuda_timer
 from guardrt.runtime.model.attention_plan import (
     CUDA_BACKENDS,
     DEFAULT_PLAN,
     AttentionPlan,
     Tuning,
     choose_plan,
-    cuda_timer,
 )
 from guardrt.runtime.model.config import VisionConfig
 from guardrt.runtime.model.functional import (
@@ -189,7 +188,7 @@ class VisionModel(nn.Module):
     def tune_attention(
         self,
         backends: tuple[str | None, ...] = CUDA_BACKENDS,
-        timer: Callable[[Callable[[], torch.Tensor]], float] | None = None,
+        timer: Timer | None = None,
     ) -> Tuning:
         """Time the joint attention of one full image (max tiles) each way `choose_plan`
         knows on this model's device and dtype, and run it the fastest way from now on. Only

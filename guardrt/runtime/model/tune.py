@@ -1,0 +1,61 @@
+"""What the runtime measures on the GPU when it loads a model, and keeps: which attention kernel
+the vision tower runs (`attention_plan.py`) and up to how many rows each int8 layer runs the
+Triton kernel (`guardrt/kernels/int8_rows.py`). One call, after quantizing and fusing, shared by
+the engine, the benchmark and the profile; on the CPU it measures nothing and changes nothing."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from guardrt.kernels import int8_rows
+from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, Tuning
+from guardrt.runtime.model.fuse import modules_in_use
+from guardrt.runtime.model.mllama import MllamaModel
+
+
+@dataclass(frozen=True)
+class LoadTuning:
+    attention: Tuning
+    int8_rows: int8_rows.RowsTuning
+
+    def lines(self) -> list[str]:
+        """What was chosen, for the log (shapes and times only)."""
+        out = []
+        attention = self.attention
+        if attention.timings_ms:
+            out.append(
+                f"vision attention: {attention.plan.name}, "
+                f"{attention.timings_ms[attention.plan.name]:.2f} ms per layer (torch's default "
+                f"{attention.timings_ms.get(DEFAULT_PLAN.name, float('nan')):.2f} ms; "
+                f"{len(attention.timings_ms)} ways timed, {len(attention.rejected)} refused)"
+            )
+        for shape, limit in self.int8_rows.limits.items():
+            why = self.int8_rows.refused.get(shape)
+            out.append(
+                f"int8 {shape}: the Triton kernel up to {limit} rows"
+                + (f" (refused: {why})" if why else "")
+            )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        attention = self.attention
+        return {
+            "vision_attention": {
+                "plan": attention.plan.name,
+                "ms": attention.timings_ms,
+                "refused": attention.rejected,
+            },
+            "int8_rows": asdict(self.int8_rows),
+        }
+
+
+def tune_for_device(model: MllamaModel) -> LoadTuning:
+    """Measure and set both choices on `model` (quantized and fused already)."""
+    attention = model.vision_model.tune_attention()
+    # The decoder's layers: the vision tower's and the projector's always see thousands of rows
+    # (6,432 per image), where the kernel is not a candidate, and timing them would only
+    # compile kernels nothing runs.
+    decoder = modules_in_use(model.language_model)
+    rows = int8_rows.tune(decoder, model.weight_dtype)
+    return LoadTuning(attention, rows)

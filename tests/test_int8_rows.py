@@ -1,0 +1,119 @@
+"""Up to how many rows each int8 layer runs the Triton kernel, measured at load
+(`guardrt/kernels/int8_rows.py`): the limit is the largest size up to which the kernel was the
+faster at every size measured, per layer shape; a kernel whose output is wrong is never used; on
+the CPU nothing is measured. The kernel runs under Triton's interpreter (conftest.py)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from guardrt.export.quantize import QuantizedLinear, quantize_linears, quantize_model
+from guardrt.kernels import dispatch, int8_rows
+from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.fuse import fuse_projections, modules_in_use
+from guardrt.runtime.model.text import MLP, SelfAttention
+
+pytest.importorskip("triton")  # the test extra installs it (x86-64 Linux)
+
+ROWS = (1, 16, 64, 128)
+
+
+def _layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(64, 32, bias=False), nn.Linear(64, 48))
+    quantize_linears(model, kind="int8")
+    return model
+
+
+def _timer(faster_up_to: dict[int, int]) -> Any:
+    """A timer by layer width: the kernel is faster than the alternative up to the given
+    rows, slower above (runs each call once, as real timers do)."""
+
+    def timer(fn: functools.partial[torch.Tensor]) -> float:
+        fn()
+        layer, x = fn.args
+        rows = x.shape[0]
+        kernel = fn.func is int8_rows._kernel
+        win = rows <= faster_up_to[layer.out_features]
+        return 1.0 if kernel == win else 2.0
+
+    return timer
+
+
+def test_nothing_is_measured_on_the_cpu() -> None:
+    model = _layers()
+    assert int8_rows.tune(model.modules(), torch.float32) == int8_rows.RowsTuning()
+    assert {layer.triton_rows for layer in model} == {INT8_TRITON_MAX_ROWS}
+
+
+def test_each_shape_gets_its_measured_limit() -> None:
+    model = _layers()
+    tuning = int8_rows.tune(model.modules(), torch.float32, _timer({32: 64, 48: 1}), ROWS)
+    assert tuning.limits == {"32×64": 64, "48×64": 1}
+    assert [layer.triton_rows for layer in model] == [64, 64, 1]  # both 32×64 layers
+    assert tuning.refused == {}
+    assert set(tuning.timings_ms["32×64"]) == {1, 16, 64, 128}  # measured until it lost
+    assert set(tuning.timings_ms["48×64"]) == {1, 16}
+    x = torch.zeros(100, 64, dtype=torch.bfloat16)  # 100 rows: past 64, within 128
+    layer = model[0]
+    hopper = (9, 0)
+    assert dispatch.choose_path(x[:64], layer.qweight, layer.scales, hopper, True,
+                                triton_rows=layer.triton_rows) == "int8_triton"  # fmt: skip
+    assert dispatch.choose_path(x, layer.qweight, layer.scales, hopper, True,
+                                triton_rows=layer.triton_rows) == "reference"  # fmt: skip
+
+
+def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the kernel's output is 10% off on this "GPU", however fast it is."""
+    fast = int8_rows.run_fast_path
+
+    def broken(*args: Any) -> torch.Tensor:
+        return fast(*args) * 1.1
+
+    monkeypatch.setattr(int8_rows, "run_fast_path", broken)
+    model = _layers()
+    tuning = int8_rows.tune(model.modules(), torch.float32, _timer({32: 128, 48: 128}), ROWS)
+    assert tuning.limits == {"32×64": 0, "48×64": 0}
+    assert "max |Δ| / max |reference|" in tuning.refused["32×64"]
+    assert {layer.triton_rows for layer in model} == {0}
+    one_row = torch.zeros(1, 64, dtype=torch.bfloat16)
+    for layer in model:
+        path = dispatch.choose_path(one_row, layer.qweight, layer.scales, (9, 0), True,
+                                    triton_rows=layer.triton_rows)  # fmt: skip
+        assert path == "reference"
+
+
+def test_the_fused_layers_are_the_ones_measured(checkpoint: Path) -> None:
+    model = load_model(checkpoint)
+    quantize_model(model, "int8")
+    fuse_projections(model)
+    in_use = modules_in_use(model)
+    fused = [m.qkv for m in model.modules() if isinstance(m, SelfAttention)]
+    fused += [m.gate_up for m in model.modules() if isinstance(m, MLP)]
+    parts = [m.q_proj for m in model.modules() if isinstance(m, SelfAttention)]
+    assert all(any(f is m for m in in_use) for f in fused)
+    assert not any(p is m for p in parts for m in in_use)
+    widths = {m.out_features: 1 for m in in_use if isinstance(m, QuantizedLinear)}
+    int8_rows.tune(in_use, torch.float32, _timer(widths), (1, 16))
+    assert {f.triton_rows for f in fused} == {1}  # type: ignore[union-attr]
+
+
+def test_load_tuning_measures_nothing_on_the_cpu(checkpoint: Path) -> None:
+    from guardrt.runtime.model.tune import tune_for_device  # noqa: PLC0415
+
+    model = load_model(checkpoint)
+    quantize_model(model, "int8")
+    fuse_projections(model)
+    tuning = tune_for_device(model)
+    assert tuning.lines() == []
+    assert tuning.to_json()["int8_rows"]["limits"] == {}
+    assert tuning.to_json()["vision_attention"]["plan"] == "default/d=as is"
+    layers = [m for m in modules_in_use(model) if isinstance(m, QuantizedLinear)]
+    assert {m.triton_rows for m in layers} == {INT8_TRITON_MAX_ROWS}
