@@ -63,6 +63,7 @@ def test_each_shape_gets_its_measured_limit() -> None:
     assert set(tuning.timings_ms["48×64"]) == {1, 16}
     x = torch.zeros(100, 64, dtype=torch.bfloat16)  # 100 rows: past 64, within 128
     layer = model[0]
+    assert isinstance(layer, QuantizedLinear)
     hopper = (9, 0)
     assert dispatch.choose_path(x[:64], layer.qweight, layer.scales, hopper, True,
                                 triton_rows=layer.triton_rows) == "int8_triton"  # fmt: skip
@@ -72,7 +73,7 @@ def test_each_shape_gets_its_measured_limit() -> None:
 
 def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: the kernel's output is 10% off on this "GPU", however fast it is."""
-    fast = int8_rows.run_fast_path
+    fast = dispatch.run_fast_path
 
     def broken(*args: Any) -> torch.Tensor:
         return fast(*args) * 1.1
@@ -85,6 +86,7 @@ def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {layer.triton_rows for layer in model} == {0}
     one_row = torch.zeros(1, 64, dtype=torch.bfloat16)
     for layer in model:
+        assert isinstance(layer, QuantizedLinear)
         path = dispatch.choose_path(one_row, layer.qweight, layer.scales, (9, 0), True,
                                     triton_rows=layer.triton_rows)  # fmt: skip
         assert path == "reference"
