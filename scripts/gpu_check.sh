@@ -2,7 +2,8 @@
 # Everything issue 8 owes the GPU, as one call on the device machine (torch with CUDA,
 # transformers 5.17, triton preinstalled; no internet), each part time-boxed so the whole fits one
 # 600-s call and a failing part does not stop the rest. Results go under ${OUT:-/tmp}:
-#   1. the model's parity tests and the static-step / CUDA-graph tests on CUDA (fp32, TF32 off);
+#   1. the model's parity tests, the static-step / CUDA-graph tests and the attention-plan tests
+#      on CUDA (fp32, TF32 off); the load-time int8 measurement with the real Triton kernel;
 #   2. benchmarks/kernels.py (int8 Triton and fp8 _scaled_mm linears against their references);
 #   3. guardrt bench: full-size random model, bf16 / int8 / int8-wa / fp8, transformers baseline;
 #   4. the bf16 cases again without CUDA graphs (if time allows), to show what they bring;
@@ -21,9 +22,17 @@ stamp "device"
 timeout 30 python -c "import torch, triton; assert torch.cuda.is_available(); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/device.txt"
 
 stamp "parity + static steps on CUDA"
-GUARDRT_TEST_DEVICE=cuda timeout 150 python -m pytest -q -p no:cacheprovider -x \
-    tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py 2>&1 | tail -40 > "$out/parity_cuda.txt"
+GUARDRT_TEST_DEVICE=cuda timeout 120 python -m pytest -q -p no:cacheprovider -x \
+    tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py \
+    2>&1 | tail -40 > "$out/parity_cuda.txt"
 tail -3 "$out/parity_cuda.txt"
+
+# The load-time int8 measurement with the real Triton kernel (no interpreter: the other tests of
+# that file run CPU tensors through the interpreter, so only this one runs here).
+stamp "int8 rows measured on CUDA"
+GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 45 python -m pytest -q -p no:cacheprovider \
+    tests/test_int8_rows.py -k load_tuning 2>&1 | tail -20 > "$out/int8_rows_cuda.txt"
+tail -3 "$out/int8_rows_cuda.txt"
 
 stamp "kernels"
 TRITON_INTERPRET=0 timeout 100 python benchmarks/kernels.py --budget 70 \

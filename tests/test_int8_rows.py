@@ -19,6 +19,7 @@ from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections, modules_in_use
 from guardrt.runtime.model.text import MLP, SelfAttention
+from tests.models import DEVICE
 
 pytest.importorskip("triton")  # the test extra installs it (x86-64 Linux)
 
@@ -107,15 +108,35 @@ def test_the_fused_layers_are_the_ones_measured(checkpoint: Path) -> None:
     assert {f.triton_rows for f in fused} == {1}  # type: ignore[union-attr]
 
 
-def test_load_tuning_measures_nothing_on_the_cpu(checkpoint: Path) -> None:
+def test_load_tuning(checkpoint: Path) -> None:
+    """On the CPU nothing is measured; on a GPU (GUARDRT_TEST_DEVICE=cuda, gpu_check.sh) every
+    decoder shape is measured with bf16 activations, no kernel is refused, and the tuned model
+    scores what it scored before."""
     from guardrt.runtime.model.tune import tune_for_device  # noqa: PLC0415
 
-    model = load_model(checkpoint)
+    device = torch.device(DEVICE)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    model = load_model(checkpoint, device=device, dtype=dtype)
     quantize_model(model, "int8")
     fuse_projections(model)
+    tokens = torch.tensor([[791, 1202, 264, 11, 13]], device=device)
+    model.setup_caches(1, 64)
+    arguments = (tokens, torch.arange(5, device=device)[None], torch.zeros(1, dtype=torch.long,
+                 device=device), torch.tensor([64], device=device), torch.zeros(1,
+                 dtype=torch.long, device=device), torch.tensor([[4]], device=device))  # fmt: skip
+    with torch.inference_mode():
+        before = model(*arguments).float()
     tuning = tune_for_device(model)
-    assert tuning.lines() == []
-    assert tuning.to_json()["int8_rows"]["limits"] == {}
-    assert tuning.to_json()["vision_attention"]["plan"] == "default/d=as is"
-    layers = [m for m in modules_in_use(model) if isinstance(m, QuantizedLinear)]
-    assert {m.triton_rows for m in layers} == {INT8_TRITON_MAX_ROWS}
+    layers = [m for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)]
+    if DEVICE == "cpu":
+        assert tuning.lines() == []
+        assert tuning.to_json()["int8_rows"]["limits"] == {}
+        assert tuning.to_json()["vision_attention"]["plan"] == "default/d=as is"
+        assert {m.triton_rows for m in layers} == {INT8_TRITON_MAX_ROWS}
+    else:
+        assert tuning.int8_rows.limits, "measured"
+        assert tuning.int8_rows.refused == {}
+        assert {m.triton_rows for m in layers} == set(tuning.int8_rows.limits.values())
+    with torch.inference_mode():
+        after = model(*arguments).float()
+    torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-2)
