@@ -9,11 +9,17 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,7 @@ from guardrt.runtime.engine import Engine
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server.openai_compat import CATEGORY_NAMES
-from tests.server_harness import FakeEngine, ServerThread, serving
+from tests.server_harness import SAFE, FakeEngine, ServerThread, serving
 from tests.test_server import jpeg
 
 JS = Path(__file__).parent / "js"
@@ -273,26 +279,41 @@ def test_engine_failure_is_a_500_without_internals(preparer: Preparer) -> None:
         assert payload["error"]["type"] == "server_error"
 
 
-def test_queue_full_is_a_429(preparer: Preparer) -> None:
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+@dataclass
+class Busy:
+    """A server whose one engine slot is held by a call in flight (`running`) until `gate` is
+    set; `ran`: the engine's batches before that call."""
 
+    server: ServerThread
+    engine: FakeEngine
+    gate: threading.Event
+    pool: ThreadPoolExecutor
+    running: Future[tuple[int, Any]]
+    ran: int
+
+
+@contextmanager
+def one_call_in_flight(preparer: Preparer, threads: int, **settings: Any) -> Iterator[Busy]:
     engine = FakeEngine(max_batch=1)
-    engine.gate = threading.Event()
-    with (
-        serving(engine, preparer, max_batch_size=1, max_queue=1, max_wait_ms=0) as busy,
-        ThreadPoolExecutor(2) as pool,
-    ):
-        running = pool.submit(post, busy, "/chat/completions", chat_body(), None)
+    engine.gate = gate = threading.Event()
+    settings = {"max_batch_size": 1, "max_wait_ms": 0} | settings
+    with serving(engine, preparer, **settings) as server, ThreadPoolExecutor(threads) as pool:
+        engine.entered.clear()
+        ran = len(engine.batches)
+        running = pool.submit(post, server, "/chat/completions", chat_body(), "sk-test")
         assert engine.entered.wait(10)
-        queued = pool.submit(post, busy, "/chat/completions", chat_body(), None)
+        yield Busy(server, engine, gate, pool, running, ran)
+
+
+def test_queue_full_is_a_429(preparer: Preparer) -> None:
+    with one_call_in_flight(preparer, 2, max_queue=1) as busy:
+        queued = busy.pool.submit(post, busy.server, "/chat/completions", chat_body(), None)
         time.sleep(0.3)
-        code, payload = post(busy, "/chat/completions", chat_body(), token=None)
+        code, payload = post(busy.server, "/chat/completions", chat_body(), token=None)
         assert code == 429
         assert payload["error"]["code"] == "server_overloaded"
-        engine.gate.set()
-        assert running.result()[0] == 200
+        busy.gate.set()
+        assert busy.running.result()[0] == 200
         assert queued.result()[0] == 200
 
 
@@ -310,8 +331,6 @@ def post_with(
 
 
 def wait_until(condition: Any, seconds: float = 10.0) -> None:
-    import time  # noqa: PLC0415
-
     end = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < end, "timed out waiting"
@@ -321,8 +340,6 @@ def wait_until(condition: Any, seconds: float = 10.0) -> None:
 def test_an_error_verdict_fails_closed_over_http(preparer: Preparer) -> None:
     """The model writes `safe`, then more text: outside the grammar, so an error. No reading
     of the chat answer may take it for `safe`; moderations flag it; the text is kept."""
-    from tests.server_harness import SAFE  # noqa: PLC0415
-
     with serving(FakeEngine(generated=(*SAFE, 271, 19193)), preparer) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="sk-test")
         messages: Any = USER_X
@@ -354,49 +371,30 @@ def test_a_bad_timeout_header_is_a_400(server: ServerThread, value: str) -> None
 def test_a_call_whose_timeout_passes_in_the_queue_is_a_504_and_never_runs(
     preparer: Preparer, header: str
 ) -> None:
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    engine = FakeEngine(max_batch=1)
-    engine.gate = threading.Event()
-    with (
-        serving(engine, preparer, max_batch_size=1, max_wait_ms=0) as busy,
-        ThreadPoolExecutor(3) as pool,
-    ):
-        engine.entered.clear()
-        ran = len(engine.batches)
-        running = pool.submit(post, busy, "/chat/completions", chat_body(), "sk-test")
-        assert engine.entered.wait(10)
-        late = pool.submit(post_with, busy, "/chat/completions", chat_body(), {header: "0.2"})
-        patient = pool.submit(post_with, busy, "/moderations", b'{"input":"x"}', {header: "60"})
-        wait_until(lambda: busy.stack.scheduler.depth() == 2)
+    with one_call_in_flight(preparer, 3) as busy:
+        server = busy.server
+        late = busy.pool.submit(
+            post_with, server, "/chat/completions", chat_body(), {header: "0.2"}
+        )
+        patient = busy.pool.submit(
+            post_with, server, "/moderations", b'{"input":"x"}', {header: "60"}
+        )
+        wait_until(lambda: server.stack.scheduler.depth() == 2)
         time.sleep(0.4)  # the first call's timeout passes while it waits
-        engine.gate.set()
-        assert running.result()[0] == 200
+        busy.gate.set()
+        assert busy.running.result()[0] == 200
         code, payload = late.result()
         assert code == 504
         assert payload["error"]["code"] == "timeout"
         assert patient.result()[0] == 200
-        assert len(engine.batches) == ran + 2  # the late call never reached the engine
+        assert len(busy.engine.batches) == busy.ran + 2  # the late call never reached the engine
 
 
 def test_draining_refuses_new_calls_with_503_and_answers_those_in_flight(
     preparer: Preparer,
 ) -> None:
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    engine = FakeEngine(max_batch=1)
-    engine.gate = threading.Event()
-    with (
-        serving(engine, preparer, max_batch_size=1, max_wait_ms=0, grace_s=10) as server,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        engine.entered.clear()
-        in_flight = pool.submit(post, server, "/chat/completions", chat_body(), "sk-test")
-        assert engine.entered.wait(10)
+    with one_call_in_flight(preparer, 1, grace_s=10) as busy:
+        server = busy.server
         server.stop(delay=0.5)  # the drain begins; the sites close 0.5 s later
         wait_until(lambda: not server.stack.ready)
         for path, body in (("/chat/completions", chat_body()), ("/moderations", b'{"input":1}')):
@@ -405,38 +403,26 @@ def test_draining_refuses_new_calls_with_503_and_answers_those_in_flight(
             assert payload["error"]["code"] == "shutting_down"
         assert get(server, "/readyz")[0] == 503
         time.sleep(0.8)  # the sites have closed: the call in flight is still answered
-        engine.gate.set()
-        code, payload = in_flight.result()
+        busy.gate.set()
+        code, payload = busy.running.result()
         assert code == 200
         assert payload["choices"][0]["message"]["content"] == "safe"
 
 
 def test_a_caller_that_disconnects_takes_its_queued_call_with_it(preparer: Preparer) -> None:
-    import socket  # noqa: PLC0415
-    import threading  # noqa: PLC0415
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    engine = FakeEngine(max_batch=1)
-    engine.gate = threading.Event()
-    with (
-        serving(engine, preparer, max_batch_size=1, max_wait_ms=0) as busy,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        engine.entered.clear()
-        ran = len(engine.batches)
-        running = pool.submit(post, busy, "/chat/completions", chat_body(), "sk-test")
-        assert engine.entered.wait(10)
+    with one_call_in_flight(preparer, 1) as busy:
+        server = busy.server
         body = chat_body()
         head = (
             f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer sk-test\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
-        with socket.create_connection(("localhost", busy.http_port)) as caller:
+        with socket.create_connection(("localhost", server.http_port)) as caller:
             caller.sendall(head.encode() + body)
-            wait_until(lambda: busy.stack.scheduler.depth() == 1)
-        wait_until(lambda: busy.stack.scheduler.depth() == 0)  # dropped, not run
-        engine.gate.set()
-        assert running.result()[0] == 200
-        assert post(busy, "/chat/completions", chat_body())[0] == 200
-        assert len(engine.batches) == ran + 2  # the first call and the last, not the abandoned
+            wait_until(lambda: server.stack.scheduler.depth() == 1)
+        wait_until(lambda: server.stack.scheduler.depth() == 0)  # dropped, not run
+        busy.gate.set()
+        assert busy.running.result()[0] == 200
+        assert post(server, "/chat/completions", chat_body())[0] == 200
+        assert len(busy.engine.batches) == busy.ran + 2  # the first and the last, not the abandoned
