@@ -417,11 +417,12 @@ def test_the_engine_warms_up_and_serves_through_static_steps(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tok: Tokenizer
 ) -> None:
     """The torch engine as it runs on a GPU (static steps, the common steps set up at warm-up,
-    one batch per bucket), here with the padded steps run eagerly: it answers what the plain
-    engine answers, and serving the warm-up's shapes sets nothing new up."""
+    one batch per bucket; with GUARDRT_TEST_DEVICE=cuda, on the GPU, its load-time measurements
+    and CUDA graphs included), on the CPU with the padded steps run eagerly: it answers what the
+    plain engine answers, and serving the warm-up's shapes sets nothing new up."""
     directory = write_guard_checkpoint(tmp_path / "ckpt", "gqa2-cross2,4", seed=21)
-    options = EngineOptions(directory, device="cpu", max_batch=3, max_seq=MAX_SEQ)
-    plain = TorchEngine(options)
+    options = EngineOptions(directory, device=DEVICE, max_batch=3, max_seq=MAX_SEQ)
+    plain = TorchEngine(dataclasses.replace(options, cuda_graphs=False))
     monkeypatch.setattr(torch_engine, "static_steps_for", lambda options, device: True)
     engine = TorchEngine(options)
     steps = engine.steps
