@@ -171,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_seq=args.max_seq,
         max_streams=args.max_streams,
         cuda_graphs=not args.no_cuda_graphs,
+        warmup_max_batch=args.warmup_max_batch,
         quantize=args.quantize,
         int8_compute=args.int8_compute,
         host=args.host,
@@ -257,6 +258,13 @@ def _add_serve(commands: Any) -> None:
         action="store_true",
         help="torch on a GPU: run every step eagerly (default: small steps replay CUDA graphs "
         "captured at warm-up or on first use)",
+    )
+    serve.add_argument(
+        "--warmup-max-batch",
+        type=int,
+        default=4,
+        help="torch on a GPU: warm-up captures the common steps of batches up to this many "
+        "requests (a slower start for fewer captures on first use; 1: batch 1 only)",
     )
     serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
     serve.add_argument("--max-text-chars", type=int, default=200_000)

@@ -77,6 +77,8 @@ def test_fifo_and_the_policy_setting() -> None:
     assert POLICIES["cost"] is choose
     with pytest.raises(ConfigError, match="batching 'lifo' is not one of cost, fifo"):
         ServerConfig(batching="lifo")
+    with pytest.raises(ConfigError, match="warmup_max_batch must be at least 1, not 0"):
+        ServerConfig(warmup_max_batch=0)
 
 
 def _long_and_short(preparer: Preparer) -> tuple[PreparedRequest, PreparedRequest]:

@@ -103,16 +103,19 @@ def test_serve_flags_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr("guardrt.runtime.server.main.serve", fake_serve)
     flags = ["--quantize", "fp8", "--no-cuda-graphs", "--batching", "fifo"]
+    flags += ["--warmup-max-batch", "2"]
     assert main(["serve", *flags, "--log-level", "ERROR"]) == 0
     options = seen[0].engine_options(Path("ckpt"))
     assert options.quantize == "fp8"
     assert options.cuda_graphs is False
     assert seen[0].batching == "fifo"
+    assert options.warmup_max_batch == 2
     assert main(["serve", "--log-level", "ERROR"]) == 0
     defaults = seen[1].engine_options(Path("ckpt"))
     assert defaults.quantize is None
     assert defaults.cuda_graphs is True
     assert seen[1].batching == "cost"
+    assert defaults.warmup_max_batch == 4
     for bad in (["--quantize", "int4"], ["--batching", "shortest-first"]):
         with pytest.raises(SystemExit):
             main(["serve", *bad])

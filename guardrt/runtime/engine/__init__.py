@@ -38,6 +38,9 @@ class EngineOptions:
     max_sessions: int = 4  # cache slots kept for streaming checks (each costs a full K/V row)
     max_prefixes: int = 1  # cache rows of shared policy prefixes (prefixes.py; each a K/V row)
     cuda_graphs: bool = True  # torch on a GPU: small steps replay CUDA graphs (static_steps.py)
+    # torch on a GPU: warm-up captures the common steps of batches up to this many requests
+    # (more: a slower start, fewer first-use captures under load; 1: only batch 1)
+    warmup_max_batch: int = 4
     quantize: str | None = None  # torch: "int8" / "fp8" weights made at load (engines: at build)
     int8_compute: str = "weight-only"  # or "weight+activation": int8 large steps on _int_mm
 

@@ -87,6 +87,9 @@ class TorchEngine:
         if semantics not in SEMANTICS:
             raise ConfigError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
         decode = parse_decode(options.decode)
+        if options.warmup_max_batch < 1:
+            raise ConfigError(f"warmup_max_batch {options.warmup_max_batch} must be ≥ 1")
+        self.options = options
         if (
             options.max_batch < 1
             or options.max_seq < 64
@@ -147,12 +150,14 @@ class TorchEngine:
         )
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
-        """Capture the common batch-1 steps (CUDA graphs), then run the sample requests alone,
-        together, and at every batch bucket, so the first real batches pay no lazy
-        initialisation (and the shapes they hit are captured now). Logs how long it took."""
+        """Capture the common steps (CUDA graphs) of batches up to `warmup_max_batch`, then run
+        the sample requests alone, together, and at every batch bucket, so the first real
+        batches pay no lazy initialisation (and the shapes they hit are captured now). Logs how
+        long it took."""
         started = time.perf_counter()
         if isinstance(self.steps, StaticSteps):
-            self.steps.prepare(self.steps.common_keys(max_batch=1))
+            largest = max(1, min(self.options.warmup_max_batch, self.info.max_batch))
+            self.steps.prepare(self.steps.common_keys(max_batch=largest))
         for request in sample:
             self.execute([request])
         self.execute(sample)

@@ -42,6 +42,7 @@ class ServerConfig:
     max_seq: int = 8192  # prompt + verdict tokens: the model was fine-tuned on 8,192
     max_streams: int = 4  # cache slots kept for ModerateStream sessions
     cuda_graphs: bool = True  # the torch back end on a GPU: replay small steps as CUDA graphs
+    warmup_max_batch: int = 4  # warm-up captures the common steps of batches up to this size
     quantize: str | None = None  # a checkpoint's weights as int8 / fp8 (the torch back end)
     int8_compute: str = "weight-only"  # or "weight+activation" (large int8 steps on _int_mm)
     host: str = "0.0.0.0"
@@ -69,6 +70,7 @@ class ServerConfig:
             max_seq=self.max_seq,
             max_sessions=self.max_streams,
             cuda_graphs=self.cuda_graphs,
+            warmup_max_batch=self.warmup_max_batch,
             quantize=self.quantize,
             int8_compute=self.int8_compute,
         )
@@ -81,6 +83,8 @@ class ServerConfig:
             raise ConfigError(f"grpc port {self.grpc_port} is not a port number")
         if not -1 <= self.http_port < 65536:
             raise ConfigError(f"http port {self.http_port} is not a port number (or -1: off)")
+        if self.warmup_max_batch < 1:
+            raise ConfigError(f"warmup_max_batch must be at least 1, not {self.warmup_max_batch}")
         if self.batching not in POLICIES:
             raise ConfigError(f"batching {self.batching!r} is not one of {', '.join(POLICIES)}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.workers < 1:
