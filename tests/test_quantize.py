@@ -13,9 +13,11 @@ from torch import nn
 from guardrt.export.parity import deviation
 from guardrt.export.quantize import (
     QMAX,
+    QuantizedEmbedding,
     QuantizedLinear,
     QuantKind,
     quantize_linears,
+    quantize_model,
     quantize_weight,
 )
 from guardrt.runtime.model.checkpoint import load_model
@@ -114,6 +116,44 @@ def test_int8_model_stays_close_to_fp32(tmp_path: Path, tok: Tokenizer) -> None:
     # bounds leave room for platform differences.
     assert 0 < measured.max_relative_logit_error < 0.05
     assert measured.max_abs_delta_p_unsafe < 1e-3
+
+
+def test_quantized_embedding_reads_the_dequantized_table() -> None:
+    torch.manual_seed(3)
+    table = nn.Embedding(40, 16).to(torch.bfloat16)
+    quantized = quantize_weight(table.weight, None, "int8")
+    embedding = QuantizedEmbedding(quantized, torch.bfloat16)
+    ids = torch.tensor([[0, 7, 39], [7, 7, 1]])
+    got = embedding(ids)
+    assert got.dtype == torch.bfloat16
+    assert got.shape == (2, 3, 16)
+    torch.testing.assert_close(got, quantized.dequantize(torch.bfloat16)[ids], atol=0, rtol=0)
+    # The table it reads is within half an int8 step of the original, row by row (fp32).
+    error = (quantized.dequantize() - table.weight.float()).abs()  # (40, 16)
+    step = table.weight.float().abs().amax(dim=1, keepdim=True) / QMAX  # (40, 1)
+    assert bool((error <= step / 2 * (1 + 1e-5)).all())
+    with pytest.raises(ValueError, match="one scale per row"):
+        QuantizedEmbedding(quantize_weight(table.weight, 8, "int8"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantize_model_takes_the_token_embedding_to_int8_only(
+    tmp_path: Path, kind: QuantKind
+) -> None:
+    model = load_model(write_small(tmp_path, small_config("gqa2-cross2,4"), seed=13))
+    table_bytes = model.language_model.model.embed_tokens.weight.numel() * 4  # fp32
+    report = quantize_model(model, kind)
+    embed = model.language_model.model.embed_tokens
+    assert isinstance(embed, QuantizedEmbedding) == (kind == "int8")
+    assert model.weight_dtype == torch.float32  # remembered through the int8 table
+    assert model.device == torch.device("cpu")
+    linears = 5 * 7 + 4 * 6 + 1
+    assert report.layers == linears + (kind == "int8")
+    if kind == "int8":
+        assert isinstance(embed, QuantizedEmbedding)
+        assert embed.qweight.dtype == torch.int8
+        assert report.original_bytes > table_bytes  # the table counted
+        assert report.worst_layer_error < 1 / QMAX
 
 
 def test_fp8_round_trip_is_within_e4m3_precision() -> None:

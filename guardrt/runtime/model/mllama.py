@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from guardrt.export.quantize import QuantizedEmbedding
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.cache import CacheLayout, KVCache
 from guardrt.runtime.model.config import ModelConfig
@@ -60,12 +61,14 @@ class MllamaModel(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """The model's dtype (read off the embedding, which quantization never replaces)."""
-        return self.language_model.model.embed_tokens.weight.dtype
+        """The model's dtype (read off the token embedding, which an int8 table remembers)."""
+        embed = self.language_model.model.embed_tokens
+        return embed.dtype if isinstance(embed, QuantizedEmbedding) else embed.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.model.embed_tokens.weight.device
+        embed = self.language_model.model.embed_tokens
+        return embed.device if isinstance(embed, QuantizedEmbedding) else embed.weight.device
 
     @property
     def image_keys(self) -> int:
