@@ -93,6 +93,21 @@ def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
         assert path == "reference"
 
 
+def test_a_kernel_that_fails_here_is_refused_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that cannot build on this GPU (say, bf16 `tl.dot` on an old one) must not stop
+    the engine from loading: the layer keeps the reference."""
+
+    def fails(*args: Any) -> torch.Tensor:
+        raise AssertionError("triton: unsupported dot operand types")  # not a RuntimeError
+
+    monkeypatch.setattr(int8_rows, "run_fast_path", fails)
+    model = _layers()
+    tuning = int8_rows.tune(model.modules(), torch.float32, _timer({32: 128, 48: 128}), ROWS)
+    assert tuning.limits == {"32×64": 0, "48×64": 0}
+    assert "AssertionError: triton: unsupported" in tuning.refused["48×64"]
+    assert {layer.triton_rows for layer in model} == {0}
+
+
 def test_the_fused_layers_are_the_ones_measured(checkpoint: Path) -> None:
     model = load_model(checkpoint)
     quantize_model(model, "int8")

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 from guardrt.export.quantize import QuantizedLinear
-from guardrt.kernels.dispatch import run_fast_path, triton_available
+from guardrt.kernels.dispatch import (
+    FAST_DTYPES,
+    TRITON_MIN_CAPABILITY,
+    cuda_capability,
+    run_fast_path,
+    triton_available,
+)
 from guardrt.kernels.timer import Timer, cuda_timer
 
 # The step sizes measured: a decode step, category steps, prefill widths of short and long
@@ -86,7 +92,11 @@ def _measure(
     for m in sorted(rows):
         x = torch.randn((m, k), generator=generator, device=device, dtype=dtype)  # (M, K)
         expected = _reference(layer, x).float()
-        error = float((_kernel(layer, x).float() - expected).abs().max())
+        try:
+            got = _kernel(layer, x).float()
+        except Exception as exc:  # noqa: BLE001 (a kernel that fails to build or run here is refused)
+            return 0, times, f"{m} rows: {type(exc).__name__}: {str(exc)[:200]}"
+        error = float((got - expected).abs().max())
         scale = max(float(expected.abs().max()), 1e-6)
         if not error / scale <= _TOLERANCE:  # NaN fails too
             return 0, times, f"{m} rows: max |Δ| / max |reference| {error / scale:.3g}"
@@ -113,9 +123,15 @@ def tune(
     kernel_layers = _kernel_layers(layers)
     if not kernel_layers:
         return RowsTuning()
-    on_gpu = kernel_layers[0].qweight.device.type == "cuda" and triton_available()
-    if timer is None and not on_gpu:
-        return RowsTuning()
+    if timer is None:  # on a GPU where the dispatch would consider the kernel at all
+        capability = cuda_capability(kernel_layers[0].qweight.device)
+        if (
+            capability is None
+            or capability < TRITON_MIN_CAPABILITY
+            or dtype not in FAST_DTYPES
+            or not triton_available()
+        ):
+            return RowsTuning()
     groups: dict[tuple[int, int, bool], list[QuantizedLinear]] = {}
     for layer in kernel_layers:
         key = (layer.out_features, layer.in_features, layer.activations)
