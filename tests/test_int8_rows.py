@@ -39,7 +39,7 @@ def _timer(faster_up_to: dict[int, int]) -> Any:
 
     def timer(fn: functools.partial[torch.Tensor]) -> float:
         fn()
-        layer, x = fn.args
+        layer, x = fn.args[:2]
         rows = x.shape[0]
         kernel = fn.func is int8_rows._kernel
         win = rows <= faster_up_to[layer.out_features]
@@ -72,6 +72,32 @@ def test_each_shape_gets_its_measured_limit() -> None:
                                 triton_rows=layer.triton_rows) == "reference"  # fmt: skip
 
 
+def test_the_fastest_block_shape_is_kept_per_rows_per_program() -> None:
+    """Narrow blocks win the decode sizes here, the default the larger ones; each rows-per-
+    program bucket keeps its own, and the layer's forward runs them."""
+    fastest = {16: (16, 256), 64: (64, 64)}  # by block_m: M ≤ 16 → 16 rows a program, ≥ 33 → 64
+
+    def timer(fn: Any) -> float:  # a functools.partial
+        fn()
+        if fn.func is not int8_rows._kernel:
+            return 10.0  # the reference: always slower here
+        _, x, block = fn.args
+        return 1.0 if block == fastest[int8_rows._int8().block_m(x.shape[0])] else 2.0
+
+    model = _layers()
+    tuning = int8_rows.tune(model.modules(), torch.float32, timer, (1, 16, 64))
+    assert tuning.limits == {"32×64": 64, "48×64": 64}
+    assert tuning.blocks["32×64"] == fastest
+    layer = model[0]
+    assert isinstance(layer, QuantizedLinear)
+    assert layer.triton_blocks == fastest
+    times = tuning.timings_ms["32×64"]
+    assert set(times[1]) == {"int8_triton", "otherwise"} | {
+        f"int8_triton {bn}x{bk}" for bn, bk in int8_rows._int8().BLOCKS
+    }  # every shape tried at the first size of a bucket
+    assert set(times[16]) == {"int8_triton", "otherwise", "int8_triton 16x256"}  # then its best
+
+
 def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: the kernel's output is 10% off on this "GPU", however fast it is."""
     fast = dispatch.run_fast_path
@@ -84,6 +110,7 @@ def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     tuning = int8_rows.tune(model.modules(), torch.float32, _timer({32: 128, 48: 128}), ROWS)
     assert tuning.limits == {"32×64": 0, "48×64": 0}
     assert "max |Δ| / max |reference|" in tuning.refused["32×64"]
+    assert tuning.blocks == {"32×64": {}, "48×64": {}}
     assert {layer.triton_rows for layer in model} == {0}
     one_row = torch.zeros(1, 64, dtype=torch.bfloat16)
     for layer in model:

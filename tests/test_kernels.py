@@ -77,6 +77,22 @@ def test_int8_linear_equals_the_reference(
     assert _relative(got, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("m", [1, 40])  # 16 and 64 rows a program
+def test_every_block_shape_equals_the_reference(int8: ModuleType, m: int) -> None:
+    """Each (block_n, block_k) the load-time measurement may choose, off the block sizes (N 40,
+    K 300: not multiples of 16 or 256)."""
+    reference = _layer(40, 300, "int8", bias=True, seed=m)
+    x = torch.randn(m, 300, generator=torch.Generator().manual_seed(m))
+    with torch.inference_mode():
+        expected = reference(x)
+        for block in int8.BLOCKS:
+            blocks = {int8.block_m(m): block}
+            got = int8.int8_linear(x, reference.qweight, reference.scales, reference.bias, blocks)
+            assert _relative(got, expected) <= 1e-5, block
+    with pytest.raises(ValueError, match=r"blocks \(8, 8\) not among"):
+        int8.int8_linear(x, reference.qweight, reference.scales, None, {int8.block_m(m): (8, 8)})
+
+
 def test_int8_linear_in_fp16_equals_the_reference(int8: ModuleType) -> None:
     """fp16, a dtype the dispatch sends to the kernel (bf16 cannot run in the interpreter)."""
     reference = _layer(48, 64, "int8", bias=True, seed=3)

@@ -273,8 +273,18 @@ def _table(report: dict[str, Any]) -> str:
                 f"{graphs['graphs_total']['graphs']} graphs in "
                 f"{graphs['graphs_total']['capture_s']:.1f} s"
             )
-        for shape, limit in run.get("int8_rows", {}).get("limits", {}).items():
-            lines.append(f"  int8 {shape} ({precision}): the Triton kernel up to {limit} rows")
+        rows = run.get("int8_rows", {})
+        for shape, limit in rows.get("limits", {}).items():
+            blocks = rows.get("blocks", {}).get(shape, {})
+            lines.append(
+                f"  int8 {shape} ({precision}): the Triton kernel up to {limit} rows, blocks "
+                f"{blocks}"
+                + (
+                    f"; refused: {rows['refused'][shape]}"
+                    if shape in rows.get("refused", {})
+                    else ""
+                )
+            )
         attention = run.get("vision_attention", {})
         if attention.get("ms"):
             timed = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(attention["ms"].items()))

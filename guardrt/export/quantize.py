@@ -96,9 +96,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.force_reference = force_reference
         self.activations = False
-        # The most rows (tokens) the int8 Triton kernel takes for this layer; set per shape
-        # from measurements on the GPU (`guardrt/kernels/int8_rows.py`).
+        # The most rows (tokens) the int8 Triton kernel takes for this layer, and its block
+        # shapes by rows per program; set per shape from measurements on the GPU
+        # (`guardrt/kernels/int8_rows.py`).
         self.triton_rows = INT8_TRITON_MAX_ROWS
+        self.triton_blocks: dict[int, tuple[int, int]] = {}
         self.group_size = weight.group_size
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
@@ -116,7 +118,7 @@ class QuantizedLinear(nn.Module):
             else select_path(x, self.qweight, self.scales, self.activations, self.triton_rows)
         )
         if path != "reference":
-            return run_fast_path(path, x, self.qweight, self.scales, bias)
+            return run_fast_path(path, x, self.qweight, self.scales, bias, self.triton_blocks)
         weight = QuantizedWeight(self.qweight, self.scales, self.group_size)
         return nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 

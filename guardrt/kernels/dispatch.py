@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Literal
 
@@ -119,11 +120,13 @@ def run_fast_path(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
+    blocks: Mapping[int, tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """x (..., K), qweight (N, K), scales (N, 1) fp32, bias (N,) in x's dtype or None → (..., N)
-    in x's dtype, through the kernel `path` names (never "reference": the caller owns that)."""
+    in x's dtype, through the kernel `path` names (never "reference": the caller owns that).
+    `blocks`: the int8 kernel's measured block shapes for this layer (`int8_linear`)."""
     if path == "int8_triton":
-        result: torch.Tensor = _int8_module().int8_linear(x, qweight, scales, bias)
+        result: torch.Tensor = _int8_module().int8_linear(x, qweight, scales, bias, blocks)
         return result
     if path == "fp8_scaled_mm":
         return fp8.fp8_linear(x, qweight, scales, bias)

@@ -16,6 +16,7 @@ checked only on the GPU.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,6 +25,11 @@ triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
 BLOCK_N, BLOCK_K = 64, 64
+# (columns, K per iteration) a program can take: the default, and narrower column blocks with
+# longer K steps. A decode step's grid is only N / block_n programs wide (64 for N = 4096 at the
+# default, fewer than an H100's 132 SMs); narrower blocks give more programs, longer K steps keep
+# each load as large. Which is fastest is measured per layer shape at load (int8_rows.py).
+BLOCKS: tuple[tuple[int, int], ...] = ((BLOCK_N, BLOCK_K), (32, 128), (16, 256))
 
 
 def block_m(m: int) -> int:
@@ -69,10 +75,15 @@ def _int8_linear_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR09
 
 
 def int8_linear(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocks: Mapping[int, tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """x (..., K) in fp32/fp16/bf16; qweight (N, K) int8; scales (N, 1) or (N,) fp32 (one per
-    output channel); bias (N,) or None → (..., N) in x's dtype."""
+    output channel); bias (N,) or None → (..., N) in x's dtype. `blocks`: (block_n, block_k) by
+    rows per program (`block_m`), as measured for this layer; (BLOCK_N, BLOCK_K) otherwise."""
     if qweight.dtype != torch.int8:
         raise ValueError(f"qweight must be int8, not {qweight.dtype}")
     if scales.numel() != qweight.shape[0]:
@@ -85,13 +96,16 @@ def int8_linear(
     m = flat.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bm = block_m(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, BLOCK_N))
+    bn, bk = (blocks or {}).get(bm, (BLOCK_N, BLOCK_K))
+    if (bn, bk) not in BLOCKS:
+        raise ValueError(f"blocks {(bn, bk)} not among {BLOCKS}")
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int8_linear_kernel[grid](
         flat, qweight, scales.reshape(-1).to(torch.float32).contiguous(),
         bias if bias is not None else scales, out,
         m, n,
         flat.stride(0), flat.stride(1), qweight.stride(0), qweight.stride(1),
         out.stride(0), out.stride(1),
-        k=k, has_bias=bias is not None, bm=bm, bn=BLOCK_N, bk=BLOCK_K,
+        k=k, has_bias=bias is not None, bm=bm, bn=bn, bk=bk,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

@@ -12,8 +12,10 @@ against the reference first; a kernel that is wrong on this GPU is never used (l
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +23,7 @@ from guardrt.export.quantize import QuantizedLinear
 from guardrt.kernels.dispatch import (
     FAST_DTYPES,
     TRITON_MIN_CAPABILITY,
+    _int8_module,
     cuda_capability,
     run_fast_path,
     triton_available,
@@ -37,10 +40,11 @@ _TOLERANCE = 2e-2
 
 @dataclass(frozen=True)
 class RowsTuning:
-    """What was measured: per layer shape "N×K", the limit set, each size's times (ms) by path,
-    and why a shape's kernel was refused."""
+    """What was measured: per layer shape "N×K", the limit set, the kernel's block shapes by
+    rows per program, each size's times (ms) by path, and why a shape's kernel was refused."""
 
     limits: dict[str, int] = field(default_factory=dict)
+    blocks: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     timings_ms: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
 
@@ -56,10 +60,30 @@ def _kernel_layers(layers: Iterable[torch.nn.Module]) -> list[QuantizedLinear]:
     ]
 
 
-def _kernel(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel on x (M, K)."""
+def _kernel(layer: QuantizedLinear, x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The Triton kernel on x (M, K) with (block_n, block_k) = `block`."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return run_fast_path("int8_triton", x, layer.qweight, layer.scales, bias)
+    blocks = {_int8().block_m(x.shape[0]): block}
+    return run_fast_path("int8_triton", x, layer.qweight, layer.scales, bias, blocks)
+
+
+def _int8() -> Any:
+    return _int8_module()
+
+
+def _wrong(
+    layer: QuantizedLinear, x: torch.Tensor, expected: torch.Tensor, block: tuple[int, int]
+) -> str | None:
+    """Why the kernel with `block` fails or is wrong on x; None when it matches the reference."""
+    try:
+        got = _kernel(layer, x, block).float()
+    except Exception as exc:  # noqa: BLE001 (a kernel that fails to build or run here is refused)
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    error = float((got - expected).abs().max())
+    scale = max(float(expected.abs().max()), 1e-6)
+    if not error / scale <= _TOLERANCE:  # NaN fails too
+        return f"max |Δ| / max |reference| {error / scale:.3g}"
+    return None
 
 
 def _otherwise(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -81,33 +105,54 @@ def _reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
+@dataclass(frozen=True)
+class _Measured:
+    limit: int  # the most rows the kernel takes (0: none)
+    blocks: dict[int, tuple[int, int]]  # the fastest (block_n, block_k) by rows per program
+    times: dict[int, dict[str, float]]  # ms by rows, then path (and each block shape tried)
+    refused: str | None = None  # why the kernel is never used
+
+
 def _measure(
     layer: QuantizedLinear, dtype: torch.dtype, rows: Iterable[int], timer: Timer
-) -> tuple[int, dict[int, dict[str, float]], str | None]:
-    """(limit, times by size and path, why refused) for one layer."""
+) -> _Measured:
+    """Time the kernel (each block shape, the first time a rows-per-program bucket comes up)
+    against what the layer runs otherwise, size by size, until the kernel loses."""
     device, k = layer.qweight.device, layer.in_features
     generator = torch.Generator(device=device).manual_seed(0)
     limit = 0
+    blocks: dict[int, tuple[int, int]] = {}
     times: dict[int, dict[str, float]] = {}
     for m in sorted(rows):
         x = torch.randn((m, k), generator=generator, device=device, dtype=dtype)  # (M, K)
         expected = _reference(layer, x).float()
-        try:
-            got = _kernel(layer, x).float()
-        except Exception as exc:  # noqa: BLE001 (a kernel that fails to build or run here is refused)
-            return 0, times, f"{m} rows: {type(exc).__name__}: {str(exc)[:200]}"
-        error = float((got - expected).abs().max())
-        scale = max(float(expected.abs().max()), 1e-6)
-        if not error / scale <= _TOLERANCE:  # NaN fails too
-            return 0, times, f"{m} rows: max |Δ| / max |reference| {error / scale:.3g}"
-        times[m] = {
-            "int8_triton": timer(functools.partial(_kernel, layer, x)),
+        bucket = _int8().block_m(m)
+        tried = [blocks[bucket]] if bucket in blocks else list(_int8().BLOCKS)
+        timed: dict[tuple[int, int], float] = {}
+        wrong: dict[tuple[int, int], str] = {}
+        for block in tried:
+            why = _wrong(layer, x, expected, block)
+            if why is None:
+                timed[block] = timer(functools.partial(_kernel, layer, x, block))
+            else:
+                wrong[block] = why
+        if not timed:
+            reasons = "; ".join(f"blocks {b}: {why}" for b, why in wrong.items())
+            return _Measured(0, {}, times, f"{m} rows: {reasons}")
+        best = min(timed, key=lambda b: timed[b])
+        blocks[bucket] = best
+        times[m] = {f"int8_triton {bn}x{bk}": ms for (bn, bk), ms in timed.items()}
+        times[m] |= {f"int8_triton {bn}x{bk}": math.nan for (bn, bk) in wrong}
+        times[m] |= {
+            "int8_triton": timed[best],
             "otherwise": timer(functools.partial(_otherwise, layer, x)),
         }
         if times[m]["int8_triton"] >= times[m]["otherwise"]:
             break
         limit = m
-    return limit, times, None
+    return _Measured(
+        limit, {b: blocks[b] for b in blocks if b <= _int8().block_m(max(limit, 1))}, times
+    )
 
 
 @torch.inference_mode()
@@ -139,10 +184,11 @@ def tune(
     tuning = RowsTuning()
     for (n, k, activations), group in groups.items():
         name = f"{n}×{k}" + (" (weight+activation)" if activations else "")
-        limit, times, why = _measure(group[0], dtype, rows, timer or cuda_timer)
-        tuning.limits[name], tuning.timings_ms[name] = limit, times
-        if why is not None:
-            tuning.refused[name] = why
+        measured = _measure(group[0], dtype, rows, timer or cuda_timer)
+        tuning.limits[name], tuning.timings_ms[name] = measured.limit, measured.times
+        tuning.blocks[name] = measured.blocks
+        if measured.refused is not None:
+            tuning.refused[name] = measured.refused
         for layer in group:
-            layer.triton_rows = limit
+            layer.triton_rows, layer.triton_blocks = measured.limit, dict(measured.blocks)
     return tuning

@@ -32,8 +32,13 @@ class LoadTuning:
             )
         for shape, limit in self.int8_rows.limits.items():
             why = self.int8_rows.refused.get(shape)
+            blocks = self.int8_rows.blocks.get(shape) or {}
+            shapes = ", ".join(
+                f"{bn}x{bk} at {bm} rows a program" for bm, (bn, bk) in blocks.items()
+            )
             out.append(
                 f"int8 {shape}: the Triton kernel up to {limit} rows"
+                + (f" ({shapes})" if shapes else "")
                 + (f" (refused: {why})" if why else "")
             )
         return out
