@@ -69,9 +69,13 @@ def data_url(image: bytes) -> str:
 
 
 def post(
-    server: ServerThread, path: str, body: bytes, token: str | None = "sk-test"
+    server: ServerThread,
+    path: str,
+    body: bytes,
+    token: str | None = "sk-test",
+    extra: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json"} | (extra or {})
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(f"{server.base_url}{path}", body, headers, method="POST")
@@ -321,13 +325,7 @@ def post_with(
     server: ServerThread, path: str, body: bytes, headers: dict[str, str]
 ) -> tuple[int, Any]:
     """`post` with extra headers (and the test token)."""
-    every = {"Content-Type": "application/json", "Authorization": "Bearer sk-test"} | headers
-    request = urllib.request.Request(f"{server.base_url}{path}", body, every, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return post(server, path, body, "sk-test", headers)
 
 
 def wait_until(condition: Any, seconds: float = 10.0) -> None:
