@@ -424,3 +424,25 @@ def test_a_caller_that_disconnects_takes_its_queued_call_with_it(preparer: Prepa
         assert busy.running.result()[0] == 200
         assert post(server, "/chat/completions", chat_body())[0] == 200
         assert len(busy.engine.batches) == busy.ran + 2  # the first and the last, not the abandoned
+
+
+def test_the_request_id_header_is_taken_and_echoed(server: ServerThread) -> None:
+    def call(path: str, body: bytes, headers: dict[str, str]) -> tuple[str, Any]:
+        every = {"Content-Type": "application/json", "Authorization": "Bearer sk-test"} | headers
+        request = urllib.request.Request(f"{server.base_url}{path}", body, every, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.headers["X-Request-Id"], json.loads(response.read())
+
+    echoed, chat = call("/chat/completions", chat_body(), {"X-Request-Id": "trace-7/a"})
+    assert echoed == "trace-7/a"
+    assert chat["id"] == "chatcmpl-trace-7/a"
+    assert chat["guardrt"]["request_id"] == "trace-7/a"
+    echoed, moderation = call("/moderations", b'{"input": ["a", "b"]}', {"X-Request-Id": "m-1"})
+    assert echoed == "m-1"
+    assert [r["guardrt"]["request_id"] for r in moderation["results"]] == ["m-1-0", "m-1-1"]
+    made, chat = call("/chat/completions", chat_body(), {})
+    assert len(made) == 32
+    assert chat["id"] == f"chatcmpl-{made}"
+    code, payload = post_with(server, "/chat/completions", chat_body(), {"X-Request-Id": "a b"})
+    assert code == 400
+    assert "character 1 is U+0020" in payload["error"]["message"]

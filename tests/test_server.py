@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import shutil
 import subprocess
 import threading
@@ -21,8 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from guardrt.runtime.engine import Engine
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server.config import ServerConfig, TlsConfig
+from guardrt.runtime.server.service import checked_request_id
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.images import encode
@@ -202,6 +205,54 @@ def test_stream_checkpoints_equal_fresh_moderate(engine: Engine, preparer: Prepa
         assert responses[0].reused_tokens == 0
         for previous, response in itertools.pairwise(responses):
             assert response.reused_tokens >= previous.prompt_tokens - 56 - 3
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("r-1\nINFO forged log line", "character 3 is U+000A"),
+        ("with space", "character 4 is U+0020"),
+        ("caf\u00e9", "character 3 is U+00E9"),
+        ("x" * 129, "it has 129 characters"),
+    ],
+    ids=["newline", "space", "non-ascii", "too-long"],
+)
+def test_request_ids_that_could_forge_a_log_line_are_refused(value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as raised:
+        checked_request_id(value)
+    assert value not in str(raised.value)  # named by position and code point, not echoed
+
+
+def test_request_ids() -> None:
+    assert checked_request_id("req-42_a.b:c/d") == "req-42_a.b:c/d"
+    assert checked_request_id("x" * 128) == "x" * 128
+    made = checked_request_id("")
+    assert len(made) == 32
+    assert made != checked_request_id("")
+
+
+def test_every_rpc_refuses_a_bad_request_id(engine: Engine, preparer: Preparer) -> None:
+    bad = "r\nforged"
+    with serving(engine, preparer) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as moderate:
+            stub.Moderate(request(user("hi"), request_id=bad), timeout=30)
+        assert moderate.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "U+000A" in str(moderate.value.details())
+        many = list(
+            stub.ModerateMany(
+                iter([request(user("hi"), request_id=bad), request(user("hi"), request_id="ok")]),
+                timeout=30,
+            )
+        )
+        by_id = {r.request_id: r.verdict for r in many}
+        assert by_id[bad].label == pb.ERROR  # echoed as sent, so the caller can match it
+        assert by_id[bad].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert by_id["ok"].label != pb.ERROR
+        start = pb.StreamStart(request_id=bad, messages=[user("hello")], check_every_tokens=8)
+        with pytest.raises(grpc.RpcError) as stream:
+            list(stub.ModerateStream(iter([pb.StreamRequest(start=start)]), timeout=30))
+        assert stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_cancelled_stream_gives_its_cache_slot_back(engine: Engine, preparer: Preparer) -> None:

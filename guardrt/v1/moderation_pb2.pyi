@@ -193,7 +193,10 @@ class ModerateRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Chosen by the caller and echoed in the response; the server makes one up when empty."""
+    """Chosen by the caller and echoed in the response; the server makes one up when empty. It
+    appears in the server's log, so it must be 1 to 128 printable ASCII characters without
+    spaces: anything else is INVALID_ARGUMENT (in ModerateMany, that request's error verdict).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation; its last message is judged (a USER message: prompt classification, an
@@ -376,6 +379,7 @@ class StreamStart(_message.Message):
     CHECK_EVERY_TOKENS_FIELD_NUMBER: _builtins.int
     STOP_ON_UNSAFE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """as ModerateRequest.request_id"""
     check_every_tokens: _builtins.int
     """Check after every this many answer tokens (default 32, at least 1)."""
     stop_on_unsafe: _builtins.bool

@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import importlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,12 @@ from guardrt.runtime.errors import GuardrtError
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
 from guardrt.runtime.server.metrics import Metrics
-from guardrt.runtime.server.service import ModerationInput, ModerationResult, ModerationService
+from guardrt.runtime.server.service import (
+    ModerationInput,
+    ModerationResult,
+    ModerationService,
+    checked_request_id,
+)
 from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
 from guardrt.v1 import moderation_pb2 as pb
@@ -67,10 +71,11 @@ class ModerationServicer(pb_grpc.ModerationServicer):
 
     async def Moderate(self, request: pb.ModerateRequest, context: Any) -> pb.ModerateResponse:  # noqa: N802
         await self._authorize(context)
-        request_id = request.request_id or uuid.uuid4().hex
-        item = input_from_proto(request)
+        request_id = ""
         try:
-            result = await self.service.moderate(_with_id(item, request_id), _deadline(context))
+            request_id = checked_request_id(request.request_id)
+            item = _with_id(input_from_proto(request), request_id)
+            result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
             await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             raise  # not reached: abort raises
@@ -85,8 +90,9 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         deadline = _deadline(context)
 
         async def one(request: pb.ModerateRequest) -> None:
-            request_id = request.request_id or uuid.uuid4().hex
+            request_id = request.request_id  # echoed as sent, to match a refusal to its request
             try:
+                request_id = checked_request_id(request.request_id)
                 item = _with_id(input_from_proto(request), request_id)
                 result = await self.service.moderate(item, deadline)
                 self._count("grpc/ModerateMany", result)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,19 @@ from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.metrics import Metrics
-from guardrt.runtime.server.service import ModerationResult, ModerationService
+from guardrt.runtime.server.service import (
+    ModerationResult,
+    ModerationService,
+    checked_request_id,
+)
 from guardrt.runtime.server.status import http_status
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
 _MODERATE = frozenset({"/v1/chat/completions", "/v1/moderations"})  # refused while draining
+# The caller's id for a call (as OpenAI's API names it), echoed in the answer's header; made up
+# when absent. Each moderation input's id is this one with "-<index>".
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 def served_model_id(model: str) -> str:
@@ -112,16 +118,21 @@ class HttpApi:
             raise oa.ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from exc
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        request_id = uuid.uuid4().hex
+        request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
         deadline = oa.request_deadline(request.headers, time.monotonic())
         chat = oa.parse_chat(await self._json(request), self.served, request_id)
         result = await self.service.moderate(chat.item, deadline)
         self.metrics.answered(request.path, result.timing)
         created = oa.now()
         if not chat.stream:
-            return web.json_response(oa.chat_completion(result, chat.model, created))
+            body = oa.chat_completion(result, chat.model, created)
+            return web.json_response(body, headers={REQUEST_ID_HEADER: request_id})
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                REQUEST_ID_HEADER: request_id,
+            }
         )
         await response.prepare(request)
         for chunk in oa.chat_chunks(result, chat.model, created):
@@ -131,7 +142,7 @@ class HttpApi:
         return response
 
     async def moderations(self, request: web.Request) -> web.StreamResponse:
-        request_id = uuid.uuid4().hex
+        request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
         deadline = oa.request_deadline(request.headers, time.monotonic())
         inputs = oa.parse_moderations(await self._json(request), self.served, request_id)
         results: list[ModerationResult] = await asyncio.gather(
@@ -143,7 +154,8 @@ class HttpApi:
             oa.moderation_result(result, types, inputs.custom)
             for result, types in zip(results, inputs.types, strict=True)
         ]
-        return web.json_response(oa.moderations_response(request_id, inputs.model, body))
+        answer = oa.moderations_response(request_id, inputs.model, body)
+        return web.json_response(answer, headers={REQUEST_ID_HEADER: request_id})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         created = oa.now()

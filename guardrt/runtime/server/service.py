@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from guardrt.runtime.errors import PromptError, PromptReason, ServiceError
+from guardrt.runtime.errors import ConfigError, PromptError, PromptReason, ServiceError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
@@ -55,6 +56,29 @@ class ModerationResult:
     prompt_tokens: int
     reused_tokens: int = 0  # prompt tokens read from a session's cache, not recomputed
     generated_tokens: int = 0  # tokens of the verdict the model wrote
+
+
+# A caller's request id lands in logs and responses: printable ASCII without spaces, so that it
+# can forge no log line and travels unchanged in any header or proto field.
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+
+
+def checked_request_id(value: str) -> str:
+    """The caller's request id, or a new one when it is empty; a ConfigError (naming the
+    offending length or character, not echoing the value) when it is not 1 to 128 printable
+    ASCII characters."""
+    if not value:
+        return uuid.uuid4().hex
+    if _REQUEST_ID.fullmatch(value):
+        return value
+    if len(value) > 128:
+        detail = f"it has {len(value)} characters"
+    else:
+        index, bad = next((i, c) for i, c in enumerate(value) if not "!" <= c <= "~")
+        detail = f"character {index} is U+{ord(bad):04X}"
+    raise ConfigError(
+        f"request_id must be 1 to 128 printable ASCII characters without spaces; {detail}"
+    )
 
 
 @dataclass(frozen=True)
@@ -130,7 +154,7 @@ class ModerationService:
         `session` (from the engine's `open_session`) lets the engine reuse the K/V of the
         session's previous request."""
         started = time.monotonic()
-        request_id = item.request_id or uuid.uuid4().hex
+        request_id = item.request_id or uuid.uuid4().hex  # checked by the front ends
         if _is_small(item):  # cheaper than two thread hops: tokenizing ~2k chars takes ~0.1 ms
             request = self.prepare(item)
         else:

@@ -15,7 +15,6 @@ slot is taken, checks run as fresh requests: same answers, more compute.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +26,7 @@ from guardrt.runtime.server.convert import (
     timing_to_proto,
     verdict_to_proto,
 )
-from guardrt.runtime.server.service import ModerationInput, ModerationService
+from guardrt.runtime.server.service import ModerationInput, ModerationService, checked_request_id
 from guardrt.runtime.server.status import grpc_code, grpc_message
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -63,7 +62,7 @@ class StreamSession:
                 "messages (the answer being checked is the next, assistant, one)",
             )
         categories, excluded = policy_from_proto(start.policy)
-        request_id = start.request_id or uuid.uuid4().hex
+        request_id = checked_request_id(start.request_id)
         base = ModerationInput(request_id, messages, categories, excluded)
         session = cls(
             service,
