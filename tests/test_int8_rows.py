@@ -82,7 +82,7 @@ def test_the_fastest_block_shape_is_kept_per_rows_per_program() -> None:
         if fn.func is not int8_rows._kernel:
             return 10.0  # the reference: always slower here
         _, x, block = fn.args
-        return 1.0 if block == fastest[int8_rows._int8().block_m(x.shape[0])] else 2.0
+        return 1.0 if block == fastest[dispatch._int8_module().block_m(x.shape[0])] else 2.0
 
     model = _layers()
     tuning = int8_rows.tune(model.modules(), torch.float32, timer, (1, 16, 64))
@@ -93,7 +93,7 @@ def test_the_fastest_block_shape_is_kept_per_rows_per_program() -> None:
     assert layer.triton_blocks == fastest
     times = tuning.timings_ms["32×64"]
     assert set(times[1]) == {"int8_triton", "otherwise"} | {
-        f"int8_triton {bn}x{bk}" for bn, bk in int8_rows._int8().BLOCKS
+        f"int8_triton {bn}x{bk}" for bn, bk in dispatch._int8_module().BLOCKS
     }  # every shape tried at the first size of a bucket
     assert set(times[16]) == {"int8_triton", "otherwise", "int8_triton 16x256"}  # then its best
 

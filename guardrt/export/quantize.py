@@ -130,6 +130,41 @@ class QuantizationReport:
     original_bytes: int  # the same weights as they were
     worst_layer_error: float  # max over layers of max|w - ŵ| / max|w|
 
+    def __add__(self, other: QuantizationReport) -> QuantizationReport:
+        return QuantizationReport(
+            self.layers + other.layers,
+            self.int8_bytes + other.int8_bytes,
+            self.original_bytes + other.original_bytes,
+            max(self.worst_layer_error, other.worst_layer_error),
+        )
+
+
+# A swap: the child's float weight, its 8-bit version, and the module that replaces the child.
+_Swap = tuple[torch.Tensor, QuantizedWeight, nn.Module]
+
+
+def _swap_children(
+    model: nn.Module, convert: Callable[[str, nn.Module], _Swap | None]
+) -> QuantizationReport:
+    """Replace, in place, every child module `convert(full name, child)` returns a swap for;
+    the report counts what was swapped and how far each weight moved."""
+    swapped, int8_bytes, original_bytes, worst = 0, 0, 0, 0.0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            swap = convert(f"{name}.{child_name}" if name else child_name, child)
+            if swap is None:
+                continue
+            weight, quantized, replacement = swap
+            original = weight.detach().float()
+            error = (quantized.dequantize() - original).abs().max()
+            scale = original.abs().max().clamp_min(1e-12)
+            worst = max(worst, float(error / scale))
+            setattr(module, child_name, replacement)
+            swapped += 1
+            int8_bytes += quantized.qweight.numel() + 4 * quantized.scales.numel()
+            original_bytes += weight.numel() * weight.element_size()
+    return QuantizationReport(swapped, int8_bytes, original_bytes, worst)
+
 
 def quantize_linears(
     model: nn.Module,
@@ -140,24 +175,16 @@ def quantize_linears(
 ) -> QuantizationReport:
     """Swap every `nn.Linear` of `model` (except those `keep(name)` is true for) for a
     `QuantizedLinear`, in place."""
-    swapped, int8_bytes, original_bytes, worst = 0, 0, 0, 0.0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Linear) or keep(full):
-                continue
-            columns = child.in_features
-            size = group_size if group_size is not None and columns % group_size == 0 else None
-            quantized = quantize_weight(child.weight, size, kind)
-            original = child.weight.detach().float()
-            error = (quantized.dequantize() - original).abs().max()
-            scale = original.abs().max().clamp_min(1e-12)
-            worst = max(worst, float(error / scale))
-            setattr(module, child_name, QuantizedLinear(quantized, child.bias))
-            swapped += 1
-            int8_bytes += quantized.qweight.numel() + 4 * quantized.scales.numel()
-            original_bytes += child.weight.numel() * child.weight.element_size()
-    return QuantizationReport(swapped, int8_bytes, original_bytes, worst)
+
+    def convert(name: str, child: nn.Module) -> _Swap | None:
+        if not isinstance(child, nn.Linear) or keep(name):
+            return None
+        columns = child.in_features
+        size = group_size if group_size is not None and columns % group_size == 0 else None
+        quantized = quantize_weight(child.weight, size, kind)
+        return child.weight, quantized, QuantizedLinear(quantized, child.bias)
+
+    return _swap_children(model, convert)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -199,20 +226,17 @@ _QUANTIZED_EMBEDDINGS = ("embed_tokens",)
 def quantize_embeddings(model: nn.Module) -> QuantizationReport:
     """Swap the token embedding (`nn.Embedding`s named `embed_tokens`) for an int8
     `QuantizedEmbedding`, in place. Lookups read a few rows, so this saves memory, not time."""
-    swapped, int8_bytes, original_bytes, worst = 0, 0, 0, 0.0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Embedding) or child_name not in _QUANTIZED_EMBEDDINGS:
-                continue
-            quantized = quantize_weight(child.weight, None, "int8")  # one scale per row
-            original = child.weight.detach().float()
-            error = (quantized.dequantize() - original).abs().max()
-            worst = max(worst, float(error / original.abs().max().clamp_min(1e-12)))
-            setattr(module, child_name, QuantizedEmbedding(quantized, child.weight.dtype))
-            swapped += 1
-            int8_bytes += quantized.qweight.numel() + 4 * quantized.scales.numel()
-            original_bytes += child.weight.numel() * child.weight.element_size()
-    return QuantizationReport(swapped, int8_bytes, original_bytes, worst)
+
+    def convert(name: str, child: nn.Module) -> _Swap | None:
+        if (
+            not isinstance(child, nn.Embedding)
+            or name.rsplit(".", 1)[-1] not in _QUANTIZED_EMBEDDINGS
+        ):
+            return None
+        quantized = quantize_weight(child.weight, None, "int8")  # one scale per row
+        return child.weight, quantized, QuantizedEmbedding(quantized, child.weight.dtype)
+
+    return _swap_children(model, convert)
 
 
 def quantize_model(
@@ -228,10 +252,4 @@ def quantize_model(
             layer.activations = activations
     if kind != "int8":  # e4m3's 3 mantissa bits would move every token's embedding ~3%
         return report
-    tables = quantize_embeddings(model)
-    return QuantizationReport(
-        report.layers + tables.layers,
-        report.int8_bytes + tables.int8_bytes,
-        report.original_bytes + tables.original_bytes,
-        max(report.worst_layer_error, tables.worst_layer_error),
-    )
+    return report + quantize_embeddings(model)

@@ -15,7 +15,6 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -63,12 +62,8 @@ def _kernel_layers(layers: Iterable[torch.nn.Module]) -> list[QuantizedLinear]:
 def _kernel(layer: QuantizedLinear, x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The Triton kernel on x (M, K) with (block_n, block_k) = `block`."""
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    blocks = {_int8().block_m(x.shape[0]): block}
+    blocks = {_int8_module().block_m(x.shape[0]): block}
     return run_fast_path("int8_triton", x, layer.qweight, layer.scales, bias, blocks)
-
-
-def _int8() -> Any:
-    return _int8_module()
 
 
 def _wrong(
@@ -126,8 +121,8 @@ def _measure(
     for m in sorted(rows):
         x = torch.randn((m, k), generator=generator, device=device, dtype=dtype)  # (M, K)
         expected = _reference(layer, x).float()
-        bucket = _int8().block_m(m)
-        tried = [blocks[bucket]] if bucket in blocks else list(_int8().BLOCKS)
+        bucket = _int8_module().block_m(m)
+        tried = [blocks[bucket]] if bucket in blocks else list(_int8_module().BLOCKS)
         timed: dict[tuple[int, int], float] = {}
         wrong: dict[tuple[int, int], str] = {}
         for block in tried:
@@ -151,7 +146,7 @@ def _measure(
             break
         limit = m
     return _Measured(
-        limit, {b: blocks[b] for b in blocks if b <= _int8().block_m(max(limit, 1))}, times
+        limit, {b: blocks[b] for b in blocks if b <= _int8_module().block_m(max(limit, 1))}, times
     )
 
 

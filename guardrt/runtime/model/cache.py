@@ -13,6 +13,7 @@ reallocates the tensor, so whoever captured its address (a CUDA graph) must chec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -98,14 +99,16 @@ class CacheStep:
         self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv_len: int
     ) -> None:
         self.cache, self.slots, self.positions, self.kv_len = cache, slots, positions, kv_len
-        # Rows past the image rows (a shared prefix, the scratch row) hold no image: where a
-        # cross layer runs over them anyway (a pad row of an image step), they read the last
-        # image row's K/V, and their output is discarded or zeroed. A tensor op, not a host
-        # read, so CUDA graphs capture it.
-        rows = cache.self_kv.shape[2]
-        self.image_slots = (
-            slots if cache.image_rows == rows else slots.clamp(max=cache.image_rows - 1)
-        )
+
+    @functools.cached_property
+    def image_slots(self) -> torch.Tensor:
+        """The rows whose image K/V the step's cross layers read (once per step, and only by
+        steps that run them). Rows past the image rows (a shared prefix, the scratch row) hold
+        no image: where a cross layer runs over them anyway (a pad row of an image step), they
+        read the last image row's K/V, and their output is discarded or zeroed. A tensor op,
+        not a host read, so CUDA graphs capture it."""
+        rows, image_rows = self.cache.self_kv.shape[2], self.cache.image_rows
+        return self.slots if image_rows == rows else self.slots.clamp(max=image_rows - 1)
 
     def self_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
