@@ -108,3 +108,27 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         for name, p in run["p_unsafe"].items():  # the served path scores as one eager step
             assert abs(run["p_unsafe_served"][name] - p) <= 5e-3 * p  # bf16 rounding
         assert run["cuda_graphs"]["batch1_graphs"]["graphs"] == 0  # no CUDA here
+    assert {p.suffix for p in tmp_path.iterdir()} >= {".json", ".txt"}  # written per phase
+    assert "text safe" in (tmp_path / written.with_suffix(".txt").name).read_text()
+
+
+def test_the_baseline_runs_right_after_bf16() -> None:
+    """A run cut short keeps bf16 and transformers, what every comparison needs."""
+    parse = latency._parser().parse_args
+    assert latency._phases(parse([]), ["bf16", "int8", "fp8"]) == [
+        "bf16", "transformers", "int8", "fp8"]  # fmt: skip
+    assert latency._phases(parse([]), ["int8"]) == ["int8", "transformers"]
+    assert latency._phases(parse(["--no-baseline"]), ["bf16", "fp8"]) == ["bf16", "fp8"]
+
+
+def test_a_phase_past_the_budget_is_skipped_and_recorded(tmp_path: Path) -> None:
+    """With no time left every phase is skipped, named in the report and the table, and the
+    files are still written (a time-boxed run ends cleanly instead of being killed)."""
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--budget-s", "0",
+            "--results", str(tmp_path)]  # fmt: skip
+    assert latency.main(argv) == 0
+    (written,) = tmp_path.glob("latency-*.json")
+    report = json.loads(written.read_text())
+    assert report["skipped"] == ["bf16", "transformers", "fp8"]
+    assert report["precisions"] == {} and "transformers" not in report
+    assert "SKIPPED fp8" in written.with_suffix(".txt").read_text()

@@ -1,6 +1,7 @@
 """`guardrt bench` / `benchmarks/latency.py`: verdict latency on this machine's GPU, in one run.
 
-    guardrt bench [--model DIR] [--precisions bf16,int8,int8-wa,fp8] [--repeat 20] [--results DIR]
+    guardrt bench [--model DIR] [--precisions bf16,int8,fp8,int8-wa] [--repeat 20] [--results DIR]
+                  [--budget-s S]
 
 Builds Llama-Guard-3-11B-Vision's architecture with random weights on the device (or loads
 `--model`), measures the card's ceilings, then for each precision: p50/p90/p99 end-to-end
@@ -8,9 +9,11 @@ verdict latency at batch 1 for a ~350-token prompt, the same with a 4-tile image
 response classification with an image, each on the `safe` and the `unsafe` + one category path;
 then throughput at concurrency 8 and 32 through the scheduler. Then the same cases with
 transformers eager bf16 on the same weights, and our probabilities (bf16,
-`semantics="transformers"`) against transformers' on the same inputs. Prints a table with the
-ratios to transformers and to the floor, writes JSON (and a PNG when matplotlib is installed)
-under the results folder.
+`semantics="transformers"`) against transformers' on the same inputs (this phase runs right
+after bf16). The JSON, the table (.txt) and the PNG are rewritten after every phase, and with
+`--budget-s` a phase that would end past the budget is skipped and named, so a time-boxed run
+ends with its files written. Prints a table with the ratios to transformers and to the floor;
+writes JSON, the table and (when matplotlib is installed) a PNG under the results folder.
 
 Our side runs as the torch engine serves on a GPU: q/k/v and gate/up fused, small steps replayed
 as CUDA graphs (`--no-cuda-graphs`: eager), one shared policy-prefix row. Latency runs with caches
@@ -54,9 +57,11 @@ from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 
-# int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores)
-PRECISIONS = ("bf16", "int8", "int8-wa", "fp8")
+# int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores); it is
+# not one of the issue's precisions, so it runs last.
+PRECISIONS = ("bf16", "int8", "fp8", "int8-wa")
 MAX_SEQ = 1024
+BASELINE = "transformers"  # the phase that times transformers eager bf16
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps only")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip (and record as skipped) a phase that would start after this many seconds "
+        "minus the longest phase so far, so a time-boxed run ends with its files written",
+    )
     return parser
 
 
@@ -298,6 +310,8 @@ def _table(report: dict[str, Any]) -> str:
                      f"err {row['max_rel_logit_error']:.1e}  labels {row['labels']}")  # fmt: skip
     for phase, error in report.get("errors", {}).items():
         lines.append(f"ERROR in {phase}: {error[:500]}")
+    for phase in report.get("skipped", []):
+        lines.append(f"SKIPPED {phase}: it would have run past --budget-s")
     return "\n".join(lines)
 
 
@@ -326,6 +340,25 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _phases(args: argparse.Namespace, precisions: Sequence[str]) -> list[str]:
+    """The run's phases in order: the transformers baseline right after bf16 (the baseline and
+    bf16 are what every comparison needs, so a run cut short still has them), else last."""
+    phases = list(precisions)
+    if not args.no_baseline:
+        phases.insert(phases.index("bf16") + 1 if "bf16" in phases else len(phases), BASELINE)
+    return phases
+
+
+def _save(report: dict[str, Any], stem: Path) -> bool:
+    """Write the JSON, the table and the PNG of what is measured so far; whether a PNG was
+    drawn. Called after every phase: a run killed mid-way leaves a consistent set of files."""
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".txt").write_text(_table(report) + "\n")
+    return bool(report["precisions"] or "transformers" in report) and _plot(
+        report, stem.with_suffix(".png")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     device = torch.device(args.device)
@@ -352,30 +385,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ceilings": ceilings.to_json(),
         "prompt_tokens": {name: len(r.prompt) for name, r in requests.items()},
         "precisions": {},
+        "phase_s": {},
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"latency-{report['device'].replace(' ', '-')}"
     # Each phase is saved as it ends, and a failing phase is recorded, not fatal: one run on
     # a lent GPU must bring back whatever it measured.
-    for precision in precisions:
-        try:
-            report["precisions"][precision] = _precision_run(
-                args, device, precision, requests, ceilings, concurrency
-            )
-        except Exception as exc:  # noqa: BLE001 (recorded in the report)
-            report.setdefault("errors", {})[precision] = f"{type(exc).__name__}: {exc}"[:2000]
-            _free(device)
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    if not args.no_baseline:
-        try:
-            report["transformers"] = _baseline_run(args, device, requests)
-        except Exception as exc:  # noqa: BLE001
-            report.setdefault("errors", {})["transformers"] = f"{type(exc).__name__}: {exc}"[:2000]
-    report["elapsed_s"] = time.perf_counter() - started
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plotted = _plot(report, stem.with_suffix(".png"))
+    plotted = False
+    for phase in _phases(args, precisions):
+        elapsed = time.perf_counter() - started
+        longest = max(report["phase_s"].values(), default=0.0)
+        if args.budget_s is not None and elapsed + longest > args.budget_s:
+            report.setdefault("skipped", []).append(phase)
+        else:
+            began = time.perf_counter()
+            try:
+                if phase == BASELINE:
+                    report["transformers"] = _baseline_run(args, device, requests)
+                else:
+                    report["precisions"][phase] = _precision_run(
+                        args, device, phase, requests, ceilings, concurrency
+                    )
+            except Exception as exc:  # noqa: BLE001 (recorded in the report)
+                report.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
+                _free(device)
+            report["phase_s"][phase] = time.perf_counter() - began
+        report["elapsed_s"] = time.perf_counter() - started
+        plotted = _save(report, stem)
     print(_table(report))
-    print(f"wrote {stem}.json" + (f" and {stem}.png" if plotted else " (no matplotlib: no PNG)"))
+    written = f"{stem}.json, {stem}.txt" + (f" and {stem}.png" if plotted else " (no PNG)")
+    print(f"wrote {written}")
     return 0
 
 
