@@ -108,6 +108,8 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         for name, p in run["p_unsafe"].items():  # the served path scores as one eager step
             assert abs(run["p_unsafe_served"][name] - p) <= 5e-3 * p  # bf16 rounding
         assert run["cuda_graphs"]["batch1_graphs"]["graphs"] == 0  # no CUDA here
+    assert set(report["preprocess_ms"]) >= {"text", "image+text, 1920x1080 photo-like JPEG"}
+    assert all(ms > 0 for ms in report["preprocess_ms"].values())
     assert {p.suffix for p in tmp_path.iterdir()} >= {".json", ".txt"}  # written per phase
     assert "text safe" in (tmp_path / written.with_suffix(".txt").name).read_text()
 
@@ -124,7 +126,7 @@ def test_the_baseline_runs_right_after_bf16() -> None:
 def test_a_phase_past_the_budget_is_skipped_and_recorded(tmp_path: Path) -> None:
     """With no time left every phase is skipped, named in the report and the table, and the
     files are still written (a time-boxed run ends cleanly instead of being killed)."""
-    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--budget-s", "0",
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--budget-s", "0", "--repeat", "1",
             "--results", str(tmp_path)]  # fmt: skip
     assert latency.main(argv) == 0
     (written,) = tmp_path.glob("latency-*.json")

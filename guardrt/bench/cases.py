@@ -11,14 +11,16 @@ need the batch rows, `PREFIXES` more and (for `StaticSteps`) its scratch row.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from guardrt.bench import photos
 from guardrt.bench.forced import ForcedSteps, Path
 from guardrt.bench.timing import sync
 from guardrt.runtime.classify import TorchSteps
@@ -27,6 +29,7 @@ from guardrt.runtime.engine import EngineInfo
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
+from guardrt.testing.timing import medians_ms
 
 PATHS: tuple[Path, ...] = ("safe", "unsafe")
 PREFIXES = 1  # shared policy-prefix rows, as the engine's default (EngineOptions.max_prefixes)
@@ -42,11 +45,17 @@ def picture(height: int = 1100, width: int = 1100, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
 
 
-def requests(preparer: Preparer, prompt_tokens: int = 350) -> dict[str, PreparedRequest]:
-    """text / image / response+image requests, the text grown to about `prompt_tokens`."""
+def _text(preparer: Preparer, prompt_tokens: int) -> str:
+    """The user's question, repeated until the prompt holds about `prompt_tokens` ids."""
     text = _QUESTION
     while len(preparer.prepare([{"role": "user", "content": text}]).prompt) < prompt_tokens:
         text += _QUESTION
+    return text
+
+
+def requests(preparer: Preparer, prompt_tokens: int = 350) -> dict[str, PreparedRequest]:
+    """text / image / response+image requests, the text grown to about `prompt_tokens`."""
+    text = _text(preparer, prompt_tokens)
     image = {"type": "image", "image": picture()}
     with_image = [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
     return {
@@ -84,6 +93,27 @@ class Latency:
             len(totals),
             decoded[-1].verdict().raw_output.strip(),
         )
+
+
+def preprocess_ms(preparer: Preparer, repeat: int, prompt_tokens: int = 350) -> dict[str, float]:
+    """Median ms the host spends turning a request into model inputs (validation, chat template,
+    tokenizer, and for an image: JPEG decode, resize, tiles), for the text request and for the
+    same with a 1920×1080 photo-like JPEG and (when `llama_models` is installed) a real photo.
+    A served verdict pays this before the model's latency measured by `time_ours`."""
+    text = _text(preparer, prompt_tokens)
+    jpegs = [("1920x1080 photo-like JPEG", photos.jpeg(photos.photo_like(1920, 1080, seed=1)))]
+    real = photos.real_photo()
+    jpegs += [] if real is None else [real]
+
+    def prepare(data: bytes | None) -> PreparedRequest:
+        parts: list[dict[str, object]] = [{"type": "text", "text": text}]
+        if data is not None:
+            parts.insert(0, {"type": "image", "image": data})
+        return preparer.prepare([{"role": "user", "content": parts}])
+
+    runs: dict[str, Callable[[], object]] = {"text": functools.partial(prepare, None)}
+    runs |= {f"image+text, {name}": functools.partial(prepare, data) for name, data in jpegs}
+    return medians_ms(runs, repeat)
 
 
 def _forced(steps: TorchSteps, request: PreparedRequest, path: Path) -> ForcedSteps:

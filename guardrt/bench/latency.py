@@ -56,6 +56,7 @@ from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
+from guardrt.testing.timing import machine
 
 # int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores); it is
 # not one of the issue's precisions, so it runs last.
@@ -308,6 +309,11 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(f"P(unsafe) {row['input']:<16} ours {row['ours']:.3e}  transformers "
                      f"{row['transformers']:.3e}  |Δ| {row['abs_delta']:.1e}  label-row logit "
                      f"err {row['max_rel_logit_error']:.1e}  labels {row['labels']}")  # fmt: skip
+    if "preprocess_ms" in report:
+        timed = "; ".join(f"{name} {ms:.1f} ms" for name, ms in report["preprocess_ms"].items())
+        lines.append(
+            f"host preprocessing p50, before the model ({report.get('host', 'this host')}): {timed}"
+        )
     for phase, error in report.get("errors", {}).items():
         lines.append(f"ERROR in {phase}: {error[:500]}")
     for phase in report.get("skipped", []):
@@ -371,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceilings = (
         roofline.measure(device) if device.type == "cuda" else roofline.measure(device, 16, 512)
     )
-    requests = cases.requests(_preparer(args))
+    preparer = _preparer(args)
+    requests = cases.requests(preparer)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -384,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "decode": "constrained",
         "ceilings": ceilings.to_json(),
         "prompt_tokens": {name: len(r.prompt) for name, r in requests.items()},
+        "host": machine(),
+        # What a served verdict pays on the host before the model (the cases below start from
+        # prepared requests, as transformers' timings start from its processor's output).
+        "preprocess_ms": cases.preprocess_ms(preparer, max(3, args.repeat)),
         "precisions": {},
         "phase_s": {},
     }
