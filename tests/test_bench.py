@@ -126,11 +126,12 @@ def test_the_baseline_runs_right_after_bf16() -> None:
 def test_a_phase_past_the_budget_is_skipped_and_recorded(tmp_path: Path) -> None:
     """With no time left every phase is skipped, named in the report and the table, and the
     files are still written (a time-boxed run ends cleanly instead of being killed)."""
-    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--budget-s", "0", "--repeat", "1",
-            "--results", str(tmp_path)]  # fmt: skip
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--budget-s", "0",
+            "--repeat", "1", "--results", str(tmp_path)]  # fmt: skip
     assert latency.main(argv) == 0
     (written,) = tmp_path.glob("latency-*.json")
     report = json.loads(written.read_text())
     assert report["skipped"] == ["bf16", "transformers", "fp8"]
-    assert report["precisions"] == {} and "transformers" not in report
+    assert report["precisions"] == {}
+    assert "transformers" not in report
     assert "SKIPPED fp8" in written.with_suffix(".txt").read_text()
