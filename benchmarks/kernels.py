@@ -159,7 +159,7 @@ def _fp8_math(layers: Layers, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_math(layers: Layers, x: torch.Tensor) -> torch.Tensor | None:
-    """The int8 weight+activation path's exact math (int64 products) on the same operands."""
+    """The int8 weight+activation path's exact math (`int8_dynamic_reference`), same operands."""
     int8 = layers.int8
     if not int_mm_takes(x.shape[0], *int8.qweight.shape):
         return None

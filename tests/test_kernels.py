@@ -27,6 +27,7 @@ from guardrt.kernels.int8_dynamic import (
     int8_dynamic_reference,
     quantize_rows_int8,
 )
+from guardrt.kernels.scaling import rescale
 
 HOPPER: Capability = (9, 0)
 
@@ -292,7 +293,7 @@ def test_quantize_rows_int8(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize(("m", "bias"), [(17, False), (40, True)])
 def test_int8_dynamic_linear_equals_its_reference(m: int, bias: bool) -> None:
-    """`torch._int_mm` (on the CPU here) against the same math with int64 accumulation, and
+    """`torch._int_mm` (on the CPU here) against the same math in exact accumulation, and
     both against the weight-only reference within the activation rounding."""
     layer = _layer(48, 64, "int8", bias, seed=m)
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).bfloat16()
@@ -424,3 +425,19 @@ def test_onnx_export_keeps_dequantize_linear(tmp_path: Path) -> None:
     nodes = onnx.load(str(path)).graph.node
     assert "DequantizeLinear" in {node.op_type for node in nodes}
     assert all(node.domain in ("", "ai.onnx") for node in nodes)  # no custom or kernel op
+
+
+def test_the_int8_reference_is_exact_at_the_largest_sums() -> None:
+    """The reference accumulates in float64 (CUDA has no integer matmul): at the model's widest
+    K (14,336) with every product ±127², it equals integer arithmetic."""
+    k = 14_336
+    generator = torch.Generator().manual_seed(3)
+    xq = torch.full((2, k), 127, dtype=torch.int8)
+    xq[1] = torch.where(torch.rand(k, generator=generator) < 0.5, -127, 127).to(torch.int8)
+    wq = torch.full((3, k), 127, dtype=torch.int8)
+    wq[2, ::3] = -127
+    x_scales, w_scales = torch.rand(2, 1, generator=generator), torch.rand(3, generator=generator)
+    got = int8_dynamic_reference(xq, x_scales, wq, w_scales, None, torch.float32)
+    exact = xq.to(torch.int64) @ wq.to(torch.int64).t()  # (2, 3), CPU integer matmul
+    assert exact[0, 0] == 127 * 127 * k
+    assert torch.equal(got, rescale(exact, x_scales, w_scales, None, torch.float32))

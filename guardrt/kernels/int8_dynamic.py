@@ -9,7 +9,8 @@ the same scheme as the ONNX engine's (`guardrt export build --int8-compute`), an
 rounding each activation to 8 bits moves scores more than weight-only int8 does, most on
 activation outliers, which real checkpoints have and random weights do not.
 
-`int8_dynamic_reference` is the same math in plain PyTorch (int64 accumulation), for the tests.
+`int8_dynamic_reference` is the same math in plain PyTorch (float64 accumulation, exact here), for
+the tests and `benchmarks/kernels.py`.
 `torch._int_mm` also runs on the CPU. Its CUDA contract (torch's `_int_mm_out_cuda`): a (M, K)
 int8 row-major with M > 16, b (K, N) int8 column-major (the `.t()` of a row-major (N, K)
 weight), K and N multiples of 8; int32 out.
@@ -50,8 +51,10 @@ def int8_dynamic_reference(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """xq (M, K) int8, x_scales (M, 1), wq (N, K) int8, w_scales (N, 1) or (N,), bias (N,) or
-    None → (M, N) `out_dtype`: the integer product exactly (int64), then the scales in fp32."""
-    acc = xq.to(torch.int64) @ wq.to(torch.int64).t()  # (M, N), exact
+    None → (M, N) `out_dtype`: the integer product exactly, then the scales in fp32. float64,
+    not int64: CUDA has no integer matmul, and every partial sum (at most 127² · K, 2.3e8 for
+    K = 14,336) is an integer far below 2⁵³, so float64 holds it exactly on every device."""
+    acc = xq.to(torch.float64) @ wq.to(torch.float64).t()  # (M, N), exact
     return rescale(acc, x_scales, w_scales, bias, out_dtype)
 
 
