@@ -4,6 +4,7 @@ tuner keeps the fastest candidate that does, and a tuned model answers what an u
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,22 @@ def test_failing_and_wrong_candidates_are_rejected(monkeypatch: pytest.MonkeyPat
     assert set(tuning.timings_ms) == {"default/d=as is"}
     assert "max |Δ|" in tuning.rejected["default/d=128"]
     assert "No viable backend" in tuning.rejected["EFFICIENT_ATTENTION/d=as is"]  # CPU lacks it
+
+
+def test_a_slightly_wrong_scale_is_rejected_over_many_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over many keys N(0, 1) attention is near uniform and its outputs small, so the check must
+    be relative to catch a subtly wrong candidate: here padding scales q by 2%, as a kernel
+    whose softmax scale is 2% off would (an absolute 2e-2 let it through: max |Δ| 0.014)."""
+    pad, calls = F.pad, itertools.count()
+
+    def q_scaled(t: torch.Tensor, widths: tuple[int, int]) -> torch.Tensor:
+        return pad(t * 1.02 if next(calls) % 3 == 0 else t, widths)  # q, k, v in turn
+
+    monkeypatch.setattr(F, "pad", q_scaled)
+    table = {p.name: 1.0 if p.head_dim else 2.0 for p in candidates(80, ())}
+    tuning = choose_plan((1, 2, 2048, 80), torch.float32, CPU, (), _table_timer(table))
+    assert tuning.plan == DEFAULT_PLAN
+    assert set(tuning.rejected) == {"default/d=96", "default/d=128"}
 
 
 def test_a_tuned_model_answers_what_an_untuned_one_does(

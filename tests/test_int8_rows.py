@@ -9,6 +9,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,10 +17,14 @@ from torch import nn
 from guardrt.export.quantize import QuantizedLinear, quantize_linears, quantize_model
 from guardrt.kernels import dispatch, int8_rows
 from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS
+from guardrt.kernels.timer import cuda_timer
+from guardrt.runtime.classify import Classifier
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections, modules_in_use
 from guardrt.runtime.model.text import MLP, SelfAttention
-from tests.models import DEVICE
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.static_steps import StaticSteps, setup_steps
+from tests.models import DEVICE, assert_same_decoded
 
 pytest.importorskip("triton")  # the test extra installs it (x86-64 Linux)
 
@@ -182,3 +187,51 @@ def test_load_tuning(checkpoint: Path) -> None:
     with torch.inference_mode():
         after = model(*arguments).float()
     torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_steps_replay_in_graphs(checkpoint: Path, preparer: Preparer, kind: str) -> None:
+    """On a GPU (GUARDRT_TEST_DEVICE=cuda with TRITON_INTERPRET=0, gpu_check.sh), bf16 steps of
+    an 8-bit model run their kernels (the Triton int8 kernel, fp8 `_scaled_mm`) inside captured
+    CUDA graphs, and decode exactly as eager steps of the same model; on the CPU the same steps
+    run padded and eagerly through the reference forward."""
+    device = torch.device(DEVICE)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    model = load_model(checkpoint, device=device, dtype=dtype, semantics="meta")
+    quantize_model(model, kind)  # type: ignore[arg-type]
+    fuse_projections(model)
+    pixels = np.random.default_rng(4).integers(0, 256, (40, 70, 3), np.uint8)
+    requests = [
+        preparer.prepare([{"role": "user", "content": text}])
+        for text in ("How do I pick a lock?", "Is this fine?")
+    ]
+    parts = [{"type": "image", "image": pixels}, {"type": "text", "text": "What is this?"}]
+    requests.append(preparer.prepare([{"role": "user", "content": parts}]))
+    expected = Classifier(model, prefixes=1, steps=setup_steps(model, 3 + 1, 1024, False)).run(
+        requests
+    )
+    steps = setup_steps(model, 3 + 1, 1024, True, image_rows=3)
+    assert isinstance(steps, StaticSteps)
+    got = Classifier(model, prefixes=1, steps=steps).run(requests)
+    assert_same_decoded(got, expected)
+    assert steps.graphs == (len(steps._steps) if DEVICE == "cuda" else 0)
+    assert steps.eager_steps == 0
+    paths = {
+        dispatch.select_path(torch.zeros(1, m.in_features, dtype=dtype, device=device),
+                             m.qweight, m.scales, m.activations, m.triton_rows)
+        for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)
+    }  # fmt: skip
+    fast = {"int8": "int8_triton", "fp8": "fp8_scaled_mm"}[kind]
+    assert paths == ({"reference"} if DEVICE == "cpu" else {fast}), "a decode step's path"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times CUDA work (gpu_check.sh runs it on a GPU)")
+def test_the_timer_takes_capturable_and_uncapturable_work() -> None:
+    """The load-time timer replays captured work from cold caches, and times work that cannot
+    be captured (a read back to the host) eagerly instead of failing."""
+    x = torch.randn(2048, 2048, device=DEVICE)
+    captured = cuda_timer(functools.partial(torch.mm, x, x))
+    uncapturable = cuda_timer(lambda: float(x.sum()))
+    assert 0 < captured < 1e3
+    assert 0 <= uncapturable < 1e3
+    assert cuda_timer(functools.partial(torch.mm, x, x)) < 1e3  # the device is still usable

@@ -8,6 +8,7 @@ tests capture and replay CUDA graphs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from guardrt.export.quantize import quantize_linears, quantize_weight
 from guardrt.kernels.fp8_linear import fp8_linear
 from guardrt.kernels.int8_dynamic import int8_dynamic_linear
+from guardrt.runtime import static_steps
 from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.classify import Classifier, TorchSteps
 from guardrt.runtime.decoding import PAD_ID, category_vocab
@@ -177,6 +179,38 @@ def test_steps_without_a_bucket_run_eagerly(checkpoint: Path, tok: Tokenizer) ->
     assert_same_decoded(got, expected)
     assert steps.eager_steps >= 1  # the 4-row prefill had no bucket
     assert set(steps._steps) <= {BucketKey(b, 2, MAX_SEQ, False) for b in (1, 2)}
+
+
+def test_a_failed_capture_leaves_the_steps_eager(
+    checkpoint: Path,
+    tok: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A capture that raises anything (torch raises RuntimeError, Triton its own error types)
+    logs a warning, and this step and every later one run eagerly with the same answers."""
+    requests = _requests(tok)[:3]
+    expected = Classifier(_model(checkpoint, 4)).run(requests)
+    model = _model(checkpoint, 4 + 1)
+    steps = StaticSteps(model, capture=False)
+    steps.capture, steps._pool = True, object()  # as on a GPU, up to the capture itself
+
+    class CompileError(Exception):  # not a RuntimeError, as triton's errors are not
+        pass
+
+    def fails(self: object, pool: object) -> None:
+        raise CompileError("out of resources: shared memory\nsecond line")
+
+    monkeypatch.setattr(static_steps._Static, "capture", fails)
+    with caplog.at_level(logging.WARNING, logger="guardrt.runtime.static_steps"):
+        got = Classifier(model, steps=steps).run(requests)
+    assert_same_decoded(got, expected)
+    assert steps.capture is False
+    assert steps.graphs == 0
+    assert steps.eager_steps >= 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "CompileError: out of resources: shared memory" in warning
+    assert "second line" not in warning
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU's refusal")

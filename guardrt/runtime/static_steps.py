@@ -163,9 +163,10 @@ class _Static:
         b, t = key.batch, key.tokens
         self._sizes = [b * t, b * t, b, b, b, b * LOGIT_ROWS, key.vocab]
         self._shapes = [(b, t), (b, t), (b,), (b,), (b,), (b, LOGIT_ROWS), (key.vocab,)]
-        self.host = torch.zeros(sum(self._sizes), dtype=torch.int64)
+        self.host = torch.zeros(sum(self._sizes), dtype=torch.int64, device="cpu")
         if model.device.type == "cuda":
             self.host = self.host.pin_memory()
+        self._host_view = self.host.numpy()  # the same memory: steps are packed straight into it
         self.buffer = torch.zeros(sum(self._sizes), dtype=torch.int64, device=model.device)
         views = torch.split(self.buffer, self._sizes)
         self.inputs = [v.view(shape) for v, shape in zip(views, self._shapes, strict=True)]
@@ -173,8 +174,9 @@ class _Static:
         self.output: torch.Tensor | None = None
 
     def load(self, step: PaddedStep) -> None:
-        packed = np.concatenate([a.reshape(-1) for a in step.arrays()])
-        self.host.copy_(torch.from_numpy(packed))
+        # Safe to overwrite: the previous step's copy from this buffer has finished, as every
+        # step ends reading its logits back synchronously.
+        np.concatenate([a.reshape(-1) for a in step.arrays()], out=self._host_view)
         self.buffer.copy_(self.host, non_blocking=True)
 
     def forward(self) -> torch.Tensor:
@@ -253,7 +255,10 @@ class StaticSteps(TorchSteps):
             started = time.perf_counter()
             try:
                 static.capture(self._pool)
-            except RuntimeError as exc:  # an op that can't be captured: eager from now on
+            # An op that can't be captured (torch raises RuntimeError; Triton its own types, a
+            # compile or out-of-resources error): eager from now on. Whatever else failed fails
+            # again in the eager step, which reports it.
+            except Exception as exc:  # noqa: BLE001
                 first = (str(exc).splitlines() or [""])[0][:300]  # torch's words, no input data
                 log.warning(
                     "CUDA graph capture failed (%s: %s); steps run eagerly",
