@@ -193,7 +193,7 @@ def test_a_failed_capture_leaves_the_steps_eager(
     expected = Classifier(_model(checkpoint, 4)).run(requests)
     model = _model(checkpoint, 4 + 1)
     steps = StaticSteps(model, capture=False)
-    steps.capture, steps._pool = True, object()  # as on a GPU, up to the capture itself
+    steps.capture, steps._pool = True, object()  # type: ignore[assignment]  # as on a GPU
 
     class CompileError(Exception):  # not a RuntimeError, as triton's errors are not
         pass
