@@ -4,10 +4,11 @@ Usage: python benchmarks/kernels.py [--repeat N] [--budget SECONDS] [--out FILE]
        python benchmarks/kernels.py --dry-run   (CPU, tiny shapes: the script's own check)
 
 For every projection shape of the full-size model (text, head, vision) and M rows from a decode
-step (1) to a full image prefill (6432), the median µs of five ways to compute x · Wᵀ (+ b):
+step (1) to a full image prefill (6432), the µs of the ways to compute x · Wᵀ (+ b):
 "dense", F.linear on the unquantized weight in bf16 (fp16 in the dry run); the int8 reference
 (`QuantizedLinear` forced to dequantize, then F.linear); the int8 Triton kernel
-(`guardrt/kernels/int8_linear.py`); the fp8 reference; the fp8 `_scaled_mm` path
+(`guardrt/kernels/int8_linear.py`); the int8 cast path (`int8_cast.py`: the weight cast, then
+cuBLAS); int8 weight+activation on `_int_mm`; the fp8 reference; the fp8 `_scaled_mm` path
 (`guardrt/kernels/fp8_linear.py`, activation quantization included). With them: each kernel's
 max relative error against its reference (fp8 also against the exact fp32 math of the same
 quantized operands), the path `choose_path` takes there, and the fastest.
@@ -41,12 +42,14 @@ from guardrt.bench.timing import times_ms
 from guardrt.export.quantize import QuantizedLinear, quantize_weight
 from guardrt.kernels.dispatch import choose_path, cuda_capability
 from guardrt.kernels.fp8_linear import fp8_linear, quantize_rows, scaled_mm_reference
+from guardrt.kernels.int8_cast import int8_cast_linear
 from guardrt.kernels.int8_dynamic import (
     int8_dynamic_linear,
     int8_dynamic_reference,
     int_mm_takes,
     quantize_rows_int8,
 )
+from guardrt.kernels.timer import cuda_timer
 
 log = logging.getLogger("benchmarks.kernels")
 
@@ -68,7 +71,7 @@ DRY_SHAPES: dict[str, tuple[int, int, bool]] = {
     "tiny 64x32": (64, 32, False),
 }
 DRY_ROWS = (1, 5, 24)  # 24: past _int_mm's 16-row minimum
-METHODS = ("dense", "int8 ref", "int8 triton", "int8 mm", "fp8 ref", "fp8 mm")
+METHODS = ("dense", "int8 ref", "int8 triton", "int8 cast", "int8 mm", "fp8 ref", "fp8 mm")
 # bf16 output rounding over K-long sums; beyond this a kernel is wrong, not imprecise.
 TOLERANCE = 2e-2
 CELL_SECONDS = 0.25  # timing per method and cell, at most (but at least 3 calls)
@@ -104,6 +107,7 @@ def _methods(layers: Layers, int8_linear: Any, m: int) -> dict[str, Linear]:
         "dense": lambda x: torch.nn.functional.linear(x, layers.dense, bias),
         "int8 ref": int8,
         "int8 triton": lambda x: int8_linear(x, int8.qweight, int8.scales, bias),
+        "int8 cast": lambda x: int8_cast_linear(x, int8.qweight, int8.scales, bias),
         "fp8 ref": fp8,
         "fp8 mm": lambda x: fp8_linear(x, fp8.qweight, fp8.scales, bias),
     }
@@ -127,6 +131,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor, chunk: int = 1024)
 CHECKS = {
     "int8 ref vs dense": ("int8 ref", "dense"),  # the quantization itself (information)
     "int8 triton vs ref": ("int8 triton", "int8 ref"),
+    "int8 cast vs ref": ("int8 cast", "int8 ref"),
     "fp8 mm vs ref": ("fp8 mm", "fp8 ref"),  # + the activations' e4m3 rounding (information)
     "fp8 mm vs math": ("fp8 mm", "fp8 math"),
     "int8 mm vs ref": ("int8 mm", "int8 ref"),  # + the activations' int8 rounding (information)
@@ -134,6 +139,7 @@ CHECKS = {
 }
 GATED = (
     "int8 triton vs ref",
+    "int8 cast vs ref",
     "fp8 mm vs math",
     "int8 mm vs math",
 )  # beyond TOLERANCE: the cell is NOT OK
@@ -168,10 +174,14 @@ def _int8_math(layers: Layers, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _median_us(run: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median µs per call: 1 warm-up and 1 call to size the run, then up to `repeat` calls
-    within CELL_SECONDS (at least 3), each synchronized (`times_ms`)."""
+    """µs per call. On a GPU as the engine measures at load (`cuda_timer`: calls replayed from a
+    CUDA graph, each from a cold L2, so neither a Python launch nor an L2-resident weight is
+    timed), over up to `repeat` calls sized to CELL_SECONDS; on the CPU (the dry run) the median
+    of synchronized calls. 1 warm-up and 1 call size the run."""
     (first,) = times_ms(run, device, 1, warmup=1)
     count = max(3, min(repeat, int(CELL_SECONDS * 1e3 / max(first, 1e-3))))
+    if device.type == "cuda":  # each captured call runs 4 times (1 warm, 3 timed replays)
+        return cuda_timer(run, max(1, count // 4)) * 1e3
     return statistics.median(times_ms(run, device, count, warmup=0)) * 1e3
 
 
@@ -223,7 +233,8 @@ def _line(name: str, m: int, cell: dict[str, Any]) -> str:
         return f"{name:<21}{m:>5}  ERROR {cell['error']}"
     us, errors = cell["us"], cell["errors"]
     times = "".join(f"{us[method]:>15.1f}" if method in us else f"{'-':>15}" for method in METHODS)
-    shown = ("int8 triton vs ref", "int8 mm vs math", "fp8 mm vs math", "fp8 mm vs ref")
+    shown = ("int8 triton vs ref", "int8 cast vs ref", "int8 mm vs math", "fp8 mm vs math",
+             "fp8 mm vs ref")  # fmt: skip
     error = "".join(f"{errors[c]:>10.1e}" if c in errors else f"{'-':>10}" for c in shown)
     paths = "/".join(cell["dispatch"][kind] for kind in ("int8", "int8-wa", "fp8"))
     flags = "" if cell["ok"] else f"  NOT OK: {cell['error']}"
@@ -232,7 +243,8 @@ def _line(name: str, m: int, cell: dict[str, Any]) -> str:
 
 HEADER = (
     f"{'shape':<21}{'M':>5}" + "".join(f"{method + ' µs':>15}" for method in METHODS)
-    + f"{'i8 err':>10}{'i8mm err':>10}{'f8 math':>10}{'f8 ref':>10}  dispatch int8/int8-wa/fp8"
+    + f"{'i8 err':>10}{'i8c err':>10}{'i8mm err':>10}{'f8 math':>10}{'f8 ref':>10}"
+    + "  dispatch int8/int8-wa/fp8"
 )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from guardrt.kernels.timer import cuda_timer
 from guardrt.runtime.classify import Classifier
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections, modules_in_use
-from guardrt.runtime.model.text import MLP, SelfAttention
+from guardrt.runtime.model.text import MLP, CrossAttention, SelfAttention
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.static_steps import StaticSteps, setup_steps
 from tests.models import DEVICE, assert_same_decoded
@@ -74,7 +74,7 @@ def test_each_shape_gets_its_measured_limit() -> None:
     assert dispatch.choose_path(x[:64], layer.qweight, layer.scales, hopper, True,
                                 triton_rows=layer.triton_rows) == "int8_triton"  # fmt: skip
     assert dispatch.choose_path(x, layer.qweight, layer.scales, hopper, True,
-                                triton_rows=layer.triton_rows) == "reference"  # fmt: skip
+                                triton_rows=layer.triton_rows) == "int8_cast_mm"  # fmt: skip
 
 
 def test_the_fastest_block_shape_is_kept_per_rows_per_program() -> None:
@@ -122,12 +122,12 @@ def test_a_wrong_kernel_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
         assert isinstance(layer, QuantizedLinear)
         path = dispatch.choose_path(one_row, layer.qweight, layer.scales, (9, 0), True,
                                     triton_rows=layer.triton_rows)  # fmt: skip
-        assert path == "reference"
+        assert path == "int8_cast_mm"  # cuBLAS on the cast weight
 
 
 def test_a_kernel_that_fails_here_is_refused_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that cannot build on this GPU (say, bf16 `tl.dot` on an old one) must not stop
-    the engine from loading: the layer keeps the reference."""
+    the engine from loading: the layer keeps cuBLAS (the cast path)."""
 
     def fails(*args: Any) -> torch.Tensor:
         raise AssertionError("triton: unsupported dot operand types")  # not a RuntimeError
@@ -235,3 +235,31 @@ def test_the_timer_takes_capturable_and_uncapturable_work() -> None:
     assert 0 < captured < 1e3
     assert 0 <= uncapturable < 1e3
     assert cuda_timer(functools.partial(torch.mm, x, x)) < 1e3  # the device is still usable
+
+
+def test_layers_that_only_read_images_are_not_measured(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cross layers' k/v projections read an image's thousands of states once: the load
+    measures the decoder's per-step layers only (q and o of cross layers included)."""
+    from guardrt.runtime.model.tune import tune_for_device  # noqa: PLC0415
+
+    model = load_model(checkpoint)
+    quantize_model(model, "int8")
+    fuse_projections(model)
+    measured: list[torch.nn.Module] = []
+
+    def recorded(layers: Any, dtype: torch.dtype) -> int8_rows.RowsTuning:
+        measured.extend(layers)
+        return int8_rows.RowsTuning()
+
+    monkeypatch.setattr(int8_rows, "tune", recorded)
+    tune_for_device(model)
+    cross = [m for m in model.language_model.modules() if isinstance(m, CrossAttention)]
+    assert cross
+    ids = {id(m) for m in measured}
+    assert not any(id(c.k_proj) in ids or id(c.v_proj) in ids for c in cross)
+    assert all(id(c.q_proj) in ids and id(c.o_proj) in ids for c in cross)
+    fused = [m.qkv for m in model.language_model.modules() if isinstance(m, SelfAttention)]
+    assert fused
+    assert all(id(f) in ids for f in fused)

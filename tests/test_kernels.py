@@ -9,6 +9,8 @@ CPU in torch 2.13, so it is tested here against `scaled_mm_reference`.
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +24,7 @@ from guardrt.export.quantize import QuantizedLinear, QuantKind, dequantize, quan
 from guardrt.kernels import dispatch
 from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, Capability
 from guardrt.kernels.fp8_linear import E4M3_MAX, fp8_linear, quantize_rows, scaled_mm_reference
+from guardrt.kernels.int8_cast import int8_cast_linear
 from guardrt.kernels.int8_dynamic import (
     int8_dynamic_linear,
     int8_dynamic_reference,
@@ -214,10 +217,10 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
     [
         (_case("int8", 1, BF16), HOPPER, True, "int8_triton"),
         (_case("int8", ROWS, FP16), HOPPER, True, "int8_triton"),
-        (_case("int8", ROWS + 1, BF16), HOPPER, True, "reference"),  # prefill: cuBLAS
-        (_case("int8", 1, BF16), HOPPER, False, "reference"),  # no triton
+        (_case("int8", ROWS + 1, BF16), HOPPER, True, "int8_cast_mm"),  # prefill: cuBLAS
+        (_case("int8", 1, BF16), HOPPER, False, "int8_cast_mm"),  # no triton
         (_case("int8", 1, BF16), None, True, "reference"),  # not CUDA
-        (_case("int8", 1, BF16), (7, 5), True, "reference"),  # Turing: no bf16 tl.dot
+        (_case("int8", 1, BF16), (7, 5), True, "int8_cast_mm"),  # Turing: no bf16 tl.dot
         (_case("int8", 1, FP32), HOPPER, True, "reference"),  # fp32: TF32 in tl.dot
         (_case("int8", 1, BF16, groups=4), HOPPER, True, "reference"),  # per-group
         (_case("int8", 0, BF16), HOPPER, True, "reference"),  # no rows
@@ -257,11 +260,11 @@ def _check_path(
         (_case("int8", ROWS + 1, BF16), HOPPER, True, "int8_int_mm"),  # prefill: int8 cores
         (_case("int8", 6432, FP16), (7, 5), False, "int8_int_mm"),  # Turing has them too
         (_case("int8", 1, BF16), HOPPER, True, "int8_triton"),  # decode: weight-only still
-        (_case("int8", 1, BF16), HOPPER, False, "reference"),  # _int_mm needs M > 16
+        (_case("int8", 1, BF16), HOPPER, False, "int8_cast_mm"),  # _int_mm needs M > 16
         (_case("int8", ROWS + 1, FP32), HOPPER, True, "reference"),
-        (_case("int8", ROWS + 1, BF16), (7, 0), True, "reference"),  # Volta
-        (_case("int8", ROWS + 1, BF16, k=68), HOPPER, True, "reference"),  # K % 8
-        (_case("int8", ROWS + 1, BF16, n=44), HOPPER, True, "reference"),  # N % 8
+        (_case("int8", ROWS + 1, BF16), (7, 0), True, "int8_cast_mm"),  # Volta
+        (_case("int8", ROWS + 1, BF16, k=68), HOPPER, True, "int8_cast_mm"),  # K % 8
+        (_case("int8", ROWS + 1, BF16, n=44), HOPPER, True, "int8_cast_mm"),  # N % 8
         (_case("int8", ROWS + 1, BF16, groups=4), HOPPER, True, "reference"),  # per-group
         (_case("fp8", ROWS + 1, BF16), HOPPER, True, "fp8_scaled_mm"),  # fp8 unaffected
     ],
@@ -314,7 +317,7 @@ def test_forward_runs_int_mm_only_when_allowed(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(ROWS + 6, 64, generator=torch.Generator().manual_seed(9)).bfloat16()
     calls = _spy(monkeypatch, torch, "_int_mm")
     with torch.inference_mode():
-        weight_only = layer(x)  # too many rows for the Triton kernel: the reference
+        weight_only = layer(x)  # too many rows for the Triton kernel: the cast path
         assert calls == []
         layer.activations = True
         got = layer(x)
@@ -325,7 +328,7 @@ def test_forward_runs_int_mm_only_when_allowed(monkeypatch: pytest.MonkeyPatch) 
 def test_choose_path_counts_the_rows_of_every_leading_dim() -> None:
     _, qweight, scales = _case("int8", 1, BF16)
     half = INT8_TRITON_MAX_ROWS // 2
-    for lead, expected in (((2, half), "int8_triton"), ((2, half + 1), "reference")):
+    for lead, expected in (((2, half), "int8_triton"), ((2, half + 1), "int8_cast_mm")):
         x = torch.zeros(*lead, 64, dtype=BF16)  # (B, T, K): M = B·T rows
         assert dispatch.choose_path(x, qweight, scales, HOPPER, True) == expected
 
@@ -441,3 +444,64 @@ def test_the_int8_reference_is_exact_at_the_largest_sums() -> None:
     exact = xq.to(torch.int64) @ wq.to(torch.int64).t()  # (2, 3), CPU integer matmul
     assert exact[0, 0] == 127 * 127 * k
     assert torch.equal(got, rescale(exact, x_scales, w_scales, None, torch.float32))
+
+
+# --- the int8 cast path (steps the Triton kernel declines) ---------------------------------
+
+
+def test_every_int8_value_casts_exactly() -> None:
+    """The cast path's premise: bf16 and fp16 hold every int8 weight exactly."""
+    q = torch.arange(-127, 128, dtype=torch.int8)
+    for dtype in (BF16, FP16):
+        assert torch.equal(q.to(dtype).to(torch.int16), q.to(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize(("lead", "bias"), [((70,), False), ((2, 40), True)])
+def test_int8_cast_linear_equals_the_reference(
+    dtype: torch.dtype, lead: tuple[int, ...], bias: bool
+) -> None:
+    """Against the reference forward (dequantize to fp32, cast, matmul) within one extra
+    rounding of the output, for every leading shape, with and without a bias."""
+    layer = _layer(48, 64, "int8", bias, seed=len(lead))
+    x = torch.randn(*lead, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    b = None if layer.bias is None else layer.bias.to(dtype)
+    with torch.inference_mode():
+        got = int8_cast_linear(x, layer.qweight, layer.scales, b)
+        layer.force_reference = True
+        expected = layer(x)
+    assert got.shape == (*lead, 48)
+    assert got.dtype == dtype
+    assert _relative(got, expected) <= 2**-7  # a bf16 rounding or two of the largest output
+
+
+@pytest.mark.usefixtures("on_hopper")
+def test_a_large_int8_step_casts_instead_of_dequantizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step the Triton kernel declines runs the cast path, not the reference's fp32
+    dequantize (which `guardrt::dequantize` would show)."""
+    layer = _layer(48, 64, "int8", bias=True, seed=11)
+    x = torch.randn(ROWS + 6, 64, generator=torch.Generator().manual_seed(11)).bfloat16()
+    dequantized = _spy(monkeypatch, torch.ops.guardrt, "dequantize")
+    with torch.inference_mode():
+        got = layer(x)
+        assert dequantized == []
+        layer.force_reference = True
+        expected = layer(x)
+    assert dequantized == [1]
+    assert _relative(got, expected) <= 2**-7
+
+
+def test_the_kernel_benchmark_dry_run(tmp_path: Path) -> None:
+    """`benchmarks/kernels.py --dry-run` (tiny shapes, the interpreter): every method of every
+    cell runs, and every gated check passes, so the one GPU run measures rather than fails."""
+    kernels_bench = importlib.import_module("benchmarks.kernels")
+    out = tmp_path / "kernels.json"
+    assert kernels_bench.main(["--dry-run", "--repeat", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["skipped_cells"] == 0
+    for cell in report["cells"]:
+        assert cell["ok"], cell
+        assert cell["failures"] == {}
+        expected = set(kernels_bench.METHODS) - (set() if cell["m"] > 16 else {"int8 mm"})
+        assert set(cell["us"]) == expected
+        assert {"int8 triton vs ref", "int8 cast vs ref", "fp8 mm vs math"} <= set(cell["errors"])

@@ -146,7 +146,7 @@ def _precision_run(
     graphs = {
         "batch1_prepare_s": prepare_s, "batch1_warmup_s": warmup_s, "batch1_graphs": _graphs(steps)
     }  # fmt: skip
-    del steps
+    del steps, served  # the decoder holds the steps (and their graphs) too
     _free(device)
     steps = _steps(args, model, device, max(concurrency))
     rates: dict[str, Any] = {}

@@ -8,6 +8,8 @@
     on the GPU at load)                                            → "int8_triton" (int8_linear.py)
   the same with quantized activations allowed ("weight+activation"), more rows, CUDA
     (sm ≥ 7.5), K and N multiples of 8               → "int8_int_mm" (int8_dynamic.py)
+  any other int8 step with per-channel scales, bf16/fp16 input, CUDA
+    (more rows than the Triton kernel takes, or no Triton)          → "int8_cast_mm" (int8_cast.py)
   fp8 e4m3 weights, per-channel scales, bf16/fp16 input, CUDA sm ≥ 8.9,
     K and N multiples of 16, row-major weight                      → "fp8_scaled_mm" (fp8_linear.py)
   anything else: per-group scales, fp32 input, CPU, ROCm, no rows,
@@ -32,9 +34,9 @@ from typing import Literal
 import torch
 
 from guardrt.kernels import fp8_linear as fp8
-from guardrt.kernels import int8_dynamic
+from guardrt.kernels import int8_cast, int8_dynamic
 
-LinearPath = Literal["reference", "int8_triton", "int8_int_mm", "fp8_scaled_mm"]
+LinearPath = Literal["reference", "int8_triton", "int8_int_mm", "int8_cast_mm", "fp8_scaled_mm"]
 Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 
 # Rows (tokens) up to which the int8 weight-only kernel runs instead of dequantize-then-cuBLAS. A
@@ -87,13 +89,13 @@ def _int8_path(
     n, k = qweight.shape
     if rows <= triton_rows and has_triton and capability >= TRITON_MIN_CAPABILITY:
         return "int8_triton"
-    # Steps the weight-only kernel declined; a decode step (≤ the default limit) keeps the
-    # weight-only reference: quantizing a few rows' activations buys nothing there.
+    # Steps the weight-only kernel declined; a decode step (≤ the default limit) stays weight-
+    # only (cast, then cuBLAS): quantizing a few rows' activations buys nothing there.
     large = rows > INT8_TRITON_MAX_ROWS
     takes = int8_dynamic.int_mm_takes(rows, n, k) and qweight.is_contiguous()
     if activations and large and takes and capability >= INT_MM_MIN_CAPABILITY:
         return "int8_int_mm"
-    return "reference"
+    return "int8_cast_mm"
 
 
 def select_path(
@@ -132,7 +134,11 @@ def run_fast_path(
         return fp8.fp8_linear(x, qweight, scales, bias)
     if path == "int8_int_mm":
         return int8_dynamic.int8_dynamic_linear(x, qweight, scales, bias)
-    raise ValueError(f"{path!r} is not a fast path (int8_triton, int8_int_mm, fp8_scaled_mm)")
+    if path == "int8_cast_mm":
+        return int8_cast.int8_cast_linear(x, qweight, scales, bias)
+    raise ValueError(
+        f"{path!r} is not a fast path (int8_triton, int8_int_mm, int8_cast_mm, fp8_scaled_mm)"
+    )
 
 
 def cuda_capability(device: torch.device) -> Capability | None:

@@ -1,12 +1,13 @@
 """Up to how many rows each int8 layer runs the Triton kernel: measured on the GPU at load.
 
-Below some step size the weight-only kernel wins (it reads 1 byte a weight where the reference
-dequantizes to 2 and reads those again); above it, dequantize-then-cuBLAS (or, with quantized
-activations, `_int_mm`) wins. Where that crossover lies depends on the GPU, the layer's shape and
-the Triton build, so it is measured, not guessed: for each distinct int8 layer shape the engine
-times both paths at the step sizes of `ROWS` and gives every layer of that shape the largest size
-up to which the kernel was the faster at every size measured. The kernel's output is checked
-against the reference first; a kernel that is wrong on this GPU is never used (limit 0).
+Below some step size the weight-only kernel wins (it reads 1 byte a weight where the other
+path casts to 2 and reads those again); above it, cast-then-cuBLAS (`int8_cast.py`, or, with
+quantized activations, `_int_mm`) wins. Where that crossover lies depends on the GPU, the
+layer's shape and the Triton build, so it is measured, not guessed: for each distinct int8 layer
+shape the engine times both paths at the step sizes of `ROWS` and gives every layer of that
+shape the largest size up to which the kernel was the faster at every size measured. The
+kernel's output is checked against the reference first; a kernel that is wrong on this GPU is
+never used (limit 0).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _wrong(
 
 
 def _otherwise(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the layer runs on x when the kernel declines (reference, or `_int_mm`)."""
+    """What the layer runs on x when the kernel declines (the weight cast for cuBLAS, or
+    `_int_mm`)."""
     saved, layer.triton_rows = layer.triton_rows, 0
     try:
         result: torch.Tensor = layer(x)

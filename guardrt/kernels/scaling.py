@@ -8,14 +8,17 @@ import torch
 
 def rescale(
     acc: torch.Tensor,
-    x_scales: torch.Tensor,
+    x_scales: torch.Tensor | None,
     w_scales: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """acc (M, N) (any dtype, taken to fp32), x_scales (M, 1), w_scales (N, 1) or (N,), bias (N,)
-    or None → (M, N) `out_dtype`: (acc · sx) · sw + b in fp32."""
-    out = acc.to(torch.float32) * x_scales.to(torch.float32)
+    """acc (M, N) (any dtype, taken to fp32), x_scales (M, 1) or None (activations that were
+    not quantized), w_scales (N, 1) or (N,), bias (N,) or None → (M, N) `out_dtype`:
+    (acc · sx) · sw + b in fp32."""
+    out = acc.to(torch.float32)
+    if x_scales is not None:
+        out = out * x_scales.to(torch.float32)
     out = out * w_scales.to(torch.float32).reshape(1, -1)
     if bias is not None:
         out = out + bias.to(torch.float32)

@@ -12,6 +12,7 @@ from guardrt.kernels import int8_rows
 from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, Tuning
 from guardrt.runtime.model.fuse import modules_in_use
 from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.model.text import CrossAttention
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,16 @@ class LoadTuning:
 def tune_for_device(model: MllamaModel) -> LoadTuning:
     """Measure and set both choices on `model` (quantized and fused already)."""
     attention = model.vision_model.tune_attention()
-    # The decoder's layers: the vision tower's and the projector's always see thousands of rows
-    # (6,432 per image), where the kernel is not a candidate, and timing them would only
+    # The decoder's layers that run per step. The vision tower's, the projector's and the cross
+    # layers' k/v projections (which read the image's states once) always see thousands of
+    # rows (6,404 per image), where the kernel is not a candidate: timing them would only
     # compile kernels nothing runs.
-    decoder = modules_in_use(model.language_model)
+    image_only = {
+        id(projection)
+        for layer in model.language_model.modules()
+        if isinstance(layer, CrossAttention)
+        for projection in (layer.k_proj, layer.v_proj)
+    }
+    decoder = [m for m in modules_in_use(model.language_model) if id(m) not in image_only]
     rows = int8_rows.tune(decoder, model.weight_dtype)
     return LoadTuning(attention, rows)
