@@ -59,6 +59,9 @@ class GraphKV:
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cross[layer, 0], self.cross[layer, 1]
 
+    def image_keys(self) -> int:
+        return self.cross.shape[-2]  # symbolic when traced: no int()
+
 
 class DecoderGraph(nn.Module):
     def __init__(self, model: MllamaModel) -> None:

@@ -122,3 +122,6 @@ class CacheStep:
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.cache.cross_kv[layer]  # (2, image rows, Hkv, L, d)
         return image[0, self.image_slots], image[1, self.image_slots]
+
+    def image_keys(self) -> int:
+        return self.cache.cross_kv.shape[-2]

@@ -200,7 +200,7 @@ class MllamaModel(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
         has_image = num_tiles > 0  # (B,)
         crossing = use_cross and bool(self.config.text.cross_attention_layers)
-        image_keys = kv.cross_kv(0)[0].shape[2] if crossing else self.image_keys
+        image_keys = kv.image_keys() if crossing else self.image_keys
         per_tile = self.config.vision.num_patches
         if self.semantics == "meta":  # rows before the image are zeroed: one mask per row
             rows = image_rows(positions, image_start)

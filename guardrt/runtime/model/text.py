@@ -70,6 +70,10 @@ class KVStore(Protocol):
         """Cross layer `layer`'s image K and V, each (B, Hkv, L, d)."""
         ...
 
+    def image_keys(self) -> int:
+        """L: the image keys `cross_kv` holds (read off the store, without gathering any)."""
+        ...
+
 
 @dataclass
 class StepInputs:
