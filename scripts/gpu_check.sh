@@ -8,7 +8,8 @@
 #      then int8 / fp8 / int8-wa (phases that would overrun are skipped and named);
 #   2. on CUDA: the model's parity tests, the static-step / CUDA-graph tests, the attention-plan
 #      tests (fp32, TF32 off); then with the real Triton kernel (no interpreter) the load-time
-#      int8 measurement, 8-bit steps replayed in graphs, and the load-time timer;
+#      int8 measurement, 8-bit steps replayed in graphs, the load-time timer, and the memory of
+#      an int8 model quantized while it loads;
 #   3. benchmarks/kernels.py (every quantized-linear path against its reference);
 #   4. a torch.profiler trace of one text and one image verdict on the served path;
 #   5. the bf16 cases without CUDA graphs, to show what they bring.
@@ -58,9 +59,9 @@ tail -5 "$out/parity_cuda.txt" 2>/dev/null
 
 # The real Triton kernel (no interpreter): the other tests of that file run CPU tensors through
 # the interpreter, so only these run here.
-part "int8 rows, 8-bit graphs, timer on CUDA" 90 "$out/int8_rows_cuda.txt" \
+part "int8 rows, 8-bit graphs, timer, int8 load memory on CUDA" 90 "$out/int8_rows_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_int8_rows.py -k "load_tuning or graphs or timer"
+    tests/test_int8_rows.py tests/test_quantize.py -k "load_tuning or graphs or timer or holds_no_bf16"
 tail -5 "$out/int8_rows_cuda.txt" 2>/dev/null
 
 part "kernels" 80 "$out/kernels.txt" \

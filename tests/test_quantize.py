@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from guardrt.export import quantize as quantize_module
 from guardrt.export.parity import deviation
 from guardrt.export.quantize import (
     QMAX,
@@ -22,10 +23,11 @@ from guardrt.export.quantize import (
 )
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.mllama import MllamaModel
+from guardrt.runtime.model.tiny import tiny_config
 from guardrt.runtime.prompt import encode_prompt
 from guardrt.runtime.tokenizer import IMAGE_ID, Tokenizer
 from guardrt.testing.references import hf_inputs
-from tests.models import image, small_config, write_small
+from tests.models import DEVICE, SMALL_VISION, image, small_config, write_small
 
 UNSAFE, SAFE = 39257, 19193
 
@@ -195,3 +197,85 @@ def test_quantized_linear_exports_as_dequantize_linear(kind: QuantKind, tmp_path
     grouped = QuantizedLinear(quantize_weight(linear.weight, 8), None)
     with pytest.raises(ValueError, match="per-group scales"):
         check_exportable(grouped)
+
+
+@pytest.mark.parametrize(("kind", "group_size"), [("int8", None), ("int8", 8), ("fp8", None)])
+def test_quantizing_in_chunks_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, kind: QuantKind, group_size: int | None
+) -> None:
+    """Rows (and their groups) are quantized independently: chunks of 3 rows, from a bf16
+    cast, give exactly what one pass over the cast weight gives, and the same error measure."""
+    weight = torch.randn(25, 32, generator=torch.Generator().manual_seed(2))
+    whole, whole_error = quantize_module.quantize_measured(weight.bfloat16(), group_size, kind)
+    monkeypatch.setattr(quantize_module, "_CHUNK_ELEMENTS", 3 * 32)
+    chunked, error = quantize_module.quantize_measured(
+        weight, group_size, kind, dtype=torch.bfloat16
+    )
+    assert torch.equal(chunked.qweight.view(torch.int8), whole.qweight.view(torch.int8))
+    assert torch.equal(chunked.scales, whole.scales)
+    assert error == whole_error
+    restored = whole.dequantize()
+    expected = float(
+        (restored - weight.bfloat16().float()).abs().max() / weight.bfloat16().abs().max()
+    )
+    assert error == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "activations"), [("int8", False), ("int8", True), ("fp8", False)])
+def test_quantizing_while_loading_equals_loading_then_quantizing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: QuantKind, activations: bool
+) -> None:
+    """`load_model(quantize=...)` (the file's tensors quantized where they are mapped, a chunk
+    at a time, cast to the asked dtype first) gives the model `load_model` then
+    `quantize_model` gives: the same modules, tensors, dtypes and devices, bit for bit."""
+    monkeypatch.setattr(quantize_module, "_CHUNK_ELEMENTS", 1000)  # several chunks a weight
+    directory = write_small(tmp_path / "ckpt", small_config("gqa2-cross2,4"), seed=8)
+    expected = load_model(directory, dtype=torch.bfloat16)
+    quantize_model(expected, kind, activations)
+    got = load_model(directory, dtype=torch.bfloat16, quantize=kind, activations=activations)
+    assert [type(m) for m in got.modules()] == [type(m) for m in expected.modules()]
+    want = dict(expected.state_dict())
+    have = dict(got.state_dict())
+    assert have.keys() == want.keys()
+    for name, tensor in want.items():
+        assert have[name].dtype == tensor.dtype, name
+        assert have[name].device == tensor.device, name
+        assert torch.equal(have[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    linears = [m for m in got.modules() if isinstance(m, QuantizedLinear)]
+    assert linears
+    assert {m.activations for m in linears} == {activations}
+    assert torch.equal(got.inv_freq, expected.inv_freq)
+    assert isinstance(got.language_model.model.embed_tokens, QuantizedEmbedding) == (kind == "int8")
+    assert got.weight_dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="measures CUDA memory (gpu_check.sh runs it)")
+def test_quantizing_while_loading_holds_no_bf16_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the int8 load peaks at its own weights plus a chunk's temporaries, under the
+    bf16 model's size: it fits a card the bf16 model would not (a 16 GB one at full size)."""
+    monkeypatch.setattr(quantize_module, "_CHUNK_ELEMENTS", 1 << 20)  # ~20 MB of temporaries
+    text = {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "cross_attention_layers": [1],
+    }
+    config = tiny_config(text_config=text, vision_config=SMALL_VISION)
+    directory = write_small(tmp_path / "ckpt", config, seed=3)
+    bf16 = load_model(directory, device=DEVICE, dtype=torch.bfloat16)
+    bf16_bytes = sum(t.numel() * t.element_size() for t in bf16.state_dict().values())
+    del bf16
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = load_model(directory, device=DEVICE, dtype=torch.bfloat16, quantize="int8")
+    held = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    assert held < 0.8 * bf16_bytes  # the head stays bf16: int8 is ~0.7 of bf16 at this size
+    assert peak - held < 40 << 20, (peak, held)
+    assert peak < bf16_bytes
+    assert all(t.device.type == "cuda" for t in model.state_dict().values())

@@ -87,10 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model(args: argparse.Namespace, device: torch.device, semantics: Semantics) -> MllamaModel:
+def _model(
+    args: argparse.Namespace, device: torch.device, semantics: Semantics, precision: str = "bf16"
+) -> MllamaModel:
+    """The model in `precision`, as the engine loads it (a checkpoint is quantized while it
+    loads; random weights are made in bf16, then quantized)."""
+    kind: QuantKind | None = None
+    if precision != "bf16":
+        kind = "fp8" if precision == "fp8" else "int8"
+    activations = precision == "int8-wa"
     if args.model is not None:
-        return load_model(args.model, device=device, dtype=torch.bfloat16, semantics=semantics)
-    return random_model(SIZES[args.size], device, torch.bfloat16, semantics)
+        return load_model(
+            args.model, device=device, dtype=torch.bfloat16, semantics=semantics,
+            quantize=kind, activations=activations,
+        )  # fmt: skip
+    model = random_model(SIZES[args.size], device, torch.bfloat16, semantics)
+    if kind is not None:
+        quantize_model(model, kind, activations)
+    return model
 
 
 def _preparer(args: argparse.Namespace) -> Preparer:
@@ -109,10 +123,7 @@ def _precision_run(
     args: argparse.Namespace, device: torch.device, precision: str, requests: dict[str, Any],
     ceilings: roofline.Ceilings, concurrency: Sequence[int],
 ) -> dict[str, Any]:  # fmt: skip
-    model = _model(args, device, "meta")
-    if precision != "bf16":
-        kind: QuantKind = "fp8" if precision == "fp8" else "int8"
-        quantize_model(model, kind, activations=precision == "int8-wa")
+    model = _model(args, device, "meta", precision)
     fuse_projections(model)
     tuning = tune_for_device(model)  # as the engine does at load
     _free(device)

@@ -58,11 +58,37 @@ class QuantizedWeight:
         return result.to(dtype)
 
 
+# Rows are quantized a chunk at a time: the fp32 temporaries of a chunk stay ~64 MB however
+# large the weight (the token embedding is 525 M weights, 2.1 GB in fp32 at once), and a weight
+# mapped from a file reaches the device one chunk at a time, never whole in full precision.
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def quantize_weight(
-    weight: torch.Tensor, group_size: int | None = None, kind: QuantKind = "int8"
+    weight: torch.Tensor,
+    group_size: int | None = None,
+    kind: QuantKind = "int8",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> QuantizedWeight:
     """Symmetric 8-bit `kind` of an (out, in) weight, per output channel or per `group_size`
-    columns."""
+    columns, on `device` (the weight's by default), from the weight cast to `dtype` (its own by
+    default) as the model would hold it."""
+    return quantize_measured(weight, group_size, kind, device=device, dtype=dtype)[0]
+
+
+def quantize_measured(
+    weight: torch.Tensor,
+    group_size: int | None = None,
+    kind: QuantKind = "int8",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[QuantizedWeight, float]:
+    """`quantize_weight`, and how far it moved the weight: max |ŵ − w| / max |w|. Rows go a
+    chunk at a time (`_CHUNK_ELEMENTS`), each moved to `device` and cast to `dtype` first;
+    rows (and their groups) are quantized independently, so chunking changes no value."""
     out, columns = weight.shape
     size = columns if group_size is None else group_size
     if columns % size:
@@ -70,12 +96,25 @@ def quantize_weight(
     if kind not in QMAX_BY_KIND:
         raise ValueError(f"quantization kind {kind!r} is not one of {', '.join(QMAX_BY_KIND)}")
     qmax = QMAX_BY_KIND[kind]
-    grouped = weight.detach().to(torch.float32).reshape(out, columns // size, size)
-    scales = grouped.abs().amax(dim=-1) / qmax  # (out, groups)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero rows stay 0
-    scaled = torch.clamp(grouped / scales[..., None], -qmax, qmax)
-    q = (torch.round(scaled) if kind == "int8" else scaled).to(_STORAGE[kind])
-    return QuantizedWeight(q.reshape(out, columns), scales, size)
+    target = weight.device if device is None else torch.device(device)
+    q = torch.empty((out, columns), dtype=_STORAGE[kind], device=target)
+    scales = torch.empty((out, columns // size), dtype=torch.float32, device=target)
+    error = torch.zeros((), device=target)  # max |ŵ − w| so far
+    magnitude = torch.zeros((), device=target)  # max |w| so far
+    step = max(1, _CHUNK_ELEMENTS // max(columns, 1))
+    for start in range(0, out, step):
+        rows = weight[start : start + step].detach().to(device=target, dtype=dtype or weight.dtype)
+        grouped = rows.to(torch.float32).reshape(-1, columns // size, size)  # (r, groups, size)
+        chunk_scales = grouped.abs().amax(dim=-1) / qmax  # (r, groups)
+        chunk_scales = torch.where(chunk_scales > 0, chunk_scales, torch.ones_like(chunk_scales))
+        scaled = torch.clamp(grouped / chunk_scales[..., None], -qmax, qmax)
+        chunk_q = (torch.round(scaled) if kind == "int8" else scaled).to(_STORAGE[kind])
+        q[start : start + step] = chunk_q.reshape(-1, columns)
+        scales[start : start + step] = chunk_scales
+        restored = chunk_q.to(torch.float32) * chunk_scales[..., None]  # = `dequantize`
+        error = torch.maximum(error, (restored - grouped).abs().amax())
+        magnitude = torch.maximum(magnitude, grouped.abs().amax())
+    return QuantizedWeight(q, scales, size), float(error / magnitude.clamp_min(1e-12))
 
 
 class QuantizedLinear(nn.Module):
@@ -139,8 +178,15 @@ class QuantizationReport:
         )
 
 
-# A swap: the child's float weight, its 8-bit version, and the module that replaces the child.
-_Swap = tuple[torch.Tensor, QuantizedWeight, nn.Module]
+@dataclass(frozen=True)
+class _Swap:
+    """A child's 8-bit weight, how far quantizing moved it, the bytes it had in the dtype the
+    model holds, and the module that replaces the child."""
+
+    weight: QuantizedWeight
+    error: float
+    original_bytes: int
+    replacement: nn.Module
 
 
 def _swap_children(
@@ -154,16 +200,16 @@ def _swap_children(
             swap = convert(f"{name}.{child_name}" if name else child_name, child)
             if swap is None:
                 continue
-            weight, quantized, replacement = swap
-            original = weight.detach().float()
-            error = (quantized.dequantize() - original).abs().max()
-            scale = original.abs().max().clamp_min(1e-12)
-            worst = max(worst, float(error / scale))
-            setattr(module, child_name, replacement)
+            setattr(module, child_name, swap.replacement)
             swapped += 1
-            int8_bytes += quantized.qweight.numel() + 4 * quantized.scales.numel()
-            original_bytes += weight.numel() * weight.element_size()
+            int8_bytes += swap.weight.qweight.numel() + 4 * swap.weight.scales.numel()
+            original_bytes += swap.original_bytes
+            worst = max(worst, swap.error)
     return QuantizationReport(swapped, int8_bytes, original_bytes, worst)
+
+
+def _held_bytes(weight: torch.Tensor, dtype: torch.dtype | None) -> int:
+    return weight.numel() * (dtype or weight.dtype).itemsize
 
 
 def quantize_linears(
@@ -172,17 +218,25 @@ def quantize_linears(
     group_size: int | None = None,
     kind: QuantKind = "int8",
     keep: Callable[[str], bool] = lambda name: False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> QuantizationReport:
     """Swap every `nn.Linear` of `model` (except those `keep(name)` is true for) for a
-    `QuantizedLinear`, in place."""
+    `QuantizedLinear`, in place; its 8-bit weight (and bias, cast to `dtype`) on `device` (each
+    layer's own device by default)."""
 
     def convert(name: str, child: nn.Module) -> _Swap | None:
         if not isinstance(child, nn.Linear) or keep(name):
             return None
         columns = child.in_features
         size = group_size if group_size is not None and columns % group_size == 0 else None
-        quantized = quantize_weight(child.weight, size, kind)
-        return child.weight, quantized, QuantizedLinear(quantized, child.bias)
+        quantized, error = quantize_measured(child.weight, size, kind, device=device, dtype=dtype)
+        bias = None
+        if child.bias is not None:
+            bias = child.bias.detach().to(quantized.qweight.device, dtype or child.bias.dtype)
+        return _Swap(
+            quantized, error, _held_bytes(child.weight, dtype), QuantizedLinear(quantized, bias)
+        )
 
     return _swap_children(model, convert)
 
@@ -223,9 +277,15 @@ def keeps_full_precision(name: str) -> bool:
 _QUANTIZED_EMBEDDINGS = ("embed_tokens",)
 
 
-def quantize_embeddings(model: nn.Module) -> QuantizationReport:
+def quantize_embeddings(
+    model: nn.Module,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> QuantizationReport:
     """Swap the token embedding (`nn.Embedding`s named `embed_tokens`) for an int8
-    `QuantizedEmbedding`, in place. Lookups read a few rows, so this saves memory, not time."""
+    `QuantizedEmbedding`, in place, on `device`, looking rows up in `dtype` (the table's own by
+    default). Lookups read a few rows, so this saves memory, not time."""
 
     def convert(name: str, child: nn.Module) -> _Swap | None:
         if (
@@ -233,23 +293,35 @@ def quantize_embeddings(model: nn.Module) -> QuantizationReport:
             or name.rsplit(".", 1)[-1] not in _QUANTIZED_EMBEDDINGS
         ):
             return None
-        quantized = quantize_weight(child.weight, None, "int8")  # one scale per row
-        return child.weight, quantized, QuantizedEmbedding(quantized, child.weight.dtype)
+        table = child.weight
+        quantized, error = quantize_measured(table, None, "int8", device=device, dtype=dtype)
+        replacement = QuantizedEmbedding(quantized, dtype or table.dtype)  # one scale per row
+        return _Swap(quantized, error, _held_bytes(table, dtype), replacement)
 
     return _swap_children(model, convert)
 
 
 def quantize_model(
-    model: nn.Module, kind: QuantKind, activations: bool = False
+    model: nn.Module,
+    kind: QuantKind,
+    activations: bool = False,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> QuantizationReport:
     """A whole model's linears (the head kept) as 8-bit per-channel `kind`, and for int8 the
     token embedding too, as the torch engine serves them and the benchmark measures them;
     `activations`: int8 layers may quantize their activations too ("weight+activation"
-    compute). (The export's engines quantize the linears only: `quantize_linears`.)"""
-    report = quantize_linears(model, kind=kind, keep=keeps_full_precision)
+    compute). With `device` / `dtype`, the 8-bit weights are made there from the weights cast
+    to `dtype`, a chunk at a time (`load_model(quantize=...)`: a checkpoint mapped from disk is
+    quantized onto the GPU without ever being there whole in bf16). (The export's engines
+    quantize the linears only: `quantize_linears`.)"""
+    report = quantize_linears(
+        model, kind=kind, keep=keeps_full_precision, device=device, dtype=dtype
+    )
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
             layer.activations = activations
     if kind != "int8":  # e4m3's 3 mantissa bits would move every token's embedding ~3%
         return report
-    return report + quantize_embeddings(model)
+    return report + quantize_embeddings(model, device=device, dtype=dtype)

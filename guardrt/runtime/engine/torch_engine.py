@@ -7,9 +7,8 @@ import time
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from guardrt.export.quantize import QuantKind, quantize_model
+from guardrt.export.quantize import QuantKind
 from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
@@ -52,15 +51,6 @@ def parse_int8_compute(value: str, kind: QuantKind | None) -> bool:
     if activations and kind != "int8":
         raise ConfigError(f"int8_compute {value!r} needs quantize='int8', not {kind!r}")
     return activations
-
-
-def _quantize(model: nn.Module, kind: QuantKind, activations: bool) -> None:
-    """Swap the model's linears (the head kept) for 8-bit ones, as the export does."""
-    report = quantize_model(model, kind, activations)
-    log.info(
-        "%s weights: %d layers, %.2f GB (were %.2f GB)",
-        kind, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
-    )  # fmt: skip
 
 
 def static_steps_for(options: EngineOptions, device: torch.device) -> bool:
@@ -109,17 +99,17 @@ class TorchEngine:
             raise ConfigError(f"device {options.device!r} is not a torch device") from exc
         kind = parse_quantize(options.quantize)
         activations = parse_int8_compute(options.int8_compute, kind)
+        # 8-bit weights are made while loading: the device never holds the bf16 model.
         self.model = load_model(
             options.model,
             device=device,
             dtype=parse_dtype(options.dtype, device),
             semantics=semantics,
+            quantize=kind,
+            activations=activations,
         )
         # Reported by the precision names engine directories use (fp32, bf16, int8, ...).
-        dtype = DTYPE_PRECISIONS[str(self.model.weight_dtype).removeprefix("torch.")]
-        if kind is not None:
-            _quantize(self.model, kind, activations)
-            dtype = kind
+        dtype = kind or DTYPE_PRECISIONS[str(self.model.weight_dtype).removeprefix("torch.")]
         fuse_projections(self.model)
         for line in tune_for_device(self.model).lines():  # measured on a GPU only
             log.info("%s", line)

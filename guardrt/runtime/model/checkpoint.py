@@ -14,12 +14,20 @@ checkpoint uses) is guardrt's own; the layout transformers 5.x keeps in memory
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from guardrt.export.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantKind,
+    quantize_model,
+)
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import rope_inv_freq
@@ -32,6 +40,8 @@ _RENAMES = (  # transformers 5.x in-memory prefix → hub prefix
     ("model.vision_model.", "vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
+log = logging.getLogger(__name__)
+
 _FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 _SHOWN = 5
 
@@ -116,8 +126,16 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     semantics: Semantics = "meta",
+    quantize: QuantKind | None = None,
+    activations: bool = False,
 ) -> MllamaModel:
-    """Build and load the model of a checkpoint directory (dtype None = the stored dtype)."""
+    """Build and load the model of a checkpoint directory (dtype None = the stored dtype).
+
+    `quantize` ("int8", "fp8"; `activations` as `quantize_model`'s): the 8-bit model, made
+    while loading. The tensors stay mapped from the files until their layer is quantized onto
+    the device a chunk of rows at a time, so the device never holds the full-precision model:
+    int8 serves in ~11 GB, which a 16 GB card holds, where loading 21 GB of bf16 first would
+    not fit. The result equals loading, then `quantize_model`."""
     directory = Path(directory)
     config = ModelConfig.from_checkpoint(directory)
     with torch.device("meta"):
@@ -131,8 +149,31 @@ def load_model(
     maps = {path: MappedFile(path) for path in {e.path for e in entries.values()}}
     state = {}
     for name, entry in entries.items():
-        state[name] = maps[entry.path].tensor(entry).to(device=device, dtype=target)
+        mapped = maps[entry.path].tensor(entry)  # a view of the file: no copy yet
+        state[name] = mapped if quantize else mapped.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
+    if quantize is not None:
+        report = quantize_model(model, quantize, activations, device=device, dtype=target)
+        log.info(
+            "%s weights: %d layers, %.2f GB (were %.2f GB)",
+            quantize, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
+        )  # fmt: skip
+        _place_rest(model, torch.device(device), target)
     # The RoPE table is computed, not stored: rebuild it off the meta device.
     model.inv_freq = rope_inv_freq(config.text.rope, config.text.head_dim).to(device)
     return model.eval()
+
+
+def _place_rest(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """After quantizing: every other parameter and buffer to `device`, floating ones in `dtype`
+    (the 8-bit modules' buffers are there already, and their fp32 scales stay fp32)."""
+    for module in model.modules():
+        quantized = isinstance(module, QuantizedLinear | QuantizedEmbedding)
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                moved = param.detach().to(device, dtype if param.is_floating_point() else None)
+                module._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and not buffer.is_meta:  # computed ones are rebuilt after
+                floating = buffer.is_floating_point() and not quantized
+                module._buffers[name] = buffer.to(device, dtype if floating else None)
