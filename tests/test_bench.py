@@ -135,3 +135,27 @@ def test_a_phase_past_the_budget_is_skipped_and_recorded(tmp_path: Path) -> None
     assert report["precisions"] == {}
     assert "transformers" not in report
     assert "SKIPPED fp8" in written.with_suffix(".txt").read_text()
+
+
+def test_a_phase_that_fails_midway_keeps_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The latencies are saved as they land: a failure after them (here the served-path check)
+    is recorded as the phase's error, and the file still holds every latency measured."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(latency, "Decoder", broken)
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16", "--repeat", "1",
+            "--no-baseline", "--results", str(tmp_path)]  # fmt: skip
+    assert latency.main(argv) == 0
+    (written,) = tmp_path.glob("latency-*.json")
+    report = json.loads(written.read_text())
+    assert "illegal memory access" in report["errors"]["bf16"]
+    run = report["precisions"]["bf16"]
+    assert len(run["latency"]) == 6
+    assert "throughput" not in run
+    table = written.with_suffix(".txt").read_text()
+    assert "image+text unsafe" in table
+    assert "ERROR in bf16" in table

@@ -33,7 +33,7 @@ import importlib
 import json
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -121,11 +121,14 @@ def _free(device: torch.device) -> None:
 
 def _precision_run(
     args: argparse.Namespace, device: torch.device, precision: str, requests: dict[str, Any],
-    ceilings: roofline.Ceilings, concurrency: Sequence[int],
-) -> dict[str, Any]:  # fmt: skip
+    ceilings: roofline.Ceilings, concurrency: Sequence[int], run: dict[str, Any],
+    save: Callable[[], object],
+) -> None:  # fmt: skip
+    """Measure one precision into `run`, calling `save` as each part lands (a run killed in
+    the middle of a phase keeps the parts measured)."""
     model = _model(args, device, "meta", precision)
     fuse_projections(model)
-    tuning = tune_for_device(model)  # as the engine does at load
+    run |= tune_for_device(model).to_json()  # as the engine does at load
     _free(device)
     work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)
     steps = _steps(args, model, device, 1)
@@ -136,7 +139,9 @@ def _precision_run(
         steps.prepare(steps.common_keys())
     prepare_s = time.perf_counter() - prepared
     warmup_s = cases.warm_up(steps, list(requests.values()))
-    latencies = {}
+    graphs = run.setdefault("cuda_graphs", {})
+    graphs |= {"batch1_prepare_s": prepare_s, "batch1_warmup_s": warmup_s}
+    latencies = run.setdefault("latency", {})
     for name, request in requests.items():
         for path in cases.PATHS:
             measured = cases.time_ours(steps, request, path, args.repeat)
@@ -148,19 +153,23 @@ def _precision_run(
             fed = len(request.prompt) - shared + 4
             floor = work.floor_s(model, fed, tiles, small, ceilings) * 1e3
             latencies[f"{name} {path}"] = asdict(measured) | {"floor_ms": floor}
-    batch1_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
-    p_unsafe = {name: _p_unsafe(steps, request) for name, request in requests.items()}
+        save()
+    run["peak_memory_gb_batch1"] = (
+        torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+    )
+    run["p_unsafe"] = {name: _p_unsafe(steps, request) for name, request in requests.items()}
     # The same scores through the served path (padded steps / CUDA graphs, the prefix row),
     # unforced: a full-size check of the graphs against the eager step above.
     served = Decoder(steps, prefixes=cases.PREFIXES)
-    p_served = {name: served.run([r])[0].unsafe_probability for name, r in requests.items()}
-    graphs = {
-        "batch1_prepare_s": prepare_s, "batch1_warmup_s": warmup_s, "batch1_graphs": _graphs(steps)
-    }  # fmt: skip
+    run["p_unsafe_served"] = {
+        name: served.run([r])[0].unsafe_probability for name, r in requests.items()
+    }
+    graphs["batch1_graphs"] = _graphs(steps)
+    save()
     del steps, served  # the decoder holds the steps (and their graphs) too
     _free(device)
     steps = _steps(args, model, device, max(concurrency))
-    rates: dict[str, Any] = {}
+    rates = run.setdefault("throughput", {})
     for name in ("text", "image+text"):
         for c in concurrency:
             try:
@@ -170,14 +179,11 @@ def _precision_run(
             except Exception as exc:  # noqa: BLE001 (an out-of-memory batch, say: recorded)
                 rates[f"{name} c={c}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 _free(device)
+            save()
     graphs["graphs_total"] = _graphs(steps)
     model.setup_caches(0, 0)
     del model, steps
     _free(device)
-    return {
-        "latency": latencies, "throughput": rates, "peak_memory_gb_batch1": batch1_peak,
-        "cuda_graphs": graphs, "p_unsafe": p_unsafe, "p_unsafe_served": p_served,
-    } | tuning.to_json()  # fmt: skip
 
 
 def _p_unsafe(steps: TorchSteps, request: Any) -> float:
@@ -253,7 +259,7 @@ def _table(report: dict[str, Any]) -> str:
     columns = ("p50 ms", "p90", "p99", "floor", "×floor", "HF ms", "HF/ours")
     lines.append(f"{'case':<24}{'prec':>6}" + "".join(f"{c:>9}" for c in columns))
     for precision, run in report["precisions"].items():
-        for case, row in run["latency"].items():
+        for case, row in run.get("latency", {}).items():
             hf = base.get(case, {}).get("p50_ms")
             ratio = f"{hf / row['p50_ms']:8.1f}×" if hf else f"{'—':>9}"
             lines.append(
@@ -261,7 +267,7 @@ def _table(report: dict[str, Any]) -> str:
                 f"{row['p99_ms']:8.1f}{row['floor_ms']:8.1f}{row['p50_ms'] / row['floor_ms']:7.1f}×"
                 f"{(hf or float('nan')):9.1f}{ratio}"
             )
-        for case, rate in run["throughput"].items():
+        for case, rate in run.get("throughput", {}).items():
             if "error" in rate:
                 lines.append(f"  throughput {case:<20}{precision:>6}: ERROR {rate['error'][:200]}")
                 continue
@@ -270,9 +276,9 @@ def _table(report: dict[str, Any]) -> str:
                 f"  throughput {case:<20}{precision:>6}: {per_s:.1f} req/s (batch {batch:.1f}; "
                 f"warm-up {rate['warmup_s']:.1f} s)"
             )
-        lines.append(
-            f"  peak GPU memory at batch 1 ({precision}): {run['peak_memory_gb_batch1']:.1f} GB"
-        )
+        if "peak_memory_gb_batch1" in run:
+            peak = run["peak_memory_gb_batch1"]
+            lines.append(f"  peak GPU memory at batch 1 ({precision}): {peak:.1f} GB")
         if "p_unsafe_served" in run:
             relative = max(
                 abs(run["p_unsafe_served"][k] - p) / max(p, 1e-30)
@@ -283,11 +289,11 @@ def _table(report: dict[str, Any]) -> str:
                 f"{relative:.1e}"
             )
         reference = report["precisions"].get("bf16", {}).get("p_unsafe")
-        if reference and precision != "bf16":
+        if reference and precision != "bf16" and "p_unsafe" in run:
             delta = max(abs(run["p_unsafe"][k] - reference[k]) for k in reference)
             lines.append(f"  max |Δ P(unsafe)| vs bf16 ({precision}): {delta:.1e}")
         graphs = run.get("cuda_graphs", {})
-        if graphs:
+        if {"batch1_graphs", "graphs_total"} <= graphs.keys():
             first = graphs["batch1_graphs"]
             lines.append(
                 f"  warm-up at batch 1 ({precision}): common steps {graphs['batch1_prepare_s']:.1f}"
@@ -339,10 +345,12 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
         plt: Any = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         return False
-    series = {p: r["latency"] for p, r in report["precisions"].items()}
+    series = {p: r.get("latency", {}) for p, r in report["precisions"].items()}
     if "transformers" in report:
         series["transformers bf16"] = report["transformers"]["latency"]
-    labels = list(next(iter(series.values())))
+    labels = list(dict.fromkeys(label for rows in series.values() for label in rows))
+    if not labels:
+        return False
     width = 0.8 / len(series)
     figure, axes = plt.subplots(figsize=(12, 5))
     for index, (name, rows) in enumerate(series.items()):
@@ -371,9 +379,7 @@ def _save(report: dict[str, Any], stem: Path) -> bool:
     drawn. Called after every phase: a run killed mid-way leaves a consistent set of files."""
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".txt").write_text(_table(report) + "\n")
-    return bool(report["precisions"] or "transformers" in report) and _plot(
-        report, stem.with_suffix(".png")
-    )
+    return _plot(report, stem.with_suffix(".png"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,9 +431,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if phase == BASELINE:
                     report["transformers"] = _baseline_run(args, device, requests)
                 else:
-                    report["precisions"][phase] = _precision_run(
-                        args, device, phase, requests, ceilings, concurrency
-                    )
+                    run = report["precisions"].setdefault(phase, {})
+                    _precision_run(
+                        args, device, phase, requests, ceilings, concurrency, run,
+                        functools.partial(_save, report, stem),
+                    )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 (recorded in the report)
                 report.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
                 _free(device)
