@@ -101,16 +101,17 @@ def _layers(n: int, k: int, bias: bool, device: torch.device, dtype: torch.dtype
 
 def _methods(layers: Layers, int8_linear: Any, m: int) -> dict[str, Linear]:
     """Every method that takes M rows ("int8 mm", weight+activation int8 on `torch._int_mm`,
-    needs M > 16)."""
+    needs M > 16; "int8 cast" bf16 activations, so not the dry run's fp16)."""
     bias, int8, fp8 = layers.bias, layers.int8, layers.fp8
     methods: dict[str, Linear] = {
         "dense": lambda x: torch.nn.functional.linear(x, layers.dense, bias),
         "int8 ref": int8,
         "int8 triton": lambda x: int8_linear(x, int8.qweight, int8.scales, bias),
-        "int8 cast": lambda x: int8_cast_linear(x, int8.qweight, int8.scales, bias),
         "fp8 ref": fp8,
         "fp8 mm": lambda x: fp8_linear(x, fp8.qweight, fp8.scales, bias),
     }
+    if layers.dense.dtype == torch.bfloat16:  # the cast path is bf16's (fp16 would overflow)
+        methods["int8 cast"] = lambda x: int8_cast_linear(x, int8.qweight, int8.scales, bias)
     if int_mm_takes(m, *int8.qweight.shape):
         methods["int8 mm"] = lambda x: int8_dynamic_linear(x, int8.qweight, int8.scales, bias)
     return methods

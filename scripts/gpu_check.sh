@@ -31,14 +31,14 @@ stamp() { echo "[$(elapsed) s] $*" | tee -a "$out/steps.txt"; }
 part() {
     local name="$1" limit="$2" log="$3"
     shift 3
-    local left=$((deadline - $(elapsed) - 5))
+    local left=$((deadline - $(elapsed) - 15))  # room for -k's 10 s
     if [ "$left" -lt 20 ]; then
         stamp "SKIPPED $name: $left s left"
         return 0
     fi
     [ "$limit" -gt "$left" ] && limit="$left"
     stamp "$name (up to $limit s)"
-    timeout "$limit" "$@" > "$log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$log" 2>&1  # -k: a part deaf to SIGTERM is killed
     local rc=$?
     stamp "$name: exit $rc"
 }

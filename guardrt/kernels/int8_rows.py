@@ -28,7 +28,7 @@ from guardrt.kernels.dispatch import (
     run_fast_path,
     triton_available,
 )
-from guardrt.kernels.timer import Timer, cuda_timer
+from guardrt.kernels.timer import Timer, cuda_timer, on_device
 
 # The step sizes measured: a decode step, category steps, prefill widths of short and long
 # prompts (a text verdict past the shared policy head is ~220 tokens).
@@ -181,7 +181,8 @@ def tune(
     tuning = RowsTuning()
     for (n, k, activations), group in groups.items():
         name = f"{n}×{k}" + (" (weight+activation)" if activations else "")
-        measured = _measure(group[0], dtype, rows, timer or cuda_timer)
+        with on_device(group[0].qweight.device):  # the timer times the current CUDA device
+            measured = _measure(group[0], dtype, rows, timer or cuda_timer)
         tuning.limits[name], tuning.timings_ms[name] = measured.limit, measured.times
         tuning.blocks[name] = measured.blocks
         if measured.refused is not None:

@@ -16,10 +16,10 @@ def rescale(
     """acc (M, N) (any dtype, taken to fp32), x_scales (M, 1) or None (activations that were
     not quantized), w_scales (N, 1) or (N,), bias (N,) or None → (M, N) `out_dtype`:
     (acc · sx) · sw + b in fp32."""
-    out = acc.to(torch.float32)
+    out = acc.to(torch.float32, copy=True)  # (M, N): one fp32 temporary, then in place
     if x_scales is not None:
-        out = out * x_scales.to(torch.float32)
-    out = out * w_scales.to(torch.float32).reshape(1, -1)
+        out.mul_(x_scales.to(torch.float32))
+    out.mul_(w_scales.to(torch.float32).reshape(1, -1))
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        out.add_(bias.to(torch.float32))
     return out.to(out_dtype)

@@ -3,15 +3,18 @@
 What is timed must be what a served step pays, or the choice is made on the wrong numbers:
 - Served steps replay CUDA graphs, so Python and launch costs are not theirs. A µs-scale kernel
   timed by wall clock around eager calls measures its launch (a Triton launch from Python costs
-  more than the kernel of a decode step), so the calls are captured into a graph and replayed.
+  more than the kernel of a decode step). So the GPU is held in a sleep kernel while every call
+  is queued, and CUDA events time the queue running on the GPU alone. (Not a captured graph: in
+  torch 2.11 a capture that fails leaves the caching allocator believing a capture is still
+  under way, which breaks every later capture and `empty_cache` of the process.)
 - A step reads each layer's weights once, from memory; called again and again, a 16 MB weight
   sits in the H100's 50 MB L2 and reads at L2 speed. So every call is preceded by a read of a
   buffer twice the L2's size, and those flushes, timed alone the same way, are subtracted.
-Work that cannot be captured is timed eagerly with events instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -20,7 +23,10 @@ import torch
 Timer = Callable[[Callable[[], object]], float]
 
 _DEFAULT_L2_BYTES = 50 << 20  # an H100's, where the device does not say
-_REPLAYS = 3  # graph replays averaged
+# GPU cycles the sleep kernel holds the queue for: ~5 ms at 2 GHz, longer than Python takes to
+# queue 10 calls and their flushes. (Were the queue to run dry, launch costs would show in the
+# time, as they did without the sleep: the measure degrades, it does not fail.)
+_HOLD_CYCLES = 10_000_000
 
 
 def _flusher(device: torch.device) -> Callable[[], object]:
@@ -31,28 +37,12 @@ def _flusher(device: torch.device) -> Callable[[], object]:
     return functools.partial(torch.sum, buffer)
 
 
-def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-
-
-def _graph_ms(run: Callable[[], object], reps: int) -> float:
-    """ms for `reps` calls of `run` captured in one CUDA graph (after one warm replay)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for _ in range(reps):
-            run()
-    graph.replay()
-    start, end = _events()
-    start.record()
-    for _ in range(_REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end)) / _REPLAYS
-
-
-def _eager_ms(run: Callable[[], object], reps: int) -> float:
-    start, end = _events()
+def _queued_ms(run: Callable[[], object], reps: int) -> float:
+    """GPU ms of `reps` calls of `run`, queued behind a sleep kernel so that the GPU runs them
+    back to back, without waiting for Python to launch each."""
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    torch.cuda._sleep(_HOLD_CYCLES)  # type: ignore[no-untyped-call]
     start.record()
     for _ in range(reps):
         run()
@@ -62,9 +52,9 @@ def _eager_ms(run: Callable[[], object], reps: int) -> float:
 
 
 def cuda_timer(fn: Callable[[], object], reps: int = 10) -> float:
-    """Milliseconds per call of `fn` on the current CUDA device, as a replayed step runs it:
-    from memory, not L2, without launch costs. Two eager calls first (the first compiles a
-    Triton kernel or picks a cuBLAS algorithm, neither of which a graph may capture)."""
+    """Milliseconds per call of `fn` on the current CUDA device (the caller enters the work's
+    device), as a replayed step runs it: from memory, not L2, without launch costs. Two calls
+    first (the first compiles a Triton kernel or picks a cuBLAS algorithm)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
@@ -74,8 +64,13 @@ def cuda_timer(fn: Callable[[], object], reps: int = 10) -> float:
         flush()
         fn()
 
-    try:
-        total, flushes = _graph_ms(flushed, reps), _graph_ms(flush, reps)
-    except RuntimeError:  # not capturable (it reads the device back, say): eager, with events
-        total, flushes = _eager_ms(flushed, reps), _eager_ms(flush, reps)
+    total, flushes = _queued_ms(flushed, reps), _queued_ms(flush, reps)
     return max(total - flushes, 0.0) / reps
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """`device` as the current CUDA device, where `cuda_timer` times (a no-op elsewhere): a
+    model on cuda:1 is timed on cuda:1."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

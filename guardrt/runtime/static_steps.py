@@ -24,6 +24,7 @@ there against unpadded steps; the capture itself needs CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -198,8 +199,13 @@ class _Static:
                 self.forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = self.forward()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self.output = self.forward()
+        except Exception:
+            _after_failed_capture(stream, pool)
+            raise
         self.graph = graph
 
     def run(self) -> torch.Tensor:
@@ -208,6 +214,19 @@ class _Static:
         self.graph.replay()
         assert self.output is not None
         return self.output
+
+
+def _after_failed_capture(stream: torch.cuda.Stream, pool: Any) -> None:
+    """Undo what a capture that raised leaves behind in torch 2.11, best effort: its context
+    manager does not restore the current stream, and the caching allocator still routes
+    allocations to the graph's pool (pytorch#180395, fixed in 2.12), which breaks every later
+    capture and `empty_cache`. Where the allocator was already released, the call raises and
+    is ignored."""
+    torch.cuda.set_stream(stream)
+    end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end_pool is not None:  # private: a torch without it, or with another signature, is let be
+        with contextlib.suppress(RuntimeError, TypeError):
+            end_pool(torch.cuda.current_device(), pool)
 
 
 class StaticSteps(TorchSteps):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from guardrt.kernels.timer import Timer, cuda_timer
+from guardrt.kernels.timer import Timer, cuda_timer, on_device
 
 # Tried on CUDA. MATH is left out: it materializes the (16, 6432, 6432) scores (2.6 GB in fp32).
 CUDA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
@@ -109,7 +109,8 @@ def choose_plan(
             if not error <= _TOLERANCE:  # NaN fails too
                 rejected[plan.name] = f"max |Δ| {error:.3g} of the default's largest value"
                 continue
-            timings[plan.name] = timer(functools.partial(planned_attention, q, k, v, plan))
+            with on_device(device):  # the timer times the current CUDA device
+                timings[plan.name] = timer(functools.partial(planned_attention, q, k, v, plan))
         except Exception as exc:  # noqa: BLE001 (a back end that cannot run this shape here)
             rejected[plan.name] = str(exc).split("\n", 1)[0][:200]
     chosen = min(
