@@ -10,10 +10,10 @@ response classification with an image, each on the `safe` and the `unsafe` + one
 then throughput at concurrency 8 and 32 through the scheduler. Then the same cases with
 transformers eager bf16 on the same weights, and our probabilities (bf16,
 `semantics="transformers"`) against transformers' on the same inputs (this phase runs right
-after bf16). The JSON, the table (.txt) and the PNG are rewritten after every phase, and with
-`--budget-s` a phase that would end past the budget is skipped and named, so a time-boxed run
-ends with its files written. Prints a table with the ratios to transformers and to the floor;
-writes JSON, the table and (when matplotlib is installed) a PNG under the results folder.
+after bf16). Prints a table with the ratios to transformers and to the floor. Under the results
+folder, the JSON and the table (.txt) are rewritten as each part of a phase lands, and the PNG
+(when matplotlib is installed) as each phase ends; with `--budget-s` a phase that would end past
+the budget is skipped and named, so a time-boxed run ends with its files written.
 
 Our side runs as the torch engine serves on a GPU: q/k/v and gate/up fused, small steps replayed
 as CUDA graphs (`--no-cuda-graphs`: eager), one shared policy-prefix row. Latency runs with caches

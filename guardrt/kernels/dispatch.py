@@ -39,11 +39,12 @@ from guardrt.kernels import int8_cast, int8_dynamic
 LinearPath = Literal["reference", "int8_triton", "int8_int_mm", "int8_cast_mm", "fp8_scaled_mm"]
 Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 
-# Rows (tokens) up to which the int8 weight-only kernel runs instead of dequantize-then-cuBLAS. A
-# decode step (a few rows) reads every weight once and little else, so int8 weights halve its
-# cost; a prefill (hundreds to thousands of rows) is compute-bound, where cuBLAS wins and the
-# dequantize is amortised. 64 is the default before measurement: on a GPU the engine times both
-# paths per layer shape at load and sets each layer's own limit (`guardrt/kernels/int8_rows.py`).
+# Rows (tokens) up to which the int8 weight-only kernel runs instead of cast-then-cuBLAS
+# (`int8_cast.py`). A decode step (a few rows) reads every weight once and little else, so int8
+# weights halve its cost; a prefill (hundreds to thousands of rows) is compute-bound, where
+# cuBLAS wins and the cast is amortised. 64 is the default before measurement: on a GPU the
+# engine times both paths per layer shape at load and sets each layer's own limit
+# (`guardrt/kernels/int8_rows.py`).
 INT8_TRITON_MAX_ROWS = 64
 TRITON_MIN_CAPABILITY: Capability = (8, 0)  # bf16 tl.dot
 FP8_MIN_CAPABILITY: Capability = (8, 9)  # fp8 tensor cores (Ada, Hopper and later)

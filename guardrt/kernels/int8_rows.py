@@ -82,24 +82,27 @@ def _wrong(
     return None
 
 
+def _forward_with(
+    layer: QuantizedLinear, x: torch.Tensor, setting: str, value: object
+) -> torch.Tensor:
+    """The layer's forward on x with one of its settings changed for the call."""
+    saved = getattr(layer, setting)
+    setattr(layer, setting, value)
+    try:
+        result: torch.Tensor = layer(x)
+    finally:
+        setattr(layer, setting, saved)
+    return result
+
+
 def _otherwise(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """What the layer runs on x when the kernel declines (the weight cast for cuBLAS, or
     `_int_mm`)."""
-    saved, layer.triton_rows = layer.triton_rows, 0
-    try:
-        result: torch.Tensor = layer(x)
-    finally:
-        layer.triton_rows = saved
-    return result
+    return _forward_with(layer, x, "triton_rows", 0)
 
 
 def _reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    layer.force_reference = True
-    try:
-        result: torch.Tensor = layer(x)
-    finally:
-        layer.force_reference = False
-    return result
+    return _forward_with(layer, x, "force_reference", True)
 
 
 @dataclass(frozen=True)
