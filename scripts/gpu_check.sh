@@ -3,27 +3,33 @@
 # transformers 5.17, triton preinstalled; no internet). Most important first, each part
 # time-boxed inside one deadline (GPU_CHECK_DEADLINE seconds, default 560, under the device's
 # 600-s call) so that a slow or failing part neither stops the rest nor loses what came before.
-# Results go under ${OUT:-/tmp}:
 #   1. guardrt bench: full-size random model, bf16, the transformers baseline right after it,
 #      then int8 / fp8 / int8-wa (phases that would overrun are skipped and named);
-#   2. on CUDA: the model's parity tests, the static-step / CUDA-graph tests, the attention-plan
-#      tests (fp32, TF32 off); then with the real Triton kernel (no interpreter) the load-time
-#      int8 measurement, 8-bit steps replayed in graphs, the load-time timer, and the memory of
-#      an int8 model quantized while it loads;
-#   3. benchmarks/kernels.py (every quantized-linear path against its reference);
-#   4. a torch.profiler trace of one text and one image verdict on the served path;
-#   5. the bf16 cases without CUDA graphs, to show what they bring.
+#   2. on CUDA with the compiled Triton kernels (TRITON_INTERPRET=0): the model's parity tests,
+#      the static-step / CUDA-graph tests, the attention-plan tests (fp32, TF32 off); then the
+#      load-time int8 measurement, 8-bit steps replayed in graphs, the load-time timer, the
+#      memory of an int8 model quantized while it loads, and the fused RMSNorm / RoPE kernels;
+#   3. benchmarks/norm_rope.py (the fused RMSNorm / RoPE against their references);
+#   4. benchmarks/kernels.py (every quantized-linear path against its reference);
+#   5. a torch.profiler trace of one text and one image verdict on the served path;
+#   6. the bf16 cases without CUDA graphs, to show what they bring.
+# The device returns at most 8 files from $OUT, so every part writes under a work folder and,
+# after each part, the folder is packed into $OUT/results.tgz (a kill keeps what was packed);
+# $OUT also gets steps.txt. Unpack with `tar -xzf results.tgz -C DIR`.
 # The machine lacks llama_models: copy .venv/lib/python3.11/site-packages/llama_models into
 # .gpu_carry/ and pass carry [".gpu_carry"].
 #   bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-/tmp}"
+back="${OUT:-/tmp}"  # what the device returns: results.tgz and steps.txt
+out="${GPU_CHECK_WORK:-/tmp/gpu_check}"  # every part's files
+rm -rf "$out" && mkdir -p "$out"
 deadline="${GPU_CHECK_DEADLINE:-560}"
 export PYTHONPATH="$PWD/.gpu_carry:$PWD:${PYTHONPATH:-}"
 started=$(date +%s)
 elapsed() { echo $(($(date +%s) - started)); }
-stamp() { echo "[$(elapsed) s] $*" | tee -a "$out/steps.txt"; }
+stamp() { echo "[$(elapsed) s] $*" | tee -a "$out/steps.txt"; cp "$out/steps.txt" "$back/"; }
+pack() { tar -czf "$back/results.tgz.part" -C "$out" . && mv "$back/results.tgz.part" "$back/results.tgz"; }
 
 # part NAME LIMIT LOG COMMAND...: run COMMAND (output to LOG) under `timeout` for LIMIT
 # seconds or what is left before the deadline, whichever is less; skip it (and say so) when
@@ -41,10 +47,11 @@ part() {
     timeout -k 10 "$limit" "$@" > "$log" 2>&1  # -k: a part deaf to SIGTERM is killed
     local rc=$?
     stamp "$name: exit $rc"
+    pack
 }
 
 stamp "device"
-timeout 30 python -c "import torch, triton; assert torch.cuda.is_available(); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/device.txt"
+timeout 30 env TRITON_INTERPRET=0 python -c "import torch, triton; assert torch.cuda.is_available(); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/device.txt"
 
 # --budget-s: phases that would run past it are skipped and named; the files are written after
 # every phase, so even a timeout keeps what was measured.
@@ -53,16 +60,22 @@ part "latency" 300 "$out/latency.txt" \
 tail -50 "$out/latency.txt" 2>/dev/null
 
 part "parity + static steps + attention plan on CUDA" 120 "$out/parity_cuda.txt" \
-    env GUARDRT_TEST_DEVICE=cuda python -m pytest -q -rfE -p no:cacheprovider \
+    env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
     tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py
 tail -5 "$out/parity_cuda.txt" 2>/dev/null
 
-# The real Triton kernel (no interpreter): the other tests of that file run CPU tensors through
-# the interpreter, so only these run here.
-part "int8 rows, 8-bit graphs, timer, int8 load memory on CUDA" 90 "$out/int8_rows_cuda.txt" \
+# The compiled Triton kernels (no interpreter): the other tests of these files run CPU tensors
+# through the interpreter, so only these run here.
+part "int8 rows, 8-bit graphs, timer, int8 load memory, fused norm/rope on CUDA" 90 \
+    "$out/int8_rows_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_int8_rows.py tests/test_quantize.py -k "load_tuning or graphs or timer or holds_no_bf16"
+    tests/test_int8_rows.py tests/test_quantize.py tests/test_norm_rope.py \
+    -k "load_tuning or graphs or timer or holds_no_bf16 or compiled_kernels"
 tail -5 "$out/int8_rows_cuda.txt" 2>/dev/null
+
+part "norm/rope" 40 "$out/norm_rope.txt" \
+    env TRITON_INTERPRET=0 python benchmarks/norm_rope.py --out "$out/norm_rope.json"
+cat "$out/norm_rope.txt" 2>/dev/null
 
 part "kernels" 80 "$out/kernels.txt" \
     env TRITON_INTERPRET=0 python benchmarks/kernels.py --budget 60 --out "$out/kernels.json"
@@ -77,3 +90,4 @@ part "latency, eager bf16" 70 "$out/eager/latency.txt" \
     --concurrency 8 --requests 32 --budget-s 40 --results "$out/eager"
 grep -E "safe|unsafe|throughput" "$out/eager/latency.txt" 2>/dev/null | head -12
 stamp "done"
+pack

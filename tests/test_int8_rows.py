@@ -176,11 +176,13 @@ def test_load_tuning(checkpoint: Path) -> None:
     tuning = tune_for_device(model)
     layers = [m for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)]
     if DEVICE == "cpu":
-        assert tuning.lines() == []
+        assert tuning.fused.startswith("not used")
+        assert tuning.lines() == [f"fused RMSNorm/RoPE kernels: {tuning.fused}"]
         assert tuning.to_json()["int8_rows"]["limits"] == {}
         assert tuning.to_json()["vision_attention"]["plan"] == "default/d=as is"
         assert {m.triton_rows for m in layers} == {INT8_TRITON_MAX_ROWS}
     else:
+        assert tuning.fused == "used"
         assert tuning.int8_rows.limits, "measured"
         assert tuning.int8_rows.refused == {}
         assert {m.triton_rows for m in layers} == set(tuning.int8_rows.limits.values())

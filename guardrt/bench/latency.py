@@ -259,6 +259,29 @@ def _baseline_run(
     return {"latency": timings, "probabilities": agreement}
 
 
+def _load_choices(precision: str, run: dict[str, Any]) -> list[str]:
+    """The table's lines for what the engine chose at load (`tune_for_device`)."""
+    lines = []
+    if "fused_norm_rope" in run:
+        lines.append(f"  fused RMSNorm/RoPE kernels ({precision}): {run['fused_norm_rope']}")
+    rows = run.get("int8_rows", {})
+    for shape, limit in rows.get("limits", {}).items():
+        blocks = rows.get("blocks", {}).get(shape, {})
+        lines.append(
+            f"  int8 {shape} ({precision}): the Triton kernel up to {limit} rows, blocks "
+            f"{blocks}"
+            + (f"; refused: {rows['refused'][shape]}" if shape in rows.get("refused", {}) else "")
+        )
+    attention = run.get("vision_attention", {})
+    if attention.get("ms"):
+        timed = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(attention["ms"].items()))
+        lines.append(
+            f"  vision attention ({precision}): {attention['plan']} chosen; ms per layer: "
+            f"{timed}; refused {len(attention['refused'])}"
+        )
+    return lines
+
+
 def _table(report: dict[str, Any]) -> str:
     base = report.get("transformers", {}).get("latency", {})
     lines = [f"{report['device']}; torch {report['torch']}; {report['model']}", ""]
@@ -309,25 +332,7 @@ def _table(report: dict[str, Any]) -> str:
                 f"{graphs['graphs_total']['graphs']} graphs in "
                 f"{graphs['graphs_total']['capture_s']:.1f} s"
             )
-        rows = run.get("int8_rows", {})
-        for shape, limit in rows.get("limits", {}).items():
-            blocks = rows.get("blocks", {}).get(shape, {})
-            lines.append(
-                f"  int8 {shape} ({precision}): the Triton kernel up to {limit} rows, blocks "
-                f"{blocks}"
-                + (
-                    f"; refused: {rows['refused'][shape]}"
-                    if shape in rows.get("refused", {})
-                    else ""
-                )
-            )
-        attention = run.get("vision_attention", {})
-        if attention.get("ms"):
-            timed = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(attention["ms"].items()))
-            lines.append(
-                f"  vision attention ({precision}): {attention['plan']} chosen; ms per layer: "
-                f"{timed}; refused {len(attention['refused'])}"
-            )
+        lines += _load_choices(precision, run)
     for row in report.get("transformers", {}).get("probabilities", []):
         lines.append(f"P(unsafe) {row['input']:<16} ours {row['ours']:.3e}  transformers "
                      f"{row['transformers']:.3e}  |Δ| {row['abs_delta']:.1e}  label-row logit "

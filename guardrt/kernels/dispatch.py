@@ -112,12 +112,18 @@ def select_path(
     """`choose_path` on this process's facts; "reference" whenever a tracer is recording, so
     exported graphs (ONNX, torch.export) keep the `guardrt::dequantize` op their translation
     table maps to DequantizeLinear. Checked first, before any look at the device."""
-    # torch._C._is_tracing is what torch.jit.is_tracing returns outside TorchScript (the public
-    # name is untyped); is_compiling is true under torch.export, hence the dynamo ONNX exporter.
-    if torch._C._is_tracing() or torch.compiler.is_compiling():
+    if recording():
         return "reference"
     capability = cuda_capability(x.device)
     return choose_path(x, qweight, scales, capability, triton_available(), activations, triton_rows)
+
+
+def recording() -> bool:
+    """Whether a tracer or compiler is recording ops (torch.jit.trace, torch.export and so the
+    dynamo ONNX exporter, torch.compile): exported graphs must see the references' plain ops."""
+    # torch._C._is_tracing is what torch.jit.is_tracing returns outside TorchScript (the public
+    # name is untyped); is_compiling is true under torch.export, hence the dynamo ONNX exporter.
+    return bool(torch._C._is_tracing() or torch.compiler.is_compiling())
 
 
 def run_fast_path(

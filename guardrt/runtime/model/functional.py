@@ -10,15 +10,15 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from guardrt.kernels import fused
 from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, AttentionPlan, planned_attention
 from guardrt.runtime.model.config import RopeConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x·rsqrt(mean(x²) + eps) computed in fp32, cast back, then scaled (as HF and Meta)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    """x·rsqrt(mean(x²) + eps) computed in fp32, cast back, then scaled (as HF and Meta); one
+    fused kernel on a GPU (`guardrt/kernels/fused.py`, which holds the reference)."""
+    return fused.rms_norm(x, weight, eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -53,10 +53,9 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows); one
+    fused kernel on a GPU (`guardrt/kernels/fused.py`, which holds the reference)."""
+    return fused.rope(x, cos, sin)
 
 
 def attention(

@@ -1,14 +1,16 @@
 """What the runtime measures on the GPU when it loads a model, and keeps: which attention kernel
-the vision tower runs (`attention_plan.py`) and up to how many rows each int8 layer runs the
-Triton kernel (`guardrt/kernels/int8_rows.py`). One call, after quantizing and fusing, shared by
-the engine, the benchmark and the profile; on the CPU it measures nothing and changes nothing."""
+the vision tower runs (`attention_plan.py`), up to how many rows each int8 layer runs the
+Triton kernel (`guardrt/kernels/int8_rows.py`), and whether the fused RMSNorm / RoPE kernels
+agree with their references on this GPU (`guardrt/kernels/fused.py`). One call, after
+quantizing and fusing, shared by the engine, the benchmark and the profile; on the CPU it
+measures nothing and changes nothing."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from guardrt.kernels import int8_rows
+from guardrt.kernels import fused, int8_rows
 from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, Tuning
 from guardrt.runtime.model.fuse import modules_in_use
 from guardrt.runtime.model.mllama import MllamaModel
@@ -19,10 +21,11 @@ from guardrt.runtime.model.text import CrossAttention
 class LoadTuning:
     attention: Tuning
     int8_rows: int8_rows.RowsTuning
+    fused: str  # the fused RMSNorm / RoPE kernels: "used", "not used (…)" or "refused: why"
 
     def lines(self) -> list[str]:
         """What was chosen, for the log (shapes and times only)."""
-        out = []
+        out = [f"fused RMSNorm/RoPE kernels: {self.fused}"]
         attention = self.attention
         if attention.timings_ms:
             out.append(
@@ -53,11 +56,17 @@ class LoadTuning:
                 "refused": attention.rejected,
             },
             "int8_rows": asdict(self.int8_rows),
+            "fused_norm_rope": self.fused,
         }
 
 
 def tune_for_device(model: MllamaModel) -> LoadTuning:
-    """Measure and set both choices on `model` (quantized and fused already)."""
+    """Measure and set the choices on `model` (quantized and fused already)."""
+    text = model.config.text
+    shapes = fused.Shapes(
+        text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim, text.rms_norm_eps
+    )
+    checked = fused.verify(model.device, model.weight_dtype, shapes)
     attention = model.vision_model.tune_attention()
     # The decoder's layers that run per step. The vision tower's, the projector's and the cross
     # layers' k/v projections (which read the image's states once) always see thousands of
@@ -71,4 +80,4 @@ def tune_for_device(model: MllamaModel) -> LoadTuning:
     }
     decoder = [m for m in modules_in_use(model.language_model) if id(m) not in image_only]
     rows = int8_rows.tune(decoder, model.weight_dtype)
-    return LoadTuning(attention, rows)
+    return LoadTuning(attention, rows, checked)

@@ -1,0 +1,148 @@
+"""The fused RMSNorm and RoPE kernels against their references on this GPU, at the decoder's sizes.
+
+Usage: python benchmarks/norm_rope.py [--out FILE]
+       python benchmarks/norm_rope.py --dry-run   (CPU, tiny shapes, the interpreter: the check)
+
+For rows from a decode step (1) to a batch-32 prefill, the µs of the decoder's RMSNorm (4,096
+wide), the cross layers' q norm (128 wide, on a transposed view), and RoPE on q and k (strided
+views of the fused qkv projection's output), each as the reference's plain PyTorch ops and as
+the fused kernel (`guardrt/kernels/norm_rope.py`), timed as a served step runs them (GPU time
+only, no launch cost: `guardrt/kernels/timer.py`), with the kernel's largest difference from
+the reference. Then what one text prefill of that many rows saves: 65 norms (two per layer of
+32 self-attention layers, and the final one) and 32 RoPEs of q and k. Writes the table to
+stdout and JSON to benchmarks/results/norm-rope-<GPU name>.json (or --out); exits 1 if a kernel
+disagrees with its reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROWS = (
+    1,
+    32,
+    221,
+    357,
+    7072,
+)  # decode, batch-32 decode, a text prefill, a whole prompt, 32 of them
+DRY_ROWS = (1, 5)
+FULL = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128}
+DRY = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32}
+NORMS_PER_PREFILL, ROPES_PER_PREFILL = 65, 32  # the text path: 32 self layers and the final norm
+
+
+def _cases(rows: int, size: dict[str, int], device: torch.device, dtype: torch.dtype) -> dict[
+    str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]
+]:  # fmt: skip
+    """name → (reference, fused) calls on inputs shaped as the model has them."""
+    from guardrt.kernels import fused  # noqa: PLC0415 (after TRITON_INTERPRET is set)
+
+    kernels = fused._kernels()
+    hidden, heads, kv, d = size["hidden"], size["heads"], size["kv_heads"], size["head_dim"]
+    x = torch.randn(1, rows, hidden, device=device).to(dtype)  # (1, S, D)
+    w = torch.ones(hidden, device=device, dtype=dtype)
+    q_heads = torch.randn(1, rows, heads, d, device=device).to(dtype).transpose(1, 2)
+    wq = torch.ones(d, device=device, dtype=dtype)
+    qkv = torch.randn(1, rows, (heads + 2 * kv) * d, device=device).to(dtype)
+    q, k, _ = torch.split(qkv, [heads * d, kv * d, kv * d], dim=-1)
+    q = q.view(1, rows, heads, d).transpose(1, 2)  # (1, H, S, d), strided
+    k = k.view(1, rows, kv, d).transpose(1, 2)
+    angles = torch.randn(1, rows, d // 2, device=device) * 100
+    cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
+    return {
+        f"rms_norm {hidden}": (
+            lambda: fused.rms_norm_reference(x, w, 1e-5),
+            lambda: kernels.rms_norm(x, w, 1e-5),
+        ),
+        f"q norm {d} (cross)": (
+            lambda: fused.rms_norm_reference(q_heads, wq, 1e-5),
+            lambda: kernels.rms_norm(q_heads, wq, 1e-5),
+        ),
+        "rope q+k": (
+            lambda: torch.cat([fused.rope_reference(t, cos, sin).flatten() for t in (q, k)]),
+            lambda: torch.cat([kernels.rope(t, cos, sin).flatten() for t in (q, k)]),
+        ),
+    }
+
+
+def _us(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        from guardrt.kernels.timer import cuda_timer  # noqa: PLC0415
+
+        return cuda_timer(run) * 1e3
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def run(dry_run: bool) -> dict[str, Any]:
+    from guardrt.kernels import fused  # noqa: PLC0415
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    dtype = torch.float16 if dry_run else torch.bfloat16  # the interpreter has no bf16
+    size, rows_list = (DRY, DRY_ROWS) if dry_run else (FULL, ROWS)
+    cells = []
+    for rows in rows_list:
+        saved = 0.0
+        for name, (reference, kernel) in _cases(rows, size, device, dtype).items():
+            want, got = reference(), kernel()
+            error = float((got.float() - want.float()).abs().max())
+            exact = name.startswith("rope")
+            ok = bool(torch.equal(got, want)) if exact else bool(
+                torch.allclose(got.float(), want.float(), rtol=fused.NORM_RTOL[dtype], atol=1e-6)
+            )  # fmt: skip
+            ref_us, fused_us = _us(reference, device), _us(kernel, device)
+            if name.startswith("rms_norm"):
+                saved += NORMS_PER_PREFILL * (ref_us - fused_us)
+            elif exact:
+                saved += ROPES_PER_PREFILL * (ref_us - fused_us)
+            cells.append({"rows": rows, "op": name, "reference_us": ref_us, "fused_us": fused_us,
+                          "max_abs_diff": error, "ok": ok})  # fmt: skip
+            check = "OK" if ok else "WRONG"
+            ratio = ref_us / max(fused_us, 1e-9)
+            print(f"| {rows} | {name} | {ref_us:.1f} | {fused_us:.1f} | {ratio:.1f}x "
+                  f"| {error:.2g} | {check} |")  # fmt: skip
+        cells.append({"rows": rows, "op": "saved per text prefill", "saved_us": saved})
+        print(f"| {rows} | saved per text prefill ({NORMS_PER_PREFILL} norms, "
+              f"{ROPES_PER_PREFILL} RoPEs of q and k) | | {saved:.0f} µs | | | |")  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    return {"device": name, "torch": torch.__version__, "dtype": str(dtype), "cells": cells}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="JSON path (dry run: none unless given)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreter")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --dry-run)")
+    print("| rows | op | reference µs | fused µs | ratio | max |Δ| | check |")
+    print("|---|---|---|---|---|---|---|")
+    report = run(args.dry_run)
+    out = args.out
+    if out is None and not args.dry_run:
+        out = Path("benchmarks/results") / f"norm-rope-{report['device'].replace(' ', '-')}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    wrong = [c for c in report["cells"] if c.get("ok") is False]
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

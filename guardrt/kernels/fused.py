@@ -1,0 +1,159 @@
+"""The decoder's RMSNorm and RoPE: their plain-PyTorch references, and when the fused Triton
+kernels (`norm_rope.py`) run instead.
+
+The kernels run for CUDA tensors (sm ≥ 8.0, not ROCm) of bf16, fp16 or fp32 when triton is
+importable, nothing is tracing or compiling (exported graphs keep the reference's plain ops),
+and no load-time check on this process's GPU has refused them: `verify` runs both kernels on the
+model's own shapes and layouts against the references when the engine loads
+(`guardrt/runtime/model/tune.py`), and a kernel that raises or disagrees there is never used
+again in the process (a Triton build that mis-compiles on this GPU must not take the verdicts
+with it). Everything else, the CPU included, runs the references.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from guardrt.kernels import dispatch
+
+log = logging.getLogger(__name__)
+
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# How far the fused RMSNorm may sit from the reference, relative to the reference's value: two
+# ulps of the output dtype. The sum's order (and the GPU's rsqrt) may move the fp32 norm by an
+# ulp; rounding it to the dtype, then the weight's product rounded again, can make that two.
+NORM_RTOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9, torch.float32: 1e-5}
+
+_refused: list[str] = []  # why the kernels were refused in this process (empty: not refused)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x·rsqrt(mean(x²) + eps) computed in fp32, cast back, then scaled (as HF and Meta)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def can_fuse(
+    x: torch.Tensor,
+    others: tuple[torch.Tensor, ...],
+    capability: dispatch.Capability | None,
+    has_triton: bool,
+) -> bool:
+    """The decision on tensor metadata, for x and the tensors combined with it, on a CUDA
+    device of `capability` (None: not a CUDA device); the tests call it with CPU tensors."""
+    if capability is None or capability < dispatch.TRITON_MIN_CAPABILITY or not has_triton:
+        return False
+    if x.dtype not in FUSED_DTYPES or x.stride(-1) != 1:
+        return False
+    return all(o.dtype == x.dtype and o.stride(-1) == 1 for o in others)
+
+
+def applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the fused kernel runs for x and `others` in this process, now."""
+    if _refused or x.device.type != "cuda" or dispatch.recording():
+        return False
+    capability = dispatch.cuda_capability(x.device)
+    return can_fuse(x, others, capability, dispatch.triton_available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x (..., D) by weight (D,): the fused kernel where it applies (≤ 4 dims)."""
+    if x.dim() <= 4 and applies(x, weight):
+        out: torch.Tensor = _kernels().rms_norm(x, weight, eps)
+        return out
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of x (B, H, S, D) with cos/sin (B, S, D): the fused kernel where it applies."""
+    if x.dim() == 4 and x.shape[-1] % 2 == 0 and applies(x, cos, sin):
+        out: torch.Tensor = _kernels().rope(x, cos, sin)
+        return out
+    return rope_reference(x, cos, sin)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The decoder's sizes the kernels meet: norms over `hidden` and over `head_dim` (the cross
+    layers' q/k norms), RoPE on q and k split from one fused qkv projection."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+
+
+def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
+    """Run both kernels on `shapes`' layouts against the references on `device`; refuse them
+    for the process on any error or disagreement. Returns "used", "not used (...)" or
+    "refused: why" (for the load log and the benchmark's report).
+
+    Run at 1, 37 and 64 tokens: Triton compiles a kernel again for integer arguments equal to 1
+    or divisible by 16, so these are the variants a served step can meet."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    if _refused:
+        return f"refused: {_refused[0]}"
+    if not applies(probe):
+        return "not used (the references run: not a CUDA GPU with triton, or not bf16/fp16/fp32)"
+    try:
+        problem = next(
+            (p for t in (1, 37, 64) if (p := _disagreement(device, dtype, shapes, t))), ""
+        )
+    except Exception as exc:  # noqa: BLE001 (a kernel that cannot run here is refused)
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    if problem:
+        _refused.append(problem)
+        log.warning("fused RMSNorm/RoPE kernels refused on this GPU (%s); references run", problem)
+        return f"refused: {problem}"
+    return "used"
+
+
+def _disagreement(device: torch.device, dtype: torch.dtype, s: Shapes, tokens: int) -> str:
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    kernels = _kernels()
+    x = (randn(1, tokens, s.hidden) * 3).to(dtype)  # (1, S, D)
+    heads = randn(1, tokens, s.heads, s.head_dim).to(dtype).transpose(1, 2)  # (1, H, S, d)
+    for name, value, weight in (("hidden", x, s.hidden), ("head", heads, s.head_dim)):
+        w = (1 + randn(weight) / 4).to(dtype)
+        got, want = kernels.rms_norm(value, w, s.eps), rms_norm_reference(value, w, s.eps)
+        if not torch.allclose(got.float(), want.float(), rtol=NORM_RTOL[dtype], atol=1e-6):
+            error = float((got.float() - want.float()).abs().max())
+            return f"rms_norm over the {name} ({weight}) differs from the reference by {error:.3g}"
+    width = (s.heads + 2 * s.kv_heads) * s.head_dim
+    qkv = randn(1, tokens, width).to(dtype)  # (1, S, (H + 2·Hkv)·d), as the fused projection
+    kv_width = s.kv_heads * s.head_dim
+    q, k, _ = torch.split(qkv, [s.heads * s.head_dim, kv_width, kv_width], dim=-1)  # strided views
+    angles = randn(1, tokens, s.head_dim // 2) * 100
+    cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
+    for name, part, count in (("q", q, s.heads), ("k", k, s.kv_heads)):
+        rows = part.view(1, tokens, count, s.head_dim).transpose(1, 2)  # (1, H, S, d) strided
+        got, want = kernels.rope(rows, cos, sin), rope_reference(rows, cos, sin)
+        if not torch.equal(got, want):
+            error = float((got.float() - want.float()).abs().max())
+            return f"rope on {name} differs from the reference by {error:.3g}"
+    return ""
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    """norm_rope.py, imported on first use (it imports triton)."""
+    return importlib.import_module("guardrt.kernels.norm_rope")

@@ -1,0 +1,261 @@
+"""The fused RMSNorm and RoPE kernels against their references, when they run, and the check
+that refuses them on a GPU where they are wrong.
+
+The kernels run under Triton's CPU interpreter here (conftest.py sets TRITON_INTERPRET=1), in
+fp16 and fp32: the interpreter has no correct bf16. On a GPU (GUARDRT_TEST_DEVICE=cuda with
+TRITON_INTERPRET=0, scripts/gpu_check.sh) the last test runs them compiled, in bf16 too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from guardrt.kernels import dispatch, fused
+from guardrt.runtime.classify import TorchSteps
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.fuse import fuse_projections
+from guardrt.runtime.model.mllama import MllamaModel
+from tests.models import DEVICE, image, small_config, write_small
+
+HOPPER: dispatch.Capability = (9, 0)
+SHAPES = fused.Shapes(hidden=256, heads=4, kv_heads=2, head_dim=64, eps=1e-5)
+
+
+@pytest.fixture
+def kernels() -> ModuleType:
+    pytest.importorskip("triton", reason="the test extra installs triton (x86-64 Linux)")
+    return fused._kernels()
+
+
+@pytest.fixture(autouse=True)
+def _unrefused() -> Iterator[None]:
+    """Each test starts and ends with the kernels not refused (the state is per process)."""
+    fused._refused.clear()
+    yield
+    fused._refused.clear()
+
+
+def _randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _qk(dtype: torch.dtype, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, 4, S, 64) and k (B, 2, S, 64) as the model has them: strided views of one fused
+    qkv projection's output."""
+    qkv = _randn(batch, tokens, (4 + 2 + 2) * 64, seed=1).to(dtype)  # (B, S, (H + 2·Hkv)·d)
+    q, k, _ = torch.split(qkv, [256, 128, 128], dim=-1)
+    return (
+        q.view(batch, tokens, 4, 64).transpose(1, 2),  # (B, H, S, d)
+        k.view(batch, tokens, 2, 64).transpose(1, 2),  # (B, Hkv, S, d)
+    )
+
+
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that place t's values in memory (a size-1 dim's stride places nothing)."""
+    return tuple(stride for stride, size in zip(t.stride(), t.shape, strict=True) if size > 1)
+
+
+def _cos_sin(dtype: torch.dtype, batch: int, tokens: int, d: int) -> tuple[torch.Tensor, ...]:
+    angles = _randn(batch, tokens, d // 2, seed=2, scale=100.0)
+    return tuple(torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("batch", "tokens"), [(1, 1), (2, 37), (1, 64)])
+def test_rope_is_bit_exact_on_strided_heads(
+    kernels: ModuleType, dtype: torch.dtype, batch: int, tokens: int
+) -> None:
+    """Each product rounded as the reference rounds it: identical values, and the output laid
+    out as the reference's (B, S, H, D) memory, not transposed."""
+    cos, sin = _cos_sin(dtype, batch, tokens, 64)
+    for rows in _qk(dtype, batch, tokens):
+        got, want = kernels.rope(rows, cos, sin), fused.rope_reference(rows, cos, sin)
+        assert torch.equal(got, want), float((got.float() - want.float()).abs().max())
+        assert _layout(got) == _layout(want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("shape", "transpose"),
+    [((7,), False), ((2, 37, 256), False), ((1, 1, 4096), False), ((3, 5, 100), False),
+     ((2, 37, 4, 64), True), ((2, 9, 2, 128), False)],
+)  # fmt: skip
+def test_rms_norm_within_two_ulps(
+    kernels: ModuleType, dtype: torch.dtype, shape: tuple[int, ...], transpose: bool
+) -> None:
+    """Rows of the decoder's width, a width that is no power of two (masked columns), 16-row
+    programs over head-sized rows, and the cross layers' q norm on a transposed view."""
+    x = _randn(*shape, seed=3, scale=3.0).to(dtype)
+    if transpose:
+        x = x.transpose(1, 2)  # (B, H, S, d): the cross layers' q, strided
+    weight = (1 + _randn(shape[-1], seed=4) / 4).to(dtype)
+    got = kernels.rms_norm(x, weight, 1e-5)
+    want = fused.rms_norm_reference(x, weight, 1e-5)
+    assert got.dtype == want.dtype
+    assert _layout(got) == _layout(want)
+    torch.testing.assert_close(got, want, rtol=fused.NORM_RTOL[dtype], atol=1e-6)
+
+
+def test_rms_norm_kernel_normalises_each_row_on_its_own(kernels: ModuleType) -> None:
+    """Rows of very different scales in one program (16 rows of 64): each gets its own norm."""
+    x = _randn(32, 64, seed=5) * torch.logspace(-1, 3, 32)[:, None]  # mean x² ≫ eps
+    weight = torch.ones(64)
+    got = kernels.rms_norm(x, weight, 1e-6)
+    rms = got.pow(2).mean(-1)
+    torch.testing.assert_close(rms, torch.ones(32), rtol=1e-3, atol=0)
+
+
+def test_the_kernels_refuse_what_they_cannot_take(kernels: ModuleType) -> None:
+    x = torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match=r"torch\.float16 weight for torch\.float32 input"):
+        kernels.rms_norm(x, torch.ones(64, dtype=torch.float16), 1e-5)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernels.rms_norm(x.transpose(1, 2), torch.ones(8), 1e-5)
+    cos = torch.ones(1, 3, 64)
+    with pytest.raises(ValueError, match=r"cos/sin \(1, 3, 64\) for x \(1, 2, 4, 64\)"):
+        kernels.rope(torch.ones(1, 2, 4, 64), cos, cos)
+    with pytest.raises(ValueError, match="even D"):
+        kernels.rope(torch.ones(1, 2, 3, 63), torch.ones(1, 3, 63), torch.ones(1, 3, 63))
+
+
+def test_when_the_kernels_run() -> None:
+    """On a CUDA GPU of sm ≥ 8.0 with triton, for bf16/fp16/fp32 with unit-stride rows and
+    partners of the same dtype; never on the CPU or while a tracer records."""
+    x, w = torch.randn(2, 4, 8), torch.ones(8)
+    assert fused.can_fuse(x, (w,), HOPPER, has_triton=True)
+    assert fused.can_fuse(x.to(torch.bfloat16), (w.to(torch.bfloat16),), (8, 0), True)
+    assert not fused.can_fuse(x, (w,), None, True)  # not a CUDA device
+    assert not fused.can_fuse(x, (w,), (7, 5), True)
+    assert not fused.can_fuse(x, (w,), HOPPER, has_triton=False)
+    assert not fused.can_fuse(x, (w.half(),), HOPPER, True)  # the reference would promote
+    assert not fused.can_fuse(x.transpose(1, 2), (w,), HOPPER, True)
+    assert not fused.can_fuse(x.double(), (w.double(),), HOPPER, True)
+    assert not fused.applies(x, w)  # the CPU
+
+
+def _fuse_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Let the kernels run (interpreted) on CPU tensors, as on a GPU; count the calls."""
+    calls: list[str] = []
+
+    def applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
+        calls.append("call")
+        return not fused._refused and fused.can_fuse(x, others, HOPPER, True)
+
+    monkeypatch.setattr(fused, "applies", applies)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def gqa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small(tmp_path_factory.mktemp("norm_rope"), small_config("gqa2-cross2,4"), seed=3)
+
+
+def _logits(model: MllamaModel) -> np.ndarray:
+    """Logits of a text row and a 2-tile image row (cross layers with their 4-D q/k norms,
+    grouped kv heads), every position of their prefill, then one decode step."""
+    model.setup_caches(2, 64)
+    steps = TorchSteps(model)
+    steps.write_images([1], [image(2, seed=4)])
+    steps.clear_images([0])
+    tokens = np.random.default_rng(0).integers(0, 1000, (2, 12))
+    tokens[1, 3] = 128256  # <|image|>
+    positions = np.tile(np.arange(12), (2, 1))
+    slots, starts, tiles = np.array([0, 1]), np.array([64, 3]), np.array([0, 2])
+    prefill = steps.step(tokens, positions, slots, starts, tiles, positions)
+    decode = steps.step(tokens[:, :1], positions[:, :1] + 12, slots, starts, tiles,
+                        np.zeros((2, 1), dtype=np.int64))  # fmt: skip
+    return np.concatenate([prefill.reshape(-1), decode.reshape(-1)])
+
+
+def test_the_model_with_fused_kernels_scores_as_with_the_references(
+    kernels: ModuleType, gqa_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model(gqa_checkpoint)
+    fuse_projections(model)
+    want = _logits(model)
+    calls = _fuse_on_the_cpu(monkeypatch)
+    got = _logits(model)
+    assert calls, "the kernels were asked"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_verify_uses_kernels_that_agree(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fuse_on_the_cpu(monkeypatch)
+    assert fused.verify(torch.device("cpu"), torch.float16, SHAPES) == "used"
+    assert not fused._refused
+
+
+@pytest.mark.parametrize(
+    ("broken", "why"),
+    [("rope", "rope on q differs from the reference"),
+     ("rms_norm", "rms_norm over the hidden"),
+     ("raise", "RuntimeError: no kernel image")],
+)  # fmt: skip
+def test_verify_refuses_kernels_that_disagree_or_fail(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, broken: str, why: str
+) -> None:
+    """One ulp off in RoPE, a norm off by 1%, or a kernel that cannot run: refused for the
+    process, said why, and from then on every call runs the reference."""
+    calls = _fuse_on_the_cpu(monkeypatch)
+
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = kernels.rope(x, cos, sin)
+        return out.view(torch.int16).add(1).view(out.dtype) if broken == "rope" else out
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if broken == "raise":
+            raise RuntimeError("no kernel image is available for execution on the device\n...")
+        out: torch.Tensor = kernels.rms_norm(x, weight, eps)
+        return out * 1.01 if broken == "rms_norm" else out
+
+    fake: Any = SimpleNamespace(rope=rope, rms_norm=rms_norm)
+    monkeypatch.setattr(fused, "_kernels", lambda: fake)
+    result = fused.verify(torch.device("cpu"), torch.float16, SHAPES)
+    assert result.startswith("refused: "), result
+    assert why in result, result
+    assert fused.verify(torch.device("cpu"), torch.float16, SHAPES) == result  # remembered
+    x = torch.randn(2, 3, 8, dtype=torch.float16)
+    before = len(calls)
+    assert torch.equal(fused.rms_norm(x, torch.ones(8, dtype=x.dtype), 1e-5),
+                       fused.rms_norm_reference(x, torch.ones(8, dtype=x.dtype), 1e-5))  # fmt: skip
+    assert len(calls) == before + 1  # asked, and refused
+
+
+def test_verify_on_the_cpu_uses_nothing() -> None:
+    assert fused.verify(torch.device("cpu"), torch.float32, SHAPES).startswith("not used")
+    assert not fused._refused
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels need CUDA (gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_compiled_kernels_on_the_gpu(dtype: torch.dtype) -> None:
+    """At the full model's sizes (4,096 wide, 32 heads, 8 kv heads of 128), compiled."""
+    shapes = fused.Shapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, eps=1e-5)
+    assert fused.verify(torch.device(DEVICE), dtype, shapes) == "used"
+    x = torch.randn(1, 221, 4096, device=DEVICE).to(dtype)
+    assert fused.applies(x, torch.ones(4096, device=DEVICE, dtype=dtype))
+
+
+def test_the_norm_rope_benchmark_dry_run(kernels: ModuleType, tmp_path: Path) -> None:
+    """`benchmarks/norm_rope.py --dry-run` (tiny shapes, the interpreter): every op at every
+    row count runs and agrees, so the one GPU run measures rather than fails."""
+    bench = importlib.import_module("benchmarks.norm_rope")
+    out = tmp_path / "norm_rope.json"
+    assert bench.main(["--dry-run", "--out", str(out)]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    ops = {(c["rows"], c["op"]) for c in cells if "ok" in c}
+    assert ops == {(r, op) for r in bench.DRY_ROWS
+                   for op in ("rms_norm 128", "q norm 32 (cross)", "rope q+k")}  # fmt: skip
+    assert all(c["ok"] for c in cells if "ok" in c)
+    assert {c["rows"] for c in cells if "saved_us" in c} == set(bench.DRY_ROWS)
