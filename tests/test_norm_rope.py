@@ -59,6 +59,12 @@ def _qk(dtype: torch.dtype, batch: int, tokens: int) -> tuple[torch.Tensor, torc
     )
 
 
+def _bits(t: torch.Tensor) -> list[int]:
+    """The values' bit patterns, signs of zeros included (torch.equal takes −0 for +0)."""
+    ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    return t.contiguous().view(ints[t.dtype]).flatten().tolist()
+
+
 def _layout(t: torch.Tensor) -> tuple[int, ...]:
     """The strides that place t's values in memory (a size-1 dim's stride places nothing)."""
     return tuple(stride for stride, size in zip(t.stride(), t.shape, strict=True) if size > 1)
@@ -79,8 +85,36 @@ def test_rope_is_bit_exact_on_strided_heads(
     cos, sin = _cos_sin(dtype, batch, tokens, 64)
     for rows in _qk(dtype, batch, tokens):
         got, want = kernels.rope(rows, cos, sin), fused.rope_reference(rows, cos, sin)
-        assert torch.equal(got, want), float((got.float() - want.float()).abs().max())
+        assert _bits(got) == _bits(want), float((got.float() - want.float()).abs().max())
         assert _layout(got) == _layout(want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rope_keeps_the_sign_of_zeros(kernels: ModuleType, dtype: torch.dtype) -> None:
+    """x·cos − x2·sin where both products are zeros of either sign: −0 − (+0) is −0, as the
+    reference's −0 + (−0); a kernel that negated by 0 − x would give +0."""
+    x, cos, sin = _signed_zeros(torch.device("cpu"), dtype)
+    got, want = kernels.rope(x, cos, sin), fused.rope_reference(x, cos, sin)
+    assert _bits(got) == _bits(want)
+    assert torch.signbit(want).any()  # the case is there
+
+
+def _signed_zeros(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """x (1, 1, 16, 2) pairing ±0 and ±1, cos (1, 16, 2) of ones, sin (1, 16, 2) of ±1."""
+    signed = torch.tensor([0.0, -0.0, 1.0, -1.0])
+    x = torch.cartesian_prod(signed, signed).reshape(1, 1, 16, 2)
+    cos = torch.tensor([1.0, 1.0]).expand(1, 16, 2).contiguous()
+    sin = torch.tensor([1.0, -1.0]).expand(1, 16, 2).contiguous()
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, cos, sin))
+
+
+def test_rope_broadcasts_cos_and_sin(kernels: ModuleType) -> None:
+    """cos/sin of one row (1, S, D) for a batch of rows, as the reference broadcasts them."""
+    q, _ = _qk(torch.float32, 3, 5)
+    cos, sin = _cos_sin(torch.float32, 1, 5, 64)
+    assert _bits(kernels.rope(q, cos, sin)) == _bits(fused.rope_reference(q, cos, sin))
+    assert fused._broadcast(q, cos, sin)
+    assert not fused._broadcast(q, cos[:, :4], sin[:, :4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -245,6 +279,14 @@ def test_compiled_kernels_on_the_gpu(dtype: torch.dtype) -> None:
     assert fused.verify(torch.device(DEVICE), dtype, shapes) == "used"
     x = torch.randn(1, 221, 4096, device=DEVICE).to(dtype)
     assert fused.applies(x, torch.ones(4096, device=DEVICE, dtype=dtype))
+    zeros, cos, sin = _signed_zeros(torch.device(DEVICE), dtype)  # bit for bit, signs of 0
+    got, want = fused._kernels().rope(zeros, cos, sin), fused.rope_reference(zeros, cos, sin)
+    assert _bits(got.cpu()) == _bits(want.cpu())
+    q, k = (t.to(DEVICE) for t in _qk(dtype, 2, 37))
+    cos, sin = (t.to(DEVICE) for t in _cos_sin(dtype, 2, 37, 64))
+    for rows in (q, k):
+        got, want = fused._kernels().rope(rows, cos, sin), fused.rope_reference(rows, cos, sin)
+        assert _bits(got.cpu()) == _bits(want.cpu())
 
 
 def test_the_norm_rope_benchmark_dry_run(kernels: ModuleType, tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ulp; rounding it to the dtype, then the weight's product rounded again, can make that two.
 NORM_RTOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9, torch.float32: 1e-5}
 
+# (batch, tokens) of verify's probes: a prefill, a padded bucket, decode steps of 1, 2 and 32.
+_PROBES = ((1, 1), (1, 37), (1, 64), (2, 1), (2, 37), (32, 1))
 _refused: list[str] = []  # why the kernels were refused in this process (empty: not refused)
 
 
@@ -80,10 +82,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of x (B, H, S, D) with cos/sin (B, S, D): the fused kernel where it applies."""
-    if x.dim() == 4 and x.shape[-1] % 2 == 0 and applies(x, cos, sin):
+    if x.dim() == 4 and x.shape[-1] % 2 == 0 and _broadcast(x, cos, sin) and applies(x, cos, sin):
         out: torch.Tensor = _kernels().rope(x, cos, sin)
         return out
     return rope_reference(x, cos, sin)
+
+
+def _broadcast(x: torch.Tensor, *tables: torch.Tensor) -> bool:
+    """Whether each table (cos, sin) is (B, S, D) for x (B, H, S, D), or broadcasts to it."""
+    b, _, s, d = x.shape
+    return all(
+        t.dim() == 3 and t.shape[2] == d and t.shape[0] in (1, b) and t.shape[1] in (1, s)
+        for t in tables
+    )
 
 
 @dataclass(frozen=True)
@@ -103,8 +114,9 @@ def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
     for the process on any error or disagreement. Returns "used", "not used (...)" or
     "refused: why" (for the load log and the benchmark's report).
 
-    Run at 1, 37 and 64 tokens: Triton compiles a kernel again for integer arguments equal to 1
-    or divisible by 16, so these are the variants a served step can meet."""
+    Run at batches of 1, 2 and 32 and 1, 37 and 64 tokens: Triton compiles a kernel again for
+    integer arguments (sizes and strides) equal to 1 or divisible by 16, so these are the
+    variants a served step can meet (a prefill, a batch's decode step, a padded bucket)."""
     probe = torch.empty(0, dtype=dtype, device=device)
     if _refused:
         return f"refused: {_refused[0]}"
@@ -112,7 +124,7 @@ def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
         return "not used (the references run: not a CUDA GPU with triton, or not bf16/fp16/fp32)"
     try:
         problem = next(
-            (p for t in (1, 37, 64) if (p := _disagreement(device, dtype, shapes, t))), ""
+            (p for b, t in _PROBES if (p := _disagreement(device, dtype, shapes, b, t))), ""
         )
     except Exception as exc:  # noqa: BLE001 (a kernel that cannot run here is refused)
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -123,15 +135,17 @@ def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
     return "used"
 
 
-def _disagreement(device: torch.device, dtype: torch.dtype, s: Shapes, tokens: int) -> str:
+def _disagreement(
+    device: torch.device, dtype: torch.dtype, s: Shapes, batch: int, tokens: int
+) -> str:
     generator = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
     kernels = _kernels()
-    x = (randn(1, tokens, s.hidden) * 3).to(dtype)  # (1, S, D)
-    heads = randn(1, tokens, s.heads, s.head_dim).to(dtype).transpose(1, 2)  # (1, H, S, d)
+    x = (randn(batch, tokens, s.hidden) * 3).to(dtype)  # (B, S, D)
+    heads = randn(batch, tokens, s.heads, s.head_dim).to(dtype).transpose(1, 2)  # (B, H, S, d)
     for name, value, weight in (("hidden", x, s.hidden), ("head", heads, s.head_dim)):
         w = (1 + randn(weight) / 4).to(dtype)
         got, want = kernels.rms_norm(value, w, s.eps), rms_norm_reference(value, w, s.eps)
@@ -139,13 +153,13 @@ def _disagreement(device: torch.device, dtype: torch.dtype, s: Shapes, tokens: i
             error = float((got.float() - want.float()).abs().max())
             return f"rms_norm over the {name} ({weight}) differs from the reference by {error:.3g}"
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
-    qkv = randn(1, tokens, width).to(dtype)  # (1, S, (H + 2·Hkv)·d), as the fused projection
+    qkv = randn(batch, tokens, width).to(dtype)  # (B, S, (H + 2·Hkv)·d), as the fused projection
     kv_width = s.kv_heads * s.head_dim
     q, k, _ = torch.split(qkv, [s.heads * s.head_dim, kv_width, kv_width], dim=-1)  # strided views
-    angles = randn(1, tokens, s.head_dim // 2) * 100
+    angles = randn(batch, tokens, s.head_dim // 2) * 100
     cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
     for name, part, count in (("q", q, s.heads), ("k", k, s.kv_heads)):
-        rows = part.view(1, tokens, count, s.head_dim).transpose(1, 2)  # (1, H, S, d) strided
+        rows = part.view(batch, tokens, count, s.head_dim).transpose(1, 2)  # (B, H, S, d)
         got, want = kernels.rope(rows, cos, sin), rope_reference(rows, cos, sin)
         if not torch.equal(got, want):
             error = float((got.float() - want.float()).abs().max())

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from guardrt.kernels.timer import on_device
+
 triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
@@ -100,12 +102,13 @@ def int8_linear(
     if (bn, bk) not in BLOCKS:
         raise ValueError(f"blocks {(bn, bk)} not among {BLOCKS}")
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _int8_linear_kernel[grid](
-        flat, qweight, scales.reshape(-1).to(torch.float32).contiguous(),
-        bias if bias is not None else scales, out,
-        m, n,
-        flat.stride(0), flat.stride(1), qweight.stride(0), qweight.stride(1),
-        out.stride(0), out.stride(1),
-        k=k, has_bias=bias is not None, bm=bm, bn=bn, bk=bk,
-    )  # fmt: skip
+    with on_device(x.device):  # Triton launches on the current device, not x's
+        _int8_linear_kernel[grid](
+            flat, qweight, scales.reshape(-1).to(torch.float32).contiguous(),
+            bias if bias is not None else scales, out,
+            m, n,
+            flat.stride(0), flat.stride(1), qweight.stride(0), qweight.stride(1),
+            out.stride(0), out.stride(1),
+            k=k, has_bias=bias is not None, bm=bm, bn=bn, bk=bk,
+        )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

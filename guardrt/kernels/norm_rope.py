@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from guardrt.kernels.timer import on_device
+
 triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
@@ -61,7 +63,7 @@ def _rope_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)  # b · seq + s
     b, s = token // seq, token % seq
-    h = tl.program_id(1) * block_h + tl.arange(0, block_h)  # (Hb,) heads
+    h = (tl.program_id(1) * block_h + tl.arange(0, block_h)).to(tl.int64)  # (Hb,) heads
     j = tl.arange(0, block_half)  # (half',) columns of each half
     jm = j < half
     mask = (h[:, None] < heads) & jm[None, :]  # (Hb, half')
@@ -76,7 +78,9 @@ def _rope_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
     x2 = tl.load(x + half + j[None, :], mask=mask, other=0.0).to(tl.float32)
     dtype = y_ptr.dtype.element_ty
     # out = x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2, x1]; each product rounded.
-    y1 = (x1 * c1).to(dtype).to(tl.float32) + ((-x2) * s1).to(dtype).to(tl.float32)
+    # a + (−x2·s1) is written a − x2·s1: IEEE defines a − b as a + (−b), and negating in the
+    # kernel (0 − x) would turn −(+0) into +0 where the reference's negation gives −0.
+    y1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
     y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
     y = y_ptr + b * syb + s * sys + h[:, None] * syh
     tl.store(y + j[None, :], y1.to(dtype), mask=mask)
@@ -91,6 +95,15 @@ def empty_in_order(x: torch.Tensor) -> torch.Tensor:
     inverse = sorted(range(x.dim()), key=order.__getitem__)
     flat = torch.empty([x.shape[i] for i in order], dtype=x.dtype, device=x.device)
     return flat.permute(inverse)
+
+
+def _broadcasts(t: torch.Tensor, shape: tuple[int, int, int]) -> bool:
+    """Whether t (3-D) broadcasts to `shape` along its first two dims, its last matching."""
+    return (
+        t.dim() == 3
+        and t.shape[2] == shape[2]
+        and all(t.shape[i] in (1, shape[i]) for i in range(2))
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,31 +124,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block_d = triton.next_power_of_2(d)
     block_r = max(1, _NORM_ELEMENTS // block_d)
     if rows:
-        _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
-            x, weight.contiguous(), out, rows, lead[1], lead[2], *xs, *ys, eps,
-            d=d, block_d=block_d, block_r=block_r, num_warps=8 if block_d >= 2048 else 4,
-        )  # fmt: skip
+        with on_device(x.device):  # Triton launches on the current device, not x's
+            _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
+                x, weight.contiguous(), out, rows, lead[1], lead[2], *xs, *ys, eps,
+                d=d, block_d=block_d, block_r=block_r, num_warps=8 if block_d >= 2048 else 4,
+            )  # fmt: skip
     return out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x (B, H, S, D) with unit stride along D (any other strides), cos/sin
-    (B, S, D) of x's dtype → (B, H, S, D) laid out as x."""
+    (B, S, D) of x's dtype, or broadcastable to it → (B, H, S, D) laid out as x."""
     b, heads, seq, d = x.shape
     if d % 2 or x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError(f"rope kernel takes an even D with unit stride: x {tuple(x.shape)}")
-    if cos.shape != (b, seq, d) or sin.shape != (b, seq, d):
+    if not (_broadcasts(cos, (b, seq, d)) and _broadcasts(sin, (b, seq, d))):
         raise ValueError(f"cos/sin {tuple(cos.shape)} for x {tuple(x.shape)}: want (B, S, D)")
+    cos, sin = cos.expand(b, seq, d), sin.expand(b, seq, d)  # a broadcast dim: stride 0
     if not (x.dtype == cos.dtype == sin.dtype):
         raise ValueError(f"rope kernel takes one dtype: x {x.dtype}, cos {cos.dtype}")
     out = empty_in_order(x)
     block_h = min(triton.next_power_of_2(heads), 16)
     if out.numel():
-        _rope_kernel[(b * seq, triton.cdiv(heads, block_h))](
-            x, cos, sin, out, seq, heads,
-            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-            half=d // 2, block_half=triton.next_power_of_2(d // 2), block_h=block_h,
-            enable_fp_fusion=False,  # fp32: no FMA, each product rounded as the reference's
-        )  # fmt: skip
+        with on_device(x.device):  # Triton launches on the current device, not x's
+            _rope_kernel[(b * seq, triton.cdiv(heads, block_h))](
+                x, cos, sin, out, seq, heads,
+                x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+                out.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+                half=d // 2, block_half=triton.next_power_of_2(d // 2), block_h=block_h,
+                enable_fp_fusion=False,  # fp32: no FMA, each product rounded as the reference's
+            )  # fmt: skip
     return out
