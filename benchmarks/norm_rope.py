@@ -1,17 +1,18 @@
-"""The fused RMSNorm and RoPE kernels against their references on this GPU, at the decoder's sizes.
+"""The fused RMSNorm, RoPE and SwiGLU kernels against their references on this GPU, decoder sizes.
 
 Usage: python benchmarks/norm_rope.py [--out FILE]
        python benchmarks/norm_rope.py --dry-run   (CPU, tiny shapes, the interpreter: the check)
 
 For rows from a decode step (1) to a batch-32 prefill, the µs of the decoder's RMSNorm (4,096
-wide), the cross layers' q norm (128 wide, on a transposed view), and RoPE on q and k (strided
-views of the fused qkv projection's output), each as the reference's plain PyTorch ops and as
-the fused kernel (`guardrt/kernels/norm_rope.py`), timed as a served step runs them (GPU time
+wide), the cross layers' q norm (128 wide, on a transposed view), RoPE on q and k (strided
+views of the fused qkv projection's output) and SwiGLU's silu(gate)·up (the halves of the fused
+gate/up output), each as the reference's plain PyTorch ops and as the fused kernel
+(`guardrt/kernels/norm_rope.py`, `silu_mul.py`), timed as a served step runs them (GPU time
 only, no launch cost: `guardrt/kernels/timer.py`), with the kernel's largest difference from
 the reference. Then what one text prefill of that many rows saves: 65 norms (two per layer of
-32 self-attention layers, and the final one) and 32 RoPEs of q and k. Writes the table to
-stdout and JSON to benchmarks/results/norm-rope-<GPU name>.json (or --out); exits 1 if a kernel
-disagrees with its reference.
+32 self-attention layers, and the final one), 32 RoPEs of q and k and 32 SwiGLU products.
+Writes the table to stdout and JSON to benchmarks/results/norm-rope-<GPU name>.json (or --out);
+exits 1 if a kernel disagrees with its reference.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ ROWS = (
     7072,
 )  # decode, batch-32 decode, a text prefill, a whole prompt, 32 of them
 DRY_ROWS = (1, 5)
-FULL = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128}
-DRY = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32}
-NORMS_PER_PREFILL, ROPES_PER_PREFILL = 65, 32  # the text path: 32 self layers and the final norm
+FULL = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 14336}
+DRY = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 96}
+# The text path: 32 self-attention layers (2 norms, a RoPE of q and k, a SwiGLU each) and the
+# final norm.
+NORMS_PER_PREFILL, ROPES_PER_PREFILL, SILUS_PER_PREFILL = 65, 32, 32
 
 
 Call = Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -59,6 +62,8 @@ def _cases(
     q, k, _ = torch.split(qkv, [heads * d, kv * d, kv * d], dim=-1)
     q = q.view(1, rows, heads, d).transpose(1, 2)  # (1, H, S, d), strided
     k = k.view(1, rows, kv, d).transpose(1, 2)
+    gate, up = torch.randn(1, rows, 2 * size["intermediate"], device=device).to(dtype).chunk(2, -1)
+    silu = fused._silu_kernel()
     angles = torch.randn(1, rows, d // 2, device=device) * 100
     cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
     return {
@@ -69,6 +74,10 @@ def _cases(
         f"q norm {d} (cross)": (
             lambda: fused.rms_norm_reference(q_heads, wq, 1e-5),
             lambda: kernels.rms_norm(q_heads, wq, 1e-5),
+        ),
+        f"silu·up {size['intermediate']}": (
+            lambda: fused.silu_mul_reference(gate, up),
+            lambda: silu.silu_mul(gate, up),
         ),
         "rope q+k": (
             lambda: (fused.rope_reference(q, cos, sin), fused.rope_reference(k, cos, sin)),
@@ -109,7 +118,7 @@ def run(dry_run: bool) -> dict[str, Any]:
             exact = name.startswith("rope")
             ok = all(
                 torch.equal(got, want) if exact else torch.allclose(
-                    got.float(), want.float(), rtol=fused.NORM_RTOL[dtype], atol=1e-6
+                    got.float(), want.float(), rtol=fused.TWO_ULPS[dtype], atol=1e-6
                 ) for got, want in pairs
             )  # fmt: skip
             ref_us, fused_us = _us(reference, device), _us(kernel, device)
@@ -117,6 +126,8 @@ def run(dry_run: bool) -> dict[str, Any]:
                 saved += NORMS_PER_PREFILL * (ref_us - fused_us)
             elif exact:
                 saved += ROPES_PER_PREFILL * (ref_us - fused_us)
+            elif name.startswith("silu"):
+                saved += SILUS_PER_PREFILL * (ref_us - fused_us)
             cells.append({"rows": rows, "op": name, "reference_us": ref_us, "fused_us": fused_us,
                           "max_abs_diff": error, "ok": ok})  # fmt: skip
             check = "OK" if ok else "WRONG"
@@ -124,8 +135,10 @@ def run(dry_run: bool) -> dict[str, Any]:
             print(f"| {rows} | {name} | {ref_us:.1f} | {fused_us:.1f} | {ratio:.1f}x "
                   f"| {error:.2g} | {check} |")  # fmt: skip
         cells.append({"rows": rows, "op": "saved per text prefill", "saved_us": saved})
-        print(f"| {rows} | saved per text prefill ({NORMS_PER_PREFILL} norms, "
-              f"{ROPES_PER_PREFILL} RoPEs of q and k) | | {saved:.0f} µs | | | |")  # fmt: skip
+        counts = (
+            f"{NORMS_PER_PREFILL} norms, {ROPES_PER_PREFILL} RoPEs, {SILUS_PER_PREFILL} SwiGLUs"
+        )
+        print(f"| {rows} | saved per text prefill ({counts}) | | {saved:.0f} µs | | | |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     return {"device": name, "torch": torch.__version__, "dtype": str(dtype), "cells": cells}
 

@@ -8,8 +8,8 @@
 #   2. on CUDA with the compiled Triton kernels (TRITON_INTERPRET=0): the model's parity tests,
 #      the static-step / CUDA-graph tests, the attention-plan tests (fp32, TF32 off); then the
 #      load-time int8 measurement, 8-bit steps replayed in graphs, the load-time timer, the
-#      memory of an int8 model quantized while it loads, and the fused RMSNorm / RoPE kernels;
-#   3. benchmarks/norm_rope.py (the fused RMSNorm / RoPE against their references);
+#      memory of an int8 model quantized while it loads, and the fused norm / RoPE / SwiGLU kernels;
+#   3. benchmarks/norm_rope.py (the fused norm / RoPE / SwiGLU against their references);
 #   4. benchmarks/kernels.py (every quantized-linear path against its reference);
 #   5. a torch.profiler trace of one text and one image verdict on the served path;
 #   6. the bf16 cases without CUDA graphs, to show what they bring.
@@ -66,7 +66,7 @@ tail -5 "$out/parity_cuda.txt" 2>/dev/null
 
 # The compiled Triton kernels (no interpreter): the other tests of these files run CPU tensors
 # through the interpreter, so only these run here.
-part "int8 rows, 8-bit graphs, timer, int8 load memory, fused norm/rope on CUDA" 90 \
+part "int8 rows, 8-bit graphs, timer, int8 load memory, fused kernels on CUDA" 90 \
     "$out/int8_rows_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
     tests/test_int8_rows.py tests/test_quantize.py tests/test_norm_rope.py \

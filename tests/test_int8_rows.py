@@ -177,7 +177,7 @@ def test_load_tuning(checkpoint: Path) -> None:
     layers = [m for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)]
     if DEVICE == "cpu":
         assert tuning.fused.startswith("not used")
-        assert tuning.lines() == [f"fused RMSNorm/RoPE kernels: {tuning.fused}"]
+        assert tuning.lines() == [f"fused RMSNorm/RoPE/SwiGLU kernels: {tuning.fused}"]
         assert tuning.to_json()["int8_rows"]["limits"] == {}
         assert tuning.to_json()["vision_attention"]["plan"] == "default/d=as is"
         assert {m.triton_rows for m in layers} == {INT8_TRITON_MAX_ROWS}

@@ -27,7 +27,7 @@ from guardrt.runtime.model.mllama import MllamaModel
 from tests.models import DEVICE, image, small_config, write_small
 
 HOPPER: dispatch.Capability = (9, 0)
-SHAPES = fused.Shapes(hidden=256, heads=4, kv_heads=2, head_dim=64, eps=1e-5)
+SHAPES = fused.Shapes(hidden=256, heads=4, kv_heads=2, head_dim=64, eps=1e-5, intermediate=96)
 
 
 @pytest.fixture
@@ -136,7 +136,33 @@ def test_rms_norm_within_two_ulps(
     want = fused.rms_norm_reference(x, weight, 1e-5)
     assert got.dtype == want.dtype
     assert _layout(got) == _layout(want)
-    torch.testing.assert_close(got, want, rtol=fused.NORM_RTOL[dtype], atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=fused.TWO_ULPS[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(7,), (2, 37, 96), (1, 1, 14336), (3, 1500)])
+def test_silu_mul_within_two_ulps(
+    kernels: ModuleType, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """The halves of a fused gate/up output (strided views), a width past one 1,024-column
+    block, gates from −40 to 40 (e^−g overflows to inf, silu to −0)."""
+    gate_up = _randn(*shape[:-1], 2 * shape[-1], seed=7, scale=8.0)
+    gate_up[..., 0] = -40.0
+    gate_up[..., 1] = 40.0
+    gate, up = gate_up.to(dtype).chunk(2, dim=-1)
+    got = fused._silu_kernel().silu_mul(gate, up)
+    want = fused.silu_mul_reference(gate, up)
+    assert got.dtype == want.dtype
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=fused.TWO_ULPS[dtype], atol=1e-6)
+
+
+def test_silu_mul_refuses_what_it_cannot_take(kernels: ModuleType) -> None:
+    silu = fused._silu_kernel()
+    with pytest.raises(ValueError, match=r"\(2, 3\) torch\.float32 and \(2, 4\)"):
+        silu.silu_mul(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="unit stride"):
+        silu.silu_mul(torch.ones(4, 2).t(), torch.ones(4, 2).t())
 
 
 def test_rms_norm_kernel_normalises_each_row_on_its_own(kernels: ModuleType) -> None:
@@ -234,13 +260,14 @@ def test_verify_uses_kernels_that_agree(
     ("broken", "why"),
     [("rope", "rope on q differs from the reference"),
      ("rms_norm", "rms_norm over the hidden"),
+     ("silu", "silu_mul differs from the reference"),
      ("raise", "RuntimeError: no kernel image")],
 )  # fmt: skip
 def test_verify_refuses_kernels_that_disagree_or_fail(
     kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, broken: str, why: str
 ) -> None:
-    """One ulp off in RoPE, a norm off by 1%, or a kernel that cannot run: refused for the
-    process, said why, and from then on every call runs the reference."""
+    """One ulp off in RoPE, a norm or a SwiGLU product off by 1%, or a kernel that cannot run:
+    refused for the process, said why, and from then on every call runs the reference."""
     calls = _fuse_on_the_cpu(monkeypatch)
 
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -253,8 +280,15 @@ def test_verify_refuses_kernels_that_disagree_or_fail(
         out: torch.Tensor = kernels.rms_norm(x, weight, eps)
         return out * 1.01 if broken == "rms_norm" else out
 
-    fake: Any = SimpleNamespace(rope=rope, rms_norm=rms_norm)
+    silu = fused._silu_kernel()
+
+    def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = silu.silu_mul(gate, up)
+        return out * 1.01 if broken == "silu" else out
+
+    fake: Any = SimpleNamespace(rope=rope, rms_norm=rms_norm, silu_mul=silu_mul)
     monkeypatch.setattr(fused, "_kernels", lambda: fake)
+    monkeypatch.setattr(fused, "_silu_kernel", lambda: fake)
     result = fused.verify(torch.device("cpu"), torch.float16, SHAPES)
     assert result.startswith("refused: "), result
     assert why in result, result
@@ -275,7 +309,9 @@ def test_verify_on_the_cpu_uses_nothing() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_compiled_kernels_on_the_gpu(dtype: torch.dtype) -> None:
     """At the full model's sizes (4,096 wide, 32 heads, 8 kv heads of 128), compiled."""
-    shapes = fused.Shapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, eps=1e-5)
+    shapes = fused.Shapes(
+        hidden=4096, heads=32, kv_heads=8, head_dim=128, eps=1e-5, intermediate=14336
+    )
     assert fused.verify(torch.device(DEVICE), dtype, shapes) == "used"
     x = torch.randn(1, 221, 4096, device=DEVICE).to(dtype)
     assert fused.applies(x, torch.ones(4096, device=DEVICE, dtype=dtype))
@@ -297,7 +333,7 @@ def test_the_norm_rope_benchmark_dry_run(kernels: ModuleType, tmp_path: Path) ->
     assert bench.main(["--dry-run", "--out", str(out)]) == 0
     cells = json.loads(out.read_text())["cells"]
     ops = {(c["rows"], c["op"]) for c in cells if "ok" in c}
-    assert ops == {(r, op) for r in bench.DRY_ROWS
-                   for op in ("rms_norm 128", "q norm 32 (cross)", "rope q+k")}  # fmt: skip
+    names = ("rms_norm 128", "q norm 32 (cross)", "silu·up 96", "rope q+k")
+    assert ops == {(r, op) for r in bench.DRY_ROWS for op in names}
     assert all(c["ok"] for c in cells if "ok" in c)
     assert {c["rows"] for c in cells if "saved_us" in c} == set(bench.DRY_ROWS)

@@ -263,7 +263,7 @@ def _load_choices(precision: str, run: dict[str, Any]) -> list[str]:
     """The table's lines for what the engine chose at load (`tune_for_device`)."""
     lines = []
     if "fused_norm_rope" in run:
-        lines.append(f"  fused RMSNorm/RoPE kernels ({precision}): {run['fused_norm_rope']}")
+        lines.append(f"  fused RMSNorm/RoPE/SwiGLU kernels ({precision}): {run['fused_norm_rope']}")
     rows = run.get("int8_rows", {})
     for shape, limit in rows.get("limits", {}).items():
         blocks = rows.get("blocks", {}).get(shape, {})

@@ -1,9 +1,9 @@
-"""The decoder's RMSNorm and RoPE: their plain-PyTorch references, and when the fused Triton
-kernels (`norm_rope.py`) run instead.
+"""The decoder's RMSNorm, RoPE and SwiGLU product: their plain-PyTorch references, and when the
+fused Triton kernels (`norm_rope.py`, `silu_mul.py`) run instead.
 
 The kernels run for CUDA tensors (sm ≥ 8.0, not ROCm) of bf16, fp16 or fp32 when triton is
 importable, nothing is tracing or compiling (exported graphs keep the reference's plain ops),
-and no load-time check on this process's GPU has refused them: `verify` runs both kernels on the
+and no load-time check on this process's GPU has refused them: `verify` runs the kernels on the
 model's own shapes and layouts against the references when the engine loads
 (`guardrt/runtime/model/tune.py`), and a kernel that raises or disagrees there is never used
 again in the process (a Triton build that mis-compiles on this GPU must not take the verdicts
@@ -19,16 +19,18 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from guardrt.kernels import dispatch
 
 log = logging.getLogger(__name__)
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# How far the fused RMSNorm may sit from the reference, relative to the reference's value: two
-# ulps of the output dtype. The sum's order (and the GPU's rsqrt) may move the fp32 norm by an
-# ulp; rounding it to the dtype, then the weight's product rounded again, can make that two.
-NORM_RTOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9, torch.float32: 1e-5}
+# How far the fused RMSNorm and SwiGLU product may sit from the references, relative to the
+# reference's value: two ulps of the output dtype. The norm's sum runs in another order, and the
+# GPU's rsqrt, exp and division may differ from torch's by an fp32 ulp; rounding to the dtype,
+# then the product rounded again, can make that two ulps. RoPE must match exactly.
+TWO_ULPS = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9, torch.float32: 1e-5}
 
 # (batch, tokens) of verify's probes: a prefill, a padded bucket, decode steps of 1, 2 and 32.
 _PROBES = ((1, 1), (1, 37), (1, 64), (2, 1), (2, 37), (32, 1))
@@ -64,6 +66,11 @@ def can_fuse(
     return all(o.dtype == x.dtype and o.stride(-1) == 1 for o in others)
 
 
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's inner product: silu(gate) · up."""
+    return F.silu(gate) * up
+
+
 def applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the fused kernel runs for x and `others` in this process, now."""
     if _refused or x.device.type != "cuda" or dispatch.recording():
@@ -97,16 +104,26 @@ def _broadcast(x: torch.Tensor, *tables: torch.Tensor) -> bool:
     )
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for gate, up (..., I): the fused kernel where it applies (≤ 3 dims)."""
+    if gate.dim() <= 3 and gate.shape == up.shape and applies(gate, up):
+        out: torch.Tensor = _silu_kernel().silu_mul(gate, up)
+        return out
+    return silu_mul_reference(gate, up)
+
+
 @dataclass(frozen=True)
 class Shapes:
     """The decoder's sizes the kernels meet: norms over `hidden` and over `head_dim` (the cross
-    layers' q/k norms), RoPE on q and k split from one fused qkv projection."""
+    layers' q/k norms), RoPE on q and k split from one fused qkv projection, the SwiGLU product
+    on the halves of one fused gate/up projection of `intermediate` each."""
 
     hidden: int
     heads: int
     kv_heads: int
     head_dim: int
     eps: float
+    intermediate: int
 
 
 def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
@@ -130,7 +147,9 @@ def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     if problem:
         _refused.append(problem)
-        log.warning("fused RMSNorm/RoPE kernels refused on this GPU (%s); references run", problem)
+        log.warning(
+            "fused norm/RoPE/SwiGLU kernels refused on this GPU (%s); references run", problem
+        )
         return f"refused: {problem}"
     return "used"
 
@@ -149,7 +168,7 @@ def _disagreement(
     for name, value, weight in (("hidden", x, s.hidden), ("head", heads, s.head_dim)):
         w = (1 + randn(weight) / 4).to(dtype)
         got, want = kernels.rms_norm(value, w, s.eps), rms_norm_reference(value, w, s.eps)
-        if not torch.allclose(got.float(), want.float(), rtol=NORM_RTOL[dtype], atol=1e-6):
+        if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
             error = float((got.float() - want.float()).abs().max())
             return f"rms_norm over the {name} ({weight}) differs from the reference by {error:.3g}"
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
@@ -164,6 +183,12 @@ def _disagreement(
         if not torch.equal(got, want):
             error = float((got.float() - want.float()).abs().max())
             return f"rope on {name} differs from the reference by {error:.3g}"
+    gate_up = (randn(batch, tokens, 2 * s.intermediate) * 4).to(dtype)  # (B, S, 2·I)
+    gate, up = gate_up.chunk(2, dim=-1)  # strided views, as the fused projection's halves
+    got, want = _silu_kernel().silu_mul(gate, up), silu_mul_reference(gate, up)
+    if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
+        error = float((got.float() - want.float()).abs().max())
+        return f"silu_mul differs from the reference by {error:.3g}"
     return ""
 
 
@@ -171,3 +196,9 @@ def _disagreement(
 def _kernels() -> ModuleType:
     """norm_rope.py, imported on first use (it imports triton)."""
     return importlib.import_module("guardrt.kernels.norm_rope")
+
+
+@functools.cache
+def _silu_kernel() -> ModuleType:
+    """silu_mul.py, imported on first use (it imports triton)."""
+    return importlib.import_module("guardrt.kernels.silu_mul")

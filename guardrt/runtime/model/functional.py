@@ -21,6 +21,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return fused.rms_norm(x, weight, eps)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) · up; one fused kernel on a GPU (`guardrt/kernels/fused.py`)."""
+    return fused.silu_mul(gate, up)
+
+
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """(head_dim/2,) fp32 inverse frequencies, llama3-scaled when configured.
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from guardrt.runtime.model.config import TextConfig
-from guardrt.runtime.model.functional import apply_rope, attention, rms_norm
+from guardrt.runtime.model.functional import apply_rope, attention, rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +50,7 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up(x).chunk(2, dim=-1)  # (…, I) each
-        result: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        result: torch.Tensor = self.down_proj(silu_mul(gate, up))  # one kernel on a GPU
         return result
 
 

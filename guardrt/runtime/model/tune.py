@@ -1,6 +1,6 @@
 """What the runtime measures on the GPU when it loads a model, and keeps: which attention kernel
 the vision tower runs (`attention_plan.py`), up to how many rows each int8 layer runs the
-Triton kernel (`guardrt/kernels/int8_rows.py`), and whether the fused RMSNorm / RoPE kernels
+Triton kernel (`guardrt/kernels/int8_rows.py`), and whether the fused norm / RoPE / SwiGLU kernels
 agree with their references on this GPU (`guardrt/kernels/fused.py`). One call, after
 quantizing and fusing, shared by the engine, the benchmark and the profile; on the CPU it
 measures nothing and changes nothing."""
@@ -21,11 +21,11 @@ from guardrt.runtime.model.text import CrossAttention
 class LoadTuning:
     attention: Tuning
     int8_rows: int8_rows.RowsTuning
-    fused: str  # the fused RMSNorm / RoPE kernels: "used", "not used (…)" or "refused: why"
+    fused: str  # the fused norm / RoPE / SwiGLU kernels: "used", "not used (…)", "refused: why"
 
     def lines(self) -> list[str]:
         """What was chosen, for the log (shapes and times only)."""
-        out = [f"fused RMSNorm/RoPE kernels: {self.fused}"]
+        out = [f"fused RMSNorm/RoPE/SwiGLU kernels: {self.fused}"]
         attention = self.attention
         if attention.timings_ms:
             out.append(
@@ -64,8 +64,9 @@ def tune_for_device(model: MllamaModel) -> LoadTuning:
     """Measure and set the choices on `model` (quantized and fused already)."""
     text = model.config.text
     shapes = fused.Shapes(
-        text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim, text.rms_norm_eps
-    )
+        text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim, text.rms_norm_eps,
+        text.intermediate_size,
+    )  # fmt: skip
     checked = fused.verify(model.device, model.weight_dtype, shapes)
     attention = model.vision_model.tune_attention()
     # The decoder's layers that run per step. The vision tower's, the projector's and the cross
