@@ -30,9 +30,13 @@ triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
 _NORM_ELEMENTS = 4096  # per program: one row of the decoder's width, or 32 rows of a head's
+# Triton compiles a kernel again for each integer argument equal to 1 or divisible by 16. The
+# kernels' sizes (rows, batch, tokens, heads) only enter index arithmetic and masks, so they are
+# not specialized (`do_not_specialize`): one compile serves every step. Strides are: divisible
+# by 16 (the model's always are), they let a row's loads be vectorized.
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit(do_not_specialize=("rows", "n1", "n2"))  # type: ignore[untyped-decorator]
 def _rms_norm_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
     x_ptr, w_ptr, y_ptr,
     rows, n1, n2,
@@ -54,7 +58,7 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
     tl.store(y_rows + cols[None, :], (w[None, :] * normed).to(dtype), mask=mask)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit(do_not_specialize=("seq", "heads"))  # type: ignore[untyped-decorator]
 def _rope_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
     x_ptr, cos_ptr, sin_ptr, y_ptr,
     seq, heads,

@@ -26,7 +26,7 @@ tl: Any = importlib.import_module("triton.language")
 _BLOCK = 1024  # columns per program
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit(do_not_specialize=("n1",))  # type: ignore[untyped-decorator]
 def _silu_mul_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
     g_ptr, u_ptr, y_ptr,
     n1, width,
