@@ -17,6 +17,7 @@ import numpy as np
 
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.model.config import ModelConfig
+from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.model.safetensors_io import write_safetensors
 from guardrt.runtime.model.tiny import (
     PREPROCESSOR_CONFIG,
@@ -123,3 +124,22 @@ def assert_same_decoded(got: Sequence[Decoded], expected: Sequence[Decoded]) -> 
             assert math.isclose(a.unsafe_probability, b.unsafe_probability, rel_tol=1e-4)
         for code, value in b.category_probabilities.items():
             assert math.isclose(a.category_probabilities[code], value, rel_tol=1e-4, abs_tol=1e-9)
+
+
+def mixed_batch_logits(model: MllamaModel, decode: bool = False) -> np.ndarray:
+    """Logits at every position of a text row and a 2-tile image row, one batch (cross layers,
+    grouped kv heads), and with `decode` one decode step after it, all flattened."""
+    model.setup_caches(2, 64)
+    steps = TorchSteps(model)
+    steps.write_images([1], [image(2, seed=4)])
+    steps.clear_images([0])
+    tokens = np.random.default_rng(0).integers(0, 1000, (2, 12))
+    tokens[1, 3] = 128256  # <|image|>
+    positions = np.tile(np.arange(12), (2, 1))
+    slots, starts, tiles = np.array([0, 1]), np.array([64, 3]), np.array([0, 2])
+    prefill = steps.step(tokens, positions, slots, starts, tiles, positions)
+    if not decode:
+        return prefill
+    step = steps.step(tokens[:, :1], positions[:, :1] + 12, slots, starts, tiles,
+                      np.zeros((2, 1), dtype=np.int64))  # fmt: skip
+    return np.concatenate([prefill.reshape(-1), step.reshape(-1)])

@@ -16,9 +16,8 @@ from guardrt.runtime.model import mllama
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.functional import cross_masks
 from guardrt.runtime.model.fuse import fuse_linears, fuse_projections
-from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.model.text import MLP, SelfAttention
-from tests.models import image, small_config, write_small
+from tests.models import image, mixed_batch_logits, small_config, write_small
 
 
 @pytest.fixture(scope="module")
@@ -26,31 +25,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small(tmp_path_factory.mktemp("fuse"), small_config("gqa2-cross2,4"), seed=3)
 
 
-def _logits(model: MllamaModel) -> np.ndarray:
-    """Logits at every position of a text row and a 2-tile image row, one batch."""
-    model.setup_caches(2, 64)
-    steps = TorchSteps(model)
-    steps.write_images([1], [image(2, seed=4)])
-    steps.clear_images([0])
-    tokens = np.random.default_rng(0).integers(0, 1000, (2, 12))
-    tokens[1, 3] = 128256  # <|image|>
-    positions = np.tile(np.arange(12), (2, 1))
-    return steps.step(
-        tokens, positions, np.array([0, 1]), np.array([64, 3]), np.array([0, 2]), positions
-    )
-
-
 @pytest.mark.parametrize("kind", [None, "int8", "fp8"])
 def test_fused_model_gives_the_same_logits(checkpoint: Path, kind: str | None) -> None:
     model = load_model(checkpoint)
     if kind is not None:
         quantize_linears(model, kind=kind, keep=lambda name: name.endswith("lm_head"))  # type: ignore[arg-type]
-    before = _logits(model)
+    before = mixed_batch_logits(model)
     names = {name: tensor.shape for name, tensor in model.state_dict().items()}
     # gqa2-cross2,4: 3 self-attention layers, 5 MLPs; 3 + 1 vision layers (SMALL_VISION)
     assert fuse_projections(model) == 3 + 5 + 4
     assert fuse_projections(model) == 0  # idempotent
-    after = _logits(model)
+    after = mixed_batch_logits(model)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
     assert {name: t.shape for name, t in model.state_dict().items()} == names
     attention = next(m for m in model.modules() if isinstance(m, SelfAttention))

@@ -20,11 +20,9 @@ import pytest
 import torch
 
 from guardrt.kernels import dispatch, fused
-from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
-from guardrt.runtime.model.mllama import MllamaModel
-from tests.models import DEVICE, image, small_config, write_small
+from tests.models import DEVICE, mixed_batch_logits, small_config, write_small
 
 HOPPER: dispatch.Capability = (9, 0)
 SHAPES = fused.Shapes(hidden=256, heads=4, kv_heads=2, head_dim=64, eps=1e-5, intermediate=96)
@@ -219,31 +217,14 @@ def gqa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small(tmp_path_factory.mktemp("norm_rope"), small_config("gqa2-cross2,4"), seed=3)
 
 
-def _logits(model: MllamaModel) -> np.ndarray:
-    """Logits of a text row and a 2-tile image row (cross layers with their 4-D q/k norms,
-    grouped kv heads), every position of their prefill, then one decode step."""
-    model.setup_caches(2, 64)
-    steps = TorchSteps(model)
-    steps.write_images([1], [image(2, seed=4)])
-    steps.clear_images([0])
-    tokens = np.random.default_rng(0).integers(0, 1000, (2, 12))
-    tokens[1, 3] = 128256  # <|image|>
-    positions = np.tile(np.arange(12), (2, 1))
-    slots, starts, tiles = np.array([0, 1]), np.array([64, 3]), np.array([0, 2])
-    prefill = steps.step(tokens, positions, slots, starts, tiles, positions)
-    decode = steps.step(tokens[:, :1], positions[:, :1] + 12, slots, starts, tiles,
-                        np.zeros((2, 1), dtype=np.int64))  # fmt: skip
-    return np.concatenate([prefill.reshape(-1), decode.reshape(-1)])
-
-
 def test_the_model_with_fused_kernels_scores_as_with_the_references(
     kernels: ModuleType, gqa_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = load_model(gqa_checkpoint)
     fuse_projections(model)
-    want = _logits(model)
+    want = mixed_batch_logits(model, decode=True)
     calls = _fuse_on_the_cpu(monkeypatch)
-    got = _logits(model)
+    got = mixed_batch_logits(model, decode=True)
     assert calls, "the kernels were asked"
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
