@@ -6,8 +6,10 @@ another. One kernel reads both halves once and writes the product: per decoder l
 prefill of ~221 rows moves 19 MB instead of 32 MB, a batch of 32 prefills 0.6 GB instead of 1 GB,
 and a decode step saves a launch. The arithmetic follows the reference's roundings: silu in fp32
 (g / (1 + e^−g)) rounded to the dtype, then the product in fp32 rounded again; only the GPU's
-exp and division may differ from torch's by an fp32 ulp, so the output is within two ulps of the
-dtype (`fused.TWO_ULPS`). Tested under Triton's CPU interpreter (fp16, fp32); bf16 on the GPU
+exp (ex2.approx, up to ~4e-6 relative for large |g|) and division differ from torch's, so the
+output is within two ulps of bf16 and fp16 (`fused.TWO_ULPS`), except an fp16 silu in the
+subnormal range (g in about [−20.5, −12]), which may round one subnormal step away. Tested
+under Triton's CPU interpreter (fp16, fp32); bf16 on the GPU
 when a model loads (`fused.verify`) and by benchmarks/norm_rope.py.
 """
 
