@@ -111,8 +111,8 @@ def test_rope_broadcasts_cos_and_sin(kernels: ModuleType) -> None:
     q, _ = _qk(torch.float32, 3, 5)
     cos, sin = _cos_sin(torch.float32, 1, 5, 64)
     assert _bits(kernels.rope(q, cos, sin)) == _bits(fused.rope_reference(q, cos, sin))
-    assert fused._broadcast(q, cos, sin)
-    assert not fused._broadcast(q, cos[:, :4], sin[:, :4])
+    assert fused.broadcasts(q, cos, sin)
+    assert not fused.broadcasts(q, cos[:, :4], sin[:, :4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

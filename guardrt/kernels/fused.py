@@ -91,13 +91,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of x (B, H, S, D) with cos/sin (B, S, D): the fused kernel where it applies."""
-    if x.dim() == 4 and x.shape[-1] % 2 == 0 and _broadcast(x, cos, sin) and applies(x, cos, sin):
+    if x.dim() == 4 and x.shape[-1] % 2 == 0 and broadcasts(x, cos, sin) and applies(x, cos, sin):
         out: torch.Tensor = _kernels().rope(x, cos, sin)
         return out
     return rope_reference(x, cos, sin)
 
 
-def _broadcast(x: torch.Tensor, *tables: torch.Tensor) -> bool:
+def broadcasts(x: torch.Tensor, *tables: torch.Tensor) -> bool:
     """Whether each table (cos, sin) is (B, S, D) for x (B, H, S, D), or broadcasts to it."""
     b, _, s, d = x.shape
     return all(

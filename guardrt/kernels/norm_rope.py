@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from guardrt.kernels import fused
 from guardrt.kernels.timer import on_device
 
 triton: Any = importlib.import_module("triton")
@@ -101,15 +102,6 @@ def empty_in_order(x: torch.Tensor) -> torch.Tensor:
     return flat.permute(inverse)
 
 
-def _broadcasts(t: torch.Tensor, shape: tuple[int, int, int]) -> bool:
-    """Whether t (3-D) broadcasts to `shape` along its first two dims, its last matching."""
-    return (
-        t.dim() == 3
-        and t.shape[2] == shape[2]
-        and all(t.shape[i] in (1, shape[i]) for i in range(2))
-    )
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) with ≤ 3 leading dims and unit stride along D, weight (D,) of x's dtype →
     (..., D) of x's dtype laid out as x."""
@@ -142,7 +134,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     b, heads, seq, d = x.shape
     if d % 2 or x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError(f"rope kernel takes an even D with unit stride: x {tuple(x.shape)}")
-    if not (_broadcasts(cos, (b, seq, d)) and _broadcasts(sin, (b, seq, d))):
+    if not fused.broadcasts(x, cos, sin):
         raise ValueError(f"cos/sin {tuple(cos.shape)} for x {tuple(x.shape)}: want (B, S, D)")
     cos, sin = cos.expand(b, seq, d), sin.expand(b, seq, d)  # a broadcast dim: stride 0
     if not (x.dtype == cos.dtype == sin.dtype):
