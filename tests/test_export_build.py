@@ -102,13 +102,23 @@ def test_int8_within_its_bound(onnx_int8: Path) -> None:
     assert set(document["alternatives"]) == {"weight-only", "weight+activation"}
 
 
-def test_int8_graph_stores_int8_weights(onnx_int8: Path, onnx_fp32: Path) -> None:
+def test_int8_graph_stores_int8_weights(onnx_int8: Path, onnx_fp32: Path, checkpoint: Path) -> None:
     onnx: Any = pytest.importorskip("onnx")
     graph = onnx.load(str(onnx_int8 / "decoder.onnx"), load_external_data=False)
     kinds = {i.data_type for i in graph.graph.initializer}
     assert onnx.TensorProto.INT8 in kinds
     ops = {node.op_type for node in graph.graph.node}
     assert "DequantizeLinear" in ops
+    # The token embedding, the largest table after the head, is int8 too (one scale per row),
+    # as the torch engine serves it: no fp32 (rows, hidden) table is left but the head's.
+    text = ModelConfig.from_checkpoint(checkpoint).text
+    table = [text.vocab_size + 8, text.hidden_size]
+    tables = {
+        i.name: i.data_type for i in graph.graph.initializer if list(i.dims) == table
+    }  # the embedding's (vocab + 8 rows; the head has vocab rows)
+    assert list(tables.values()) == [onnx.TensorProto.INT8], tables
+    embedding = manifest_of(onnx_int8)["quantization"]["embedding"]
+    assert embedding.startswith("int8, one fp32 scale per row")
     fp32 = (onnx_fp32 / "decoder.onnx.data").stat().st_size
     int8 = (onnx_int8 / "decoder.onnx.data").stat().st_size
     assert int8 < fp32

@@ -314,8 +314,8 @@ def quantize_model(
     `activations`: int8 layers may quantize their activations too ("weight+activation"
     compute). With `device` / `dtype`, the 8-bit weights are made there from the weights cast
     to `dtype`, a chunk at a time (`load_model(quantize=...)`: a checkpoint mapped from disk is
-    quantized onto the GPU without ever being there whole in bf16). (The export's engines
-    quantize the linears only: `quantize_linears`.)"""
+    quantized onto the GPU without ever being there whole in bf16). The export's engines are
+    quantized by this too, so an exported engine holds what the torch engine serves."""
     report = quantize_linears(
         model, kind=kind, keep=keeps_full_precision, device=device, dtype=dtype
     )
