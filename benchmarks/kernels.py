@@ -7,8 +7,9 @@ For every projection shape of the full-size model (text, head, vision) and M row
 step (1) to a full image prefill (6432), the µs of the ways to compute x · Wᵀ (+ b):
 "dense", F.linear on the unquantized weight in bf16 (fp16 in the dry run); the int8 reference
 (`QuantizedLinear` forced to dequantize, then F.linear); the int8 Triton kernel
-(`guardrt/kernels/int8_linear.py`); the int8 cast path (`int8_cast.py`: the weight cast, then
-cuBLAS); int8 weight+activation on `_int_mm`; the fp8 reference; the fp8 `_scaled_mm` path
+(`guardrt/kernels/int8_linear.py`); the int8 cast path (`int8_cast.py`: the weight dequantized
+in one pass, then cuBLAS; equal to the reference); int8 weight+activation on `_int_mm`; the fp8
+reference; the fp8 `_scaled_mm` path
 (`guardrt/kernels/fp8_linear.py`, activation quantization included). With them: each kernel's
 max relative error against its reference (fp8 also against the exact fp32 math of the same
 quantized operands), the path `choose_path` takes there, and the fastest.
@@ -101,17 +102,16 @@ def _layers(n: int, k: int, bias: bool, device: torch.device, dtype: torch.dtype
 
 def _methods(layers: Layers, int8_linear: Any, m: int) -> dict[str, Linear]:
     """Every method that takes M rows ("int8 mm", weight+activation int8 on `torch._int_mm`,
-    needs M > 16; "int8 cast" bf16 activations, so not the dry run's fp16)."""
+    needs M > 16)."""
     bias, int8, fp8 = layers.bias, layers.int8, layers.fp8
     methods: dict[str, Linear] = {
         "dense": lambda x: torch.nn.functional.linear(x, layers.dense, bias),
         "int8 ref": int8,
         "int8 triton": lambda x: int8_linear(x, int8.qweight, int8.scales, bias),
+        "int8 cast": lambda x: int8_cast_linear(x, int8.qweight, int8.scales, bias),
         "fp8 ref": fp8,
         "fp8 mm": lambda x: fp8_linear(x, fp8.qweight, fp8.scales, bias),
     }
-    if layers.dense.dtype == torch.bfloat16:  # the cast path is bf16's (fp16 would overflow)
-        methods["int8 cast"] = lambda x: int8_cast_linear(x, int8.qweight, int8.scales, bias)
     if int_mm_takes(m, *int8.qweight.shape):
         methods["int8 mm"] = lambda x: int8_dynamic_linear(x, int8.qweight, int8.scales, bias)
     return methods

@@ -20,11 +20,17 @@ import pytest
 import torch
 
 from guardrt.export import quantize
-from guardrt.export.quantize import QuantizedLinear, QuantKind, dequantize, quantize_weight
+from guardrt.export.quantize import (
+    QuantizedLinear,
+    QuantizedWeight,
+    QuantKind,
+    dequantize,
+    quantize_weight,
+)
 from guardrt.kernels import dispatch
 from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, Capability
 from guardrt.kernels.fp8_linear import E4M3_MAX, fp8_linear, quantize_rows, scaled_mm_reference
-from guardrt.kernels.int8_cast import int8_cast_linear
+from guardrt.kernels.int8_cast import dequantize_to, int8_cast_linear
 from guardrt.kernels.int8_dynamic import (
     int8_dynamic_linear,
     int8_dynamic_reference,
@@ -218,6 +224,7 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
         (_case("int8", 1, BF16), HOPPER, True, "int8_triton"),
         (_case("int8", ROWS, FP16), HOPPER, True, "int8_triton"),
         (_case("int8", ROWS + 1, BF16), HOPPER, True, "int8_cast_mm"),  # prefill: cuBLAS
+        (_case("int8", ROWS + 1, FP16), HOPPER, True, "int8_cast_mm"),  # fp16 too
         (_case("int8", 1, BF16), HOPPER, False, "int8_cast_mm"),  # no triton
         (_case("int8", 1, BF16), None, True, "reference"),  # not CUDA
         (_case("int8", 1, BF16), (7, 5), True, "int8_cast_mm"),  # Turing: no bf16 tl.dot
@@ -451,33 +458,46 @@ def test_the_int8_reference_is_exact_at_the_largest_sums() -> None:
 
 @pytest.mark.parametrize(("lead", "bias"), [((70,), False), ((2, 40), True)])
 @pytest.mark.parametrize("magnitude", [1.0, 2000.0])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
 def test_int8_cast_linear_equals_the_reference(
-    lead: tuple[int, ...], bias: bool, magnitude: float
+    lead: tuple[int, ...], bias: bool, magnitude: float, dtype: torch.dtype
 ) -> None:
-    """Against the reference forward (dequantize to fp32, cast, matmul) within one extra
-    rounding of the output, for every leading shape, with and without a bias, and with an
-    activation outlier (2,000: the product before the scale is ~10³ times the output)."""
+    """Bit for bit the reference forward (dequantize to fp32, round to the dtype, matmul), for
+    every leading shape, with and without a bias, with an activation outlier, in bf16 and fp16
+    (the weight is dequantized before the product, so fp16 holds it as the reference does)."""
     layer = _layer(48, 64, "int8", bias, seed=len(lead))
     x = torch.randn(*lead, 64, generator=torch.Generator().manual_seed(5))
     x[..., 3] *= magnitude
-    x = x.to(BF16)
-    b = None if layer.bias is None else layer.bias.to(BF16)
+    x = x.to(dtype)
+    b = None if layer.bias is None else layer.bias.to(dtype)
     with torch.inference_mode():
         got = int8_cast_linear(x, layer.qweight, layer.scales, b)
         layer.force_reference = True
         expected = layer(x)
     assert got.shape == (*lead, 48)
-    assert got.dtype == BF16
+    assert got.dtype == dtype
     assert torch.isfinite(got).all()
-    assert _relative(got, expected) <= 2**-7  # a bf16 rounding or two of the largest output
+    assert torch.equal(got, expected)
 
 
-def test_fp16_never_takes_the_cast_path() -> None:
-    """fp16 would overflow the unscaled product (x · qᵀ ~ 10³ × the output): the dispatch keeps
-    fp16 steps the Triton kernel declines on the reference, and the cast path refuses fp16."""
-    x, qweight, scales = _case("int8", ROWS + 1, FP16)
+def test_dequantize_to_rounds_once_as_the_reference() -> None:
+    """scale · q in fp32, then one rounding: values where rounding the product to bf16 differs
+    from multiplying bf16-rounded factors (the weight of the reference's `dequantize(dtype)`)."""
+    layer = _layer(48, 64, "int8", bias=False, seed=3)
+    weight = QuantizedWeight(layer.qweight, layer.scales, 64)
+    for dtype in (BF16, FP16):
+        got = dequantize_to(layer.qweight, layer.scales, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got, weight.dequantize(dtype))
+        crude = layer.qweight.to(dtype) * layer.scales.to(dtype)  # rounded factors
+        assert not torch.equal(got, crude)  # the case distinguishes the two roundings
+
+
+def test_the_cast_path_refuses_fp32() -> None:
+    """fp32 steps stay on the reference (the dispatch never sends them; the function says so)."""
+    x, qweight, scales = _case("int8", ROWS + 1, FP32)
     assert dispatch.choose_path(x, qweight, scales, HOPPER, True) == "reference"
-    with pytest.raises(ValueError, match="bf16"):
+    with pytest.raises(ValueError, match="bf16 or fp16"):
         int8_cast_linear(x, qweight, scales, None)
 
 
@@ -494,7 +514,7 @@ def test_a_large_int8_step_casts_instead_of_dequantizing(monkeypatch: pytest.Mon
         layer.force_reference = True
         expected = layer(x)
     assert dequantized == [1]
-    assert _relative(got, expected) <= 2**-7
+    assert torch.equal(got, expected)
 
 
 def test_the_kernel_benchmark_dry_run(tmp_path: Path) -> None:
@@ -508,7 +528,7 @@ def test_the_kernel_benchmark_dry_run(tmp_path: Path) -> None:
     for cell in report["cells"]:
         assert cell["ok"], cell
         assert cell["failures"] == {}
-        expected = set(kernels_bench.METHODS) - {"int8 cast"}  # bf16 only; the dry run's fp16
-        expected -= set() if cell["m"] > 16 else {"int8 mm"}
+        expected = set(kernels_bench.METHODS) - (set() if cell["m"] > 16 else {"int8 mm"})
         assert set(cell["us"]) == expected
-        assert {"int8 triton vs ref", "fp8 mm vs math"} <= set(cell["errors"])
+        assert {"int8 triton vs ref", "int8 cast vs ref", "fp8 mm vs math"} <= set(cell["errors"])
+        assert cell["errors"]["int8 cast vs ref"] == 0  # the reference's math, bit for bit

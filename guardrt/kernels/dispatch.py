@@ -8,7 +8,7 @@
     on the GPU at load)                                            → "int8_triton" (int8_linear.py)
   the same with quantized activations allowed ("weight+activation"), more rows, CUDA
     (sm ≥ 7.5), K and N multiples of 8               → "int8_int_mm" (int8_dynamic.py)
-  any other int8 step with per-channel scales, bf16 input, CUDA
+  any other int8 step with per-channel scales, bf16/fp16 input, CUDA
     (more rows than the Triton kernel takes, or no Triton)          → "int8_cast_mm" (int8_cast.py)
   fp8 e4m3 weights, per-channel scales, bf16/fp16 input, CUDA sm ≥ 8.9,
     K and N multiples of 16, row-major weight                      → "fp8_scaled_mm" (fp8_linear.py)
@@ -72,7 +72,7 @@ def choose_path(
     if scales.numel() != n:  # per-group scales: the kernels take one scale per output channel
         return "reference"
     if qweight.dtype == torch.int8:
-        return _int8_path(qweight, rows, capability, has_triton, activations, triton_rows, x.dtype)
+        return _int8_path(qweight, rows, capability, has_triton, activations, triton_rows)
     if qweight.dtype == torch.float8_e4m3fn:
         takes = fp8.scaled_mm_takes(n, k) and qweight.is_contiguous()  # .t() must be column-major
         return "fp8_scaled_mm" if capability >= FP8_MIN_CAPABILITY and takes else "reference"
@@ -86,7 +86,6 @@ def _int8_path(
     has_triton: bool,
     activations: bool,
     triton_rows: int,
-    dtype: torch.dtype,
 ) -> LinearPath:
     n, k = qweight.shape
     if rows <= triton_rows and has_triton and capability >= TRITON_MIN_CAPABILITY:
@@ -97,9 +96,7 @@ def _int8_path(
     takes = int8_dynamic.int_mm_takes(rows, n, k) and qweight.is_contiguous()
     if activations and large and takes and capability >= INT_MM_MIN_CAPABILITY:
         return "int8_int_mm"
-    # The cast path's product is x · qᵀ before the scale, ~1/scale (~10³) times the output: in
-    # fp16 (max 65,504) an output above ~50 would overflow to inf. bf16 has fp32's range.
-    return "int8_cast_mm" if dtype == torch.bfloat16 else "reference"
+    return "int8_cast_mm"  # the weight dequantized in one pass, then cuBLAS (bf16 or fp16)
 
 
 def select_path(
