@@ -1,4 +1,5 @@
-"""The fused RMSNorm, RoPE and SwiGLU kernels against their references on this GPU, decoder sizes.
+"""The fused RMSNorm, RoPE, SwiGLU and activation-quantization kernels against their references
+on this GPU, at the model's sizes.
 
 Usage: python benchmarks/norm_rope.py [--out FILE]
        python benchmarks/norm_rope.py --dry-run   (CPU, tiny shapes, the interpreter: the check)
@@ -6,11 +7,16 @@ Usage: python benchmarks/norm_rope.py [--out FILE]
 For rows from a decode step (1) to a batch-32 prefill, the µs of the decoder's RMSNorm (4,096
 wide), the cross layers' q norm (128 wide, on a transposed view), RoPE on q and k (strided
 views of the fused qkv projection's output) and SwiGLU's silu(gate)·up (the halves of the fused
-gate/up output), each as the reference's plain PyTorch ops and as the fused kernel
-(`guardrt/kernels/norm_rope.py`, `silu_mul.py`), timed as a served step runs them (GPU time
-only, no launch cost: `guardrt/kernels/timer.py`), with the kernel's largest difference from
-the reference. Then what one text prefill of that many rows saves: 65 norms (two per layer of
-32 self-attention layers, and the final one), 32 RoPEs of q and k and 32 SwiGLU products.
+gate/up output), SwiGLU's silu(gate)·up (the halves of the fused gate/up output) and the fp8
+layers' per-token activation quantization at the text (4,096, 14,336) and vision (1,280, 5,120)
+input widths, each as the reference's plain PyTorch ops and as the fused kernel
+(`guardrt/kernels/norm_rope.py`, `silu_mul.py`, `row_quant.py`), timed as a served step runs
+them (GPU time only, no launch cost: `guardrt/kernels/timer.py`), with the kernel's largest
+difference from the reference. Then what one text prefill of that many rows saves: 65 norms
+(two per layer of 32 self-attention layers, and the final one), 32 RoPEs of q and k and 32
+SwiGLU products; in fp8 also 32 × 4 activation quantizations (q/k/v, o, gate/up at 4,096, down
+at 14,336); and what the fp8 vision tower saves at that many rows (40 layers × q/k/v, o, fc1
+at 1,280 and fc2 at 5,120; an image is 6,432 rows).
 Writes the table to stdout and JSON to benchmarks/results/norm-rope-<GPU name>.json (or --out);
 exits 1 if a kernel disagrees with its reference.
 """
@@ -18,6 +24,7 @@ exits 1 if a kernel disagrees with its reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,19 +35,19 @@ from typing import Any
 
 import torch
 
-ROWS = (
-    1,
-    32,
-    221,
-    357,
-    7072,
-)  # decode, batch-32 decode, a text prefill, a whole prompt, 32 of them
+# decode, batch-32 decode, a text prefill, a whole prompt, an image's vision tower, 32 prompts
+ROWS = (1, 32, 221, 357, 6432, 7072)
 DRY_ROWS = (1, 5)
-FULL = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 14336}
-DRY = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 96}
+FULL = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermediate": 14336,
+        "vision_hidden": 1280, "vision_intermediate": 5120}  # fmt: skip
+DRY = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 96,
+       "vision_hidden": 32, "vision_intermediate": 64}  # fmt: skip
 # The text path: 32 self-attention layers (2 norms, a RoPE of q and k, a SwiGLU each) and the
-# final norm.
+# final norm; in fp8, each layer quantizes 3 inputs of the hidden width (q/k/v, o, gate/up) and
+# 1 of the intermediate width (down). The vision tower: 40 layers, 3 inputs of its hidden width
+# (q/k/v, o, fc1) and 1 of its intermediate width (fc2).
 NORMS_PER_PREFILL, ROPES_PER_PREFILL, SILUS_PER_PREFILL = 65, 32, 32
+TEXT_LAYERS, VISION_LAYERS = 32, 40
 
 
 Call = Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -66,7 +73,7 @@ def _cases(
     silu = fused._silu_kernel()
     angles = torch.randn(1, rows, d // 2, device=device) * 100
     cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
-    return {
+    cases: dict[str, tuple[Call, Call]] = {
         f"rms_norm {hidden}": (
             lambda: fused.rms_norm_reference(x, w, 1e-5),
             lambda: kernels.rms_norm(x, w, 1e-5),
@@ -84,6 +91,26 @@ def _cases(
             lambda: (kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)),
         ),
     }
+    widths = (hidden, size["intermediate"], size["vision_hidden"], size["vision_intermediate"])
+    for width in widths:
+        cases[f"quantize fp8 {width}"] = _quantize_case(rows, width, device, dtype)
+    return cases
+
+
+def _quantize_case(
+    rows: int, width: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Call, Call]:
+    """(reference, fused) per-token e4m3 quantization of (rows, width) activations."""
+    from guardrt.kernels.activation_quant import _kernel  # noqa: PLC0415
+    from guardrt.kernels.fp8_linear import quantize_rows  # noqa: PLC0415
+
+    x = (torch.randn(rows, width, device=device) * 3).to(dtype)  # (M, K)
+    return functools.partial(quantize_rows, x), functools.partial(_kernel().quantize_rows, x, "fp8")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """fp8 as its bytes (torch.equal has no fp8 kernel everywhere); other dtypes as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def _tensors(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -110,35 +137,48 @@ def run(dry_run: bool) -> dict[str, Any]:
     dtype = torch.float16 if dry_run else torch.bfloat16  # the interpreter has no bf16
     size, rows_list = (DRY, DRY_ROWS) if dry_run else (FULL, ROWS)
     cells = []
+    # op name → (what it is counted as, how many a prefill runs of it)
+    counts = {
+        f"rms_norm {size['hidden']}": ("text", NORMS_PER_PREFILL),
+        "rope q+k": ("text", ROPES_PER_PREFILL),
+        f"silu·up {size['intermediate']}": ("text", SILUS_PER_PREFILL),
+        f"quantize fp8 {size['hidden']}": ("fp8 text", 3 * TEXT_LAYERS),
+        f"quantize fp8 {size['intermediate']}": ("fp8 text", TEXT_LAYERS),
+        f"quantize fp8 {size['vision_hidden']}": ("fp8 vision", 3 * VISION_LAYERS),
+        f"quantize fp8 {size['vision_intermediate']}": ("fp8 vision", VISION_LAYERS),
+    }
     for rows in rows_list:
-        saved = 0.0
+        saved = {"text": 0.0, "fp8 text": 0.0, "fp8 vision": 0.0}
         for name, (reference, kernel) in _cases(rows, size, device, dtype).items():
             pairs = list(zip(_tensors(kernel()), _tensors(reference()), strict=True))
             error = max(float((got.float() - want.float()).abs().max()) for got, want in pairs)
-            exact = name.startswith("rope")
+            exact = name.startswith(("rope", "quantize"))
             ok = all(
-                torch.equal(got, want) if exact else torch.allclose(
+                torch.equal(_bits(got), _bits(want)) if exact else torch.allclose(
                     got.float(), want.float(), rtol=fused.TWO_ULPS[dtype], atol=1e-6
                 ) for got, want in pairs
             )  # fmt: skip
             ref_us, fused_us = _us(reference, device), _us(kernel, device)
-            if name.startswith("rms_norm"):
-                saved += NORMS_PER_PREFILL * (ref_us - fused_us)
-            elif exact:
-                saved += ROPES_PER_PREFILL * (ref_us - fused_us)
-            elif name.startswith("silu"):
-                saved += SILUS_PER_PREFILL * (ref_us - fused_us)
+            if name in counts:
+                kind, count = counts[name]
+                saved[kind] += count * (ref_us - fused_us)
             cells.append({"rows": rows, "op": name, "reference_us": ref_us, "fused_us": fused_us,
                           "max_abs_diff": error, "ok": ok})  # fmt: skip
             check = "OK" if ok else "WRONG"
             ratio = ref_us / max(fused_us, 1e-9)
             print(f"| {rows} | {name} | {ref_us:.1f} | {fused_us:.1f} | {ratio:.1f}x "
                   f"| {error:.2g} | {check} |")  # fmt: skip
-        cells.append({"rows": rows, "op": "saved per text prefill", "saved_us": saved})
-        counts = (
-            f"{NORMS_PER_PREFILL} norms, {ROPES_PER_PREFILL} RoPEs, {SILUS_PER_PREFILL} SwiGLUs"
-        )
-        print(f"| {rows} | saved per text prefill ({counts}) | | {saved:.0f} µs | | | |")
+        cells.append({"rows": rows, "op": "saved per text prefill", "saved_us": saved["text"]})
+        cells.append({"rows": rows, "op": "saved per fp8 text prefill, activation quantization",
+                      "saved_us": saved["fp8 text"]})  # fmt: skip
+        cells.append({"rows": rows, "op": "saved per fp8 vision tower, activation quantization",
+                      "saved_us": saved["fp8 vision"]})  # fmt: skip
+        what = f"{NORMS_PER_PREFILL} norms, {ROPES_PER_PREFILL} RoPEs, {SILUS_PER_PREFILL} SwiGLUs"
+        print(f"| {rows} | saved per text prefill ({what}) | | {saved['text']:.0f} µs | | | |")
+        print(f"| {rows} | saved per fp8 text prefill ({4 * TEXT_LAYERS} quantizations) | "
+              f"| {saved['fp8 text']:.0f} µs | | | |")  # fmt: skip
+        print(f"| {rows} | saved per fp8 vision tower ({4 * VISION_LAYERS} quantizations) | "
+              f"| {saved['fp8 vision']:.0f} µs | | | |")  # fmt: skip
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     return {"device": name, "torch": torch.__version__, "dtype": str(dtype), "cells": cells}
 

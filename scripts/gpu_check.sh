@@ -8,8 +8,10 @@
 #   2. on CUDA with the compiled Triton kernels (TRITON_INTERPRET=0): the model's parity tests,
 #      the static-step / CUDA-graph tests, the attention-plan tests (fp32, TF32 off); then the
 #      load-time int8 measurement, 8-bit steps replayed in graphs, the load-time timer, the
-#      memory of an int8 model quantized while it loads, and the fused norm / RoPE / SwiGLU kernels;
-#   3. benchmarks/norm_rope.py (the fused norm / RoPE / SwiGLU against their references);
+#      memory of an int8 model quantized while it loads, the fused norm / RoPE / SwiGLU kernels,
+#      and the fused activation quantization and int8 epilogue of the 8-bit products;
+#   3. benchmarks/norm_rope.py (the fused norm / RoPE / SwiGLU / fp8 activation quantization
+#      against their references);
 #   4. benchmarks/kernels.py (every quantized-linear path against its reference);
 #   5. a torch.profiler trace of one text and one image verdict on the served path;
 #   6. the bf16 cases without CUDA graphs, to show what they bring.
@@ -66,14 +68,14 @@ tail -5 "$out/parity_cuda.txt" 2>/dev/null
 
 # The compiled Triton kernels (no interpreter): the other tests of these files run CPU tensors
 # through the interpreter, so only these run here.
-part "int8 rows, 8-bit graphs, timer, int8 load memory, fused kernels on CUDA" 90 \
+part "int8 rows, 8-bit graphs, timer, int8 load memory, fused kernels on CUDA" 100 \
     "$out/int8_rows_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_int8_rows.py tests/test_quantize.py tests/test_norm_rope.py \
+    tests/test_int8_rows.py tests/test_quantize.py tests/test_norm_rope.py tests/test_activation_quant.py \
     -k "load_tuning or graphs or timer or holds_no_bf16 or compiled_kernels"
 tail -5 "$out/int8_rows_cuda.txt" 2>/dev/null
 
-part "norm/rope" 40 "$out/norm_rope.txt" \
+part "norm/rope" 60 "$out/norm_rope.txt" \
     env TRITON_INTERPRET=0 python benchmarks/norm_rope.py --out "$out/norm_rope.json"
 cat "$out/norm_rope.txt" 2>/dev/null
 

@@ -8,8 +8,9 @@ with the arguments specialised as the wrappers launch them (pointers and strides
 16, unit strides as the constant 1, the sizes a kernel does not specialise left generic). What
 this catches before the one GPU run: code the interpreter accepts but the compiler rejects, a
 block shape that needs more shared memory than the H100 has, FMA contraction where a kernel
-promises none. `tests/test_kernel_compile.py` runs it in a subprocess (the tests' own process
-runs Triton's interpreter).
+promises none, an approximate division where a kernel promises IEEE ones.
+`tests/test_kernel_compile.py` runs it in a subprocess (the tests' own process runs Triton's
+interpreter).
 """
 
 from __future__ import annotations
@@ -40,12 +41,19 @@ def _compile(fn: Any, types: dict[str, str], constants: dict[str, Any], divisibl
         "seconds": round(time.perf_counter() - started, 2),
         "shared_bytes": int(kernel.metadata.shared),
         "fma": len(re.findall(r"\bfma\.", ptx)),
+        "approximate_divisions": len(re.findall(r"\bdiv\.(?:full|approx)\.", ptx)),
         "cubin_bytes": len(kernel.asm["cubin"]),
     }
 
 
 def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], dict[str, Any]]]:
-    from guardrt.kernels import int8_linear, norm_rope, silu_mul  # noqa: PLC0415
+    from guardrt.kernels import (  # noqa: PLC0415
+        int8_linear,
+        norm_rope,
+        rescale_kernel,
+        row_quant,
+        silu_mul,
+    )
 
     cases = {}
     for dt in ("bf16", "fp16", "fp32"):
@@ -72,6 +80,27 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], d
             {"g_ptr", "u_ptr", "y_ptr", "width", "sg0", "sg1", "su0", "su1", "sy0", "sy1"},
             {"num_warps": 4},
         )  # fmt: skip
+        for kind, storage in (("fp8", "*u8"), ("int8", "*i8")):  # e4m3 written as its bytes
+            quant = {"x_ptr": ptr, "q_ptr": storage, "s_ptr": "*fp32", "stride": "i32"}
+            for width in (1280, 14336):
+                constants: dict[str, Any] = {"width": width, "qmax": row_quant.QMAX[kind],
+                                             "fp8": kind == "fp8", "block": 1024}  # fmt: skip
+                cases[f"quantize_rows {kind} {dt} width={width}"] = (
+                    row_quant._quantize_rows_kernel, quant, constants,
+                    {"x_ptr", "q_ptr", "s_ptr"}, {"num_warps": 4},
+                )  # fmt: skip
+        # The int8 product's epilogue: int32 in, bf16 written as its bits (u16), fp16 or fp32.
+        epilogue = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "b_ptr": ptr,
+                    "y_ptr": "*u16" if dt == "bf16" else ptr}  # fmt: skip
+        epilogue |= dict.fromkeys(("rows", "cols", "stride_a", "stride_y"), "i32")
+        for bias in (False, True):
+            cases[f"rescale {dt} bias={bias}"] = (
+                rescale_kernel._rescale_kernel, epilogue,
+                {"has_sx": True, "has_bias": bias, "bf16": dt == "bf16", "block_m": 32,
+                 "block_n": 128},
+                {"acc_ptr", "sx_ptr", "sw_ptr", "b_ptr", "y_ptr"},
+                {"num_warps": 4, "enable_fp_fusion": False},
+            )  # fmt: skip
     for dt in ("bf16", "fp16"):  # the dtypes the dispatch sends to the int8 kernel
         for bm in (16, 32, 64):
             for bn, bk in int8_linear.BLOCKS:

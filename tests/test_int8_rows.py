@@ -159,7 +159,7 @@ def test_load_tuning(checkpoint: Path) -> None:
     """On the CPU nothing is measured; on a GPU (GUARDRT_TEST_DEVICE=cuda, gpu_check.sh) every
     decoder shape is measured with bf16 activations, no kernel is refused, and the tuned model
     scores what it scored before."""
-    from guardrt.runtime.model.tune import tune_for_device  # noqa: PLC0415
+    from guardrt.runtime.model.tune import NO_ACTIVATION_QUANT, tune_for_device  # noqa: PLC0415
 
     device = torch.device(DEVICE)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
@@ -177,12 +177,16 @@ def test_load_tuning(checkpoint: Path) -> None:
     layers = [m for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)]
     if DEVICE == "cpu":
         assert tuning.fused.startswith("not used")
-        assert tuning.lines() == [f"fused RMSNorm/RoPE/SwiGLU kernels: {tuning.fused}"]
+        assert tuning.lines() == [
+            f"fused RMSNorm/RoPE/SwiGLU kernels: {tuning.fused}",
+            f"fused activation quantization: {NO_ACTIVATION_QUANT}",  # weight-only int8
+        ]
         assert tuning.to_json()["int8_rows"]["limits"] == {}
         assert tuning.to_json()["vision_attention"]["plan"] == "default/d=as is"
         assert {m.triton_rows for m in layers} == {INT8_TRITON_MAX_ROWS}
     else:
         assert tuning.fused == "used"
+        assert tuning.activation_quant == NO_ACTIVATION_QUANT  # weight-only int8
         assert tuning.int8_rows.limits, "measured"
         assert tuning.int8_rows.refused == {}
         assert {m.triton_rows for m in layers} == set(tuning.int8_rows.limits.values())

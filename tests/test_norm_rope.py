@@ -314,7 +314,9 @@ def test_the_norm_rope_benchmark_dry_run(kernels: ModuleType, tmp_path: Path) ->
     assert bench.main(["--dry-run", "--out", str(out)]) == 0
     cells = json.loads(out.read_text())["cells"]
     ops = {(c["rows"], c["op"]) for c in cells if "ok" in c}
-    names = ("rms_norm 128", "q norm 32 (cross)", "silu·up 96", "rope q+k")
+    names = ("rms_norm 128", "q norm 32 (cross)", "silu·up 96", "rope q+k",
+             *(f"quantize fp8 {width}" for width in (128, 96, 32, 64)))  # fmt: skip
     assert ops == {(r, op) for r in bench.DRY_ROWS for op in names}
     assert all(c["ok"] for c in cells if "ok" in c)
     assert {c["rows"] for c in cells if "saved_us" in c} == set(bench.DRY_ROWS)
+    assert len([c for c in cells if "saved_us" in c]) == 3 * len(bench.DRY_ROWS)

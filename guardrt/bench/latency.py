@@ -264,6 +264,10 @@ def _load_choices(precision: str, run: dict[str, Any]) -> list[str]:
     lines = []
     if "fused_norm_rope" in run:
         lines.append(f"  fused RMSNorm/RoPE/SwiGLU kernels ({precision}): {run['fused_norm_rope']}")
+    if "fused_activation_quant" in run:
+        lines.append(
+            f"  fused activation quantization ({precision}): {run['fused_activation_quant']}"
+        )
     rows = run.get("int8_rows", {})
     for shape, limit in rows.get("limits", {}).items():
         blocks = rows.get("blocks", {}).get(shape, {})

@@ -1,7 +1,9 @@
 """What the runtime measures on the GPU when it loads a model, and keeps: which attention kernel
 the vision tower runs (`attention_plan.py`), up to how many rows each int8 layer runs the
 Triton kernel (`guardrt/kernels/int8_rows.py`), and whether the fused norm / RoPE / SwiGLU kernels
-agree with their references on this GPU (`guardrt/kernels/fused.py`). One call, after
+(`guardrt/kernels/fused.py`) and the fused activation quantization of fp8 and int8
+weight+activation layers (`guardrt/kernels/activation_quant.py`) agree with their references on
+this GPU. One call, after
 quantizing and fusing, shared by the engine, the benchmark and the profile; on the CPU it
 measures nothing and changes nothing."""
 
@@ -10,11 +12,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from guardrt.kernels import fused, int8_rows
+import torch
+
+from guardrt.export.quantize import QuantizedLinear
+from guardrt.kernels import activation_quant, fused, int8_rows
 from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, Tuning
 from guardrt.runtime.model.fuse import modules_in_use
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.model.text import CrossAttention
+
+NO_ACTIVATION_QUANT = "not used (no layer quantizes its activations)"
 
 
 @dataclass(frozen=True)
@@ -22,10 +29,15 @@ class LoadTuning:
     attention: Tuning
     int8_rows: int8_rows.RowsTuning
     fused: str  # the fused norm / RoPE / SwiGLU kernels: "used", "not used (…)", "refused: why"
+    # the fused per-token activation quantization (fp8, int8 weight+activation), the same words
+    activation_quant: str = NO_ACTIVATION_QUANT
 
     def lines(self) -> list[str]:
         """What was chosen, for the log (shapes and times only)."""
-        out = [f"fused RMSNorm/RoPE/SwiGLU kernels: {self.fused}"]
+        out = [
+            f"fused RMSNorm/RoPE/SwiGLU kernels: {self.fused}",
+            f"fused activation quantization: {self.activation_quant}",
+        ]
         attention = self.attention
         if attention.timings_ms:
             out.append(
@@ -57,6 +69,7 @@ class LoadTuning:
             },
             "int8_rows": asdict(self.int8_rows),
             "fused_norm_rope": self.fused,
+            "fused_activation_quant": self.activation_quant,
         }
 
 
@@ -81,4 +94,21 @@ def tune_for_device(model: MllamaModel) -> LoadTuning:
     }
     decoder = [m for m in modules_in_use(model.language_model) if id(m) not in image_only]
     rows = int8_rows.tune(decoder, model.weight_dtype)
-    return LoadTuning(attention, rows, checked)
+    widths = activation_widths(model)
+    quantizing = (
+        activation_quant.verify(model.device, model.weight_dtype, widths)
+        if widths
+        else NO_ACTIVATION_QUANT
+    )
+    return LoadTuning(attention, rows, checked, quantizing)
+
+
+def activation_widths(model: torch.nn.Module) -> set[int]:
+    """The input widths of the layers that quantize their activations per token: fp8 ones, and
+    int8 ones with weight+activation compute (the fused kernel compiles once per width)."""
+    return {
+        m.in_features
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear)
+        and (m.qweight.dtype == torch.float8_e4m3fn or m.activations)
+    }
