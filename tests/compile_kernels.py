@@ -83,7 +83,8 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], d
         for kind, storage in (("fp8", "*u8"), ("int8", "*i8")):  # e4m3 written as its bytes
             quant = {"x_ptr": ptr, "q_ptr": storage, "s_ptr": "*fp32", "stride": "i32"}
             for width in (1280, 14336):
-                constants: dict[str, Any] = {"width": width, "qmax": row_quant.QMAX[kind],
+                qmax = row_quant.QMAX[kind]
+                constants: dict[str, Any] = {"width": width, "qmax": qmax, "inverse": 1 / qmax,
                                              "fp8": kind == "fp8", "block": 1024}  # fmt: skip
                 cases[f"quantize_rows {kind} {dt} width={width}"] = (
                     row_quant._quantize_rows_kernel, quant, constants,

@@ -39,13 +39,17 @@ def scaled_mm_takes(n: int, k: int) -> bool:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) fp32/fp16/bf16 → (xq (..., K) float8_e4m3fn, scales (..., 1) fp32) with
-    x ≈ scales · xq: scale = max|x| over the row / 448, so each row's largest value maps to ±448.
+    x ≈ scales · xq: scale = max|x| over the row · (1/448), so each row's largest value maps to
+    ±448 (within an fp32 rounding).
 
     An all-zero row gets scale 1 (not 0, which would divide 0 by 0) and stays exactly zero. The
-    division is in fp32: a scale rounded to bf16 would not be the one `_scaled_mm` multiplies by.
+    scale is fp32: one rounded to bf16 would not be the one `_scaled_mm` multiplies by. It is a
+    product with fp32(1/448), not a division by 448, because torch's CUDA `tensor / python
+    scalar` multiplies by the reciprocal while its CPU kernel divides: the product is the same
+    value on every device, and the fused kernel (`row_quant.py`) computes it the same way.
     """
     wide = x.to(torch.float32)
-    scales = wide.abs().amax(dim=-1, keepdim=True) / E4M3_MAX  # (..., 1)
+    scales = wide.abs().amax(dim=-1, keepdim=True) * (1.0 / E4M3_MAX)  # (..., 1)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     # The clamp matters for rows of fp32 subnormals (max|x| ≲ 1e-38): max|x| / 448 loses
     # precision there and x / scale reaches ~670. e4m3fn has no infinity: torch 2.13's cast

@@ -36,9 +36,11 @@ def int_mm_takes(m: int, n: int, k: int) -> bool:
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) fp32/fp16/bf16 → (xq (..., K) int8, scales (..., 1) fp32), x ≈ scales · xq;
-    each row's largest magnitude maps to ±127. An all-zero row gets scale 1 and stays zero."""
+    each row's largest magnitude maps to ±127 (within an fp32 rounding). An all-zero row gets
+    scale 1 and stays zero."""
     wide = x.to(torch.float32)
-    scales = wide.abs().amax(dim=-1, keepdim=True) / INT8_MAX  # (..., 1)
+    # · fp32(1/127), not / 127: the same value on every device (see `fp8_linear.quantize_rows`)
+    scales = wide.abs().amax(dim=-1, keepdim=True) * (1.0 / INT8_MAX)  # (..., 1)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     xq = torch.round(wide / scales).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return xq, scales

@@ -10,14 +10,16 @@ for a text step ~1,800 launches. Here one program per row reads the row twice (i
 the quantized values; the second read mostly from L2) and writes the 8-bit row and its scale:
 ~5 bytes an element, one launch.
 
-Exactness: the divisions are IEEE round-to-nearest (`div_rn`; Triton's `/` on the GPU is an
-approximation of ≤ 2 ulps), max and |·| are exact in any order, and the rounding to the 8-bit
-grid is done in fp32 arithmetic that is exact (scaling by powers of two, and the 1.5·2²³
-round-half-to-even trick). int8 then casts an integer; e4m3 bytes are assembled from the rounded
-value's bits, so no fp8 conversion instruction is involved (Triton's interpreter, where the
-tests run, neither rounds e4m3 to nearest-even nor keeps NaN). A row holding a NaN gets scale 1
-and keeps its NaNs, as the reference's `where(scale > 0, …)` gives; infinities divide as in the
-reference.
+Exactness: the scale is max|x| times fp32(1/qmax), as the references compute it (a product:
+torch's CUDA division by a Python scalar is one, its CPU division is not); the division of each
+value by its scale is IEEE round-to-nearest (`div_rn`; Triton's `/` on the GPU is an
+approximation of ≤ 2 ulps), as torch's tensor division is; max and |·| are exact in any order;
+and the rounding to the 8-bit grid is done in fp32 arithmetic that is exact (scaling by powers
+of two, and the 1.5·2²³ round-half-to-even trick). int8 then casts an integer; e4m3 bytes
+are assembled from the rounded value's bits, so no fp8 conversion instruction is involved
+(Triton's interpreter, where the tests run, neither rounds e4m3 to nearest-even nor keeps NaN).
+A row holding a NaN gets scale 1 and keeps its NaNs, as the reference's `where(scale > 0, …)`
+gives; infinities divide as in the reference.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _e4m3_bits(y):  # type: ignore[no-untyped-def]
 def _quantize_rows_kernel(  # type: ignore[no-untyped-def]
     x_ptr, q_ptr, s_ptr, stride,
     width: tl.constexpr,  # one compile per layer width (a model has a few); plain loop bounds
-    qmax: tl.constexpr, fp8: tl.constexpr, block: tl.constexpr,
+    qmax: tl.constexpr, inverse: tl.constexpr, fp8: tl.constexpr, block: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     source = x_ptr + row * stride
@@ -76,7 +78,7 @@ def _quantize_rows_kernel(  # type: ignore[no-untyped-def]
         v = tl.load(source + cols, mask=cols < width, other=0.0).to(tl.float32)
         largest = tl.maximum(largest, tl.abs(v))
         nans = tl.maximum(nans, (v != v).to(tl.int32))
-    scale = tl.math.div_rn(tl.max(largest, axis=0), qmax)
+    scale = tl.max(largest, axis=0) * inverse  # · fp32(1/qmax), as the references compute it
     # The reference's amax of a NaN row is NaN, and `where(NaN > 0, …, 1)` makes its scale 1.
     scale = tl.where((scale > 0) & (tl.max(nans, axis=0) == 0), scale, 1.0)
     tl.store(s_ptr + row, scale)
@@ -106,6 +108,7 @@ def quantize_rows(x: torch.Tensor, kind: RowKind) -> tuple[torch.Tensor, torch.T
         with on_device(x.device):  # Triton launches on the current device, not the input's
             _quantize_rows_kernel[(rows,)](
                 x, xq.view(torch.uint8) if kind == "fp8" else xq, scales, x.stride(0),
-                width=width, qmax=QMAX[kind], fp8=kind == "fp8", block=_BLOCK, num_warps=4,
+                width=width, qmax=QMAX[kind], inverse=1.0 / QMAX[kind], fp8=kind == "fp8",
+                block=_BLOCK, num_warps=4,
             )  # fmt: skip
     return xq, scales
