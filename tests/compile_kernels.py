@@ -86,10 +86,12 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], d
                 qmax = row_quant.QMAX[kind]
                 constants: dict[str, Any] = {"width": width, "qmax": qmax, "inverse": 1 / qmax,
                                              "fp8": kind == "fp8", "block": 1024}  # fmt: skip
-                cases[f"quantize_rows {kind} {dt} width={width}"] = (
-                    row_quant._quantize_rows_kernel, quant, constants,
-                    {"x_ptr", "q_ptr", "s_ptr"}, {"num_warps": 4},
-                )  # fmt: skip
+                for aligned, warps in ((True, 8), (False, 4)):  # rows 16-aligned or not
+                    pointers = {"x_ptr", "q_ptr", "s_ptr", "stride"} if aligned else {"s_ptr"}
+                    cases[f"quantize_rows {kind} {dt} width={width} aligned={aligned}"] = (
+                        row_quant._quantize_rows_kernel, quant, constants, pointers,
+                        {"num_warps": warps},
+                    )  # fmt: skip
         # The int8 product's epilogue: int32 in, bf16 written as its bits (u16), fp16 or fp32.
         epilogue = {"acc_ptr": "*i32", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "b_ptr": ptr,
                     "y_ptr": "*u16" if dt == "bf16" else ptr}  # fmt: skip

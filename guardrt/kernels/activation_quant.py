@@ -32,7 +32,8 @@ RowKind = Literal["fp8", "int8"]
 Quantized = tuple[torch.Tensor, torch.Tensor]  # (xq (M, K) 8-bit, scales (M, 1) fp32)
 QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations
 PRODUCT_DTYPES = (torch.int32, *QUANT_DTYPES)  # what the epilogue reads
-_PROBE_ROWS = (1, 37, 64)  # a decode step, a prefill, a padded bucket
+# a decode step, a prefill, a padded bucket (the kernel's few-row variant), a larger step
+_PROBE_ROWS = (1, 37, 64, 160)
 _refused: list[str] = []  # why the kernel was refused in this process (empty: not refused)
 
 
@@ -82,10 +83,10 @@ def rescale_product(
 
 def verify(device: torch.device, dtype: torch.dtype, widths: Iterable[int]) -> str:
     """Run the quantization kernel for both kinds at each layer input width (a model has a few:
-    Triton compiles one variant per width) and 1, 37 and 64 rows, contiguous and with a padded
-    row stride, and the epilogue on int32 products into `dtype`, against the references on
-    `device`; refuse both for the process on any error or difference. Returns "used",
-    "not used (...)" or "refused: why"."""
+    Triton compiles one variant per width) and 1, 37, 64 and 160 rows, contiguous, with a padded
+    row stride and unaligned, and the epilogue on int32 products into `dtype`, against the
+    references on `device`; refuse both for the process on any error or difference. Returns
+    "used", "not used (...)" or "refused: why"."""
     if _refused:
         return f"refused: {_refused[0]}"
     if not applies(torch.empty((1, 1), dtype=dtype, device=device)):
@@ -121,7 +122,11 @@ def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
         wide[0, : special.numel()] = special  # signed zeros, a value below every scale
         wide[-1, width // 2] = 2000.0  # an outlier
         padded = wide.to(dtype)[:, :width]  # a row stride of width + 16
-        for x in (padded.contiguous(), padded):
+        odd = torch.zeros((rows, width + 17), device=device, dtype=dtype)
+        odd[:, 1:] = wide.to(dtype)[:, : width + 16]
+        unaligned = odd[:, 1 : width + 1]  # neither the pointer nor the stride 16-aligned
+        # Triton compiles a variant per alignment of the pointer and the row stride
+        for x in (padded.contiguous(), padded, unaligned):
             for kind, reference in references.items():
                 got, want = _kernel().quantize_rows(x, kind), reference(x)
                 for name, a, b in (("values", got[0], want[0]), ("scales", got[1], want[1])):

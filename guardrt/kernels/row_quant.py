@@ -38,6 +38,9 @@ RowKind = Literal["fp8", "int8"]
 QMAX = {"fp8": 448.0, "int8": 127.0}
 STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 _BLOCK = 1024  # columns a program reads at once
+# Below this many rows (programs) most of the H100's 132 SMs idle: each program gets more warps
+# (a decode step's one row of 14,336 is otherwise 112 values a thread on one SM).
+_FEW_ROWS = 128
 # 1.5·2²³: (y + c) − c rounds |y| < 2²² to an integer, ties to even (a constexpr: compiled
 # kernels read only constexpr globals)
 _HALF_EVEN: Any = tl.constexpr(12582912.0)
@@ -63,7 +66,9 @@ def _e4m3_bits(y):  # type: ignore[no-untyped-def]
     return tl.where(magnitude != magnitude, 0x7F, byte) | sign  # NaN: 0x7F (0xFF with sign)
 
 
-@triton.jit(do_not_specialize=("stride",))  # type: ignore[untyped-decorator]
+# The row stride is specialised (divisible by 16 or not): rows known to be 16-byte aligned load
+# 8 bf16 values an instruction; generic ones load one at a time (~8× the load instructions).
+@triton.jit  # type: ignore[untyped-decorator]
 def _quantize_rows_kernel(  # type: ignore[no-untyped-def]
     x_ptr, q_ptr, s_ptr, stride,
     width: tl.constexpr,  # one compile per layer width (a model has a few); plain loop bounds
@@ -109,6 +114,6 @@ def quantize_rows(x: torch.Tensor, kind: RowKind) -> tuple[torch.Tensor, torch.T
             _quantize_rows_kernel[(rows,)](
                 x, xq.view(torch.uint8) if kind == "fp8" else xq, scales, x.stride(0),
                 width=width, qmax=QMAX[kind], inverse=1.0 / QMAX[kind], fp8=kind == "fp8",
-                block=_BLOCK, num_warps=4,
+                block=_BLOCK, num_warps=8 if rows < _FEW_ROWS else 4,
             )  # fmt: skip
     return xq, scales
