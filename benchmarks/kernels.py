@@ -41,7 +41,8 @@ import torch
 
 from guardrt.bench.timing import times_ms
 from guardrt.export.quantize import QuantizedLinear, quantize_weight
-from guardrt.kernels.dispatch import choose_path, cuda_capability
+from guardrt.kernels.device import cuda_capability
+from guardrt.kernels.dispatch import choose_path
 from guardrt.kernels.fp8_linear import fp8_linear, quantize_rows, scaled_mm_reference
 from guardrt.kernels.int8_cast import int8_cast_linear
 from guardrt.kernels.int8_dynamic import (

@@ -6,8 +6,8 @@ Usage: python benchmarks/norm_rope.py [--out FILE]
 
 For rows from a decode step (1) to a batch-32 prefill, the µs of the decoder's RMSNorm (4,096
 wide), the cross layers' q norm (128 wide, on a transposed view), RoPE on q and k (strided
-views of the fused qkv projection's output) and SwiGLU's silu(gate)·up (the halves of the fused
-gate/up output), SwiGLU's silu(gate)·up (the halves of the fused gate/up output) and the fp8
+views of the fused qkv projection's output), SwiGLU's silu(gate)·up (the halves of the fused
+gate/up output) and the fp8
 layers' per-token activation quantization at the text (4,096, 14,336) and vision (1,280, 5,120)
 input widths, each as the reference's plain PyTorch ops and as the fused kernel
 (`guardrt/kernels/norm_rope.py`, `silu_mul.py`, `row_quant.py`), timed as a served step runs
@@ -108,11 +108,6 @@ def _quantize_case(
     return functools.partial(quantize_rows, x), functools.partial(_kernel().quantize_rows, x, "fp8")
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """fp8 as its bytes (torch.equal has no fp8 kernel everywhere); other dtypes as they are."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
 def _tensors(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return result if isinstance(result, tuple) else (result,)
 
@@ -132,6 +127,7 @@ def _us(run: Callable[[], object], device: torch.device) -> float:
 
 def run(dry_run: bool) -> dict[str, Any]:
     from guardrt.kernels import fused  # noqa: PLC0415
+    from guardrt.kernels.activation_quant import as_bits  # noqa: PLC0415
 
     device = torch.device("cpu" if dry_run else "cuda")
     dtype = torch.float16 if dry_run else torch.bfloat16  # the interpreter has no bf16
@@ -154,7 +150,7 @@ def run(dry_run: bool) -> dict[str, Any]:
             error = max(float((got.float() - want.float()).abs().max()) for got, want in pairs)
             exact = name.startswith(("rope", "quantize"))
             ok = all(
-                torch.equal(_bits(got), _bits(want)) if exact else torch.allclose(
+                torch.equal(as_bits(got), as_bits(want)) if exact else torch.allclose(
                     got.float(), want.float(), rtol=fused.TWO_ULPS[dtype], atol=1e-6
                 ) for got, want in pairs
             )  # fmt: skip

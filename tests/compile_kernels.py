@@ -47,6 +47,7 @@ def _compile(fn: Any, types: dict[str, str], constants: dict[str, Any], divisibl
 
 
 def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], dict[str, Any]]]:
+    from guardrt.export.quantize import QMAX_BY_KIND, QuantKind  # noqa: PLC0415
     from guardrt.kernels import (  # noqa: PLC0415
         int8_linear,
         norm_rope,
@@ -80,10 +81,11 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], d
             {"g_ptr", "u_ptr", "y_ptr", "width", "sg0", "sg1", "su0", "su1", "sy0", "sy1"},
             {"num_warps": 4},
         )  # fmt: skip
-        for kind, storage in (("fp8", "*u8"), ("int8", "*i8")):  # e4m3 written as its bytes
+        storages: dict[QuantKind, str] = {"fp8": "*u8", "int8": "*i8"}  # e4m3 as its bytes
+        for kind, storage in storages.items():
             quant = {"x_ptr": ptr, "q_ptr": storage, "s_ptr": "*fp32", "stride": "i32"}
             for width in (1280, 14336):
-                qmax = row_quant.QMAX[kind]
+                qmax = QMAX_BY_KIND[kind]
                 constants: dict[str, Any] = {"width": width, "qmax": qmax, "inverse": 1 / qmax,
                                              "fp8": kind == "fp8", "block": 1024}  # fmt: skip
                 for aligned, warps in ((True, 8), (False, 4)):  # rows 16-aligned or not

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from guardrt.export.quantize import quantize_model
-from guardrt.kernels import activation_quant, dispatch
+from guardrt.export.quantize import QuantKind, quantize_model
+from guardrt.kernels import activation_quant, device
+from guardrt.kernels.activation_quant import as_bits
 from guardrt.kernels.fp8_linear import fp8_linear, quantize_rows
 from guardrt.kernels.int8_dynamic import int8_dynamic_linear, quantize_rows_int8
 from guardrt.kernels.scaling import rescale
@@ -26,9 +27,9 @@ from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.tune import NO_ACTIVATION_QUANT, activation_widths, tune_for_device
 from tests.models import DEVICE
 
-HOPPER: dispatch.Capability = (9, 0)
+HOPPER: device.Capability = (9, 0)
 Reference = Callable[[torch.Tensor], "Quantized"]
-REFERENCES: dict[activation_quant.RowKind, Reference] = {
+REFERENCES: dict[QuantKind, Reference] = {
     "fp8": quantize_rows,
     "int8": quantize_rows_int8,
 }
@@ -49,10 +50,6 @@ def _unrefused() -> Iterator[None]:
     activation_quant._refused.clear()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
 Quantized = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -64,14 +61,14 @@ def _assert_same(got: Quantized, want: Quantized) -> None:
         nan, want_nan = q.float().isnan(), rq.float().isnan()
         assert torch.equal(nan, want_nan)
         q, rq = q.view(torch.uint8)[~nan], rq.view(torch.uint8)[~want_nan]
-    assert torch.equal(_bits(q), _bits(rq))
+    assert torch.equal(as_bits(q), as_bits(rq))
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "width"), [(1, 7), (3, 64), (5, 1280), (2, 5000)])
 def test_bit_exact_with_the_reference(
-    kernel: ModuleType, kind: activation_quant.RowKind, dtype: torch.dtype, rows: int, width: int
+    kernel: ModuleType, kind: QuantKind, dtype: torch.dtype, rows: int, width: int
 ) -> None:
     """Rows from 1e-8 to 1e3 in magnitude (fp16's subnormals included), widths that are not
     multiples of the kernel's block, and one more than a block (5,000)."""
@@ -88,7 +85,7 @@ def test_ties_round_to_even_and_signs_are_kept(kernel: ModuleType, dtype: torch.
     the even neighbour, int8 ties (2.5, 3.5, −0.5) too, and −0 stays −0."""
     fp8_row = [448.0, 1.0625, 17.0, 1.5 * 2**-9, 2.5 * 2**-9, -0.0, -1.1875, 240.0, 0.0]
     int8_row = [127.0, 2.5, 3.5, -0.5, -0.0, 126.5, -2.5, 0.25, 0.0]
-    rows: dict[activation_quant.RowKind, list[float]] = {"fp8": fp8_row, "int8": int8_row}
+    rows: dict[QuantKind, list[float]] = {"fp8": fp8_row, "int8": int8_row}
     for kind, row in rows.items():
         x = torch.tensor([row, [-v for v in row]]).to(dtype)
         got, want = kernel.quantize_rows(x, kind), REFERENCES[kind](x)
@@ -204,9 +201,7 @@ def _fuse_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     monkeypatch.setattr(activation_quant, "_PROBE_ROWS", (1, 5))
 
-    def applies(
-        x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = activation_quant.QUANT_DTYPES
-    ) -> bool:
+    def applies(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = device.KERNEL_DTYPES) -> bool:
         calls.append("call")
         fuses = activation_quant.can_fuse(x, HOPPER, True, dtypes)
         return not activation_quant._refused and fuses
@@ -337,7 +332,7 @@ def test_compiled_kernels_quantize_rows_on_the_gpu(dtype: torch.dtype) -> None:
         got, want = activation_quant._kernel().quantize_rows(x, kind), reference(x)
         assert torch.equal(got[1], want[1])
         keep = slice(2, None) if kind == "int8" else slice(None)  # int8 of NaN: the platform's
-        a, b = (_bits(t[keep]).cpu() for t in (got[0], want[0]))
+        a, b = (as_bits(t[keep]).cpu() for t in (got[0], want[0]))
         if kind == "fp8":
             nan = got[0][keep].float().isnan().cpu()
             assert torch.equal(nan, want[0][keep].float().isnan().cpu())

@@ -28,7 +28,8 @@ from guardrt.export.quantize import (
     quantize_weight,
 )
 from guardrt.kernels import dispatch
-from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, Capability
+from guardrt.kernels.device import Capability
+from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS
 from guardrt.kernels.fp8_linear import E4M3_MAX, fp8_linear, quantize_rows, scaled_mm_reference
 from guardrt.kernels.int8_cast import dequantize_to, int8_cast_linear
 from guardrt.kernels.int8_dynamic import (

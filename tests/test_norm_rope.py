@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from guardrt.kernels import dispatch, fused
+from guardrt.kernels import device, fused
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from tests.models import DEVICE, mixed_batch_logits, small_config, write_small
 
-HOPPER: dispatch.Capability = (9, 0)
+HOPPER: device.Capability = (9, 0)
 SHAPES = fused.Shapes(hidden=256, heads=4, kv_heads=2, head_dim=64, eps=1e-5, intermediate=96)
 
 

@@ -26,7 +26,7 @@ from guardrt.kernels.dispatch import INT8_TRITON_MAX_ROWS, run_fast_path, select
 QuantKind = Literal["int8", "fp8"]
 QMAX = 127
 QMAX_BY_KIND: dict[QuantKind, float] = {"int8": 127.0, "fp8": 448.0}
-_STORAGE: dict[QuantKind, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+STORAGE_BY_KIND: dict[QuantKind, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 @torch.library.custom_op("guardrt::dequantize", mutates_args=())
@@ -97,7 +97,7 @@ def quantize_measured(
         raise ValueError(f"quantization kind {kind!r} is not one of {', '.join(QMAX_BY_KIND)}")
     qmax = QMAX_BY_KIND[kind]
     target = weight.device if device is None else torch.device(device)
-    q = torch.empty((out, columns), dtype=_STORAGE[kind], device=target)
+    q = torch.empty((out, columns), dtype=STORAGE_BY_KIND[kind], device=target)
     scales = torch.empty((out, columns // size), dtype=torch.float32, device=target)
     error = torch.zeros((), device=target)  # max |ŵ − w| so far
     magnitude = torch.zeros((), device=target)  # max |w| so far
@@ -108,7 +108,7 @@ def quantize_measured(
         chunk_scales = grouped.abs().amax(dim=-1) / qmax  # (r, groups)
         chunk_scales = torch.where(chunk_scales > 0, chunk_scales, torch.ones_like(chunk_scales))
         scaled = torch.clamp(grouped / chunk_scales[..., None], -qmax, qmax)
-        chunk_q = (torch.round(scaled) if kind == "int8" else scaled).to(_STORAGE[kind])
+        chunk_q = (torch.round(scaled) if kind == "int8" else scaled).to(STORAGE_BY_KIND[kind])
         q[start : start + step] = chunk_q.reshape(-1, columns)
         scales[start : start + step] = chunk_scales
         restored = chunk_q.to(torch.float32) * chunk_scales[..., None]  # = `dequantize`

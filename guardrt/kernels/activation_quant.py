@@ -19,19 +19,20 @@ import importlib
 import logging
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 
-from guardrt.kernels import dispatch
+from guardrt.kernels import device
 from guardrt.kernels.scaling import rescale
+
+if TYPE_CHECKING:  # a type only: export.quantize imports the dispatch, which imports this
+    from guardrt.export.quantize import QuantKind
 
 log = logging.getLogger(__name__)
 
-RowKind = Literal["fp8", "int8"]
 Quantized = tuple[torch.Tensor, torch.Tensor]  # (xq (M, K) 8-bit, scales (M, 1) fp32)
-QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations
-PRODUCT_DTYPES = (torch.int32, *QUANT_DTYPES)  # what the epilogue reads
+PRODUCT_DTYPES = (torch.int32, *device.KERNEL_DTYPES)  # what the epilogue reads
 # a decode step, a prefill, a padded bucket (the kernel's few-row variant), a larger step
 _PROBE_ROWS = (1, 37, 64, 160)
 _refused: list[str] = []  # why the kernel was refused in this process (empty: not refused)
@@ -39,25 +40,25 @@ _refused: list[str] = []  # why the kernel was refused in this process (empty: n
 
 def can_fuse(
     x: torch.Tensor,
-    capability: dispatch.Capability | None,
+    capability: device.Capability | None,
     has_triton: bool,
-    dtypes: tuple[torch.dtype, ...] = QUANT_DTYPES,
+    dtypes: tuple[torch.dtype, ...] = device.KERNEL_DTYPES,
 ) -> bool:
     """The decision on tensor metadata on a CUDA device of `capability` (None: not CUDA)."""
-    if capability is None or capability < dispatch.TRITON_MIN_CAPABILITY or not has_triton:
+    if not device.triton_runs(capability, has_triton):
         return False
     return x.dim() == 2 and x.dtype in dtypes and x.stride(-1) == 1 and x.numel() > 0
 
 
-def applies(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = QUANT_DTYPES) -> bool:
+def applies(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = device.KERNEL_DTYPES) -> bool:
     """Whether a fused kernel takes x (of one of `dtypes`) in this process, now."""
-    if _refused or x.device.type != "cuda" or dispatch.recording():
+    if _refused or x.device.type != "cuda" or device.recording():
         return False
-    return can_fuse(x, dispatch.cuda_capability(x.device), dispatch.triton_available(), dtypes)
+    return can_fuse(x, device.cuda_capability(x.device), device.triton_available(), dtypes)
 
 
 def quantize_activations(
-    x: torch.Tensor, kind: RowKind, reference: Callable[[torch.Tensor], Quantized]
+    x: torch.Tensor, kind: QuantKind, reference: Callable[[torch.Tensor], Quantized]
 ) -> Quantized:
     """x (M, K) → (xq, scales) as `reference` computes them: by the fused kernel where it
     applies, else by `reference` itself."""
@@ -75,7 +76,7 @@ def rescale_product(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """`scaling.rescale` of an (M, N) product: by the fused kernel where it applies."""
-    if out_dtype in QUANT_DTYPES and applies(acc, PRODUCT_DTYPES):
+    if out_dtype in device.KERNEL_DTYPES and applies(acc, PRODUCT_DTYPES):
         result: torch.Tensor = _rescale_kernel().rescale(acc, x_scales, w_scales, bias, out_dtype)
         return result
     return rescale(acc, x_scales, w_scales, bias, out_dtype)
@@ -110,7 +111,7 @@ def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
     from guardrt.kernels.fp8_linear import quantize_rows  # noqa: PLC0415 (it imports this module)
     from guardrt.kernels.int8_dynamic import quantize_rows_int8  # noqa: PLC0415
 
-    references: dict[RowKind, Callable[[torch.Tensor], Quantized]] = {
+    references: dict[QuantKind, Callable[[torch.Tensor], Quantized]] = {
         "fp8": quantize_rows,
         "int8": quantize_rows_int8,
     }
@@ -121,9 +122,10 @@ def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
         special = torch.tensor([0.0, -0.0, 1e-30, -3.0], device=device)[: min(width, 4)]
         wide[0, : special.numel()] = special  # signed zeros, a value below every scale
         wide[-1, width // 2] = 2000.0  # an outlier
-        padded = wide.to(dtype)[:, :width]  # a row stride of width + 16
+        narrow = wide.to(dtype)
+        padded = narrow[:, :width]  # a row stride of width + 16
         odd = torch.zeros((rows, width + 17), device=device, dtype=dtype)
-        odd[:, 1:] = wide.to(dtype)[:, : width + 16]
+        odd[:, 1:] = narrow
         unaligned = odd[:, 1 : width + 1]  # neither the pointer nor the stride 16-aligned
         # Triton compiles a variant per alignment of the pointer and the row stride
         for x in (padded.contiguous(), padded, unaligned):
@@ -131,7 +133,7 @@ def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
                 got, want = _kernel().quantize_rows(x, kind), reference(x)
                 for name, a, b in (("values", got[0], want[0]), ("scales", got[1], want[1])):
                     same = a.dtype == b.dtype and a.shape == b.shape
-                    if not same or not torch.equal(_bits(a), _bits(b)):
+                    if not same or not torch.equal(as_bits(a), as_bits(b)):
                         return (
                             f"{kind} {name} of {rows}×{width} {dtype} "
                             f"(row stride {x.stride(0)}) differ from the reference"
@@ -155,8 +157,9 @@ def _rescale_difference(device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Comparable bytes of an fp8 tensor (torch.equal has no fp8 kernel on every device)."""
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as its bytes, to compare (torch.equal has no fp8 kernel on every device);
+    other dtypes as they are."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 

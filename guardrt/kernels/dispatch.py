@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Literal
@@ -35,9 +34,15 @@ import torch
 
 from guardrt.kernels import fp8_linear as fp8
 from guardrt.kernels import int8_cast, int8_dynamic
+from guardrt.kernels.device import (
+    Capability,
+    cuda_capability,
+    recording,
+    triton_available,
+    triton_runs,
+)
 
 LinearPath = Literal["reference", "int8_triton", "int8_int_mm", "int8_cast_mm", "fp8_scaled_mm"]
-Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 
 # Rows (tokens) up to which the int8 weight-only kernel runs instead of cast-then-cuBLAS
 # (`int8_cast.py`). A decode step (a few rows) reads every weight once and little else, so int8
@@ -46,7 +51,6 @@ Capability = tuple[int, int]  # CUDA compute capability (major, minor)
 # engine times both paths per layer shape at load and sets each layer's own limit
 # (`guardrt/kernels/int8_rows.py`).
 INT8_TRITON_MAX_ROWS = 64
-TRITON_MIN_CAPABILITY: Capability = (8, 0)  # bf16 tl.dot
 FP8_MIN_CAPABILITY: Capability = (8, 9)  # fp8 tensor cores (Ada, Hopper and later)
 INT_MM_MIN_CAPABILITY: Capability = (7, 5)  # int8 tensor cores through cuBLASLt (Turing on)
 FAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -88,7 +92,7 @@ def _int8_path(
     triton_rows: int,
 ) -> LinearPath:
     n, k = qweight.shape
-    if rows <= triton_rows and has_triton and capability >= TRITON_MIN_CAPABILITY:
+    if rows <= triton_rows and triton_runs(capability, has_triton):
         return "int8_triton"
     # Steps the weight-only kernel declined; a decode step (≤ the default limit) stays weight-
     # only (cast, then cuBLAS): quantizing a few rows' activations buys nothing there.
@@ -115,14 +119,6 @@ def select_path(
     return choose_path(x, qweight, scales, capability, triton_available(), activations, triton_rows)
 
 
-def recording() -> bool:
-    """Whether a tracer or compiler is recording ops (torch.jit.trace, torch.export and so the
-    dynamo ONNX exporter, torch.compile): exported graphs must see the references' plain ops."""
-    # torch._C._is_tracing is what torch.jit.is_tracing returns outside TorchScript (the public
-    # name is untyped); is_compiling is true under torch.export, hence the dynamo ONNX exporter.
-    return bool(torch._C._is_tracing() or torch.compiler.is_compiling())
-
-
 def run_fast_path(
     path: LinearPath,
     x: torch.Tensor,
@@ -146,27 +142,6 @@ def run_fast_path(
     raise ValueError(
         f"{path!r} is not a fast path (int8_triton, int8_int_mm, int8_cast_mm, fp8_scaled_mm)"
     )
-
-
-def cuda_capability(device: torch.device) -> Capability | None:
-    """(major, minor) of a CUDA device; None for any other device, ROCm's included (its fp8 is
-    e4m3fnuz on MI300, and the Triton kernel has not run there)."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index)
-
-
-@functools.cache
-def _capability(index: int) -> Capability:
-    return torch.cuda.get_device_capability(index)
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton can be imported (the test extra installs it on x86-64 Linux; serving
-    machines may lack it), without importing it."""
-    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache

@@ -21,11 +21,10 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from guardrt.kernels import dispatch
+from guardrt.kernels import device
 
 log = logging.getLogger(__name__)
 
-FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # How far the fused RMSNorm and SwiGLU product may sit from the references, relative to the
 # reference's value: two ulps of the output dtype. The norm's sum runs in another order, and the
 # GPU's rsqrt, exp (ex2.approx: up to ~4e-6 relative for large |g|) and division differ from
@@ -56,14 +55,14 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 def can_fuse(
     x: torch.Tensor,
     others: tuple[torch.Tensor, ...],
-    capability: dispatch.Capability | None,
+    capability: device.Capability | None,
     has_triton: bool,
 ) -> bool:
     """The decision on tensor metadata, for x and the tensors combined with it, on a CUDA
     device of `capability` (None: not a CUDA device); the tests call it with CPU tensors."""
-    if capability is None or capability < dispatch.TRITON_MIN_CAPABILITY or not has_triton:
+    if not device.triton_runs(capability, has_triton):
         return False
-    if x.dim() == 0 or x.dtype not in FUSED_DTYPES or x.stride(-1) != 1:
+    if x.dim() == 0 or x.dtype not in device.KERNEL_DTYPES or x.stride(-1) != 1:
         return False
     return all(o.dtype == x.dtype and o.stride(-1) == 1 for o in others)
 
@@ -75,10 +74,10 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the fused kernel runs for x and `others` in this process, now."""
-    if _refused or x.device.type != "cuda" or dispatch.recording():
+    if _refused or x.device.type != "cuda" or device.recording():
         return False
-    capability = dispatch.cuda_capability(x.device)
-    return can_fuse(x, others, capability, dispatch.triton_available())
+    capability = device.cuda_capability(x.device)
+    return can_fuse(x, others, capability, device.triton_available())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,14 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from guardrt.export.quantize import QuantizedLinear
-from guardrt.kernels.dispatch import (
-    FAST_DTYPES,
-    TRITON_MIN_CAPABILITY,
-    _int8_module,
-    cuda_capability,
-    run_fast_path,
-    triton_available,
-)
+from guardrt.kernels.device import cuda_capability, triton_available, triton_runs
+from guardrt.kernels.dispatch import FAST_DTYPES, _int8_module, run_fast_path
 from guardrt.kernels.timer import Timer, cuda_timer, on_device
 
 # The step sizes measured: a decode step, category steps, prefill widths of short and long
@@ -170,12 +164,7 @@ def tune(
         return RowsTuning()
     if timer is None:  # on a GPU where the dispatch would consider the kernel at all
         capability = cuda_capability(kernel_layers[0].qweight.device)
-        if (
-            capability is None
-            or capability < TRITON_MIN_CAPABILITY
-            or dtype not in FAST_DTYPES
-            or not triton_available()
-        ):
+        if not triton_runs(capability, triton_available()) or dtype not in FAST_DTYPES:
             return RowsTuning()
     groups: dict[tuple[int, int, bool], list[QuantizedLinear]] = {}
     for layer in kernel_layers:

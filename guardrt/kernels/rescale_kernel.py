@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from guardrt.kernels.device import KERNEL_DTYPES
 from guardrt.kernels.timer import on_device
 
 triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
-RESCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK_M, _BLOCK_N = 32, 128
 
 
@@ -68,7 +68,7 @@ def rescale(
     contiguous, equal to `scaling.rescale`."""
     if acc.dim() != 2 or acc.stride(-1) != 1:
         raise ValueError(f"rescale takes (M, N) with unit stride along N: {acc.stride()}")
-    if out_dtype not in RESCALE_DTYPES:
+    if out_dtype not in KERNEL_DTYPES:
         raise ValueError(f"rescale writes bf16, fp16 or fp32, not {out_dtype}")
     rows, cols = acc.shape
     out = torch.empty((rows, cols), dtype=out_dtype, device=acc.device)

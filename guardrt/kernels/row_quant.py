@@ -25,18 +25,16 @@ gives; infinities divide as in the reference.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from guardrt.export.quantize import QMAX_BY_KIND, STORAGE_BY_KIND, QuantKind
 from guardrt.kernels.timer import on_device
 
 triton: Any = importlib.import_module("triton")
 tl: Any = importlib.import_module("triton.language")
 
-RowKind = Literal["fp8", "int8"]
-QMAX = {"fp8": 448.0, "int8": 127.0}
-STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 _BLOCK = 1024  # columns a program reads at once
 # Below this many rows (programs) most of the H100's 132 SMs idle: each program gets more warps
 # (a decode step's one row of 14,336 is otherwise 112 values a thread on one SM).
@@ -101,19 +99,20 @@ def _quantize_rows_kernel(  # type: ignore[no-untyped-def]
         tl.store(q_ptr + row * width + cols, out, mask=mask)
 
 
-def quantize_rows(x: torch.Tensor, kind: RowKind) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, kind: QuantKind) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) bf16/fp16/fp32 with unit stride along K → (xq (M, K) contiguous e4m3 or int8,
     scales (M, 1) fp32), x ≈ scales · xq, equal to the reference of `kind`."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"quantize_rows takes (M, K) with unit stride along K: {x.stride()}")
     rows, width = x.shape
-    xq = torch.empty((rows, width), dtype=STORAGE[kind], device=x.device)
+    xq = torch.empty((rows, width), dtype=STORAGE_BY_KIND[kind], device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows and width:
         with on_device(x.device):  # Triton launches on the current device, not the input's
             _quantize_rows_kernel[(rows,)](
                 x, xq.view(torch.uint8) if kind == "fp8" else xq, scales, x.stride(0),
-                width=width, qmax=QMAX[kind], inverse=1.0 / QMAX[kind], fp8=kind == "fp8",
+                width=width, qmax=QMAX_BY_KIND[kind], inverse=1.0 / QMAX_BY_KIND[kind],
+                fp8=kind == "fp8",
                 block=_BLOCK, num_warps=8 if rows < _FEW_ROWS else 4,
             )  # fmt: skip
     return xq, scales

@@ -1,11 +1,10 @@
 """What the runtime measures on the GPU when it loads a model, and keeps: which attention kernel
 the vision tower runs (`attention_plan.py`), up to how many rows each int8 layer runs the
-Triton kernel (`guardrt/kernels/int8_rows.py`), and whether the fused norm / RoPE / SwiGLU kernels
-(`guardrt/kernels/fused.py`) and the fused activation quantization of fp8 and int8
+Triton kernel (`guardrt/kernels/int8_rows.py`), and whether the fused norm / RoPE / SwiGLU
+kernels (`guardrt/kernels/fused.py`) and the fused activation quantization of fp8 and int8
 weight+activation layers (`guardrt/kernels/activation_quant.py`) agree with their references on
-this GPU. One call, after
-quantizing and fusing, shared by the engine, the benchmark and the profile; on the CPU it
-measures nothing and changes nothing."""
+this GPU. One call, after quantizing and fusing, shared by the engine, the benchmark and the
+profile; on the CPU it measures nothing and changes nothing."""
 
 from __future__ import annotations
 
