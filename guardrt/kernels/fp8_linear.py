@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import torch
 
-# The module, not its function: activation_quant imports the dispatch, which imports this.
-from guardrt.kernels import activation_quant
+from guardrt.kernels.activation_quant import quantize_activations
 from guardrt.kernels.scaling import rescale
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -83,7 +82,7 @@ def fp8_linear(
     multiples of 16 (`scaled_mm_takes`); the dispatch checks that before calling."""
     n, k = qweight.shape
     # (M, K) e4m3, (M, 1) fp32: one fused kernel on the GPU (activation_quant.py), same values
-    xq, x_scales = activation_quant.quantize_activations(x.reshape(-1, k), "fp8", quantize_rows)
+    xq, x_scales = quantize_activations(x.reshape(-1, k), "fp8", quantize_rows)
     out = torch._scaled_mm(
         xq.contiguous(),  # row-major (a permuted x keeps its strides through the elementwise ops)
         qweight.t(),  # (K, N) column-major: the layout cuBLASLt and CUTLASS take

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-# The module, not its function: activation_quant imports the dispatch, which imports this.
-from guardrt.kernels import activation_quant
+from guardrt.kernels.activation_quant import quantize_activations, rescale_product
 from guardrt.kernels.scaling import rescale
 
 INT8_MAX = 127.0
@@ -69,9 +68,7 @@ def int8_dynamic_linear(
     bias (N,) or None → (..., N) in x's dtype. The dispatch checks `int_mm_takes` first."""
     n, k = qweight.shape
     # (M, K) int8, (M, 1) fp32: one fused kernel on the GPU (activation_quant.py), same values
-    xq, x_scales = activation_quant.quantize_activations(
-        x.reshape(-1, k), "int8", quantize_rows_int8
-    )
+    xq, x_scales = quantize_activations(x.reshape(-1, k), "int8", quantize_rows_int8)
     acc = torch._int_mm(xq.contiguous(), qweight.t())  # (M, N) int32, exact
-    out = activation_quant.rescale_product(acc, x_scales, scales, bias, x.dtype)  # fused on GPUs
+    out = rescale_product(acc, x_scales, scales, bias, x.dtype)  # fused on GPUs
     return out.reshape(*x.shape[:-1], n)
