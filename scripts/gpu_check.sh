@@ -21,6 +21,13 @@
 # The machine lacks llama_models: copy .venv/lib/python3.11/site-packages/llama_models into
 # .gpu_carry/ and pass carry [".gpu_carry"].
 #   bash scripts/gpu_check.sh
+# Before any part, a preflight imports what every part needs (torch with CUDA, triton, guardrt,
+# llama_models, transformers) and stops the call at once if one is missing: a broken set-up
+# then costs seconds of device time, not one failing part after another, and leaves the time to
+# fix it and call again.
+# GPU_CHECK_PARTS (comma-separated, default all) runs only the parts named, in the order above,
+# for a second call that redoes what the first lost:
+#   latency, cuda_tests, kernel_tests, norm_rope, kernels, profile, eager
 set -uo pipefail
 cd "$(dirname "$0")/.."
 back="${OUT:-/tmp}"  # what the device returns: results.tgz and steps.txt
@@ -28,17 +35,25 @@ out="${GPU_CHECK_WORK:-/tmp/gpu_check}"  # every part's files
 rm -rf "$out" && mkdir -p "$out"
 deadline="${GPU_CHECK_DEADLINE:-560}"
 export PYTHONPATH="$PWD/.gpu_carry:$PWD:${PYTHONPATH:-}"
+# The parts call `python`; where the image has only `python3`, a link on the PATH stands in.
+if ! command -v python > /dev/null && command -v python3 > /dev/null; then
+    shim="$(mktemp -d)" && ln -s "$(command -v python3)" "$shim/python" && export PATH="$shim:$PATH"
+fi
 started=$(date +%s)
 elapsed() { echo $(($(date +%s) - started)); }
 stamp() { echo "[$(elapsed) s] $*" | tee -a "$out/steps.txt"; cp "$out/steps.txt" "$back/"; }
 pack() { tar -czf "$back/results.tgz.part" -C "$out" . && mv "$back/results.tgz.part" "$back/results.tgz"; }
 
-# part NAME LIMIT LOG COMMAND...: run COMMAND (output to LOG) under `timeout` for LIMIT
+# part KEY NAME LIMIT LOG COMMAND...: run COMMAND (output to LOG) under `timeout` for LIMIT
 # seconds or what is left before the deadline, whichever is less; skip it (and say so) when
-# under 20 s are left.
+# under 20 s are left or KEY is not in GPU_CHECK_PARTS.
 part() {
-    local name="$1" limit="$2" log="$3"
-    shift 3
+    local key="$1" name="$2" limit="$3" log="$4"
+    shift 4
+    case ",$parts," in
+        *",$key,"*) ;;
+        *) stamp "not asked for: $name ($key)"; return 0 ;;
+    esac
     local left=$((deadline - $(elapsed) - 15))  # room for -k's 10 s
     if [ "$left" -lt 20 ]; then
         stamp "SKIPPED $name: $left s left"
@@ -52,42 +67,64 @@ part() {
     pack
 }
 
-stamp "device"
-timeout 30 env TRITON_INTERPRET=0 python -c "import torch, triton; assert torch.cuda.is_available(); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/device.txt"
+all_parts="latency,cuda_tests,kernel_tests,norm_rope,kernels,profile,eager"
+parts="${GPU_CHECK_PARTS:-$all_parts}"
+for key in ${parts//,/ }; do
+    case ",$all_parts," in
+        *",$key,"*) ;;
+        *) echo "GPU_CHECK_PARTS: unknown part '$key' (known: $all_parts)" >&2; exit 2 ;;
+    esac
+done
+
+stamp "preflight"
+timeout 120 env TRITON_INTERPRET=0 python -c "
+import torch, triton
+assert torch.cuda.is_available(), 'torch sees no CUDA device'
+import llama_models, transformers
+import guardrt.bench.latency, guardrt.kernels.activation_quant, guardrt.runtime.model.tune
+print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())
+" > "$out/device.txt" 2>&1
+preflight=$?
+cat "$out/device.txt"
+if [ "$preflight" -ne 0 ]; then
+    stamp "STOPPED: preflight exit $preflight (device.txt says why); no part was run"
+    pack
+    exit 1
+fi
 
 # --budget-s: phases that would run past it are skipped and named; the files are written after
 # every phase, so even a timeout keeps what was measured.
-part "latency" 300 "$out/latency.txt" \
+part latency "latency" 300 "$out/latency.txt" \
     python -m guardrt.bench.latency --results "$out" --budget-s 270
 tail -50 "$out/latency.txt" 2>/dev/null
 
-part "parity + static steps + attention plan on CUDA" 120 "$out/parity_cuda.txt" \
+part cuda_tests "parity + static steps + attention plan on CUDA" 120 "$out/parity_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
     tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py
 tail -5 "$out/parity_cuda.txt" 2>/dev/null
 
 # The compiled Triton kernels (no interpreter): the other tests of these files run CPU tensors
 # through the interpreter, so only these run here.
-part "int8 rows, 8-bit graphs, timer, int8 load memory, fused kernels on CUDA" 100 \
+part kernel_tests "int8 rows, 8-bit graphs, timer, int8 load memory, fused kernels on CUDA" 100 \
     "$out/int8_rows_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
     tests/test_int8_rows.py tests/test_quantize.py tests/test_norm_rope.py tests/test_activation_quant.py \
     -k "load_tuning or graphs or timer or holds_no_bf16 or compiled_kernels"
 tail -5 "$out/int8_rows_cuda.txt" 2>/dev/null
 
-part "norm/rope" 60 "$out/norm_rope.txt" \
+part norm_rope "norm/rope" 60 "$out/norm_rope.txt" \
     env TRITON_INTERPRET=0 python benchmarks/norm_rope.py --out "$out/norm_rope.json"
 cat "$out/norm_rope.txt" 2>/dev/null
 
-part "kernels" 80 "$out/kernels.txt" \
+part kernels "kernels" 80 "$out/kernels.txt" \
     env TRITON_INTERPRET=0 python benchmarks/kernels.py --budget 60 --out "$out/kernels.json"
 tail -25 "$out/kernels.txt" 2>/dev/null
 
-part "profile" 60 "$out/profile.log" python benchmarks/profile_gpu.py --out "$out"
+part profile "profile" 60 "$out/profile.log" python benchmarks/profile_gpu.py --out "$out"
 grep "==" "$out/profile.txt" 2>/dev/null
 
 mkdir -p "$out/eager"
-part "latency, eager bf16" 70 "$out/eager/latency.txt" \
+part eager "latency, eager bf16" 70 "$out/eager/latency.txt" \
     python -m guardrt.bench.latency --precisions bf16 --no-baseline --no-cuda-graphs \
     --concurrency 8 --requests 32 --budget-s 40 --results "$out/eager"
 grep -E "safe|unsafe|throughput" "$out/eager/latency.txt" 2>/dev/null | head -12

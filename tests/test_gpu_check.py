@@ -1,0 +1,109 @@
+"""scripts/gpu_check.sh's control flow, on the CPU: the one device call of issue 8 must stop at
+once on a broken set-up (device time is scarce), run only the parts asked for, and refuse a part
+it does not know. `python` is a stub here that logs its arguments and fails where told to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+# A part runs `python -m guardrt.bench.latency`, `python -m pytest ...` or
+# `python benchmarks/X.py`; the preflight runs `python -c ...`.
+STUB = """#!/usr/bin/env bash
+echo "$*" | head -c 80 | tr '\\n' ' ' >> "$STUB_LOG"; echo >> "$STUB_LOG"
+if [ "$1" = "-c" ] && [ -n "${STUB_FAIL_PREFLIGHT:-}" ]; then
+    echo "ModuleNotFoundError: No module named 'llama_models'" >&2
+    exit 3
+fi
+exit 0
+"""
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("timeout") is None or shutil.which("tar") is None,
+    reason="the script needs coreutils' timeout and tar",
+)
+
+
+def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run the script with the stub `python` first on the PATH; its result and the stub's calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "calls.txt"
+    log.write_text("")
+    back = tmp_path / "out"
+    back.mkdir(exist_ok=True)
+    result = subprocess.run(
+        ["bash", str(SCRIPT)],
+        env={
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(tmp_path),
+            "OUT": str(back),
+            "GPU_CHECK_WORK": str(tmp_path / "work"),
+            "STUB_LOG": str(log),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result, [line for line in log.read_text().splitlines() if line]
+
+
+def _parts_run(calls: list[str]) -> list[str]:
+    """The parts the stub saw started, in order (everything but the preflight)."""
+    return [call for call in calls if not call.startswith("-c")]
+
+
+def test_a_failed_preflight_stops_the_call_before_any_part(tmp_path: Path) -> None:
+    result, calls = _run(tmp_path, STUB_FAIL_PREFLIGHT="1")
+    assert result.returncode == 1
+    assert len(calls) == 1
+    assert calls[0].startswith("-c")
+    steps = (tmp_path / "out" / "steps.txt").read_text()
+    assert "STOPPED: preflight exit 3" in steps
+    # What it found still comes back, packed.
+    with tarfile.open(tmp_path / "out" / "results.tgz") as packed:
+        device = packed.extractfile("./device.txt")
+        assert device is not None
+        assert b"llama_models" in device.read()
+
+
+def test_every_part_runs_by_default(tmp_path: Path) -> None:
+    result, calls = _run(tmp_path)
+    assert result.returncode == 0, result.stderr
+    parts = _parts_run(calls)
+    assert len(parts) == 7
+    assert parts[0].startswith("-m guardrt.bench.latency")
+    assert parts[-1].startswith("-m guardrt.bench.latency --precisions bf16")
+    assert "not asked for" not in (tmp_path / "out" / "steps.txt").read_text()
+
+
+def test_only_the_parts_asked_for_run(tmp_path: Path) -> None:
+    result, calls = _run(tmp_path, GPU_CHECK_PARTS="profile,norm_rope")
+    assert result.returncode == 0, result.stderr
+    # In the script's order, whatever the order asked.
+    parts = _parts_run(calls)
+    assert len(parts) == 2
+    assert parts[0].startswith("benchmarks/norm_rope.py")
+    assert parts[1].startswith("benchmarks/profile_gpu.py")
+    steps = (tmp_path / "out" / "steps.txt").read_text()
+    assert "not asked for: latency (latency)" in steps
+    assert "not asked for: kernels (kernels)" in steps
+
+
+def test_an_unknown_part_is_refused_by_name(tmp_path: Path) -> None:
+    result, calls = _run(tmp_path, GPU_CHECK_PARTS="latency,profiles")
+    assert result.returncode == 2
+    assert "unknown part 'profiles'" in result.stderr
+    assert calls == []
