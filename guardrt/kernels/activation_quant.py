@@ -82,19 +82,19 @@ def rescale_product(
     return rescale(acc, x_scales, w_scales, bias, out_dtype)
 
 
-def verify(device: torch.device, dtype: torch.dtype, widths: Iterable[int]) -> str:
+def verify(target: torch.device, dtype: torch.dtype, widths: Iterable[int]) -> str:
     """Run the quantization kernel for both kinds at each layer input width (a model has a few:
     Triton compiles one variant per width) and 1, 37, 64 and 160 rows, contiguous, with a padded
     row stride and unaligned, and the epilogue on int32 products into `dtype`, against the
-    references on `device`; refuse both for the process on any error or difference. Returns
+    references on `target`; refuse both for the process on any error or difference. Returns
     "used", "not used (...)" or "refused: why"."""
     if _refused:
         return f"refused: {_refused[0]}"
-    if not applies(torch.empty((1, 1), dtype=dtype, device=device)):
+    if not applies(torch.empty((1, 1), dtype=dtype, device=target)):
         return "not used (the references run: not a CUDA GPU with triton, or not bf16/fp16/fp32)"
     try:
-        quantized = (p for width in sorted(set(widths)) if (p := _difference(device, dtype, width)))
-        problem = next(quantized, "") or _rescale_difference(device, dtype)
+        quantized = (p for width in sorted(set(widths)) if (p := _difference(target, dtype, width)))
+        problem = next(quantized, "") or _rescale_difference(target, dtype)
     except Exception as exc:  # noqa: BLE001 (a kernel that cannot run here is refused)
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     if problem:
@@ -107,7 +107,7 @@ def verify(device: torch.device, dtype: torch.dtype, widths: Iterable[int]) -> s
     return "used"
 
 
-def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
+def _difference(target: torch.device, dtype: torch.dtype, width: int) -> str:
     from guardrt.kernels.fp8_linear import quantize_rows  # noqa: PLC0415 (it imports this module)
     from guardrt.kernels.int8_dynamic import quantize_rows_int8  # noqa: PLC0415
 
@@ -115,16 +115,16 @@ def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
         "fp8": quantize_rows,
         "int8": quantize_rows_int8,
     }
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=target).manual_seed(0)
     for rows in _PROBE_ROWS:
-        wide = torch.randn((rows, width + 16), generator=generator, device=device)
-        wide *= torch.logspace(-6, 4, rows, device=device)[:, None]  # tiny to large rows
-        special = torch.tensor([0.0, -0.0, 1e-30, -3.0], device=device)[: min(width, 4)]
+        wide = torch.randn((rows, width + 16), generator=generator, device=target)
+        wide *= torch.logspace(-6, 4, rows, device=target)[:, None]  # tiny to large rows
+        special = torch.tensor([0.0, -0.0, 1e-30, -3.0], device=target)[: min(width, 4)]
         wide[0, : special.numel()] = special  # signed zeros, a value below every scale
         wide[-1, width // 2] = 2000.0  # an outlier
         narrow = wide.to(dtype)
         padded = narrow[:, :width]  # a row stride of width + 16
-        odd = torch.zeros((rows, width + 17), device=device, dtype=dtype)
+        odd = torch.zeros((rows, width + 17), device=target, dtype=dtype)
         odd[:, 1:] = narrow
         unaligned = odd[:, 1 : width + 1]  # neither the pointer nor the stride 16-aligned
         # Triton compiles a variant per alignment of the pointer and the row stride
@@ -141,14 +141,14 @@ def _difference(device: torch.device, dtype: torch.dtype, width: int) -> str:
     return ""
 
 
-def _rescale_difference(device: torch.device, dtype: torch.dtype) -> str:
-    generator = torch.Generator(device=device).manual_seed(1)
+def _rescale_difference(target: torch.device, dtype: torch.dtype) -> str:
+    generator = torch.Generator(device=target).manual_seed(1)
     for rows, cols in ((1, 48), (37, 200)):
-        acc = torch.randint(-(2**27), 2**27, (rows, cols), generator=generator, device=device)
+        acc = torch.randint(-(2**27), 2**27, (rows, cols), generator=generator, device=target)
         acc = acc.to(torch.int32)  # an int8 product's range: up to 127² · 14,336 ≈ 2.3e8
-        x_scales = torch.rand((rows, 1), generator=generator, device=device) * 1e-3
-        w_scales = torch.rand((cols, 1), generator=generator, device=device) * 1e-3
-        bias = torch.randn(cols, generator=generator, device=device).to(dtype)
+        x_scales = torch.rand((rows, 1), generator=generator, device=target) * 1e-3
+        w_scales = torch.rand((cols, 1), generator=generator, device=target) * 1e-3
+        bias = torch.randn(cols, generator=generator, device=target).to(dtype)
         for b in (None, bias):
             got = _rescale_kernel().rescale(acc, x_scales, w_scales, b, dtype)
             if not torch.equal(got, rescale(acc, x_scales, w_scales, b, dtype)):

@@ -127,22 +127,22 @@ class Shapes:
     intermediate: int
 
 
-def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
-    """Run both kernels on `shapes`' layouts against the references on `device`; refuse them
+def verify(target: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
+    """Run both kernels on `shapes`' layouts against the references on `target`; refuse them
     for the process on any error or disagreement. Returns "used", "not used (...)" or
     "refused: why" (for the load log and the benchmark's report).
 
     Run at batches of 1, 2 and 32 and 1, 37 and 64 tokens: Triton compiles a kernel again for
     integer arguments (sizes and strides) equal to 1 or divisible by 16, so these are the
     variants a served step can meet (a prefill, a batch's decode step, a padded bucket)."""
-    probe = torch.empty(0, dtype=dtype, device=device)
+    probe = torch.empty(0, dtype=dtype, device=target)
     if _refused:
         return f"refused: {_refused[0]}"
     if not applies(probe):
         return "not used (the references run: not a CUDA GPU with triton, or not bf16/fp16/fp32)"
     try:
         problem = next(
-            (p for b, t in _PROBES if (p := _disagreement(device, dtype, shapes, b, t))), ""
+            (p for b, t in _PROBES if (p := _disagreement(target, dtype, shapes, b, t))), ""
         )
     except Exception as exc:  # noqa: BLE001 (a kernel that cannot run here is refused)
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -156,12 +156,12 @@ def verify(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
 
 
 def _disagreement(
-    device: torch.device, dtype: torch.dtype, s: Shapes, batch: int, tokens: int
+    target: torch.device, dtype: torch.dtype, s: Shapes, batch: int, tokens: int
 ) -> str:
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=target).manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return torch.randn(shape, generator=generator, device=target, dtype=torch.float32)
 
     kernels = _kernels()
     x = (randn(batch, tokens, s.hidden) * 3).to(dtype)  # (B, S, D)
