@@ -106,12 +106,21 @@ class CountingSteps:
         self.copies += 1
         self.inner.copy_kv(source, target, length)
 
-    def step(self, *arrays: np.ndarray | None) -> np.ndarray:
+    def step(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        image_start: np.ndarray,
+        num_tiles: np.ndarray,
+        logit_index: np.ndarray,
+        vocab: np.ndarray | None = None,
+        log_probs: bool = False,
+    ) -> np.ndarray:
         self.steps += 1
-        index = arrays[5]
-        assert index is not None
-        self.fills += int(index.shape[1] == 1)  # constrained steps read 2 rows; fills 1
-        return self.inner.step(*arrays)  # type: ignore[arg-type]
+        self.fills += int(logit_index.shape[1] == 1)  # constrained steps read 2 rows; fills 1
+        arrays = (tokens, positions, slots, image_start, num_tiles, logit_index)
+        return self.inner.step(*arrays, vocab, log_probs)
 
 
 def assert_same_decoded(got: Sequence[Decoded], expected: Sequence[Decoded]) -> None:

@@ -8,16 +8,18 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from guardrt.export.quantize import QuantizedLinear
 from guardrt.runtime.classify import Classifier, TorchSteps
-from guardrt.runtime.decoding import Decoder, probability
+from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.model.checkpoint import load_model
@@ -30,6 +32,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.prompt import encode_prompt
 from guardrt.runtime.requests import PreparedRequest, max_new_tokens
+from guardrt.runtime.scores import probability
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label, VerdictGrammar
 from guardrt.testing.references import hf_inputs, hf_model
@@ -178,22 +181,50 @@ def test_batches_equal_requests_alone(
     assert_same_decoded(together, alone)
 
 
-def test_safe_tie_goes_to_unsafe(
-    checkpoint: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """When P(safe) == P(unsafe) the verdict fails closed."""
+def _head_edited(model: MllamaModel, edit: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """`edit` applied in place to the head's whole-vocabulary logits (B, R, vocab), before
+    anything reduces them (a category step's few rows skip the module), until the returned
+    handle's `with` block ends."""
+
+    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        edit(output)
+        return output
+
+    return model.language_model.lm_head.register_forward_hook(hook)
+
+
+def test_safe_tie_goes_to_unsafe(checkpoint: Path, tok: Tokenizer) -> None:
+    """When P(safe) == P(unsafe) the verdict fails closed (and with `safe` ahead, it is safe)."""
     model = loaded(checkpoint)
-    original = model.forward
+    hello = request(tok, "hello", None)
+    t = hello.grammar.tokens
+    for margin, label in ((1.0, Label.SAFE), (0.0, Label.UNSAFE)):
 
-    def tied(*args: Any, **kwargs: Any) -> torch.Tensor:
-        logits = original(*args, **kwargs)
-        if kwargs.get("vocab") is None:  # category steps read only their few tokens
-            logits[..., 19193] = logits[..., 39257]
-        return logits
+        def edit(logits: torch.Tensor, margin: float = margin) -> None:
+            logits[..., t.safe] = logits[..., t.unsafe] + margin
 
-    monkeypatch.setattr(model, "forward", tied)
-    result = Classifier(model).run([request(tok, "hello", None)])[0]
-    assert result.verdict().label is Label.UNSAFE
+        with _head_edited(model, edit):
+            assert Classifier(model).run([hello])[0].verdict().label is label, margin
+
+
+def test_a_nan_in_any_logit_fails_closed(checkpoint: Path, tok: Tokenizer) -> None:
+    """One NaN logit of a token the verdict never reads (a faulty kernel's) turns a `safe`
+    verdict `unsafe`: the normaliser over the whole vocabulary is NaN, so is every
+    log-probability."""
+    model = loaded(checkpoint)
+    hello = request(tok, "hello", None)
+    t = hello.grammar.tokens
+    for poisoned, label in ((False, Label.SAFE), (True, Label.UNSAFE)):
+
+        def edit(logits: torch.Tensor, poisoned: bool = poisoned) -> None:
+            logits[..., t.safe] = logits[..., t.unsafe] + 5.0
+            if poisoned:
+                logits[..., 1000] = float("nan")
+
+        with _head_edited(model, edit):
+            result = Classifier(model).run([hello])[0]
+        assert result.verdict().label is label, poisoned
+        assert math.isnan(result.unsafe_probability) is poisoned
 
 
 @pytest.mark.parametrize("decode", ["constrained", "greedy"])

@@ -23,7 +23,7 @@ from guardrt.kernels.int8_dynamic import int8_dynamic_linear
 from guardrt.runtime import static_steps
 from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.classify import Classifier, TorchSteps
-from guardrt.runtime.decoding import PAD_ID, category_vocab
+from guardrt.runtime.decoding import PAD_ID
 from guardrt.runtime.engine import EngineOptions, torch_engine
 from guardrt.runtime.engine.torch_engine import TorchEngine
 from guardrt.runtime.model.cache import CacheLayout, KVCache
@@ -31,6 +31,7 @@ from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.scores import category_vocab, prefill_vocab
 from guardrt.runtime.static_steps import BucketKey, Buckets, StaticSteps, pad_step
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label
@@ -89,11 +90,14 @@ def test_default_buckets() -> None:
     assert buckets.key(4, 300, 300, cross=False) is None  # 4 × 320 tokens: compute-bound
     assert buckets.key(1, 2, 300, cross=False, vocab=15) == BucketKey(1, 2, 512, False, 16)
     assert buckets.key(1, 2, 300, cross=False, vocab=2000) is None  # more codes than a bucket
+    prefill = BucketKey(1, 384, 512, True, 64, log_probs=True)
+    assert buckets.key(1, 360, 364, cross=True, vocab=17, log_probs=True) == prefill
+    assert buckets.key(1, 360, 364, cross=True, vocab=16, log_probs=True) == prefill
 
 
 def test_category_steps_compute_only_the_tokens_they_read(checkpoint: Path, tok: Tokenizer) -> None:
-    """A category step's head computes the listed codes, `,S` and the end only: those logits
-    equal the full head's, the rest are -inf (padded or not)."""
+    """A category step's head computes the listed codes, `,S` and the end only, and returns
+    those columns (padded or not): they equal the full head's logits."""
     requests = _requests(tok)
     vocab = category_vocab([r.grammar for r in requests])
     grammar = requests[0].grammar
@@ -101,18 +105,46 @@ def test_category_steps_compute_only_the_tokens_they_read(checkpoint: Path, tok:
     assert set(vocab.tolist()) == expected_ids  # S1..S13, ",S" and <|eot_id|>
     assert len(vocab) == 15
     model = _model(checkpoint, 3)
-    arrays = (
+    full = TorchSteps(model).step(*_two_rows())
+    for steps in (TorchSteps(model), StaticSteps(model)):
+        got = steps.step(*_two_rows(), vocab)
+        assert got.shape == (*full.shape[:2], len(vocab))
+        np.testing.assert_allclose(got, full[..., vocab], rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_reads_log_probabilities_of_its_tokens(checkpoint: Path, tok: Tokenizer) -> None:
+    """With `log_probs` a step returns the log-softmax over the whole vocabulary (computed on
+    the device), at `vocab`'s ids or everywhere, through eager and padded steps alike."""
+    requests = _requests(tok)
+    vocab = prefill_vocab([r.grammar for r in requests])
+    tokens = requests[0].grammar.tokens
+    assert {tokens.safe, tokens.unsafe} < set(vocab.tolist())
+    assert len(vocab) == 17  # the category step's 15, safe and unsafe
+    model = _model(checkpoint, 3)
+    logits = torch.from_numpy(TorchSteps(model).step(*_two_rows())).double()  # (B, R, vocab)
+    expected = torch.log_softmax(logits, dim=-1).numpy()
+    for steps in (TorchSteps(model), StaticSteps(model)):
+        everywhere = steps.step(*_two_rows(), None, True)
+        np.testing.assert_allclose(everywhere, expected, rtol=1e-5, atol=1e-5)
+        got = steps.step(*_two_rows(), vocab, True)
+        assert got.shape == (2, 2, len(vocab))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected[..., vocab], rtol=1e-5, atol=1e-5)
+    steps = StaticSteps(model)
+    steps.step(*_two_rows(), vocab, True)
+    assert [(k.vocab, k.log_probs) for k in steps._steps] == [(64, True)]
+
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _two_rows() -> Arrays:
+    """A step's six arrays: two text rows, 3 and 2 tokens, reading 2 rows each."""
+    return (
         np.array([[791, 1202, 264], [40, 41, PAD_ID]]), np.array([[0, 1, 2], [0, 1, 2]]),
         np.array([0, 1]), np.array([MAX_SEQ, MAX_SEQ]), np.array([0, 0]),
         np.array([[2, 1], [1, 0]]),
     )  # fmt: skip
-    full = TorchSteps(model).step(*arrays)
-    for steps in (TorchSteps(model), StaticSteps(model)):
-        got = steps.step(*arrays, vocab)
-        assert got.shape == full.shape
-        np.testing.assert_allclose(got[..., vocab], full[..., vocab], rtol=1e-5, atol=1e-5)
-        rest = np.setdiff1d(np.arange(full.shape[-1]), vocab)
-        assert np.isneginf(got[..., rest]).all()
 
 
 def test_pad_step_fills_the_bucket() -> None:
@@ -400,7 +432,7 @@ def test_common_steps_set_up_before_traffic_serve_it(checkpoint: Path, tok: Toke
     expected += [Classifier(_model(checkpoint, 2 + 1), prefixes=1).run([r])[0] for r in requests]
     model = _model(checkpoint, 2 + 1 + 1)
     steps = StaticSteps(model)
-    keys = steps.common_keys()
+    keys = steps.common_keys(len(prefill_vocab([r.grammar for r in requests])))
     assert all(k.batch == 1 for k in keys)
     assert {k.tokens for k in keys} == set(steps.buckets.tokens)
     assert steps.prepare(keys) == len(keys)
@@ -464,8 +496,9 @@ def test_the_engine_warms_up_and_serves_through_static_steps(
     requests = _requests(tok)
     engine.warmup(requests[:2])
     # The common steps of every batch up to min(warmup_max_batch 4, max_batch 3): 1 and 2.
-    assert set(steps.common_keys(max_batch=3)) <= set(steps._steps)
-    assert any(k.batch == 2 for k in steps.common_keys(max_batch=3))
+    label = len(prefill_vocab([r.grammar for r in requests[:2]]))
+    assert set(steps.common_keys(label, max_batch=3)) <= set(steps._steps)
+    assert any(k.batch == 2 for k in steps.common_keys(label, max_batch=3))
     assert {k.batch for k in steps._steps} >= {1, 2, 4}  # 3 rows land in the 4-row bucket
     warmed = set(steps._steps)
     assert_same_decoded(engine.execute(requests[:3]), plain.execute(requests[:3]))

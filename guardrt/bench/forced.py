@@ -31,6 +31,7 @@ class ForcedSteps:
         self.max_batch, self.max_seq = inner.max_batch, inner.max_seq
         tokens = grammar.tokens
         self._label = tokens.safe if path == "safe" else tokens.unsafe
+        self._other = tokens.unsafe if path == "safe" else tokens.safe
         self._code = grammar.token_by_code[code]
         self._end = tokens.eot
         self._steps = 0
@@ -56,17 +57,25 @@ class ForcedSteps:
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
         vocab: np.ndarray | None = None,
+        log_probs: bool = False,
     ) -> np.ndarray:
-        logits = self.inner.step(
-            tokens, positions, slots, image_start, num_tiles, logit_index, vocab
-        )
+        scores = self.inner.step(
+            tokens, positions, slots, image_start, num_tiles, logit_index, vocab, log_probs
+        )  # (B, R, V)
         if logit_index.shape[1] == 1:  # filling a shared prefix row: no decision read
-            return logits
-        top = _TOP  # above any real logit; -inf outside `vocab` is below it
+            return scores
+
+        def column(token: int) -> int:
+            return token if vocab is None else int(np.searchsorted(vocab, token))
+
         if self._steps == 0:  # the prefill: rows (label, category)
-            logits[:, 0, self._label] = top
-            logits[:, 1, self._code] = top
+            if log_probs:  # probability 1 for the label, 0 for the other one
+                scores[:, 0, column(self._other)] = -np.inf
+                scores[:, 0, column(self._label)] = 0.0
+            else:  # above any real logit
+                scores[:, 0, column(self._label)] = _TOP
+            scores[:, 1, column(self._code)] = _TOP  # read as a softmax over the codes only
         else:  # a category step: rows (after the code, after ",S")
-            logits[:, 0, self._end] = top
+            scores[:, 0, column(self._end)] = _TOP
         self._steps += 1
-        return logits
+        return scores

@@ -47,13 +47,14 @@ from guardrt.bench.timing import times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
-from guardrt.runtime.decoding import Decoder, probability
+from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
 from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.preprocess import ImageConfig
+from guardrt.runtime.scores import prefill_vocab, probability
 from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.testing.timing import machine
@@ -142,7 +143,8 @@ def _precision_run(
         torch.cuda.reset_peak_memory_stats(device)
     prepared = time.perf_counter()
     if isinstance(steps, StaticSteps):  # what the engine captures before serving
-        steps.prepare(steps.common_keys())
+        label = len(prefill_vocab([r.grammar for r in requests.values()]))
+        steps.prepare(steps.common_keys(label))
     prepare_s = time.perf_counter() - prepared
     warmup_s = cases.warm_up(steps, list(requests.values()))
     graphs = run.setdefault("cuda_graphs", {})

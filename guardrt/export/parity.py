@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from guardrt.runtime.decoding import StepModel, softmax
+from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.scores import softmax
 
 LABEL_ROW = 1  # of the three compared rows: last prompt token, label, category
 

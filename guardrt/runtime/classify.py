@@ -2,7 +2,7 @@
 
 The decoding loop (`decoding.py`) is torch-free and shared with the ONNX back end; this file is
 only the adapter: numpy ids in, the model's cache-backed forward under inference mode, fp32
-logits back as numpy.
+logits (or log-probabilities) back as numpy.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from guardrt.runtime.decoding import Decode, Decoder, widen
+from guardrt.runtime.decoding import Decode, Decoder
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.preprocess import TiledImage
 
@@ -24,7 +24,6 @@ class TorchSteps:
         self.model = model
         self.max_batch, self.max_seq = model.max_batch, model.max_seq
         self.device = model.device
-        self.vocab_size = model.config.text.vocab_size
 
     def _tensor(self, values: np.ndarray | Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
@@ -68,17 +67,19 @@ class TorchSteps:
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
         vocab: np.ndarray | None = None,
+        log_probs: bool = False,
     ) -> np.ndarray:
         inputs = (tokens, positions, slots, image_start, num_tiles, logit_index)
         kv_len = int(positions.max()) + 1  # from the host arrays: no wait for the GPU
-        logits = self.model(
+        scores = self.model(
             *(self._tensor(x) for x in inputs),
             kv_len=kv_len,
             use_cross=bool(num_tiles.any()),
             vocab=None if vocab is None else self._tensor(vocab),
-        )
-        result: np.ndarray = logits.cpu().numpy()
-        return result if vocab is None else widen(result, vocab, self.vocab_size)
+            log_probs=log_probs,
+        )  # (B, R, vocab size or V')
+        result: np.ndarray = scores.cpu().numpy()
+        return result
 
 
 class Classifier(Decoder):

@@ -14,7 +14,9 @@ outside it is an error verdict.
 Ties between `safe` and `unsafe` go to `unsafe`: a safety classifier fails closed.
 
 No torch here: every back end implements `StepModel` (image K/V into cache rows, one forward
-step → numpy logits) and shares this loop, so the torch and ONNX engines decide alike.
+step → numpy logits or log-probabilities of the ids asked for) and shares this loop, so the
+torch and ONNX engines decide alike. The prefill asks for the log-probabilities of the ~17 ids
+it reads, so the softmax over the vocabulary runs on the device (`scores.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prefixes import PrefixTable
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
+from guardrt.runtime.scores import (
+    TokenScores,
+    category_probabilities,
+    category_vocab,
+    prefill_vocab,
+    probability,
+)
 from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
 from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
 from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
@@ -69,20 +78,16 @@ class StepModel(Protocol):
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
         vocab: np.ndarray | None = None,
+        log_probs: bool = False,
     ) -> np.ndarray:
         """One forward: int64 tokens, positions (B, S), slots, image_start, num_tiles (B,),
-        logit_index (B, R) → float32 logits (B, R, vocab size). K/V of the step are stored at
+        logit_index (B, R) → float32 (B, R, V) at those rows. K/V of the step are stored at
         (slot, position); rows are right-padded and only their real positions are read later.
-        `vocab` (sorted int64 ids), when given, lists the only tokens the caller reads: logits of
-        the others may be -inf (the head need not compute them; see `widen`)."""
+        V is the vocabulary size, or with `vocab` (sorted int64 ids, the only tokens the
+        caller reads) len(vocab), column j holding token vocab[j]: the head need not compute
+        the others. The values are logits, or with `log_probs` log-softmax values over the
+        whole vocabulary (the normaliser is reduced where the logits are; see `scores.py`)."""
         ...
-
-
-def widen(logits: np.ndarray, vocab: np.ndarray, size: int) -> np.ndarray:
-    """Logits (…, V') of the ids `vocab` as (…, size) with -inf everywhere else."""
-    full = np.full((*logits.shape[:-1], size), -np.inf, dtype=np.float32)
-    full[..., vocab] = logits
-    return full
 
 
 @dataclass
@@ -96,7 +101,7 @@ class _Row:
     state: GrammarState = field(default_factory=GrammarState)
     unsafe_probability: float = math.nan
     category_probabilities: dict[str, float] = field(default_factory=dict)
-    code_logits: np.ndarray | None = None
+    code_scores: TokenScores | None = None
     done: bool = False
     skip: int = 0  # prompt tokens already in the slot's cache (a session's common prefix)
     session: SessionState | None = None
@@ -107,42 +112,6 @@ def parse_decode(value: str) -> Decode:
         if value == decode:
             return decode
     raise ConfigError(f"decode must be one of {DECODES}, not {value!r}")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, computed in float64 (vocab-wide sums of tiny terms)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    weights = np.exp(shifted)
-    result: np.ndarray = weights / weights.sum(axis=-1, keepdims=True)
-    return result
-
-
-def probability(logits: np.ndarray, token: int) -> float:
-    """softmax(logits)[token] for one row of logits (vocab,). The normaliser's exponentials are
-    float32 (each within ~1e-7 relative; those that underflow are below 1e-38 of the largest,
-    which is 1) summed in float64; the token's own term is float64, so a tiny probability stays
-    tiny, not 0. 6× cheaper than a float64 softmax, ~2 ms per row of 128,256 logits here."""
-    top = float(logits.max())
-    weights = np.exp(logits - top, dtype=np.float32)  # (vocab,); exp(-inf) = 0
-    return math.exp(float(logits[token]) - top) / float(weights.sum(dtype=np.float64))
-
-
-def category_probabilities(grammar: VerdictGrammar, logits: np.ndarray) -> dict[str, float]:
-    """P(S_k | unsafe): the logits (vocab,) at the category step, softmaxed over the listed
-    codes' number tokens only (the only tokens the grammar allows there)."""
-    tokens = [grammar.token_by_code[code] for code in grammar.codes]
-    weights = softmax(logits[tokens])
-    return {code: float(w) for code, w in zip(grammar.codes, weights, strict=True)}
-
-
-def category_vocab(grammars: Sequence[VerdictGrammar]) -> np.ndarray:
-    """The only tokens a category step reads (sorted ids): after a code, `,S` or the end;
-    after `,S`, the listed codes' numbers. The head computes these rows and no others."""
-    tokens: set[int] = set()
-    for grammar in grammars:
-        tokens.update(grammar.token_by_code.values())
-        tokens.update((grammar.tokens.comma_s, grammar.tokens.eot))
-    return np.asarray(sorted(tokens), dtype=np.int64)
 
 
 def _ids(values: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
@@ -232,7 +201,7 @@ class Decoder:
             prefix = row.request.prompt[:length]
             slot, ready = self.prefixes.lookup(prefix)
             if not ready:
-                try:
+                try:  # nothing is read: asked as a prefill is, it replays a prefill's graph
                     self.model.step(
                         _ids([prefix]),
                         _ids([list(range(length))]),
@@ -240,6 +209,7 @@ class Decoder:
                         _ids([self.model.max_seq]),  # no image
                         _ids([0]),
                         _ids([[length - 1]]),
+                        *self._prefill_asks([row.request.grammar]),
                     )
                 except BaseException:
                     self.prefixes.forget(prefix)
@@ -267,9 +237,11 @@ class Decoder:
         tokens: list[list[int]],
         offsets: list[list[int]],
         vocab: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Feed each row its tokens (right-padded) and return fp32 logits (B, R, vocab) at
-        `offsets` (indices into each row's tokens); only `vocab`'s ids are read when given."""
+        log_probs: bool = False,
+    ) -> list[list[TokenScores]]:
+        """Feed each row its tokens (right-padded) and return its scores at `offsets` (indices
+        into each row's tokens): [row][offset], of `vocab`'s ids only when given, logits or
+        with `log_probs` log-probabilities (`StepModel.step`)."""
         width = max(len(t) for t in tokens)
         padded = [t + [PAD_ID] * (width - len(t)) for t in tokens]
         # A row's pads continue its positions (after its real tokens, so its real queries never
@@ -285,7 +257,7 @@ class Decoder:
             for row in rows
         ]
         tiles = [row.request.image.num_tiles if row.request.image else 0 for row in rows]
-        logits = self.model.step(
+        values = self.model.step(
             _ids(padded),
             _ids(positions),
             _ids([row.slot for row in rows]),
@@ -293,17 +265,27 @@ class Decoder:
             _ids(tiles),
             _ids(offsets),
             vocab,
-        )
+            log_probs,
+        )  # (B, R, V)
         for row, fed in zip(rows, tokens, strict=True):
             row.next_position += len(fed)
         if not self._prefilled:  # the batch's first forward: its prefill ends here
             self._prefilled = time.perf_counter()
-        return logits
+        return [[TokenScores(at, vocab) for at in row_values] for row_values in values]
 
-    def _label_scores(self, row: _Row, label_logits: np.ndarray, code_logits: np.ndarray) -> None:
+    def _prefill_asks(self, grammars: Sequence[VerdictGrammar]) -> tuple[np.ndarray | None, bool]:
+        """(vocab, log_probs) of a prefill: constrained decoding reads the log-probabilities of
+        `prefill_vocab`'s ids, greedy decoding every logit."""
+        if self.decode == "constrained":
+            return prefill_vocab(grammars), True
+        return None, False
+
+    def _label_scores(self, row: _Row, label: TokenScores, code: TokenScores) -> None:
+        """From the prefill's log-probabilities: P(unsafe) within ~|log P| · 6e-8 relative
+        (a float32 log-probability), and the category distribution."""
         grammar = row.request.grammar
-        row.unsafe_probability = probability(label_logits, grammar.tokens.unsafe)
-        row.category_probabilities = category_probabilities(grammar, code_logits)
+        row.unsafe_probability = math.exp(label[grammar.tokens.unsafe])
+        row.category_probabilities = category_probabilities(grammar, code)
 
     def _advance(self, row: _Row, token: int) -> None:
         state = row.request.grammar.advance(row.state, token)
@@ -311,77 +293,80 @@ class Decoder:
         row.state, row.done = state, state.done
         row.generated.append(token)
 
-    def _pick(self, row: _Row, logits: np.ndarray) -> int:
-        """The allowed token with the highest logit (the first allowed wins ties)."""
+    def _pick(self, row: _Row, scores: TokenScores) -> int:
+        """The allowed token with the highest score (the first allowed wins ties)."""
         allowed = row.request.grammar.allowed(row.state)
-        return allowed[int(np.argmax(logits[list(allowed)]))]
+        return allowed[int(np.argmax(scores.of(allowed)))]
 
     def _constrained(self, rows: list[_Row]) -> None:
         first = rows[0].request.grammar.tokens
         suffix = [first.blank, first.unsafe, first.newline, first.s]
-        logits = self._step(
+        scores = self._step(
             rows,
             [list(row.request.prompt[row.skip :]) + suffix for row in rows],
             [[len(row.request.prompt) - row.skip + i for i in (0, 3)] for row in rows],
+            *self._prefill_asks([row.request.grammar for row in rows]),
         )
-        for row, (label_logits, code_logits) in zip(rows, logits, strict=True):
-            self._label_scores(row, label_logits, code_logits)
+        for row, (label, code) in zip(rows, scores, strict=True):
+            self._label_scores(row, label, code)
             self._advance(row, first.blank)
-            # `safe` only when strictly more likely: a tie, or logits a broken kernel made NaN
-            # (every comparison false), fail closed.
+            # `safe` only when strictly more likely: a tie, or scores a broken kernel made NaN
+            # (every comparison false; a NaN anywhere in the row makes its normaliser and so
+            # every log-probability NaN), fail closed. Rounding log-probabilities to float32
+            # keeps the logits' order or makes a tie, never flips it.
             tokens = row.request.grammar.tokens
-            safer = label_logits[tokens.safe] > label_logits[tokens.unsafe]
+            safer = label[tokens.safe] > label[tokens.unsafe]
             self._advance(row, tokens.safe if safer else tokens.unsafe)
             while not row.done and (forced := row.request.grammar.forced(row.state)) is not None:
                 self._advance(row, forced)  # safe → eot; unsafe → \n, S
-            row.code_logits = code_logits
+            row.code_scores = code
         active = [row for row in rows if not row.done]
         while active:
             for row in active:
-                assert row.code_logits is not None
-                self._advance(row, self._pick(row, row.code_logits))
+                assert row.code_scores is not None
+                self._advance(row, self._pick(row, row.code_scores))
                 if (forced := row.request.grammar.forced(row.state)) is not None:
                     self._advance(row, forced)  # every listed code given: <|eot_id|>
             active = [row for row in active if not row.done]
             if not active:
                 break
             comma = active[0].request.grammar.tokens.comma_s
-            logits = self._step(
+            scores = self._step(
                 active,
                 [[row.generated[-1], comma] for row in active],
                 [[0, 1]] * len(active),
                 category_vocab([row.request.grammar for row in active]),
             )
-            for row, (after_code, after_comma) in zip(active, logits, strict=True):
+            for row, (after_code, after_comma) in zip(active, scores, strict=True):
                 choice = self._pick(row, after_code)
                 self._advance(row, choice)
-                row.code_logits = after_comma
+                row.code_scores = after_comma
             active = [row for row in active if not row.done]
 
     def _greedy(self, rows: list[_Row]) -> None:
-        logits = self._step(
+        scores = self._step(
             rows,
             [list(row.request.prompt[row.skip :]) for row in rows],
             [[len(row.request.prompt) - 1 - row.skip] for row in rows],
         )
         active = rows
         while active:
-            for row, step_logits in zip(active, logits[:, 0], strict=True):
-                self._record_greedy_scores(row, step_logits)
-                token = int(np.argmax(step_logits))
+            for row, (logits,) in zip(active, scores, strict=True):  # the whole vocabulary
+                self._record_greedy_scores(row, logits)
+                token = int(np.argmax(logits.values))
                 row.generated.append(token)
                 limit = max_new_tokens(row.request.grammar)
                 row.done = token in STOP_IDS or len(row.generated) >= limit
             active = [row for row in active if not row.done]
             if active:
-                logits = self._step(
+                scores = self._step(
                     active, [[row.generated[-1]] for row in active], [[0]] * len(active)
                 )
 
-    def _record_greedy_scores(self, row: _Row, logits: np.ndarray) -> None:
+    def _record_greedy_scores(self, row: _Row, logits: TokenScores) -> None:
         """Scores from the steps where the greedy output follows the grammar's path."""
         tokens = row.request.grammar.tokens
         if row.generated == [tokens.blank]:
-            row.unsafe_probability = probability(logits, tokens.unsafe)
+            row.unsafe_probability = probability(logits.values, tokens.unsafe)
         if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
             row.category_probabilities = category_probabilities(row.request.grammar, logits)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from guardrt.runtime.classify import TorchSteps
-from guardrt.runtime.decoding import PAD_ID, widen
+from guardrt.runtime.decoding import PAD_ID
 from guardrt.runtime.model.mllama import MllamaModel
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class BucketKey:
     tokens: int
     keys: int
     cross: bool  # whether the step runs the cross-attention layers (any row has an image)
-    vocab: int = 0  # head rows computed (a category step's few tokens), 0: the whole vocabulary
+    vocab: int = 0  # token ids returned (a category step's few head rows), 0: every token
+    log_probs: bool = False  # log-softmax values (a constrained prefill), not logits
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class Buckets:
     keys: tuple[int, ...]
     max_tokens: int
     vocab: tuple[int, ...] = (16, 64, 256, 1024)  # a category step's head rows (codes + 2)
+    # A constrained prefill's log-probabilities (codes + 4: 17 for the default policy). Its
+    # head computes every row regardless, so one coarse bucket serves policies of 1 to 60
+    # categories alike (fewer graphs), where head rows are worth a finer step.
+    label_vocab: tuple[int, ...] = (64, 1024)
 
     @classmethod
     def default(cls, max_batch: int, max_seq: int, max_tokens: int = 1024) -> Buckets:
@@ -77,16 +82,27 @@ class Buckets:
         return cls(tuple(batch), tuple(tokens), tuple(keys), max_tokens)
 
     def key(
-        self, batch: int, tokens: int, kv_len: int, cross: bool, vocab: int = 0
+        self,
+        batch: int,
+        tokens: int,
+        kv_len: int,
+        cross: bool,
+        vocab: int = 0,
+        log_probs: bool = False,
     ) -> BucketKey | None:
         """The smallest bucket holding a step, or None when it has none (too large)."""
         b = next((x for x in self.batch if x >= batch), None)
         t = next((x for x in self.tokens if x >= tokens), None)
         k = next((x for x in self.keys if x >= kv_len), None)
-        v = next((x for x in self.vocab if x >= vocab), None) if vocab else 0
+        v = self.vocab_bucket(vocab, log_probs)
         if b is None or t is None or k is None or v is None or b * t > self.max_tokens:
             return None
-        return BucketKey(b, t, k, cross, v)
+        return BucketKey(b, t, k, cross, v, log_probs)
+
+    def vocab_bucket(self, vocab: int, log_probs: bool) -> int | None:
+        """The smallest bucket holding `vocab` ids returned (0: every token), None past them."""
+        sizes = self.label_vocab if log_probs else self.vocab
+        return next((x for x in sizes if x >= vocab), None) if vocab else 0
 
 
 @dataclass(frozen=True)
@@ -185,7 +201,7 @@ class _Static:
         logits: torch.Tensor = self.model(
             tokens, positions, slots, image_start, num_tiles, logit_index,
             kv_len=self.key.keys, use_cross=self.key.cross,
-            vocab=vocab if self.key.vocab else None,
+            vocab=vocab if self.key.vocab else None, log_probs=self.key.log_probs,
         )  # fmt: skip
         return logits
 
@@ -295,17 +311,28 @@ class StaticSteps(TorchSteps):
         self._steps[key] = static
         return static
 
-    def common_keys(self, max_batch: int = 1) -> list[BucketKey]:
+    def common_keys(self, prefill_vocab: int, max_batch: int = 1) -> list[BucketKey]:
         """The buckets a served request meets most, to capture before traffic: for batches up to
         `max_batch`, every prefill width with the smallest and the next key bucket (a request
         after a shared prefix attends to more keys than it feeds), with and without an image,
-        and the category steps over the keys a prompt of up to 1,024 tokens needs."""
+        and the category steps over the keys a prompt of up to 1,024 tokens needs.
+        `prefill_vocab`: how many ids a constrained prefill reads (`scores.prefill_vocab` of
+        the policies served), 0 for greedy decoding (logits of every token, no category
+        steps)."""
         b, vocab = self.buckets, self.buckets.vocab[0]
+        label = b.vocab_bucket(prefill_vocab, log_probs=True)
+        if label is None:
+            return []  # more categories than a bucket: prefills run eagerly anyway
         found: list[BucketKey] = []
         for batch in (x for x in b.batch if x <= max_batch):
             for tokens in (t for t in b.tokens if t > 2 and batch * t <= b.max_tokens):
                 for keys in [k for k in b.keys if k >= tokens][:2]:
-                    found += [BucketKey(batch, tokens, keys, cross) for cross in (False, True)]
+                    found += [
+                        BucketKey(batch, tokens, keys, cross, label, log_probs=label > 0)
+                        for cross in (False, True)
+                    ]
+            if not prefill_vocab:
+                continue
             for keys in (k for k in b.keys if 256 <= k <= 1024):
                 found += [BucketKey(batch, 2, keys, cross, vocab) for cross in (False, True)]
         return found
@@ -358,6 +385,7 @@ class StaticSteps(TorchSteps):
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
         vocab: np.ndarray | None = None,
+        log_probs: bool = False,
     ) -> np.ndarray:
         arrays = (tokens, positions, slots, image_start, num_tiles, logit_index)
         batch, rows = tokens.shape[0], logit_index.shape[1]
@@ -367,6 +395,7 @@ class StaticSteps(TorchSteps):
             int(positions.max()) + 1,
             bool(num_tiles.any()),
             0 if vocab is None else len(vocab),
+            log_probs,
         )
         padded = None if key is None else pad_step(arrays, key, self.scratch, self.max_seq, vocab)
         if key is not None and padded is not None:
@@ -375,12 +404,12 @@ class StaticSteps(TorchSteps):
         static = None if key is None or padded is None else self._static(key, padded)
         if static is None:
             self.eager_steps += 1
-            return super().step(*arrays, vocab)
-        logits = static.run()[:batch, :rows]  # (B, R, vocab or Vb)
-        result: np.ndarray = logits.cpu().numpy()
-        if vocab is None:
-            return result
-        return widen(result[..., : len(vocab)], vocab, self.vocab_size)
+            return super().step(*arrays, vocab, log_probs)
+        scores = static.run()[:batch, :rows]  # (B, R, vocab size or Vb)
+        if vocab is not None:
+            scores = scores[..., : len(vocab)]  # (B, R, V'): the bucket's repeats dropped
+        result: np.ndarray = scores.cpu().numpy()
+        return result
 
 
 def uses_graphs(device: torch.device, enabled: bool = True) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.scores import log_softmax_of
 
 
 def vision_feeds(
@@ -98,8 +99,11 @@ class GraphSteps:
         image_start: np.ndarray,
         num_tiles: np.ndarray,
         logit_index: np.ndarray,
-        vocab: np.ndarray | None = None,  # the graph's head computes every token regardless
+        vocab: np.ndarray | None = None,
+        log_probs: bool = False,
     ) -> np.ndarray:
+        """`StepModel.step`. The graph's head computes every token regardless; `vocab` and
+        `log_probs` are applied here on the host."""
         past = int(positions[:, 0].max())  # every row's past lies below its first position
         self._reserve(past)
         past_kv = self.self_kv[:, :, slots, :, :past]  # (Ls, 2, B, Hkv, P, d)
@@ -120,7 +124,10 @@ class GraphSteps:
             }
         )
         self._store(present, slots, positions)
-        return logits
+        if log_probs:
+            return log_softmax_of(logits, vocab)
+        picked: np.ndarray = logits if vocab is None else logits[..., vocab]  # (B, R, V')
+        return picked
 
     def _store(self, present: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
         """present (Ls, 2, B, Hkv, S, d) at (slot, position); positions stay below max_seq

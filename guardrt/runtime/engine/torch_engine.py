@@ -19,6 +19,7 @@ from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import SEMANTICS
 from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.requests import Decoded, PreparedRequest
+from guardrt.runtime.scores import prefill_vocab
 from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ class TorchEngine:
         started = time.perf_counter()
         if isinstance(self.steps, StaticSteps):
             largest = max(1, min(self.options.warmup_max_batch, self.info.max_batch))
-            self.steps.prepare(self.steps.common_keys(max_batch=largest))
+            constrained = self.classifier.decode == "constrained" and bool(sample)
+            label = len(prefill_vocab([r.grammar for r in sample])) if constrained else 0
+            self.steps.prepare(self.steps.common_keys(label, max_batch=largest))
         for request in sample:
             self.execute([request])
         self.execute(sample)

@@ -149,6 +149,7 @@ class MllamaModel(nn.Module):
         kv_len: int | None = None,
         use_cross: bool | None = None,
         vocab: torch.Tensor | None = None,
+        log_probs: bool = False,
     ) -> torch.Tensor:
         """One step for a batch of B requests (prefill or decode) on the cache.
 
@@ -161,7 +162,8 @@ class MllamaModel(nn.Module):
         kv_len (> every position: the cache positions attended to) and use_cross (whether any
         row has an image) are read off the tensors when not given; a caller that knows them on
         the host passes them, so the step never waits for the GPU (and can be captured in a
-        CUDA graph). vocab (V',) token ids: logits (B, R, V') of those tokens only.
+        CUDA graph). vocab (V',) token ids: logits (B, R, V') of those tokens only. log_probs:
+        log-softmax over the whole vocabulary instead of logits (then at `vocab` only).
         """
         if kv_len is None:
             kv_len = int(positions.max()) + 1
@@ -178,6 +180,7 @@ class MllamaModel(nn.Module):
             self_mask=causal_cache_mask(positions, kv_len),
             use_cross=use_cross,
             vocab=vocab,
+            log_probs=log_probs,
         )
 
     def step(
@@ -192,6 +195,7 @@ class MllamaModel(nn.Module):
         self_mask: torch.Tensor,
         use_cross: bool,
         vocab: torch.Tensor | None = None,
+        log_probs: bool = False,
     ) -> torch.Tensor:
         """The decoder over any K/V store (the cache here, graph inputs in export): `forward`'s
         arguments, the store, its self-attention mask (B, 1, S, K) and whether to run the
@@ -225,6 +229,9 @@ class MllamaModel(nn.Module):
         )  # (B, R, D)
         normed = self.language_model.model.norm(picked)
         head = self.language_model.lm_head
+        if log_probs:  # the normaliser needs every logit; then only `vocab`'s come back
+            scores = torch.log_softmax(head(normed).float(), dim=-1)  # (B, R, vocab)
+            return scores if vocab is None else scores[..., vocab]  # (B, R, V')
         if vocab is None:
             logits = head(normed)  # (B, R, vocab)
         elif isinstance(head, nn.Linear):  # read only the head's rows of `vocab`
