@@ -293,7 +293,8 @@ def test_a_static_step_never_reads_the_device_back(
     steps = StaticSteps(model, capture=False)
     Classifier(model, prefixes=1, steps=steps).run(_requests(tok))
     assert {k.cross for k in steps._steps} == {True, False}
-    assert any(k.vocab for k in steps._steps)
+    assert any(k.vocab and not k.log_probs for k in steps._steps)  # category steps
+    assert any(k.log_probs for k in steps._steps)  # prefills, their log-softmax included
     for static in steps._steps.values():
         with torch.inference_mode(), _OpRecorder() as recorder:
             static.forward()
