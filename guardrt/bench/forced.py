@@ -15,6 +15,7 @@ import numpy as np
 
 from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.scores import columns
 from guardrt.runtime.verdict import VerdictGrammar
 
 Path = Literal["safe", "unsafe"]
@@ -66,7 +67,7 @@ class ForcedSteps:
             return scores
 
         def column(token: int) -> int:
-            return token if vocab is None else int(np.searchsorted(vocab, token))
+            return token if vocab is None else int(columns(vocab, np.asarray([token]))[0])
 
         if self._steps == 0:  # the prefill: rows (label, category)
             if log_probs:  # probability 1 for the label, 0 for the other one

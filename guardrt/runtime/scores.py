@@ -36,19 +36,24 @@ class TokenScores:
         """The values of `ids` (n,), in their order; an id the step did not return is a bug
         in the caller (it asked for the wrong `vocab`), so it raises."""
         wanted = np.asarray(ids, dtype=np.int64)  # (n,)
-        columns = wanted
-        if self.vocab is not None:
-            columns = np.searchsorted(self.vocab, wanted)  # (n,)
-            found = columns < len(self.vocab)
-            found[found] = self.vocab[columns[found]] == wanted[found]
-            if not found.all():
-                missing = wanted[~found].tolist()
-                raise KeyError(f"token ids {missing} are not among the step's {len(self.vocab)}")
-        picked: np.ndarray = self.values[columns]
+        at = wanted if self.vocab is None else columns(self.vocab, wanted)  # (n,)
+        picked: np.ndarray = self.values[at]
         return picked
 
     def __getitem__(self, token: int) -> float:
         return float(self.of([token])[0])
+
+
+def columns(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The columns (n,) of the token ids `ids` (n,) in a step's output over the sorted ids
+    `vocab`; an id not among them raises `KeyError` (never the neighbouring column)."""
+    found_at = np.searchsorted(vocab, ids)  # (n,)
+    found = found_at < len(vocab)
+    found[found] = vocab[found_at[found]] == ids[found]
+    if not found.all():
+        missing = ids[~found].tolist()
+        raise KeyError(f"token ids {missing} are not among the step's {len(vocab)}")
+    return found_at
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
