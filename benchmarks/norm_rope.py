@@ -5,18 +5,20 @@ Usage: python benchmarks/norm_rope.py [--out FILE]
        python benchmarks/norm_rope.py --dry-run   (CPU, tiny shapes, the interpreter: the check)
 
 For rows from a decode step (1) to a batch-32 prefill, the µs of the decoder's RMSNorm (4,096
-wide), the cross layers' q norm (128 wide, on a transposed view), RoPE on q and k (strided
+wide), its residual add and RMSNorm in one (the plain reference: an add, then the norm), the
+cross layers' q norm (128 wide, on a transposed view), RoPE on q and k (strided
 views of the fused qkv projection's output), SwiGLU's silu(gate)·up (the halves of the fused
 gate/up output) and the fp8
 layers' per-token activation quantization at the text (4,096, 14,336) and vision (1,280, 5,120)
 input widths, each as the reference's plain PyTorch ops and as the fused kernel
 (`guardrt/kernels/norm_rope.py`, `silu_mul.py`, `row_quant.py`), timed as a served step runs
 them (GPU time only, no launch cost: `guardrt/kernels/timer.py`), with the kernel's largest
-difference from the reference. Then what one text prefill of that many rows saves: 65 norms
-(two per layer of 32 self-attention layers, and the final one), 32 RoPEs of q and k and 32
-SwiGLU products; in fp8 also 32 × 4 activation quantizations (q/k/v, o, gate/up at 4,096, down
-at 14,336); and what the fp8 vision tower saves at that many rows (40 layers × q/k/v, o, fc1
-at 1,280 and fc2 at 5,120; an image is 6,432 rows).
+difference from the reference. Then what one text prefill of that many rows saves: 63 residual
+adds with the norm after each (two per layer of 32 self-attention layers, but the first layer's
+input norm, which has nothing to add), 2 norms (that one and the final norm), 32 RoPEs of q and
+k and 32 SwiGLU products; in fp8 also 32 × 4 activation quantizations (q/k/v, o, gate/up at
+4,096, down at 14,336); and what the fp8 vision tower saves at that many rows (40 layers ×
+q/k/v, o, fc1 at 1,280 and fc2 at 5,120; an image is 6,432 rows).
 Writes the table to stdout and JSON to benchmarks/results/norm-rope-<GPU name>.json (or --out);
 exits 1 if a kernel disagrees with its reference.
 """
@@ -42,11 +44,12 @@ FULL = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "intermedia
         "vision_hidden": 1280, "vision_intermediate": 5120}  # fmt: skip
 DRY = {"hidden": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "intermediate": 96,
        "vision_hidden": 32, "vision_intermediate": 64}  # fmt: skip
-# The text path: 32 self-attention layers (2 norms, a RoPE of q and k, a SwiGLU each) and the
-# final norm; in fp8, each layer quantizes 3 inputs of the hidden width (q/k/v, o, gate/up) and
-# 1 of the intermediate width (down). The vision tower: 40 layers, 3 inputs of its hidden width
-# (q/k/v, o, fc1) and 1 of its intermediate width (fc2).
-NORMS_PER_PREFILL, ROPES_PER_PREFILL, SILUS_PER_PREFILL = 65, 32, 32
+# The text path: 32 self-attention layers (2 norms, each after a residual add but the first
+# layer's input norm; a RoPE of q and k, a SwiGLU each) and the final norm; in fp8, each layer
+# quantizes 3 inputs of the hidden width (q/k/v, o, gate/up) and 1 of the intermediate width
+# (down). The vision tower: 40 layers, 3 inputs of its hidden width (q/k/v, o, fc1) and 1 of
+# its intermediate width (fc2).
+ADD_NORMS_PER_PREFILL, NORMS_PER_PREFILL, ROPES_PER_PREFILL, SILUS_PER_PREFILL = 63, 2, 32, 32
 TEXT_LAYERS, VISION_LAYERS = 32, 40
 
 
@@ -62,6 +65,7 @@ def _cases(
     kernels = fused._kernels()
     hidden, heads, kv, d = size["hidden"], size["heads"], size["kv_heads"], size["head_dim"]
     x = torch.randn(1, rows, hidden, device=device).to(dtype)  # (1, S, D)
+    delta = torch.randn(1, rows, hidden, device=device).to(dtype)  # a branch's output
     w = torch.ones(hidden, device=device, dtype=dtype)
     q_heads = torch.randn(1, rows, heads, d, device=device).to(dtype).transpose(1, 2)
     wq = torch.ones(d, device=device, dtype=dtype)
@@ -77,6 +81,10 @@ def _cases(
         f"rms_norm {hidden}": (
             lambda: fused.rms_norm_reference(x, w, 1e-5),
             lambda: kernels.rms_norm(x, w, 1e-5),
+        ),
+        f"add+rms_norm {hidden}": (
+            lambda: fused.add_rms_norm_reference(x, delta, w, 1e-5),
+            lambda: kernels.add_rms_norm(x, delta, w, 1e-5),
         ),
         f"q norm {d} (cross)": (
             lambda: fused.rms_norm_reference(q_heads, wq, 1e-5),
@@ -136,6 +144,7 @@ def run(dry_run: bool) -> dict[str, Any]:
     # op name → (what it is counted as, how many a prefill runs of it)
     counts = {
         f"rms_norm {size['hidden']}": ("text", NORMS_PER_PREFILL),
+        f"add+rms_norm {size['hidden']}": ("text", ADD_NORMS_PER_PREFILL),
         "rope q+k": ("text", ROPES_PER_PREFILL),
         f"silu·up {size['intermediate']}": ("text", SILUS_PER_PREFILL),
         f"quantize fp8 {size['hidden']}": ("fp8 text", 3 * TEXT_LAYERS),
@@ -169,7 +178,8 @@ def run(dry_run: bool) -> dict[str, Any]:
                       "saved_us": saved["fp8 text"]})  # fmt: skip
         cells.append({"rows": rows, "op": "saved per fp8 vision tower, activation quantization",
                       "saved_us": saved["fp8 vision"]})  # fmt: skip
-        what = f"{NORMS_PER_PREFILL} norms, {ROPES_PER_PREFILL} RoPEs, {SILUS_PER_PREFILL} SwiGLUs"
+        what = (f"{ADD_NORMS_PER_PREFILL} adds + norms, {NORMS_PER_PREFILL} norms, "
+                f"{ROPES_PER_PREFILL} RoPEs, {SILUS_PER_PREFILL} SwiGLUs")  # fmt: skip
         print(f"| {rows} | saved per text prefill ({what}) | | {saved['text']:.0f} µs | | | |")
         print(f"| {rows} | saved per fp8 text prefill ({4 * TEXT_LAYERS} quantizations) | "
               f"| {saved['fp8 text']:.0f} µs | | | |")  # fmt: skip

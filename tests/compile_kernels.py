@@ -59,14 +59,16 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], set[str], d
     cases = {}
     for dt in ("bf16", "fp16", "fp32"):
         ptr = f"*{dt}"
-        norm = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "eps": "fp32"}
-        norm |= dict.fromkeys(("rows", "n1", "n2", "sx0", "sx1", "sx2", "sy0", "sy1", "sy2"), "i32")
-        strides = {"x_ptr", "w_ptr", "y_ptr", "sx0", "sx1", "sx2", "sy0", "sy1", "sy2"}
+        norm = dict.fromkeys(("x_ptr", "r_ptr", "w_ptr", "y_ptr", "s_ptr"), ptr) | {"eps": "fp32"}
+        strides = ("sx0", "sx1", "sx2", "sr0", "sr1", "sr2", "sy0", "sy1", "sy2")
+        norm |= dict.fromkeys(("rows", "n1", "n2", *strides), "i32")
+        divisible = {"x_ptr", "r_ptr", "w_ptr", "y_ptr", "s_ptr", *strides}
         for d, rows, warps in ((4096, 1, 8), (128, 32, 4)):
-            cases[f"rms_norm {dt} d={d}"] = (
-                norm_rope._rms_norm_kernel, norm, {"d": d, "block_d": d, "block_r": rows},
-                strides, {"num_warps": warps},
-            )  # fmt: skip
+            for residual in (False, True):  # the plain norm; the residual add and the norm
+                shape = {"d": d, "block_d": d, "block_r": rows, "residual": residual}
+                cases[f"rms_norm {dt} d={d} residual={residual}"] = (
+                    norm_rope._rms_norm_kernel, norm, shape, divisible, {"num_warps": warps},
+                )  # fmt: skip
         rope = dict.fromkeys(("x_ptr", "cos_ptr", "sin_ptr", "y_ptr"), ptr)
         names = ("sxb", "sxh", "sxs", "syb", "syh", "sys", "scb", "scs", "ssb", "sss")
         rope |= dict.fromkeys(("seq", "heads", *names), "i32")

@@ -138,6 +138,44 @@ def test_rms_norm_within_two_ulps(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 37, 256), (1, 1, 4096), (3, 5, 100), (9,)])
+def test_add_rms_norm_sum_is_exact_and_norm_within_two_ulps(
+    kernels: ModuleType, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """The residual add before a norm: the sum bit for bit torch's `x + delta` (one rounding),
+    stored laid out as x, the norm of that sum as the plain norm's; delta a strided view (a
+    slice of a wider tensor's rows), x's magnitudes cancelling some of delta's."""
+    x = _randn(*shape, seed=8, scale=3.0).to(dtype)
+    wide = _randn(*shape[:-1], shape[-1] + 16, seed=9, scale=3.0)
+    wide[..., : shape[-1]] -= x.float() * 0.999  # near-cancellation: sums far below either
+    delta = wide.to(dtype)[..., : shape[-1]]  # unit stride along D, a longer row stride
+    weight = (1 + _randn(shape[-1], seed=10) / 4).to(dtype)
+    summed, normed = kernels.add_rms_norm(x, delta, weight, 1e-5)
+    want_sum, want = fused.add_rms_norm_reference(x, delta, weight, 1e-5)
+    assert _bits(summed) == _bits(want_sum)
+    assert _layout(summed) == _layout(want_sum)
+    assert _layout(normed) == _layout(want)
+    torch.testing.assert_close(normed, want, rtol=fused.TWO_ULPS[dtype], atol=1e-6)
+    # the norm of the sum is the plain kernel's norm of the reference sum
+    assert _bits(normed) == _bits(kernels.rms_norm(want_sum, weight, 1e-5))
+
+
+def test_add_rms_norm_dispatch(kernels: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No delta: x itself and its norm. A delta that only broadcasts to x: the reference."""
+    calls = _fuse_on_the_cpu(monkeypatch)
+    x, weight = _randn(2, 3, 64).half(), torch.ones(64, dtype=torch.float16)
+    same, normed = fused.add_rms_norm(x, None, weight, 1e-5)
+    assert same is x
+    assert _bits(normed) == _bits(kernels.rms_norm(x, weight, 1e-5))
+    row = _randn(1, 1, 64, seed=1).half()  # broadcasts over (2, 3)
+    summed, _ = fused.add_rms_norm(x, row, weight, 1e-5)
+    assert torch.equal(summed, x + row)
+    assert len(calls) == 1  # the plain norm asked; the broadcast never reached the kernel
+    with pytest.raises(ValueError, match=r"delta \(1, 1, 64\)"):
+        kernels.add_rms_norm(x, row, weight, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(7,), (2, 37, 96), (1, 1, 14336), (3, 1500)])
 def test_silu_mul_within_two_ulps(
     kernels: ModuleType, dtype: torch.dtype, shape: tuple[int, ...]
@@ -224,8 +262,21 @@ def test_the_model_with_fused_kernels_scores_as_with_the_references(
     fuse_projections(model)
     want = mixed_batch_logits(model, decode=True)
     calls = _fuse_on_the_cpu(monkeypatch)
+    sums = []
+    original = kernels.add_rms_norm
+
+    def add_rms_norm(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        sums.append(args[0].shape)
+        result: tuple[torch.Tensor, torch.Tensor] = original(*args)
+        return result
+
+    monkeypatch.setattr(kernels, "add_rms_norm", add_rms_norm)
     got = mixed_batch_logits(model, decode=True)
     assert calls, "the kernels were asked"
+    # Every residual add but the last ran in a norm's kernel: both norms of every layer but
+    # the first layer's input norm (nothing to add yet), in both steps (each has an image).
+    layers = model.config.text.num_layers
+    assert len(sums) == 2 * (2 * layers - 1), sums
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -241,14 +292,17 @@ def test_verify_uses_kernels_that_agree(
     ("broken", "why"),
     [("rope", "rope on q differs from the reference"),
      ("rms_norm", "rms_norm over the hidden"),
+     ("add_sum", "add_rms_norm's sum differs from the reference"),
+     ("add_norm", "add_rms_norm's norm differs from the reference"),
      ("silu", "silu_mul differs from the reference"),
      ("raise", "RuntimeError: no kernel image")],
 )  # fmt: skip
 def test_verify_refuses_kernels_that_disagree_or_fail(
     kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, broken: str, why: str
 ) -> None:
-    """One ulp off in RoPE, a norm or a SwiGLU product off by 1%, or a kernel that cannot run:
-    refused for the process, said why, and from then on every call runs the reference."""
+    """One ulp off in RoPE or in a residual sum, a norm or a SwiGLU product off by 1%, or a
+    kernel that cannot run: refused for the process, said why, and from then on every call runs
+    the reference."""
     calls = _fuse_on_the_cpu(monkeypatch)
 
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -261,13 +315,23 @@ def test_verify_refuses_kernels_that_disagree_or_fail(
         out: torch.Tensor = kernels.rms_norm(x, weight, eps)
         return out * 1.01 if broken == "rms_norm" else out
 
+    def add_rms_norm(
+        x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        summed, out = kernels.add_rms_norm(x, delta, weight, eps)
+        if broken == "add_sum":  # one ulp off in one value of the sum
+            summed.view(-1)[:1].view(torch.int16).add_(1)
+        return summed, out * 1.01 if broken == "add_norm" else out
+
     silu = fused._silu_kernel()
 
     def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = silu.silu_mul(gate, up)
         return out * 1.01 if broken == "silu" else out
 
-    fake: Any = SimpleNamespace(rope=rope, rms_norm=rms_norm, silu_mul=silu_mul)
+    fake: Any = SimpleNamespace(
+        rope=rope, rms_norm=rms_norm, add_rms_norm=add_rms_norm, silu_mul=silu_mul
+    )
     monkeypatch.setattr(fused, "_kernels", lambda: fake)
     monkeypatch.setattr(fused, "_silu_kernel", lambda: fake)
     result = fused.verify(torch.device("cpu"), torch.float16, SHAPES)
@@ -314,7 +378,7 @@ def test_the_norm_rope_benchmark_dry_run(kernels: ModuleType, tmp_path: Path) ->
     assert bench.main(["--dry-run", "--out", str(out)]) == 0
     cells = json.loads(out.read_text())["cells"]
     ops = {(c["rows"], c["op"]) for c in cells if "ok" in c}
-    names = ("rms_norm 128", "q norm 32 (cross)", "silu·up 96", "rope q+k",
+    names = ("rms_norm 128", "add+rms_norm 128", "q norm 32 (cross)", "silu·up 96", "rope q+k",
              *(f"quantize fp8 {width}" for width in (128, 96, 32, 64)))  # fmt: skip
     assert ops == {(r, op) for r in bench.DRY_ROWS for op in names}
     assert all(c["ok"] for c in cells if "ok" in c)

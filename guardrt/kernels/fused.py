@@ -1,5 +1,6 @@
-"""The decoder's RMSNorm, RoPE and SwiGLU product: their plain-PyTorch references, and when the
-fused Triton kernels (`norm_rope.py`, `silu_mul.py`) run instead.
+"""The decoder's RMSNorm (alone or after a residual add), RoPE and SwiGLU product: their
+plain-PyTorch references, and when the fused Triton kernels (`norm_rope.py`, `silu_mul.py`) run
+instead.
 
 The kernels run for CUDA tensors (sm ≥ 8.0, not ROCm) of bf16, fp16 or fp32 when triton is
 importable, nothing is tracing or compiling (exported graphs keep the reference's plain ops),
@@ -45,6 +46,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * normed.to(x.dtype)
 
 
+def add_rms_norm_reference(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the norm after it: (x + delta, its RMSNorm)."""
+    summed = x + delta
+    return summed, rms_norm_reference(summed, weight, eps)
+
+
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows)."""
     half = x.shape[-1] // 2
@@ -88,6 +97,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, its RMSNorm by weight): one fused kernel where it applies (delta shaped as
+    x, ≤ 4 dims); (x, RMSNorm of x) when delta is None (nothing to add)."""
+    if delta is None:
+        return x, rms_norm(x, weight, eps)
+    if x.dim() <= 4 and delta.shape == x.shape and applies(x, delta, weight):
+        summed, out = _kernels().add_rms_norm(x, delta, weight, eps)
+        return summed, out
+    return add_rms_norm_reference(x, delta, weight, eps)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of x (B, H, S, D) with cos/sin (B, S, D): the fused kernel where it applies."""
     if x.dim() == 4 and x.shape[-1] % 2 == 0 and broadcasts(x, cos, sin) and applies(x, cos, sin):
@@ -128,7 +150,7 @@ class Shapes:
 
 
 def verify(target: torch.device, dtype: torch.dtype, shapes: Shapes) -> str:
-    """Run both kernels on `shapes`' layouts against the references on `target`; refuse them
+    """Run the kernels on `shapes`' layouts against the references on `target`; refuse them
     for the process on any error or disagreement. Returns "used", "not used (...)" or
     "refused: why" (for the load log and the benchmark's report).
 
@@ -172,6 +194,16 @@ def _disagreement(
         if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
             error = float((got.float() - want.float()).abs().max())
             return f"rms_norm over the {name} ({weight}) differs from the reference by {error:.3g}"
+    w = (1 + randn(s.hidden) / 4).to(dtype)
+    delta = (randn(batch, tokens, s.hidden) * 3).to(dtype)  # (B, S, D), a branch's output
+    got_sum, got = kernels.add_rms_norm(x, delta, w, s.eps)
+    want_sum, want = add_rms_norm_reference(x, delta, w, s.eps)
+    if not torch.equal(got_sum, want_sum):  # the sum is one rounding, as torch's add
+        error = float((got_sum.float() - want_sum.float()).abs().max())
+        return f"add_rms_norm's sum differs from the reference by {error:.3g}"
+    if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
+        error = float((got.float() - want.float()).abs().max())
+        return f"add_rms_norm's norm differs from the reference by {error:.3g}"
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
     qkv = randn(batch, tokens, width).to(dtype)  # (B, S, (H + 2·Hkv)·d), as the fused projection
     kv_width = s.kv_heads * s.head_dim

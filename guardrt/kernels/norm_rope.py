@@ -1,4 +1,5 @@
-"""The decoder's RMSNorm and rotate-half RoPE as one Triton kernel each (references: `fused.py`).
+"""The decoder's RMSNorm (alone, or with the residual add before it) and rotate-half RoPE as one
+Triton kernel each (references: `fused.py`).
 
 In plain PyTorch an RMSNorm is 8 kernels (cast to fp32, square, mean, + eps, rsqrt, multiply,
 cast back, times the weight) and a RoPE 5 (negate, concatenate, two products, a sum). At a text
@@ -12,9 +13,12 @@ squares, averages and scales in fp32, rounds to the input's dtype, then multipli
 in fp32 and rounds again, as `weight * normed.to(x.dtype)` does; RoPE rounds each of its two
 products to the dtype before the sum, as the reference's separate `x * cos` and `rotated * sin`
 do. So RoPE is bit-exact (fp32 with FMA contraction off) and RMSNorm differs only by the order
-of its 4,096-term sum (and the GPU's rsqrt). Tested under Triton's CPU interpreter in fp16 and
-fp32 (it has no correct bf16); bf16, the GPU's dtype, is checked on the GPU when a model loads
-(`fused.verify`) and by benchmarks/kernels.py.
+of its 4,096-term sum (and the GPU's rsqrt). A layer's residual add and the norm after it are
+one pass (`add_rms_norm`): the sum is rounded to the dtype as torch's `x + delta` rounds it,
+stored (bit-exact), and normalised from registers, so the add's own kernel and the norm's
+re-read of the sum are gone (two of each per decoder layer). Tested under Triton's CPU
+interpreter in fp16 and fp32 (it has no correct bf16); bf16, the GPU's dtype, is checked on the
+GPU when a model loads (`fused.verify`) and by benchmarks/norm_rope.py.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ _NORM_ELEMENTS = 4096  # per program: one row of the decoder's width, or 32 rows
 
 @triton.jit(do_not_specialize=("rows", "n1", "n2"))  # type: ignore[untyped-decorator]
 def _rms_norm_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
-    x_ptr, w_ptr, y_ptr,
+    x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
     rows, n1, n2,
-    sx0, sx1, sx2, sy0, sy1, sy2,
+    sx0, sx1, sx2, sr0, sr1, sr2, sy0, sy1, sy2,
     eps,
-    d: tl.constexpr, block_d: tl.constexpr, block_r: tl.constexpr,
+    d: tl.constexpr, block_d: tl.constexpr, block_r: tl.constexpr, residual: tl.constexpr,
 ):  # fmt: skip
     row = (tl.program_id(0) * block_r + tl.arange(0, block_r)).to(tl.int64)  # (R,)
     i0, i1, i2 = row // (n1 * n2), (row // n2) % n1, row % n2  # the row's 3 leading indices
@@ -51,12 +55,18 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
     mask = (row[:, None] < rows) & (cols[None, :] < d)  # (R, D')
     x_rows = x_ptr + (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
     x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (R, D')
-    inv = tl.rsqrt(tl.sum(x * x, axis=1) / d + eps)  # (R,)
     dtype = y_ptr.dtype.element_ty
+    y_offsets = (i0 * sy0 + i1 * sy1 + i2 * sy2)[:, None]  # the sum is laid out as y
+    if residual:  # x + delta rounded to the dtype (torch's add), stored, then normalised
+        r_rows = r_ptr + (i0 * sr0 + i1 * sr1 + i2 * sr2)[:, None]
+        delta = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        summed = (x + delta).to(dtype)
+        tl.store(s_ptr + y_offsets + cols[None, :], summed, mask=mask)
+        x = summed.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, axis=1) / d + eps)  # (R,)
     normed = (x * inv[:, None]).to(dtype).to(tl.float32)  # rounded, as `.to(x.dtype)`
     w = tl.load(w_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)  # (D',)
-    y_rows = y_ptr + (i0 * sy0 + i1 * sy1 + i2 * sy2)[:, None]
-    tl.store(y_rows + cols[None, :], (w[None, :] * normed).to(dtype), mask=mask)
+    tl.store(y_ptr + y_offsets + cols[None, :], (w[None, :] * normed).to(dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=("seq", "heads"))  # type: ignore[untyped-decorator]
@@ -105,6 +115,30 @@ def empty_in_order(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D) with ≤ 3 leading dims and unit stride along D, weight (D,) of x's dtype →
     (..., D) of x's dtype laid out as x."""
+    _, out = _norm(x, None, weight, eps)
+    return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, its RMSNorm) in one pass: a layer's residual add and the next norm. delta
+    shaped and typed as x, unit stride along D; both outputs laid out as x."""
+    if delta.shape != x.shape or delta.dtype != x.dtype or delta.stride(-1) != 1:
+        raise ValueError(
+            f"add_rms_norm kernel takes a delta shaped and typed as x with unit stride along "
+            f"the last dim: x {tuple(x.shape)} {x.dtype}, delta {tuple(delta.shape)} "
+            f"{delta.dtype} strides {delta.stride()}"
+        )
+    summed, out = _norm(x, delta, weight, eps)
+    assert summed is not None
+    return summed, out
+
+
+def _norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The launch behind both wrappers: (x + delta or None, RMSNorm of x or of the sum)."""
     if x.dim() > 4 or x.stride(-1) != 1 or weight.dtype != x.dtype:
         raise ValueError(
             f"rms_norm kernel takes ≤ 4 dims, unit stride along the last and a weight of the "
@@ -113,19 +147,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         )
     d = x.shape[-1]
     out = empty_in_order(x)
+    summed = None if delta is None else empty_in_order(x)  # same strides as out
+    pad = [0] * (4 - x.dim())
     lead = [1] * (4 - x.dim()) + list(x.shape[:-1])  # (n0, n1, n2)
-    xs = [0] * (4 - x.dim()) + list(x.stride()[:-1])
-    ys = [0] * (4 - x.dim()) + list(out.stride()[:-1])
+    xs = pad + list(x.stride()[:-1])
+    rs = xs if delta is None else pad + list(delta.stride()[:-1])
+    ys = pad + list(out.stride()[:-1])
     rows = lead[0] * lead[1] * lead[2]
     block_d = triton.next_power_of_2(d)
     block_r = max(1, _NORM_ELEMENTS // block_d)
     if rows:
         with on_device(x.device):  # Triton launches on the current device, not x's
             _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
-                x, weight.contiguous(), out, rows, lead[1], lead[2], *xs, *ys, eps,
-                d=d, block_d=block_d, block_r=block_r, num_warps=8 if block_d >= 2048 else 4,
+                x, x if delta is None else delta, weight.contiguous(), out,
+                out if summed is None else summed,
+                rows, lead[1], lead[2], *xs, *rs, *ys, eps,
+                d=d, block_d=block_d, block_r=block_r, residual=delta is not None,
+                num_warps=8 if block_d >= 2048 else 4,
             )  # fmt: skip
-    return out
+    return summed, out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

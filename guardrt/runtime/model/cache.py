@@ -113,15 +113,18 @@ class CacheStep:
     def self_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.self_kv[layer, 0], self.cache.self_kv[layer, 1]
+        kv = self.cache.self_kv[layer]  # (2, rows, Hkv, capacity, d)
         rows = self.slots[:, None]  # (B, 1) with positions (B, S) → cache[(B, S), :, :]
-        keys[rows, :, self.positions] = k.transpose(1, 2)  # (B, S, Hkv, d)
-        values[rows, :, self.positions] = v.transpose(1, 2)
-        return keys[self.slots, :, : self.kv_len], values[self.slots, :, : self.kv_len]
+        kv[0][rows, :, self.positions] = k.transpose(1, 2)  # (B, S, Hkv, d)
+        kv[1][rows, :, self.positions] = v.transpose(1, 2)
+        # K and V in one gather (one kernel per layer, not two): (2, B, Hkv, K, d)
+        both = kv[:, self.slots, :, : self.kv_len]
+        return both[0], both[1]
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.cache.cross_kv[layer]  # (2, image rows, Hkv, L, d)
-        return image[0, self.image_slots], image[1, self.image_slots]
+        both = image[:, self.image_slots]  # (2, B, Hkv, L, d): K and V in one gather
+        return both[0], both[1]
 
     def image_keys(self) -> int:
         return self.cache.cross_kv.shape[-2]

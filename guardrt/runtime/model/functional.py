@@ -21,6 +21,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return fused.rms_norm(x, weight, eps)
 
 
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the RMSNorm after it: (x + delta, rms_norm(x + delta)), or (x,
+    rms_norm(x)) when delta is None; one fused kernel on a GPU (`guardrt/kernels/fused.py`)."""
+    return fused.add_rms_norm(x, delta, weight, eps)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's silu(gate) · up; one fused kernel on a GPU (`guardrt/kernels/fused.py`)."""
     return fused.silu_mul(gate, up)

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from guardrt.runtime.model.config import TextConfig
-from guardrt.runtime.model.functional import apply_rope, attention, rms_norm, silu_mul
+from guardrt.runtime.model.functional import (
+    add_rms_norm,
+    apply_rope,
+    attention,
+    rms_norm,
+    silu_mul,
+)
 
 
 class RMSNorm(nn.Module):
@@ -29,6 +35,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): the residual add before the norm, fused with it on a
+        GPU; (x, norm(x)) when delta is None."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -143,10 +154,15 @@ class SelfAttentionLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step)
-        result: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
-        return result
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D): the residual stream without `delta`, the previous layer's last branch
+        (None before the first layer). Returns the stream with delta and this layer's attention
+        added, and the MLP branch for the next layer to add (`TextModel.forward`)."""
+        x, h = self.input_layernorm.add(x, delta)
+        x, h = self.post_attention_layernorm.add(x, self.self_attn(h, step))
+        return x, self.mlp(h)
 
 
 class CrossAttention(Projections):
@@ -186,13 +202,18 @@ class CrossAttentionLayer(nn.Module):
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `SelfAttentionLayer.forward`; without an image in the batch, (x, delta) pass
+        through (the layer would add exactly zero)."""
         if not step.use_cross:
-            return x
-        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), step)
-        mlp = self.mlp(self.post_attention_layernorm(x)) * step.cross_rows.to(x.dtype)
-        result: torch.Tensor = x + self.cross_attn_mlp_gate.tanh() * mlp
-        return result
+            return x, delta
+        x, h = self.input_layernorm.add(x, delta)
+        attn = self.cross_attn_attn_gate.tanh() * self.cross_attn(h, step)
+        x, h = self.post_attention_layernorm.add(x, attn)
+        mlp = self.mlp(h) * step.cross_rows.to(x.dtype)
+        return x, self.cross_attn_mlp_gate.tanh() * mlp
 
 
 class TextModel(nn.Module):
@@ -209,12 +230,16 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        """tokens (B, S) → final hidden states (B, S, D), before the final norm."""
-        x = self.embed_tokens(tokens)
+        """tokens (B, S) → final hidden states (B, S, D), before the final norm.
+
+        Each layer's last branch (its MLP's output) is handed to the next layer as `delta`
+        rather than added here: the next layer adds it in its first norm's kernel (the same
+        sum, rounded once as torch's add rounds it). Only the last layer's is added here."""
+        x: torch.Tensor = self.embed_tokens(tokens)
+        delta: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, step)
-        result: torch.Tensor = x
-        return result
+            x, delta = layer(x, delta, step)
+        return x if delta is None else x + delta
 
 
 class LanguageModel(nn.Module):
