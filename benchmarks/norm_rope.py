@@ -70,9 +70,8 @@ def _cases(
     q_heads = torch.randn(1, rows, heads, d, device=device).to(dtype).transpose(1, 2)
     wq = torch.ones(d, device=device, dtype=dtype)
     qkv = torch.randn(1, rows, (heads + 2 * kv) * d, device=device).to(dtype)
-    q, k, _ = torch.split(qkv, [heads * d, kv * d, kv * d], dim=-1)
-    q = q.view(1, rows, heads, d).transpose(1, 2)  # (1, H, S, d), strided
-    k = k.view(1, rows, kv, d).transpose(1, 2)
+    # q and k heads of the fused qkv output, (1, H + Hkv, S, d) strided: one RoPE call
+    qk = qkv.view(1, rows, heads + 2 * kv, d).transpose(1, 2)[:, : heads + kv]
     gate, up = torch.randn(1, rows, 2 * size["intermediate"], device=device).to(dtype).chunk(2, -1)
     silu = fused._silu_kernel()
     angles = torch.randn(1, rows, d // 2, device=device) * 100
@@ -95,8 +94,8 @@ def _cases(
             lambda: silu.silu_mul(gate, up),
         ),
         "rope q+k": (
-            lambda: (fused.rope_reference(q, cos, sin), fused.rope_reference(k, cos, sin)),
-            lambda: (kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)),
+            lambda: fused.rope_reference(qk, cos, sin),
+            lambda: kernels.rope(qk, cos, sin),
         ),
     }
     widths = (hidden, size["intermediate"], size["vision_hidden"], size["vision_intermediate"])

@@ -1,5 +1,6 @@
 """The vision tower's attention plan: every way of running it gives torch's default answer, the
-tuner keeps the fastest candidate that does, and a tuned model answers what an untuned one does."""
+tuner keeps the fastest candidate that does, and a tuned model answers what an untuned one does.
+And the decoder's grouped attention, laid out for its output projection."""
 
 from __future__ import annotations
 
@@ -31,6 +32,28 @@ CPU = torch.device("cpu")
 def _qkv(shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator) for _ in range(3)]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4)])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_rows_is_attention_laid_out_for_the_projection(
+    heads: int, kv_heads: int, tokens: int, masked: bool
+) -> None:
+    """(B, S, H·d) with head h at columns h·d…: exactly `attention` transposed and flattened,
+    for q as the model has it (a strided view of a fused projection's output)."""
+    generator = torch.Generator().manual_seed(5)
+    width = (heads + 2 * kv_heads) * 16
+    qkv = torch.randn(2, tokens, width, generator=generator)  # (B, S, (H + 2·Hkv)·d)
+    q = qkv.view(2, tokens, -1, 16).transpose(1, 2)[:, :heads]  # (B, H, S, d), strided
+    k, v = (torch.randn(2, kv_heads, 7, 16, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 1, tokens, 7, generator=generator) < 0.6 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every query may attend to a key
+    want = functional.attention(q, k, v, mask).transpose(1, 2).reshape(2, tokens, -1)
+    got = functional.attention_rows(q, k, v, mask)
+    assert got.shape == (2, tokens, heads * 16)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", [None, "MATH", "FLASH_ATTENTION"])

@@ -88,6 +88,43 @@ def test_rope_is_bit_exact_on_strided_heads(
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("batch", "tokens"), [(1, 1), (2, 37)])
+def test_rope_heads_rotates_q_and_k_in_place(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, batch: int,
+    tokens: int,
+) -> None:  # fmt: skip
+    """The model's call: the q, k and v heads of one fused qkv output, q and k rotated in one
+    launch, written over the projection's output (v untouched beside k), bit for bit the
+    reference's values; without the kernel a new tensor of the same values, heads unchanged."""
+    qkv = _randn(batch, tokens, (4 + 2 + 2) * 64, seed=1).to(dtype)
+    cos, sin = _cos_sin(dtype, batch, tokens, 64)
+
+    def heads_of(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, tokens, 8, 64).transpose(1, 2)  # (B, H + 2·Hkv, S, d)
+
+    before = qkv.clone()
+    want = fused.rope_heads(heads_of(qkv), 6, cos, sin)  # the CPU: the reference
+    assert torch.equal(qkv, before)  # not written
+    q, k = _qk(dtype, batch, tokens)  # the same q and k views of the same values
+    assert _bits(want[:, :4]) == _bits(fused.rope_reference(q, cos, sin))
+    assert _bits(want[:, 4:6]) == _bits(fused.rope_reference(k, cos, sin))
+    assert _bits(want[:, 6:]) == _bits(heads_of(before)[:, 6:])
+    calls = _fuse_on_the_cpu(monkeypatch)
+    heads = heads_of(qkv)
+    got = fused.rope_heads(heads, 6, cos, sin)
+    assert calls
+    assert got is heads  # in place: k and v still side by side in the projection's output
+    assert _bits(heads_of(qkv)) == _bits(want)
+
+
+def test_rope_in_place_refuses_overlapping_rows(kernels: ModuleType) -> None:
+    x = torch.ones(1, 1, 1, 64).expand(1, 3, 1, 64)  # three heads on one row of memory
+    cos = torch.ones(1, 1, 64)
+    with pytest.raises(ValueError, match="do not overlap"):
+        kernels.rope(x, cos, cos, in_place=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_rope_keeps_the_sign_of_zeros(kernels: ModuleType, dtype: torch.dtype) -> None:
     """x·cos − x2·sin where both products are zeros of either sign: −0 − (+0) is −0, as the
     reference's −0 + (−0); a kernel that negated by 0 − x would give +0."""
@@ -305,9 +342,13 @@ def test_verify_refuses_kernels_that_disagree_or_fail(
     the reference."""
     calls = _fuse_on_the_cpu(monkeypatch)
 
-    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = kernels.rope(x, cos, sin)
-        return out.view(torch.int16).add(1).view(out.dtype) if broken == "rope" else out
+    def rope(
+        x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = False
+    ) -> torch.Tensor:
+        out: torch.Tensor = kernels.rope(x, cos, sin, in_place=in_place)
+        if broken == "rope":  # one ulp off, in the tensor written (in place: x itself)
+            out.view(torch.int16).add_(1)
+        return out
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if broken == "raise":

@@ -49,12 +49,11 @@ class GraphKV:
         self.past_kv, self.cross = past_kv, cross_kv
         self.presents: list[torch.Tensor] = []
 
-    def self_kv(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.presents.append(torch.stack((k, v)))  # (2, B, Hkv, S, d)
+    def self_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        present = kv.permute(2, 0, 3, 1, 4)  # (B, S, 2, Hkv, d) → (2, B, Hkv, S, d)
+        self.presents.append(present)
         past = self.past_kv[layer]  # (2, B, Hkv, P, d)
-        return torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        return torch.cat((past[0], present[0]), dim=2), torch.cat((past[1], present[1]), dim=2)
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cross[layer, 0], self.cross[layer, 1]

@@ -110,12 +110,25 @@ def add_rms_norm(
     return add_rms_norm_reference(x, delta, weight, eps)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of x (B, H, S, D) with cos/sin (B, S, D): the fused kernel where it applies."""
-    if x.dim() == 4 and x.shape[-1] % 2 == 0 and broadcasts(x, cos, sin) and applies(x, cos, sin):
-        out: torch.Tensor = _kernels().rope(x, cos, sin)
-        return out
-    return rope_reference(x, cos, sin)
+def rope_heads(
+    heads: torch.Tensor, rotated: int, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """heads (B, N, S, D), the q, k and v heads of one fused projection's output: RoPE on the
+    first `rotated` (q and k), the others (v) as they are → (B, N, S, D). Where the kernel
+    applies it rotates them in place, one launch for q and k, and returns `heads` itself, so
+    k and v stay side by side for one cache write; elsewhere a new tensor (the reference
+    values; heads is left as it was)."""
+    part = heads[:, :rotated]  # (B, R, S, D)
+    if (
+        heads.dim() == 4
+        and heads.shape[-1] % 2 == 0
+        and 0 not in heads.stride()[:3]
+        and broadcasts(part, cos, sin)
+        and applies(part, cos, sin)
+    ):
+        _kernels().rope(part, cos, sin, in_place=True)
+        return heads
+    return torch.cat((rope_reference(part, cos, sin), heads[:, rotated:]), dim=1)
 
 
 def broadcasts(x: torch.Tensor, *tables: torch.Tensor) -> bool:
@@ -206,15 +219,17 @@ def _disagreement(
         return f"add_rms_norm's norm differs from the reference by {error:.3g}"
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
     qkv = randn(batch, tokens, width).to(dtype)  # (B, S, (H + 2·Hkv)·d), as the fused projection
-    kv_width = s.kv_heads * s.head_dim
-    q, k, _ = torch.split(qkv, [s.heads * s.head_dim, kv_width, kv_width], dim=-1)  # strided views
+    heads = qkv.view(batch, tokens, -1, s.head_dim).transpose(1, 2)  # (B, N, S, d) strided views
     angles = randn(batch, tokens, s.head_dim // 2) * 100
     cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
-    for name, part, count in (("q", q, s.heads), ("k", k, s.kv_heads)):
-        rows = part.view(batch, tokens, count, s.head_dim).transpose(1, 2)  # (B, H, S, d)
-        got, want = kernels.rope(rows, cos, sin), rope_reference(rows, cos, sin)
-        if not torch.equal(got, want):
-            error = float((got.float() - want.float()).abs().max())
+    rotated = s.heads + s.kv_heads  # q and k, rotated in place as `rope_heads` does; v kept
+    want = torch.cat((rope_reference(heads[:, :rotated], cos, sin), heads[:, rotated:]), dim=1)
+    got = qkv.clone().view(batch, tokens, -1, s.head_dim).transpose(1, 2)
+    kernels.rope(got[:, :rotated], cos, sin, in_place=True)
+    for name, part in (("q", slice(0, s.heads)), ("k", slice(s.heads, rotated)),
+                       ("v (kept)", slice(rotated, None))):  # fmt: skip
+        if not torch.equal(got[:, part], want[:, part]):
+            error = float((got[:, part].float() - want[:, part].float()).abs().max())
             return f"rope on {name} differs from the reference by {error:.3g}"
     gate_up = (randn(batch, tokens, 2 * s.intermediate) * 4).to(dtype)  # (B, S, 2·I)
     gate, up = gate_up.chunk(2, dim=-1)  # strided views, as the fused projection's halves

@@ -168,9 +168,13 @@ def _norm(
     return summed, out
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
     """Rotate-half RoPE: x (B, H, S, D) with unit stride along D (any other strides), cos/sin
-    (B, S, D) of x's dtype, or broadcastable to it → (B, H, S, D) laid out as x."""
+    (B, S, D) of x's dtype, or broadcastable to it → (B, H, S, D) laid out as x; with
+    `in_place`, written over x and x returned (each program reads both halves of its rows
+    before it writes them, and no two programs share a row; x's rows must not overlap)."""
     b, heads, seq, d = x.shape
     if d % 2 or x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError(f"rope kernel takes an even D with unit stride: x {tuple(x.shape)}")
@@ -179,7 +183,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.expand(b, seq, d), sin.expand(b, seq, d)  # a broadcast dim: stride 0
     if not (x.dtype == cos.dtype == sin.dtype):
         raise ValueError(f"rope kernel takes one dtype: x {x.dtype}, cos {cos.dtype}")
-    out = empty_in_order(x)
+    if in_place and 0 in x.stride()[:3]:
+        raise ValueError(f"rope in place needs rows that do not overlap: strides {x.stride()}")
+    out = x if in_place else empty_in_order(x)
     block_h = min(triton.next_power_of_2(heads), 16)
     if out.numel():
         with on_device(x.device):  # Triton launches on the current device, not x's

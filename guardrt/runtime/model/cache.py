@@ -110,15 +110,12 @@ class CacheStep:
         rows, image_rows = self.cache.self_kv.shape[2], self.cache.image_rows
         return self.slots if image_rows == rows else self.slots.clamp(max=image_rows - 1)
 
-    def self_kv(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.cache.self_kv[layer]  # (2, rows, Hkv, capacity, d)
-        rows = self.slots[:, None]  # (B, 1) with positions (B, S) → cache[(B, S), :, :]
-        kv[0][rows, :, self.positions] = k.transpose(1, 2)  # (B, S, Hkv, d)
-        kv[1][rows, :, self.positions] = v.transpose(1, 2)
-        # K and V in one gather (one kernel per layer, not two): (2, B, Hkv, K, d)
-        both = kv[:, self.slots, :, : self.kv_len]
+    def self_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache.self_kv[layer]  # (2, rows, Hkv, capacity, d)
+        rows = self.slots[:, None]  # (B, 1) with positions (B, S) → cache[:, (B, S), :, :]
+        # K and V in one write and one gather (one kernel each per layer, not two)
+        cache[:, rows, :, self.positions] = kv  # (B, S, 2, Hkv, d): indexed dims go first
+        both = cache[:, self.slots, :, : self.kv_len]  # (2, B, Hkv, K, d)
         return both[0], both[1]
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

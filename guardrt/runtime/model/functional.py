@@ -65,10 +65,12 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows); one
-    fused kernel on a GPU (`guardrt/kernels/fused.py`, which holds the reference)."""
-    return fused.rope(x, cos, sin)
+def rope_heads(
+    heads: torch.Tensor, rotated: int, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """RoPE on the first `rotated` of heads (B, N, S, D) (q and k), the rest (v) kept: one
+    fused kernel on a GPU, writing in place (`guardrt/kernels/fused.py`). Use the result."""
+    return fused.rope_heads(heads, rotated, cos, sin)
 
 
 def attention(
@@ -82,6 +84,27 @@ def attention(
     head become g·S query rows of one head. Same math per query row, and no (B, H, L, D) copy of
     the keys: for a cross layer that copy is 6,404 keys × 32 heads per step.
     """
+    return _grouped_attention(q, k, v, mask).reshape(q.shape)
+
+
+def attention_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`attention`, laid out for the output projection: (B, S, H·D). The grouped output
+    (B, Hkv, g·S, D) reaches that layout in one permuting copy at most; `attention` and then
+    `.transpose(1, 2).reshape(b, s, -1)` would copy twice for a step of several tokens."""
+    b, heads, s, d = q.shape
+    out = _grouped_attention(q, k, v, mask)  # (B, Hkv, g·S, D); g = 1 without grouping
+    kv_heads = out.shape[1]
+    rows = out.view(b, kv_heads, heads // kv_heads, s, d).permute(0, 3, 1, 2, 4)
+    return rows.reshape(b, s, heads * d)  # (B, S, Hkv, g, D) → (B, S, H·D): head h = hkv·g + j
+
+
+def _grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`attention` before unfolding: (B, Hkv, g·S, D), the g query heads of each kv head as
+    g·S query rows (head-major); (B, H, S, D) as it is without grouping."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
     if kv_heads == heads:
@@ -90,8 +113,7 @@ def attention(
     folded = q.reshape(b, kv_heads, group * s, d)  # (B, Hkv, g·S, D), head-major within a group
     if mask is not None:
         mask = _fold_mask(mask, b, kv_heads, group, s)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # (B, Hkv, g·S, D)
-    return out.reshape(b, heads, s, d)
+    return F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # (B, Hkv, g·S, D)
 
 
 def _fold_mask(

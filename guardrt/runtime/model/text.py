@@ -20,9 +20,9 @@ from torch import nn
 from guardrt.runtime.model.config import TextConfig
 from guardrt.runtime.model.functional import (
     add_rms_norm,
-    apply_rope,
-    attention,
+    attention_rows,
     rms_norm,
+    rope_heads,
     silu_mul,
 )
 
@@ -68,12 +68,11 @@ class MLP(nn.Module):
 class KVStore(Protocol):
     """Where one step's attention layers put and find K/V."""
 
-    def self_kv(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Take self layer `layer`'s K (RoPE applied) and V of this step's tokens, each
-        (B, Hkv, S, d); return the keys and values to attend to, each (B, Hkv, K, d), in the
-        order the step's `self_mask` describes."""
+    def self_kv(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take self layer `layer`'s K (RoPE applied) and V of this step's tokens, side by side
+        in kv (B, S, 2, Hkv, d) (a view of the projection's output: one write stores both);
+        return the keys and values to attend to, each (B, Hkv, K, d), in the order the step's
+        `self_mask` describes."""
         ...
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,23 +125,25 @@ class SelfAttention(Projections):
         module tree: its weight's views are the q/k/v weights the checkpoint names."""
         object.__setattr__(self, "qkv", qkv)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, D) → the q, k and v heads (B, H + 2·Hkv, S, d): views of one projection's
+        output (the unfused projections' outputs are concatenated first)."""
+        b, s, _ = x.shape
         if self.qkv is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv_dim = self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * self.head_dim, kv_dim, kv_dim], dim=-1)
-        return q, k, v
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        else:
+            qkv = self.qkv(x)  # (B, S, (H + 2·Hkv)·d)
+        return qkv.reshape(b, s, -1, self.head_dim).transpose(1, 2)  # a view when contiguous
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = self._qkv(x)  # (B, S, H·d), (B, S, Hkv·d) ×2
-        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, d)
-        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, d)
-        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        keys, values = step.kv.self_kv(self.index, k, v)  # (B, Hkv, K, d)
-        out = attention(q, keys, values, step.self_mask)  # (B, H, S, d)
-        result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        # RoPE on q and k in one call; on a GPU in place, so k and v stay side by side.
+        heads = rope_heads(self._heads(x), self.heads + self.kv_heads, step.cos, step.sin)
+        q = heads[:, : self.heads]  # (B, H, S, d)
+        kv = heads[:, self.heads :].transpose(1, 2).view(b, s, 2, self.kv_heads, self.head_dim)
+        keys, values = step.kv.self_kv(self.index, kv)  # kv (B, S, 2, Hkv, d) → (B, Hkv, K, d)
+        out = attention_rows(q, keys, values, step.self_mask)  # (B, S, H·d)
+        result: torch.Tensor = self.o_proj(out)
         return result
 
 
@@ -185,7 +186,7 @@ class CrossAttention(Projections):
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
         q = self.q_norm(q)
         keys, values = step.kv.cross_kv(self.index)  # (B, Hkv, L, d)
-        out = attention(q, keys, values, step.cross_mask).transpose(1, 2).reshape(b, s, -1)
+        out = attention_rows(q, keys, values, step.cross_mask)  # (B, S, H·d)
         result: torch.Tensor = self.o_proj(out * step.attn_rows.to(out.dtype))
         return result
 
