@@ -40,8 +40,9 @@ def _qkv(shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
 def test_attention_rows_is_attention_laid_out_for_the_projection(
     heads: int, kv_heads: int, tokens: int, masked: bool
 ) -> None:
-    """(B, S, H·d) with head h at columns h·d…: exactly `attention` transposed and flattened,
-    for q as the model has it (a strided view of a fused projection's output)."""
+    """(B, S, H·d) with head h at columns h·d…, given the step's mask as `attention_bias` makes
+    it once (additive, folded): exactly `attention` with the boolean mask, transposed and
+    flattened, for q as the model has it (a strided view of a fused projection's output)."""
     generator = torch.Generator().manual_seed(5)
     width = (heads + 2 * kv_heads) * 16
     qkv = torch.randn(2, tokens, width, generator=generator)  # (B, S, (H + 2·Hkv)·d)
@@ -51,7 +52,8 @@ def test_attention_rows_is_attention_laid_out_for_the_projection(
     if mask is not None:
         mask[..., 0] = True  # every query may attend to a key
     want = functional.attention(q, k, v, mask).transpose(1, 2).reshape(2, tokens, -1)
-    got = functional.attention_rows(q, k, v, mask)
+    bias = None if mask is None else functional.attention_bias(mask, heads, kv_heads, q.dtype)
+    got = functional.attention_rows(q, k, v, bias)
     assert got.shape == (2, tokens, heads * 16)
     assert torch.equal(got, want)
 

@@ -84,36 +84,53 @@ def attention(
     head become g·S query rows of one head. Same math per query row, and no (B, H, L, D) copy of
     the keys: for a cross layer that copy is 6,404 keys × 32 heads per step.
     """
-    return _grouped_attention(q, k, v, mask).reshape(q.shape)
+    return _grouped_attention(q, k, v, mask, folded=False).reshape(q.shape)
+
+
+def attention_bias(
+    mask: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """What `attention_rows` takes for a boolean mask (B, 1, S or 1, L), True = may attend: 0
+    there and -inf elsewhere, in the queries' dtype (the values SDPA would make of the mask),
+    its rows folded as grouped query heads are (B, 1, g·S or 1, L). Built once per step and
+    read by every layer: SDPA converts a boolean mask again in every call (a `where` and two
+    scalar tensors, three kernels on a GPU), and a per-query mask would be folded (copied) in
+    every call too."""
+    if heads != kv_heads:
+        mask = _fold_mask(mask, mask.shape[0], kv_heads, heads // kv_heads, mask.shape[2])
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask, float("-inf"))
 
 
 def attention_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """`attention`, laid out for the output projection: (B, S, H·D). The grouped output
-    (B, Hkv, g·S, D) reaches that layout in one permuting copy at most; `attention` and then
-    `.transpose(1, 2).reshape(b, s, -1)` would copy twice for a step of several tokens."""
+    """`attention` with the mask as `attention_bias` made it, laid out for the output
+    projection: (B, S, H·D). The grouped output (B, Hkv, g·S, D) reaches that layout in one
+    permuting copy at most; `attention` and then `.transpose(1, 2).reshape(b, s, -1)` would
+    copy twice for a step of several tokens."""
     b, heads, s, d = q.shape
-    out = _grouped_attention(q, k, v, mask)  # (B, Hkv, g·S, D); g = 1 without grouping
+    out = _grouped_attention(q, k, v, bias, folded=True)  # (B, Hkv, g·S, D); g = 1 ungrouped
     kv_heads = out.shape[1]
     rows = out.view(b, kv_heads, heads // kv_heads, s, d).permute(0, 3, 1, 2, 4)
     return rows.reshape(b, s, heads * d)  # (B, S, Hkv, g, D) → (B, S, H·D): head h = hkv·g + j
 
 
 def _grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, folded: bool
 ) -> torch.Tensor:
     """`attention` before unfolding: (B, Hkv, g·S, D), the g query heads of each kv head as
-    g·S query rows (head-major); (B, H, S, D) as it is without grouping."""
+    g·S query rows (head-major); (B, H, S, D) as it is without grouping. `folded`: the mask's
+    rows are already the folded queries' (`attention_bias`)."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
     if kv_heads == heads:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     group = heads // kv_heads
-    folded = q.reshape(b, kv_heads, group * s, d)  # (B, Hkv, g·S, D), head-major within a group
-    if mask is not None:
+    rows = q.reshape(b, kv_heads, group * s, d)  # (B, Hkv, g·S, D), head-major within a group
+    if mask is not None and not folded:
         mask = _fold_mask(mask, b, kv_heads, group, s)
-    return F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)  # (B, Hkv, g·S, D)
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)  # (B, Hkv, g·S, D)
 
 
 def _fold_mask(

@@ -24,6 +24,7 @@ from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.cache import CacheLayout, KVCache
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import (
+    attention_bias,
     causal_cache_mask,
     cross_key_mask,
     cross_masks,
@@ -212,13 +213,14 @@ class MllamaModel(nn.Module):
         else:
             cross_mask, rows = cross_masks(positions, image_start, num_tiles, image_keys, per_tile)
         attn_rows = rows if self.semantics == "meta" else has_image[:, None, None].expand_as(rows)
+        heads, kv_heads = self.config.text.num_heads, self.config.text.num_kv_heads
         step = StepInputs(
             kv=kv,
             positions=positions,
             cos=cos,
             sin=sin,
-            self_mask=self_mask,
-            cross_mask=cross_mask,
+            self_bias=attention_bias(self_mask, heads, kv_heads, dtype),
+            cross_bias=attention_bias(cross_mask, heads, kv_heads, dtype) if crossing else None,
             cross_rows=rows,
             attn_rows=attn_rows,
             use_cross=use_cross,

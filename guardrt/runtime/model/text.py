@@ -72,7 +72,7 @@ class KVStore(Protocol):
         """Take self layer `layer`'s K (RoPE applied) and V of this step's tokens, side by side
         in kv (B, S, 2, Hkv, d) (a view of the projection's output: one write stores both);
         return the keys and values to attend to, each (B, Hkv, K, d), in the order the step's
-        `self_mask` describes."""
+        `self_bias` describes."""
         ...
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +92,11 @@ class StepInputs:
     positions: torch.Tensor  # (B, S) position of each token
     cos: torch.Tensor  # (B, S, head_dim)
     sin: torch.Tensor  # (B, S, head_dim)
-    self_mask: torch.Tensor  # (B, 1, S, K) bool over the keys `kv.self_kv` returns
-    cross_mask: torch.Tensor  # (B, 1, S, L) bool, or (B, 1, 1, L) ("meta": cross_key_mask)
+    # Additive masks (`attention_bias`: 0 or -inf, rows folded for grouped heads), built once
+    # per step: (B, 1, g·S, K) over the keys `kv.self_kv` returns; over the image keys
+    # (B, 1, g·S, L), or (B, 1, 1, L) ("meta": cross_key_mask), None when no cross layer runs.
+    self_bias: torch.Tensor
+    cross_bias: torch.Tensor | None
     cross_rows: torch.Tensor  # (B, S, 1): rows at/after their image (the MLP branch keeps these)
     attn_rows: torch.Tensor  # (B, S, 1): rows whose cross-attention output is kept (semantics)
     use_cross: bool  # False when no request of the batch has an image
@@ -142,7 +145,7 @@ class SelfAttention(Projections):
         q = heads[:, : self.heads]  # (B, H, S, d)
         kv = heads[:, self.heads :].transpose(1, 2).view(b, s, 2, self.kv_heads, self.head_dim)
         keys, values = step.kv.self_kv(self.index, kv)  # kv (B, S, 2, Hkv, d) → (B, Hkv, K, d)
-        out = attention_rows(q, keys, values, step.self_mask)  # (B, S, H·d)
+        out = attention_rows(q, keys, values, step.self_bias)  # (B, S, H·d)
         result: torch.Tensor = self.o_proj(out)
         return result
 
@@ -186,7 +189,9 @@ class CrossAttention(Projections):
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,d)
         q = self.q_norm(q)
         keys, values = step.kv.cross_kv(self.index)  # (B, Hkv, L, d)
-        out = attention_rows(q, keys, values, step.cross_mask)  # (B, S, H·d)
+        if step.cross_bias is None:
+            raise ValueError("a cross layer ran in a step built without cross-attention masks")
+        out = attention_rows(q, keys, values, step.cross_bias)  # (B, S, H·d)
         result: torch.Tensor = self.o_proj(out * step.attn_rows.to(out.dtype))
         return result
 
