@@ -54,6 +54,13 @@ def add_rms_norm_reference(
     return summed, rms_norm_reference(summed, weight, eps)
 
 
+def rope_heads_reference(
+    heads: torch.Tensor, rotated: int, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """RoPE on the first `rotated` of heads (B, N, S, D), the others as they are: a new tensor."""
+    return torch.cat((rope_reference(heads[:, :rotated], cos, sin), heads[:, rotated:]), dim=1)
+
+
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x (B, H, S, D) with cos/sin (B, S, D) (HF's layout of q/k rows)."""
     half = x.shape[-1] // 2
@@ -128,7 +135,7 @@ def rope_heads(
     ):
         _kernels().rope(part, cos, sin, in_place=True)
         return heads
-    return torch.cat((rope_reference(part, cos, sin), heads[:, rotated:]), dim=1)
+    return rope_heads_reference(heads, rotated, cos, sin)
 
 
 def broadcasts(x: torch.Tensor, *tables: torch.Tensor) -> bool:
@@ -204,18 +211,15 @@ def _disagreement(
     for name, value, weight in (("hidden", x, s.hidden), ("head", heads, s.head_dim)):
         w = (1 + randn(weight) / 4).to(dtype)
         got, want = kernels.rms_norm(value, w, s.eps), rms_norm_reference(value, w, s.eps)
-        if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
-            error = float((got.float() - want.float()).abs().max())
+        if (error := _off_by(got, want, dtype)) is not None:
             return f"rms_norm over the {name} ({weight}) differs from the reference by {error:.3g}"
     w = (1 + randn(s.hidden) / 4).to(dtype)
     delta = (randn(batch, tokens, s.hidden) * 3).to(dtype)  # (B, S, D), a branch's output
     got_sum, got = kernels.add_rms_norm(x, delta, w, s.eps)
     want_sum, want = add_rms_norm_reference(x, delta, w, s.eps)
-    if not torch.equal(got_sum, want_sum):  # the sum is one rounding, as torch's add
-        error = float((got_sum.float() - want_sum.float()).abs().max())
+    if (error := _off_by(got_sum, want_sum)) is not None:  # one rounding, as torch's add
         return f"add_rms_norm's sum differs from the reference by {error:.3g}"
-    if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
-        error = float((got.float() - want.float()).abs().max())
+    if (error := _off_by(got, want, dtype)) is not None:
         return f"add_rms_norm's norm differs from the reference by {error:.3g}"
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
     qkv = randn(batch, tokens, width).to(dtype)  # (B, S, (H + 2·Hkv)·d), as the fused projection
@@ -223,21 +227,31 @@ def _disagreement(
     angles = randn(batch, tokens, s.head_dim // 2) * 100
     cos, sin = (torch.cat((a, a), dim=-1).to(dtype) for a in (angles.cos(), angles.sin()))
     rotated = s.heads + s.kv_heads  # q and k, rotated in place as `rope_heads` does; v kept
-    want = torch.cat((rope_reference(heads[:, :rotated], cos, sin), heads[:, rotated:]), dim=1)
+    want = rope_heads_reference(heads, rotated, cos, sin)
     got = qkv.clone().view(batch, tokens, -1, s.head_dim).transpose(1, 2)
     kernels.rope(got[:, :rotated], cos, sin, in_place=True)
     for name, part in (("q", slice(0, s.heads)), ("k", slice(s.heads, rotated)),
                        ("v (kept)", slice(rotated, None))):  # fmt: skip
-        if not torch.equal(got[:, part], want[:, part]):
-            error = float((got[:, part].float() - want[:, part].float()).abs().max())
+        if (error := _off_by(got[:, part], want[:, part])) is not None:
             return f"rope on {name} differs from the reference by {error:.3g}"
     gate_up = (randn(batch, tokens, 2 * s.intermediate) * 4).to(dtype)  # (B, S, 2·I)
     gate, up = gate_up.chunk(2, dim=-1)  # strided views, as the fused projection's halves
     got, want = _silu_kernel().silu_mul(gate, up), silu_mul_reference(gate, up)
-    if not torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6):
-        error = float((got.float() - want.float()).abs().max())
+    if (error := _off_by(got, want, dtype)) is not None:
         return f"silu_mul differs from the reference by {error:.3g}"
     return ""
+
+
+def _off_by(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None
+) -> float | None:
+    """None when got matches want, exactly or (given the dtype) within two of its ulps;
+    otherwise their largest difference."""
+    if dtype is None:
+        close = torch.equal(got, want)
+    else:
+        close = torch.allclose(got.float(), want.float(), rtol=TWO_ULPS[dtype], atol=1e-6)
+    return None if close else float((got.float() - want.float()).abs().max())
 
 
 @functools.cache
