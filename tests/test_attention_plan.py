@@ -41,8 +41,11 @@ def test_attention_rows_is_attention_laid_out_for_the_projection(
     heads: int, kv_heads: int, tokens: int, masked: bool
 ) -> None:
     """(B, S, H·d) with head h at columns h·d…, given the step's mask as `attention_bias` makes
-    it once (additive, folded): exactly `attention` with the boolean mask, transposed and
-    flattened, for q as the model has it (a strided view of a fused projection's output)."""
+    it once (additive, folded): grouped-query attention by definition (K/V repeated for each
+    kv head's query heads, the boolean mask), transposed and flattened, for q as the model has
+    it (a strided view of a fused projection's output); `attention` is the same in (B, H, S, d).
+    Within float32 rounding: SDPA's kernel runs g·S query rows at once, not S of each head.
+    The additive mask holds exactly the values SDPA makes of the boolean one: bit for bit."""
     generator = torch.Generator().manual_seed(5)
     width = (heads + 2 * kv_heads) * 16
     qkv = torch.randn(2, tokens, width, generator=generator)  # (B, S, (H + 2·Hkv)·d)
@@ -51,11 +54,21 @@ def test_attention_rows_is_attention_laid_out_for_the_projection(
     mask = torch.rand(2, 1, tokens, 7, generator=generator) < 0.6 if masked else None
     if mask is not None:
         mask[..., 0] = True  # every query may attend to a key
-    want = functional.attention(q, k, v, mask).transpose(1, 2).reshape(2, tokens, -1)
+    group = heads // kv_heads
+    keys, values = (t.repeat_interleave(group, dim=1) for t in (k, v))  # (B, H, 7, d)
+    by_definition = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    want = by_definition.transpose(1, 2).reshape(2, tokens, -1)
     bias = None if mask is None else functional.attention_bias(mask, heads, kv_heads, q.dtype)
     got = functional.attention_rows(q, k, v, bias)
     assert got.shape == (2, tokens, heads * 16)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        functional.attention(q, k, v, mask), by_definition, rtol=1e-6, atol=1e-6
+    )
+    if mask is not None:  # ungrouped: the additive mask against the boolean one, same kernel
+        additive = functional.attention_bias(mask, heads, heads, q.dtype)
+        same = F.scaled_dot_product_attention(q, keys, values, attn_mask=additive)
+        assert torch.equal(same, by_definition)
 
 
 @pytest.mark.parametrize("backend", [None, "MATH", "FLASH_ATTENTION"])

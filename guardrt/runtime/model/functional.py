@@ -76,26 +76,26 @@ def rope_heads(
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """SDPA with grouped kv heads: q (B, H, S, D), k/v (B, Hkv, L, D), boolean mask broadcastable
-    to (B, H, S, L) where True = may attend. Returns (B, H, S, D). Every row must allow a key.
-
-    Grouped heads are folded into the queries instead of repeating K/V: head h reads kv head
-    h // g (g = H / Hkv, as `repeat_interleave` would pair them), so the g query heads of a kv
-    head become g·S query rows of one head. Same math per query row, and no (B, H, L, D) copy of
-    the keys: for a cross layer that copy is 6,404 keys × 32 heads per step.
-    """
-    return _grouped_attention(q, k, v, mask, folded=False).reshape(q.shape)
+    """SDPA with grouped kv heads: q (B, H, S, D), k/v (B, Hkv, L, D), boolean mask (B, 1 or H,
+    S or 1, L) where True = may attend. Returns (B, H, S, D). Every row must allow a key.
+    Grouped, it is `attention_rows` with the mask made additive (the decoder's layers share
+    one `attention_bias` a step and call that); ungrouped (the vision tower), plain SDPA."""
+    b, heads, s, d = q.shape
+    if heads == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    bias = None if mask is None else attention_bias(mask, heads, k.shape[1], q.dtype)
+    return attention_rows(q, k, v, bias).view(b, s, heads, d).transpose(1, 2)
 
 
 def attention_bias(
     mask: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """What `attention_rows` takes for a boolean mask (B, 1, S or 1, L), True = may attend: 0
-    there and -inf elsewhere, in the queries' dtype (the values SDPA would make of the mask),
-    its rows folded as grouped query heads are (B, 1, g·S or 1, L). Built once per step and
-    read by every layer: SDPA converts a boolean mask again in every call (a `where` and two
-    scalar tensors, three kernels on a GPU), and a per-query mask would be folded (copied) in
-    every call too."""
+    """What `attention_rows` takes for a boolean mask (B, 1 or H, S or 1, L), True = may attend:
+    0 there and -inf elsewhere, in the queries' dtype (the values SDPA would make of the mask),
+    its rows folded as grouped query heads are (B, 1 or Hkv, g·S or 1, L). Built once per step
+    and read by every layer: SDPA converts a boolean mask again in every call (a `where` and
+    two scalar tensors, three kernels on a GPU), and a per-query mask would be folded (copied)
+    in every call too."""
     if heads != kv_heads:
         mask = _fold_mask(mask, mask.shape[0], kv_heads, heads // kv_heads, mask.shape[2])
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
@@ -105,32 +105,22 @@ def attention_bias(
 def attention_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """`attention` with the mask as `attention_bias` made it, laid out for the output
-    projection: (B, S, H·D). The grouped output (B, Hkv, g·S, D) reaches that layout in one
-    permuting copy at most; `attention` and then `.transpose(1, 2).reshape(b, s, -1)` would
-    copy twice for a step of several tokens."""
-    b, heads, s, d = q.shape
-    out = _grouped_attention(q, k, v, bias, folded=True)  # (B, Hkv, g·S, D); g = 1 ungrouped
-    kv_heads = out.shape[1]
-    rows = out.view(b, kv_heads, heads // kv_heads, s, d).permute(0, 3, 1, 2, 4)
-    return rows.reshape(b, s, heads * d)  # (B, S, Hkv, g, D) → (B, S, H·D): head h = hkv·g + j
+    """SDPA of q (B, H, S, D) over k/v (B, Hkv, L, D) with the mask as `attention_bias` made
+    it, laid out for the output projection: (B, S, H·D), head h at columns h·D….
 
-
-def _grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, folded: bool
-) -> torch.Tensor:
-    """`attention` before unfolding: (B, Hkv, g·S, D), the g query heads of each kv head as
-    g·S query rows (head-major); (B, H, S, D) as it is without grouping. `folded`: the mask's
-    rows are already the folded queries' (`attention_bias`)."""
+    Grouped heads are folded into the queries instead of repeating K/V: head h reads kv head
+    h // g (g = H / Hkv, as `repeat_interleave` would pair them), so the g query heads of a kv
+    head become g·S query rows of one head. Same math per query row, and no (B, H, L, D) copy of
+    the keys: for a cross layer that copy is 6,404 keys × 32 heads per step. The output
+    (B, Hkv, g·S, D) then reaches (B, S, H·D) in one permuting copy at most, where a transpose
+    of (B, H, S, D) would add a second for a step of several tokens."""
     b, heads, s, d = q.shape
     kv_heads = k.shape[1]
-    if kv_heads == heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     group = heads // kv_heads
     rows = q.reshape(b, kv_heads, group * s, d)  # (B, Hkv, g·S, D), head-major within a group
-    if mask is not None and not folded:
-        mask = _fold_mask(mask, b, kv_heads, group, s)
-    return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)  # (B, Hkv, g·S, D)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=bias)  # (B, Hkv, g·S, D)
+    unfolded = out.view(b, kv_heads, group, s, d).permute(0, 3, 1, 2, 4)  # (B, S, Hkv, g, D)
+    return unfolded.reshape(b, s, heads * d)  # head h = hkv·g + j
 
 
 def _fold_mask(
