@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from guardrt.export.graphs import GraphSpec
 from guardrt.export.tensorrt_build import ProfileLimits, profile_shapes
+from guardrt.runtime.engine.cuda_memory import DeviceArray
 
 Shape = tuple[int, ...]
 
@@ -194,6 +196,28 @@ class Builder:
 # --- the runtime side: engines computing in numpy, "device" memory in host memory ---------
 
 
+@dataclass(frozen=True)
+class PitchedPtr:
+    ptr: int
+    pitch: int
+    xsize: int
+    ysize: int
+
+
+@dataclass(frozen=True)
+class Pos:
+    x: int
+    y: int
+    z: int
+
+
+@dataclass(frozen=True)
+class Extent:
+    width: int
+    height: int
+    depth: int
+
+
 class FakeCudart:
     """cuda-python's runtime: (error, value) tuples; device buffers are host buffers."""
 
@@ -204,12 +228,43 @@ class FakeCudart:
     class cudaMemcpyKind(enum.Enum):  # noqa: N801
         cudaMemcpyHostToDevice = 1  # noqa: N815
         cudaMemcpyDeviceToHost = 2  # noqa: N815
+        cudaMemcpyDeviceToDevice = 3  # noqa: N815
+
+    class cudaMemcpy3DParms:  # noqa: N801
+        """Zero-initialised, as cuda-python's struct (its fields are set one by one)."""
+
+        def __init__(self) -> None:
+            self.srcPtr = self.dstPtr = PitchedPtr(0, 0, 0, 0)
+            self.srcPos = self.dstPos = Pos(0, 0, 0)
+            self.extent = Extent(0, 0, 0)
+            self.kind: Any = None
 
     def __init__(self) -> None:
         self.live: dict[int, np.ndarray] = {}
         self.mallocs: list[int] = []
         self.device = -1
         self.fail_malloc = False
+        self.copies: list[str] = []  # the kind of each copy or memset, in order
+
+    @staticmethod
+    def make_cudaPitchedPtr(ptr: int, pitch: int, xsize: int, ysize: int) -> PitchedPtr:  # noqa: N802
+        return PitchedPtr(ptr, pitch, xsize, ysize)
+
+    @staticmethod
+    def make_cudaPos(x: int, y: int, z: int) -> Pos:  # noqa: N802
+        return Pos(x, y, z)
+
+    @staticmethod
+    def make_cudaExtent(width: int, height: int, depth: int) -> Extent:  # noqa: N802
+        return Extent(width, height, depth)
+
+    def _inside(self, pointer: int, count: int) -> None:
+        """Bytes pointer..pointer+count-1 lie in one live allocation (else a real GPU would
+        have written over something else, or faulted)."""
+        for start, block in self.live.items():
+            if start <= pointer and pointer + count <= start + block.nbytes:
+                return
+        raise AssertionError(f"{count} bytes at {pointer:#x} lie outside every allocation")
 
     def cudaSetDevice(self, index: int) -> tuple[Any]:  # noqa: N802
         self.device = index
@@ -239,7 +294,36 @@ class FakeCudart:
     def cudaMemcpyAsync(  # noqa: N802
         self, dst: int, src: int, count: int, kind: Any, stream: int
     ) -> tuple[Any]:
+        device = {self.cudaMemcpyKind.cudaMemcpyHostToDevice: dst}.get(kind, src)
+        self._inside(device, count)
         ctypes.memmove(dst, src, count)
+        self.copies.append(kind.name)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemsetAsync(self, pointer: int, value: int, count: int, stream: int) -> tuple[Any]:  # noqa: N802
+        self._inside(pointer, count)
+        ctypes.memset(pointer, value, count)
+        self.copies.append("memset")
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemcpy3DAsync(self, p: cudaMemcpy3DParms, stream: int) -> tuple[Any]:  # noqa: N802
+        """Linear memory: byte (x, y, z) of a pitched pointer is at ptr + (z·ysize + y)·pitch
+        + x. CUDA refuses a box wider than a pitch or past its rows; so does this."""
+        assert p.kind == self.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        width, height, depth = p.extent.width, p.extent.height, p.extent.depth
+        for ptr, pos in ((p.srcPtr, p.srcPos), (p.dstPtr, p.dstPos)):
+            assert pos.x + width <= ptr.pitch, (ptr, pos)
+            assert pos.y + height <= ptr.ysize, (ptr, pos)
+        for z in range(depth):
+            for y in range(height):
+                src, dst = (
+                    ptr.ptr + ((pos.z + z) * ptr.ysize + pos.y + y) * ptr.pitch + pos.x
+                    for ptr, pos in ((p.srcPtr, p.srcPos), (p.dstPtr, p.dstPos))
+                )
+                self._inside(src, width)
+                self._inside(dst, width)
+                ctypes.memmove(dst, src, width)
+        self.copies.append("3d")
         return (self.cudaError_t.cudaSuccess,)
 
     def cudaGetErrorName(self, error: Any) -> tuple[Any, bytes]:  # noqa: N802
@@ -252,6 +336,11 @@ class FakeCudart:
 def _read(pointer: int, shape: Shape, dtype: str) -> np.ndarray:
     count = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return np.frombuffer(ctypes.string_at(pointer, count), dtype).reshape(shape).copy()
+
+
+def fetch(array: DeviceArray) -> np.ndarray:
+    """A copy of a (fake) device array."""
+    return _read(array.pointer, array.shape, str(array.dtype))
 
 
 Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -294,6 +383,7 @@ class Context:
         self.engine = engine
         self.shapes: dict[str, Shape] = {}
         self.addresses: dict[str, int] = {}
+        self.computed: tuple[Any, dict[str, np.ndarray]] | None = None
 
     def set_input_shape(self, name: str, shape: Shape) -> bool:
         low, _, high = self.engine.profile[name]
@@ -304,15 +394,19 @@ class Context:
         return fits
 
     def _outputs(self) -> dict[str, np.ndarray]:
+        """The outputs of the inputs as bound now (the fake's copies are synchronous, so they
+        are what a real run would read at its turn in the stream), computed once a run."""
         spec = self.engine.spec
         feeds = {
             t.name: _read(self.addresses[t.name], self.shapes[t.name], t.dtype) for t in spec.inputs
         }
-        return self.engine.compute(feeds)
+        key = tuple((name, value.shape, value.tobytes()) for name, value in feeds.items())
+        if self.computed is None or self.computed[0] != key:
+            self.computed = key, self.engine.compute(feeds)
+        return self.computed[1]
 
     def get_tensor_shape(self, name: str) -> Shape:
-        zeros = {t.name: np.zeros(self.shapes[t.name], t.dtype) for t in self.engine.spec.inputs}
-        return self.engine.compute(zeros)[name].shape
+        return self._outputs()[name].shape
 
     def set_tensor_address(self, name: str, pointer: int) -> bool:
         self.addresses[name] = pointer

@@ -42,7 +42,14 @@ from guardrt.runtime.engine.manifest import (
 )
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
-from tests.fake_tensorrt import FakeCudart, FakeEngine, FakeTrt, decoder_compute, vision_compute
+from tests.fake_tensorrt import (
+    FakeCudart,
+    FakeEngine,
+    FakeTrt,
+    decoder_compute,
+    fetch,
+    vision_compute,
+)
 from tests.models import small_config, write_small
 
 _CONFIG = small_config("gqa2-cross2,4")
@@ -288,21 +295,31 @@ def test_trt_runner_runs_both_plans(
         np.array([[1, 0, 0, 0], [1, 1, 1, 1]], np.int64),
     )
     assert kv.shape == (2, 2, 2, 2, 20, 8)
-    assert (kv[:, :, 0] == 4).all()  # id 3 + 1 tile
-    assert (kv[:, :, 1] == 10).all()  # id 6 + 4 tiles
+    assert (fetch(kv)[:, :, 0] == 4).all()  # id 3 + 1 tile: the K/V stay on the GPU
+    assert (fetch(kv)[:, :, 1] == 10).all()  # id 6 + 4 tiles
+    assert "cudaMemcpyDeviceToHost" not in cudart.copies
 
     logits, present = runner.decoder(_decoder_feeds(past=0, tokens=3))  # empty past: 0 bytes
     assert logits.shape == (2, 2, 128256)
     assert logits[:, :, 0].tolist() == [[5, 7], [10, 8]]
     assert present.shape == (3, 2, 2, 2, 3, 8)
-    assert present[0, 0, 1, 0, :, 0].tolist() == [0, 1, 2]
+    assert fetch(present)[0, 0, 1, 0, :, 0].tolist() == [0, 1, 2]
+    assert cudart.copies.count("cudaMemcpyDeviceToHost") == 1  # the logits alone
 
     mallocs = len(cudart.mallocs)
     for past in (3, 4, 5):  # decode steps: the past K/V grows a position each, buffers double
         logits, present = runner.decoder(_decoder_feeds(past=past, tokens=1))
-        assert present[0, 0, 0, 0, :, 0].tolist() == [2 * past]
+        assert fetch(present)[0, 0, 0, 0, :, 0].tolist() == [2 * past]
     # past_kv grew at 3 positions and at 4 (doubling to 6), not at 5; nothing else grew
     assert len(cudart.mallocs) - mallocs == 2
+
+    # A K/V input already on the GPU is bound where it is: no copy.
+    copies = len(cudart.copies)
+    feeds = _decoder_feeds(past=0, tokens=1) | {"past_kv": present}
+    logits, present = runner.decoder(feeds)
+    assert cudart.copies[copies:].count("cudaMemcpyHostToDevice") == 6  # the other inputs
+    # position 0 + a past of 1 position + the sum of that past: 192 values of 2·5
+    assert fetch(present)[0, 0, 0, 0, :, 0].tolist() == [0 + 1 + 192 * 10]
 
     runner.close()
     assert not cudart.live  # every device buffer freed

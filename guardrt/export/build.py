@@ -38,7 +38,7 @@ from guardrt.export.progress import Progress
 from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import StepModel
-from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps
+from guardrt.runtime.engine.graph_steps import StepsRunner
 from guardrt.runtime.engine.manifest import (
     ENGINE_FORMATS,
     FORMAT,
@@ -225,7 +225,7 @@ def _provisional(document: dict[str, Any], compute: str | None) -> Any:
 
 
 def _engine_logits(
-    make_runner: Callable[[], GraphRunner],
+    make_runner: Callable[[], StepsRunner],
     config: ModelConfig,
     requests: Sequence[PreparedRequest],
     max_seq: int,
@@ -236,8 +236,12 @@ def _engine_logits(
         runner = make_runner()
     except ConfigError as exc:
         return None, str(exc)  # the scratch directory's name is replaced by the caller
-    steps = GraphSteps(runner, config, rows=1, max_seq=max_seq)
-    return run_probes(steps, requests, progress), None
+    steps = runner.steps(config, rows=1, max_seq=max_seq)  # the caches it serves with
+    try:
+        return run_probes(steps, requests, progress), None
+    finally:
+        steps.release()
+        runner.close()
 
 
 def _summary(parity: dict[str, Any] | None) -> str:
@@ -282,7 +286,7 @@ def _build_engine(
     work: Path,
     options: BuildOptions,
     trt: Any,
-    probe_run: Callable[[Callable[[], GraphRunner]], tuple[list[np.ndarray] | None, str | None]],
+    probe_run: Callable[[Callable[[], StepsRunner]], tuple[list[np.ndarray] | None, str | None]],
     progress: Progress,
 ) -> tuple[list[np.ndarray] | None, str | None]:
     """Fill the document's graphs (and artifact); the engine's probe logits or why not run."""
@@ -341,7 +345,7 @@ def _build_into(
     ids = (grammar.unsafe, grammar.safe)
 
     def probe_run(
-        make_runner: Callable[[], GraphRunner],
+        make_runner: Callable[[], StepsRunner],
     ) -> tuple[list[np.ndarray] | None, str | None]:
         return _engine_logits(make_runner, config, requests, options.max_seq, progress)
 
@@ -427,7 +431,7 @@ def _int8_alternatives(
     document: dict[str, Any],
     reference: list[np.ndarray],
     ids: tuple[int, int],
-    probe_run: Callable[[Callable[[], GraphRunner]], tuple[list[np.ndarray] | None, str | None]],
+    probe_run: Callable[[Callable[[], StepsRunner]], tuple[list[np.ndarray] | None, str | None]],
 ) -> dict[str, Any]:
     """Both int8 compute modes measured on the same graphs (the choice's evidence)."""
     measured: dict[str, Any] = {}

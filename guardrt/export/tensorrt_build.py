@@ -171,12 +171,12 @@ def _select_device(device: str) -> None:
     CUDA's default, GPU 0 (--device cpu converts on the CPU, and builds on GPU 0)."""
     if not device.startswith("cuda:"):
         return
-    from guardrt.runtime.engine.tensorrt_engine import (  # noqa: PLC0415 (needs cuda-python)
+    from guardrt.runtime.engine.cuda_memory import (  # noqa: PLC0415 (needs cuda-python)
         Cuda,
         DeviceError,
-        cuda_device_index,
         import_cudart,
     )
+    from guardrt.runtime.engine.tensorrt_engine import cuda_device_index  # noqa: PLC0415
 
     try:
         Cuda(import_cudart(), cuda_device_index(device))

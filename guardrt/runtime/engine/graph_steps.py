@@ -1,8 +1,8 @@
 """A `StepModel` over the two exported graphs, with the K/V caches in host memory (numpy).
 
-Shared by the ONNX Runtime and TensorRT back ends: each supplies a `GraphRunner` (run the
-vision graph, run the decoder graph); this file owns the caches and the feeds. The layouts are
-the graphs' (see `guardrt/export/decoder.py`):
+The ONNX Runtime back end's: its `GraphRunner` runs the vision graph and the decoder graph;
+this file owns the caches and the feeds. (TensorRT keeps them on the GPU: `DeviceSteps`.) The
+layouts are the graphs' (see `guardrt/export/decoder.py`):
 
     self_kv   (self layers, 2, rows, Hkv, capacity, d)  grown on demand up to max_seq
     cross_kv  (cross layers, 2, rows, Hkv, image_keys, d)  allocated with the first image
@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from guardrt.runtime.capacity import grown_capacity
+from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.scores import log_softmax_of
@@ -33,6 +34,31 @@ def vision_feeds(
         "aspect_ratio_ids": aspect_ratio_ids,
         "aspect_ratio_mask": aspect_ratio_mask,
     }
+
+
+def head_output(logits: np.ndarray, vocab: np.ndarray | None, log_probs: bool) -> np.ndarray:
+    """`StepModel.step`'s result from the graph's logits over the whole vocabulary (B, R, vocab):
+    at the ids `vocab` only (or all), as logits or with `log_probs` as log-softmax values."""
+    if log_probs:
+        return log_softmax_of(logits, vocab)
+    picked: np.ndarray = logits if vocab is None else logits[..., vocab]  # (B, R, V')
+    return picked
+
+
+class EngineSteps(StepModel, Protocol):
+    """The `StepModel` a graph back end serves with: it also frees its caches."""
+
+    def release(self) -> None: ...
+
+
+class StepsRunner(Protocol):
+    """A back end's graph runner: it makes the `StepModel` that runs it, and closes."""
+
+    def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
+        """`rows` cache rows of `max_seq` positions each."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class GraphRunner(Protocol):
@@ -124,10 +150,7 @@ class GraphSteps:
             }
         )
         self._store(present, slots, positions)
-        if log_probs:
-            return log_softmax_of(logits, vocab)
-        picked: np.ndarray = logits if vocab is None else logits[..., vocab]  # (B, R, V')
-        return picked
+        return head_output(logits, vocab, log_probs)
 
     def _store(self, present: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
         """present (Ls, 2, B, Hkv, S, d) at (slot, position); positions stay below max_seq

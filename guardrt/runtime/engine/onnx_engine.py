@@ -21,7 +21,7 @@ import numpy as np
 
 from guardrt.runtime.decoding import Decoder, parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
-from guardrt.runtime.engine.graph_steps import GraphRunner, GraphSteps, vision_feeds
+from guardrt.runtime.engine.graph_steps import EngineSteps, GraphSteps, StepsRunner, vision_feeds
 from guardrt.runtime.engine.manifest import (
     EngineDirError,
     GraphEntry,
@@ -132,6 +132,12 @@ class OrtRunner:
         logits, present = self.sessions["decoder"].run(None, feeds)
         return logits, present
 
+    def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
+        return GraphSteps(self, config, rows, max_seq)
+
+    def close(self) -> None:
+        """Nothing to free by hand: the sessions go with this object."""
+
 
 def check_options(
     options: EngineOptions, manifest: Manifest, directory: Path, bounded: bool
@@ -182,9 +188,9 @@ def engine_threads() -> int:
 
 
 class GraphEngine:
-    """An engine over an engine directory's two graphs: the manifest checked, host K/V caches
-    (`GraphSteps`), the shared decoding loop. Subclasses say which format they serve and how
-    to run the graphs (`_runner`)."""
+    """An engine over an engine directory's two graphs: the manifest checked, the runner's K/V
+    caches (host for ONNX Runtime, GPU for TensorRT), the shared decoding loop. Subclasses say
+    which format they serve and how to run the graphs (`_runner`)."""
 
     backend = ""
     bounded = False  # built for at most the manifest's max_batch / max_seq
@@ -197,10 +203,10 @@ class GraphEngine:
                 f"{directory} holds a {manifest.engine_format} engine, not {self.backend}"
             )
         check_options(options, manifest, directory, self.bounded)
-        runner, device = self._runner(directory, manifest, options)
+        self.runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
         rows = options.max_batch + options.max_sessions + options.max_prefixes
-        self.steps = GraphSteps(runner, config, rows, options.max_seq)
+        self.steps = self.runner.steps(config, rows, options.max_seq)
         decode = parse_decode(options.decode)
         self.decoder = Decoder(self.steps, decode, options.max_sessions, options.max_prefixes)
         self.info = EngineInfo(
@@ -216,7 +222,7 @@ class GraphEngine:
 
     def _runner(
         self, directory: Path, manifest: Manifest, options: EngineOptions
-    ) -> tuple[GraphRunner, str]:
+    ) -> tuple[StepsRunner, str]:
         """The graph runner and the device it runs on, in words."""
         raise NotImplementedError
 
@@ -234,6 +240,7 @@ class GraphEngine:
 
     def close(self) -> None:
         self.steps.release()
+        self.runner.close()
 
 
 class OnnxEngine(GraphEngine):
@@ -241,7 +248,7 @@ class OnnxEngine(GraphEngine):
 
     def _runner(
         self, directory: Path, manifest: Manifest, options: EngineOptions
-    ) -> tuple[GraphRunner, str]:
+    ) -> tuple[StepsRunner, str]:
         runner = OrtRunner(directory, manifest, options.device, engine_threads())
         first = runner.providers[0]
         return runner, first if isinstance(first, str) else first[0]

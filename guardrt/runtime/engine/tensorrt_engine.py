@@ -3,30 +3,38 @@ served without torch.
 
 vision.plan and decoder.plan are deserialized onto one NVIDIA GPU (`device` auto / cuda /
 cuda:N) and checked against the manifest: every I/O tensor's name, direction, dtype and fixed
-dims. The K/V caches stay in host memory (`GraphSteps`, shared with ONNX Runtime), so a call
-copies its inputs into device buffers (kept between calls, grown by doubling, since the past K/V
-grows a position per decode step), runs the plan on a CUDA stream, and copies the outputs back.
-
-CUDA is reached through cuda-python (`cuda.bindings.runtime`; `cuda.cudart` before 12.6), whose
-calls return `(error, *values)` tuples: `Cuda` makes each call and checks it in one place.
+dims. The K/V caches live on the GPU (`DeviceSteps`): a plan's K/V inputs are bound where they
+already are and its K/V outputs stay there. Host inputs (tokens, positions, pixels) are copied
+into device buffers (kept between calls, grown by doubling), the plan runs on a CUDA stream, and
+the logits come back. CUDA is reached through cuda-python (`cuda_memory.py`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from guardrt.runtime.engine import EngineOptions
-from guardrt.runtime.engine.graph_steps import GraphRunner, vision_feeds
+from guardrt.runtime.engine.cuda_memory import (
+    INSTALL,
+    Cuda,
+    DeviceArray,
+    DeviceBuffers,
+    DeviceError,
+    import_cudart,
+)
+from guardrt.runtime.engine.device_steps import DeviceSteps
+from guardrt.runtime.engine.graph_steps import EngineSteps, StepsRunner, vision_feeds
 from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, TensorSpec
 from guardrt.runtime.engine.onnx_engine import GraphEngine
-from guardrt.runtime.errors import ConfigError, GuardrtError
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.config import ModelConfig
 
-INSTALL = "pip install 'guardrt[tensorrt]'"
+__all__ = ["DeviceError", "TensorrtEngine", "TrtRunner", "import_cudart", "import_tensorrt"]
 MIN_TENSORRT = 10  # INT64 I/O tensors (the ids) arrived in TensorRT 10
 # numpy dtype of the manifest → TensorRT DataType member. bf16 has no numpy type: the graphs
 # take and give fp32 at their boundaries whatever they compute in.
@@ -39,13 +47,6 @@ TRT_DTYPES = {
     "uint8": "UINT8",
     "bool": "BOOL",
 }
-# Every I/O tensor needs a non-null address, 256-byte aligned (IExecutionContext::
-# setTensorAddress), empty ones too (a prefill's past): cudaMalloc of at least this much.
-_MIN_BUFFER = 256
-
-
-class DeviceError(GuardrtError):
-    """A CUDA or TensorRT call that failed at run time; the message names the call."""
 
 
 def import_tensorrt() -> Any:
@@ -64,18 +65,6 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def import_cudart() -> Any:
-    """cuda-python's CUDA runtime module (cuda.bindings.runtime, or the older cuda.cudart)."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ConfigError(
-        f"serving a TensorRT engine needs cuda-python: pip install cuda-python (or {INSTALL})"
-    )
-
-
 def cuda_device_index(device: str) -> int:
     """The GPU index of `device`: auto and cuda are GPU 0, cuda:N is GPU N."""
     if device in ("auto", "cuda"):
@@ -89,85 +78,6 @@ def cuda_device_index(device: str) -> int:
     if device.startswith("cuda:") and index.isdigit():
         return int(index)
     raise ConfigError(f"device {device!r} is not auto, cuda or cuda:N")
-
-
-class Cuda:
-    """The few CUDA runtime calls the runner makes, on one GPU, each checked."""
-
-    def __init__(self, cudart: Any, index: int) -> None:
-        self.rt, self.index = cudart, index
-        self.select()
-
-    def _call(self, what: str, result: Any) -> Any:
-        """The value of a cuda-python call returning (error,) or (error, value)."""
-        error, *values = result
-        if error != self.rt.cudaError_t.cudaSuccess:
-            _, name = self.rt.cudaGetErrorName(error)
-            _, text = self.rt.cudaGetErrorString(error)
-            raise DeviceError(f"{what} on cuda:{self.index} failed: {_text(name)}: {_text(text)}")
-        return values[0] if values else None
-
-    def select(self) -> None:
-        """Make this GPU the calling thread's (CUDA's current device is per thread)."""
-        self._call("cudaSetDevice", self.rt.cudaSetDevice(self.index))
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self._call(f"cudaMalloc({nbytes})", self.rt.cudaMalloc(nbytes)))
-
-    def free(self, pointer: int) -> None:
-        self._call("cudaFree", self.rt.cudaFree(pointer))
-
-    def stream(self) -> Any:
-        return self._call("cudaStreamCreate", self.rt.cudaStreamCreate())
-
-    def destroy(self, stream: Any) -> None:
-        self._call("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
-
-    def to_device(self, pointer: int, array: np.ndarray, stream: Any) -> None:
-        if array.nbytes:
-            kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-            result = self.rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, kind, stream)
-            self._call("cudaMemcpyAsync (to the device)", result)
-
-    def to_host(self, array: np.ndarray, pointer: int, stream: Any) -> None:
-        if array.nbytes:
-            kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            result = self.rt.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes, kind, stream)
-            self._call("cudaMemcpyAsync (to the host)", result)
-
-    def synchronize(self, stream: Any) -> None:
-        self._call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class DeviceBuffers:
-    """One device buffer per tensor name, reused between calls and grown when too small."""
-
-    def __init__(self, cuda: Cuda) -> None:
-        self.cuda = cuda
-        self.buffers: dict[str, tuple[int, int]] = {}  # name → (pointer, bytes)
-
-    def address(self, name: str, nbytes: int) -> int:
-        """A device pointer to at least `nbytes` for `name` (its old contents are not kept)."""
-        pointer, capacity = self.buffers.get(name, (0, 0))
-        if nbytes <= capacity:
-            return pointer
-        if pointer:
-            self.cuda.free(pointer)
-            del self.buffers[name]
-        # Doubling: the past K/V grows by one position per decode step.
-        size = max(nbytes, 2 * capacity, _MIN_BUFFER)
-        pointer = self.cuda.malloc(size)
-        self.buffers[name] = (pointer, size)
-        return pointer
-
-    def release(self) -> None:
-        for pointer, _ in self.buffers.values():
-            self.cuda.free(pointer)
-        self.buffers.clear()
 
 
 def check_io(trt: Any, engine: Any, graph: GraphEntry, where: str) -> None:
@@ -235,11 +145,24 @@ class Plan:
         self.inputs, self.outputs = graph.inputs, graph.outputs
         self.buffers = DeviceBuffers(cuda)
 
-    def run(self, feeds: Mapping[str, np.ndarray], stream: Any) -> list[np.ndarray]:
-        """The outputs (the manifest's order) for `feeds` (every input, by name)."""
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray | DeviceArray],
+        stream: Any,
+        keep: Collection[str] = (),
+    ) -> tuple[dict[str, np.ndarray], dict[str, DeviceArray]]:
+        """The outputs for `feeds` (every input, by name; a `DeviceArray` is bound where it is,
+        a host array copied in): those named in `keep` left on the GPU, in this plan's buffers
+        until its next run; the others copied to the host."""
         self.cuda.select()
-        arrays = [self._feed(spec, feeds[spec.name]) for spec in self.inputs]
-        for spec, array in zip(self.inputs, arrays, strict=True):
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            if isinstance(value, DeviceArray):
+                self._shape(spec, value.dtype, value.shape)
+                self._bind(spec.name, value.pointer)
+                continue
+            array = np.ascontiguousarray(value)
+            self._shape(spec, array.dtype, array.shape)
             pointer = self.buffers.address(spec.name, array.nbytes)
             self.cuda.to_device(pointer, array, stream)
             self._bind(spec.name, pointer)
@@ -248,31 +171,31 @@ class Plan:
             shape = tuple(self.context.get_tensor_shape(spec.name))
             if any(dim < 0 for dim in shape):
                 raise DeviceError(f"{self.path.name}: output {spec.name} has no shape ({shape})")
-            array = np.empty(shape, np.dtype(spec.dtype))
-            pointer = self.buffers.address(spec.name, array.nbytes)
-            self._bind(spec.name, pointer)
-            outputs.append((array, pointer))
+            output = self.buffers.array(spec.name, shape, np.dtype(spec.dtype))
+            self._bind(spec.name, output.pointer)
+            outputs.append((spec.name, output))
         if not self.context.execute_async_v3(int(stream)):
             raise DeviceError(
                 f"{self.path.name}: execute_async_v3 failed (TensorRT's log says why)"
             )
-        for array, pointer in outputs:
-            self.cuda.to_host(array, pointer, stream)
+        host = {}
+        for name, output in outputs:
+            if name not in keep:
+                host[name] = np.empty(output.shape, output.dtype)
+                self.cuda.to_host(host[name], output.pointer, stream)
         self.cuda.synchronize(stream)
-        return [array for array, _ in outputs]
+        return host, {name: output for name, output in outputs if name in keep}
 
-    def _feed(self, spec: TensorSpec, value: np.ndarray) -> np.ndarray:
-        """`value` contiguous, its dtype checked, its shape set on the context."""
-        array = np.ascontiguousarray(value)
-        if array.dtype != np.dtype(spec.dtype):
-            raise ValueError(f"{self.path.name}: {spec.name} is {array.dtype}, not {spec.dtype}")
-        if not self.context.set_input_shape(spec.name, array.shape):
+    def _shape(self, spec: TensorSpec, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+        """An input's dtype checked and its shape set on the context."""
+        if dtype != np.dtype(spec.dtype):
+            raise ValueError(f"{self.path.name}: {spec.name} is {dtype}, not {spec.dtype}")
+        if not self.context.set_input_shape(spec.name, shape):
             low, _, high = self.engine.get_tensor_profile_shape(spec.name, 0)
             raise DeviceError(
-                f"{self.path.name}: {spec.name} shape {array.shape} is outside the built "
+                f"{self.path.name}: {spec.name} shape {shape} is outside the built "
                 f"profile {tuple(low)}..{tuple(high)}"
             )
-        return array
 
     def _bind(self, name: str, pointer: int) -> None:
         if not self.context.set_tensor_address(name, pointer):
@@ -283,7 +206,7 @@ class Plan:
 
 
 class TrtRunner:
-    """The two plans on one GPU, behind the `GraphRunner` protocol."""
+    """The two plans on one GPU: `DeviceSteps`' runner (K/V outputs stay on the GPU)."""
 
     def __init__(self, directory: Path, manifest: Manifest, device: str) -> None:
         index = cuda_device_index(device)
@@ -308,14 +231,19 @@ class TrtRunner:
 
     def vision(
         self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray, aspect_ratio_mask: np.ndarray
-    ) -> np.ndarray:
+    ) -> DeviceArray:
         feeds = vision_feeds(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        (kv,) = self.plans["vision"].run(feeds, self.stream)
-        return kv  # (C, 2, N, Hkv, L, d)
+        _, kept = self.plans["vision"].run(feeds, self.stream, keep={"cross_kv"})
+        return kept["cross_kv"]  # (C, 2, N, Hkv, L, d)
 
-    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        logits, present = self.plans["decoder"].run(feeds, self.stream)
-        return logits, present
+    def decoder(
+        self, feeds: Mapping[str, np.ndarray | DeviceArray]
+    ) -> tuple[np.ndarray, DeviceArray]:
+        host, kept = self.plans["decoder"].run(feeds, self.stream, keep={"present_kv"})
+        return host["logits"], kept["present_kv"]  # (B, R, vocab), (Ls, 2, B, Hkv, S, d)
+
+    def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
+        return DeviceSteps(self, config, rows, max_seq)
 
     def close(self) -> None:
         """Free the device buffers and the stream (the engines go with this object)."""
@@ -328,14 +256,9 @@ class TrtRunner:
 class TensorrtEngine(GraphEngine):
     backend = "tensorrt"
     bounded = True  # profiles built for at most the manifest's max_batch and max_seq
-    trt_runner: TrtRunner
 
     def _runner(
         self, directory: Path, manifest: Manifest, options: EngineOptions
-    ) -> tuple[GraphRunner, str]:
-        self.trt_runner = TrtRunner(directory, manifest, options.device)
-        return self.trt_runner, self.trt_runner.device
-
-    def close(self) -> None:
-        super().close()
-        self.trt_runner.close()
+    ) -> tuple[StepsRunner, str]:
+        runner = TrtRunner(directory, manifest, options.device)
+        return runner, runner.device
