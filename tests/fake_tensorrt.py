@@ -244,6 +244,7 @@ class FakeCudart:
         self.mallocs: list[int] = []
         self.device = -1
         self.fail_malloc = False
+        self.max_malloc: int | None = None  # larger allocations fail (a GPU out of memory)
         self.copies: list[str] = []  # the kind of each copy or memset, in order
 
     @staticmethod
@@ -271,7 +272,7 @@ class FakeCudart:
         return (self.cudaError_t.cudaSuccess,)
 
     def cudaMalloc(self, size: int) -> tuple[Any, int | None]:  # noqa: N802
-        if self.fail_malloc:
+        if self.fail_malloc or (self.max_malloc is not None and size > self.max_malloc):
             return self.cudaError_t.cudaErrorMemoryAllocation, None
         block = np.zeros(size, np.uint8)
         self.live[block.ctypes.data] = block

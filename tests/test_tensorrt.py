@@ -387,3 +387,26 @@ def test_tensorrt_engine_loads_and_closes(
     assert (engine.info.backend, engine.info.device) == ("tensorrt", "cuda:0 (TensorRT 10.99.0)")
     engine.close()
     assert not cudart.live
+
+
+def test_tensorrt_engine_refuses_to_load_without_room_for_the_image_cache(
+    tmp_path: Path, specs: dict[str, GraphSpec], fakes: tuple[FakeTrt, FakeCudart]
+) -> None:
+    """The image K/V cache is allocated at load: too large for the GPU, the engine does not
+    load (rather than failing every image later), says why, and frees what it held."""
+    _, cudart = fakes
+    directory = _engine_dir(
+        tmp_path / "engine", specs, {"vision": b"vision", "decoder": b"decoder"}
+    )
+    cudart.max_malloc = 4 * 5120 - 1  # a row: 2 cross layers × K, V × 2 heads × 20 keys × 8 × 4 B
+    options = EngineOptions(directory, device="cuda", max_batch=2, max_seq=256, max_sessions=1)
+    with pytest.raises(
+        ConfigError,
+        match=r"image K/V cache does not fit: 4 rows × 5,120 bytes \(cudaMalloc\(20480\).*"
+        r"cudaErrorMemoryAllocation.*smaller --max-batch-size",
+    ):
+        load_engine("tensorrt", options)
+    assert not cudart.live
+    cudart.max_malloc = 4 * 5120  # 2 batch rows, 1 session row, 1 prefix row: it fits
+    load_engine("tensorrt", options).close()
+    assert not cudart.live

@@ -4,7 +4,7 @@ The layouts are `GraphSteps`' (host caches, ONNX Runtime), with K and V folded i
 axis as `Cuda.copy_rows` addresses them (see `cuda_memory.py`):
 
     self cache   (self layers·2, rows, Hkv, capacity, d)  grown on demand up to max_seq
-    image cache  (cross layers·2, rows, Hkv, image_keys, d)  allocated with the first image
+    image cache  (cross layers·2, rows, Hkv, image_keys, d)  allocated at load
 
 A step gathers each batch row's past from its cache row into the decoder's `past_kv` feed, and
 its image K/V into `cross_kv`, and stores the step's `present_kv` back, all GPU to GPU: one
@@ -25,8 +25,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from guardrt.runtime.capacity import grown_capacity
-from guardrt.runtime.engine.cuda_memory import Cuda, DeviceArray, DeviceBuffers, RowRun
+from guardrt.runtime.engine.cuda_memory import (
+    Cuda,
+    DeviceArray,
+    DeviceBuffers,
+    DeviceError,
+    RowRun,
+)
 from guardrt.runtime.engine.graph_steps import head_output
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
 
@@ -90,16 +97,32 @@ class DeviceSteps:
         self._self_slices = 2 * len(text.self_attention_layers)
         self._cross_slices = 2 * len(text.cross_attention_layers)
         self._image_keys = config.vision.max_num_tiles * config.vision.num_patches
-        self._self = self._zeros((self._self_slices, rows, self._heads, 0, self._head_dim))
-        self._images: DeviceArray | None = None
+        # No positions yet, so no memory (pointer 0) until the first step reserves some.
+        self._self = DeviceArray(0, (self._self_slices, rows, self._heads, 0, self._head_dim), F32)
+        self._images: DeviceArray | None = self._image_cache()
         self._feeds = DeviceBuffers(self.cuda)
         self._image_version = 0  # bumped by every change to the image cache
         self._cross_feed: tuple[tuple[int, ...], int] | None = None  # (slots, version) it holds
 
+    def _image_cache(self) -> DeviceArray:
+        """Every row's image K/V, allocated now: an engine that cannot hold them fails to load
+        rather than on its first image (the torch engine allocates its image rows up front too).
+        fp32, the graphs' type at their boundary: 420 MB a row at full size."""
+        shape = (self._cross_slices, self.max_batch, self._heads, self._image_keys, self._head_dim)
+        try:
+            return self._zeros(shape)
+        except DeviceError as exc:
+            row = int(np.prod(shape, dtype=np.int64)) * F32.itemsize // self.max_batch
+            size = f"{row / 1e6:.0f} MB" if row >= 1e6 else f"{row:,} bytes"
+            raise ConfigError(
+                f"the image K/V cache does not fit: {self.max_batch} rows × {size} ({exc}); "
+                "serve with a smaller --max-batch-size, --max-sessions or --max-prefixes"
+            ) from exc
+
     def _zeros(self, shape: tuple[int, ...]) -> DeviceArray:
         """A new zeroed f32 array owned by this object."""
         nbytes = int(np.prod(shape, dtype=np.int64)) * F32.itemsize
-        array = DeviceArray(self.cuda.malloc(max(nbytes, 1)), shape, F32)
+        array = DeviceArray(self.cuda.malloc(nbytes), shape, F32)
         self.cuda.zero(array.pointer, nbytes, self.runner.stream)
         return array
 
@@ -127,7 +150,7 @@ class DeviceSteps:
             run = RowRun(row, 0, capacity)
             self.cuda.copy_rows(bigger, run, old, run, self.runner.stream)
         self.cuda.synchronize(self.runner.stream)  # before the old memory goes back
-        if old.pointer:  # (none after `release`)
+        if old.pointer:  # (none before the first step or after `release`)
             self.cuda.free(old.pointer)
         self._self = bigger
 
@@ -137,9 +160,8 @@ class DeviceSteps:
         ids = np.asarray([image.aspect_ratio_id for image in images], dtype=np.int64)
         masks = np.stack([image.aspect_ratio_mask for image in images]).astype(np.int64)
         kv = folded(self.runner.vision(pixels, ids, masks))  # (C·2, N, Hkv, L, d)
-        if self._images is None:
-            shape = (self._cross_slices, self.max_batch, self._heads, self._image_keys)
-            self._images = self._zeros((*shape, self._head_dim))
+        if self._images is None:  # (after `release`)
+            self._images = self._image_cache()
         keys = self._image_keys
         for index, slot in enumerate(slots):
             target, source = RowRun(slot, 0, keys), RowRun(index, 0, keys)

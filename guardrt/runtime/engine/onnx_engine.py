@@ -206,7 +206,11 @@ class GraphEngine:
         self.runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
         rows = options.max_batch + options.max_sessions + options.max_prefixes
-        self.steps = self.runner.steps(config, rows, options.max_seq)
+        try:
+            self.steps = self.runner.steps(config, rows, options.max_seq)
+        except Exception:  # caches that do not fit: free what the runner holds, then say why
+            self.runner.close()
+            raise
         decode = parse_decode(options.decode)
         self.decoder = Decoder(self.steps, decode, options.max_sessions, options.max_prefixes)
         self.info = EngineInfo(
