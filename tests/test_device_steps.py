@@ -29,7 +29,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import TiledImage
 from tests.fake_tensorrt import FakeCudart, FakeEngine, FakeTrt
 from tests.models import image, small_config
-from tests.test_onnx_engine import onnx_engine, requests
+from tests.test_onnx_engine import growing_answer, onnx_engine, requests
 
 CONFIG = ModelConfig.from_dict(small_config("gqa2-cross2,4"))
 VOCAB = 16
@@ -336,11 +336,7 @@ def test_tensorrt_engine_session_equals_fresh(
     device = load_engine(
         "tensorrt", EngineOptions(twin, device="cuda", max_batch=2, max_seq=1024, max_sessions=1)
     )
-    picture = (np.linspace(0, 255, 40 * 60 * 3).reshape(40, 60, 3)).astype(np.uint8)
-    parts = [{"type": "image", "image": picture}, {"type": "text", "text": "What is it?"}]
-    question = {"role": "user", "content": parts}
-    first = preparer.prepare([question, {"role": "assistant", "content": "It is a grad"}])
-    second = preparer.prepare([question, {"role": "assistant", "content": "It is a gradient."}])
+    first, second = growing_answer(preparer)
     session = device.open_session()
     assert session is not None
     in_session = [

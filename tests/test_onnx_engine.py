@@ -100,14 +100,20 @@ def test_greedy_matches_torch(onnx_fp32: Path, checkpoint: Path, preparer: Prepa
         assert len(a.generated) > 1
 
 
-def test_session_reuses_cache(onnx_fp32: Path, preparer: Preparer) -> None:
-    """A growing answer checked twice in one session = each checked fresh."""
-    onnx = onnx_engine(onnx_fp32, max_sessions=1)
+def growing_answer(preparer: Preparer) -> tuple[PreparedRequest, PreparedRequest]:
+    """An answer about an image, streamed: checked part-way, then whole."""
     picture = (np.linspace(0, 255, 40 * 60 * 3).reshape(40, 60, 3)).astype(np.uint8)
     parts = [{"type": "image", "image": picture}, {"type": "text", "text": "What is it?"}]
     question = {"role": "user", "content": parts}
     first = preparer.prepare([question, {"role": "assistant", "content": "It is a grad"}])
     second = preparer.prepare([question, {"role": "assistant", "content": "It is a gradient."}])
+    return first, second
+
+
+def test_session_reuses_cache(onnx_fp32: Path, preparer: Preparer) -> None:
+    """A growing answer checked twice in one session = each checked fresh."""
+    onnx = onnx_engine(onnx_fp32, max_sessions=1)
+    first, second = growing_answer(preparer)
     session = onnx.open_session()
     assert session is not None
     in_session = [
