@@ -259,12 +259,12 @@ class FakeCudart:
     def make_cudaExtent(width: int, height: int, depth: int) -> Extent:  # noqa: N802
         return Extent(width, height, depth)
 
-    def _inside(self, pointer: int, count: int) -> None:
-        """Bytes pointer..pointer+count-1 lie in one live allocation (else a real GPU would
-        have written over something else, or faulted)."""
+    def _inside(self, pointer: int, count: int) -> int:
+        """The start of the live allocation holding bytes pointer..pointer+count-1 (outside
+        every one, a real GPU would have written over something else, or faulted)."""
         for start, block in self.live.items():
             if start <= pointer and pointer + count <= start + block.nbytes:
-                return
+                return start
         raise AssertionError(f"{count} bytes at {pointer:#x} lie outside every allocation")
 
     def cudaSetDevice(self, index: int) -> tuple[Any]:  # noqa: N802
@@ -315,6 +315,8 @@ class FakeCudart:
         for ptr, pos in ((p.srcPtr, p.srcPos), (p.dstPtr, p.dstPos)):
             assert pos.x + width <= ptr.pitch, (ptr, pos)
             assert pos.y + height <= ptr.ysize, (ptr, pos)
+        # "The source and destination objects may not overlap": never within one allocation.
+        assert self._inside(p.srcPtr.ptr, 1) != self._inside(p.dstPtr.ptr, 1)
         for z in range(depth):
             for y in range(height):
                 src, dst = (

@@ -180,10 +180,15 @@ class DeviceSteps:
         self._image_version += 1
 
     def copy_kv(self, source: int, target: int, length: int) -> None:
+        """Through a scratch row: cudaMemcpy3D's source and destination may not overlap, and
+        two rows of one cache interleave (their bytes are disjoint, their boxes are not)."""
         self._reserve(length)
         self.cuda.select()
-        from_run, to_run = RowRun(source, 0, length), RowRun(target, 0, length)
-        self.cuda.copy_rows(self._self, to_run, self._self, from_run, self.runner.stream)
+        shape = (self._self_slices, 1, self._heads, length, self._head_dim)
+        scratch, run = self._feeds.array("copied_kv", shape, F32), RowRun(0, 0, length)
+        stream = self.runner.stream
+        self.cuda.copy_rows(scratch, run, self._self, RowRun(source, 0, length), stream)
+        self.cuda.copy_rows(self._self, RowRun(target, 0, length), scratch, run, stream)
 
     def step(
         self,
