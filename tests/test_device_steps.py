@@ -89,16 +89,19 @@ def test_copy_rows_is_slicing(cuda: Cuda, dtype: type) -> None:
     )  # (slices, rows, Hkv, P, d)
     dst: np.ndarray = rng.standard_normal((6, 2, 3, 7, 4)).astype(dtype)
     on_src, on_dst = _upload(cuda, src), _upload(cuda, dst)
-    for (to_row, to_start), (from_row, from_start), count in (
-        ((0, 0), (4, 2), 7),  # a whole destination row
-        ((1, 3), (0, 10), 1),  # the last source position
-        ((1, 0), (2, 0), 0),  # nothing
+    for (to_row, to_start), (from_row, from_start), count, rows in (
+        ((0, 0), (4, 2), 7, 1),  # a whole destination row
+        ((1, 3), (0, 10), 1, 1),  # the last source position
+        ((1, 0), (2, 0), 0, 1),  # nothing
+        ((0, 1), (3, 4), 5, 2),  # two consecutive rows at once
     ):
-        cuda.copy_rows(
-            on_dst, RowRun(to_row, to_start, count), on_src, RowRun(from_row, from_start, count), 0
+        to_run, from_run = (
+            RowRun(to_row, to_start, count, rows),
+            RowRun(from_row, from_start, count, rows),
         )
-        dst[:, to_row, :, to_start : to_start + count] = src[
-            :, from_row, :, from_start : from_start + count
+        cuda.copy_rows(on_dst, to_run, on_src, from_run, 0)
+        dst[:, to_row : to_row + rows, :, to_start : to_start + count] = src[
+            :, from_row : from_row + rows, :, from_start : from_start + count
         ]
         assert np.array_equal(_download(cuda, on_dst), dst)
     assert np.array_equal(_download(cuda, on_src), src)  # the source untouched
@@ -114,8 +117,12 @@ def test_copy_rows_refuses() -> None:
         cuda.copy_rows(a, RowRun(0, 4, 5), b, RowRun(0, 0, 5), 0)  # positions 4..8 of 8
     with pytest.raises(IndexError, match="outside K/V of shape"):
         cuda.copy_rows(a, RowRun(2, 0, 1), b, RowRun(0, 0, 1), 0)  # row 2 of 2
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(IndexError, match="outside K/V of shape"):
+        cuda.copy_rows(a, RowRun(1, 0, 1, rows=2), b, RowRun(0, 0, 1, rows=2), 0)  # rows 1, 2
+    with pytest.raises(ValueError, match="differ in size"):
         cuda.copy_rows(a, RowRun(0, 0, 2), b, RowRun(0, 0, 3), 0)
+    with pytest.raises(ValueError, match="differ in size"):
+        cuda.copy_rows(a, RowRun(0, 0, 2, rows=2), b, RowRun(0, 0, 2), 0)
     c = _upload(cuda, np.zeros((4, 2, 2, 8, 4), np.float32))
     with pytest.raises(ValueError, match="cannot copy K/V rows"):
         cuda.copy_rows(a, RowRun(0, 0, 1), c, RowRun(0, 0, 1), 0)
@@ -253,8 +260,8 @@ def test_device_steps_match_host_steps(cuda: Cuda) -> None:
 
 def test_device_steps_copy_no_image_kv_in_decode_steps() -> None:
     """After an image prefill, the decode steps of the same rows copy no image K/V: the
-    `cross_kv` feed is kept until an image changes. One 3-D copy per row gathers the past,
-    and one per run of positions stores the step."""
+    `cross_kv` feed is kept until an image changes. One 3-D copy gathers the past of
+    consecutive cache rows, and one per row and run of positions stores the step."""
     cudart = FakeCudart()
     steps = DeviceSteps(DeviceRunner(Cuda(cudart, 0)), CONFIG, rows=3, max_seq=600)
     first, second, _ = _images()
@@ -262,12 +269,15 @@ def test_device_steps_copy_no_image_kv_in_decode_steps() -> None:
     _step(steps, [0, 1], [list(range(5)), list(range(5))], [2, 4])
     copies = len(cudart.copies)
     _step(steps, [0, 1], [[5], [5]], [2, 4])
-    # past: 2 rows; present: 2 rows; no image K/V gathered
-    assert cudart.copies[copies:].count("3d") == 4
-    steps.clear_images([1])  # an image changed: the next step gathers again
+    # past: rows 0 and 1 at once; present: 2 rows; no image K/V gathered
+    assert cudart.copies[copies:].count("3d") == 3
+    steps.clear_images([1])  # an image changed: the next step gathers again (rows 0, 1 at once)
     copies = len(cudart.copies)
     _step(steps, [0, 1], [[6], [6]], [2, 0])
-    assert cudart.copies[copies:].count("3d") == 6
+    assert cudart.copies[copies:].count("3d") == 4
+    copies = len(cudart.copies)
+    _step(steps, [2, 0], [[0], [7]], [0, 2])  # rows 2 and 0 are not consecutive: two copies
+    assert cudart.copies[copies:].count("3d") == 2 + 2 + 2
 
 
 # --- through the TensorRT back end: plans that compute with ONNX Runtime -------------------

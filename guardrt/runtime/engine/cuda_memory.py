@@ -6,10 +6,10 @@ calls return `(error, *values)` tuples (`cuda.bindings.runtime`; `cuda.cudart` b
 
 `Cuda.copy_rows` moves K/V between the caches and the graphs' feeds inside the GPU. Every K/V
 tensor the back end handles is 5-D, (slices, rows, Hkv, positions, d): slices are the layers
-times K and V, rows are cache rows or batch rows. Any run of positions of one row, across every
-slice and head, is a box of cudaMemcpy3D: Hkv lines of `count·d` elements per slice, the lines
-`positions·d` elements apart and the slices `rows·Hkv` lines apart. So one call gathers or stores
-a row whatever the number of layers.
+times K and V, rows are cache rows or batch rows. Any run of positions of consecutive rows,
+across every slice and head, is a box of cudaMemcpy3D: rows·Hkv lines of `count·d` elements per
+slice, the lines `positions·d` elements apart and the slices `rows·Hkv` lines apart. So one call
+gathers or stores them whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ class DeviceArray:
 
 @dataclass(frozen=True)
 class RowRun:
-    """Positions `start`..`start+count-1` of row `row` of a 5-D K/V array."""
+    """Positions `start`..`start+count-1` of rows `row`..`row+rows-1` of a 5-D K/V array."""
 
     row: int
     start: int
     count: int
+    rows: int = 1
 
 
 class Cuda:
@@ -117,8 +118,9 @@ class Cuda:
     def copy_rows(
         self, dst: DeviceArray, dst_run: RowRun, src: DeviceArray, src_run: RowRun, stream: Any
     ) -> None:
-        """Positions of one row of `src` into one row of `dst`, every slice and head: both
-        (slices, rows, Hkv, positions, d) of one dtype, their rows and positions may differ."""
+        """Positions of rows of `src` into rows of `dst`, every slice and head: both (slices,
+        rows, Hkv, positions, d) of one dtype, their rows and positions may differ. Consecutive
+        rows are consecutive lines in both, so any number of them is still one box."""
         slices, _, heads, _, head_dim = dst.shape
         if (src.shape[0], src.shape[2], src.shape[4], src.dtype) != (
             slices,
@@ -128,18 +130,20 @@ class Cuda:
         ):
             raise ValueError(f"cannot copy K/V rows of {src.shape} into {dst.shape}")
         for array, run in ((dst, dst_run), (src, src_run)):
-            if not (0 <= run.row < array.shape[1] and 0 <= run.start <= array.shape[3] - run.count):
+            rows_fit = 0 <= run.row <= array.shape[1] - run.rows
+            if not (rows_fit and 0 <= run.start <= array.shape[3] - run.count):
                 raise IndexError(f"{run} lies outside K/V of shape {array.shape}")
-        if dst_run.count != src_run.count:
-            raise ValueError(f"{src_run} and {dst_run} differ in length")
-        if not dst_run.count or not slices:
+        if (dst_run.count, dst_run.rows) != (src_run.count, src_run.rows):
+            raise ValueError(f"{src_run} and {dst_run} differ in size")
+        if not (dst_run.count and dst_run.rows and slices):
             return
         line = head_dim * dst.dtype.itemsize  # bytes of one position of one head
         parms = self.rt.cudaMemcpy3DParms()
         parms.srcPtr, parms.srcPos = _pitched(self.rt, src, src_run, line)
         parms.dstPtr, parms.dstPos = _pitched(self.rt, dst, dst_run, line)
-        # (bytes of the run, Hkv lines, slices): linear memory counts its extent in bytes.
-        parms.extent = self.rt.make_cudaExtent(dst_run.count * line, heads, slices)
+        # (bytes of the run, rows·Hkv lines, slices): linear memory counts its extent in bytes.
+        extent = (dst_run.count * line, dst_run.rows * heads, slices)
+        parms.extent = self.rt.make_cudaExtent(*extent)
         parms.kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         self._call("cudaMemcpy3DAsync", self.rt.cudaMemcpy3DAsync(parms, stream))
 

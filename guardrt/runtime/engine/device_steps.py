@@ -8,7 +8,8 @@ axis as `Cuda.copy_rows` addresses them (see `cuda_memory.py`):
 
 A step gathers each batch row's past from its cache row into the decoder's `past_kv` feed, and
 its image K/V into `cross_kv`, and stores the step's `present_kv` back, all GPU to GPU: one
-copy per batch row each. Only the tokens, positions and the logits cross PCIe. (With host
+copy per run of consecutive cache rows for the gathers (one for a batch in rows 0..B-1), one
+per batch row for the store. Only the tokens, positions and the logits cross PCIe. (With host
 caches, an image step would copy its 420 MB of fp32 image K/V to the GPU at every step.) The
 `cross_kv` feed is kept while its rows' images are unchanged, so the decode steps that follow
 an image prefill copy no image K/V at all.
@@ -62,10 +63,11 @@ class DeviceRunner(Protocol):
 
 
 def position_runs(positions: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(first step index, first position, count) for each run of consecutive positions that a
-    row's step tokens write, in position order. A position written more than once (a row's
-    pads stop at the last position) keeps its last token, as the host cache's indexed write
-    does. [5, 6, 7, 7, 7] → [(0, 5, 2), (4, 7, 1)]."""
+    """(first index, first position, count) for each run of consecutive positions at
+    consecutive indices, in position order: where a row's step tokens go in its cache row, or
+    (given a step's slots) which batch rows are consecutive cache rows. A position given more
+    than once (a row's pads stop at the last position) keeps its last index, as the host
+    cache's indexed write does. [5, 6, 7, 7, 7] → [(0, 5, 2), (4, 7, 1)]."""
     last = {position: index for index, position in enumerate(positions)}
     runs: list[tuple[int, int, int]] = []
     for position in sorted(last):
@@ -146,9 +148,8 @@ class DeviceSteps:
             return
         self.cuda.select()
         bigger = self._zeros((*old.shape[:3], grown, self._head_dim))
-        for row in range(self.max_batch):
-            run = RowRun(row, 0, capacity)
-            self.cuda.copy_rows(bigger, run, old, run, self.runner.stream)
+        run = RowRun(0, 0, capacity, rows=self.max_batch)
+        self.cuda.copy_rows(bigger, run, old, run, self.runner.stream)
         self.cuda.synchronize(self.runner.stream)  # before the old memory goes back
         if old.pointer:  # (none before the first step or after `release`)
             self.cuda.free(old.pointer)
@@ -224,8 +225,8 @@ class DeviceSteps:
         """Positions 0..past-1 of each slot's cache row: (Ls·2, B, Hkv, past, d)."""
         shape = (self._self_slices, len(slots), self._heads, past, self._head_dim)
         feed = self._feeds.array("past_kv", shape, F32)
-        for index, slot in enumerate(slots):
-            to_run, from_run = RowRun(index, 0, past), RowRun(int(slot), 0, past)
+        for index, slot, rows in position_runs(slots.tolist()):  # consecutive slots: one copy
+            to_run, from_run = RowRun(index, 0, past, rows), RowRun(slot, 0, past, rows)
             self.cuda.copy_rows(feed, to_run, self._self, from_run, self.runner.stream)
         return feed
 
@@ -243,8 +244,8 @@ class DeviceSteps:
         holds = (tuple(int(slot) for slot in slots), self._image_version)
         if self._cross_feed == holds:  # the decode steps after an image prefill
             return feed
-        for index, slot in enumerate(slots):
-            to_run, from_run = RowRun(index, 0, keys), RowRun(int(slot), 0, keys)
+        for index, slot, rows in position_runs(slots.tolist()):
+            to_run, from_run = RowRun(index, 0, keys, rows), RowRun(slot, 0, keys, rows)
             self.cuda.copy_rows(feed, to_run, self._images, from_run, self.runner.stream)
         self._cross_feed = holds
         return feed
