@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from guardrt.export.build import BuildOptions
+from guardrt.export.build import BuildOptions, _engine_logits
 from guardrt.export.decoder import decoder_spec
 from guardrt.export.errors import ExportError
 from guardrt.export.graphs import GraphSpec, vision_spec
@@ -42,6 +42,7 @@ from guardrt.runtime.engine.manifest import (
 )
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.config import ModelConfig
 from tests.fake_tensorrt import (
     FakeCudart,
     FakeEngine,
@@ -410,3 +411,25 @@ def test_tensorrt_engine_refuses_to_load_without_room_for_the_image_cache(
     cudart.max_malloc = 4 * 5120  # 2 batch rows, 1 session row, 1 prefix row: it fits
     load_engine("tensorrt", options).close()
     assert not cudart.live
+
+
+def test_build_parity_not_run_when_the_caches_do_not_fit() -> None:
+    """The build's parity probes run the engine as it serves (its runner's caches); where
+    those cannot be made on this GPU, parity is recorded as not run, with the reason, and the
+    runner is closed."""
+
+    class Runner:
+        closed = False
+
+        def steps(self, config: ModelConfig, rows: int, max_seq: int) -> Any:
+            raise ConfigError("the image K/V cache does not fit: 1 rows × 420 MB")
+
+        def close(self) -> None:
+            self.closed = True
+
+    runner = Runner()
+    config = ModelConfig.from_dict(_CONFIG)
+    logits, why = _engine_logits(lambda: runner, config, [], 256, Progress(1, io.StringIO()))
+    assert logits is None
+    assert why == "the image K/V cache does not fit: 1 rows × 420 MB"
+    assert runner.closed

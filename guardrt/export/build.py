@@ -236,11 +236,15 @@ def _engine_logits(
         runner = make_runner()
     except ConfigError as exc:
         return None, str(exc)  # the scratch directory's name is replaced by the caller
-    steps = runner.steps(config, rows=1, max_seq=max_seq)  # the caches it serves with
     try:
-        return run_probes(steps, requests, progress), None
+        steps = runner.steps(config, rows=1, max_seq=max_seq)  # the caches it serves with
+        try:
+            return run_probes(steps, requests, progress), None
+        finally:
+            steps.release()
+    except ConfigError as exc:  # its caches do not fit on this GPU
+        return None, str(exc)
     finally:
-        steps.release()
         runner.close()
 
 
