@@ -10,12 +10,13 @@
 #      load-time int8 measurement, 8-bit steps replayed in graphs, the load-time timer, the
 #      memory of an int8 model quantized while it loads, the fused norm / RoPE / SwiGLU kernels,
 #      and the fused activation quantization and int8 epilogue of the 8-bit products;
-#   3. the TensorRT back end's GPU-resident K/V caches (3-D copies through cuda-python's CUDA
-#      runtime) against the host caches; then benchmarks/norm_rope.py (the fused norm / RoPE /
-#      SwiGLU / fp8 activation quantization against their references);
+#   3. benchmarks/norm_rope.py (the fused norm / RoPE / SwiGLU / fp8 activation quantization
+#      against their references);
 #   4. benchmarks/kernels.py (every quantized-linear path against its reference);
 #   5. a torch.profiler trace of one text and one image verdict on the served path;
-#   6. the bf16 cases without CUDA graphs, to show what they bring.
+#   6. the bf16 cases without CUDA graphs, to show what they bring;
+#   7. the TensorRT back end's GPU-resident K/V caches (3-D copies through cuda-python's CUDA
+#      runtime) against the host caches (not issue 8's torch path, so last).
 # The device returns at most 8 files from $OUT, so every part writes under a work folder and,
 # after each part, the folder is packed into $OUT/results.tgz (a kill keeps what was packed);
 # $OUT also gets steps.txt. Unpack with `tar -xzf results.tgz -C DIR`.
@@ -30,7 +31,7 @@
 # fix it and call again.
 # GPU_CHECK_PARTS (comma-separated, default all) runs only the parts named, in the order above,
 # for a second call that redoes what the first lost:
-#   latency, cuda_tests, kernel_tests, device_kv, norm_rope, kernels, profile, eager
+#   latency, cuda_tests, kernel_tests, norm_rope, kernels, profile, eager, device_kv
 set -uo pipefail
 cd "$(dirname "$0")/.."
 back="${OUT:-/tmp}"  # what the device returns: results.tgz and steps.txt
@@ -70,7 +71,7 @@ part() {
     pack
 }
 
-all_parts="latency,cuda_tests,kernel_tests,device_kv,norm_rope,kernels,profile,eager"
+all_parts="latency,cuda_tests,kernel_tests,norm_rope,kernels,profile,eager,device_kv"
 parts="${GPU_CHECK_PARTS:-$all_parts}"
 for key in ${parts//,/ }; do
     case ",$all_parts," in
@@ -115,15 +116,6 @@ part kernel_tests "int8 rows, 8-bit graphs, timer, int8 load memory, fused kerne
     -k "load_tuning or graphs or timer or holds_no_bf16 or compiled_kernels"
 tail -5 "$out/int8_rows_cuda.txt" 2>/dev/null
 
-# cuda-python from the carried wheels where the machine has none (they are zip files).
-part device_kv "TensorRT back end's device K/V copies on CUDA" 60 "$out/device_kv.txt" bash -c '
-    if ! python -c "import cuda.bindings.runtime" 2> /dev/null; then
-        for wheel in .gpu_carry/wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/cuda_python; done
-        export PYTHONPATH="/tmp/cuda_python:$PYTHONPATH"
-    fi
-    exec python -m pytest -q -rfEs -p no:cacheprovider tests/test_device_steps.py -k gpu'
-tail -5 "$out/device_kv.txt" 2>/dev/null
-
 part norm_rope "norm/rope" 60 "$out/norm_rope.txt" \
     env TRITON_INTERPRET=0 python benchmarks/norm_rope.py --out "$out/norm_rope.json"
 cat "$out/norm_rope.txt" 2>/dev/null
@@ -140,5 +132,14 @@ part eager "latency, eager bf16" 70 "$out/eager/latency.txt" \
     python -m guardrt.bench.latency --precisions bf16 --no-baseline --no-cuda-graphs \
     --concurrency 8 --requests 32 --budget-s 40 --results "$out/eager"
 grep -E "safe|unsafe|throughput" "$out/eager/latency.txt" 2>/dev/null | head -12
+# cuda-python from the carried wheels where the machine has none (they are zip files).
+part device_kv "TensorRT back end's device K/V copies on CUDA" 60 "$out/device_kv.txt" bash -c '
+    if ! python -c "import cuda.bindings.runtime" 2> /dev/null; then
+        for wheel in .gpu_carry/wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/cuda_python; done
+        export PYTHONPATH="/tmp/cuda_python:$PYTHONPATH"
+    fi
+    exec python -m pytest -q -rfEs -p no:cacheprovider tests/test_device_steps.py -k gpu'
+tail -5 "$out/device_kv.txt" 2>/dev/null
+
 stamp "done"
 pack
