@@ -44,6 +44,11 @@ def import_cudart() -> Any:
     )
 
 
+def byte_size(shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    """Bytes of a C-contiguous array of `shape` and `dtype`."""
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class DeviceArray:
     """A C-contiguous array in GPU memory. It owns nothing: whoever allocated `pointer` frees it."""
@@ -54,7 +59,7 @@ class DeviceArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return byte_size(self.shape, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -188,8 +193,7 @@ class DeviceBuffers:
 
     def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> DeviceArray:
         """`name`'s buffer as an array of `shape` (contents undefined)."""
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        return DeviceArray(self.address(name, nbytes), shape, dtype)
+        return DeviceArray(self.address(name, byte_size(shape, dtype)), shape, dtype)
 
     def release(self) -> None:
         for pointer, _ in self.buffers.values():

@@ -32,6 +32,7 @@ from guardrt.runtime.engine.cuda_memory import (
     DeviceBuffers,
     DeviceError,
     RowRun,
+    byte_size,
 )
 from guardrt.runtime.engine.graph_steps import head_output
 from guardrt.runtime.errors import ConfigError
@@ -114,7 +115,7 @@ class DeviceSteps:
         try:
             return self._zeros(shape)
         except DeviceError as exc:
-            row = int(np.prod(shape, dtype=np.int64)) * F32.itemsize // self.max_batch
+            row = byte_size(shape, F32) // self.max_batch
             size = f"{row / 1e6:.0f} MB" if row >= 1e6 else f"{row:,} bytes"
             raise ConfigError(
                 f"the image K/V cache does not fit: {self.max_batch} rows × {size} ({exc}); "
@@ -123,9 +124,8 @@ class DeviceSteps:
 
     def _zeros(self, shape: tuple[int, ...]) -> DeviceArray:
         """A new zeroed f32 array owned by this object."""
-        nbytes = int(np.prod(shape, dtype=np.int64)) * F32.itemsize
-        array = DeviceArray(self.cuda.malloc(nbytes), shape, F32)
-        self.cuda.zero(array.pointer, nbytes, self.runner.stream)
+        array = DeviceArray(self.cuda.malloc(byte_size(shape, F32)), shape, F32)
+        self.cuda.zero(array.pointer, array.nbytes, self.runner.stream)
         return array
 
     def release(self) -> None:
@@ -146,7 +146,6 @@ class DeviceSteps:
         grown = grown_capacity(capacity, length, self.max_seq)
         if grown == capacity:
             return
-        self.cuda.select()
         bigger = self._zeros((*old.shape[:3], grown, self._head_dim))
         run = RowRun(0, 0, capacity, rows=self.max_batch)
         self.cuda.copy_rows(bigger, run, old, run, self.runner.stream)
@@ -183,8 +182,8 @@ class DeviceSteps:
     def copy_kv(self, source: int, target: int, length: int) -> None:
         """Through a scratch row: cudaMemcpy3D's source and destination may not overlap, and
         two rows of one cache interleave (their bytes are disjoint, their boxes are not)."""
-        self._reserve(length)
         self.cuda.select()
+        self._reserve(length)
         shape = (self._self_slices, 1, self._heads, length, self._head_dim)
         scratch, run = self._feeds.array("copied_kv", shape, F32), RowRun(0, 0, length)
         stream = self.runner.stream
@@ -204,9 +203,9 @@ class DeviceSteps:
     ) -> np.ndarray:
         """`StepModel.step`. The graph's head computes every token regardless; `vocab` and
         `log_probs` are applied here on the host."""
+        self.cuda.select()  # the calling thread's GPU (the helpers below assume it)
         past = int(positions[:, 0].max())  # every row's past lies below its first position
         self._reserve(past)
-        self.cuda.select()
         logits, present = self.runner.decoder(
             {
                 "input_ids": tokens,
@@ -225,9 +224,7 @@ class DeviceSteps:
         """Positions 0..past-1 of each slot's cache row: (Ls·2, B, Hkv, past, d)."""
         shape = (self._self_slices, len(slots), self._heads, past, self._head_dim)
         feed = self._feeds.array("past_kv", shape, F32)
-        for index, slot, rows in position_runs(slots.tolist()):  # consecutive slots: one copy
-            to_run, from_run = RowRun(index, 0, past, rows), RowRun(slot, 0, past, rows)
-            self.cuda.copy_rows(feed, to_run, self._self, from_run, self.runner.stream)
+        self._gather(feed, self._self, slots, past)
         return feed
 
     def _cross(self, slots: np.ndarray, num_tiles: np.ndarray) -> DeviceArray:
@@ -244,17 +241,21 @@ class DeviceSteps:
         holds = (tuple(int(slot) for slot in slots), self._image_version)
         if self._cross_feed == holds:  # the decode steps after an image prefill
             return feed
-        for index, slot, rows in position_runs(slots.tolist()):
-            to_run, from_run = RowRun(index, 0, keys, rows), RowRun(slot, 0, keys, rows)
-            self.cuda.copy_rows(feed, to_run, self._images, from_run, self.runner.stream)
+        self._gather(feed, self._images, slots, keys)
         self._cross_feed = holds
         return feed
+
+    def _gather(self, feed: DeviceArray, cache: DeviceArray, slots: np.ndarray, count: int) -> None:
+        """Positions 0..count-1 of each slot's cache row into the feed's batch rows, in order:
+        one copy per run of consecutive slots (one for a batch in rows 0..B-1)."""
+        for index, slot, rows in position_runs(slots.tolist()):
+            to_run, from_run = RowRun(index, 0, count, rows), RowRun(slot, 0, count, rows)
+            self.cuda.copy_rows(feed, to_run, cache, from_run, self.runner.stream)
 
     def _store(self, present: DeviceArray, slots: np.ndarray, positions: np.ndarray) -> None:
         """present (Ls·2, B, Hkv, S, d) at (slot, position); positions stay below max_seq
         (the decoding loop stops pads at the last one), as the torch cache requires too."""
         self._reserve(int(positions.max()) + 1)
-        self.cuda.select()
         for index, slot in enumerate(slots):
             for first, position, count in position_runs(positions[index].tolist()):
                 to_run, from_run = RowRun(int(slot), position, count), RowRun(index, first, count)
