@@ -440,11 +440,14 @@ def vision_compute(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def decoder_compute(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """logits: the token at each logit index; present_kv: each position plus the past length."""
+    """logits: the token at each logit index, at every id asked for (so the normaliser over the
+    128,256 equal logits is that plus log 128256); present_kv: each position plus the past
+    length."""
     ids, positions, rows = feeds["input_ids"], feeds["position_ids"], feeds["logit_index"]
     picked = np.take_along_axis(ids, rows, axis=1).astype(np.float32)  # (B, R)
-    logits = np.repeat(picked[:, :, None], 128256, axis=2)  # (B, R, vocab)
+    logits = np.repeat(picked[:, :, None], len(feeds["vocab"]), axis=2)  # (B, R, V)
+    normaliser = picked + np.float32(np.log(128256))  # (B, R)
     past = feeds["past_kv"].shape[4] + feeds["past_kv"].sum()
     present = np.ones((3, 2, *ids.shape[:1], 2, ids.shape[1], 8), np.float32)  # (Ls,2,B,Hkv,S,d)
     present *= (positions + past)[None, None, :, None, :, None]
-    return {"logits": logits, "present_kv": present}
+    return {"logits": logits, "normaliser": normaliser, "present_kv": present}

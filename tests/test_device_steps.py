@@ -22,7 +22,7 @@ from guardrt.runtime.engine import EngineOptions, load_engine
 from guardrt.runtime.engine import tensorrt_engine as te
 from guardrt.runtime.engine.cuda_memory import Cuda, DeviceArray, DeviceBuffers, RowRun
 from guardrt.runtime.engine.device_steps import DeviceSteps, position_runs
-from guardrt.runtime.engine.graph_steps import GraphSteps, vision_feeds
+from guardrt.runtime.engine.graph_steps import GraphSteps, HeadScores, vision_feeds
 from guardrt.runtime.engine.manifest import file_entries, parse_manifest, write_manifest
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.prepare import Preparer
@@ -141,10 +141,11 @@ def _vision(ids: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return kv
 
 
-def _decoder(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _decoder(feeds: dict[str, np.ndarray]) -> tuple[HeadScores, np.ndarray]:
     """logits (B, R, VOCAB): the token at each logit index, and fingerprints of the row's past
-    and image K/V (a K/V row gathered from the wrong place changes them); present_kv: the
-    token and position, plus where in (layer, K/V, head, d) it lies."""
+    and image K/V (a K/V row gathered from the wrong place changes them), at `vocab`'s ids,
+    with their log-sum-exp; present_kv: the token and position, plus where in (layer, K/V,
+    head, d) it lies."""
     ids, positions, rows = feeds["input_ids"], feeds["position_ids"], feeds["logit_index"]
     past, cross = feeds["past_kv"], feeds["cross_kv"]
     batch = len(ids)
@@ -159,14 +160,16 @@ def _decoder(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     where = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) / 128
     token = (ids % 64 * 1024 + positions).astype(np.float32)  # (B, S)
     present = token[None, None, :, None, :, None] + where[:, :, None, :, None, :]
-    return logits, present.astype(np.float32)  # (Ls, 2, B, Hkv, S, d)
+    normaliser = np.log(np.exp(logits.astype(np.float64)).sum(-1)).astype(np.float32)  # (B, R)
+    head = HeadScores(logits[..., feeds["vocab"]], normaliser)
+    return head, present.astype(np.float32)  # (Ls, 2, B, Hkv, S, d)
 
 
 class HostRunner:
     def vision(self, pixels: np.ndarray, ids: np.ndarray, masks: np.ndarray) -> np.ndarray:
         return _vision(ids, masks)
 
-    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[HeadScores, np.ndarray]:
         return _decoder(feeds)
 
 
@@ -187,15 +190,15 @@ class DeviceRunner:
         assert vision_feeds(pixels, ids, masks)["pixel_values"].ndim == 5
         return self._put("cross_kv", _vision(ids, masks))
 
-    def decoder(self, feeds: Any) -> tuple[np.ndarray, DeviceArray]:
+    def decoder(self, feeds: Any) -> tuple[HeadScores, DeviceArray]:
         assert isinstance(feeds["past_kv"], DeviceArray)  # K/V never pass through the host
         assert isinstance(feeds["cross_kv"], DeviceArray)
         host = {
             name: _download(self.cuda, value) if isinstance(value, DeviceArray) else value
             for name, value in feeds.items()
         }
-        logits, present = _decoder(host)
-        return logits, self._put("present_kv", present)
+        head, present = _decoder(host)
+        return head, self._put("present_kv", present)
 
 
 def _step(steps: Any, slots: list[int], positions: list[list[int]], tiles: list[int]) -> Any:
@@ -208,6 +211,7 @@ def _step(steps: Any, slots: list[int], positions: list[list[int]], tiles: list[
         np.asarray(tiles, np.int64),
         np.asarray([[len(row) - 1, 0] for row in positions], np.int64),
         vocab=np.asarray([0, 1, 2, 5], np.int64),
+        log_probs=len(positions[0]) > 1,  # prefills' (as in constrained decoding)
     )
 
 
@@ -298,7 +302,8 @@ def _trt_twin(onnx_dir: Path, directory: Path, monkeypatch: pytest.MonkeyPatch) 
         name: GraphSpec(directory / f"{name}.plan", graph.inputs, graph.outputs)
         for name, graph in manifest.graphs.items()
     }
-    trt, limits = FakeTrt({}), limits_for(specs, max_batch=4, max_seq=1024)
+    vocab_size = document["config"]["text_config"]["vocab_size"]
+    trt, limits = FakeTrt({}), limits_for(specs, max_batch=4, max_seq=1024, vocab_size=vocab_size)
     for name, graph in manifest.graphs.items():
         session = ort.InferenceSession(str(onnx_dir / graph.file))
         names = [output.name for output in session.get_outputs()]

@@ -161,8 +161,12 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], object], str]] = {
         "config.json",
     ),
     "newer version": (
-        _edit_manifest(lambda m: m.update(version=2)),
-        "has version 2; this guardrt reads version 1",
+        _edit_manifest(lambda m: m.update(version=3)),
+        "has version 3; this guardrt reads version 2",
+    ),
+    "older version": (  # version 1's decoder returned every logit, and no normaliser
+        _edit_manifest(lambda m: m.update(version=1)),
+        r"has version 1; this guardrt reads version 2 \(rebuild the engine",
     ),
     "tensorrt format": (
         _edit_manifest(lambda m: m.update(engine_format="tensorrt")),

@@ -1,5 +1,6 @@
 """What a verdict reads off a step (`guardrt/runtime/scores.py`): token lookups in compact
-step outputs, the host's log-softmax for graph back ends, and the ids a prefill asks for."""
+step outputs and the ids a prefill asks for (the graph back ends' normaliser is reduced in
+the decoder graph: tests/test_graph_head.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from guardrt.runtime.scores import (
     TokenScores,
     category_probabilities,
     category_vocab,
-    log_softmax_of,
     prefill_vocab,
 )
 from guardrt.runtime.tokenizer import Tokenizer
@@ -35,36 +35,6 @@ def test_an_id_the_step_did_not_return_is_refused(missing: int) -> None:
     compact = TokenScores(np.zeros(3, np.float32), np.array([7, 19, 300]))
     with pytest.raises(KeyError, match=str(missing)):
         compact.of([19, missing])
-
-
-def test_log_softmax_of_equals_a_float64_one() -> None:
-    """On vocab-sized rows with wide spreads and -inf entries (a head that skipped rows),
-    everywhere and at a few ids, as float32."""
-    rng = np.random.default_rng(3)
-    logits = (rng.standard_normal((2, 3, 128_256)) * 30).astype(np.float32)
-    logits[0, 1, rng.integers(0, 128_256, 500)] = -np.inf
-    wide = logits.astype(np.float64)
-    top = wide.max(axis=-1, keepdims=True)
-    exact = wide - top - np.log(np.exp(wide - top).sum(axis=-1, keepdims=True))
-    vocab = np.array([5, 19_193, 39_257, 128_255])
-    for ids in (None, vocab):
-        got = log_softmax_of(logits, ids)
-        want = exact if ids is None else exact[..., ids]
-        assert got.dtype == np.float32
-        assert got.shape == want.shape
-        finite = np.isfinite(want)
-        assert np.array_equal(np.isneginf(got), np.isneginf(want))
-        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, atol=1e-5)
-
-
-def test_a_nan_anywhere_makes_its_row_nan() -> None:
-    """A broken kernel's NaN in one column reaches every log-probability of its row (the
-    label comparison then fails closed), and only that row."""
-    logits = np.zeros((2, 1, 100), np.float32)
-    logits[0, 0, 42] = np.nan
-    got = log_softmax_of(logits, np.array([1, 2]))
-    assert np.isnan(got[0]).all()
-    assert np.isfinite(got[1]).all()
 
 
 def test_prefill_vocab_holds_what_a_prefill_reads(tok: Tokenizer) -> None:

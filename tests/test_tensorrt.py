@@ -70,7 +70,7 @@ def specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GraphSpec]:
 
 
 def test_decoder_profile(specs: dict[str, GraphSpec]) -> None:
-    limits = limits_for(specs, max_batch=4, max_seq=8192)
+    limits = limits_for(specs, max_batch=4, max_seq=8192, vocab_size=128256)
     assert limits.image_keys == 20  # 4 tiles × 5 patches
     shapes = profile_shapes(specs["decoder"], limits)
     assert list(shapes) == [t.name for t in specs["decoder"].inputs]
@@ -81,24 +81,27 @@ def test_decoder_profile(specs: dict[str, GraphSpec]) -> None:
     assert shapes["cross_kv"] == ((2, 2, 1, 2, 1, 8), (2, 2, 1, 2, 20, 8), (2, 2, 4, 2, 20, 8))
     assert shapes["image_start"] == ((1,), (1,), (4,))
     assert shapes["logit_index"] == ((1, 1), (1, 2), (4, 16))
+    assert shapes["vocab"] == ((1,), (32,), (128256,))  # tuned for a constrained step's ~20
 
 
 def test_vision_profile(specs: dict[str, GraphSpec]) -> None:
-    shapes = profile_shapes(specs["vision"], ProfileLimits(3, 1024, 20))
+    shapes = profile_shapes(specs["vision"], ProfileLimits(3, 1024, 20, 128256))
     assert shapes["pixel_values"] == ((1, 4, 3, 28, 28), (1, 4, 3, 28, 28), (3, 4, 3, 28, 28))
     assert shapes["aspect_ratio_mask"] == ((1, 4), (1, 4), (3, 4))
 
 
 def test_profile_limits_small_sequence() -> None:
-    ranges = ProfileLimits(max_batch=1, max_seq=64, image_keys=20).ranges()
+    ranges = ProfileLimits(max_batch=1, max_seq=64, image_keys=20, vocab_size=16).ranges()
     assert (ranges["tokens"].min, ranges["tokens"].opt, ranges["tokens"].max) == (1, 64, 64)
+    vocab = ranges["vocab_ids"]
+    assert (vocab.min, vocab.opt, vocab.max) == (1, 16, 16)
     assert all(r.min <= r.opt <= r.max for r in ranges.values())
 
 
 def test_profile_refuses_an_unknown_dim(tmp_path: Path) -> None:
     spec = GraphSpec(tmp_path / "g.onnx", (TensorSpec("x", "float32", ("frames", 3)),), ())
     with pytest.raises(ExportError, match="'frames'"):
-        profile_shapes(spec, ProfileLimits(1, 64, 1))
+        profile_shapes(spec, ProfileLimits(1, 64, 1, 16))
 
 
 # --- refusals without TensorRT --------------------------------------------------------------
@@ -201,12 +204,13 @@ def test_build_plans(
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     progress = Progress(1, io.StringIO())
-    summary = build_plans(trt, placed, engine_dir, tmp_path / "work", _options(tmp_path), progress)
+    work, options = tmp_path / "work", _options(tmp_path)
+    summary = build_plans(trt, placed, engine_dir, work, options, progress, vocab_size=128256)
 
     assert (engine_dir / "vision.plan").read_bytes() == b"plan of vision"
     assert (engine_dir / "decoder.plan").read_bytes() == b"plan of decoder"
     vision, decoder = trt.builds
-    limits = ProfileLimits(max_batch=2, max_seq=128, image_keys=20)
+    limits = ProfileLimits(max_batch=2, max_seq=128, image_keys=20, vocab_size=128256)
     for calls, name in ((vision, "vision"), (decoder, "decoder")):
         assert calls["flags"] == 1 << 1  # STRONGLY_TYPED, and no other flag
         assert calls["onnx"] == str(placed[name].path)
@@ -232,7 +236,8 @@ def test_build_plans_replaces_a_foreign_timing_cache(
     trt = FakeTrt(placed)
     (tmp_path / "engine").mkdir()
     progress = Progress(1, io.StringIO())
-    build_plans(trt, placed, tmp_path / "engine", tmp_path / "work", _options(tmp_path), progress)
+    work, options = tmp_path / "work", _options(tmp_path)
+    build_plans(trt, placed, tmp_path / "engine", work, options, progress, vocab_size=128256)
     assert trt.builds[0]["timing_blobs"] == [b"from another GPU", b""]
     assert (tmp_path / "cache" / TIMING_CACHE).read_bytes() == b"+timed+timed"
 
@@ -251,6 +256,7 @@ def test_build_plans_names_parser_errors(
             tmp_path / "work",
             _options(tmp_path),
             progress,
+            vocab_size=128256,
         )
     assert not (tmp_path / "vision.plan").exists()
 
@@ -260,7 +266,7 @@ def fakes(
     specs: dict[str, GraphSpec], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[FakeTrt, FakeCudart]:
     trt, cudart = FakeTrt(specs), FakeCudart()
-    limits = ProfileLimits(max_batch=2, max_seq=256, image_keys=20)
+    limits = ProfileLimits(max_batch=2, max_seq=256, image_keys=20, vocab_size=128256)
     trt.engines[b"vision"] = FakeEngine(specs["vision"], vision_compute, limits)
     trt.engines[b"decoder"] = FakeEngine(specs["decoder"], decoder_compute, limits)
     monkeypatch.setattr(te, "import_tensorrt", lambda: trt)
@@ -277,6 +283,7 @@ def _decoder_feeds(past: int, tokens: int) -> dict[str, np.ndarray]:
         "image_start": np.array([256, 256], np.int64),
         "num_tiles": np.array([0, 0], np.int64),
         "logit_index": np.array([[0, tokens - 1], [tokens - 1, 0]], np.int64),
+        "vocab": np.array([0, 7, 128255], np.int64),
     }
 
 
@@ -300,16 +307,17 @@ def test_trt_runner_runs_both_plans(
     assert (fetch(kv)[:, :, 1] == 10).all()  # id 6 + 4 tiles
     assert "cudaMemcpyDeviceToHost" not in cudart.copies
 
-    logits, present = runner.decoder(_decoder_feeds(past=0, tokens=3))  # empty past: 0 bytes
-    assert logits.shape == (2, 2, 128256)
-    assert logits[:, :, 0].tolist() == [[5, 7], [10, 8]]
+    head, present = runner.decoder(_decoder_feeds(past=0, tokens=3))  # empty past: 0 bytes
+    assert head.logits.shape == (2, 2, 3)  # the ids asked for only
+    assert head.logits[:, :, 0].tolist() == [[5, 7], [10, 8]]
+    assert np.allclose(head.normaliser, head.logits[:, :, 0] + np.log(128256))
     assert present.shape == (3, 2, 2, 2, 3, 8)
     assert fetch(present)[0, 0, 1, 0, :, 0].tolist() == [0, 1, 2]
-    assert cudart.copies.count("cudaMemcpyDeviceToHost") == 1  # the logits alone
+    assert cudart.copies.count("cudaMemcpyDeviceToHost") == 2  # the head's logits, normalisers
 
     mallocs = len(cudart.mallocs)
     for past in (3, 4, 5):  # decode steps: the past K/V grows a position each, buffers double
-        logits, present = runner.decoder(_decoder_feeds(past=past, tokens=1))
+        head, present = runner.decoder(_decoder_feeds(past=past, tokens=1))
         assert fetch(present)[0, 0, 0, 0, :, 0].tolist() == [2 * past]
     # past_kv grew at 3 positions and at 4 (doubling to 6), not at 5; nothing else grew
     assert len(cudart.mallocs) - mallocs == 2
@@ -317,8 +325,8 @@ def test_trt_runner_runs_both_plans(
     # A K/V input already on the GPU is bound where it is: no copy.
     copies = len(cudart.copies)
     feeds = _decoder_feeds(past=0, tokens=1) | {"past_kv": present}
-    logits, present = runner.decoder(feeds)
-    assert cudart.copies[copies:].count("cudaMemcpyHostToDevice") == 6  # the other inputs
+    head, present = runner.decoder(feeds)
+    assert cudart.copies[copies:].count("cudaMemcpyHostToDevice") == 7  # the other inputs
     # position 0 + a past of 1 position + the sum of that past: 192 values of 2·5
     assert fetch(present)[0, 0, 0, 0, :, 0].tolist() == [0 + 1 + 192 * 10]
 
@@ -349,7 +357,7 @@ def test_trt_runner_checks_the_engines_against_the_manifest(
         TensorSpec(t.name, "float16", t.shape) if t.name == "past_kv" else t
         for t in specs["decoder"].inputs
     )
-    limits = ProfileLimits(2, 256, 20)
+    limits = ProfileLimits(2, 256, 20, 128256)
     trt.engines[b"d16"] = FakeEngine(
         GraphSpec(specs["decoder"].path, half, specs["decoder"].outputs), decoder_compute, limits
     )

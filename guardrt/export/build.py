@@ -292,6 +292,7 @@ def _build_engine(
     trt: Any,
     probe_run: Callable[[Callable[[], StepsRunner]], tuple[list[np.ndarray] | None, str | None]],
     progress: Progress,
+    vocab_size: int,
 ) -> tuple[list[np.ndarray] | None, str | None]:
     """Fill the document's graphs (and artifact); the engine's probe logits or why not run."""
     if trt is None:
@@ -304,7 +305,7 @@ def _build_engine(
     from guardrt.export.tensorrt_build import build_plans  # noqa: PLC0415
     from guardrt.runtime.engine.tensorrt_engine import TrtRunner  # noqa: PLC0415
 
-    summary = build_plans(trt, specs, engine_dir, work, options, progress)
+    summary = build_plans(trt, specs, engine_dir, work, options, progress, vocab_size)
     document["graphs"] = {name: _graph_json(spec, f"{name}.plan") for name, spec in specs.items()}
     document["artifact"] = f"TensorRT engines (vision.plan, decoder.plan): {summary}"
     manifest = _provisional(document, None)
@@ -383,6 +384,7 @@ def _build_into(
 
     progress.step(f"build: {options.engine_format} graphs")
     specs = _export_onnx(model, work if tensorrt else engine_dir, options)
+    vocab_size = model.config.text.vocab_size
     del model
     document: dict[str, Any] = {
         "format": FORMAT,
@@ -401,7 +403,7 @@ def _build_into(
         "probes": {"count": len(requests), "sha256": probe_digest(requests)},
     }
     logits, why = _build_engine(
-        specs, document, engine_dir, work, options, trt, probe_run, progress
+        specs, document, engine_dir, work, options, trt, probe_run, progress, vocab_size
     )
     if why is not None:  # name the engine directory as it will be, not the scratch one
         why = why.replace(str(engine_dir), str(options.output))

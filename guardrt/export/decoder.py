@@ -12,9 +12,16 @@ the cache and writes `present_kv` back at the rows' positions. Inputs and output
     image_start   (B,) int64         position of `<|image|>` (any position past the text: none)
     num_tiles     (B,) int64         0 for a request without an image
     logit_index   (B, R) int64       indices into S of the rows whose logits are wanted
+    vocab         (V,) int64         the token ids whose logits come back (all of them: arange)
     →
-    logits        (B, R, vocab) float32
+    logits        (B, R, V) float32  at `vocab`'s ids, in its order
+    normaliser    (B, R) float32     log-sum-exp of every logit of the row, so log-softmax at
+                                     `vocab` is logits - normaliser
     present_kv    (Ls, 2, B, Hkv, S, d)  this step's K/V, to store at position_ids
+
+The head computes all 128,256 logits (the normaliser needs them), but the reduction and the
+pick happen here, where the logits are: a constrained step brings back ~20 values a row, not
+513 KB, and the host never sums a vocabulary (`GraphSteps`, `DeviceSteps`).
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ DECODER_INPUTS = (
     "image_start",
     "num_tiles",
     "logit_index",
+    "vocab",
 )
-DECODER_OUTPUTS = ("logits", "present_kv")
+DECODER_OUTPUTS = ("logits", "normaliser", "present_kv")
 
 
 class GraphKV:
@@ -62,6 +70,18 @@ class GraphKV:
         return self.cross.shape[-2]  # symbolic when traced: no int()
 
 
+def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """(..., vocab) → (...): max + log Σ exp(x - max), spelled out rather than torch.logsumexp,
+    which exports as one ReduceLogSumExp: ONNX Runtime's CPU kernel for it took 2.2 ms a
+    128,256-logit row pair (ReduceMax/Sub/Exp/ReduceSum: 0.2 ms), and TensorRT's importer may
+    lower it without the max shift (exp overflows past 88). A NaN logit anywhere in a row makes
+    the row's normaliser NaN (exp and the sum propagate it whatever the max does), and with it
+    every log-probability: the verdict fails closed."""
+    top = logits.amax(dim=-1, keepdim=True)  # (..., 1)
+    total = torch.exp(logits - top).sum(dim=-1, keepdim=True)  # (..., 1), ≥ 1 unless NaN
+    return (top + torch.log(total)).squeeze(-1)
+
+
 class DecoderGraph(nn.Module):
     def __init__(self, model: MllamaModel) -> None:
         super().__init__()
@@ -76,7 +96,8 @@ class DecoderGraph(nn.Module):
         image_start: torch.Tensor,
         num_tiles: torch.Tensor,
         logit_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        vocab: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = self.model.weight_dtype  # K/V cross the graph boundary in fp32 (numpy has no bf16)
         kv = GraphKV(past_kv.to(dtype), cross_kv.to(dtype))
         logits = self.model.step(
@@ -88,8 +109,11 @@ class DecoderGraph(nn.Module):
             kv=kv,
             self_mask=past_and_step_mask(position_ids, past_kv.shape[4]),
             use_cross=True,  # one graph for every batch; text rows get exactly zero from it
-        )
-        return logits, torch.stack(kv.presents).to(torch.float32)  # (Ls, 2, B, Hkv, S, d)
+        )  # (B, R, vocab size) f32
+        normaliser = log_sum_exp(logits)  # (B, R)
+        picked = logits.index_select(-1, vocab)  # (B, R, V)
+        presents = torch.stack(kv.presents).to(torch.float32)  # (Ls, 2, B, Hkv, S, d)
+        return picked, normaliser, presents
 
 
 def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str = "float32") -> GraphSpec:
@@ -106,9 +130,11 @@ def decoder_spec(model: MllamaModel, path: Path, kv_dtype: str = "float32") -> G
             TensorSpec("image_start", "int64", ("batch",)),
             TensorSpec("num_tiles", "int64", ("batch",)),
             TensorSpec("logit_index", "int64", ("batch", "rows")),
+            TensorSpec("vocab", "int64", ("vocab_ids",)),
         ),
         (
-            TensorSpec("logits", "float32", ("batch", "rows", text.vocab_size)),
+            TensorSpec("logits", "float32", ("batch", "rows", "vocab_ids")),
+            TensorSpec("normaliser", "float32", ("batch", "rows")),
             TensorSpec("present_kv", kv_dtype, (selfs, 2, "batch", heads, "tokens", dim)),
         ),
     )
@@ -128,12 +154,14 @@ def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int)
         torch.zeros(batch, dtype=torch.int64),
         torch.ones(batch, dtype=torch.int64),
         torch.zeros(batch, rows, dtype=torch.int64),
+        torch.arange(3, dtype=torch.int64),
     )
     dim_b = torch.export.Dim("batch", min=1, max=max_batch)
     dim_s = torch.export.Dim("tokens", min=1, max=max_seq)
     dim_p = torch.export.Dim("past", min=0, max=max_seq)
     dim_l = torch.export.Dim("image_keys", min=1, max=model.image_keys)
     dim_r = torch.export.Dim("rows", min=1, max=max_seq)
+    dim_v = torch.export.Dim("vocab_ids", min=1, max=text.vocab_size)
     trace(
         DecoderGraph(model),
         example,
@@ -148,6 +176,7 @@ def export_decoder(model: MllamaModel, path: Path, max_batch: int, max_seq: int)
             {0: dim_b},
             {0: dim_b},
             {0: dim_b, 1: dim_r},
+            {0: dim_v},
         ),
     )
     return decoder_spec(model, path)

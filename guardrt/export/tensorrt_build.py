@@ -14,6 +14,8 @@ dims (`profile_shapes`, pure, tested without TensorRT):
     past        0..max_seq     opt 0      cached positions; 0 (an empty tensor) for a prefill
     image_keys  1..L           opt L      L = tiles × patches (the vision output); 1 for text
     rows        1..16          opt 2      logit rows per request (the runtime asks for ≤ 4)
+    vocab_ids   1..vocab       opt 32     token ids a step's head returns (a constrained step
+                                          asks for ~20; every id only for greedy decoding)
 
 TensorRT accepts a 0 minimum: IOptimizationProfile::setDimensions requires
 0 <= min <= opt <= max (NvInferRuntime.h), and empty tensors are supported.
@@ -44,6 +46,7 @@ TIMING_CACHE = "tensorrt-timing.cache"
 WORKSPACE_BYTES = 8 << 30
 MAX_ROWS = 16
 OPT_TOKENS = 512
+OPT_VOCAB_IDS = 32
 PLANS = ("vision", "decoder")
 
 Shape = tuple[int, ...]
@@ -60,11 +63,13 @@ class DimRange:
 @dataclass(frozen=True)
 class ProfileLimits:
     """What the plans are built for: the engine's max batch and sequence, the image keys of one
-    image (the vision output's size), and the logit rows a decoder step may ask for."""
+    image (the vision output's size), the vocabulary's size, and the logit rows a decoder step
+    may ask for."""
 
     max_batch: int
     max_seq: int
     image_keys: int
+    vocab_size: int
     max_rows: int = MAX_ROWS
 
     def ranges(self) -> dict[str, DimRange]:
@@ -79,6 +84,7 @@ class ProfileLimits:
             "past": DimRange(0, 0, self.max_seq),
             "image_keys": DimRange(1, self.image_keys, self.image_keys),
             "rows": DimRange(1, min(2, self.max_rows), self.max_rows),
+            "vocab_ids": DimRange(1, min(OPT_VOCAB_IDS, self.vocab_size), self.vocab_size),
         }
 
 
@@ -91,8 +97,10 @@ def image_keys(vision: GraphSpec) -> int:
     return keys
 
 
-def limits_for(specs: dict[str, GraphSpec], max_batch: int, max_seq: int) -> ProfileLimits:
-    return ProfileLimits(max_batch, max_seq, image_keys(specs["vision"]))
+def limits_for(
+    specs: dict[str, GraphSpec], max_batch: int, max_seq: int, vocab_size: int
+) -> ProfileLimits:
+    return ProfileLimits(max_batch, max_seq, image_keys(specs["vision"]), vocab_size)
 
 
 def profile_shapes(spec: GraphSpec, limits: ProfileLimits) -> ProfileShapes:
@@ -150,10 +158,12 @@ def build_plans(
     work: Path,
     options: BuildOptions,
     progress: Progress,
+    vocab_size: int,
 ) -> str:
     """Build engine_dir/vision.plan and engine_dir/decoder.plan from the ONNX graphs of `specs`
-    (in `work`, with their external weights beside them); returns a one-line summary."""
-    limits = limits_for(specs, options.max_batch, options.max_seq)
+    (in `work`, with their external weights beside them) of a model with `vocab_size` tokens;
+    returns a one-line summary."""
+    limits = limits_for(specs, options.max_batch, options.max_seq, vocab_size)
     for name in PLANS:
         if not specs[name].path.is_file():
             raise ExportError(f"{specs[name].path} is missing (the {name} graph, in {work})")

@@ -74,19 +74,6 @@ def probability(logits: np.ndarray, token: int) -> float:
     return math.exp(float(logits[token]) - top) / float(weights.sum(dtype=np.float64))
 
 
-def log_softmax_of(logits: np.ndarray, vocab: np.ndarray | None) -> np.ndarray:
-    """Logits (..., vocab size) → log-softmax over the whole last axis, float32, at the ids
-    `vocab` only (..., V') or everywhere (None): a graph back end's host-side `log_probs`.
-    Exponentials in float32 summed in float64, as `probability`; a NaN anywhere in a row makes
-    the whole row NaN, as the GPU's reduction does (and a verdict then fails closed)."""
-    top = logits.max(axis=-1, keepdims=True)  # (..., 1)
-    weights = np.exp(logits - top, dtype=np.float32)
-    normaliser = top + np.log(weights.sum(axis=-1, keepdims=True, dtype=np.float64))  # (..., 1)
-    picked = logits if vocab is None else logits[..., vocab]
-    result: np.ndarray = (picked - normaliser).astype(np.float32)
-    return result
-
-
 def category_probabilities(grammar: VerdictGrammar, scores: TokenScores) -> dict[str, float]:
     """P(S_k | unsafe): the values (logits or log-probabilities, the same up to a shift) at the
     category step, softmaxed over the listed codes' number tokens only (the only tokens the

@@ -9,7 +9,8 @@ axis as `Cuda.copy_rows` addresses them (see `cuda_memory.py`):
 A step gathers each batch row's past from its cache row into the decoder's `past_kv` feed, and
 its image K/V into `cross_kv`, and stores the step's `present_kv` back, all GPU to GPU: one
 copy per run of consecutive cache rows for the gathers (one for a batch in rows 0..B-1), one
-per batch row for the store. Only the tokens, positions and the logits cross PCIe. (With host
+per batch row for the store. Only the tokens, positions and the head's few values cross PCIe
+(the logits of the ids a step asks for and each row's normaliser: `HeadScores`). (With host
 caches, an image step would copy its 420 MB of fp32 image K/V to the GPU at every step.) The
 `cross_kv` feed is kept while its rows' images are unchanged, so the decode steps that follow
 an image prefill copy no image K/V at all.
@@ -34,7 +35,7 @@ from guardrt.runtime.engine.cuda_memory import (
     RowRun,
     byte_size,
 )
-from guardrt.runtime.engine.graph_steps import head_output
+from guardrt.runtime.engine.graph_steps import HeadScores, VocabFeed
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
@@ -57,8 +58,8 @@ class DeviceRunner(Protocol):
 
     def decoder(
         self, feeds: Mapping[str, np.ndarray | DeviceArray]
-    ) -> tuple[np.ndarray, DeviceArray]:
-        """The decoder's inputs by name (host or GPU) → logits on the host and present_kv on
+    ) -> tuple[HeadScores, DeviceArray]:
+        """The decoder's inputs by name (host or GPU) → its head on the host and present_kv on
         the GPU (valid until the next decoder run)."""
         ...
 
@@ -100,6 +101,7 @@ class DeviceSteps:
         self._self_slices = 2 * len(text.self_attention_layers)
         self._cross_slices = 2 * len(text.cross_attention_layers)
         self._image_keys = config.vision.max_num_tiles * config.vision.num_patches
+        self._vocab = VocabFeed(text.vocab_size)
         # No positions yet, so no memory (pointer 0) until the first step reserves some.
         self._self = DeviceArray(0, (self._self_slices, rows, self._heads, 0, self._head_dim), F32)
         self._images: DeviceArray | None = self._image_cache()
@@ -201,12 +203,11 @@ class DeviceSteps:
         vocab: np.ndarray | None = None,
         log_probs: bool = False,
     ) -> np.ndarray:
-        """`StepModel.step`. The graph's head computes every token regardless; `vocab` and
-        `log_probs` are applied here on the host."""
+        """`StepModel.step`: the graph picks `vocab`'s logits and reduces the normaliser."""
         self.cuda.select()  # the calling thread's GPU (the helpers below assume it)
         past = int(positions[:, 0].max())  # every row's past lies below its first position
         self._reserve(past)
-        logits, present = self.runner.decoder(
+        head, present = self.runner.decoder(
             {
                 "input_ids": tokens,
                 "position_ids": positions,
@@ -215,10 +216,11 @@ class DeviceSteps:
                 "image_start": image_start,
                 "num_tiles": num_tiles,
                 "logit_index": logit_index,
+                "vocab": self._vocab(vocab),
             }
         )
         self._store(folded(present), slots, positions)
-        return head_output(logits, vocab, log_probs)
+        return head.values(log_probs)
 
     def _past(self, slots: np.ndarray, past: int) -> DeviceArray:
         """Positions 0..past-1 of each slot's cache row: (Ls·2, B, Hkv, past, d)."""

@@ -8,12 +8,15 @@ layouts are the graphs' (see `guardrt/export/decoder.py`):
     cross_kv  (cross layers, 2, rows, Hkv, image_keys, d)  allocated with the first image
 
 A step feeds each row's past (positions before its first position this step; the graph masks
-the rest) and writes the step's K/V back at the step's positions.
+the rest) and writes the step's K/V back at the step's positions. The graph's head returns the
+logits of the ids the step asks for and each row's normaliser (`HeadScores`): nothing
+vocabulary-sized crosses to the host or is reduced there, unless a step asks for every logit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -22,7 +25,6 @@ from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
-from guardrt.runtime.scores import log_softmax_of
 
 
 def vision_feeds(
@@ -36,13 +38,31 @@ def vision_feeds(
     }
 
 
-def head_output(logits: np.ndarray, vocab: np.ndarray | None, log_probs: bool) -> np.ndarray:
-    """`StepModel.step`'s result from the graph's logits over the whole vocabulary (B, R, vocab):
-    at the ids `vocab` only (or all), as logits or with `log_probs` as log-softmax values."""
-    if log_probs:
-        return log_softmax_of(logits, vocab)
-    picked: np.ndarray = logits if vocab is None else logits[..., vocab]  # (B, R, V')
-    return picked
+@dataclass(frozen=True)
+class HeadScores:
+    """The decoder graph's head: `logits` (B, R, V) f32 at the step's `vocab` feed, and each
+    row's `normaliser` (B, R) f32, the log-sum-exp of its every logit."""
+
+    logits: np.ndarray
+    normaliser: np.ndarray
+
+    def values(self, log_probs: bool) -> np.ndarray:
+        """`StepModel.step`'s result: the logits, or with `log_probs` log-softmax values (a NaN
+        normaliser, from a NaN logit anywhere in the row, makes them all NaN: fail closed)."""
+        if not log_probs:
+            return self.logits
+        result: np.ndarray = self.logits - self.normaliser[..., None]  # (B, R, V) f32
+        return result
+
+
+class VocabFeed:
+    """The decoder's `vocab` input of a step: the ids asked for, or every id (kept, built once)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.every = np.arange(vocab_size, dtype=np.int64)
+
+    def __call__(self, vocab: np.ndarray | None) -> np.ndarray:
+        return self.every if vocab is None else np.ascontiguousarray(vocab, dtype=np.int64)
 
 
 class EngineSteps(StepModel, Protocol):
@@ -68,8 +88,8 @@ class GraphRunner(Protocol):
         """(N, T, 3, H, W) f32, (N,) i64, (N, T) i64 → cross_kv (C, 2, N, Hkv, L, d) f32."""
         ...
 
-    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The decoder graph's inputs by name → (logits, present_kv)."""
+    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[HeadScores, np.ndarray]:
+        """The decoder graph's inputs by name → (its head, present_kv)."""
         ...
 
 
@@ -81,6 +101,7 @@ class GraphSteps:
         self._cross_shape = (len(text.cross_attention_layers), 2, rows, text.num_kv_heads)
         self._head_dim = text.head_dim
         self._image_keys = config.vision.max_num_tiles * config.vision.num_patches
+        self._vocab = VocabFeed(text.vocab_size)
         self.self_kv = np.zeros((*self._self_shape, 0, text.head_dim), np.float32)
         self.cross_kv: np.ndarray | None = None
 
@@ -128,8 +149,7 @@ class GraphSteps:
         vocab: np.ndarray | None = None,
         log_probs: bool = False,
     ) -> np.ndarray:
-        """`StepModel.step`. The graph's head computes every token regardless; `vocab` and
-        `log_probs` are applied here on the host."""
+        """`StepModel.step`: the graph picks `vocab`'s logits and reduces the normaliser."""
         past = int(positions[:, 0].max())  # every row's past lies below its first position
         self._reserve(past)
         past_kv = self.self_kv[:, :, slots, :, :past]  # (Ls, 2, B, Hkv, P, d)
@@ -138,7 +158,7 @@ class GraphSteps:
         else:  # an all-text batch: one zero key, which the graph's masks and gates zero out
             layers, _, _, heads = self._cross_shape
             cross_kv = np.zeros((layers, 2, len(slots), heads, 1, self._head_dim), np.float32)
-        logits, present = self.runner.decoder(
+        head, present = self.runner.decoder(
             {
                 "input_ids": tokens,
                 "position_ids": positions,
@@ -147,10 +167,11 @@ class GraphSteps:
                 "image_start": image_start,
                 "num_tiles": num_tiles,
                 "logit_index": logit_index,
+                "vocab": self._vocab(vocab),
             }
         )
         self._store(present, slots, positions)
-        return head_output(logits, vocab, log_probs)
+        return head.values(log_probs)
 
     def _store(self, present: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
         """present (Ls, 2, B, Hkv, S, d) at (slot, position); positions stay below max_seq

@@ -3,7 +3,8 @@
 `guardrt export build` writes ENGINE_DIR/manifest.json; the ONNX and TensorRT back ends read it
 (torch-free) and refuse a directory whose manifest, files or graphs do not match. The document:
 
-    format, version                 "guardrt-engine", 1
+    format, version                 "guardrt-engine", 2 (2: the decoder's head picks the ids
+                                    asked for and returns each row's normaliser)
     engine_format                   "onnx" | "tensorrt"
     precision                       fp32 | fp16 | bf16 | int8 | fp8
     quantization                    what was quantized, how (null for fp32/fp16/bf16)
@@ -31,7 +32,7 @@ from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.jsonfile import read_json_object
 
 MANIFEST = "manifest.json"
-FORMAT, VERSION = "guardrt-engine", 1
+FORMAT, VERSION = "guardrt-engine", 2
 ENGINE_FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 GRAPHS = ("vision", "decoder")

@@ -21,7 +21,13 @@ import numpy as np
 
 from guardrt.runtime.decoding import Decoder, parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
-from guardrt.runtime.engine.graph_steps import EngineSteps, GraphSteps, StepsRunner, vision_feeds
+from guardrt.runtime.engine.graph_steps import (
+    EngineSteps,
+    GraphSteps,
+    HeadScores,
+    StepsRunner,
+    vision_feeds,
+)
 from guardrt.runtime.engine.manifest import (
     EngineDirError,
     GraphEntry,
@@ -128,9 +134,9 @@ class OrtRunner:
         result: np.ndarray = kv
         return result
 
-    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        logits, present = self.sessions["decoder"].run(None, feeds)
-        return logits, present
+    def decoder(self, feeds: dict[str, np.ndarray]) -> tuple[HeadScores, np.ndarray]:
+        logits, normaliser, present = self.sessions["decoder"].run(None, feeds)  # manifest order
+        return HeadScores(logits, normaliser), present
 
     def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
         return GraphSteps(self, config, rows, max_seq)

@@ -6,7 +6,8 @@ cuda:N) and checked against the manifest: every I/O tensor's name, direction, dt
 dims. The K/V caches live on the GPU (`DeviceSteps`): a plan's K/V inputs are bound where they
 already are and its K/V outputs stay there. Host inputs (tokens, positions, pixels) are copied
 into device buffers (kept between calls, grown by doubling), the plan runs on a CUDA stream, and
-the logits come back. CUDA is reached through cuda-python (`cuda_memory.py`).
+the head's picked logits and normalisers come back. CUDA is reached through cuda-python
+(`cuda_memory.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from guardrt.runtime.engine.cuda_memory import (
     import_cudart,
 )
 from guardrt.runtime.engine.device_steps import DeviceSteps
-from guardrt.runtime.engine.graph_steps import EngineSteps, StepsRunner, vision_feeds
+from guardrt.runtime.engine.graph_steps import (
+    EngineSteps,
+    HeadScores,
+    StepsRunner,
+    vision_feeds,
+)
 from guardrt.runtime.engine.manifest import EngineDirError, GraphEntry, Manifest, TensorSpec
 from guardrt.runtime.engine.onnx_engine import GraphEngine
 from guardrt.runtime.errors import ConfigError
@@ -238,9 +244,10 @@ class TrtRunner:
 
     def decoder(
         self, feeds: Mapping[str, np.ndarray | DeviceArray]
-    ) -> tuple[np.ndarray, DeviceArray]:
+    ) -> tuple[HeadScores, DeviceArray]:
         host, kept = self.plans["decoder"].run(feeds, self.stream, keep={"present_kv"})
-        return host["logits"], kept["present_kv"]  # (B, R, vocab), (Ls, 2, B, Hkv, S, d)
+        head = HeadScores(host["logits"], host["normaliser"])  # (B, R, V), (B, R)
+        return head, kept["present_kv"]  # (Ls, 2, B, Hkv, S, d)
 
     def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
         return DeviceSteps(self, config, rows, max_seq)
