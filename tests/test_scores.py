@@ -1,6 +1,6 @@
 """What a verdict reads off a step (`guardrt/runtime/scores.py`): token lookups in compact
 step outputs and the ids a prefill asks for (the graph back ends' normaliser is reduced in
-the decoder graph: tests/test_graph_head.py)."""
+the decoder graph: tests/test_decoder_graph.py)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from guardrt import __version__
-from guardrt.export.decoder import export_decoder
+from guardrt.export.decoder import conditional_cross_for, cross_layers_note, export_decoder
 from guardrt.export.errors import ExportError
 from guardrt.export.graphs import GraphSpec, export_vision
 from guardrt.export.parity import Deviation, deviation, probe_digest, probe_logits, probes
@@ -194,17 +194,28 @@ def _export_onnx(
     return {
         "vision": export_vision(model, directory / "vision.onnx", options.max_batch),
         "decoder": export_decoder(
-            model, directory / "decoder.onnx", options.max_batch, options.max_seq
+            model,
+            directory / "decoder.onnx",
+            options.max_batch,
+            options.max_seq,
+            conditional_cross_for(options.engine_format),
         ),
     }
 
 
-def _graph_json(spec: GraphSpec, file: str) -> dict[str, Any]:
-    return {
-        "file": file,
-        "inputs": [t.to_json() for t in spec.inputs],
-        "outputs": [t.to_json() for t in spec.outputs],
+def _graphs_json(specs: dict[str, GraphSpec], files: dict[str, str], engine_format: str) -> Any:
+    """The manifest's `graphs`: each graph's file, inputs and outputs; and for the decoder,
+    whether its cross layers run in all-text batches."""
+    graphs: dict[str, dict[str, Any]] = {
+        name: {
+            "file": files[name],
+            "inputs": [t.to_json() for t in spec.inputs],
+            "outputs": [t.to_json() for t in spec.outputs],
+        }
+        for name, spec in specs.items()
     }
+    graphs["decoder"]["cross_layers"] = cross_layers_note(conditional_cross_for(engine_format))
+    return graphs
 
 
 def _copy_side_files(source: Path, target: Path) -> list[str]:
@@ -296,9 +307,8 @@ def _build_engine(
 ) -> tuple[list[np.ndarray] | None, str | None]:
     """Fill the document's graphs (and artifact); the engine's probe logits or why not run."""
     if trt is None:
-        document["graphs"] = {
-            name: _graph_json(spec, spec.path.name) for name, spec in specs.items()
-        }
+        files = {name: spec.path.name for name, spec in specs.items()}
+        document["graphs"] = _graphs_json(specs, files, options.engine_format)
         document["artifact"] = "ONNX graphs (vision.onnx, decoder.onnx, weights in .data files)"
         manifest = _provisional(document, None)
         return probe_run(lambda: OrtRunner(engine_dir, manifest, "cpu", 0))
@@ -306,7 +316,8 @@ def _build_engine(
     from guardrt.runtime.engine.tensorrt_engine import TrtRunner  # noqa: PLC0415
 
     summary = build_plans(trt, specs, engine_dir, work, options, progress, vocab_size)
-    document["graphs"] = {name: _graph_json(spec, f"{name}.plan") for name, spec in specs.items()}
+    plans = {name: f"{name}.plan" for name in specs}
+    document["graphs"] = _graphs_json(specs, plans, options.engine_format)
     document["artifact"] = f"TensorRT engines (vision.plan, decoder.plan): {summary}"
     manifest = _provisional(document, None)
     # --device names the torch device for converting; TensorRT runs on a GPU whatever it says.

@@ -29,7 +29,9 @@ def recording() -> bool:
     dynamo ONNX exporter, torch.compile): exported graphs must see the references' plain ops."""
     # torch._C._is_tracing is what torch.jit.is_tracing returns outside TorchScript (the public
     # name is untyped); is_compiling is true under torch.export, hence the dynamo ONNX exporter.
-    return bool(torch._C._is_tracing() or torch.compiler.is_compiling())
+    # is_compiling goes first: inside torch.cond's branches dynamo traces this function, and it
+    # folds is_compiling to True but cannot trace _is_tracing (a builtin returning a bool).
+    return bool(torch.compiler.is_compiling() or torch._C._is_tracing())
 
 
 def cuda_capability(device: torch.device) -> Capability | None:

@@ -194,13 +194,16 @@ class MllamaModel(nn.Module):
         *,
         kv: KVStore,
         self_mask: torch.Tensor,
-        use_cross: bool,
+        use_cross: bool | torch.Tensor,
         vocab: torch.Tensor | None = None,
         log_probs: bool = False,
     ) -> torch.Tensor:
         """The decoder over any K/V store (the cache here, graph inputs in export): `forward`'s
         arguments, the store, its self-attention mask (B, 1, S, K) and whether to run the
-        cross layers at all (they add exactly zero to rows without an image)."""
+        cross layers at all (they add exactly zero to rows without an image): a bool decided
+        on the host, or a 0-D bool tensor decided at run time (If nodes in a traced graph)."""
+        cross_when = use_cross if isinstance(use_cross, torch.Tensor) else None
+        use_cross = cross_when is not None or bool(use_cross)
         dtype = self.weight_dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
         has_image = num_tiles > 0  # (B,)
@@ -224,6 +227,7 @@ class MllamaModel(nn.Module):
             cross_rows=rows,
             attn_rows=attn_rows,
             use_cross=use_cross,
+            cross_when=cross_when,
         )
         hidden = self.language_model.model(tokens, step)  # (B, S, D)
         picked = torch.gather(

@@ -100,6 +100,9 @@ class StepInputs:
     cross_rows: torch.Tensor  # (B, S, 1): rows at/after their image (the MLP branch keeps these)
     attn_rows: torch.Tensor  # (B, S, 1): rows whose cross-attention output is kept (semantics)
     use_cross: bool  # False when no request of the batch has an image
+    # An exported graph's run-time choice (a 0-D bool: some row has an image), for one graph
+    # that serves text and image batches; None where `use_cross` decides on the host.
+    cross_when: torch.Tensor | None = None
 
 
 class Projections(nn.Module):
@@ -215,6 +218,24 @@ class CrossAttentionLayer(nn.Module):
         through (the layer would add exactly zero)."""
         if not step.use_cross:
             return x, delta
+        if step.cross_when is None:
+            return self._cross(x, delta, step)
+        # Traced for export: an If node (torch.cond) runs the layer only when `cross_when`.
+        # Its operands must be tensors, so a missing delta is carried as zeros (x + 0 is x).
+        carried = torch.zeros_like(x) if delta is None else delta
+
+        def run(x: torch.Tensor, carried: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._cross(x, carried, step)
+
+        def skip(x: torch.Tensor, carried: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.clone(), carried.clone()  # (a branch may not return its inputs)
+
+        x, carried = torch.cond(step.cross_when, run, skip, (x, carried))
+        return x, carried
+
+    def _cross(
+        self, x: torch.Tensor, delta: torch.Tensor | None, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, h = self.input_layernorm.add(x, delta)
         attn = self.cross_attn_attn_gate.tanh() * self.cross_attn(h, step)
         x, h = self.post_attention_layernorm.add(x, attn)

@@ -1,8 +1,15 @@
-"""The exported decoder graph's head (`guardrt/export/decoder.py`): the logits of the ids a step
-asks for and each row's normaliser, reduced in the graph, so that the graph back ends bring a
-few values a row to the host instead of 128,256 (`HeadScores`). Checked on the real exported
-graph in ONNX Runtime: against a float64 log-softmax of its own full-vocabulary logits, and a
-NaN logit outside the ids asked for making the verdict fail closed."""
+"""The exported decoder graph (`guardrt/export/decoder.py`), on the real exported graph in ONNX
+Runtime.
+
+Its head: the logits of the ids a step asks for and each row's normaliser, reduced in the graph,
+so that the graph back ends bring a few values a row to the host instead of 128,256
+(`HeadScores`); against a float64 log-softmax of its own full-vocabulary logits, and a NaN logit
+outside the ids asked for making the verdict fail closed.
+
+Its cross layers: in an ONNX engine, If nodes skip them in all-text batches; the flat graph a
+TensorRT engine is built from computes exactly the same. (Both against the torch model:
+tests/test_onnx_engine.py.)
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,13 @@ import numpy as np
 import onnx
 import torch
 
-from guardrt.export.decoder import log_sum_exp
+from guardrt.export.decoder import export_decoder, log_sum_exp
 from guardrt.export.parity import probes
 from guardrt.runtime.engine.graph_steps import GraphSteps
 from guardrt.runtime.engine.manifest import file_entries, read_manifest, write_manifest
 from guardrt.runtime.engine.onnx_engine import OrtRunner
 from guardrt.runtime.jsonfile import read_json_object
+from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.scores import prefill_vocab
@@ -126,3 +134,47 @@ def test_a_nan_logit_anywhere_fails_the_verdict_closed(
     assert math.isnan(decided.unsafe_probability)
     tokens = request.grammar.tokens
     assert tuple(decided.generated[:2]) == (tokens.blank, tokens.unsafe)
+
+
+def test_cross_layers_are_skipped_in_text_batches_and_the_flat_graph_agrees(
+    onnx_fp32: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    """The ONNX engine's decoder holds one If per cross layer (the manifest says so); the flat
+    graph TensorRT builds from gives bitwise the same outputs for all-text, mixed and image
+    batches."""
+    import onnxruntime as ort  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    manifest = read_manifest(onnx_fp32)
+    config = ModelConfig.from_dict(manifest.config)
+    text = config.text
+    graph = onnx.load(str(onnx_fp32 / "decoder.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("If") == len(text.cross_attention_layers) == 2
+    assert "If nodes" in manifest.document["graphs"]["decoder"]["cross_layers"]
+
+    model = load_model(checkpoint)
+    model.setup_caches(0, 0)
+    export_decoder(model, tmp_path / "flat.onnx", 4, 1024, conditional_cross=False)
+    flat_ops = [n.op_type for n in onnx.load(str(tmp_path / "flat.onnx")).graph.node]
+    assert "If" not in flat_ops
+    flat = ort.InferenceSession(str(tmp_path / "flat.onnx"))
+    conditional = ort.InferenceSession(str(onnx_fp32 / "decoder.onnx"))
+
+    rng = np.random.default_rng(5)
+    heads, dim = text.num_kv_heads, text.head_dim
+    selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
+    for tiles in ([0, 0], [0, 3], [4, 1]):
+        keys = model.image_keys if any(tiles) else 1
+        cross = rng.standard_normal((crosses, 2, 2, heads, keys, dim)).astype(np.float32)
+        feeds = {
+            "input_ids": rng.integers(0, 128_000, (2, 9)),
+            "position_ids": np.arange(4, 13)[None].repeat(2, 0),
+            "past_kv": rng.standard_normal((selfs, 2, 2, heads, 4, dim)).astype(np.float32),
+            "cross_kv": cross if any(tiles) else np.zeros_like(cross),
+            "image_start": np.asarray([2 if t else 1024 for t in tiles]),
+            "num_tiles": np.asarray(tiles),
+            "logit_index": np.asarray([[8, 3], [8, 0]]),
+            "vocab": np.asarray([0, 271, 39_257, 128_255]),
+        }
+        for a, b in zip(flat.run(None, feeds), conditional.run(None, feeds), strict=True):
+            assert np.array_equal(a, b), tiles
