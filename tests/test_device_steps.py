@@ -238,22 +238,33 @@ def _script(steps: Any) -> list[np.ndarray]:
     last = steps.max_seq - 1
     out.append(_step(steps, [0], [[last - 2, last - 1, last, last, last]], [2]))
     out.append(_step(steps, [0, 3], [[10], [10]], [0, 0]))  # reads what the row 0 pads left
+    # Row 3 holds no image (a shared prefix's row): beside image rows it is fed zeros.
+    steps.clear_images([3])  # (nothing to clear)
+    out.append(_step(steps, [3, 2, 0], [[12], [301], [11]], [0, 1, 2]))
+    out.append(_step(steps, [3, 2, 0], [[13], [302], [12]], [0, 1, 2]))  # the feed kept
+    with pytest.raises(ValueError, match=r"cache rows \[3\] hold no image"):
+        steps.write_images([3], [first])
     return out
 
 
 def test_device_steps_match_host_steps(cuda: Cuda) -> None:
     runner = DeviceRunner(cuda)
-    host = GraphSteps(HostRunner(), CONFIG, rows=4, max_seq=600)
-    device = DeviceSteps(runner, CONFIG, rows=4, max_seq=600)
-    for a, b in zip(_script(host), _script(device), strict=True):
+    host = GraphSteps(HostRunner(), CONFIG, rows=4, max_seq=600, image_rows=3)
+    device = DeviceSteps(runner, CONFIG, rows=4, max_seq=600, image_rows=3)
+    on_host = _script(host)
+    for a, b in zip(on_host, _script(device), strict=True):
         assert a.dtype == b.dtype == np.float32
         assert np.array_equal(a, b)
+    beside_images = on_host[-1]  # (B, R, 4): column 2 fingerprints each row's image feed
+    assert (beside_images[0, :, 2] == 0).all()  # row 3: zeros
+    assert (beside_images[1:, :, 2] != 0).all()
+    assert host.cross_kv is not None
+    assert host.cross_kv.shape[2] == 3  # image rows only
     # and the caches themselves, every row and position
     self_kv = _download(cuda, device._self)  # (Ls·2, rows, Hkv, capacity, d)
     assert self_kv.shape[3] == host.self_kv.shape[4] == 600
     assert np.array_equal(self_kv, host.self_kv.reshape(self_kv.shape))
     assert device._images is not None
-    assert host.cross_kv is not None
     images = _download(cuda, device._images)
     assert np.array_equal(images, host.cross_kv.reshape(images.shape))
     device.release()

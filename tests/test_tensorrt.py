@@ -407,16 +407,16 @@ def test_tensorrt_engine_refuses_to_load_without_room_for_the_image_cache(
     directory = _engine_dir(
         tmp_path / "engine", specs, {"vision": b"vision", "decoder": b"decoder"}
     )
-    cudart.max_malloc = 4 * 5120 - 1  # a row: 2 cross layers × K, V × 2 heads × 20 keys × 8 × 4 B
+    cudart.max_malloc = 3 * 5120 - 1  # a row: 2 cross layers × K, V × 2 heads × 20 keys × 8 × 4 B
     options = EngineOptions(directory, device="cuda", max_batch=2, max_seq=256, max_sessions=1)
     with pytest.raises(
         ConfigError,
-        match=r"image K/V cache does not fit: 4 rows × 5,120 bytes \(cudaMalloc\(20480\).*"
+        match=r"image K/V cache does not fit: 3 rows × 5,120 bytes \(cudaMalloc\(15360\).*"
         r"cudaErrorMemoryAllocation.*smaller --max-batch-size",
     ):
         load_engine("tensorrt", options)
     assert not cudart.live
-    cudart.max_malloc = 4 * 5120  # 2 batch rows, 1 session row, 1 prefix row: it fits
+    cudart.max_malloc = 3 * 5120  # 2 batch rows, 1 session row (a prefix row has none): fits
     load_engine("tensorrt", options).close()
     assert not cudart.live
 
@@ -429,7 +429,9 @@ def test_build_parity_not_run_when_the_caches_do_not_fit() -> None:
     class Runner:
         closed = False
 
-        def steps(self, config: ModelConfig, rows: int, max_seq: int) -> Any:
+        def steps(
+            self, config: ModelConfig, rows: int, max_seq: int, image_rows: int | None = None
+        ) -> Any:
             raise ConfigError("the image K/V cache does not fit: 1 rows × 420 MB")
 
         def close(self) -> None:

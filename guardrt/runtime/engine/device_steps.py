@@ -4,7 +4,10 @@ The layouts are `GraphSteps`' (host caches, ONNX Runtime), with K and V folded i
 axis as `Cuda.copy_rows` addresses them (see `cuda_memory.py`):
 
     self cache   (self layers·2, rows, Hkv, capacity, d)  grown on demand up to max_seq
-    image cache  (cross layers·2, rows, Hkv, image_keys, d)  allocated at load
+    image cache  (cross layers·2, image rows, Hkv, image_keys, d)  allocated at load
+
+(Only the first `image_rows` rows can hold an image, as in `GraphSteps`: a shared prefix's row
+costs no 420 MB image row.)
 
 A step gathers each batch row's past from its cache row into the decoder's `past_kv` feed, and
 its image K/V into `cross_kv`, and stores the step's `present_kv` back, all GPU to GPU: one
@@ -35,7 +38,12 @@ from guardrt.runtime.engine.cuda_memory import (
     RowRun,
     byte_size,
 )
-from guardrt.runtime.engine.graph_steps import HeadScores, VocabFeed
+from guardrt.runtime.engine.graph_steps import (
+    HeadScores,
+    VocabFeed,
+    check_image_slots,
+    image_rows_of,
+)
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.preprocess import TiledImage
@@ -94,9 +102,17 @@ def unfolded(array: DeviceArray) -> DeviceArray:
 
 
 class DeviceSteps:
-    def __init__(self, runner: DeviceRunner, config: ModelConfig, rows: int, max_seq: int) -> None:
+    def __init__(
+        self,
+        runner: DeviceRunner,
+        config: ModelConfig,
+        rows: int,
+        max_seq: int,
+        image_rows: int | None = None,
+    ) -> None:
         text = config.text
         self.runner, self.cuda, self.max_batch, self.max_seq = runner, runner.cuda, rows, max_seq
+        self.image_rows = image_rows_of(rows, image_rows)
         self._heads, self._head_dim = text.num_kv_heads, text.head_dim
         self._self_slices = 2 * len(text.self_attention_layers)
         self._cross_slices = 2 * len(text.cross_attention_layers)
@@ -113,14 +129,14 @@ class DeviceSteps:
         """Every row's image K/V, allocated now: an engine that cannot hold them fails to load
         rather than on its first image (the torch engine allocates its image rows up front too).
         fp32, the graphs' type at their boundary: 420 MB a row at full size."""
-        shape = (self._cross_slices, self.max_batch, self._heads, self._image_keys, self._head_dim)
+        shape = (self._cross_slices, self.image_rows, self._heads, self._image_keys, self._head_dim)
         try:
             return self._zeros(shape)
         except DeviceError as exc:
-            row = byte_size(shape, F32) // self.max_batch
+            row = byte_size(shape, F32) // self.image_rows
             size = f"{row / 1e6:.0f} MB" if row >= 1e6 else f"{row:,} bytes"
             raise ConfigError(
-                f"the image K/V cache does not fit: {self.max_batch} rows × {size} ({exc}); "
+                f"the image K/V cache does not fit: {self.image_rows} rows × {size} ({exc}); "
                 "serve with a smaller --max-batch-size, --max-sessions or --max-prefixes"
             ) from exc
 
@@ -157,6 +173,7 @@ class DeviceSteps:
         self._self = bigger
 
     def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        check_image_slots(slots, self.image_rows)
         self.cuda.select()
         pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
         ids = np.asarray([image.aspect_ratio_id for image in images], dtype=np.int64)
@@ -174,12 +191,18 @@ class DeviceSteps:
         if self._images is None:
             return
         self.cuda.select()
-        block = self._heads * self._image_keys * self._head_dim * F32.itemsize  # a row's slice
         for slot in slots:
-            for index in range(self._cross_slices):
-                pointer = self._images.pointer + (index * self.max_batch + slot) * block
-                self.cuda.zero(pointer, block, self.runner.stream)
+            if slot < self.image_rows:  # (the others hold none)
+                self._zero_row(self._images, slot)
         self._image_version += 1
+
+    def _zero_row(self, array: DeviceArray, row: int) -> None:
+        """Row `row` of a (slices, rows, Hkv, L, d) array: one zeroed block per slice."""
+        slices, rows, *rest = array.shape
+        block = byte_size(tuple(rest), array.dtype)  # one row of one slice
+        for index in range(slices):
+            pointer = array.pointer + (index * rows + row) * block
+            self.cuda.zero(pointer, block, self.runner.stream)
 
     def copy_kv(self, source: int, target: int, length: int) -> None:
         """Through a scratch row: cudaMemcpy3D's source and destination may not overlap, and
@@ -243,7 +266,16 @@ class DeviceSteps:
         holds = (tuple(int(slot) for slot in slots), self._image_version)
         if self._cross_feed == holds:  # the decode steps after an image prefill
             return feed
-        self._gather(feed, self._images, slots, keys)
+        if bool((slots < self.image_rows).all()):
+            self._gather(feed, self._images, slots, keys)
+        else:  # rows that hold no image (a shared prefix's) get zeros, one copy per other row
+            for index, slot in enumerate(slots.tolist()):
+                if slot < self.image_rows:
+                    to_run, from_run = RowRun(index, 0, keys), RowRun(slot, 0, keys)
+                    stream = self.runner.stream
+                    self.cuda.copy_rows(feed, to_run, self._images, from_run, stream)
+                else:
+                    self._zero_row(feed, index)
         self._cross_feed = holds
         return feed
 

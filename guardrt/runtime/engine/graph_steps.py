@@ -5,7 +5,11 @@ this file owns the caches and the feeds. (TensorRT keeps them on the GPU: `Devic
 layouts are the graphs' (see `guardrt/export/decoder.py`):
 
     self_kv   (self layers, 2, rows, Hkv, capacity, d)  grown on demand up to max_seq
-    cross_kv  (cross layers, 2, rows, Hkv, image_keys, d)  allocated with the first image
+    cross_kv  (cross layers, 2, image rows, Hkv, image_keys, d)  allocated with the first image
+
+Only the first `image_rows` rows can hold an image (the rows after them hold shared policy
+prefixes, which never do: no image K/V is kept for them); a step that puts such a row beside
+an image row feeds it zeros, as it would any row without an image.
 
 A step feeds each row's past (positions before its first position this step; the graph masks
 the rest) and writes the step's K/V back at the step's positions. The graph's head returns the
@@ -74,8 +78,11 @@ class EngineSteps(StepModel, Protocol):
 class StepsRunner(Protocol):
     """A back end's graph runner: it makes the `StepModel` that runs it, and closes."""
 
-    def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
-        """`rows` cache rows of `max_seq` positions each."""
+    def steps(
+        self, config: ModelConfig, rows: int, max_seq: int, image_rows: int | None = None
+    ) -> EngineSteps:
+        """`rows` cache rows of `max_seq` positions each, the first `image_rows` (all: None)
+        of which can hold an image."""
         ...
 
     def close(self) -> None: ...
@@ -93,12 +100,37 @@ class GraphRunner(Protocol):
         ...
 
 
+def image_rows_of(rows: int, image_rows: int | None) -> int:
+    """How many of `rows` cache rows can hold an image (None: all)."""
+    if image_rows is None:
+        return rows
+    if not 0 < image_rows <= rows:
+        raise ValueError(f"image_rows {image_rows} is not within 1..{rows} (the cache rows)")
+    return image_rows
+
+
+def check_image_slots(slots: Sequence[int], image_rows: int) -> None:
+    """Refuse an image for a row that cannot hold one (a caller's bug, never a request's)."""
+    beyond = [slot for slot in slots if slot >= image_rows]
+    if beyond:
+        raise ValueError(f"cache rows {beyond} hold no image (only rows 0..{image_rows - 1} do)")
+
+
 class GraphSteps:
-    def __init__(self, runner: GraphRunner, config: ModelConfig, rows: int, max_seq: int) -> None:
+    def __init__(
+        self,
+        runner: GraphRunner,
+        config: ModelConfig,
+        rows: int,
+        max_seq: int,
+        image_rows: int | None = None,
+    ) -> None:
         text = config.text
         self.runner, self.max_batch, self.max_seq = runner, rows, max_seq
+        self.image_rows = image_rows_of(rows, image_rows)
         self._self_shape = (len(text.self_attention_layers), 2, rows, text.num_kv_heads)
-        self._cross_shape = (len(text.cross_attention_layers), 2, rows, text.num_kv_heads)
+        crosses, heads = len(text.cross_attention_layers), text.num_kv_heads
+        self._cross_shape = (crosses, 2, self.image_rows, heads)
         self._head_dim = text.head_dim
         self._image_keys = config.vision.max_num_tiles * config.vision.num_patches
         self._vocab = VocabFeed(text.vocab_size)
@@ -121,6 +153,7 @@ class GraphSteps:
         self.self_kv = bigger
 
     def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
+        check_image_slots(slots, self.image_rows)
         pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
         ids = np.asarray([image.aspect_ratio_id for image in images], dtype=np.int64)
         masks = np.stack([image.aspect_ratio_mask for image in images]).astype(np.int64)
@@ -135,8 +168,9 @@ class GraphSteps:
         self.self_kv[:, :, target, :, :length] = self.self_kv[:, :, source, :, :length]
 
     def clear_images(self, slots: Sequence[int]) -> None:
+        held = [slot for slot in slots if slot < self.image_rows]  # the others hold none
         if self.cross_kv is not None:
-            self.cross_kv[:, :, list(slots)] = 0
+            self.cross_kv[:, :, held] = 0
 
     def step(
         self,
@@ -154,7 +188,9 @@ class GraphSteps:
         self._reserve(past)
         past_kv = self.self_kv[:, :, slots, :, :past]  # (Ls, 2, B, Hkv, P, d)
         if self.cross_kv is not None and bool((num_tiles > 0).any()):
-            cross_kv = self.cross_kv[:, :, slots]  # (C, 2, B, Hkv, L, d)
+            # (C, 2, B, Hkv, L, d), a copy: zeros for rows that hold no image
+            cross_kv = self.cross_kv[:, :, np.minimum(slots, self.image_rows - 1)]
+            cross_kv[:, :, slots >= self.image_rows] = 0
         else:  # an all-text batch: one zero key, which the graph's masks and gates zero out
             layers, _, _, heads = self._cross_shape
             cross_kv = np.zeros((layers, 2, len(slots), heads, 1, self._head_dim), np.float32)

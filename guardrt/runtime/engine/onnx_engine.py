@@ -138,8 +138,10 @@ class OrtRunner:
         logits, normaliser, present = self.sessions["decoder"].run(None, feeds)  # manifest order
         return HeadScores(logits, normaliser), present
 
-    def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
-        return GraphSteps(self, config, rows, max_seq)
+    def steps(
+        self, config: ModelConfig, rows: int, max_seq: int, image_rows: int | None = None
+    ) -> EngineSteps:
+        return GraphSteps(self, config, rows, max_seq, image_rows)
 
     def close(self) -> None:
         """Nothing to free by hand: the sessions go with this object."""
@@ -212,8 +214,9 @@ class GraphEngine:
         self.runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
         rows = options.max_batch + options.max_sessions + options.max_prefixes
+        image_rows = options.max_batch + options.max_sessions  # not the shared prefixes' rows
         try:
-            self.steps = self.runner.steps(config, rows, options.max_seq)
+            self.steps = self.runner.steps(config, rows, options.max_seq, image_rows)
         except Exception:  # caches that do not fit: free what the runner holds, then say why
             self.runner.close()
             raise

@@ -249,8 +249,10 @@ class TrtRunner:
         head = HeadScores(host["logits"], host["normaliser"])  # (B, R, V), (B, R)
         return head, kept["present_kv"]  # (Ls, 2, B, Hkv, S, d)
 
-    def steps(self, config: ModelConfig, rows: int, max_seq: int) -> EngineSteps:
-        return DeviceSteps(self, config, rows, max_seq)
+    def steps(
+        self, config: ModelConfig, rows: int, max_seq: int, image_rows: int | None = None
+    ) -> EngineSteps:
+        return DeviceSteps(self, config, rows, max_seq, image_rows)
 
     def close(self) -> None:
         """Free the device buffers and the stream (the engines go with this object)."""
