@@ -412,7 +412,7 @@ def test_tensorrt_engine_refuses_to_load_without_room_for_the_image_cache(
     with pytest.raises(
         ConfigError,
         match=r"image K/V cache does not fit: 3 rows × 5,120 bytes \(cudaMalloc\(15360\).*"
-        r"cudaErrorMemoryAllocation.*smaller --max-batch-size",
+        r"cudaErrorMemoryAllocation.*smaller --max-batch-size or --max-sessions$",
     ):
         load_engine("tensorrt", options)
     assert not cudart.live

@@ -137,7 +137,7 @@ class DeviceSteps:
             size = f"{row / 1e6:.0f} MB" if row >= 1e6 else f"{row:,} bytes"
             raise ConfigError(
                 f"the image K/V cache does not fit: {self.image_rows} rows × {size} ({exc}); "
-                "serve with a smaller --max-batch-size, --max-sessions or --max-prefixes"
+                "serve with a smaller --max-batch-size or --max-sessions"
             ) from exc
 
     def _zeros(self, shape: tuple[int, ...]) -> DeviceArray:
