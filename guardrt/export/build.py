@@ -395,7 +395,6 @@ def _build_into(
 
     progress.step(f"build: {options.engine_format} graphs")
     specs = _export_onnx(model, work if tensorrt else engine_dir, options)
-    vocab_size = model.config.text.vocab_size
     del model
     document: dict[str, Any] = {
         "format": FORMAT,
@@ -414,7 +413,7 @@ def _build_into(
         "probes": {"count": len(requests), "sha256": probe_digest(requests)},
     }
     logits, why = _build_engine(
-        specs, document, engine_dir, work, options, trt, probe_run, progress, vocab_size
+        specs, document, engine_dir, work, options, trt, probe_run, progress, config.text.vocab_size
     )
     if why is not None:  # name the engine directory as it will be, not the scratch one
         why = why.replace(str(engine_dir), str(options.output))

@@ -43,6 +43,7 @@ from guardrt.runtime.engine.graph_steps import (
     VocabFeed,
     check_image_slots,
     image_rows_of,
+    image_slots,
 )
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
@@ -191,9 +192,8 @@ class DeviceSteps:
         if self._images is None:
             return
         self.cuda.select()
-        for slot in slots:
-            if slot < self.image_rows:  # (the others hold none)
-                self._zero_row(self._images, slot)
+        for slot in image_slots(slots, self.image_rows):
+            self._zero_row(self._images, slot)
         self._image_version += 1
 
     def _zero_row(self, array: DeviceArray, row: int) -> None:

@@ -109,6 +109,11 @@ def image_rows_of(rows: int, image_rows: int | None) -> int:
     return image_rows
 
 
+def image_slots(slots: Sequence[int], image_rows: int) -> list[int]:
+    """The slots among `slots` that can hold an image (a shared prefix's row holds none)."""
+    return [slot for slot in slots if slot < image_rows]
+
+
 def check_image_slots(slots: Sequence[int], image_rows: int) -> None:
     """Refuse an image for a row that cannot hold one (a caller's bug, never a request's)."""
     beyond = [slot for slot in slots if slot >= image_rows]
@@ -168,9 +173,8 @@ class GraphSteps:
         self.self_kv[:, :, target, :, :length] = self.self_kv[:, :, source, :, :length]
 
     def clear_images(self, slots: Sequence[int]) -> None:
-        held = [slot for slot in slots if slot < self.image_rows]  # the others hold none
         if self.cross_kv is not None:
-            self.cross_kv[:, :, held] = 0
+            self.cross_kv[:, :, image_slots(slots, self.image_rows)] = 0
 
     def step(
         self,
