@@ -42,6 +42,7 @@ from guardrt.runtime.engine.graph_steps import (
     HeadScores,
     VocabFeed,
     check_image_slots,
+    decoder_feeds,
     image_rows_of,
     image_slots,
 )
@@ -231,16 +232,16 @@ class DeviceSteps:
         past = int(positions[:, 0].max())  # every row's past lies below its first position
         self._reserve(past)
         head, present = self.runner.decoder(
-            {
-                "input_ids": tokens,
-                "position_ids": positions,
-                "past_kv": unfolded(self._past(slots, past)),
-                "cross_kv": unfolded(self._cross(slots, num_tiles)),
-                "image_start": image_start,
-                "num_tiles": num_tiles,
-                "logit_index": logit_index,
-                "vocab": self._vocab(vocab),
-            }
+            decoder_feeds(
+                tokens,
+                positions,
+                unfolded(self._past(slots, past)),
+                unfolded(self._cross(slots, num_tiles)),
+                image_start,
+                num_tiles,
+                logit_index,
+                self._vocab(vocab),
+            )
         )
         self._store(folded(present), slots, positions)
         return head.values(log_probs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,33 @@ def vision_feeds(
         "pixel_values": pixel_values,
         "aspect_ratio_ids": aspect_ratio_ids,
         "aspect_ratio_mask": aspect_ratio_mask,
+    }
+
+
+KV = TypeVar("KV")  # where a back end keeps K/V: numpy arrays (host) or `DeviceArray`s (GPU)
+
+
+def decoder_feeds(
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    past_kv: KV,
+    cross_kv: KV,
+    image_start: np.ndarray,
+    num_tiles: np.ndarray,
+    logit_index: np.ndarray,
+    vocab: np.ndarray,
+) -> dict[str, np.ndarray | KV]:
+    """The decoder graph's inputs by name (its manifest's contract; `guardrt/export/decoder.py`
+    says what each holds)."""
+    return {
+        "input_ids": tokens,
+        "position_ids": positions,
+        "past_kv": past_kv,
+        "cross_kv": cross_kv,
+        "image_start": image_start,
+        "num_tiles": num_tiles,
+        "logit_index": logit_index,
+        "vocab": vocab,
     }
 
 
@@ -199,16 +226,16 @@ class GraphSteps:
             layers, _, _, heads = self._cross_shape
             cross_kv = np.zeros((layers, 2, len(slots), heads, 1, self._head_dim), np.float32)
         head, present = self.runner.decoder(
-            {
-                "input_ids": tokens,
-                "position_ids": positions,
-                "past_kv": np.ascontiguousarray(past_kv),
-                "cross_kv": np.ascontiguousarray(cross_kv),
-                "image_start": image_start,
-                "num_tiles": num_tiles,
-                "logit_index": logit_index,
-                "vocab": self._vocab(vocab),
-            }
+            decoder_feeds(
+                tokens,
+                positions,
+                np.ascontiguousarray(past_kv),
+                np.ascontiguousarray(cross_kv),
+                image_start,
+                num_tiles,
+                logit_index,
+                self._vocab(vocab),
+            )
         )
         self._store(present, slots, positions)
         return head.values(log_probs)
