@@ -12,6 +12,7 @@ to int8 per block on the fly ("weight+activation").
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 
 from guardrt.runtime.decoding import Decoder, parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
+from guardrt.runtime.engine.cuda_memory import Cuda, DeviceError, import_cudart
 from guardrt.runtime.engine.graph_steps import (
     EngineSteps,
     GraphSteps,
@@ -35,9 +37,12 @@ from guardrt.runtime.engine.manifest import (
     dtype_precision,
     read_manifest,
 )
+from guardrt.runtime.engine.ort_device import OrtDeviceRunner
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.requests import Decoded, PreparedRequest
+
+log = logging.getLogger(__name__)
 
 # MatMulNBits accuracy levels (onnxruntime's session.qdq_matmulnbits_accuracy_level):
 # 1 = fp32 compute, 4 = int8 compute.
@@ -256,6 +261,15 @@ class GraphEngine:
         self.runner.close()
 
 
+def kv_placement() -> str:
+    """Where an engine on ONNX Runtime's GPU providers keeps its K/V caches, from
+    $GUARDRT_ORT_KV: "device" (the default: GPU memory, `ort_device.py`) or "host"."""
+    value = os.environ.get("GUARDRT_ORT_KV", "device")
+    if value not in ("device", "host"):
+        raise ConfigError(f"GUARDRT_ORT_KV {value!r} is not device or host")
+    return value
+
+
 class OnnxEngine(GraphEngine):
     backend = "onnx"
 
@@ -264,4 +278,21 @@ class OnnxEngine(GraphEngine):
     ) -> tuple[StepsRunner, str]:
         runner = OrtRunner(directory, manifest, options.device, engine_threads())
         first = runner.providers[0]
-        return runner, first if isinstance(first, str) else first[0]
+        if isinstance(first, str):  # the CPU: host caches
+            return runner, first
+        provider, index = first[0], int(first[1]["device_id"])
+        if kv_placement() == "host":
+            return runner, f"{provider} on cuda:{index} (K/V caches in host memory)"
+        try:
+            cuda = Cuda(import_cudart(), index)
+        except ConfigError:
+            # Served all the same, at the price of copying every step's K/V across PCIe.
+            log.warning(
+                "cuda-python is not installed: the K/V caches stay in host memory and every "
+                "step copies its K/V to the GPU (pip install 'guardrt[onnx-gpu]')"
+            )
+            return runner, f"{provider} on cuda:{index} (K/V caches in host memory)"
+        except DeviceError as exc:
+            raise ConfigError(f"device {options.device!r}: {exc}") from exc
+        device_runner = OrtDeviceRunner(runner.sessions, manifest.graphs, cuda)
+        return device_runner, f"{provider} on cuda:{index}"
