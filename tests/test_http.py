@@ -233,6 +233,8 @@ def image_message(url: str) -> list[dict[str, Any]]:
     [
         (b"{not json", 400, "not valid JSON"),
         (chat_body(model="gpt-4o"), 404, "does not exist"),
+        (chat_body(model=3), 400, "model must be a string naming the model, got a number"),
+        (chat_body(model=None), 400, "got null or nothing"),
         (chat_body(n=2), 400, "n must be 1"),
         (chat_body(temperature=9), 400, "temperature"),
         (chat_body(messages=[{"role": "assistant", "content": "x"}]), 400, "role 'assistant'"),
@@ -243,6 +245,8 @@ def image_message(url: str) -> list[dict[str, Any]]:
     ids=[
         "bad-json",
         "unknown-model",
+        "model-number",
+        "model-missing",
         "n",
         "temperature",
         "roles",

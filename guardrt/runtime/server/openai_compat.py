@@ -72,8 +72,21 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
     return ApiError(400, message, param=param, code=code)
 
 
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words (for messages that must not echo it)."""
+    if value is None:
+        return "null or nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def check_model(model: object, served: str) -> str:
-    if not isinstance(model, str) or model not in (served, *ALIASES):
+    if not isinstance(model, str):  # absent or not a name: the request is malformed (400)
+        raise _bad(f"model must be a string naming the model, got {_json_kind(model)}", "model")
+    if model not in (served, *ALIASES):
         shown = repr(model)[:80]
         raise ApiError(
             404,
