@@ -23,7 +23,7 @@ from guardrt.runtime.model.attention_plan import (
     planned_attention,
 )
 from guardrt.runtime.model.checkpoint import load_model
-from guardrt.runtime.model.functional import padded_attention, vision_mask
+from guardrt.runtime.model.functional import blocked_attention, padded_attention, vision_mask
 from tests.models import DEVICE, image
 
 CPU = torch.device("cpu")
@@ -91,6 +91,20 @@ def test_padded_attention_with_a_plan_equals_the_full_mask() -> None:
     for plan in (DEFAULT_PLAN, AttentionPlan(None, 128), AttentionPlan("MATH", 96)):
         got = padded_attention(q, k, v, padding, rows, plan)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 7, 8, 24, 100])
+def test_blocked_attention_equals_the_full_mask(block: int) -> None:
+    """The traced graphs' attention, in blocks of query rows (the last one short or not), =
+    the padding-pair mask over all rows at once."""
+    q, k, v = _qkv((2, 2, 24, 80), seed=2)
+    padding = torch.zeros(2, 24, dtype=torch.bool)
+    padding[0, 20:] = True
+    padding[1, 8:] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=vision_mask(padding))
+    got = blocked_attention(q, k, v, padding, block)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_candidates() -> None:

@@ -6,10 +6,12 @@ import importlib
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from guardrt.export.graphs import GraphSpec, VisionGraph, export_vision
+from guardrt.runtime.model import functional
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.mllama import MllamaModel
 from tests.models import image, small_config, write_small
@@ -17,11 +19,16 @@ from tests.models import image, small_config, write_small
 ort: Any = importlib.import_module("onnxruntime")  # untyped
 
 
+BLOCK = 5  # query rows per block of the traced attention: 7 blocks of 32 tokens, the last short
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MllamaModel, GraphSpec]:
     directory = write_small(tmp_path_factory.mktemp("graph"), small_config("gqa2-cross2,4"), 17)
     model = load_model(directory)
-    return model, export_vision(model, directory / "vision.onnx", max_batch=4)
+    with pytest.MonkeyPatch.context() as patch:  # several blocks, as a full-size image has
+        patch.setattr(functional, "TRACED_QUERY_BLOCK", BLOCK)
+        return model, export_vision(model, directory / "vision.onnx", max_batch=4)
 
 
 @pytest.mark.parametrize("tile_counts", [(1,), (4,), (2, 3), (1, 2, 3, 4)], ids=str)
@@ -55,3 +62,9 @@ def test_vision_graph_spec(exported: tuple[MllamaModel, GraphSpec]) -> None:
     session = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
     assert str(session.get_inputs()[0].shape[0]) == "images"  # dynamic in the number of images
+    config = small_config("gqa2-cross2,4")["vision_config"]
+    layers = config["num_hidden_layers"] + config["num_global_layers"]
+    tokens = config["max_num_tiles"] * 8  # 5 patches per tile, padded to 8
+    blocks = -(-tokens // BLOCK)
+    softmaxes = [node for node in onnx.load(str(spec.path)).graph.node if node.op_type == "Softmax"]
+    assert len(softmaxes) == layers * blocks  # one block of query rows at a time

@@ -43,6 +43,9 @@ class EngineOptions:
     warmup_max_batch: int = 4
     quantize: str | None = None  # torch: "int8" / "fp8" weights made at load (engines: at build)
     int8_compute: str = "weight-only"  # or "weight+activation": int8 large steps on _int_mm
+    # engine directories: tokens per decoder-graph run; longer prompts prefill in blocks
+    # (`engine/step_blocks.py`: the graphs' attention holds a block's scores, not a prompt's)
+    max_step_tokens: int = 1024
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from guardrt.runtime.engine.manifest import (
     read_manifest,
 )
 from guardrt.runtime.engine.ort_device import OrtDeviceRunner
+from guardrt.runtime.engine.step_blocks import BlockedSteps
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.requests import Decoded, PreparedRequest
@@ -180,6 +181,8 @@ def check_options(
         )
     if options.max_seq < 64:
         raise ConfigError(f"max_seq {options.max_seq} must be ≥ 64")
+    if options.max_step_tokens < 1:
+        raise ConfigError(f"max_step_tokens {options.max_step_tokens} must be ≥ 1")
     if bounded and options.max_batch > manifest.max_batch:
         raise ConfigError(
             f"max_batch {options.max_batch} exceeds the {manifest.max_batch} {directory} was "
@@ -226,7 +229,8 @@ class GraphEngine:
             self.runner.close()
             raise
         decode = parse_decode(options.decode)
-        self.decoder = Decoder(self.steps, decode, options.max_sessions, options.max_prefixes)
+        blocked = BlockedSteps(self.steps, options.max_step_tokens)
+        self.decoder = Decoder(blocked, decode, options.max_sessions, options.max_prefixes)
         self.info = EngineInfo(
             backend=self.backend,
             device=device,

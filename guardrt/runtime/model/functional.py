@@ -199,6 +199,36 @@ def padded_attention(
     return out
 
 
+# Query rows per block of the traced vision attention (`blocked_attention`): 8 blocks of a full
+# image's 6,432 tokens, so an exported graph holds (N, 16, 804, 6432) fp32 scores at a time,
+# 331 MB an image, where the whole (N, 16, 6432, 6432) is 2.6 GB and its mask, softmax and
+# product several more: ONNX Runtime's CPU run of one 4-tile image peaked at 13.6 GB before.
+TRACED_QUERY_BLOCK = 804
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    padding: torch.Tensor,
+    block: int | None = None,
+) -> torch.Tensor:
+    """The vision tower's masked attention for traced graphs (no data-dependent shapes), in
+    blocks of at most `block` query rows, each with its rows of `vision_mask`: a row's softmax
+    reads only its own scores, so the blocks concatenated are the whole attention, and an
+    exported graph materialises one block's scores at a time (its runtime frees each block's
+    before the next). q, k, v (N, H, L, d); padding (N, L) bool → (N, H, L, d); `block`
+    defaults to `TRACED_QUERY_BLOCK`, read when called."""
+    block = block or TRACED_QUERY_BLOCK
+    length = q.shape[2]
+    blocks = []
+    for start in range(0, length, block):
+        rows = slice(start, min(start + block, length))
+        mask = ~(padding[:, None, rows, None] & padding[:, None, None, :])  # (N, 1, b, L)
+        blocks.append(F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask))
+    return torch.cat(blocks, dim=2)
+
+
 def vision_mask(padding: torch.Tensor) -> torch.Tensor:
     """(N, 1, L, L) bool from (N, L) padding: only padding-query × padding-key pairs are blocked
     (reference §5.1 step 7); real tokens attend to everything."""

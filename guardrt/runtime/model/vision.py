@@ -23,28 +23,28 @@ from guardrt.runtime.model.attention_plan import (
 )
 from guardrt.runtime.model.config import VisionConfig
 from guardrt.runtime.model.functional import (
-    attention,
+    blocked_attention,
     padded_attention,
-    vision_mask,
     vision_padding,
 )
 
 
 @dataclass(frozen=True)
 class VisionMask:
-    """The joint attention's padding: as a full mask (traced graphs: no data-dependent shapes)
-    or split (eager: `padded_attention`, flash attention for the real queries)."""
+    """The joint attention's padding, and how the attention runs: masked in blocks of query
+    rows when traced (`blocked_attention`: no data-dependent shapes, bounded memory), or split
+    when eager (`padded_attention`: flash attention for the real queries)."""
 
     padding: torch.Tensor  # (N, L) bool
-    mask: torch.Tensor | None  # (N, 1, L, L) bool when traced
+    traced: bool
     pad_rows: list[torch.Tensor]  # per image, its padding tokens' indices (eager)
     plan: AttentionPlan = DEFAULT_PLAN  # how the unmasked attention runs (eager)
 
     @classmethod
     def of(cls, padding: torch.Tensor, plan: AttentionPlan = DEFAULT_PLAN) -> VisionMask:
         if torch.compiler.is_compiling():
-            return cls(padding, vision_mask(padding), [])
-        return cls(padding, None, [row.nonzero().flatten() for row in padding], plan)
+            return cls(padding, True, [])
+        return cls(padding, False, [row.nonzero().flatten() for row in padding], plan)
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -115,8 +115,8 @@ class VisionAttention(nn.Module):
             q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         else:
             q, k, v = (heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # (N, L, D) each
-        if mask.mask is not None:
-            out = attention(q, k, v, mask.mask)
+        if mask.traced:
+            out = blocked_attention(q, k, v, mask.padding)
         else:
             out = padded_attention(q, k, v, mask.padding, mask.pad_rows, mask.plan)
         result: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(n, length, -1))
