@@ -234,6 +234,10 @@ def test_cli_build_reports_steps(
     """`guardrt export build` end to end (bf16: its graphs cannot run on ONNX Runtime's CPU
     provider, so the build step's parity says why it was not run)."""
     out = tmp_path / "bf16"
+    stale = tmp_path / ".bf16-x1y2z3"  # a killed build's scratch directory
+    stale.mkdir()
+    with (stale / "decoder.onnx.data").open("wb") as data:
+        data.truncate(300_000_000)  # sparse: its size counts, no disk is used
     code = main(
         [
             "export",
@@ -251,6 +255,9 @@ def test_cli_build_reports_steps(
     assert code == 0
     printed = capsys.readouterr()
     assert "[4/5] build: onnx graphs" in printed.err
+    note = f"note: {stale} (0.3 GB) is left from an interrupted build of {out}; delete it"
+    assert note in printed.err
+    assert stale.is_dir()  # never removed: another build may be using it
     assert "convert   max rel logit err" in printed.out
     assert "build     NOT RUN: " in printed.out
     document = manifest_of(out)

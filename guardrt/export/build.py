@@ -270,6 +270,22 @@ def _summary(parity: dict[str, Any] | None) -> str:
     )
 
 
+def stale_scratch(output: Path) -> list[Path]:
+    """Scratch directories of builds of `output` beside it: a build that was killed (out of
+    memory, say) could not remove its own, and they can hold gigabytes."""
+    prefix = f".{output.name}-"
+    return sorted(
+        path
+        for path in output.parent.iterdir()
+        if path.name.startswith(prefix) and path.is_dir() and not path.is_symlink()
+    )
+
+
+def _gigabytes(directory: Path) -> str:
+    size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    return f"{size / 1e9:.1f} GB"
+
+
 def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Build the engine directory at `options.output`; returns its manifest document."""
     check_options(options)
@@ -281,6 +297,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
     progress = progress or Progress(5)
     output = options.output
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_scratch(output):
+        progress.note(
+            f"note: {stale} ({_gigabytes(stale)}) is left from an interrupted build of "
+            f"{output}; delete it unless another build of {output} is running"
+        )
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}-work-", dir=output.parent))
     try:

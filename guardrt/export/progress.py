@@ -29,6 +29,10 @@ class Progress:
         self._write(f"[{self.index}/{self.total}] {self.name} done in {elapsed:.1f} s{tail}", True)
         return elapsed
 
+    def note(self, text: str) -> None:
+        """A line of its own, outside the steps (a warning the user should act on)."""
+        self._write(text, final=True)
+
     def _write(self, text: str, final: bool = False) -> None:
         if self.live:
             self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
