@@ -6,7 +6,6 @@ carries cuda-bindings), on the GPU through the real CUDA runtime."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import shutil
@@ -29,7 +28,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import TiledImage
 from tests.fake_tensorrt import FakeCudart, FakeEngine, FakeTrt
 from tests.models import image, small_config
-from tests.test_onnx_engine import growing_answer, onnx_engine, requests
+from tests.test_onnx_engine import checked_in_session, onnx_engine, requests
 
 CONFIG = ModelConfig.from_dict(small_config("gqa2-cross2,4"))
 VOCAB = 16
@@ -362,16 +361,9 @@ def test_tensorrt_engine_session_equals_fresh(
     device = load_engine(
         "tensorrt", EngineOptions(twin, device="cuda", max_batch=2, max_seq=1024, max_sessions=1)
     )
-    first, second = growing_answer(preparer)
-    session = device.open_session()
-    assert session is not None
-    in_session = [
-        device.execute([dataclasses.replace(r, session=session)])[0] for r in (first, second)
-    ]
-    assert in_session[1].reused_tokens > len(first.prompt) // 2
-    fresh = onnx_engine(onnx_fp32).execute([first, second])
+    in_session, checks = checked_in_session(device, preparer)
+    fresh = onnx_engine(onnx_fp32).execute(checks)
     for a, b in zip(in_session, fresh, strict=True):
         assert a.generated == b.generated
         assert a.unsafe_probability == b.unsafe_probability
-    device.close_session(session)
     device.close()

@@ -110,20 +110,26 @@ def growing_answer(preparer: Preparer) -> tuple[PreparedRequest, PreparedRequest
     return first, second
 
 
+def checked_in_session(
+    engine: Engine, preparer: Preparer
+) -> tuple[list[Decoded], list[PreparedRequest]]:
+    """`growing_answer` checked twice in one cache session of `engine` (the session closed
+    after): the answers, of which the second reused more than half the prompt's K/V, and the
+    two requests, to check fresh."""
+    checks = list(growing_answer(preparer))
+    session = engine.open_session()
+    assert session is not None
+    answers = [engine.execute([dataclasses.replace(r, session=session)])[0] for r in checks]
+    assert answers[1].reused_tokens > len(checks[0].prompt) // 2
+    engine.close_session(session)
+    return answers, checks
+
+
 def test_session_reuses_cache(onnx_fp32: Path, preparer: Preparer) -> None:
     """A growing answer checked twice in one session = each checked fresh."""
-    onnx = onnx_engine(onnx_fp32, max_sessions=1)
-    first, second = growing_answer(preparer)
-    session = onnx.open_session()
-    assert session is not None
-    in_session = [
-        onnx.execute([dataclasses.replace(r, session=session)])[0] for r in (first, second)
-    ]
-    assert in_session[1].reused_tokens > len(first.prompt) // 2
-    fresh = onnx_engine(onnx_fp32).execute([first, second])
-    for a, b in zip(in_session, fresh, strict=True):
+    in_session, checks = checked_in_session(onnx_engine(onnx_fp32, max_sessions=1), preparer)
+    for a, b in zip(in_session, onnx_engine(onnx_fp32).execute(checks), strict=True):
         assert_close_decoded(a, b)
-    onnx.close_session(session)
 
 
 def test_options_refused(onnx_fp32: Path) -> None:

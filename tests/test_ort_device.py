@@ -8,7 +8,6 @@ ONNX Runtime's CUDA stream, which this cannot exercise."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from guardrt.runtime.engine.ort_device import OrtDeviceRunner, bind_dims, resolv
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
 from tests.fake_tensorrt import FakeCudart
-from tests.test_onnx_engine import growing_answer, onnx_engine, requests
+from tests.test_onnx_engine import checked_in_session, onnx_engine, requests
 
 KV = TensorSpec("present_kv", "float32", (3, 2, "batch", 2, "tokens", 8))
 
@@ -117,14 +116,8 @@ def test_device_caches_session_and_int8(
     fake's memory) = each checked fresh on host caches; an int8 engine (MatMulNBits, If
     branches) through the bindings = on host caches."""
     device = _gpu_engine(onnx_fp32, max_sessions=1)
-    first, second = growing_answer(preparer)
-    session = device.open_session()
-    assert session is not None
-    in_session = [
-        device.execute([dataclasses.replace(r, session=session)])[0] for r in (first, second)
-    ]
-    assert in_session[1].reused_tokens > len(first.prompt) // 2
-    for a, b in zip(in_session, onnx_engine(onnx_fp32).execute([first, second]), strict=True):
+    in_session, checks = checked_in_session(device, preparer)
+    for a, b in zip(in_session, onnx_engine(onnx_fp32).execute(checks), strict=True):
         assert (a.generated, a.unsafe_probability) == (b.generated, b.unsafe_probability)
     device.close()
     batch = requests(preparer)[2:6]

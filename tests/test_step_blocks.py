@@ -6,7 +6,6 @@ greedy decoding, a streaming session)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from guardrt.runtime.engine.step_blocks import BlockedSteps
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import TiledImage
-from tests.test_onnx_engine import assert_close_decoded, growing_answer, onnx_engine, requests
+from tests.test_onnx_engine import assert_close_decoded, checked_in_session, onnx_engine, requests
 
 
 class Recording:
@@ -131,14 +130,8 @@ def test_engine_in_blocks_decides_as_in_one_step(
 
 def test_engine_session_in_blocks(onnx_fp32: Path, preparer: Preparer) -> None:
     blocked = onnx_engine(onnx_fp32, max_sessions=1, max_step_tokens=16)
-    first, second = growing_answer(preparer)
-    session = blocked.open_session()
-    assert session is not None
-    in_session = [
-        blocked.execute([dataclasses.replace(r, session=session)])[0] for r in (first, second)
-    ]
-    assert in_session[1].reused_tokens > len(first.prompt) // 2
-    for a, b in zip(in_session, onnx_engine(onnx_fp32).execute([first, second]), strict=True):
+    in_session, checks = checked_in_session(blocked, preparer)
+    for a, b in zip(in_session, onnx_engine(onnx_fp32).execute(checks), strict=True):
         assert_close_decoded(a, b)
     with pytest.raises(ConfigError, match="max_step_tokens 0 must be ≥ 1"):
         onnx_engine(onnx_fp32, max_step_tokens=0)

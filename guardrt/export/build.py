@@ -2,8 +2,10 @@
 
     source   hash the checkpoint's files (the manifest names what was built from what)
     convert  HF checkpoint → guardrt's torch model in the build's dtype; parity vs the fp32 model
+             (the weights as stored, computed in fp32: no fp32 copy of them, `reference.py`)
     quantize int8 / fp8 weights (per output channel; the head stays full precision; int8 also
-             the token embedding, per row); parity vs convert (skipped for fp32 / fp16 / bf16)
+             the token embedding, per row), made from the stored weights a chunk at a time;
+             parity vs convert (skipped for fp32 / fp16 / bf16)
     build    trace the vision and decoder graphs to ONNX (and build TensorRT engines from them);
              parity of the engine, run by ONNX Runtime / TensorRT, vs the step before
     manifest files, hashes, graphs, tool versions, parity, deviation from fp32
@@ -36,6 +38,7 @@ from guardrt.export.graphs import GraphSpec, export_vision
 from guardrt.export.parity import Deviation, deviation, probe_digest, probe_logits, probes
 from guardrt.export.progress import Progress
 from guardrt.export.quantize import QuantKind, quantize_model
+from guardrt.export.reference import computed_in_fp32
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.engine.graph_steps import StepsRunner
@@ -52,7 +55,7 @@ from guardrt.runtime.engine.manifest import (
 from guardrt.runtime.engine.onnx_engine import OrtRunner
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.jsonfile import read_json_object
-from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.checkpoint import load_model, place_rest
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.mllama import SEMANTICS, MllamaModel, Semantics
 from guardrt.runtime.prepare import load_preparer
@@ -166,12 +169,15 @@ def _torch_steps(model: MllamaModel, max_seq: int) -> TorchSteps:
     return TorchSteps(model)
 
 
-def _quantize(model: MllamaModel, precision: str) -> dict[str, Any]:
+def _quantize(model: MllamaModel, precision: str, device: torch.device) -> dict[str, Any]:
     """The engine's weights as the torch engine serves them (`quantize_model`): every linear
     but the head 8-bit per output channel, and for int8 the token embedding too (one scale per
-    row: 128,264 × 4,096 in fp32 is 2.1 GB of an engine's ~13 GB, 0.53 GB as int8)."""
+    row: 128,264 × 4,096 in fp32 is 2.1 GB of an engine's ~13 GB, 0.53 GB as int8). Made
+    from the stored weights cast to fp32 a chunk at a time, as from an fp32 model; the rest
+    of the model is then fp32, the engines' compute dtype."""
     kind: QuantKind = "int8" if precision == "int8" else "fp8"
-    report = quantize_model(model, kind)
+    report = quantize_model(model, kind, device=device, dtype=torch.float32)
+    place_rest(model, device, torch.float32)
     return {
         "weights": "int8" if kind == "int8" else "float8_e4m3fn",
         "scheme": "symmetric, one fp32 scale per output channel, no zero point",
@@ -357,7 +363,7 @@ def _quantize_step(
     """Quantize in place (int8 / fp8): the quantization record, probe logits, the step."""
     if options.precision not in ("int8", "fp8"):
         return None, converted, {"name": "quantize", "skipped": f"{options.precision} has none"}
-    quantization = _quantize(model, options.precision)
+    quantization = _quantize(model, options.precision, torch.device(options.device))
     if options.precision == "int8":
         quantization["compute"] = options.int8_compute
     quantized = run_probes(_torch_steps(model, options.max_seq), requests, progress)
@@ -389,15 +395,19 @@ def _build_into(
     progress.done(f"sha256 {source['sha256'][:16]}… over {len(source['files'])} files")
 
     progress.step(f"convert: checkpoint → torch model for {options.precision}")
-    model = load_model(
-        options.model, device=torch.device(options.device), dtype=torch.float32, semantics=semantics
-    )
-    reference = run_probes(_torch_steps(model, options.max_seq), requests, progress)
+    device = torch.device(options.device)
+    # The weights as stored (on the CPU still mapped from the files), computed in fp32 for the
+    # reference: no 43 GB fp32 copy of the 11B model unless the engine is fp32 (`reference.py`).
+    model = load_model(options.model, device=device, semantics=semantics)
+    with computed_in_fp32(model):
+        reference = run_probes(_torch_steps(model, options.max_seq), requests, progress)
+    model.setup_caches(0, 0)  # (the reference's fp32 caches)
     dtype = _COMPUTE_DTYPE[options.precision]
-    converted = reference
-    if dtype != torch.float32:
+    converted = reference  # an fp32 model computes the reference's numbers
+    if options.precision not in ("int8", "fp8"):  # 8-bit: quantized from the stored weights
         model = model.to(dtype)
-        converted = run_probes(_torch_steps(model, options.max_seq), requests, progress)
+        if dtype != torch.float32:
+            converted = run_probes(_torch_steps(model, options.max_seq), requests, progress)
     steps: list[dict[str, Any]] = [
         {
             "name": "convert",

@@ -158,13 +158,13 @@ def load_model(
             "%s weights: %d layers, %.2f GB (were %.2f GB)",
             quantize, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
         )  # fmt: skip
-        _place_rest(model, torch.device(device), target)
+        place_rest(model, torch.device(device), target)
     # The RoPE table is computed, not stored: rebuild it off the meta device.
     model.inv_freq = rope_inv_freq(config.text.rope, config.text.head_dim).to(device)
     return model.eval()
 
 
-def _place_rest(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def place_rest(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """After quantizing: every other parameter and buffer to `device`, floating ones in `dtype`
     (the 8-bit modules' buffers are there already, and their fp32 scales stay fp32)."""
     for module in model.modules():
