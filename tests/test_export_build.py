@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from guardrt.cli import main
+from guardrt.export import onnx_ops
 from guardrt.export.build import BuildOptions, build
 from guardrt.export.errors import ExportError
 from guardrt.export.parity import deviation, probe_digest, probe_logits, probes
@@ -266,3 +269,21 @@ def test_cli_build_reports_steps(
     convert = document["steps"][0]["parity"]
     assert 0 < convert["max_relative_logit_error"] < 0.05  # bf16 rounding vs fp32
     assert np.isfinite(convert["max_abs_delta_p_unsafe"])
+
+
+def test_exporter_noise_silenced_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    """`guardrt export build` prints its steps, not torch's exporter's known noise; any other
+    warning still shows."""
+    registration = logging.getLogger(onnx_ops._REGISTRATION_LOG)
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        with onnx_ops._quiet_exporter():
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, 1)
+            warnings.warn("# The axis name: batch will not be used, since ...", UserWarning, 1)
+            warnings.warn("something else", UserWarning, 1)
+            registration.warning("torchvision is not installed. Skipping torchvision::nms")
+            registration.error("a real registration failure")
+        registration.warning("after the export")
+    assert [str(w.message) for w in shown] == ["something else"]
+    logged = [record.getMessage() for record in caplog.records if record.name == registration.name]
+    assert logged == ["a real registration failure", "after the export"]

@@ -10,7 +10,10 @@ opset 21, which torch's exporter does not (it translates at 18 and converts afte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +57,40 @@ def trace(
     """Trace `module` to ONNX at `path` as every guardrt graph is: torch's dynamo exporter at
     `OPSET`, with guardrt's translations, after `check_exportable`."""
     check_exportable(module)
-    torch.onnx.export(
-        module.eval(),
-        example,
-        str(path),
-        dynamo=True,
-        opset_version=OPSET,
-        custom_translation_table=TRANSLATIONS,
-        input_names=list(inputs),
-        output_names=list(outputs),
-        dynamic_shapes=dynamic_shapes,
-        verbose=False,
-    )
+    with _quiet_exporter():
+        torch.onnx.export(
+            module.eval(),
+            example,
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            custom_translation_table=TRANSLATIONS,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+
+
+# What torch's exporter says on every guardrt export and that asks nothing of the user: a
+# deprecation inside torch, dims it renames, and torchvision ops it skips registering.
+_NOISE = (
+    (FutureWarning, r".*LeafSpec.* is deprecated"),
+    (UserWarning, r"# The axis name: .* will not be used"),
+)
+_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's known noise silenced (nothing else: other warnings still show)."""
+    registration = logging.getLogger(_REGISTRATION_LOG)
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
+    try:
+        with warnings.catch_warnings():
+            for category, message in _NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        registration.setLevel(level)
