@@ -285,8 +285,9 @@ class OnnxEngine(GraphEngine):
         if isinstance(first, str):  # the CPU: host caches
             return runner, first
         provider, index = first[0], int(first[1]["device_id"])
+        on_host = f"{provider} on cuda:{index} (K/V caches in host memory)"
         if kv_placement() == "host":
-            return runner, f"{provider} on cuda:{index} (K/V caches in host memory)"
+            return runner, on_host
         try:
             cuda = Cuda(import_cudart(), index)
         except ConfigError:
@@ -295,7 +296,7 @@ class OnnxEngine(GraphEngine):
                 "cuda-python is not installed: the K/V caches stay in host memory and every "
                 "step copies its K/V to the GPU (pip install 'guardrt[onnx-gpu]')"
             )
-            return runner, f"{provider} on cuda:{index} (K/V caches in host memory)"
+            return runner, on_host
         except DeviceError as exc:
             raise ConfigError(f"device {options.device!r}: {exc}") from exc
         device_runner = OrtDeviceRunner(runner.sessions, manifest.graphs, cuda)

@@ -224,15 +224,16 @@ def blocked_attention(
     blocks = []
     for start in range(0, length, block):
         rows = slice(start, min(start + block, length))
-        mask = ~(padding[:, None, rows, None] & padding[:, None, None, :])  # (N, 1, b, L)
+        mask = vision_mask(padding, rows)  # (N, 1, b, L)
         blocks.append(F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask))
     return torch.cat(blocks, dim=2)
 
 
-def vision_mask(padding: torch.Tensor) -> torch.Tensor:
-    """(N, 1, L, L) bool from (N, L) padding: only padding-query × padding-key pairs are blocked
-    (reference §5.1 step 7); real tokens attend to everything."""
-    return ~(padding[:, None, :, None] & padding[:, None, None, :])
+def vision_mask(padding: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """(N, 1, L, L) bool from (N, L) padding, or its query `rows` only (N, 1, b, L): only
+    padding-query × padding-key pairs are blocked (reference §5.1 step 7); real tokens attend
+    to everything."""
+    return ~(padding[:, None, rows, None] & padding[:, None, None, :])
 
 
 def cross_masks(
