@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from guardrt.cli import main
-from guardrt.export import onnx_ops
+from guardrt.export import engine_model, onnx_ops
 from guardrt.export.build import BuildOptions, build
 from guardrt.export.errors import ExportError
 from guardrt.export.parity import deviation, probe_digest, probe_logits, probes
@@ -102,7 +102,9 @@ def test_int8_within_its_bound(onnx_int8: Path) -> None:
     assert build_step["against"].startswith("quantize")
     assert build_step["max_relative_logit_error"] < 1e-4
     # The int8 weights are in the graph as int8 (the .data file is far smaller than fp32's).
-    assert set(document["alternatives"]) == {"weight-only", "weight+activation"}
+    assert list(document["alternatives"]) == ["weight-only", "weight+activation"]
+    assert document["alternatives"]["weight-only"] == document["deviation"]  # the engine's mode
+    assert document["alternatives"]["weight+activation"] != document["deviation"]
 
 
 def test_int8_graph_stores_int8_weights(onnx_int8: Path, onnx_fp32: Path, checkpoint: Path) -> None:
@@ -232,10 +234,19 @@ def test_tensorrt_format_fails_fast_without_tensorrt(
 
 
 def test_cli_build_reports_steps(
-    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`guardrt export build` end to end (bf16: its graphs cannot run on ONNX Runtime's CPU
-    provider, so the build step's parity says why it was not run)."""
+    provider, so the build step's parity says why it was not run). The graphs are traced in a
+    child process: tracing in this one would fail."""
+
+    def traced_here(*args: object) -> None:
+        raise AssertionError("the graphs were traced in the build's own process")
+
+    monkeypatch.setattr(engine_model, "export_graphs", traced_here)
     out = tmp_path / "bf16"
     stale = tmp_path / ".bf16-x1y2z3"  # a killed build's scratch directory
     stale.mkdir()

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from guardrt.export.build import BuildOptions, _quantize, _torch_steps, build, run_probes
+from guardrt.export.build import BuildOptions, _torch_steps, build, run_probes
+from guardrt.export.engine_model import quantize_for_engine
 from guardrt.export.parity import probes
 from guardrt.export.progress import Progress
 from guardrt.export.reference import computed_in_fp32
@@ -63,7 +64,7 @@ def test_quantized_from_stored_weights_equals_from_fp32(
 ) -> None:
     bf16, fp32 = twins
     stored, full = load_model(bf16), load_model(fp32)
-    assert _quantize(stored, precision, CPU) == _quantize(full, precision, CPU)
+    assert quantize_for_engine(stored, precision, CPU) == quantize_for_engine(full, precision, CPU)
     a, b = stored.state_dict(), full.state_dict()
     assert a.keys() == b.keys()
     for name, tensor in a.items():

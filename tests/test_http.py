@@ -126,7 +126,9 @@ def test_chat_completion_is_the_verdict(client: openai.OpenAI, guard: Guard) -> 
         {"role": "assistant", "content": "Yes, a small cat."},
     ]
     model = "meta-llama/Llama-Guard-3-11B-Vision"
-    response = client.chat.completions.create(model=model, messages=messages)
+    response = client.chat.completions.create(
+        model=model, messages=messages, response_format={"type": "text"}, logprobs=False
+    )
     parts = [{"type": "text", "text": "Is this a cat?"}, {"type": "image", "image": jpeg(3)}]
     expected = guard.moderate(
         [{"role": "user", "content": parts}, {"role": "assistant", "content": "Yes, a small cat."}]
@@ -241,6 +243,15 @@ def image_message(url: str) -> list[dict[str, Any]]:
         (chat_body(messages=image_message("https://x.org/a.png")), 400, "no outbound"),
         (chat_body(messages=image_message("data:image/png;base64,AAAA")), 400, "image"),
         (chat_body(messages=[]), 400, "non-empty"),
+        (
+            chat_body(response_format={"type": "json_object"}),
+            400,
+            "response_format type 'json_object' is not supported, only 'text'",
+        ),
+        (chat_body(response_format="json"), 400, 'such as {"type": "text"}, got a string'),
+        (chat_body(response_format={"type": 1}), 400, "response_format type a number is not"),
+        (chat_body(logprobs=True), 400, "logprobs must be false or absent (got True)"),
+        (chat_body(top_logprobs=5), 400, "top_logprobs must be 0 or absent (got 5)"),
     ],
     ids=[
         "bad-json",
@@ -253,6 +264,11 @@ def image_message(url: str) -> list[dict[str, Any]]:
         "remote-url",
         "bad-image",
         "empty",
+        "json-format",
+        "format-not-object",
+        "format-type-number",
+        "logprobs",
+        "top-logprobs",
     ],
 )
 def test_chat_errors_in_openai_shape(

@@ -6,8 +6,10 @@
     quantize int8 / fp8 weights (per output channel; the head stays full precision; int8 also
              the token embedding, per row), made from the stored weights a chunk at a time;
              parity vs convert (skipped for fp32 / fp16 / bf16)
-    build    trace the vision and decoder graphs to ONNX (and build TensorRT engines from them);
-             parity of the engine, run by ONNX Runtime / TensorRT, vs the step before
+    build    trace the vision and decoder graphs to ONNX (and build TensorRT engines from them),
+             in a child process that converts the checkpoint as above (the exporter's memory
+             returns when it exits, `child.py`); parity of the engine, run by ONNX Runtime /
+             TensorRT, vs the step before
     manifest files, hashes, graphs, tool versions, parity, deviation from fp32
 
 Every parity check runs the same fixed probes (`parity.py`). The build happens in a scratch
@@ -18,6 +20,7 @@ leaves a directory that looks like an engine.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import importlib.metadata
 import platform
@@ -32,12 +35,17 @@ import numpy as np
 import torch
 
 from guardrt import __version__
-from guardrt.export.decoder import conditional_cross_for, cross_layers_note, export_decoder
+from guardrt.export.decoder import conditional_cross_for, cross_layers_note
+from guardrt.export.engine_model import (
+    COMPUTE_DTYPE,
+    EIGHT_BIT,
+    quantize_for_engine,
+    traced_in_child,
+)
 from guardrt.export.errors import ExportError
-from guardrt.export.graphs import GraphSpec, export_vision
+from guardrt.export.graphs import GraphSpec
 from guardrt.export.parity import Deviation, deviation, probe_digest, probe_logits, probes
 from guardrt.export.progress import Progress
-from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.export.reference import computed_in_fp32
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import StepModel
@@ -55,7 +63,7 @@ from guardrt.runtime.engine.manifest import (
 from guardrt.runtime.engine.onnx_engine import OrtRunner
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.jsonfile import read_json_object
-from guardrt.runtime.model.checkpoint import load_model, place_rest
+from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.mllama import SEMANTICS, MllamaModel, Semantics
 from guardrt.runtime.prepare import load_preparer
@@ -71,13 +79,6 @@ COPIED = (
     "special_tokens_map.json",
     "generation_config.json",
 )
-_COMPUTE_DTYPE = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "int8": torch.float32,  # int8 / fp8 weights, fp32 activations (the CPU provider's)
-    "fp8": torch.float32,
-}
 
 
 @dataclass(frozen=True)
@@ -164,49 +165,17 @@ def _parity(
     return {"against": against, **measured.to_json()}
 
 
+def _release(device: torch.device) -> None:
+    """Return a dropped model's memory now (its tensors may sit in reference cycles, and on a
+    GPU in torch's cache) rather than while the child needs it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _torch_steps(model: MllamaModel, max_seq: int) -> TorchSteps:
     model.setup_caches(1, max_seq)
     return TorchSteps(model)
-
-
-def _quantize(model: MllamaModel, precision: str, device: torch.device) -> dict[str, Any]:
-    """The engine's weights as the torch engine serves them (`quantize_model`): every linear
-    but the head 8-bit per output channel, and for int8 the token embedding too (one scale per
-    row: 128,264 × 4,096 in fp32 is 2.1 GB of an engine's ~13 GB, 0.53 GB as int8). Made
-    from the stored weights cast to fp32 a chunk at a time, as from an fp32 model; the rest
-    of the model is then fp32, the engines' compute dtype."""
-    kind: QuantKind = "int8" if precision == "int8" else "fp8"
-    report = quantize_model(model, kind, device=device, dtype=torch.float32)
-    place_rest(model, device, torch.float32)
-    return {
-        "weights": "int8" if kind == "int8" else "float8_e4m3fn",
-        "scheme": "symmetric, one fp32 scale per output channel, no zero point",
-        "layers": report.layers,
-        "kept_full_precision": ["lm_head"] if kind == "int8" else ["lm_head", "embed_tokens"],
-        "embedding": (
-            "int8, one fp32 scale per row, dequantized on lookup"
-            if kind == "int8"
-            else "full precision (e4m3's 3 mantissa bits would move every token's embedding ~3%)"
-        ),
-        "quantized_bytes": report.int8_bytes,
-        "original_bytes": report.original_bytes,
-        "worst_layer_error": report.worst_layer_error,
-    }
-
-
-def _export_onnx(
-    model: MllamaModel, directory: Path, options: BuildOptions
-) -> dict[str, GraphSpec]:
-    return {
-        "vision": export_vision(model, directory / "vision.onnx", options.max_batch),
-        "decoder": export_decoder(
-            model,
-            directory / "decoder.onnx",
-            options.max_batch,
-            options.max_seq,
-            conditional_cross_for(options.engine_format),
-        ),
-    }
 
 
 def _graphs_json(specs: dict[str, GraphSpec], files: dict[str, str], engine_format: str) -> Any:
@@ -361,9 +330,9 @@ def _quantize_step(
     progress: Progress,
 ) -> tuple[dict[str, Any] | None, list[np.ndarray], dict[str, Any]]:
     """Quantize in place (int8 / fp8): the quantization record, probe logits, the step."""
-    if options.precision not in ("int8", "fp8"):
+    if options.precision not in EIGHT_BIT:
         return None, converted, {"name": "quantize", "skipped": f"{options.precision} has none"}
-    quantization = _quantize(model, options.precision, torch.device(options.device))
+    quantization = quantize_for_engine(model, options.precision, torch.device(options.device))
     if options.precision == "int8":
         quantization["compute"] = options.int8_compute
     quantized = run_probes(_torch_steps(model, options.max_seq), requests, progress)
@@ -402,9 +371,9 @@ def _build_into(
     with computed_in_fp32(model):
         reference = run_probes(_torch_steps(model, options.max_seq), requests, progress)
     model.setup_caches(0, 0)  # (the reference's fp32 caches)
-    dtype = _COMPUTE_DTYPE[options.precision]
+    dtype = COMPUTE_DTYPE[options.precision]
     converted = reference  # an fp32 model computes the reference's numbers
-    if options.precision not in ("int8", "fp8"):  # 8-bit: quantized from the stored weights
+    if options.precision not in EIGHT_BIT:  # 8-bit: quantized from the stored weights
         model = model.to(dtype)
         if dtype != torch.float32:
             converted = run_probes(_torch_steps(model, options.max_seq), requests, progress)
@@ -422,11 +391,13 @@ def _build_into(
     before_name = "quantize" if quantization is not None else "convert"
     steps.append(step)
     progress.done(_summary(step.get("parity")) or "skipped")
-    model.setup_caches(0, 0)
+    del model  # before the child makes its own: the two never coexist
+    _release(device)
 
     progress.step(f"build: {options.engine_format} graphs")
-    specs = _export_onnx(model, work if tensorrt else engine_dir, options)
-    del model
+    # Traced in a child from the checkpoint, converted as above: the memory the exporter
+    # keeps returns before ONNX Runtime or TensorRT loads the engine (`child.py`).
+    specs = traced_in_child(options, work if tensorrt else engine_dir)
     document: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -480,9 +451,14 @@ def _int8_alternatives(
     ids: tuple[int, int],
     probe_run: Callable[[Callable[[], StepsRunner]], tuple[list[np.ndarray] | None, str | None]],
 ) -> dict[str, Any]:
-    """Both int8 compute modes measured on the same graphs (the choice's evidence)."""
-    measured: dict[str, Any] = {}
+    """Both int8 compute modes measured on the same graphs (the choice's evidence). The
+    engine's own mode was measured by the build step (its `deviation`): not run again, since a
+    probe run of the 11B engine on the CPU takes minutes."""
+    built = document["quantization"]["compute"]
+    measured: dict[str, Any] = {built: document["deviation"]}
     for compute in INT8_COMPUTE:
+        if compute == built:
+            continue
         manifest = _provisional(document, compute)
         logits, why = probe_run(functools.partial(OrtRunner, engine_dir, manifest, "cpu", 0))
         measured[compute] = (
@@ -490,4 +466,4 @@ def _int8_alternatives(
             if logits is not None
             else {"not_run": why}
         )
-    return measured
+    return {compute: measured[compute] for compute in INT8_COMPUTE}

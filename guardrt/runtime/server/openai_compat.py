@@ -80,6 +80,8 @@ def _json_kind(value: object) -> str:
         return "a boolean"
     if isinstance(value, int | float):
         return "a number"
+    if isinstance(value, str):
+        return "a string"
     return "an array" if isinstance(value, list) else "an object"
 
 
@@ -210,11 +212,55 @@ def _check_sampling(body: Mapping[str, Any]) -> None:
         raise _bad("n must be 1: the model gives one verdict per conversation", param="n")
 
 
+# What the answer is, for refusals of fields asking for another shape of it.
+_ANSWER = (
+    "the answer is the model's verdict text ('safe', or 'unsafe' and a line of categories); "
+    "P(unsafe) and each category's probability are in the response's `guardrt` field"
+)
+
+
+def _check_answer_shape(body: Mapping[str, Any]) -> None:
+    """Fields that ask for an answer this model cannot give are refused, not ignored: a client
+    asking for JSON or token logprobs would otherwise get plain text or null and fail later."""
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, Mapping):
+        raise _bad(
+            'response_format must be an object such as {"type": "text"}, got '
+            f"{_json_kind(response_format)}",
+            param="response_format",
+        )
+    kind = (response_format or {}).get("type", "text")
+    if kind != "text":
+        shown = repr(kind)[:40] if isinstance(kind, str) else _json_kind(kind)
+        raise _bad(
+            f"response_format type {shown} is not supported, only 'text': {_ANSWER}",
+            param="response_format",
+            code="unsupported_response_format",
+        )
+    logprobs = body.get("logprobs")
+    if logprobs not in (None, False):
+        raise _bad(
+            f"logprobs must be false or absent (got {repr(logprobs)[:20]}): token logprobs "
+            f"are not served; {_ANSWER}",
+            param="logprobs",
+            code="unsupported_logprobs",
+        )
+    top = body.get("top_logprobs")
+    if top not in (None, 0):
+        raise _bad(
+            f"top_logprobs must be 0 or absent (got {repr(top)[:20]}): token logprobs are not "
+            f"served; {_ANSWER}",
+            param="top_logprobs",
+            code="unsupported_logprobs",
+        )
+
+
 def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise _bad("the request body must be a JSON object")
     model = check_model(body.get("model"), served)
     _check_sampling(body)
+    _check_answer_shape(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list", param="messages")
