@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -82,3 +84,29 @@ def test_killed_child_is_named_as_killed() -> None:
 def test_child_exiting_silently_names_its_exit_code() -> None:
     with pytest.raises(ExportError, match="exited with code 3 before it could report"):
         run_in_child("probing", _exits, 3)
+
+
+def _unpicklable_result() -> threading.Event:
+    return threading.Event()  # holds a lock: does not pickle
+
+
+def test_result_that_does_not_pickle_is_the_childs_error() -> None:
+    words = r"the child's result \(Event\) does not pickle: cannot pickle"
+    with pytest.raises(ExportError, match=words) as caught:
+        run_in_child("probing", _unpicklable_result)
+    assert isinstance(caught.value.__cause__, ChildTracebackError)
+
+
+def test_a_script_without_a_main_guard_can_run_children(tmp_path: Path) -> None:
+    """The child is a fresh interpreter: it does not run the caller's script again (as
+    multiprocessing's spawn would, failing a script that calls `build()` unguarded)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os\n"
+        "from guardrt.export.child import run_in_child\n"
+        "print('ran', run_in_child('probing', os.getpid) != os.getpid())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert (done.returncode, done.stdout) == (0, "ran True\n"), done.stderr

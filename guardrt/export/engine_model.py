@@ -1,6 +1,6 @@
 """The engine's torch model (the build's dtype, or 8-bit weights) and its graphs traced from it.
 
-`traced_in_child` is how a build gets its graphs: a spawned process loads the checkpoint,
+`traced_in_child` is how a build gets its graphs: a child process loads the checkpoint,
 converts it exactly as the build's convert / quantize steps did (the same functions, so the
 same bytes) and traces, and all the memory torch's exporter keeps returns when it exits
 (`child.py`). The build's own model is dropped before, so the two never coexist.
@@ -75,7 +75,7 @@ def export_graphs(
 
 
 def traced_in_child(options: BuildOptions, directory: Path) -> dict[str, GraphSpec]:
-    """The engine's graphs in `directory`, converted and traced in a spawned process."""
+    """The engine's graphs in `directory`, converted and traced in a child process."""
     return run_in_child("tracing the graphs", _load_convert_trace, options, directory)
 
 
