@@ -98,7 +98,7 @@ def _export_build(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from guardrt.bench.latency import main as bench  # noqa: PLC0415 (needs torch)
+    from guardrt.bench.command import main as bench  # noqa: PLC0415
 
     return bench(args.bench_args)
 
@@ -326,9 +326,10 @@ def _parser() -> argparse.ArgumentParser:
     prompt.set_defaults(handler=_prompt)
 
     _add_export(commands)
-    commands.add_parser(  # parsed by guardrt/bench/latency.py (main() hands it over)
+    commands.add_parser(  # parsed by guardrt/bench/options.py (main() hands it over)
         "bench",
-        help="verdict latency on this GPU against transformers (needs torch and the test extra)",
+        help="verdict latency and throughput: the torch engine against transformers (needs "
+        "torch and the test extra), or an engine directory (--model ENGINE_DIR)",
     )
     _add_serve(commands)
     _add_moderate(commands)
@@ -338,10 +339,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardrt` console script; returns the process exit code."""
     given = list(sys.argv[1:] if argv is None else argv)
-    if given[:1] == ["bench"]:  # its own parser (guardrt/bench/latency.py), --help included
-        return _bench(argparse.Namespace(bench_args=given[1:]))
-    args = _parser().parse_args(given)
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    handler: Callable[[argparse.Namespace], int]
+    if given[:1] == ["bench"]:  # its own parser (guardrt/bench/options.py), --help included
+        handler, args = _bench, argparse.Namespace(bench_args=given[1:])
+    else:
+        args = _parser().parse_args(given)
+        handler = args.handler
     try:
         return handler(args)
     except GuardrtError as exc:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from guardrt.bench import baseline, cases, latency, roofline
+from guardrt.bench import baseline, cases, latency, options, roofline
 from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.export.parity import probe_logits
@@ -116,7 +116,7 @@ def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
 
 def test_the_baseline_runs_right_after_bf16() -> None:
     """A run cut short keeps bf16 and transformers, what every comparison needs."""
-    parse = latency._parser().parse_args
+    parse = options.parser().parse_args
     assert latency._phases(parse([]), ["bf16", "int8", "fp8"]) == [
         "bf16", "transformers", "int8", "fp8"]  # fmt: skip
     assert latency._phases(parse([]), ["int8"]) == ["int8", "transformers"]
@@ -159,3 +159,8 @@ def test_a_phase_that_fails_midway_keeps_what_it_measured(
     table = written.with_suffix(".txt").read_text()
     assert "image+text unsafe" in table
     assert "ERROR in bf16" in table
+
+
+def test_the_options_name_every_random_size() -> None:
+    """`options.py` stays torch-free by naming the sizes `fullsize.SIZES` defines."""
+    assert tuple(SIZES) == options.SIZE_NAMES

@@ -1,3 +1,3 @@
-"""Benchmarks that need the package's internals: the full-size latency benchmark
-(`guardrt bench`, `benchmarks/latency.py`) and its parts. Needs torch; the transformers
-baseline needs the `test` extra."""
+"""Benchmarks that need the package's internals: `guardrt bench` (`command.py`; the torch
+engine's run in `latency.py`, which needs torch and, for the transformers baseline, the `test`
+extra; an engine directory's run in `engine_dir.py`, which needs neither) and their parts."""

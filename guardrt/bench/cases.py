@@ -4,9 +4,12 @@ Three inputs (issue 8): a ~350-token prompt classification, the same with a 4-ti
 response classification with an image; each on the `safe` path (one prefill) and the `unsafe`
 + one category path (one more small forward), forced with `ForcedSteps`.
 
-Every run decodes as the torch engine serves: through the given steps (eager `TorchSteps` or
-`StaticSteps` replaying CUDA graphs) with one shared policy-prefix row, so the model's caches
-need the batch rows, `PREFIXES` more and (for `StaticSteps`) its scratch row.
+Every run decodes as the engines serve: through the given steps (the torch engine's eager
+`TorchSteps` or `StaticSteps` replaying CUDA graphs, or an engine directory's graph steps) with
+one shared policy-prefix row, so the caches need the batch rows, `PREFIXES` more and (for
+`StaticSteps`) its scratch row. Nothing here imports torch: `sync` is the caller's barrier
+(a CUDA synchronize for the torch engine; nothing for graph steps, whose results are on the
+host when a step returns).
 """
 
 from __future__ import annotations
@@ -16,15 +19,13 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from guardrt.bench import photos
 from guardrt.bench.forced import ForcedSteps, Path
-from guardrt.bench.timing import sync
-from guardrt.runtime.classify import TorchSteps
-from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.decoding import Decoder, StepModel
 from guardrt.runtime.engine import EngineInfo
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
@@ -116,11 +117,20 @@ def preprocess_ms(preparer: Preparer, repeat: int, prompt_tokens: int = 350) -> 
     return medians_ms(runs, repeat)
 
 
-def _forced(steps: TorchSteps, request: PreparedRequest, path: Path) -> ForcedSteps:
+Sync = Callable[[], None]  # waits for the steps' device work (a no-op for host results)
+
+
+def no_sync() -> None:
+    return None
+
+
+def _forced(steps: StepModel, request: PreparedRequest, path: Path) -> ForcedSteps:
     return ForcedSteps(steps, request.grammar, path, "S1")
 
 
-def warm_up(steps: TorchSteps, requests: Sequence[PreparedRequest], rounds: int = 3) -> float:
+def warm_up(
+    steps: StepModel, requests: Sequence[PreparedRequest], sync: Sync, rounds: int = 3
+) -> float:
     """Run every request on both paths before anything is timed: the first timed case must
     not pay for clocks ramping up, allocator growth, kernel selection or graph capture.
     Returns the seconds it took."""
@@ -129,12 +139,17 @@ def warm_up(steps: TorchSteps, requests: Sequence[PreparedRequest], rounds: int 
         for request in requests:
             for path in PATHS:
                 Decoder(_forced(steps, request, path), prefixes=PREFIXES).run([request])
-    sync(steps.device)
+    sync()
     return time.perf_counter() - started
 
 
 def time_ours(
-    steps: TorchSteps, request: PreparedRequest, path: Path, repeat: int, warmup: int = 2
+    steps: StepModel,
+    request: PreparedRequest,
+    path: Path,
+    repeat: int,
+    sync: Sync,
+    warmup: int = 2,
 ) -> Latency:
     """End-to-end verdict latency at batch 1 through guardrt's decoding loop."""
     forced = _forced(steps, request, path)
@@ -142,10 +157,10 @@ def time_ours(
     totals, decoded = [], []
     for index in range(warmup + repeat):
         forced.reset()
-        sync(steps.device)
+        sync()
         start = time.perf_counter()
         (result,) = decoder.run([request])
-        sync(steps.device)
+        sync()
         if index >= warmup:
             totals.append((time.perf_counter() - start) * 1e3)
             decoded.append(result)
@@ -155,11 +170,12 @@ def time_ours(
 class _ForcedEngine:
     """The Engine protocol over a forced decoder (the scheduler's view of the model)."""
 
-    def __init__(self, steps: TorchSteps, sample: PreparedRequest, path: Path) -> None:
+    def __init__(
+        self, steps: StepModel, sample: PreparedRequest, path: Path, info: EngineInfo
+    ) -> None:
         self.forced = _forced(steps, sample, path)
         self.decoder = Decoder(self.forced, prefixes=PREFIXES)
-        self.info = EngineInfo("torch", str(steps.device), "bench", steps.model.semantics,
-                               "constrained", self.decoder.batch_size, steps.max_seq)  # fmt: skip
+        self.info = replace(info, max_batch=self.decoder.batch_size)
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
         self.execute(sample)
@@ -184,20 +200,28 @@ class Throughput:
     requests: int
     requests_per_s: float
     mean_batch: float
-    warmup_s: float  # the engine's warm-up at full batch (graph captures included)
+    warmup_s: float  # the engine's warm-up up to this batch (graph captures included)
 
 
 def throughput(
-    steps: TorchSteps, request: PreparedRequest, concurrency: int, total: int
+    steps: StepModel,
+    request: PreparedRequest,
+    concurrency: int,
+    total: int,
+    sync: Sync,
+    info: EngineInfo,
 ) -> Throughput:
     """Closed loop: `concurrency` clients, each sending its next request when answered,
-    through the scheduler (batches up to `concurrency`), `safe` path."""
-    engine = _ForcedEngine(steps, request, "safe")
+    through the scheduler (batches up to what the steps hold), `safe` path. `info`: the
+    engine the steps belong to (the scheduler's view of it)."""
+    engine = _ForcedEngine(steps, request, "safe", info)
     warmed = time.perf_counter()
-    top = engine.info.max_batch
+    # Every batch size the scheduler may form, bucketed: it forms none over `concurrency` (a
+    # 4-image batch at full width needs ~16 GB more on ONNX Runtime's CPU provider than one).
+    top = min(concurrency, engine.info.max_batch)
     for size in sorted({min(2**i, top) for i in range(top.bit_length() + 1)} | {top}):
-        engine.warmup([request] * size)  # every batch size the scheduler may form, bucketed
-    sync(steps.device)
+        engine.warmup([request] * size)
+    sync()
     warmup_s = time.perf_counter() - warmed
     scheduler = Scheduler(engine, concurrency, 0.002, 100_000)
     scheduler.start()

@@ -3,6 +3,8 @@
     guardrt bench [--model DIR] [--precisions bf16,int8,fp8,int8-wa] [--repeat 20] [--results DIR]
                   [--budget-s S]
 
+(This is the torch engine's run; `--model ENGINE_DIR` runs `engine_dir.py` instead.)
+
 Builds Llama-Guard-3-11B-Vision's architecture with random weights on the device (or loads
 `--model`), measures the card's ceilings, then for each precision: p50/p90/p99 end-to-end
 verdict latency at batch 1 for a ~350-token prompt, the same with a 4-tile image, and a
@@ -29,25 +31,28 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from guardrt.bench import baseline, cases, roofline
+from guardrt.bench import report as report_files
 from guardrt.bench.fullsize import SIZES, random_model
-from guardrt.bench.timing import times_ms
+from guardrt.bench.options import PRECISIONS
+from guardrt.bench.timing import sync, times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.engine import EngineInfo
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
@@ -59,33 +64,8 @@ from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.testing.timing import machine
 
-# int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores); it is
-# not one of the issue's precisions, so it runs last.
-PRECISIONS = ("bf16", "int8", "fp8", "int8-wa")
 MAX_SEQ = 1024
 BASELINE = "transformers"  # the phase that times transformers eager bf16
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guardrt bench", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--model", type=Path, help="a checkpoint directory (default: random)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="random model size")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--concurrency", default="8,32")
-    parser.add_argument("--requests", type=int, default=64, help="per throughput measurement")
-    parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="eager steps only")
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument(
-        "--budget-s",
-        type=float,
-        default=None,
-        help="skip (and record as skipped) a phase that would start after this many seconds "
-        "minus the longest phase so far, so a time-boxed run ends with its files written",
-    )
-    return parser
 
 
 def _model(
@@ -146,13 +126,14 @@ def _precision_run(
         label = len(prefill_vocab([r.grammar for r in requests.values()]))
         steps.prepare(steps.common_keys(label))
     prepare_s = time.perf_counter() - prepared
-    warmup_s = cases.warm_up(steps, list(requests.values()))
+    barrier = functools.partial(sync, device)
+    warmup_s = cases.warm_up(steps, list(requests.values()), barrier)
     graphs = run.setdefault("cuda_graphs", {})
     graphs |= {"batch1_prepare_s": prepare_s, "batch1_warmup_s": warmup_s}
     latencies = run.setdefault("latency", {})
     for name, request in requests.items():
         for path in cases.PATHS:
-            measured = cases.time_ours(steps, request, path, args.repeat)
+            measured = cases.time_ours(steps, request, path, args.repeat, barrier)
             tiles = request.image.num_tiles if request.image else 0
             small = 0 if path == "safe" else 1  # forwards after the prefill
             # A text prompt's policy head is shared work (computed once, `prefixes.py`): the
@@ -177,12 +158,14 @@ def _precision_run(
     del steps, served  # the decoder holds the steps (and their graphs) too
     _free(device)
     steps = _steps(args, model, device, max(concurrency))
+    info = EngineInfo("torch", str(device), precision, model.semantics, "constrained",
+                      max(concurrency), MAX_SEQ)  # fmt: skip
     rates = run.setdefault("throughput", {})
     for name in ("text", "image+text"):
         for c in concurrency:
             try:
                 rates[f"{name} c={c}"] = asdict(
-                    cases.throughput(steps, requests[name], c, args.requests)
+                    cases.throughput(steps, requests[name], c, args.requests, barrier, info)
                 )
             except Exception as exc:  # noqa: BLE001 (an out-of-memory batch, say: recorded)
                 rates[f"{name} c={c}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -261,128 +244,6 @@ def _baseline_run(
     return {"latency": timings, "probabilities": agreement}
 
 
-def _load_choices(precision: str, run: dict[str, Any]) -> list[str]:
-    """The table's lines for what the engine chose at load (`tune_for_device`)."""
-    lines = []
-    if "fused_norm_rope" in run:
-        lines.append(f"  fused RMSNorm/RoPE/SwiGLU kernels ({precision}): {run['fused_norm_rope']}")
-    if "fused_activation_quant" in run:
-        lines.append(
-            f"  fused activation quantization ({precision}): {run['fused_activation_quant']}"
-        )
-    rows = run.get("int8_rows", {})
-    for shape, limit in rows.get("limits", {}).items():
-        blocks = rows.get("blocks", {}).get(shape, {})
-        lines.append(
-            f"  int8 {shape} ({precision}): the Triton kernel up to {limit} rows, blocks "
-            f"{blocks}"
-            + (f"; refused: {rows['refused'][shape]}" if shape in rows.get("refused", {}) else "")
-        )
-    attention = run.get("vision_attention", {})
-    if attention.get("ms"):
-        timed = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(attention["ms"].items()))
-        lines.append(
-            f"  vision attention ({precision}): {attention['plan']} chosen; ms per layer: "
-            f"{timed}; refused {len(attention['refused'])}"
-        )
-    return lines
-
-
-def _table(report: dict[str, Any]) -> str:
-    base = report.get("transformers", {}).get("latency", {})
-    lines = [f"{report['device']}; torch {report['torch']}; {report['model']}", ""]
-    columns = ("p50 ms", "p90", "p99", "floor", "×floor", "HF ms", "HF/ours")
-    lines.append(f"{'case':<24}{'prec':>6}" + "".join(f"{c:>9}" for c in columns))
-    for precision, run in report["precisions"].items():
-        for case, row in run.get("latency", {}).items():
-            hf = base.get(case, {}).get("p50_ms")
-            ratio = f"{hf / row['p50_ms']:8.1f}×" if hf else f"{'—':>9}"
-            lines.append(
-                f"{case:<24}{precision:>6}{row['p50_ms']:9.1f}{row['p90_ms']:8.1f}"
-                f"{row['p99_ms']:8.1f}{row['floor_ms']:8.1f}{row['p50_ms'] / row['floor_ms']:7.1f}×"
-                f"{(hf or float('nan')):9.1f}{ratio}"
-            )
-        for case, rate in run.get("throughput", {}).items():
-            if "error" in rate:
-                lines.append(f"  throughput {case:<20}{precision:>6}: ERROR {rate['error'][:200]}")
-                continue
-            per_s, batch = rate["requests_per_s"], rate["mean_batch"]
-            lines.append(
-                f"  throughput {case:<20}{precision:>6}: {per_s:.1f} req/s (batch {batch:.1f}; "
-                f"warm-up {rate['warmup_s']:.1f} s)"
-            )
-        if "peak_memory_gb_batch1" in run:
-            peak = run["peak_memory_gb_batch1"]
-            lines.append(f"  peak GPU memory at batch 1 ({precision}): {peak:.1f} GB")
-        if "p_unsafe_served" in run:
-            relative = max(
-                abs(run["p_unsafe_served"][k] - p) / max(p, 1e-30)
-                for k, p in run["p_unsafe"].items()
-            )
-            lines.append(
-                f"  served path vs one eager step ({precision}): max relative |Δ P(unsafe)| "
-                f"{relative:.1e}"
-            )
-        reference = report["precisions"].get("bf16", {}).get("p_unsafe")
-        if reference and precision != "bf16" and "p_unsafe" in run:
-            delta = max(abs(run["p_unsafe"][k] - reference[k]) for k in reference)
-            lines.append(f"  max |Δ P(unsafe)| vs bf16 ({precision}): {delta:.1e}")
-        graphs = run.get("cuda_graphs", {})
-        if {"batch1_graphs", "graphs_total"} <= graphs.keys():
-            first = graphs["batch1_graphs"]
-            lines.append(
-                f"  warm-up at batch 1 ({precision}): common steps {graphs['batch1_prepare_s']:.1f}"
-                f" s, then the cases {graphs['batch1_warmup_s']:.1f} s; "
-                f"{first['graphs']} CUDA graphs captured in {first['capture_s']:.1f} s, "
-                f"{first['eager_steps']} eager steps; at full batch "
-                f"{graphs['graphs_total']['graphs']} graphs in "
-                f"{graphs['graphs_total']['capture_s']:.1f} s"
-            )
-        lines += _load_choices(precision, run)
-    for row in report.get("transformers", {}).get("probabilities", []):
-        lines.append(f"P(unsafe) {row['input']:<16} ours {row['ours']:.3e}  transformers "
-                     f"{row['transformers']:.3e}  |Δ| {row['abs_delta']:.1e}  label-row logit "
-                     f"err {row['max_rel_logit_error']:.1e}  labels {row['labels']}")  # fmt: skip
-    if "preprocess_ms" in report:
-        timed = "; ".join(f"{name} {ms:.1f} ms" for name, ms in report["preprocess_ms"].items())
-        lines.append(
-            f"host preprocessing p50, before the model ({report.get('host', 'this host')}): {timed}"
-        )
-    for phase, error in report.get("errors", {}).items():
-        lines.append(f"ERROR in {phase}: {error[:500]}")
-    for phase in report.get("skipped", []):
-        lines.append(f"SKIPPED {phase}: it would have run past --budget-s")
-    return "\n".join(lines)
-
-
-def _plot(report: dict[str, Any], path: Path) -> bool:
-    try:
-        matplotlib: Any = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt: Any = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
-        return False
-    series = {p: r.get("latency", {}) for p, r in report["precisions"].items()}
-    if "transformers" in report:
-        series["transformers bf16"] = report["transformers"]["latency"]
-    labels = list(dict.fromkeys(label for rows in series.values() for label in rows))
-    if not labels:
-        return False
-    width = 0.8 / len(series)
-    figure, axes = plt.subplots(figsize=(12, 5))
-    for index, (name, rows) in enumerate(series.items()):
-        values = [rows.get(label, {}).get("p50_ms", np.nan) for label in labels]
-        axes.bar(np.arange(len(labels)) + index * width, values, width, label=name)
-    axes.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=20)
-    axes.set_ylabel("p50 verdict latency (ms)")
-    axes.set_title(f"{report['device']}: batch 1")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return True
-
-
 def _phases(args: argparse.Namespace, precisions: Sequence[str]) -> list[str]:
     """The run's phases in order: the transformers baseline right after bf16 (the baseline and
     bf16 are what every comparison needs, so a run cut short still has them), else last."""
@@ -392,23 +253,23 @@ def _phases(args: argparse.Namespace, precisions: Sequence[str]) -> list[str]:
     return phases
 
 
-def _save(report: dict[str, Any], stem: Path, plot: bool = False) -> bool:
-    """Write the JSON and the table of what is measured so far, and with `plot` the PNG;
-    whether a PNG was drawn. Called as each part lands (the PNG as each phase ends): a run
-    killed mid-way leaves a consistent set of files."""
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".txt").write_text(_table(report) + "\n")
-    return plot and _plot(report, stem.with_suffix(".png"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    device = torch.device(args.device)
-    precisions = [p for p in args.precisions.split(",") if p]
+    """`python -m guardrt.bench.latency`: as `guardrt bench` (an engine directory included)."""
+    from guardrt.bench import command  # noqa: PLC0415 (it imports this module)
+
+    return command.main(sys.argv[1:] if argv is None else list(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The torch engine's run (a checkpoint, or random weights): every precision, then the
+    transformers baseline on the same weights."""
+    args.size = args.size or "full"
+    device = torch.device(args.device or "cuda")
+    precisions = [p for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p]
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
-        raise SystemExit(f"--precisions {unknown} not among {PRECISIONS}")
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+        raise ConfigError(f"--precisions {unknown} not among {PRECISIONS}")
+    concurrency = args.concurrency
     started = time.perf_counter()
     ceilings = (
         roofline.measure(device) if device.type == "cuda" else roofline.measure(device, 16, 512)
@@ -453,15 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run = report["precisions"].setdefault(phase, {})
                     _precision_run(
                         args, device, phase, requests, ceilings, concurrency, run,
-                        functools.partial(_save, report, stem),
+                        functools.partial(report_files.save, report, stem),
                     )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 (recorded in the report)
                 report.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
                 _free(device)
             report["phase_s"][phase] = time.perf_counter() - began
         report["elapsed_s"] = time.perf_counter() - started
-        plotted = _save(report, stem, plot=True)
-    print(_table(report))
+        plotted = report_files.save(report, stem, plot=True)
+    print(report_files.table(report))
     written = f"{stem}.json, {stem}.txt" + (f" and {stem}.png" if plotted else " (no PNG)")
     print(f"wrote {written}")
     return 0
