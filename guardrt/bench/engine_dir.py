@@ -64,66 +64,52 @@ def _version(package: str) -> str:
 
 
 def _latency(
+    engine: GraphEngine,
     args: argparse.Namespace,
-    backend: str,
     requests: dict[str, PreparedRequest],
     run: dict[str, Any],
-    report: dict[str, Any],
     save: Callable[[], object],
 ) -> None:
     """Batch 1: the forced cases, then P(unsafe) on the engine's own path."""
-    loading = time.perf_counter()
-    engine = _engine(args, backend, 1)
-    run["load_s"] = time.perf_counter() - loading
-    report["device"] = engine.info.device
-    try:
-        steps = engine.decoder.model  # what the engine decodes with (blocked prefill included)
-        run["warmup_s"] = cases.warm_up(steps, list(requests.values()), cases.no_sync)
-        latencies = run.setdefault("latency", {})
-        for name, request in requests.items():
-            for path in cases.PATHS:
-                measured = cases.time_ours(steps, request, path, args.repeat, cases.no_sync)
-                latencies[f"{name} {path}"] = asdict(measured)
-            save()
-        run["p_unsafe_served"] = {
-            name: engine.execute([request])[0].unsafe_probability
-            for name, request in requests.items()
-        }
+    steps = engine.decoder.model  # what the engine decodes with (blocked prefill included)
+    run["warmup_s"] = cases.warm_up(steps, list(requests.values()), cases.no_sync)
+    latencies = run.setdefault("latency", {})
+    for name, request in requests.items():
+        for path in cases.PATHS:
+            measured = cases.time_ours(steps, request, path, args.repeat, cases.no_sync)
+            latencies[f"{name} {path}"] = asdict(measured)
         save()
-    finally:
-        engine.close()
+    run["p_unsafe_served"] = {
+        name: engine.execute([request])[0].unsafe_probability for name, request in requests.items()
+    }
+    save()
 
 
 def _throughput(
+    engine: GraphEngine,
     args: argparse.Namespace,
-    backend: str,
     requests: dict[str, PreparedRequest],
     run: dict[str, Any],
     save: Callable[[], object],
 ) -> None:
-    """At each concurrency, through the scheduler (an engine with caches for the largest)."""
-    engine = _engine(args, backend, max(args.concurrency))
-    try:
-        rates = run.setdefault("throughput", {})
-        for name in ("text", "image+text"):
-            for clients in args.concurrency:
-                key = f"{name} c={clients}"
-                try:
-                    rates[key] = asdict(
-                        cases.throughput(
-                            engine.decoder.model,
-                            requests[name],
-                            clients,
-                            args.requests,
-                            cases.no_sync,
-                            engine.info,
-                        )
-                    )
-                except Exception as exc:  # noqa: BLE001 (an out-of-memory batch, say: recorded)
-                    rates[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-                save()
-    finally:
-        engine.close()
+    """At each concurrency, through the scheduler (batches of at most the concurrency)."""
+    rates = run.setdefault("throughput", {})
+    for name in ("text", "image+text"):
+        for clients in args.concurrency:
+            key = f"{name} c={clients}"
+            try:
+                measured = cases.throughput(
+                    engine.decoder.model,
+                    requests[name],
+                    clients,
+                    args.requests,
+                    cases.no_sync,
+                    engine.info,
+                )
+                rates[key] = asdict(measured)
+            except Exception as exc:  # noqa: BLE001 (an out-of-memory batch, say: recorded)
+                rates[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            save()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,19 +145,32 @@ def run(args: argparse.Namespace) -> int:
     def save() -> bool:
         return report_files.save(report, stem())
 
-    phases: dict[str, Callable[[], None]] = {
-        "latency": functools.partial(_latency, args, backend, requests, run, report, save),
-        "throughput": functools.partial(_throughput, args, backend, requests, run, save),
-    }
-    plotted = False
-    for phase, measure in phases.items():
-        began = time.perf_counter()
+    # One engine for both phases, with caches for the largest concurrency: the batch-1 cases
+    # run batch-1 steps in it, and a second engine would hold a second copy of the weights.
+    began = time.perf_counter()
+    try:
+        engine = _engine(args, backend, max(args.concurrency))
+    except Exception as exc:  # noqa: BLE001 (recorded, as a phase's failure is)
+        report.setdefault("errors", {})["load"] = f"{type(exc).__name__}: {exc}"[:2000]
+    else:
+        run["load_s"] = time.perf_counter() - began
+        report["device"] = engine.info.device
+        phases: dict[str, Callable[[], None]] = {
+            "latency": functools.partial(_latency, engine, args, requests, run, save),
+            "throughput": functools.partial(_throughput, engine, args, requests, run, save),
+        }
         try:
-            measure()
-        except Exception as exc:  # noqa: BLE001 (recorded in the report: a run keeps the rest)
-            report.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
-        report["phase_s"][phase] = time.perf_counter() - began
-        plotted = report_files.save(report, stem(), plot=True)
+            for phase, measure in phases.items():
+                began = time.perf_counter()
+                try:
+                    measure()
+                except Exception as exc:  # noqa: BLE001 (recorded: a run keeps the rest)
+                    report.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:2000]
+                report["phase_s"][phase] = time.perf_counter() - began
+                report_files.save(report, stem(), plot=True)  # as each phase ends
+        finally:
+            engine.close()
+    plotted = report_files.save(report, stem(), plot=True)
     print(report_files.table(report))
     written = f"{stem()}.json, {stem()}.txt" + (f" and {stem()}.png" if plotted else " (no PNG)")
     print(f"wrote {written}")
