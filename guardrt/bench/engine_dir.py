@@ -34,7 +34,6 @@ from guardrt.runtime.prepare import load_preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.testing.timing import machine
 
-MAX_SEQ = 1024  # the torch run's caches too: every case fits
 _RUNTIME = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
@@ -45,7 +44,7 @@ def _engine(args: argparse.Namespace, backend: str, batch: int) -> GraphEngine:
         args.model,
         device=args.device or "auto",
         max_batch=batch,
-        max_seq=MAX_SEQ,
+        max_seq=cases.MAX_SEQ,
         max_sessions=0,
         max_prefixes=cases.PREFIXES,
     )
@@ -116,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     directory: Path = args.model
     manifest = read_manifest(directory)
     backend = manifest.engine_format
-    preparer = load_preparer(directory, MAX_SEQ)
+    preparer = load_preparer(directory, cases.MAX_SEQ)
     requests = cases.requests(preparer)
     precision = manifest.precision + (
         f" {manifest.int8_compute}" if manifest.int8_compute is not None else ""

@@ -64,7 +64,7 @@ from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.testing.timing import machine
 
-MAX_SEQ = 1024
+MAX_SEQ = cases.MAX_SEQ  # (the cases' caches)
 BASELINE = "transformers"  # the phase that times transformers eager bf16
 
 

@@ -80,13 +80,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ConfigError(f"--model {args.model} is not a directory")
     if args.repeat < 1 or args.requests < 1:
         raise ConfigError(f"--repeat {args.repeat} and --requests {args.requests} must be ≥ 1")
+    given = args.concurrency
     try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+        args.concurrency = [int(c) for c in given.split(",") if c]
     except ValueError:
         args.concurrency = []
     if not args.concurrency or min(args.concurrency) < 1:
-        raise ConfigError(f"--concurrency {argv_value(argv, '--concurrency')} is not a list of "
-                          "client counts ≥ 1 (as 8,32)")  # fmt: skip
+        raise ConfigError(f"--concurrency {given!r} is not a list of client counts ≥ 1 (as 8,32)")
     if engine_dir(args):
         given = [f"--{name.replace('_', '-')}" for name in _TORCH_ONLY if getattr(args, name)]
         if given:
@@ -95,16 +95,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 "precision and graphs are the ones it was built with"
             )
     return args
-
-
-def argv_value(argv: list[str], flag: str) -> str:
-    """What `flag` was given as (for messages)."""
-    for index, item in enumerate(argv):
-        if item == flag and index + 1 < len(argv):
-            return repr(argv[index + 1])
-        if item.startswith(flag + "="):
-            return repr(item.split("=", 1)[1])
-    return "(default)"
 
 
 def engine_dir(args: argparse.Namespace) -> bool:

@@ -237,22 +237,18 @@ def _check_answer_shape(body: Mapping[str, Any]) -> None:
             param="response_format",
             code="unsupported_response_format",
         )
-    logprobs = body.get("logprobs")
-    if logprobs not in (None, False):
-        raise _bad(
-            f"logprobs must be false or absent (got {repr(logprobs)[:20]}): token logprobs "
-            f"are not served; {_ANSWER}",
-            param="logprobs",
-            code="unsupported_logprobs",
-        )
-    top = body.get("top_logprobs")
-    if top not in (None, 0):
-        raise _bad(
-            f"top_logprobs must be 0 or absent (got {repr(top)[:20]}): token logprobs are not "
-            f"served; {_ANSWER}",
-            param="top_logprobs",
-            code="unsupported_logprobs",
-        )
+    for name, off, words in (
+        ("logprobs", (None, False), "false"),
+        ("top_logprobs", (None, 0), "0"),
+    ):
+        value = body.get(name)
+        if value not in off:
+            raise _bad(
+                f"{name} must be {words} or absent (got {repr(value)[:20]}): token logprobs "
+                f"are not served; {_ANSWER}",
+                param=name,
+                code="unsupported_logprobs",
+            )
 
 
 def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
