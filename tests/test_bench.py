@@ -14,6 +14,7 @@ import torch
 from guardrt.bench import baseline, cases, latency, options, roofline
 from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
+from guardrt.bench.report import table as report_table
 from guardrt.export.parity import probe_logits
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
@@ -164,3 +165,20 @@ def test_a_phase_that_fails_midway_keeps_what_it_measured(
 def test_the_options_name_every_random_size() -> None:
     """`options.py` stays torch-free by naming the sizes `fullsize.SIZES` defines."""
     assert tuple(SIZES) == options.SIZE_NAMES
+
+
+def test_the_table_prints_slow_throughput_in_significant_digits() -> None:
+    """0.042 image requests/s on a CPU prints as 0.0421, not 0.0; 312.4 on a GPU as 312."""
+    rates = {
+        "image+text c=4": {"requests_per_s": 0.04212, "mean_batch": 4.0, "warmup_s": 149.0},
+        "text c=32": {"requests_per_s": 312.4, "mean_batch": 31.5, "warmup_s": 1.0},
+    }
+    report = {
+        "device": "cpu",
+        "runtime": "onnx engine",
+        "model": "m",
+        "precisions": {"int8": {"latency": {}, "throughput": rates}},
+    }
+    text = report_table(report)
+    assert "0.0421 req/s (batch 4.0" in text
+    assert " 312 req/s (batch 31.5" in text

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,10 +21,11 @@ import pytest
 
 from guardrt.export.parity import probe_logits, probes
 from guardrt.runtime.classify import TorchSteps
+from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import Engine, EngineOptions, load_engine
 from guardrt.runtime.engine.graph_steps import GraphSteps
 from guardrt.runtime.engine.manifest import read_manifest
-from guardrt.runtime.engine.onnx_engine import OrtRunner, providers_for
+from guardrt.runtime.engine.onnx_engine import ARENA_SHRINKAGE, OrtRunner, providers_for
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.model.checkpoint import load_model
@@ -130,6 +132,31 @@ def test_session_reuses_cache(onnx_fp32: Path, preparer: Preparer) -> None:
     in_session, checks = checked_in_session(onnx_engine(onnx_fp32, max_sessions=1), preparer)
     for a, b in zip(in_session, onnx_engine(onnx_fp32).execute(checks), strict=True):
         assert_close_decoded(a, b)
+
+
+def test_every_run_shrinks_the_cpu_arena(onnx_fp32: Path, preparer: Preparer) -> None:
+    """Both graphs run with the run option that hands the CPU arena's free chunks back after
+    the run (`arena_shrinkage`), over a batch with images and a text-only one."""
+    manifest = read_manifest(onnx_fp32)
+    runner = OrtRunner(onnx_fp32, manifest, "cpu", 0)
+    seen: list[tuple[str, str]] = []
+    for name, session in runner.sessions.items():
+
+        def recording(
+            outputs: Any, feeds: Any, options: Any = None, *, n: str = name, run: Any = session.run
+        ) -> Any:
+            entry = "" if options is None else options.get_run_config_entry(ARENA_SHRINKAGE[0])
+            seen.append((n, entry))
+            return run(outputs, feeds, options)
+
+        session.run = recording
+    steps = runner.steps(ModelConfig.from_dict(manifest.config), 4, 1024)
+    batch = requests(preparer)
+    images = [request for request in batch if request.image is not None]
+    Decoder(steps).run(images[:3])
+    Decoder(steps).run([request for request in batch if request.image is None][:1])
+    assert {name for name, _ in seen} == {"vision", "decoder"}
+    assert {entry for _, entry in seen} == {"cpu:0"}
 
 
 def test_options_refused(onnx_fp32: Path) -> None:

@@ -65,8 +65,9 @@ def table(report: dict[str, Any]) -> str:
                 lines.append(f"  throughput {case:<20}{precision:>6}: ERROR {rate['error'][:200]}")
                 continue
             per_s, batch = rate["requests_per_s"], rate["mean_batch"]
+            # Significant digits: a CPU's 0.042 image req/s must not print as 0.0.
             lines.append(
-                f"  throughput {case:<20}{precision:>6}: {per_s:.1f} req/s (batch {batch:.1f}; "
+                f"  throughput {case:<20}{precision:>6}: {per_s:.3g} req/s (batch {batch:.1f}; "
                 f"warm-up {rate.get('warmup_s', float('nan')):.1f} s)"
             )
         if "peak_memory_gb_batch1" in run:
