@@ -26,6 +26,7 @@ from guardrt.kernels.scaling import rescale
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.tune import NO_ACTIVATION_QUANT, activation_widths, tune_for_device
 from tests.models import DEVICE
+from tests.torch_support import need_cpu_rowwise_scaled_mm
 
 HOPPER: device.Capability = (9, 0)
 Reference = Callable[[torch.Tensor], "Quantized"]
@@ -216,6 +217,7 @@ def test_the_linears_quantize_through_the_kernel(
     """fp8 `_scaled_mm` and int8 `_int_mm` linears (both run on the CPU in torch 2.13) give the
     same output with the kernels quantizing their activations (and scaling the int8 product)
     as with the references."""
+    need_cpu_rowwise_scaled_mm()
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 20, 64, generator=generator).bfloat16()
     fp8_weight = torch.randn(48, 64, generator=generator).to(torch.float8_e4m3fn)

@@ -71,6 +71,30 @@ def test_attention_rows_is_attention_laid_out_for_the_projection(
         assert torch.equal(same, by_definition)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "tokens", "keys"), [(8, 2, 5, 7), (4, 4, 1, 6404)])
+def test_an_aligned_bias_is_the_same_bias(
+    heads: int, kv_heads: int, tokens: int, keys: int
+) -> None:
+    """Rows `align` elements apart (what SDPA's memory-efficient CUDA kernel takes without
+    padding the bias on every call; 6,404 is the cross layers' image keys): every stride but
+    the last a multiple of 16, the same values, and the same attention bit for bit."""
+    generator = torch.Generator().manual_seed(9)
+    mask = torch.rand(2, 1, tokens, keys, generator=generator) < 0.6
+    mask[..., 0] = True
+    plain = functional.attention_bias(mask, heads, kv_heads, torch.float32)
+    aligned = functional.attention_bias(mask, heads, kv_heads, torch.float32, align=16)
+    assert plain.is_contiguous()  # the CPU default: no slice for a traced graph
+    assert aligned.shape == plain.shape
+    assert aligned.stride(-1) == 1
+    assert all(stride % 16 == 0 for stride in aligned.stride()[:-1]), aligned.stride()
+    assert torch.equal(aligned, plain)
+    q = torch.randn(2, heads, tokens, 16, generator=generator)
+    k, v = (torch.randn(2, kv_heads, keys, 16, generator=generator) for _ in range(2))
+    assert torch.equal(
+        functional.attention_rows(q, k, v, aligned), functional.attention_rows(q, k, v, plain)
+    )
+
+
 @pytest.mark.parametrize("backend", [None, "MATH", "FLASH_ATTENTION"])
 @pytest.mark.parametrize("width", [None, 96, 128])
 def test_every_plan_gives_the_default_answer(backend: str | None, width: int | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,9 @@ import onnx
 import pytest
 import torch
 
-from guardrt.export.graphs import GraphSpec, VisionGraph, export_vision
+from guardrt.export.errors import ExportError
+from guardrt.export.graphs import GraphSpec, VisionGraph, check_traced, export_vision
+from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model import functional
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.mllama import MllamaModel
@@ -68,3 +71,42 @@ def test_vision_graph_spec(exported: tuple[MllamaModel, GraphSpec]) -> None:
     blocks = -(-tokens // BLOCK)
     softmaxes = [node for node in onnx.load(str(spec.path)).graph.node if node.op_type == "Softmax"]
     assert len(softmaxes) == layers * blocks  # one block of query rows at a time
+
+
+def _identity_graph(path: Path, dims: list[int | str]) -> None:
+    """An ONNX file whose one input x and output y have `dims` (ints fixed, strings symbolic)."""
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [value("x", onnx.TensorProto.FLOAT, dims)],
+        [value("y", onnx.TensorProto.FLOAT, dims)],
+    )
+    onnx.save(onnx.helper.make_model(graph), str(path))
+
+
+def test_a_traced_graph_must_keep_its_dynamic_dims(tmp_path: Path) -> None:
+    """What torch 2.11's exporter did to the vision graph traced from one example image: the
+    `images` dim fixed at 1. The build refuses such a graph, naming the tensor; a symbolic dim
+    where the spec has a fixed one is accepted."""
+    spec = GraphSpec(
+        tmp_path / "g.onnx",
+        (TensorSpec("x", "float32", ("images", 3)),),
+        (TensorSpec("y", "float32", ("images", 3)),),
+    )
+    _identity_graph(spec.path, ["images", 3])
+    assert check_traced(spec) is spec
+    _identity_graph(spec.path, ["n", "k"])
+    assert check_traced(spec) is spec
+    _identity_graph(spec.path, [1, 3])
+    with pytest.raises(ExportError, match=r"input x as \(1, 3\), expected \('images', 3\)"):
+        check_traced(spec)
+    _identity_graph(spec.path, ["images", 4])
+    with pytest.raises(ExportError, match="input x"):
+        check_traced(spec)
+    _identity_graph(spec.path, ["images"])
+    with pytest.raises(ExportError, match="input x"):
+        check_traced(spec)
+    renamed = GraphSpec(spec.path, (TensorSpec("z", "float32", ("images",)),), spec.outputs)
+    with pytest.raises(ExportError, match=r"traced inputs \['x'\], expected \['z'\]"):
+        check_traced(renamed)

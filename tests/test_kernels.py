@@ -38,6 +38,7 @@ from guardrt.kernels.int8_dynamic import (
     quantize_rows_int8,
 )
 from guardrt.kernels.scaling import rescale
+from tests.torch_support import need_cpu_rowwise_scaled_mm
 
 HOPPER: Capability = (9, 0)
 
@@ -186,6 +187,7 @@ def test_scaled_mm_reference_is_the_dequantized_matmul(bias: bool) -> None:
 @pytest.mark.parametrize("m", [1, 5, 33])
 def test_fp8_linear_equals_the_scaled_mm_reference(m: int, dtype: torch.dtype) -> None:
     """torch._scaled_mm (CPU) with rowwise scales and a bias in the output dtype, M off 16."""
+    need_cpu_rowwise_scaled_mm()
     layer = _layer(48, 64, "fp8", bias=True, seed=m)
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).to(dtype)
     bias = _bias(layer, dtype)
@@ -386,6 +388,7 @@ def test_forward_runs_the_int8_kernel(int8: ModuleType, monkeypatch: pytest.Monk
 
 @pytest.mark.usefixtures("on_hopper")
 def test_forward_runs_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    need_cpu_rowwise_scaled_mm()
     layer = _layer(48, 64, "fp8", bias=True, seed=7)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
     calls = _spy(monkeypatch, torch, "_scaled_mm")
@@ -407,6 +410,8 @@ def test_forward_runs_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tracers_see_the_reference(kind: QuantKind, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.export (what the dynamo ONNX exporter runs) and torch.jit.trace record
     guardrt::dequantize, not a kernel, even where the eager forward takes a fast path."""
+    if kind == "fp8":
+        need_cpu_rowwise_scaled_mm()
     if kind == "int8":
         pytest.importorskip("triton", reason="the test extra installs triton (x86-64 Linux)")
     layer = _layer(48, 64, kind, bias=False, seed=8)
@@ -521,6 +526,7 @@ def test_a_large_int8_step_casts_instead_of_dequantizing(monkeypatch: pytest.Mon
 def test_the_kernel_benchmark_dry_run(tmp_path: Path) -> None:
     """`benchmarks/kernels.py --dry-run` (tiny shapes, the interpreter): every method of every
     cell runs, and every gated check passes, so the one GPU run measures rather than fails."""
+    need_cpu_rowwise_scaled_mm()
     kernels_bench = importlib.import_module("benchmarks.kernels")
     out = tmp_path / "kernels.json"
     assert kernels_bench.main(["--dry-run", "--repeat", "3", "--out", str(out)]) == 0

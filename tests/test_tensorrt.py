@@ -30,10 +30,12 @@ from guardrt.export.tensorrt_build import (
 )
 from guardrt.runtime.engine import EngineOptions, load_engine
 from guardrt.runtime.engine import tensorrt_engine as te
+from guardrt.runtime.engine.cuda_memory import Cuda
 from guardrt.runtime.engine.manifest import (
     FORMAT,
     VERSION,
     EngineDirError,
+    GraphEntry,
     Manifest,
     TensorSpec,
     file_entries,
@@ -46,6 +48,7 @@ from guardrt.runtime.model.config import ModelConfig
 from tests.fake_tensorrt import (
     FakeCudart,
     FakeEngine,
+    FakeLogger,
     FakeTrt,
     decoder_compute,
     fetch,
@@ -332,6 +335,30 @@ def test_trt_runner_runs_both_plans(
 
     runner.close()
     assert not cudart.live  # every device buffer freed
+
+
+def test_plan_binds_a_scalar_input_as_a_scalar(tmp_path: Path) -> None:
+    """A 0-D input keeps shape () (np.ascontiguousarray made it (1,), outside the profile) and
+    a strided one is copied contiguous."""
+    spec = GraphSpec(
+        tmp_path / "scaled.onnx",
+        inputs=(TensorSpec("scale", "float32", ()), TensorSpec("x", "float32", ("batch",))),
+        outputs=(TensorSpec("y", "float32", ("batch",)),),
+    )
+    trt, cudart = FakeTrt({}), FakeCudart()
+    limits = ProfileLimits(max_batch=4, max_seq=8, image_keys=1, vocab_size=8)
+    trt.engines[b"scaled"] = FakeEngine(spec, lambda f: {"y": f["x"] * f["scale"]}, limits)
+    (tmp_path / "scaled.plan").write_bytes(b"scaled")
+    cuda = Cuda(cudart, 0)
+    entry = GraphEntry("scaled.plan", spec.inputs, spec.outputs)
+    plan = te.Plan(trt, trt.Runtime(FakeLogger("WARNING")), cuda, tmp_path / "scaled.plan", entry)
+    stream = cuda.stream()
+    strided = np.arange(8, dtype=np.float32)[::2]  # (4,), not contiguous
+    host, _ = plan.run({"scale": np.array(3, np.float32), "x": strided}, stream)
+    assert plan.context.shapes["scale"] == ()
+    assert host["y"].tolist() == [0, 6, 12, 18]
+    plan.close()
+    assert not cudart.live
 
 
 def test_trt_runner_refuses_shapes_outside_the_profile(

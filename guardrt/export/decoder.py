@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guardrt.export.graphs import GraphSpec
+from guardrt.export.graphs import GraphSpec, check_traced
 from guardrt.export.onnx_ops import trace
 from guardrt.export.subgraphs import localize_file
 from guardrt.runtime.engine.manifest import TensorSpec
@@ -206,4 +206,4 @@ def export_decoder(
     )
     if conditional_cross:  # each cross layer's weights into its If branch (`subgraphs.py`)
         localize_file(path)
-    return decoder_spec(model, path)
+    return check_traced(decoder_spec(model, path))

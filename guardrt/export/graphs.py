@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
+from guardrt.export.errors import ExportError
 from guardrt.export.onnx_ops import trace
 from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model.mllama import MllamaModel
@@ -53,15 +55,18 @@ def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
     """Trace the vision graph (dynamic in the number of images) to ONNX at `path`."""
     config = model.config
     tiles, side = config.vision.max_num_tiles, config.vision.image_size
+    # Two example images, not one: torch's exporter specializes a dim whose example is 1
+    # (torch 2.11 gave a graph fixed at one image whatever `Dim` said; 2.13 did not).
+    count = min(2, max_batch)
     example = (
-        torch.zeros(1, tiles, 3, side, side),
-        torch.ones(1, dtype=torch.int64),
-        torch.ones(1, tiles, dtype=torch.int64),
+        torch.zeros(count, tiles, 3, side, side),
+        torch.ones(count, dtype=torch.int64),
+        torch.ones(count, tiles, dtype=torch.int64),
     )
     images = torch.export.Dim("images", min=1, max=max_batch)
     dynamic = ({0: images}, {0: images}, {0: images})
     trace(VisionGraph(model), example, path, VISION_INPUTS, ["cross_kv"], dynamic)
-    return vision_spec(model, path)
+    return check_traced(vision_spec(model, path))
 
 
 def vision_spec(model: MllamaModel, path: Path) -> GraphSpec:
@@ -80,3 +85,36 @@ def vision_spec(model: MllamaModel, path: Path) -> GraphSpec:
         ),
         (TensorSpec("cross_kv", "float32", output),),
     )
+
+
+def check_traced(spec: GraphSpec) -> GraphSpec:
+    """`spec` once the traced file at `spec.path` is checked to declare its inputs and outputs:
+    same names and ranks, fixed dims equal, and every dim the spec names symbolic. An exporter
+    that fixes a dynamic dim (torch's specializes one whose example is 1) would otherwise give
+    an engine that fails at serve time on the first batch of another size."""
+    graph = onnx.load(str(spec.path), load_external_data=False).graph
+    for kind, declared, actual in (
+        ("input", spec.inputs, graph.input),
+        ("output", spec.outputs, graph.output),
+    ):
+        found = {value.name: value.type.tensor_type.shape.dim for value in actual}
+        if list(found) != [t.name for t in declared]:
+            raise ExportError(
+                f"{spec.path.name}: traced {kind}s {list(found)}, expected "
+                f"{[t.name for t in declared]}"
+            )
+        for tensor in declared:
+            dims = found[tensor.name]
+            traced = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
+            fixed = [
+                (want, got)
+                for want, got in zip(tensor.shape, traced, strict=False)
+                if isinstance(got, int) and got != want
+            ]
+            if len(traced) != len(tensor.shape) or fixed:
+                raise ExportError(
+                    f"{spec.path.name}: torch {torch.__version__}'s exporter traced {kind} "
+                    f"{tensor.name} as {traced}, expected {tensor.shape} (symbolic dims must "
+                    "stay symbolic); try another torch version or report it"
+                )
+    return spec

@@ -49,6 +49,13 @@ def byte_size(shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
+def host_array(value: np.ndarray) -> np.ndarray:
+    """`value` C-contiguous for a copy to the GPU, copied only if it is not, its shape kept.
+    Not `np.ascontiguousarray`: that turns a 0-D array into shape (1,), which a graph's scalar
+    input would refuse (or, bound, read as a vector)."""
+    return np.asarray(value, order="C")
+
+
 @dataclass(frozen=True)
 class DeviceArray:
     """A C-contiguous array in GPU memory. It owns nothing: whoever allocated `pointer` frees it."""

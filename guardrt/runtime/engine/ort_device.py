@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from guardrt.runtime.engine.cuda_memory import Cuda, DeviceArray, DeviceBuffers, DeviceError
+from guardrt.runtime.engine.cuda_memory import (
+    Cuda,
+    DeviceArray,
+    DeviceBuffers,
+    DeviceError,
+    host_array,
+)
 from guardrt.runtime.engine.device_steps import DeviceSteps
 from guardrt.runtime.engine.graph_steps import EngineSteps, HeadScores, vision_feeds
 from guardrt.runtime.engine.manifest import GraphEntry, TensorSpec
@@ -101,7 +107,7 @@ class OrtDeviceRunner:
                     spec.name, self.memory, index, value.dtype.type, value.shape, value.pointer
                 )
             else:  # onnxruntime copies it to where the graph reads it
-                binding.bind_cpu_input(spec.name, np.ascontiguousarray(value))
+                binding.bind_cpu_input(spec.name, host_array(value))
         kept: dict[str, DeviceArray] = {}
         for spec in graph.outputs:
             if spec.name in keep:

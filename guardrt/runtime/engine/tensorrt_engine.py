@@ -26,6 +26,7 @@ from guardrt.runtime.engine.cuda_memory import (
     DeviceArray,
     DeviceBuffers,
     DeviceError,
+    host_array,
     import_cudart,
 )
 from guardrt.runtime.engine.device_steps import DeviceSteps
@@ -167,7 +168,7 @@ class Plan:
                 self._shape(spec, value.dtype, value.shape)
                 self._bind(spec.name, value.pointer)
                 continue
-            array = np.ascontiguousarray(value)
+            array = host_array(value)
             self._shape(spec, array.dtype, array.shape)
             pointer = self.buffers.address(spec.name, array.nbytes)
             self.cuda.to_device(pointer, array, stream)

@@ -87,18 +87,32 @@ def attention(
     return attention_rows(q, k, v, bias).view(b, s, heads, d).transpose(1, 2)
 
 
+# SDPA's memory-efficient CUDA kernel wants every stride of a bias but the last to be a
+# multiple of 8 elements (16 in torch before 2.3); other biases it pads and slices on every call
+# (`preprocess_mask` in ATen's attention.cpp): one copy per layer per step. The cross layers'
+# bias has 6,404 image keys (6,404 % 8 = 4), so every image step paid it, graphs included.
+BIAS_ALIGN = 16
+
+
 def attention_bias(
-    mask: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtype
+    mask: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtype, align: int | None = None
 ) -> torch.Tensor:
     """What `attention_rows` takes for a boolean mask (B, 1 or H, S or 1, L), True = may attend:
     0 there and -inf elsewhere, in the queries' dtype (the values SDPA would make of the mask),
     its rows folded as grouped query heads are (B, 1 or Hkv, g·S or 1, L). Built once per step
     and read by every layer: SDPA converts a boolean mask again in every call (a `where` and
     two scalar tensors, three kernels on a GPU), and a per-query mask would be folded (copied)
-    in every call too."""
+    in every call too. Its rows start `align` elements apart (default: `BIAS_ALIGN` on a GPU,
+    1 elsewhere, so traced graphs get no slice): a view of the first L columns of a wider
+    tensor, whose extra columns no kernel reads."""
     if heads != kv_heads:
         mask = _fold_mask(mask, mask.shape[0], kv_heads, heads // kv_heads, mask.shape[2])
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    if align is None:
+        align = BIAS_ALIGN if mask.is_cuda else 1
+    keys = mask.shape[-1]
+    width = -(-keys // align) * align
+    padded = torch.zeros((*mask.shape[:-1], width), dtype=dtype, device=mask.device)
+    bias = padded[..., :keys]  # (B, 1 or Hkv, g·S or 1, L), rows `width` apart
     return bias.masked_fill_(~mask, float("-inf"))
 
 
