@@ -103,12 +103,12 @@ def attention_bias(
     and read by every layer: SDPA converts a boolean mask again in every call (a `where` and
     two scalar tensors, three kernels on a GPU), and a per-query mask would be folded (copied)
     in every call too. Its rows start `align` elements apart (default: `BIAS_ALIGN` on a GPU,
-    1 elsewhere, so traced graphs get no slice): a view of the first L columns of a wider
-    tensor, whose extra columns no kernel reads."""
+    1 elsewhere and while tracing, so exported graphs get no slice): a view of the first L
+    columns of a wider tensor, whose extra columns no kernel reads."""
     if heads != kv_heads:
         mask = _fold_mask(mask, mask.shape[0], kv_heads, heads // kv_heads, mask.shape[2])
     if align is None:
-        align = BIAS_ALIGN if mask.is_cuda else 1
+        align = BIAS_ALIGN if mask.is_cuda and not torch.compiler.is_compiling() else 1
     keys = mask.shape[-1]
     width = -(-keys // align) * align
     padded = torch.zeros((*mask.shape[:-1], width), dtype=dtype, device=mask.device)
