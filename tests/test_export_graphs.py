@@ -11,8 +11,15 @@ import onnx
 import pytest
 import torch
 
+from guardrt.export.decoder import DecoderGraph, decoder_example
 from guardrt.export.errors import ExportError
-from guardrt.export.graphs import GraphSpec, VisionGraph, check_traced, export_vision
+from guardrt.export.graphs import (
+    GraphSpec,
+    VisionGraph,
+    check_traced,
+    export_vision,
+    vision_example,
+)
 from guardrt.runtime.engine.manifest import TensorSpec
 from guardrt.runtime.model import functional
 from guardrt.runtime.model.checkpoint import load_model
@@ -110,3 +117,29 @@ def test_a_traced_graph_must_keep_its_dynamic_dims(tmp_path: Path) -> None:
     renamed = GraphSpec(spec.path, (TensorSpec("z", "float32", ("images",)),), spec.outputs)
     with pytest.raises(ExportError, match=r"traced inputs \['x'\], expected \['z'\]"):
         check_traced(renamed)
+
+
+@pytest.mark.parametrize("conditional_cross", [False, True])
+def test_the_examples_trace_a_model_off_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conditional_cross: bool
+) -> None:
+    """`export build --device cuda` traces a model whose weights are on the GPU: the example
+    tensors must be there too (CPU ones fail: "Tensor on device meta is not on the expected
+    device cpu!", and on a GPU the same mismatch). The meta device stands in for the GPU: both
+    graphs trace from their examples on a meta model, with the dims the exports declare."""
+    directory = write_small(tmp_path, small_config("gqa2-cross2,4"), 17)
+    model = load_model(directory).to("meta")
+    monkeypatch.setattr(functional, "TRACED_QUERY_BLOCK", BLOCK)
+    example, dynamic = vision_example(model, max_batch=4)
+    assert {t.device.type for t in example} == {"meta"}
+    traced = torch.export.export(VisionGraph(model), example, dynamic_shapes=dynamic)
+    (pixels,) = (n for n in traced.graph.nodes if n.name == "pixel_values")
+    assert isinstance(pixels.meta["val"].shape[0], torch.SymInt)  # dynamic in images
+    example, dynamic = decoder_example(model, max_batch=4, max_seq=64)
+    assert {t.device.type for t in example} == {"meta"}
+    torch.export.export(DecoderGraph(model, conditional_cross), example, dynamic_shapes=dynamic)
+    example_cpu, _ = vision_example(model, max_batch=4)
+    with pytest.raises(RuntimeError, match="device"):  # what CPU examples did
+        torch.export.export(
+            VisionGraph(model), tuple(torch.zeros_like(t, device="cpu") for t in example_cpu)
+        )

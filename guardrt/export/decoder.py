@@ -27,6 +27,7 @@ pick happen here, where the logits are: a constrained step brings back ~20 value
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -167,19 +168,40 @@ def export_decoder(
 ) -> GraphSpec:
     """Trace the decoder graph, dynamic in batch, tokens, past length, image keys and rows
     (`DecoderGraph` says what `conditional_cross` does)."""
+    example, dynamic = decoder_example(model, max_batch, max_seq)
+    trace(
+        DecoderGraph(model, conditional_cross),
+        example,
+        path,
+        DECODER_INPUTS,
+        DECODER_OUTPUTS,
+        dynamic,
+    )
+    if conditional_cross:  # each cross layer's weights into its If branch (`subgraphs.py`)
+        localize_file(path)
+    return check_traced(decoder_spec(model, path))
+
+
+def decoder_example(
+    model: MllamaModel, max_batch: int, max_seq: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, Any], ...]]:
+    """The tensors the decoder graph is traced from, on the model's device (as
+    `graphs.vision_example`), and their dynamic dims: no example dim is 1 or 0, which the
+    exporter would specialize."""
     text = model.config.text
     selfs, crosses = len(text.self_attention_layers), len(text.cross_attention_layers)
     heads, dim, dtype = text.num_kv_heads, text.head_dim, torch.float32
     batch, tokens, past, rows = 2, 5, 3, 2
+    device = model.device
     example = (
-        torch.ones(batch, tokens, dtype=torch.int64),
-        torch.arange(past, past + tokens).repeat(batch, 1),
-        torch.zeros(selfs, 2, batch, heads, past, dim, dtype=dtype),
-        torch.zeros(crosses, 2, batch, heads, model.image_keys, dim, dtype=dtype),
-        torch.zeros(batch, dtype=torch.int64),
-        torch.ones(batch, dtype=torch.int64),
-        torch.zeros(batch, rows, dtype=torch.int64),
-        torch.arange(3, dtype=torch.int64),
+        torch.ones(batch, tokens, dtype=torch.int64, device=device),
+        torch.arange(past, past + tokens, device=device).repeat(batch, 1),
+        torch.zeros(selfs, 2, batch, heads, past, dim, dtype=dtype, device=device),
+        torch.zeros(crosses, 2, batch, heads, model.image_keys, dim, dtype=dtype, device=device),
+        torch.zeros(batch, dtype=torch.int64, device=device),
+        torch.ones(batch, dtype=torch.int64, device=device),
+        torch.zeros(batch, rows, dtype=torch.int64, device=device),
+        torch.arange(3, dtype=torch.int64, device=device),
     )
     dim_b = torch.export.Dim("batch", min=1, max=max_batch)
     dim_s = torch.export.Dim("tokens", min=1, max=max_seq)
@@ -187,23 +209,14 @@ def export_decoder(
     dim_l = torch.export.Dim("image_keys", min=1, max=model.image_keys)
     dim_r = torch.export.Dim("rows", min=1, max=max_seq)
     dim_v = torch.export.Dim("vocab_ids", min=1, max=text.vocab_size)
-    trace(
-        DecoderGraph(model, conditional_cross),
-        example,
-        path,
-        DECODER_INPUTS,
-        DECODER_OUTPUTS,
-        (
-            {0: dim_b, 1: dim_s},
-            {0: dim_b, 1: dim_s},
-            {2: dim_b, 4: dim_p},
-            {2: dim_b, 4: dim_l},
-            {0: dim_b},
-            {0: dim_b},
-            {0: dim_b, 1: dim_r},
-            {0: dim_v},
-        ),
+    dynamic = (
+        {0: dim_b, 1: dim_s},
+        {0: dim_b, 1: dim_s},
+        {2: dim_b, 4: dim_p},
+        {2: dim_b, 4: dim_l},
+        {0: dim_b},
+        {0: dim_b},
+        {0: dim_b, 1: dim_r},
+        {0: dim_v},
     )
-    if conditional_cross:  # each cross layer's weights into its If branch (`subgraphs.py`)
-        localize_file(path)
-    return check_traced(decoder_spec(model, path))
+    return example, dynamic

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -53,20 +54,29 @@ class VisionGraph(nn.Module):
 
 def export_vision(model: MllamaModel, path: Path, max_batch: int) -> GraphSpec:
     """Trace the vision graph (dynamic in the number of images) to ONNX at `path`."""
+    example, dynamic = vision_example(model, max_batch)
+    trace(VisionGraph(model), example, path, VISION_INPUTS, ["cross_kv"], dynamic)
+    return check_traced(vision_spec(model, path))
+
+
+def vision_example(
+    model: MllamaModel, max_batch: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, Any], ...]]:
+    """The tensors the vision graph is traced from, on the model's device (`export build
+    --device cuda` traces a model on the GPU; CPU examples would not meet its weights), and
+    their dynamic dims."""
     config = model.config
     tiles, side = config.vision.max_num_tiles, config.vision.image_size
     # Two example images, not one: torch's exporter specializes a dim whose example is 1
     # (torch 2.11 gave a graph fixed at one image whatever `Dim` said; 2.13 did not).
-    count = min(2, max_batch)
+    count, device = min(2, max_batch), model.device
     example = (
-        torch.zeros(count, tiles, 3, side, side),
-        torch.ones(count, dtype=torch.int64),
-        torch.ones(count, tiles, dtype=torch.int64),
+        torch.zeros(count, tiles, 3, side, side, device=device),
+        torch.ones(count, dtype=torch.int64, device=device),
+        torch.ones(count, tiles, dtype=torch.int64, device=device),
     )
     images = torch.export.Dim("images", min=1, max=max_batch)
-    dynamic = ({0: images}, {0: images}, {0: images})
-    trace(VisionGraph(model), example, path, VISION_INPUTS, ["cross_kv"], dynamic)
-    return check_traced(vision_spec(model, path))
+    return example, ({0: images}, {0: images}, {0: images})
 
 
 def vision_spec(model: MllamaModel, path: Path) -> GraphSpec:
