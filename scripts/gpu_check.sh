@@ -16,14 +16,17 @@
 #   5. a torch.profiler trace of one text and one image verdict on the served path;
 #   6. the bf16 cases without CUDA graphs, to show what they bring;
 #   7. the TensorRT back end's GPU-resident K/V caches (3-D copies through cuda-python's CUDA
-#      runtime) against the host caches (not issue 8's torch path, so last).
+#      runtime) against the host caches (not issue 8's torch path);
+#   8. `guardrt export build --device cuda` on tiny-random (int8), never run on a GPU (last).
 # The device returns at most 8 files from $OUT, so every part writes under a work folder and,
 # after each part, the folder is packed into $OUT/results.tgz (a kill keeps what was packed);
 # $OUT also gets steps.txt. Unpack with `tar -xzf results.tgz -C DIR`.
 # The machine lacks llama_models: copy .venv/lib/python3.11/site-packages/llama_models into
 # .gpu_carry/ and pass carry [".gpu_carry"]. It may lack cuda-python too: put the cp312 wheels of
 # cuda-bindings (13.0, the driver's CUDA) and cuda-pathfinder in .gpu_carry/wheels/ (pip download
-# --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64).
+# --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64), and for
+# the export part those of onnx 1.23.2, onnxscript 0.7.2, onnx-ir 1.1.0, ml_dtypes 0.6.0 and
+# protobuf in .gpu_carry/export_wheels/ (the same command; add --platform manylinux2014_x86_64).
 #   bash scripts/gpu_check.sh
 # Before any part, a preflight imports what every part needs (torch with CUDA, triton, guardrt,
 # llama_models, transformers) and stops the call at once if one is missing: a broken set-up
@@ -31,7 +34,7 @@
 # fix it and call again.
 # GPU_CHECK_PARTS (comma-separated, default all) runs only the parts named, in the order above,
 # for a second call that redoes what the first lost:
-#   latency, cuda_tests, kernel_tests, norm_rope, kernels, profile, eager, device_kv
+#   latency, cuda_tests, kernel_tests, norm_rope, kernels, profile, eager, device_kv, export_cuda
 set -uo pipefail
 cd "$(dirname "$0")/.."
 back="${OUT:-/tmp}"  # what the device returns: results.tgz and steps.txt
@@ -71,7 +74,7 @@ part() {
     pack
 }
 
-all_parts="latency,cuda_tests,kernel_tests,norm_rope,kernels,profile,eager,device_kv"
+all_parts="latency,cuda_tests,kernel_tests,norm_rope,kernels,profile,eager,device_kv,export_cuda"
 parts="${GPU_CHECK_PARTS:-$all_parts}"
 for key in ${parts//,/ }; do
     case ",$all_parts," in
@@ -140,6 +143,24 @@ part device_kv "TensorRT back end's device K/V copies on CUDA" 60 "$out/device_k
     fi
     exec python -m pytest -q -rfEs -p no:cacheprovider tests/test_device_steps.py -k gpu'
 tail -5 "$out/device_kv.txt" 2>/dev/null
+# `guardrt export build --device cuda`, never run on a GPU: convert, quantize and the torch side
+# of parity on the GPU, the graphs traced from the GPU model. The machine may lack the exporter's
+# packages (onnx, onnxscript, onnx-ir, ml_dtypes, protobuf): each missing one comes from its
+# carried cp312 wheel in .gpu_carry/export_wheels/. The engine stays in /tmp (not packed).
+part export_cuda "export build --device cuda (tiny-random, int8)" 90 "$out/export_cuda.txt" bash -c '
+    for pair in onnx:onnx- onnxscript:onnxscript- onnx_ir:onnx_ir- ml_dtypes:ml_dtypes- \
+        google.protobuf:protobuf-; do
+        module="${pair%%:*}" wheel="${pair#*:}"
+        if ! python -c "import $module" 2> /dev/null; then
+            for file in .gpu_carry/export_wheels/"$wheel"*.whl; do
+                python -m zipfile -e "$file" /tmp/export_python
+            done
+        fi
+    done
+    export PYTHONPATH="/tmp/export_python:$PYTHONPATH"
+    exec python -m guardrt export build --model tiny-random --precision int8 --device cuda \
+        -o /tmp/export_cuda_engine --force'
+tail -12 "$out/export_cuda.txt" 2>/dev/null
 
 stamp "done"
 pack

@@ -83,10 +83,12 @@ def test_every_part_runs_by_default(tmp_path: Path) -> None:
     result, calls = _run(tmp_path)
     assert result.returncode == 0, result.stderr
     parts = _parts_run(calls)
-    assert len(parts) == 8
+    assert len(parts) == 9
     assert parts[0].startswith("-m guardrt.bench.latency")
-    assert parts[-2].startswith("-m guardrt.bench.latency --precisions bf16")
-    assert parts[-1].startswith("-m pytest -q -rfEs -p no:cacheprovider tests/test_device_steps.py")
+    assert parts[-3].startswith("-m guardrt.bench.latency --precisions bf16")
+    assert parts[-2].startswith("-m pytest -q -rfEs -p no:cacheprovider tests/test_device_steps.py")
+    assert parts[-1].startswith("-m guardrt export build --model tiny-random --precision int8")
+    assert "--device cuda" in parts[-1]
     assert "not asked for" not in (tmp_path / "out" / "steps.txt").read_text()
 
 
