@@ -130,16 +130,15 @@ def test_the_examples_trace_a_model_off_the_cpu(
     directory = write_small(tmp_path, small_config("gqa2-cross2,4"), 17)
     model = load_model(directory).to("meta")
     monkeypatch.setattr(functional, "TRACED_QUERY_BLOCK", BLOCK)
-    example, dynamic = vision_example(model, max_batch=4)
-    assert {t.device.type for t in example} == {"meta"}
-    traced = torch.export.export(VisionGraph(model), example, dynamic_shapes=dynamic)
+    vision, dynamic = vision_example(model, max_batch=4)
+    assert {t.device.type for t in vision} == {"meta"}
+    traced = torch.export.export(VisionGraph(model), vision, dynamic_shapes=dynamic)
     (pixels,) = (n for n in traced.graph.nodes if n.name == "pixel_values")
     assert isinstance(pixels.meta["val"].shape[0], torch.SymInt)  # dynamic in images
-    example, dynamic = decoder_example(model, max_batch=4, max_seq=64)
-    assert {t.device.type for t in example} == {"meta"}
-    torch.export.export(DecoderGraph(model, conditional_cross), example, dynamic_shapes=dynamic)
-    example_cpu, _ = vision_example(model, max_batch=4)
+    decoder, dynamic = decoder_example(model, max_batch=4, max_seq=64)
+    assert {t.device.type for t in decoder} == {"meta"}
+    torch.export.export(DecoderGraph(model, conditional_cross), decoder, dynamic_shapes=dynamic)
     with pytest.raises(RuntimeError, match="device"):  # what CPU examples did
         torch.export.export(
-            VisionGraph(model), tuple(torch.zeros_like(t, device="cpu") for t in example_cpu)
+            VisionGraph(model), tuple(torch.zeros_like(t, device="cpu") for t in vision)
         )

@@ -64,7 +64,6 @@ from guardrt.runtime.static_steps import StaticSteps, setup_steps, uses_graphs
 from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.testing.timing import machine
 
-MAX_SEQ = cases.MAX_SEQ  # (the cases' caches)
 BASELINE = "transformers"  # the phase that times transformers eager bf16
 
 
@@ -90,8 +89,8 @@ def _model(
 
 def _preparer(args: argparse.Namespace) -> Preparer:
     if args.model is not None:
-        return load_preparer(args.model, MAX_SEQ)
-    return Preparer(load_tokenizer(), ImageConfig(), MAX_SEQ)
+        return load_preparer(args.model, cases.MAX_SEQ)
+    return Preparer(load_tokenizer(), ImageConfig(), cases.MAX_SEQ)
 
 
 def _free(device: torch.device) -> None:
@@ -159,7 +158,7 @@ def _precision_run(
     _free(device)
     steps = _steps(args, model, device, max(concurrency))
     info = EngineInfo("torch", str(device), precision, model.semantics, "constrained",
-                      max(concurrency), MAX_SEQ)  # fmt: skip
+                      max(concurrency), cases.MAX_SEQ)  # fmt: skip
     rates = run.setdefault("throughput", {})
     for name in ("text", "image+text"):
         for c in concurrency:
@@ -187,7 +186,7 @@ def _steps(
 ) -> TorchSteps:
     """The engine's steps with caches for `batch` requests and the prefix row."""
     static = uses_graphs(device, not args.no_cuda_graphs)
-    return setup_steps(model, batch + cases.PREFIXES, MAX_SEQ, static, image_rows=batch)
+    return setup_steps(model, batch + cases.PREFIXES, cases.MAX_SEQ, static, image_rows=batch)
 
 
 def _graphs(steps: TorchSteps) -> dict[str, float]:
@@ -222,7 +221,7 @@ def _baseline_run(
                 "p50_ms": ordered[len(ordered) // 2], "min_ms": ordered[0], "runs": len(times),
                 "generated_tokens": tokens,
             }  # fmt: skip
-    model.setup_caches(1, MAX_SEQ)
+    model.setup_caches(1, cases.MAX_SEQ)
     steps = TorchSteps(model)
     agreement = []
     for name, request in requests.items():

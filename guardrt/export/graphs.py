@@ -116,11 +116,10 @@ def check_traced(spec: GraphSpec) -> GraphSpec:
         for tensor in declared:
             dims = found[tensor.name]
             traced = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
-            fixed = [
-                (want, got)
+            fixed = any(
+                isinstance(got, int) and got != want
                 for want, got in zip(tensor.shape, traced, strict=False)
-                if isinstance(got, int) and got != want
-            ]
+            )  # a fixed dim where the spec has another size, or a name
             if len(traced) != len(tensor.shape) or fixed:
                 raise ExportError(
                     f"{spec.path.name}: torch {torch.__version__}'s exporter traced {kind} "

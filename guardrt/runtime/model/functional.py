@@ -88,9 +88,10 @@ def attention(
 
 
 # SDPA's memory-efficient CUDA kernel wants every stride of a bias but the last to be a
-# multiple of 8 elements (16 in torch before 2.3); other biases it pads and slices on every call
-# (`preprocess_mask` in ATen's attention.cpp): one copy per layer per step. The cross layers'
-# bias has 6,404 image keys (6,404 % 8 = 4), so every image step paid it, graphs included.
+# multiple of 8 elements (`mem_eff_alignment` in `preprocess_mask`, ATen's attention.cpp, as
+# read; 16 is a multiple of it); other biases it pads and slices on every call: one copy per
+# layer per step. The cross layers' bias has 6,404 image keys (6,404 % 8 = 4), so every image
+# step paid it, graphs included.
 BIAS_ALIGN = 16
 
 
