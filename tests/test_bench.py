@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,10 +19,12 @@ from guardrt.bench.report import table as report_table
 from guardrt.export.parity import probe_logits
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.engine import EngineInfo
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.preprocess import ImageConfig
 from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.scheduler import Scheduler
 from guardrt.runtime.tokenizer import Tokenizer
 from tests.models import CountingSteps
 
@@ -60,6 +63,53 @@ def test_forced_paths(
     forced.reset()
     (again,) = Decoder(forced, "constrained").run([request])
     assert again.generated == decoded.generated
+
+
+class _FailingSteps(CountingSteps):
+    """Steps that fail every forward once `armed` (an out-of-memory batch, say)."""
+
+    armed = False
+
+    def step(self, *arrays: Any, **kwargs: Any) -> np.ndarray:
+        if self.armed:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().step(*arrays, **kwargs)
+
+
+def test_throughput_refuses_to_count_failed_requests(
+    model: MllamaModel, requests: dict[str, PreparedRequest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler answers a batch the engine failed at once, with an error: counted, those
+    answers would be reported as a high rate. The run stops and raises, naming the engine's
+    own error, so the benchmark records an error instead of a number."""
+    steps = _FailingSteps(TorchSteps(model))
+
+    class Arming(Scheduler):  # the engine fails from the first scheduled batch on
+        def start(self) -> None:
+            steps.armed = True
+            super().start()
+
+    monkeypatch.setattr(cases, "Scheduler", Arming)
+    info = EngineInfo("torch", "cpu", "fp32", "transformers", "constrained", 2, 1024)
+    with pytest.raises(RuntimeError) as raised:
+        cases.throughput(steps, requests["text"], 2, 8, cases.no_sync, info)
+    message = str(raised.value)
+    assert "requests failed at concurrency 2 (engine)" in message
+    assert "RuntimeError: CUDA out of memory" in message
+    # It stopped sending at the first failure: at most the requests in flight then failed.
+    failed, sent = (int(x) for x in message.split(" requests", maxsplit=1)[0].split(" of "))
+    assert failed == sent <= 2
+
+
+def test_throughput_counts_every_request_when_none_fails(
+    model: MllamaModel, requests: dict[str, PreparedRequest]
+) -> None:
+    steps = CountingSteps(TorchSteps(model))
+    info = EngineInfo("torch", "cpu", "fp32", "transformers", "constrained", 2, 1024)
+    measured = cases.throughput(steps, requests["text"], 2, 5, cases.no_sync, info)
+    assert measured.requests == 5
+    assert measured.requests_per_s > 0
+    assert 1 <= measured.mean_batch <= 2
 
 
 def test_transformers_shares_our_weights(

@@ -27,6 +27,7 @@ from guardrt.bench import photos
 from guardrt.bench.forced import ForcedSteps, Path
 from guardrt.runtime.decoding import Decoder, StepModel
 from guardrt.runtime.engine import EngineInfo
+from guardrt.runtime.errors import ServiceError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
@@ -177,13 +178,20 @@ class _ForcedEngine:
         self.forced = _forced(steps, sample, path)
         self.decoder = Decoder(self.forced, prefixes=PREFIXES)
         self.info = replace(info, max_batch=self.decoder.batch_size)
+        self.error: Exception | None = None  # the last batch failure, if any
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
         self.execute(sample)
 
     def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
         self.forced.reset()
-        return self.decoder.run(batch)
+        try:
+            return self.decoder.run(batch)
+        except Exception as exc:
+            # The scheduler answers a failed batch with a bare ENGINE error (and logs the
+            # traceback); kept so the benchmark can say what failed.
+            self.error = exc
+            raise
 
     def open_session(self) -> int | None:
         return None
@@ -214,7 +222,10 @@ def throughput(
 ) -> Throughput:
     """Closed loop: `concurrency` clients, each sending its next request when answered,
     through the scheduler (batches up to what the steps hold), `safe` path. `info`: the
-    engine the steps belong to (the scheduler's view of it)."""
+    engine the steps belong to (the scheduler's view of it). A request the scheduler answers
+    with an error (the engine failed its batch: out of memory, say) ends the run, which raises
+    naming it: a failed request answers at once, so counting it would report a rate of
+    failures."""
     engine = _ForcedEngine(steps, request, "safe", info)
     warmed = time.perf_counter()
     # Every batch size the scheduler may form, bucketed: it forms none over `concurrency`.
@@ -227,24 +238,32 @@ def throughput(
     warmup_s = time.perf_counter() - warmed
     scheduler = Scheduler(engine, concurrency, 0.002, 100_000)
     scheduler.start()
-    remaining = [total]
+    counts = {"sent": 0, "answered": 0}
     sizes: list[int] = []
+    failures: list[ServiceError] = []
     lock = threading.Lock()
     finished = threading.Event()
 
-    def send() -> None:
+    def send() -> bool:
+        """Send the next request; False when there is none (all sent, or one failed)."""
         with lock:
-            if remaining[0] == 0:
-                return
-            remaining[0] -= 1
+            if counts["sent"] == total or failures:
+                return False
+            counts["sent"] += 1
         scheduler.add(Work(request, "bench", done))
+        return True
 
     def done(outcome: Outcome, info: BatchInfo) -> None:
         with lock:
-            sizes.append(info.size)
-            if len(sizes) == total:
-                finished.set()
-        send()
+            counts["answered"] += 1
+            if isinstance(outcome, ServiceError):
+                failures.append(outcome)
+            else:
+                sizes.append(info.size)
+        if not send():
+            with lock:  # nothing more will be sent: done once every request sent is answered
+                if counts["answered"] == counts["sent"]:
+                    finished.set()
 
     start = time.perf_counter()
     for _ in range(concurrency):
@@ -252,4 +271,11 @@ def throughput(
     finished.wait()
     elapsed = time.perf_counter() - start
     scheduler.drain()
+    if failures:
+        cause = engine.error
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else str(failures[0])
+        raise RuntimeError(
+            f"{len(failures)} of {counts['sent']} requests failed at concurrency "
+            f"{concurrency} ({failures[0].reason.value}): {why}"
+        ) from cause
     return Throughput(concurrency, total, total / elapsed, statistics.mean(sizes), warmup_s)

@@ -1,0 +1,339 @@
+"""guardrt's CUDA code paths on a machine without a GPU, with torch's CUDA build (issue 8).
+
+    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda   # VENV: a torch CUDA wheel, e.g. 2.11+cu130
+
+A lent GPU comes rarely and for minutes; a fault that only shows on CUDA tensors (an index made
+on the CPU beside CUDA weights, a kernel wrapper allocating its output on the wrong device, a
+shape CUDA's own checks refuse) should not be what that time finds. `FakeTensorMode` gives each
+tensor a device and runs every op's shape, dtype and device rules without computing anything,
+so such a fault raises here as it would on the GPU. CI's torch is the CPU wheel, which cannot
+make CUDA tensors, even fake ones; torch's CUDA wheel can, on any machine.
+
+Two checks, each on the tiny random model, exit 1 if either fails:
+- `bench`: `guardrt bench --device cuda` for every precision (steps padded to buckets, the
+  prefix row, forced paths, the scheduler's throughput), without the transformers baseline
+  (its generate loop decides on values);
+- `serve`: the torch engine as `Guard` serves on "cuda" (load, 8-bit weights made while
+  loading, load-time tuning, warm-up, mixed batches with and without images, a session), for
+  every precision and both decode modes.
+
+What it cannot check, so stubs stand in (each patch below says why): values (readbacks give
+zeros, so verdicts are meaningless: constrained decoding answers `unsafe` on zeros), CUDA
+graph capture (no pool: `StaticSteps` runs its padded steps uncaptured), the Triton kernels'
+own code (each launch only checks that every tensor it gets is on CUDA), timings, memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import traceback
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+# The compiled kernels' paths, as on the GPU (the tests' conftest turns the interpreter on).
+os.environ["TRITON_INTERPRET"] = "0"
+MODE = FakeTensorMode(allow_non_fake_inputs=True)
+LAUNCHES: list[str] = []  # the Triton kernels launched, by name
+_NUMPY_DTYPES = {
+    torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
+    torch.bool: np.bool_, torch.float16: np.float16, torch.uint8: np.uint8, torch.int8: np.int8,
+}  # fmt: skip
+
+
+def _zeros(tensor: torch.Tensor) -> np.ndarray:
+    return np.zeros(tuple(tensor.shape), dtype=_NUMPY_DTYPES.get(tensor.dtype, np.float32))
+
+
+def _fake(tensor: torch.Tensor) -> torch.Tensor:
+    """A fake tensor of `tensor`'s shape, strides, dtype and device, holding no constant: moving
+    a real CPU tensor (or a fake one that keeps its small value as a constant) to "cuda" makes
+    FakeTensorMode run the copy for real, which initialises CUDA and fails without a driver."""
+    if isinstance(tensor, FakeTensor) and tensor.constant is None:
+        return tensor
+    with MODE:
+        return torch.empty_strided(
+            tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
+        )
+
+
+def _on_fake(method: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+    def patched(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self, FakeTensor):
+            return fake(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return patched
+
+
+def _numpy(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
+    if tensor.device.type != "cpu":  # as torch refuses a CUDA tensor's numpy()
+        raise TypeError(f"can't convert {tensor.device} tensor to numpy (copy it to the host)")
+    return _zeros(tensor)
+
+
+def _nonzero(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A tenth of the elements: the count is data (the vision tower's padding tokens)."""
+    with MODE:
+        rows = max(1, tensor.numel() // 10)
+        return torch.empty((rows, tensor.dim()), dtype=torch.int64, device=tensor.device)
+
+
+def _patch_tensors() -> None:
+    """Readbacks of fake tensors give zeros (FakeTensorMode raises: it has no data)."""
+    t = torch.Tensor
+    t.numpy = _on_fake(t.numpy, _numpy)  # type: ignore[method-assign]
+    t.item = _on_fake(t.item, lambda x: 0.0 if x.dtype.is_floating_point else 0)  # type: ignore[method-assign]
+    t.tolist = _on_fake(t.tolist, lambda x: _zeros(x).tolist())  # type: ignore[method-assign]
+    t.__bool__ = _on_fake(t.__bool__, lambda x: False)  # type: ignore[method-assign]
+    t.__float__ = _on_fake(t.__float__, lambda x: 0.0)  # type: ignore[method-assign]
+    t.__int__ = _on_fake(t.__int__, lambda x: 0)  # type: ignore[method-assign]
+    t.nonzero = _on_fake(t.nonzero, _nonzero)  # type: ignore[method-assign]
+    t.pin_memory = lambda self, *a, **k: self  # type: ignore[method-assign]  # needs a driver
+    to = t.to
+
+    def moved(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        target = kwargs.get("device") or next(
+            (a for a in args if isinstance(a, (str, torch.device))), None
+        )
+        if target is not None and torch.device(target).type == "cuda":
+            self = _fake(self)
+        return to(self, *args, **kwargs)
+
+    setattr(t, "to", moved)  # noqa: B010 (an overloaded method: mypy refuses a plain assignment)
+    t.cuda = lambda self, *a, **k: moved(self, "cuda")  # type: ignore[method-assign]
+    # The load-time kernel checks compare kernels with their references: no values to compare.
+    allclose, equal = torch.allclose, torch.equal
+    torch.allclose = lambda a, b, *x, **k: (
+        True if isinstance(a, FakeTensor) or isinstance(b, FakeTensor) else allclose(a, b, *x, **k)
+    )
+    torch.equal = lambda a, b: (  # type: ignore[assignment]
+        True if isinstance(a, FakeTensor) or isinstance(b, FakeTensor) else equal(a, b)
+    )
+    for name in ("as_tensor", "tensor"):  # made on the host, then moved as above
+        make = getattr(torch, name)
+
+        def made(
+            data: Any, *args: Any, _make: Any = make, device: Any = None, **kwargs: Any
+        ) -> Any:
+            value = _make(data, *args, **kwargs)
+            return value if device is None else value.to(device)
+
+        setattr(torch, name, made)
+
+
+class _Event:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args: Any) -> None:
+        pass
+
+    def elapsed_time(self, other: Any) -> float:
+        return 1.0  # every candidate times the same: the load-time choices take their defaults
+
+
+class _Stream(_Event):
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+
+def _patch_cuda() -> None:
+    """The CUDA runtime calls guardrt makes, answered as an H100 would (sm 9.0, so fp8 and the
+    Triton kernels are chosen); none needs a driver. No graph pool: nothing is captured."""
+    cuda = torch.cuda
+    properties = types.SimpleNamespace(
+        name="fake H100", major=9, minor=0, multi_processor_count=132,
+        total_memory=80 << 30, L2_cache_size=50 << 20,
+    )  # fmt: skip
+    stubs: dict[str, Any] = {
+        "Event": _Event, "Stream": _Stream, "current_stream": lambda *a, **k: _Stream(),
+        "stream": lambda stream: contextlib.nullcontext(), "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda *a, **k: None,
+        "max_memory_allocated": lambda *a, **k: 0, "memory_allocated": lambda *a, **k: 0,
+        "get_device_name": lambda *a, **k: properties.name,
+        "get_device_capability": lambda *a, **k: (9, 0),
+        "get_device_properties": lambda *a, **k: properties,
+        "current_device": lambda: 0, "device_count": lambda: 1,
+        "device": lambda *a, **k: contextlib.nullcontext(), "_sleep": lambda cycles: None,
+        "graph_pool_handle": lambda: None,
+    }  # fmt: skip
+    for name, stub in stubs.items():
+        setattr(cuda, name, stub)
+    generator = torch.Generator
+
+    class CpuGenerator(generator):  # type: ignore[misc,valid-type]
+        """A CUDA generator needs a driver; fake tensors take any."""
+
+        def __new__(cls, device: Any = None) -> Any:
+            return generator()
+
+    torch.Generator = CpuGenerator  # type: ignore[misc]
+
+
+def _patch_triton() -> None:
+    """A launch checks its tensors are on CUDA (a CPU one is a fault the GPU would show as an
+    illegal address), records the kernel, and does nothing."""
+    # (importlib: triton has no type information; torch's CUDA wheel brings it)
+    autotuner: Any = importlib.import_module("triton.runtime.autotuner")
+    jit: Any = importlib.import_module("triton.runtime.jit")
+
+    def launch(kernel: Any, *args: Any, **kwargs: Any) -> None:
+        name = getattr(kernel, "__name__", str(kernel))
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.device.type != "cuda":
+                raise RuntimeError(f"Triton kernel {name} got a {value.device} tensor")
+        LAUNCHES.append(name)
+
+    jit.JITFunction.run = launch
+    autotuner.Autotuner.run = lambda self, *a, **k: launch(self.fn, *a, **k)
+    autotuner.Heuristics.run = lambda self, *a, **k: launch(self.fn, *a, **k)
+
+
+def _patch_threads() -> None:
+    """The scheduler's engine thread runs in the mode too (modes are per thread)."""
+    run = threading.Thread.run
+
+    def patched(self: threading.Thread) -> None:
+        if self.name != "guardrt-engine":
+            return run(self)
+        with MODE:
+            return run(self)
+
+    threading.Thread.run = patched  # type: ignore[method-assign]
+
+
+def _patch_random_model() -> None:
+    """`random_model` makes parameters on the device, then casts them in place, which fake
+    parameters can't be swapped for: the tiny model is made on the host and moved."""
+    from torch.utils._python_dispatch import _disable_current_modes  # noqa: PLC0415
+
+    from guardrt.bench import fullsize, latency  # noqa: PLC0415
+
+    made = fullsize.random_model
+
+    def on_host(document: Any, device: torch.device, *args: Any, **kwargs: Any) -> Any:
+        with _disable_current_modes():
+            model = made(document, torch.device("cpu"), *args, **kwargs)
+        return model.to(device)
+
+    setattr(latency, "random_model", on_host)  # noqa: B010 (imported there by name)
+
+
+def install() -> None:
+    if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]
+        raise SystemExit(f"torch {torch.__version__} is a CPU build: fake CUDA tensors need CUDA's")
+    if torch.cuda.is_available():
+        raise SystemExit("this machine has a GPU: run the GPU tests (scripts/gpu_check.sh)")
+    _patch_tensors()
+    _patch_cuda()
+    _patch_triton()
+    _patch_threads()
+    _patch_random_model()
+
+
+def check_bench(results: Path) -> list[str]:
+    """`guardrt bench` on "cuda", every precision: the faults the report records."""
+    from guardrt.bench import latency, options  # noqa: PLC0415
+
+    argv = ["--size", "tiny", "--device", "cuda", "--no-baseline", "--repeat", "2",
+            "--requests", "8", "--concurrency", "2,4", "--results", str(results)]  # fmt: skip
+    with MODE:
+        latency.main(argv)
+    (written,) = results.glob("latency-*.json")
+    report = json.loads(written.read_text())
+    faults = [f"{phase}: {error}" for phase, error in report.get("errors", {}).items()]
+    for precision in options.PRECISIONS:
+        run = report["precisions"].get(precision, {})
+        if len(run.get("latency", {})) != 6:
+            faults.append(f"{precision}: {len(run.get('latency', {}))} of 6 latency cases")
+        rates = run.get("throughput", {})
+        faults += [f"{precision} {k}: {v['error']}" for k, v in rates.items() if "error" in v]
+        if len(rates) != 4:
+            faults.append(f"{precision}: {len(rates)} of 4 throughput runs")
+    return faults
+
+
+def _conversations() -> list[list[dict[str, Any]]]:
+    image = {"type": "image", "image": np.full((600, 900, 3), 128, dtype=np.uint8)}
+    return [
+        [{"role": "user", "content": "How do I pick a lock?"}],
+        [{"role": "user", "content": [image, {"type": "text", "text": "Is this safe?"}]}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    ] * 2
+
+
+def _where(exc: BaseException) -> str:
+    """The error and the innermost guardrt line it came through (not torch's internals)."""
+    ours = [f for f in traceback.extract_tb(exc.__traceback__) if "/guardrt/" in f.filename]
+    at = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line})" if ours else ""
+    return f"{type(exc).__name__}: {str(exc)[:300]}{at}"
+
+
+SERVED: tuple[dict[str, Any], ...] = (
+    {},
+    {"quantize": "int8"},
+    {"quantize": "fp8"},
+    {"quantize": "int8", "int8_compute": "weight+activation"},
+    {"decode": "greedy"},
+    {"dtype": "float32"},
+)
+
+
+def check_serve() -> list[str]:
+    """The torch engine as served on "cuda", with each of `SERVED`'s options."""
+    from guardrt.runtime.guard import Guard  # noqa: PLC0415
+    from guardrt.runtime.verdict import Label  # noqa: PLC0415
+
+    faults = []
+    for options in SERVED:
+        try:
+            with MODE:
+                guard = Guard.load("tiny-random", device="cuda", max_seq=2048, **options)
+                sample = [guard.prepare(c) for c in _conversations()[:3]]
+                guard.engine.warmup(sample)
+                verdicts = guard.moderate_batch(_conversations())
+                if guard.engine.open_session() is None:
+                    faults.append(f"{options}: no session row")
+                guard.engine.close()
+        except Exception as exc:  # noqa: BLE001 (every fault is listed, then the run fails)
+            faults.append(f"{options}: {_where(exc)}")
+            continue
+        # Zeros for scores make a constrained verdict `unsafe`; greedy decoding generates
+        # token 0 and the verdict parser refuses it, which is fine here.
+        if options.get("decode") != "greedy" and any(v.label == Label.ERROR for v in verdicts):
+            faults.append(f"{options}: error verdicts {[v.error for v in verdicts]}")
+    return faults
+
+
+def main() -> int:
+    install()
+    with tempfile.TemporaryDirectory() as folder:
+        faults = {"bench": check_bench(Path(folder)), "serve": check_serve()}
+    for name, found in faults.items():
+        print(f"{name}: {'ok' if not found else 'FAILED'}")
+        for fault in found:
+            print(f"  {fault}")
+    print("Triton kernels launched:", ", ".join(sorted(set(LAUNCHES))) or "none")
+    return 1 if any(faults.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
