@@ -17,10 +17,15 @@ Two checks, each on the tiny random model, exit 1 if either fails:
   loading, load-time tuning, warm-up, mixed batches with and without images, a session), for
   every precision and both decode modes.
 
+CUDA graph capture is checked for what a capture refuses or gets wrong: inside
+`torch.cuda.graph`, an op reading a host tensor (a copy to the GPU, or a CPU scalar baked into
+the graph as a constant), a readback (`.item()`, `.cpu()`, `nonzero`, a Python `bool` of a CUDA
+tensor) or a synchronize raises and is listed; replays return the captured outputs.
+
 What it cannot check, so stubs stand in (each patch below says why): values (readbacks give
-zeros, so verdicts are meaningless: constrained decoding answers `unsafe` on zeros), CUDA
-graph capture (no pool: `StaticSteps` runs its padded steps uncaptured), the Triton kernels'
-own code (each launch only checks that every tensor it gets is on CUDA), timings, memory.
+zeros, so verdicts are meaningless: constrained decoding answers `unsafe` on zeros), the
+Triton kernels' own code (each launch only checks that every tensor it gets is on CUDA),
+timings, memory.
 """
 
 from __future__ import annotations
@@ -34,18 +39,22 @@ import tempfile
 import threading
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The compiled kernels' paths, as on the GPU (the tests' conftest turns the interpreter on).
 os.environ["TRITON_INTERPRET"] = "0"
 MODE = FakeTensorMode(allow_non_fake_inputs=True)
 LAUNCHES: list[str] = []  # the Triton kernels launched, by name
+CAPTURED: list[str] = []  # each capture: "ok" or what it refused
+_STATE = {"capturing": False}  # inside torch.cuda.graph
 _NUMPY_DTYPES = {
     torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
     torch.bool: np.bool_, torch.float16: np.float16, torch.uint8: np.uint8, torch.int8: np.int8,
@@ -71,6 +80,8 @@ def _fake(tensor: torch.Tensor) -> torch.Tensor:
 def _on_fake(method: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
     def patched(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self, FakeTensor):
+            if _STATE["capturing"] and self.device.type == "cuda":
+                raise _CaptureError(f"{method.__name__}() of a CUDA tensor waits for the GPU")
             return fake(self, *args, **kwargs)
         return method(self, *args, **kwargs)
 
@@ -155,6 +166,59 @@ class _Stream(_Event):
         pass
 
 
+class _CaptureError(RuntimeError):
+    pass
+
+
+def _not_capturing(*args: Any, **kwargs: Any) -> None:
+    """A synchronize (or cache release) inside a capture: CUDA refuses it."""
+    if _STATE["capturing"]:
+        raise _CaptureError("the GPU was synchronized during a capture")
+
+
+class _Graph:
+    def replay(self) -> None:
+        pass
+
+
+class _RefuseHost(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """What a capture gets wrong with host tensors: a copy to or from the GPU (refused while
+    capturing, or recorded as a copy from an address the next replay no longer holds) and a
+    CPU scalar tensor (read once, baked into the graph as a constant)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        leaves = pytree.tree_leaves((args, kwargs))
+        hosts = [t for t in leaves if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        if hosts:
+            shapes = [tuple(t.shape) for t in hosts]
+            raise _CaptureError(f"{func} read host tensors {shapes} during a capture")
+        out = func(*args, **kwargs)
+        if any(
+            isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in pytree.tree_leaves(out)
+        ):
+            raise _CaptureError(f"{func} copied to the host during a capture")
+        return out
+
+
+@contextlib.contextmanager
+def _capture(graph: Any, pool: Any = None, **kwargs: Any) -> Iterator[None]:
+    """torch.cuda.graph: the forward runs as it would be captured, refusing what CUDA would;
+    each capture's outcome is recorded (StaticSteps carries on eagerly after a failed one, so
+    a failure would otherwise show only as fewer graphs)."""
+    _STATE["capturing"] = True
+    try:
+        with _RefuseHost():  # type: ignore[no-untyped-call]
+            yield
+    except Exception as exc:
+        CAPTURED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise
+    else:
+        CAPTURED.append("ok")
+    finally:
+        _STATE["capturing"] = False
+
+
 def _patch_cuda() -> None:
     """The CUDA runtime calls guardrt makes, answered as an H100 would (sm 9.0, so fp8 and the
     Triton kernels are chosen); none needs a driver. No graph pool: nothing is captured."""
@@ -165,15 +229,15 @@ def _patch_cuda() -> None:
     )  # fmt: skip
     stubs: dict[str, Any] = {
         "Event": _Event, "Stream": _Stream, "current_stream": lambda *a, **k: _Stream(),
-        "stream": lambda stream: contextlib.nullcontext(), "synchronize": lambda *a, **k: None,
-        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda *a, **k: None,
+        "stream": lambda stream: contextlib.nullcontext(), "synchronize": _not_capturing,
+        "empty_cache": _not_capturing, "reset_peak_memory_stats": lambda *a, **k: None,
         "max_memory_allocated": lambda *a, **k: 0, "memory_allocated": lambda *a, **k: 0,
         "get_device_name": lambda *a, **k: properties.name,
         "get_device_capability": lambda *a, **k: (9, 0),
         "get_device_properties": lambda *a, **k: properties,
         "current_device": lambda: 0, "device_count": lambda: 1,
         "device": lambda *a, **k: contextlib.nullcontext(), "_sleep": lambda cycles: None,
-        "graph_pool_handle": lambda: None,
+        "graph_pool_handle": object, "CUDAGraph": _Graph, "graph": _capture,
     }  # fmt: skip
     for name, stub in stubs.items():
         setattr(cuda, name, stub)
@@ -331,8 +395,12 @@ def main() -> int:
         print(f"{name}: {'ok' if not found else 'FAILED'}")
         for fault in found:
             print(f"  {fault}")
+    refused = [c for c in CAPTURED if c != "ok"]
+    print(f"captures: {len(CAPTURED) - len(refused)} ok, {len(refused)} refused")
+    for reason in sorted(set(refused)):
+        print(f"  {reason}")
     print("Triton kernels launched:", ", ".join(sorted(set(LAUNCHES))) or "none")
-    return 1 if any(faults.values()) else 0
+    return 1 if any(faults.values()) or refused or not CAPTURED else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The CUDA code paths on fake CUDA tensors (`tests/fake_cuda.py`), where torch is its CUDA
-build and no GPU is present; in a child process, since the check patches torch and triton."""
+"""The CUDA code paths on fake CUDA tensors (`tests/fake_cuda.py`), CUDA graph captures
+included, where torch is its CUDA build and no GPU is present; in a child process, since the
+check patches torch and triton."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def test_the_cuda_paths_run_on_fake_cuda_tensors() -> None:
     assert result.returncode == 0, summary or result.stderr[-3000:]
     assert "bench: ok" in summary
     assert "serve: ok" in summary
+    assert ", 0 refused" in summary  # every CUDA graph capture took nothing it must not
     # The 8-bit and fused kernels' paths were taken (their launches checked), not fallbacks.
     for kernel in ("_int8_linear_kernel", "_quantize_rows_kernel", "_rms_norm_kernel"):
         assert kernel in summary
