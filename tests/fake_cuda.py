@@ -9,13 +9,15 @@ tensor a device and runs every op's shape, dtype and device rules without comput
 so such a fault raises here as it would on the GPU. CI's torch is the CPU wheel, which cannot
 make CUDA tensors, even fake ones; torch's CUDA wheel can, on any machine.
 
-Two checks, each on the tiny random model, exit 1 if either fails:
-- `bench`: `guardrt bench --device cuda` for every precision (steps padded to buckets, the
-  prefix row, forced paths, the scheduler's throughput), without the transformers baseline
-  (its generate loop decides on values);
+Three checks, exit 1 if any fails:
+- `bench`: `guardrt bench --device cuda` on the tiny model for every precision (steps padded
+  to buckets, the prefix row, forced paths, the scheduler's throughput), without the
+  transformers baseline (its generate loop decides on values);
 - `serve`: the torch engine as `Guard` serves on "cuda" (load, 8-bit weights made while
-  loading, load-time tuning, warm-up, mixed batches with and without images, a session), for
-  every precision and both decode modes.
+  loading, load-time tuning, warm-up, mixed batches with and without images, a session), on
+  the tiny model, for every precision and both decode modes;
+- `scripts`: the GPU-only benchmark scripts `scripts/gpu_check.sh` runs, `norm_rope.py` and
+  `kernels.py` at the 11B model's shapes, `profile_gpu.py` on the tiny model.
 
 CUDA graph capture is checked for what a capture refuses or gets wrong: inside
 `torch.cuda.graph`, an op reading a host tensor (a copy to the GPU, or a CPU scalar baked into
@@ -34,6 +36,7 @@ import contextlib
 import importlib
 import json
 import os
+import runpy
 import sys
 import tempfile
 import threading
@@ -299,6 +302,7 @@ def _patch_random_model() -> None:
         return model.to(device)
 
     setattr(latency, "random_model", on_host)  # noqa: B010 (imported there by name)
+    fullsize.random_model = on_host  # profile_gpu.py imports it when it runs
 
 
 def install() -> None:
@@ -346,7 +350,11 @@ def _conversations() -> list[list[dict[str, Any]]]:
 
 def _where(exc: BaseException) -> str:
     """The error and the innermost guardrt line it came through (not torch's internals)."""
-    ours = [f for f in traceback.extract_tb(exc.__traceback__) if "/guardrt/" in f.filename]
+    ours = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/guardrt/" in f.filename or "/benchmarks/" in f.filename
+    ]
     at = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno} ({ours[-1].line})" if ours else ""
     return f"{type(exc).__name__}: {str(exc)[:300]}{at}"
 
@@ -387,10 +395,45 @@ def check_serve() -> list[str]:
     return faults
 
 
+SCRIPTS = (  # as scripts/gpu_check.sh runs them ({out}: a temporary folder)
+    ("norm_rope.py", ["--out", "{out}/norm_rope.json"]),
+    ("kernels.py", ["--budget", "60", "--out", "{out}/kernels.json"]),
+    ("profile_gpu.py", ["--size", "tiny", "--batch", "4", "--out", "{out}"]),
+)
+
+
+def check_scripts(out: Path) -> list[str]:
+    """`SCRIPTS`, each as its own `__main__`. They refuse to run where torch sees no GPU, so
+    this check comes last and from here on torch says it has one (FakeTensorMode, which
+    would then initialise CUDA for every fake CUDA tensor, is kept from it)."""
+    import torch._subclasses.fake_tensor as fake_tensor  # noqa: PLC0415
+
+    setattr(fake_tensor, "init_gpu_context", lambda device: None)  # noqa: B010 (typed as cached)
+    setattr(fake_tensor.FakeTensorMode, "avoid_device_init", property(lambda self: True))  # noqa: B010
+    torch.cuda.is_available = lambda: True
+    faults = []
+    for name, args in SCRIPTS:
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+        argv = sys.argv
+        sys.argv = [str(script), *(a.format(out=out) for a in args)]
+        try:
+            with MODE:
+                runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exit_:
+            if exit_.code not in (None, 0):
+                faults.append(f"{name}: exit {exit_.code}")
+        except Exception as exc:  # noqa: BLE001 (every fault is listed, then the run fails)
+            faults.append(f"{name}: {_where(exc)}")
+        finally:
+            sys.argv = argv
+    return faults
+
+
 def main() -> int:
     install()
     with tempfile.TemporaryDirectory() as folder:
         faults = {"bench": check_bench(Path(folder)), "serve": check_serve()}
+        faults["scripts"] = check_scripts(Path(folder))
     for name, found in faults.items():
         print(f"{name}: {'ok' if not found else 'FAILED'}")
         for fault in found:

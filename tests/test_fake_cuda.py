@@ -32,6 +32,7 @@ def test_the_cuda_paths_run_on_fake_cuda_tensors() -> None:
     assert result.returncode == 0, summary or result.stderr[-3000:]
     assert "bench: ok" in summary
     assert "serve: ok" in summary
+    assert "scripts: ok" in summary
     assert ", 0 refused" in summary  # every CUDA graph capture took nothing it must not
     # The 8-bit and fused kernels' paths were taken (their launches checked), not fallbacks.
     for kernel in ("_int8_linear_kernel", "_quantize_rows_kernel", "_rms_norm_kernel"):
