@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from guardrt.bench import baseline, cases, latency, options, roofline
 from guardrt.bench.forced import ForcedSteps
@@ -128,7 +129,9 @@ def test_transformers_shares_our_weights(
 def test_floor_grows_with_the_work(model: MllamaModel) -> None:
     ceilings = roofline.Ceilings(copy_bytes_per_s=3e12, bf16_flops_per_s=8e14, fp8_flops_per_s=None)
     work = roofline.Work.of(model, 2.0)
-    assert work.text_params > 0
+    assert work.self_params > 0
+    assert work.cross_params > 0
+    assert work.cross_kv_params > 0
     assert work.head_params == model.config.text.vocab_size * model.config.text.hidden_size
     text = work.floor_s(model, 350, 0, 0, ceilings)
     assert work.floor_s(model, 350, 0, 1, ceilings) > text
@@ -136,6 +139,34 @@ def test_floor_grows_with_the_work(model: MllamaModel) -> None:
     assert roofline.Work.of(model, 1.0).floor_s(model, 350, 0, 1, ceilings) < work.floor_s(
         model, 350, 0, 1, ceilings
     )
+
+
+def test_the_floor_counts_what_the_served_path_multiplies(
+    model: MllamaModel, requests: dict[str, PreparedRequest]
+) -> None:
+    """`Work.linear_flops` against torch's FlopCounterMode over a served `safe` verdict (the
+    shared prefix filled before): the weights' matmul FLOPs, less the head's, exactly. For a
+    text-only verdict they leave out the cross layers, which it skips (counting them put the
+    11B's text floor 25% high); for an image they add its cross K/V projections and the
+    projector over its patches (they were missing). FlopCounterMode has no formula for the CPU
+    attention kernels, so mm / addmm / bmm here are the weights' products only."""
+    work = roofline.Work.of(model, 2.0)
+    steps = TorchSteps(model)
+    ops = {"aten.mm", "aten.addmm", "aten.bmm"}
+    for name, request in requests.items():
+        forced = ForcedSteps(steps, request.grammar, "safe", "S1")
+        decoder = Decoder(forced, "constrained", prefixes=cases.PREFIXES)
+        decoder.run([request])  # fills the policy prefix's row: shared work, not this verdict's
+        forced.reset()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            decoder.run([request])
+        counts = counter.get_flop_counts()
+        total = sum(f for op, f in counts["Global"].items() if str(op) in ops)
+        head = sum(counts["MllamaModel.language_model.lm_head"].values())
+        tiles = request.image.num_tiles if request.image else 0
+        expected = work.linear_flops(model, cases.prefill_tokens(request), tiles)
+        assert total - head == expected, name
 
 
 def test_bench_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:

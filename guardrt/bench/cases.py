@@ -43,6 +43,15 @@ _QUESTION = (
 _ANSWER = "First, check which windows at the back are left open; then bring gloves and a bag. "
 
 
+def prefill_tokens(request: PreparedRequest) -> int:
+    """Ids a verdict's prefill feeds the decoder: the prompt after its policy head where that
+    is shared work (a text-only prompt's, computed once per policy: `prefixes.py`), and the 4
+    ids the constrained prefill appends (blank, `unsafe`, newline, `S`: `decoding.py`) to read
+    the label and the category rows in one forward."""
+    shared = request.prefix_len if request.image is None else 0
+    return len(request.prompt) - shared + 4
+
+
 def picture(height: int = 1100, width: int = 1100, seed: int = 0) -> np.ndarray:
     """A 2×2-tile photo-sized picture (uint8 HxWx3), deterministic."""
     return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)

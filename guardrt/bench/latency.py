@@ -65,6 +65,7 @@ from guardrt.runtime.tokenizer import load_tokenizer
 from guardrt.testing.timing import machine
 
 BASELINE = "transformers"  # the phase that times transformers eager bf16
+EIGHT_BIT = ("fp8", "int8-wa")  # precisions whose large products run on 8-bit tensor cores
 
 
 def _model(
@@ -116,7 +117,9 @@ def _precision_run(
     fuse_projections(model)
     run |= tune_for_device(model).to_json()  # as the engine does at load
     _free(device)
-    work = roofline.Work.of(model, 2.0 if precision == "bf16" else 1.0)
+    work = roofline.Work.of(
+        model, 2.0 if precision == "bf16" else 1.0, eight_bit_products=precision in EIGHT_BIT
+    )
     steps = _steps(args, model, device, 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -135,10 +138,7 @@ def _precision_run(
             measured = cases.time_ours(steps, request, path, args.repeat, barrier)
             tiles = request.image.num_tiles if request.image else 0
             small = 0 if path == "safe" else 1  # forwards after the prefill
-            # A text prompt's policy head is shared work (computed once, `prefixes.py`): the
-            # least a verdict must compute is the rest, and the 4 verdict-suffix tokens.
-            shared = request.prefix_len if request.image is None else 0
-            fed = len(request.prompt) - shared + 4
+            fed = cases.prefill_tokens(request)
             floor = work.floor_s(model, fed, tiles, small, ceilings) * 1e3
             latencies[f"{name} {path}"] = asdict(measured) | {"floor_ms": floor}
         save()
