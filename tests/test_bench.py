@@ -263,3 +263,29 @@ def test_the_table_prints_slow_throughput_in_significant_digits() -> None:
     text = report_table(report)
     assert "0.0421 req/s (batch 4.0" in text
     assert " 312 req/s (batch 31.5" in text
+
+
+def test_the_table_gives_each_8bit_case_over_bf16() -> None:
+    """Issue 8's 8-bit target is ≤ 0.65 × bf16 per case: the table prints that ratio for every
+    precision but bf16, from the same run, and a dash where bf16 has no such case."""
+
+    def row(p50: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p90_ms": p50, "p99_ms": p50, "floor_ms": 5.0}
+
+    report = {
+        "device": "gpu",
+        "torch": "2.11",
+        "model": "m",
+        "precisions": {
+            "bf16": {"latency": {"text safe": row(20.0)}},
+            "fp8": {"latency": {"text safe": row(12.0), "text unsafe": row(30.0)}},
+        },
+    }
+    lines = report_table(report).splitlines()
+    (bf16,) = [line for line in lines if line.startswith("text safe") and "bf16" in line]
+    (fp8,) = [line for line in lines if line.startswith("text safe") and "fp8" in line]
+    (other,) = [line for line in lines if line.startswith("text unsafe")]
+    assert fp8.endswith("0.60×")
+    assert bf16.endswith("—")
+    assert other.endswith("—")
+    assert "×bf16" in lines[2]

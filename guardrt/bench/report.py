@@ -46,7 +46,8 @@ def table(report: dict[str, Any]) -> str:
     base = report.get("transformers", {}).get("latency", {})
     runtime = report.get("runtime") or f"torch {report['torch']}"
     lines = [f"{report['device']}; {runtime}; {report['model']}", ""]
-    columns = ("p50 ms", "p90", "p99", "floor", "×floor", "HF ms", "HF/ours")
+    columns = ("p50 ms", "p90", "p99", "floor", "×floor", "HF ms", "HF/ours", "×bf16")
+    bf16 = report["precisions"].get("bf16", {}).get("latency", {})
     # An engine directory's precision names its int8 compute too ("int8 weight-only").
     width = max([6, *(len(p) + 1 for p in report["precisions"])])
     lines.append(f"{'case':<24}{'prec':>{width}}" + "".join(f"{c:>9}" for c in columns))
@@ -56,9 +57,12 @@ def table(report: dict[str, Any]) -> str:
             theirs = f"{hf:9.1f}{hf / row['p50_ms']:8.1f}×" if hf else f"{'—':>9}{'—':>9}"
             floor = row.get("floor_ms")  # an engine directory's run has none (no torch)
             floors = f"{floor:8.1f}{row['p50_ms'] / floor:7.1f}×" if floor else f"{'—':>8}{'—':>8}"
+            # An 8-bit precision's p50 over bf16's in the same run (issue 8's target: ≤ 0.65).
+            ours = bf16.get(case, {}).get("p50_ms") if precision != "bf16" else None
+            versus = f"{row['p50_ms'] / ours:8.2f}×" if ours else f"{'—':>9}"
             lines.append(
                 f"{case:<24}{precision:>{width}}{row['p50_ms']:9.1f}{row['p90_ms']:8.1f}"
-                f"{row['p99_ms']:8.1f}{floors}{theirs}"
+                f"{row['p99_ms']:8.1f}{floors}{theirs}{versus}"
             )
         for case, rate in run.get("throughput", {}).items():
             if "error" in rate:
