@@ -1,6 +1,6 @@
 """guardrt's CUDA code paths on a machine without a GPU, with torch's CUDA build (issue 8).
 
-    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda   # VENV: a torch CUDA wheel, e.g. 2.11+cu130
+    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda [--size full]  # VENV: torch's CUDA wheel
 
 A lent GPU comes rarely and for minutes; a fault that only shows on CUDA tensors (an index made
 on the CPU beside CUDA weights, a kernel wrapper allocating its output on the wrong device, a
@@ -10,8 +10,9 @@ so such a fault raises here as it would on the GPU. CI's torch is the CPU wheel,
 make CUDA tensors, even fake ones; torch's CUDA wheel can, on any machine.
 
 Three checks, exit 1 if any fails:
-- `bench`: `guardrt bench --device cuda` on the tiny model for every precision (steps padded
-  to buckets, the prefix row, forced paths, the scheduler's throughput), without the
+- `bench`: `guardrt bench --device cuda` on the tiny model (`--size full`: the 11B
+  architecture, its parameters fake too, ~5 minutes) for every precision (steps padded to
+  buckets, the prefix row, forced paths, the scheduler's throughput), without the
   transformers baseline (its generate loop decides on values);
 - `serve`: the torch engine as `Guard` serves on "cuda" (load, 8-bit weights made while
   loading, load-time tuning, warm-up, mixed batches with and without images, a session), on
@@ -32,6 +33,7 @@ timings, memory.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import json
@@ -48,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -288,21 +291,38 @@ def _patch_threads() -> None:
 
 
 def _patch_random_model() -> None:
-    """`random_model` makes parameters on the device, then casts them in place, which fake
-    parameters can't be swapped for: the tiny model is made on the host and moved."""
-    from torch.utils._python_dispatch import _disable_current_modes  # noqa: PLC0415
-
+    """`random_model` makes its parameters as fake tensors on the device, built on `meta`:
+    no memory at any size, so the 11B architecture runs here too. (The real one makes them
+    on the device and casts them in place, which fake parameters can't be swapped for.)"""
     from guardrt.bench import fullsize, latency  # noqa: PLC0415
+    from guardrt.runtime.model.config import ModelConfig  # noqa: PLC0415
+    from guardrt.runtime.model.functional import rope_inv_freq  # noqa: PLC0415
+    from guardrt.runtime.model.mllama import MllamaModel  # noqa: PLC0415
 
-    made = fullsize.random_model
+    def made(
+        document: Any,
+        device: torch.device,
+        dtype: torch.dtype = torch.bfloat16,
+        semantics: Any = "meta",
+        seed: int = 0,
+    ) -> MllamaModel:
+        config = ModelConfig.from_dict(document)
+        with torch.device("meta"):
+            model = MllamaModel(config, semantics)
+        with MODE:
+            for module in model.modules():
+                for name, value in module._parameters.items():
+                    if value is not None:
+                        fake = torch.empty(value.shape, dtype=dtype, device=device)
+                        module._parameters[name] = nn.Parameter(fake, requires_grad=False)
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = torch.empty_like(buffer, device=device)
+            model.inv_freq = rope_inv_freq(config.text.rope, config.text.head_dim).to(device)
+        return model.eval()
 
-    def on_host(document: Any, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-        with _disable_current_modes():
-            model = made(document, torch.device("cpu"), *args, **kwargs)
-        return model.to(device)
-
-    setattr(latency, "random_model", on_host)  # noqa: B010 (imported there by name)
-    fullsize.random_model = on_host  # profile_gpu.py imports it when it runs
+    setattr(latency, "random_model", made)  # noqa: B010 (imported there by name)
+    fullsize.random_model = made  # profile_gpu.py imports it when it runs
 
 
 def install() -> None:
@@ -317,12 +337,14 @@ def install() -> None:
     _patch_random_model()
 
 
-def check_bench(results: Path) -> list[str]:
-    """`guardrt bench` on "cuda", every precision: the faults the report records."""
+def check_bench(results: Path, size: str = "tiny") -> list[str]:
+    """`guardrt bench` on "cuda", every precision, the model of `size` (full: the 11B's
+    shapes, at gpu_check's concurrencies; ~5 minutes): the faults the report records."""
     from guardrt.bench import latency, options  # noqa: PLC0415
 
-    argv = ["--size", "tiny", "--device", "cuda", "--no-baseline", "--repeat", "2",
-            "--requests", "8", "--concurrency", "2,4", "--results", str(results)]  # fmt: skip
+    concurrency = "8,32" if size == "full" else "2,4"
+    argv = ["--size", size, "--device", "cuda", "--no-baseline", "--repeat", "2",
+            "--requests", "8", "--concurrency", concurrency, "--results", str(results)]  # fmt: skip
     with MODE:
         latency.main(argv)
     (written,) = results.glob("latency-*.json")
@@ -429,10 +451,15 @@ def check_scripts(out: Path) -> list[str]:
     return faults
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--size", choices=("tiny", "full"), default="tiny", help="the bench check's model"
+    )
+    args = parser.parse_args(argv)
     install()
     with tempfile.TemporaryDirectory() as folder:
-        faults = {"bench": check_bench(Path(folder)), "serve": check_serve()}
+        faults = {"bench": check_bench(Path(folder), args.size), "serve": check_serve()}
         faults["scripts"] = check_scripts(Path(folder))
     for name, found in faults.items():
         print(f"{name}: {'ok' if not found else 'FAILED'}")
