@@ -35,6 +35,7 @@
 # GPU_CHECK_PARTS (comma-separated, default all) runs only the parts named, in the order above,
 # for a second call that redoes what the first lost:
 #   latency, cuda_tests, kernel_tests, norm_rope, kernels, profile, eager, device_kv, export_cuda
+# GPU_CHECK_LATENCY_ARGS adds `guardrt bench` options to the latency part (see there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 back="${OUT:-/tmp}"  # what the device returns: results.tgz and steps.txt
@@ -101,8 +102,11 @@ fi
 
 # --budget-s: phases that would run past it are skipped and named; the files are written after
 # every phase, so even a timeout keeps what was measured.
+# GPU_CHECK_LATENCY_ARGS (word-split) goes after these: a second call redoes only the phases
+# the first skipped past the budget, e.g. "--precisions int8-wa --no-baseline".
+# shellcheck disable=SC2086
 part latency "latency" 300 "$out/latency.txt" \
-    python -m guardrt.bench.latency --results "$out" --budget-s 270
+    python -m guardrt.bench.latency --results "$out" --budget-s 270 ${GPU_CHECK_LATENCY_ARGS:-}
 tail -50 "$out/latency.txt" 2>/dev/null
 
 part cuda_tests "parity + static steps + attention plan on CUDA" 120 "$out/parity_cuda.txt" \

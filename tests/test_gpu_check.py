@@ -17,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 # A part runs `python -m guardrt.bench.latency`, `python -m pytest ...` or
 # `python benchmarks/X.py`; the preflight runs `python -c ...`.
 STUB = """#!/usr/bin/env bash
-echo "$*" | head -c 80 | tr '\\n' ' ' >> "$STUB_LOG"; echo >> "$STUB_LOG"
+echo "$*" | head -c 400 | tr '\\n' ' ' >> "$STUB_LOG"; echo >> "$STUB_LOG"
 if [ "$1" = "-c" ] && [ -n "${STUB_FAIL_PREFLIGHT:-}" ]; then
     echo "ModuleNotFoundError: No module named 'llama_models'" >&2
     exit 3
@@ -110,3 +110,17 @@ def test_an_unknown_part_is_refused_by_name(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown part 'profiles'" in result.stderr
     assert calls == []
+
+
+def test_a_second_call_can_redo_only_the_skipped_bench_phases(tmp_path: Path) -> None:
+    """The latency part's budget skips the phases that would overrun it; GPU_CHECK_LATENCY_ARGS
+    lets a second call ask for just those, after the script's own options."""
+    result, calls = _run(
+        tmp_path,
+        GPU_CHECK_PARTS="latency",
+        GPU_CHECK_LATENCY_ARGS="--precisions int8-wa --no-baseline",
+    )
+    assert result.returncode == 0, result.stderr
+    (latency,) = _parts_run(calls)
+    assert latency.startswith("-m guardrt.bench.latency --results ")
+    assert latency.rstrip().endswith("--budget-s 270 --precisions int8-wa --no-baseline")
