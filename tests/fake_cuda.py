@@ -227,7 +227,8 @@ def _capture(graph: Any, pool: Any = None, **kwargs: Any) -> Iterator[None]:
 
 def _patch_cuda() -> None:
     """The CUDA runtime calls guardrt makes, answered as an H100 would (sm 9.0, so fp8 and the
-    Triton kernels are chosen); none needs a driver. No graph pool: nothing is captured."""
+    Triton kernels are chosen); none needs a driver. A graph "capture" runs its step under
+    `_capture`'s checks, and a replay returns what that run returned."""
     cuda = torch.cuda
     properties = types.SimpleNamespace(
         name="fake H100", major=9, minor=0, multi_processor_count=132,
@@ -371,7 +372,8 @@ def _conversations() -> list[list[dict[str, Any]]]:
 
 
 def _where(exc: BaseException) -> str:
-    """The error and the innermost guardrt line it came through (not torch's internals)."""
+    """The error and the innermost line of guardrt or its benchmarks it came through (not
+    torch's internals)."""
     ours = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
@@ -417,6 +419,7 @@ def check_serve() -> list[str]:
     return faults
 
 
+_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (  # as scripts/gpu_check.sh runs them ({out}: a temporary folder)
     ("norm_rope.py", ["--out", "{out}/norm_rope.json"]),
     ("kernels.py", ["--budget", "60", "--out", "{out}/kernels.json"]),
@@ -435,7 +438,7 @@ def check_scripts(out: Path) -> list[str]:
     torch.cuda.is_available = lambda: True
     faults = []
     for name, args in SCRIPTS:
-        script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+        script = _ROOT / "benchmarks" / name
         argv = sys.argv
         sys.argv = [str(script), *(a.format(out=out) for a in args)]
         try:
