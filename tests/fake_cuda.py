@@ -1,6 +1,7 @@
 """guardrt's CUDA code paths on a machine without a GPU, with torch's CUDA build (issue 8).
 
-    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda [--size full]  # VENV: torch's CUDA wheel
+    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda [--size full] [--gpu h100|a100|l40s]
+    # VENV: torch's CUDA wheel
 
 A lent GPU comes rarely and for minutes; a fault that only shows on CUDA tensors (an index made
 on the CPU beside CUDA weights, a kernel wrapper allocating its output on the wrong device, a
@@ -25,10 +26,21 @@ CUDA graph capture is checked for what a capture refuses or gets wrong: inside
 the graph as a constant), a readback (`.item()`, `.cpu()`, `nonzero`, a Python `bool` of a CUDA
 tensor) or a synchronize raises and is listed; replays return the captured outputs.
 
+Every Triton launch is compiled, for the faked card's architecture, by Triton's own compiler
+and the ptxas it ships (they need no GPU; only loading and launching the result do): each
+specialization a launch asks for (its dtypes, constexprs, and the alignment and integer
+specializations Triton makes) once, as a GPU process's first launches compile them. A kernel
+that does not compile for that architecture, or needs more shared memory than the card lets a
+block have (Triton checks it at launch), fails its launch. The compile times are printed:
+what a fresh GPU machine's warm-up spends compiling, on this machine's CPU.
+
+`--gpu` picks the card: an H100 (sm 9.0, the default: fp8, int8 and fused kernels), an A100
+(sm 8.0: no fp8 tensor cores, so fp8 weights take the reference path) or an L40S (sm 8.9:
+fp8, and 99 KB of shared memory a block against the H100's 227 KB).
+
 What it cannot check, so stubs stand in (each patch below says why): values (readbacks give
 zeros, so verdicts are meaningless: constrained decoding answers `unsafe` on zeros), the
-Triton kernels' own code (each launch only checks that every tensor it gets is on CUDA),
-timings, memory.
+Triton kernels' results (their launches run nothing), timings, memory.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import runpy
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
@@ -59,6 +72,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 os.environ["TRITON_INTERPRET"] = "0"
 MODE = FakeTensorMode(allow_non_fake_inputs=True)
 LAUNCHES: list[str] = []  # the Triton kernels launched, by name
+COMPILED: dict[str, list[float]] = {}  # kernel → seconds each of its specializations compiled in
+COMPILE_FAULTS: list[str] = []  # a kernel that did not compile, or does not fit the card
+# The cards the fake device can be: each one's compute capability (which picks the fp8, int8
+# and fused-kernel paths), Triton's compile target, and the limits a launch is checked against
+# (`shared`: the most shared memory a block may opt in to, which Triton checks at launch).
+GPUS: dict[str, dict[str, Any]] = {
+    "h100": {"name": "fake H100", "capability": (9, 0), "arch": 90, "sms": 132,
+             "memory": 80 << 30, "l2": 50 << 20, "shared": 232448},
+    "a100": {"name": "fake A100", "capability": (8, 0), "arch": 80, "sms": 108,
+             "memory": 80 << 30, "l2": 40 << 20, "shared": 166912},
+    "l40s": {"name": "fake L40S", "capability": (8, 9), "arch": 89, "sms": 142,
+             "memory": 48 << 30, "l2": 96 << 20, "shared": 101376},
+}  # fmt: skip
+GPU: dict[str, Any] = GPUS["h100"]  # the card the run fakes (`--gpu`)
 CAPTURED: list[str] = []  # each capture: "ok" or what it refused
 _STATE = {"capturing": False}  # inside torch.cuda.graph
 _NUMPY_DTYPES = {
@@ -226,13 +253,14 @@ def _capture(graph: Any, pool: Any = None, **kwargs: Any) -> Iterator[None]:
 
 
 def _patch_cuda() -> None:
-    """The CUDA runtime calls guardrt makes, answered as an H100 would (sm 9.0, so fp8 and the
-    Triton kernels are chosen); none needs a driver. A graph "capture" runs its step under
-    `_capture`'s checks, and a replay returns what that run returned."""
+    """The CUDA runtime calls guardrt makes, answered as `GPU` would (an H100 by default: sm 9.0,
+    so fp8 and the Triton kernels are chosen); none needs a driver. A graph "capture" runs its
+    step under `_capture`'s checks, and a replay returns what that run returned."""
     cuda = torch.cuda
+    major, minor = GPU["capability"]
     properties = types.SimpleNamespace(
-        name="fake H100", major=9, minor=0, multi_processor_count=132,
-        total_memory=80 << 30, L2_cache_size=50 << 20,
+        name=GPU["name"], major=major, minor=minor, multi_processor_count=GPU["sms"],
+        total_memory=GPU["memory"], L2_cache_size=GPU["l2"],
     )  # fmt: skip
     stubs: dict[str, Any] = {
         "Event": _Event, "Stream": _Stream, "current_stream": lambda *a, **k: _Stream(),
@@ -240,7 +268,7 @@ def _patch_cuda() -> None:
         "empty_cache": _not_capturing, "reset_peak_memory_stats": lambda *a, **k: None,
         "max_memory_allocated": lambda *a, **k: 0, "memory_allocated": lambda *a, **k: 0,
         "get_device_name": lambda *a, **k: properties.name,
-        "get_device_capability": lambda *a, **k: (9, 0),
+        "get_device_capability": lambda *a, **k: (major, minor),
         "get_device_properties": lambda *a, **k: properties,
         "current_device": lambda: 0, "device_count": lambda: 1,
         "device": lambda *a, **k: contextlib.nullcontext(), "_sleep": lambda cycles: None,
@@ -259,23 +287,92 @@ def _patch_cuda() -> None:
     torch.Generator = CpuGenerator  # type: ignore[misc]
 
 
+class _Pointer:
+    """What Triton's binder reads of a tensor argument: its dtype and its address, for the
+    address's alignment. A fake tensor has no address: its storage offset in bytes stands in,
+    as the caching allocator's blocks start 512-byte aligned, so the remainder mod 16 (which
+    Triton specializes on) is the offset's."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.dtype = tensor.dtype
+        self._address = int(tensor.storage_offset()) * tensor.element_size()
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+class _Target:
+    """Triton's driver, as far as compiling for `GPU`'s architecture needs one: the compiler
+    (Triton's own, and the ptxas it ships) runs on any machine; only loading and launching the
+    result need the GPU."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Any = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        compiler: Any = importlib.import_module("triton.backends.compiler")
+        return compiler.GPUTarget("cuda", GPU["arch"], 32)
+
+
+def _compile(kernel: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> None:
+    """Compile this launch's specialization for `GPU` (a launch the JIT has compiled already is
+    a cache hit): a kernel that does not compile, or needs more shared memory than the card has,
+    fails its launch, as it would there."""
+    name = kernel.__name__
+    pointers = [_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args]
+    named = {k: _Pointer(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    cache = kernel.device_caches[0][0]  # the JIT's compiled kernels, by specialization
+    known = len(cache)
+    started = time.perf_counter()
+    try:
+        compiled = run(kernel, *pointers, **{**named, "warmup": True})
+    except Exception as exc:
+        COMPILE_FAULTS.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+        raise RuntimeError(f"Triton kernel {name} does not compile for sm_{GPU['arch']}") from exc
+    if len(cache) == known:
+        return
+    COMPILED.setdefault(name, []).append(time.perf_counter() - started)
+    shared = compiled.metadata.shared
+    if shared > GPU["shared"]:
+        fault = f"{name}: {shared} bytes of shared memory, {GPU['name']} has {GPU['shared']}"
+        COMPILE_FAULTS.append(fault)
+        raise RuntimeError(f"Triton kernel {fault}")
+
+
 def _patch_triton() -> None:
     """A launch checks its tensors are on CUDA (a CPU one is a fault the GPU would show as an
-    illegal address), records the kernel, and does nothing."""
+    illegal address), compiles its specialization for `GPU`'s architecture with Triton's real
+    compiler (`_compile`), records the kernel, and runs nothing."""
     # (importlib: triton has no type information; torch's CUDA wheel brings it)
     autotuner: Any = importlib.import_module("triton.runtime.autotuner")
     jit: Any = importlib.import_module("triton.runtime.jit")
+    importlib.import_module("triton.runtime.driver").driver.set_active(_Target())
+    run = jit.JITFunction.run
 
     def launch(kernel: Any, *args: Any, **kwargs: Any) -> None:
         name = getattr(kernel, "__name__", str(kernel))
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.device.type != "cuda":
                 raise RuntimeError(f"Triton kernel {name} got a {value.device} tensor")
+        _compile(kernel, run, args, kwargs)
         LAUNCHES.append(name)
 
+    def tuned(self: Any, *args: Any, **kwargs: Any) -> None:
+        """An autotuned launch compiles every config, as the autotuner's first call does."""
+        for config in self.configs:
+            launch(self.fn, *args, **{**kwargs, **config.all_kwargs()})
+
+    def heuristic(self: Any, *args: Any, **kwargs: Any) -> None:
+        for value, rule in self.values.items():  # as triton's Heuristics.run
+            kwargs[value] = rule({**dict(zip(self.arg_names, args, strict=False)), **kwargs})
+        self.fn.run(*args, **kwargs)
+
     jit.JITFunction.run = launch
-    autotuner.Autotuner.run = lambda self, *a, **k: launch(self.fn, *a, **k)
-    autotuner.Heuristics.run = lambda self, *a, **k: launch(self.fn, *a, **k)
+    autotuner.Autotuner.run = tuned
+    autotuner.Heuristics.run = heuristic
 
 
 def _patch_threads() -> None:
@@ -454,16 +551,34 @@ def check_scripts(out: Path) -> list[str]:
     return faults
 
 
+def compile_summary() -> list[str]:
+    """What compiling the launched kernels for `GPU` took, kernel by kernel (each launch's
+    specialization once, as a GPU process's first launches compile them)."""
+    times = [t for each in COMPILED.values() for t in each]
+    lines = [
+        f"Triton kernels compiled for sm_{GPU['arch']}: {len(times)} specializations of "
+        f"{len(COMPILED)} kernels in {sum(times):.1f} s (this machine's CPU, an empty cache)"
+    ]
+    for name, each in sorted(COMPILED.items(), key=lambda item: -sum(item[1])):
+        lines.append(f"  {name}: {len(each)} in {sum(each):.1f} s (slowest {max(each):.1f} s)")
+    return lines + [f"  does not compile or fit: {fault}" for fault in COMPILE_FAULTS]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
         "--size", choices=("tiny", "full"), default="tiny", help="the bench check's model"
     )
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the card faked")
     args = parser.parse_args(argv)
-    install()
-    with tempfile.TemporaryDirectory() as folder:
+    GPU.update(GPUS[args.gpu])
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
+        # Compiles start from an empty cache, as on a fresh GPU machine, so their times count.
+        os.environ["TRITON_CACHE_DIR"] = cache
+        install()
         faults = {"bench": check_bench(Path(folder), args.size), "serve": check_serve()}
         faults["scripts"] = check_scripts(Path(folder))
+    print(f"faked: {GPU['name']} (sm_{GPU['arch']})")
     for name, found in faults.items():
         print(f"{name}: {'ok' if not found else 'FAILED'}")
         for fault in found:
@@ -473,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     for reason in sorted(set(refused)):
         print(f"  {reason}")
     print("Triton kernels launched:", ", ".join(sorted(set(LAUNCHES))) or "none")
-    return 1 if any(faults.values()) or refused or not CAPTURED else 0
+    print("\n".join(compile_summary()))
+    failed = any(faults.values()) or refused or not CAPTURED or COMPILE_FAULTS
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The CUDA code paths on fake CUDA tensors (`tests/fake_cuda.py`), CUDA graph captures
-included, where torch is its CUDA build and no GPU is present; in a child process, since the
-check patches torch and triton."""
+"""The CUDA code paths on fake CUDA tensors (`tests/fake_cuda.py`), CUDA graph captures and
+compiling every Triton launch for the card included, faking an H100 and an A100, where torch
+is its CUDA build and no GPU is present; in a child process, since the check patches torch
+and triton."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_cuda_paths_run_on_fake_cuda_tensors() -> None:
+@pytest.mark.parametrize(("gpu", "arch"), [("h100", 90), ("a100", 80)])
+def test_the_cuda_paths_run_on_fake_cuda_tensors(gpu: str, arch: int) -> None:
     if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]
         pytest.skip(
             f"torch {torch.__version__} is a CPU build, which can't make CUDA tensors even fake"
@@ -25,10 +27,10 @@ def test_the_cuda_paths_run_on_fake_cuda_tensors() -> None:
         pytest.skip("a GPU is here: the GPU tests run these paths for real")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fake_cuda"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=900, check=False,
+        [sys.executable, "-m", "tests.fake_cuda", "--gpu", gpu], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
-    summary = result.stdout[result.stdout.rfind("bench:") :]
+    summary = result.stdout[result.stdout.rfind("faked:") :]
     assert result.returncode == 0, summary or result.stderr[-3000:]
     assert "bench: ok" in summary
     assert "serve: ok" in summary
@@ -37,3 +39,6 @@ def test_the_cuda_paths_run_on_fake_cuda_tensors() -> None:
     # The 8-bit and fused kernels' paths were taken (their launches checked), not fallbacks.
     for kernel in ("_int8_linear_kernel", "_quantize_rows_kernel", "_rms_norm_kernel"):
         assert kernel in summary
+    # Every launch compiled for the card's architecture and fits its shared memory.
+    assert f"Triton kernels compiled for sm_{arch}: " in summary
+    assert "does not compile or fit" not in summary

@@ -349,6 +349,32 @@ def test_choose_path_needs_a_row_major_fp8_weight() -> None:
     assert dispatch.choose_path(x, transposed, scales, HOPPER, True) == "reference"
 
 
+@pytest.mark.parametrize(
+    ("kind", "capability", "warned"),
+    [
+        ("fp8", (8, 0), True),  # A100: no fp8 tensor cores
+        ("fp8", (8, 6), True),  # A10, RTX 30xx
+        ("fp8", (8, 9), False),  # L40S, L4
+        ("fp8", (9, 0), False),  # H100
+        ("fp8", None, False),  # not a CUDA device
+        ("int8", (8, 0), False),
+        (None, (8, 0), False),
+    ],
+)
+def test_fp8_where_the_gpu_has_no_fp8_tensor_cores_is_warned_of(
+    kind: str | None, capability: tuple[int, int] | None, warned: bool
+) -> None:
+    warning = dispatch.precision_warning(kind, capability)
+    assert (warning is not None) == warned
+    if warning:
+        assert capability is not None
+        # The warning agrees with the path every fp8 layer then takes, and names the way out.
+        x, qweight, scales = _case("fp8", 1, BF16)
+        assert dispatch.choose_path(x, qweight, scales, capability, True) == "reference"
+        assert f"compute capability {capability[0]}.{capability[1]}" in warning
+        assert "--quantize int8" in warning
+
+
 @pytest.fixture
 def on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every device reads as an sm 9.0 CUDA device with triton: the CPU runs the fast paths."""

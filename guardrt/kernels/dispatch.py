@@ -83,6 +83,22 @@ def choose_path(
     return "reference"
 
 
+def precision_warning(kind: str | None, capability: Capability | None) -> str | None:
+    """What a load of `kind` weights ("int8", "fp8" or None) on a CUDA device of `capability`
+    (None: not CUDA) should warn of: fp8 weights where the GPU has no fp8 tensor cores take the
+    reference path, a dequantization of every weight on every step, slower than bf16; int8's
+    Triton kernel and cast run from sm 8.0."""
+    if kind != "fp8" or capability is None or capability >= FP8_MIN_CAPABILITY:
+        return None
+    major, minor = capability
+    return (
+        f"fp8 weights on a GPU of compute capability {major}.{minor}: fp8 tensor cores need "
+        f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or later, so every step dequantizes "
+        "each weight before its matmul, slower than bf16; --quantize int8 is this GPU's "
+        "8-bit precision (the same memory)"
+    )
+
+
 def _int8_path(
     qweight: torch.Tensor,
     rows: int,

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from guardrt.export.quantize import QuantKind
+from guardrt.kernels.device import cuda_capability
+from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
@@ -111,6 +113,9 @@ class TorchEngine:
         )
         # Reported by the precision names engine directories use (fp32, bf16, int8, ...).
         dtype = kind or DTYPE_PRECISIONS[str(self.model.weight_dtype).removeprefix("torch.")]
+        warning = precision_warning(kind, cuda_capability(device))
+        if warning:
+            log.warning("%s", warning)
         fuse_projections(self.model)
         for line in tune_for_device(self.model).lines():  # measured on a GPU only
             log.info("%s", line)
