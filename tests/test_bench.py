@@ -18,6 +18,7 @@ from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.bench.report import table as report_table
 from guardrt.export.parity import probe_logits
+from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import EngineInfo
@@ -243,6 +244,30 @@ def test_a_phase_that_fails_midway_keeps_what_it_measured(
     assert "ERROR in bf16" in table
 
 
+def test_fp8_on_a_card_without_fp8_tensor_cores_is_measured_with_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an A100 (sm 8.0) the fp8 phase says, in the JSON and the table, why its figures are
+    slower than bf16; bf16's says nothing. (The phases stop right after: the note is the
+    point, and it is saved before anything else is measured.)"""
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("stopped after the note")
+
+    monkeypatch.setattr(latency, "cuda_capability", lambda device: (8, 0))
+    monkeypatch.setattr(latency, "fuse_projections", stop)
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--repeat", "1",
+            "--no-baseline", "--results", str(tmp_path)]  # fmt: skip
+    assert latency.main(argv) == 0
+    (written,) = tmp_path.glob("latency-*.json")
+    report = json.loads(written.read_text())
+    assert report["precisions"]["fp8"]["warning"] == precision_warning("fp8", (8, 0))
+    assert "warning" not in report["precisions"]["bf16"]
+    assert "note (fp8): fp8 weights on a GPU of compute capability 8.0" in (
+        written.with_suffix(".txt").read_text()
+    )
+
+
 def test_the_options_name_every_random_size() -> None:
     """`options.py` stays torch-free by naming the sizes `fullsize.SIZES` defines."""
     assert tuple(SIZES) == options.SIZE_NAMES
@@ -289,3 +314,16 @@ def test_the_table_gives_each_8bit_case_over_bf16() -> None:
     assert bf16.endswith("—")
     assert other.endswith("—")
     assert "×bf16" in lines[2]
+
+
+def test_the_table_says_why_fp8_is_slow_where_the_card_lacks_fp8_tensor_cores() -> None:
+    warning = precision_warning("fp8", (8, 0))
+    assert warning is not None
+    report = {
+        "device": "A100",
+        "torch": "2.11",
+        "model": "m",
+        "precisions": {"bf16": {"latency": {}}, "fp8": {"latency": {}, "warning": warning}},
+    }
+    notes = [line for line in report_table(report).splitlines() if "note" in line]
+    assert notes == [f"  note (fp8): {warning}"]

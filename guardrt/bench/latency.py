@@ -49,6 +49,8 @@ from guardrt.bench.options import PRECISIONS
 from guardrt.bench.timing import sync, times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import QuantKind, quantize_model
+from guardrt.kernels.device import cuda_capability
+from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import EngineInfo
@@ -106,6 +108,15 @@ def _free(device: torch.device) -> None:
             print(f"empty_cache failed ({type(exc).__name__}: {str(exc)[:200]}); carrying on")
 
 
+def _note_precision(device: torch.device, precision: str, run: dict[str, Any]) -> None:
+    """fp8 on a card without fp8 tensor cores is measured all the same, with a note of why it is
+    slower than bf16 (the warning the engine logs when it loads such weights)."""
+    warning = precision_warning("fp8" if precision == "fp8" else None, cuda_capability(device))
+    if warning:
+        run["warning"] = warning
+        print(f"{precision}: {warning}")
+
+
 def _precision_run(
     args: argparse.Namespace, device: torch.device, precision: str, requests: dict[str, Any],
     ceilings: roofline.Ceilings, concurrency: Sequence[int], run: dict[str, Any],
@@ -114,6 +125,7 @@ def _precision_run(
     """Measure one precision into `run`, calling `save` as each part lands (a run killed in
     the middle of a phase keeps the parts measured)."""
     model = _model(args, device, "meta", precision)
+    _note_precision(device, precision, run)
     fuse_projections(model)
     run |= tune_for_device(model).to_json()  # as the engine does at load
     _free(device)

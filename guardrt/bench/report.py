@@ -42,6 +42,22 @@ def _load_choices(precision: str, run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _setup_lines(precision: str, run: dict[str, Any]) -> list[str]:
+    """A precision's note (fp8 where the card lacks fp8 tensor cores), memory and load times."""
+    lines = []
+    if "warning" in run:
+        lines.append(f"  note ({precision}): {run['warning']}")
+    if "peak_memory_gb_batch1" in run:
+        peak = run["peak_memory_gb_batch1"]
+        lines.append(f"  peak GPU memory at batch 1 ({precision}): {peak:.1f} GB")
+    if "load_s" in run:  # an engine directory's run
+        lines.append(
+            f"  engine load {run['load_s']:.1f} s, warm-up of the cases "
+            f"{run.get('warmup_s', float('nan')):.1f} s ({precision})"
+        )
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
     base = report.get("transformers", {}).get("latency", {})
     runtime = report.get("runtime") or f"torch {report['torch']}"
@@ -74,14 +90,7 @@ def table(report: dict[str, Any]) -> str:
                 f"  throughput {case:<20}{precision:>6}: {per_s:.3g} req/s (batch {batch:.1f}; "
                 f"warm-up {rate.get('warmup_s', float('nan')):.1f} s)"
             )
-        if "peak_memory_gb_batch1" in run:
-            peak = run["peak_memory_gb_batch1"]
-            lines.append(f"  peak GPU memory at batch 1 ({precision}): {peak:.1f} GB")
-        if "load_s" in run:  # an engine directory's run
-            lines.append(
-                f"  engine load {run['load_s']:.1f} s, warm-up of the cases "
-                f"{run.get('warmup_s', float('nan')):.1f} s ({precision})"
-            )
+        lines += _setup_lines(precision, run)
         if "p_unsafe_served" in run and "p_unsafe" not in run:
             shown = ", ".join(f"{k} {p:.3e}" for k, p in run["p_unsafe_served"].items())
             lines.append(f"  P(unsafe) on the engine's own path ({precision}): {shown}")
