@@ -340,7 +340,9 @@ def _compile(kernel: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> No
         return
     if _STATE["warm"]:
         LATE.append(name)
-    if not SEEN.issuperset(new):  # not one a previous "process" compiled (its time is counted)
+    # One an earlier "process" (`_new_process`) compiled comes from Triton's disk cache: its
+    # time is not a compile's, and it is counted once.
+    if not SEEN.issuperset(new):
         SEEN.update(new)
         COMPILED.setdefault(name, []).append(time.perf_counter() - started)
     shared = compiled.metadata.shared

@@ -22,6 +22,9 @@ if [ "$1" = "-c" ] && [ -n "${STUB_FAIL_PREFLIGHT:-}" ]; then
     echo "ModuleNotFoundError: No module named 'llama_models'" >&2
     exit 3
 fi
+if [ "$2" = "guardrt.bench.latency" ] && [ "$3" = "--results" ] && [ -n "${STUB_RESULTS:-}" ]; then
+    echo '{}' > "$4/latency-stub.json"  # what the bench writes
+fi
 exit 0
 """
 
@@ -124,3 +127,23 @@ def test_a_second_call_can_redo_only_the_skipped_bench_phases(tmp_path: Path) ->
     (latency,) = _parts_run(calls)
     assert latency.startswith("-m guardrt.bench.latency --results ")
     assert latency.rstrip().endswith("--budget-s 270 --precisions int8-wa --no-baseline")
+
+
+def test_the_targets_are_judged_from_what_the_bench_wrote(tmp_path: Path) -> None:
+    """After the latency part, benchmarks/targets.py reads the bench's JSON (not the eager run's)
+    into targets.md, which comes back packed."""
+    result, calls = _run(tmp_path, GPU_CHECK_PARTS="latency,eager", STUB_RESULTS="1")
+    assert result.returncode == 0, result.stderr
+    parts = _parts_run(calls)
+    assert len(parts) == 3
+    assert parts[0].startswith("-m guardrt.bench.latency --results ")
+    assert parts[1] == f"benchmarks/targets.py {tmp_path / 'work'}/latency-stub.json "
+    assert parts[2].startswith("-m guardrt.bench.latency --precisions bf16")
+    with tarfile.open(tmp_path / "out" / "results.tgz") as packed:
+        assert "./targets.md" in packed.getnames()
+
+
+def test_no_bench_results_no_targets(tmp_path: Path) -> None:
+    result, calls = _run(tmp_path, GPU_CHECK_PARTS="latency")
+    assert result.returncode == 0, result.stderr
+    assert not any("targets.py" in call for call in calls)
