@@ -63,6 +63,13 @@ def test_every_target_is_judged_and_a_missing_figure_is_never_met() -> None:
     assert verdicts["peak memory at batch 1, int8"] == "not measured"
 
 
+def test_a_precision_skipped_past_the_budget_is_not_measured() -> None:
+    report = _report() | {"skipped": ["fp8"]}
+    verdicts = _verdicts(report)
+    assert verdicts["text safe, fp8 / bf16"] == "not measured"
+    assert "not measured in this run: " in targets.markdown(report)
+
+
 def test_limits_are_inclusive_and_throughput_is_a_floor() -> None:
     report = _report()
     report["precisions"]["bf16"]["latency"]["text safe"] = _row(14.0)
