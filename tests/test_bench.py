@@ -220,6 +220,16 @@ def test_a_phase_past_the_budget_is_skipped_and_recorded(tmp_path: Path) -> None
     assert "SKIPPED fp8" in written.with_suffix(".txt").read_text()
 
 
+def _tiny_bench(results: Path, precisions: str) -> tuple[dict[str, Any], Path]:
+    """`guardrt bench` on the tiny model on the CPU, once a case, no baseline: its report and
+    the JSON it wrote."""
+    argv = ["--size", "tiny", "--device", "cpu", "--precisions", precisions, "--repeat", "1",
+            "--no-baseline", "--results", str(results)]  # fmt: skip
+    assert latency.main(argv) == 0
+    (written,) = results.glob("latency-*.json")
+    return json.loads(written.read_text()), written
+
+
 def test_a_phase_that_fails_midway_keeps_what_it_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,11 +240,7 @@ def test_a_phase_that_fails_midway_keeps_what_it_measured(
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(latency, "Decoder", broken)
-    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16", "--repeat", "1",
-            "--no-baseline", "--results", str(tmp_path)]  # fmt: skip
-    assert latency.main(argv) == 0
-    (written,) = tmp_path.glob("latency-*.json")
-    report = json.loads(written.read_text())
+    report, written = _tiny_bench(tmp_path, "bf16")
     assert "illegal memory access" in report["errors"]["bf16"]
     run = report["precisions"]["bf16"]
     assert len(run["latency"]) == 6
@@ -256,11 +262,7 @@ def test_fp8_on_a_card_without_fp8_tensor_cores_is_measured_with_a_note(
 
     monkeypatch.setattr(latency, "cuda_capability", lambda device: (8, 0))
     monkeypatch.setattr(latency, "fuse_projections", stop)
-    argv = ["--size", "tiny", "--device", "cpu", "--precisions", "bf16,fp8", "--repeat", "1",
-            "--no-baseline", "--results", str(tmp_path)]  # fmt: skip
-    assert latency.main(argv) == 0
-    (written,) = tmp_path.glob("latency-*.json")
-    report = json.loads(written.read_text())
+    report, written = _tiny_bench(tmp_path, "bf16,fp8")
     assert report["precisions"]["fp8"]["warning"] == precision_warning("fp8", (8, 0))
     assert "warning" not in report["precisions"]["bf16"]
     assert "note (fp8): fp8 weights on a GPU of compute capability 8.0" in (
