@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardrt.bench.options import PRECISIONS  # torch-free
+
 LATENCY_MS = {"text safe": 14.0, "text unsafe": 30.0, "image+text safe": 45.0,
               "image+text unsafe": 60.0}  # fmt: skip
 CASES = ("text safe", "text unsafe", "image+text safe", "image+text unsafe",
          "response+image safe", "response+image unsafe")  # fmt: skip
-EIGHT_BIT = ("int8", "fp8", "int8-wa")
+EIGHT_BIT = tuple(p for p in PRECISIONS if p != "bf16")  # each judged against bf16
 EIGHT_BIT_RATIO = 0.65
 THROUGHPUT = {"text": 300.0, "image+text": 25.0}  # requests/s, bf16
 MEMORY_GB = {"bf16": 24.0, "int8": 13.0}  # peak at batch 1
@@ -90,7 +92,7 @@ def checks(report: dict[str, Any]) -> list[Check]:
 def latency_table(report: dict[str, Any]) -> str:
     """p50 ms per case and precision (8-bit ones with their ratio to bf16), bf16's floor,
     transformers eager bf16, and the target."""
-    precisions = [p for p in ("bf16", *EIGHT_BIT) if p in report["precisions"]]
+    precisions = [p for p in PRECISIONS if p in report["precisions"]]
     base = report.get("transformers", {}).get("latency", {})
     head = ["case (batch 1)", *(f"guardrt {p}" for p in precisions), "floor (bf16)",
             "transformers eager bf16", "target"]  # fmt: skip

@@ -86,7 +86,8 @@ GPUS: dict[str, dict[str, Any]] = {
     "l40s": {"name": "fake L40S", "capability": (8, 9), "arch": 89, "sms": 142,
              "memory": 48 << 30, "l2": 96 << 20, "shared": 101376},
 }  # fmt: skip
-GPU: dict[str, Any] = GPUS["h100"]  # the card the run fakes (`--gpu`)
+GPU: dict[str, Any] = dict(GPUS["h100"])  # the card the run fakes (`--gpu`); a copy, as main
+# updates it in place (the patches read it) and GPUS must keep every card's own figures
 CAPTURED: list[str] = []  # each capture: "ok" or what it refused
 _STATE = {"capturing": False, "warm": False}  # inside torch.cuda.graph; serving after warm-up
 SEEN: set[tuple[str, Any]] = set()  # (kernel, specialization) compiled so far, for the times
