@@ -1,6 +1,6 @@
 """guardrt's CUDA code paths on a machine without a GPU, with torch's CUDA build (issue 8).
 
-    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda [--size full] [--gpu h100|a100|l40s]
+    PYTHONPATH=. VENV/bin/python -m tests.fake_cuda [--size full] [--gpu h100|h200|a100|l40s]
     # VENV: torch's CUDA wheel
 
 A lent GPU comes rarely and for minutes; a fault that only shows on CUDA tensors (an index made
@@ -35,9 +35,10 @@ that does not compile for that architecture, or needs more shared memory than th
 block have (Triton checks it at launch), fails its launch. The compile times are printed:
 what a fresh GPU machine's warm-up spends compiling, on this machine's CPU.
 
-`--gpu` picks the card: an H100 (sm 9.0, the default: fp8, int8 and fused kernels), an A100
-(sm 8.0: no fp8 tensor cores, so fp8 weights take the reference path) or an L40S (sm 8.9:
-fp8, and 99 KB of shared memory a block against the H100's 227 KB).
+`--gpu` picks the card: an H100 (sm 9.0, the default: fp8, int8 and fused kernels), an H200
+(the H100's chip with more memory and L2: the card the device tool lends now), an A100 (sm 8.0:
+no fp8 tensor cores, so fp8 weights take the reference path) or an L40S (sm 8.9: fp8, and 99 KB
+of shared memory a block against the H100's 227 KB).
 
 What it cannot check, so stubs stand in (each patch below says why): values (readbacks give
 zeros, so verdicts are meaningless: constrained decoding answers `unsafe` on zeros), the
@@ -85,6 +86,10 @@ GPUS: dict[str, dict[str, Any]] = {
              "memory": 80 << 30, "l2": 40 << 20, "shared": 166912},
     "l40s": {"name": "fake L40S", "capability": (8, 9), "arch": 89, "sms": 142,
              "memory": 48 << 30, "l2": 96 << 20, "shared": 101376},
+    # The kind the device tool lends now: the H100's chip (sm 9.0, its SMs and shared memory)
+    # with 141 GB of HBM3e and, as PyTorch reported there (KINDS.md), 60 MB of L2.
+    "h200": {"name": "fake H200", "capability": (9, 0), "arch": 90, "sms": 132,
+             "memory": 143771 << 20, "l2": 60 << 20, "shared": 232448},
 }  # fmt: skip
 GPU: dict[str, Any] = dict(GPUS["h100"])  # the card the run fakes (`--gpu`); a copy, as main
 # updates it in place (the patches read it) and GPUS must keep every card's own figures
