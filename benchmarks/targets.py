@@ -53,9 +53,14 @@ class Check:
         return f"| {self.target} | {shown} | {sign} {self.limit:g} {self.unit} | {self.verdict} |"
 
 
+def _row(report: dict[str, Any], precision: str, case: str) -> dict[str, Any]:
+    """A case's latency figures in one precision's run ({} where the run lacks it)."""
+    row: dict[str, Any] = report["precisions"].get(precision, {}).get("latency", {}).get(case, {})
+    return row
+
+
 def _p50(report: dict[str, Any], precision: str, case: str) -> float | None:
-    row = report["precisions"].get(precision, {}).get("latency", {}).get(case)
-    return row["p50_ms"] if row else None
+    return _row(report, precision, case).get("p50_ms")
 
 
 def _best_rate(report: dict[str, Any], precision: str, name: str) -> float | None:
@@ -107,7 +112,7 @@ def latency_table(report: dict[str, Any]) -> str:
                 cells.append(f"{ours:.1f} ({ours / bf16:.2f}×)")
             else:
                 cells.append(f"{ours:.1f}")
-        row = report["precisions"].get("bf16", {}).get("latency", {}).get(case, {})
+        row = _row(report, "bf16", case)
         cells.append(f"{row['floor_ms']:.1f}" if "floor_ms" in row else "—")
         theirs = base.get(case, {}).get("p50_ms")
         cells.append(f"{theirs:.1f}" if theirs else "—")

@@ -68,6 +68,10 @@ def test_forced_paths(
     assert again.generated == decoded.generated
 
 
+# The engine the throughput tests' steps stand for, as the scheduler sees it.
+_INFO = EngineInfo("torch", "cpu", "fp32", "transformers", "constrained", 2, 1024)
+
+
 class _FailingSteps(CountingSteps):
     """Steps that fail every forward once `armed` (an out-of-memory batch, say)."""
 
@@ -93,9 +97,8 @@ def test_throughput_refuses_to_count_failed_requests(
             super().start()
 
     monkeypatch.setattr(cases, "Scheduler", Arming)
-    info = EngineInfo("torch", "cpu", "fp32", "transformers", "constrained", 2, 1024)
     with pytest.raises(RuntimeError) as raised:
-        cases.throughput(steps, requests["text"], 2, 8, cases.no_sync, info)
+        cases.throughput(steps, requests["text"], 2, 8, cases.no_sync, _INFO)
     message = str(raised.value)
     assert "requests failed at concurrency 2 (engine)" in message
     assert "RuntimeError: CUDA out of memory" in message
@@ -108,8 +111,7 @@ def test_throughput_counts_every_request_when_none_fails(
     model: MllamaModel, requests: dict[str, PreparedRequest]
 ) -> None:
     steps = CountingSteps(TorchSteps(model))
-    info = EngineInfo("torch", "cpu", "fp32", "transformers", "constrained", 2, 1024)
-    measured = cases.throughput(steps, requests["text"], 2, 5, cases.no_sync, info)
+    measured = cases.throughput(steps, requests["text"], 2, 5, cases.no_sync, _INFO)
     assert measured.requests == 5
     assert measured.requests_per_s > 0
     assert 1 <= measured.mean_batch <= 2

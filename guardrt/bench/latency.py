@@ -111,7 +111,7 @@ def _free(device: torch.device) -> None:
 def _note_precision(device: torch.device, precision: str, run: dict[str, Any]) -> None:
     """fp8 on a card without fp8 tensor cores is measured all the same, with a note of why it is
     slower than bf16 (the warning the engine logs when it loads such weights)."""
-    warning = precision_warning("fp8" if precision == "fp8" else None, cuda_capability(device))
+    warning = precision_warning(precision, cuda_capability(device))
     if warning:
         run["warning"] = warning
         print(f"{precision}: {warning}")

@@ -84,10 +84,10 @@ def choose_path(
 
 
 def precision_warning(kind: str | None, capability: Capability | None) -> str | None:
-    """What a load of `kind` weights ("int8", "fp8" or None) on a CUDA device of `capability`
-    (None: not CUDA) should warn of: fp8 weights where the GPU has no fp8 tensor cores take the
-    reference path, a dequantization of every weight on every step, slower than bf16; int8's
-    Triton kernel and cast run from sm 8.0."""
+    """What a load of `kind` weights (a quantization or precision name: "int8", "fp8", "bf16",
+    ...; or None) on a CUDA device of `capability` (None: not CUDA) should warn of: fp8 weights
+    where the GPU has no fp8 tensor cores take the reference path, a dequantization of every
+    weight on every step, slower than bf16; int8's Triton kernel and cast run from sm 8.0."""
     if kind != "fp8" or capability is None or capability >= FP8_MIN_CAPABILITY:
         return None
     major, minor = capability
