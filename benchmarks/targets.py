@@ -9,6 +9,11 @@ Targets (batch 1, bf16 unless noted; issue 8): text `safe` ≤ 14 ms, `unsafe` +
 on each of those cases; throughput ≥ 300 text and ≥ 25 image requests/s (the best concurrency);
 peak memory at batch 1 ≤ 24 GB in bf16 and ≤ 13 GB in int8. A target whose figure the run
 lacks (a skipped phase, an error) is "not measured", never met.
+
+The targets were set for an H100. A run on another card (the device tool lends an H200 now) is
+judged against them all the same, under a line that sets the run's own measured ceilings
+beside the H100's: memory-bound work (text verdicts, decode steps) scales with the copy rate,
+compute-bound work (the image prefill) with the matrix rate.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ EIGHT_BIT = tuple(p for p in PRECISIONS if p != "bf16")  # each judged against b
 EIGHT_BIT_RATIO = 0.65
 THROUGHPUT = {"text": 300.0, "image+text": 25.0}  # requests/s, bf16
 MEMORY_GB = {"bf16": 24.0, "int8": 13.0}  # peak at batch 1
+# The card the targets name, and its ceilings measured there (../shared/measurements/README.md,
+# 2026-11-27: device-to-device copy in TB/s, a bf16 8192³ product in TFLOP/s).
+TARGET_CARD, TARGET_COPY_TBS, TARGET_BF16_TFLOPS = "H100", 2.94, 771.0
 
 
 @dataclass(frozen=True)
@@ -122,11 +130,34 @@ def latency_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def card_lines(report: dict[str, Any]) -> list[str]:
+    """The run's measured ceilings and, on a card other than the targets' H100, how they compare
+    with the H100's (none where the run recorded no ceilings)."""
+    ceilings = report.get("ceilings") or {}
+    copy_tbs = (ceilings.get("copy_bytes_per_s") or 0.0) / 1e12
+    bf16_tflops = (ceilings.get("bf16_flops_per_s") or 0.0) / 1e12
+    if not copy_tbs or not bf16_tflops:
+        return []
+    lines = [f"Ceilings measured in this run: copy {copy_tbs:.2f} TB/s, bf16 matrix "
+             f"{bf16_tflops:.0f} TFLOP/s."]  # fmt: skip
+    if TARGET_CARD not in report["device"]:
+        lines.append(
+            f"The targets are the {TARGET_CARD}'s (measured there: copy {TARGET_COPY_TBS:.2f} "
+            f"TB/s, bf16 {TARGET_BF16_TFLOPS:.0f} TFLOP/s). Against those, this card's "
+            f"memory-bound work (text verdicts, decode steps) may run "
+            f"{copy_tbs / TARGET_COPY_TBS:.2f}× as fast, its compute-bound work (the image "
+            f"prefill) {bf16_tflops / TARGET_BF16_TFLOPS:.2f}×."
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     found = checks(report)
     missing = [c.target for c in found if c.measured is None]
+    card = card_lines(report)
     parts = [
         f"{report['device']}; torch {report.get('torch', '?')}; {report.get('model', '')}",
+        *(["", *card] if card else []),
         "",
         latency_table(report),
         "",

@@ -24,6 +24,8 @@ def _report() -> dict[str, Any]:
         "device": "NVIDIA H200",
         "torch": "2.11.0+cu130",
         "model": "full architecture, random bf16 weights",
+        # KINDS.md's H200 figures, rounded: 1.46× the H100's copy rate, 1.02× its matrix rate
+        "ceilings": {"copy_bytes_per_s": 4.3e12, "bf16_flops_per_s": 790e12},
         "precisions": {
             "bf16": {
                 "latency": bf16,  # text safe 10 (≤ 14), text unsafe 20, image safe 30, unsafe 40
@@ -90,6 +92,20 @@ def test_the_table_gives_each_case_its_figures() -> None:
     assert lines[6] == "| response+image safe | 50.0 | — | 5.0 | — |  |"
 
 
+def test_a_run_on_another_card_sets_its_ceilings_beside_the_h100s() -> None:
+    """The targets are the H100's: a run on the H200 says so, with both cards' ceilings, since
+    its faster memory flatters the memory-bound (text) verdicts."""
+    lines = targets.markdown(_report()).splitlines()
+    assert lines[2] == "Ceilings measured in this run: copy 4.30 TB/s, bf16 matrix 790 TFLOP/s."
+    assert lines[3] == (
+        "The targets are the H100's (measured there: copy 2.94 TB/s, bf16 771 TFLOP/s). Against "
+        "those, this card's memory-bound work (text verdicts, decode steps) may run 1.46× as "
+        "fast, its compute-bound work (the image prefill) 1.02×."
+    )
+    no_ceilings = {k: v for k, v in _report().items() if k != "ceilings"}
+    assert targets.markdown(no_ceilings).splitlines()[2].startswith("| case (batch 1) |")
+
+
 def test_a_real_run(capsys: pytest.CaptureFixture[str]) -> None:
     """The H100's run 3 (bf16, eager decoding steps, before the CUDA graphs): every latency
     target missed, as the README says, and the 8-bit ones not measured."""
@@ -97,6 +113,9 @@ def test_a_real_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert targets.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("NVIDIA H100 80GB HBM3; torch 2.11.0+cu130")
+    # The targets' own card: its ceilings, no comparison.
+    assert "\nCeilings measured in this run: copy 2.90 TB/s, bf16 matrix 732 TFLOP/s.\n" in out
+    assert "The targets are the H100's" not in out
     assert "| text safe | 38.5 | 8.5 | 86.9 | ≤ 14 |" in out
     verdicts = _verdicts(json.loads(path.read_text()))
     assert verdicts["text safe, bf16 p50"] == "missed"
