@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -277,8 +278,23 @@ def _add_serve(commands: Any) -> None:
         "--auth-token-file",
         help="file of static bearer tokens, one per line (also $GUARDRT_AUTH_TOKENS)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
     serve.set_defaults(handler=_serve)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return seconds
 
 
 def _add_moderate(commands: Any) -> None:
@@ -290,7 +306,9 @@ def _add_moderate(commands: Any) -> None:
     client.add_argument("--exclude", default="", help="category codes to leave out, e.g. S1,S13")
     client.add_argument("--token", help="bearer token")
     client.add_argument("--tls-ca", help="PEM CA bundle to verify the server (enables TLS)")
-    client.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    client.add_argument(
+        "--timeout", type=_positive_seconds, default=30.0, help="deadline in seconds"
+    )
     client.add_argument("--json", action="store_true", help="print the whole response as JSON")
     client.set_defaults(handler=_moderate)
 

@@ -254,6 +254,56 @@ def test_refused_messages(messages: Any, reason: PromptReason, names: str) -> No
     assert SECRET not in message
 
 
+SYSTEM = {"role": "system", "content": SECRET}
+
+
+def test_ignored_roles_are_left_out_unread() -> None:
+    unread = {"role": "developer", "content": object(), "name": "x"}  # neither key checked
+    messages = [SYSTEM, user("hi"), unread, agent("ok")]
+    got = parse_messages(messages, ignored_roles=("developer", "system"))
+    assert got == parse_messages([user("hi"), agent("ok")])
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason", "names"),
+    [
+        pytest.param(
+            [SYSTEM, agent()],
+            PromptReason.ROLE,
+            "message 1 has role 'assistant'; expected 'user': roles must alternate user/assistant"
+            " starting with user (system messages are ignored)",
+            id="alternation-counts-kept-messages",
+        ),
+        pytest.param(
+            [SYSTEM, user([text(), image(), image()])],
+            PromptReason.IMAGES,
+            "message 1 part 2 is a second image (the first is message 1 part 1)",
+            id="indexes-count-ignored-messages",
+        ),
+        pytest.param(
+            [SYSTEM, SYSTEM], PromptReason.EMPTY, "no user or assistant message", id="all"
+        ),
+        pytest.param(
+            [{"role": ["system"], "content": SECRET}],  # unhashable: compared, not hashed
+            PromptReason.ROLE,
+            "message 0 has role an invalid role",
+            id="unhashable-role",
+        ),
+    ],
+)
+def test_refused_with_ignored_roles(messages: Any, reason: PromptReason, names: str) -> None:
+    with pytest.raises(PromptError) as info:
+        parse_messages(messages, ignored_roles=frozenset({"system"}))
+    assert info.value.reason is reason, str(info.value)
+    assert names in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_system_messages_are_refused_unless_ignored() -> None:
+    with pytest.raises(PromptError, match=r"message 0 has role 'system'.*no system message"):
+        parse_messages([SYSTEM, user()])
+
+
 # --- the policy -------------------------------------------------------------------------------
 
 

@@ -226,6 +226,9 @@ def chat_body(**fields: Any) -> bytes:
     return json.dumps({"model": GUARD, "messages": USER_X} | fields).encode()
 
 
+SYSTEM = {"role": "system", "content": "You are an AI assistant who knows everything."}
+
+
 def image_message(url: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
 
@@ -241,7 +244,27 @@ def image_message(url: str) -> list[dict[str, Any]]:
         (chat_body(temperature=9), 400, "temperature"),
         (chat_body(messages=[{"role": "assistant", "content": "x"}]), 400, "role 'assistant'"),
         (chat_body(messages=image_message("https://x.org/a.png")), 400, "no outbound"),
-        (chat_body(messages=image_message("data:image/png;base64,AAAA")), 400, "image"),
+        (
+            chat_body(messages=[SYSTEM, *image_message("data:image/png;base64,AAAA")]),
+            400,
+            "message 1 part 0: image data is not a supported format",
+        ),
+        (
+            chat_body(messages=[SYSTEM, {"role": "assistant", "content": "x"}]),
+            400,
+            "message 1 has role 'assistant'",  # numbered as the body, the system message too
+        ),
+        (chat_body(messages=[SYSTEM]), 400, "no user or assistant message"),
+        (
+            chat_body(guardrt={"excluded": ["S1"]}),  # misspelt: not a silently unused policy
+            400,
+            "guardrt has unknown key 'excluded'; known: categories, exclude",
+        ),
+        (
+            chat_body(guardrt={"categories": [{"code": "S1", "desc": "Spam."}]}),
+            400,
+            "guardrt.categories[0] has unknown key 'desc'; known: code, description",
+        ),
         (chat_body(messages=[]), 400, "non-empty"),
         (
             chat_body(response_format={"type": "json_object"}),
@@ -263,6 +286,10 @@ def image_message(url: str) -> list[dict[str, Any]]:
         "roles",
         "remote-url",
         "bad-image",
+        "roles-after-system",
+        "only-system",
+        "unknown-extension-key",
+        "unknown-category-key",
         "empty",
         "json-format",
         "format-not-object",
@@ -278,6 +305,16 @@ def test_chat_errors_in_openai_shape(
     assert code == status
     assert set(payload["error"]) == {"message", "type", "param", "code"}
     assert fragment in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/moderations"])
+def test_a_misspelt_policy_key_is_refused_by_name(server: ServerThread, path: str) -> None:
+    body = json.loads(chat_body(guardrt={"exclude": ["S13"], "exclude_categories": ["S1"]}))
+    body["input"] = "x"
+    code, payload = post(server, path, json.dumps(body).encode())
+    assert code == 400
+    assert payload["error"]["param"] == "guardrt.exclude_categories"
+    assert payload["error"]["code"] == "unknown_key"
 
 
 def test_auth_and_body_limit(engine: Engine, preparer: Preparer, server: ServerThread) -> None:
@@ -339,6 +376,31 @@ def test_queue_full_is_a_429(preparer: Preparer) -> None:
         busy.gate.set()
         assert busy.running.result()[0] == 200
         assert queued.result()[0] == 200
+
+
+def test_a_refused_moderations_call_leaves_no_work_behind(preparer: Preparer) -> None:
+    """Three inputs, two free places in the queue: the call is a 429 and the two inputs queued
+    before the third was refused are dropped unrun, not judged for an answer nobody gets."""
+    with one_call_in_flight(preparer, 2, max_queue=3) as busy:
+        server = busy.server
+        queued = busy.pool.submit(post, server, "/chat/completions", chat_body())
+        wait_until(lambda: server.stack.scheduler.depth() == 1)
+        code, payload = post(server, "/moderations", b'{"input": ["a", "b", "c"]}')
+        assert code == 429
+        assert payload["error"]["code"] == "server_overloaded"
+        assert server.stack.scheduler.depth() == 1  # the other call's, still queued
+        busy.gate.set()
+        assert busy.running.result()[0] == 200
+        assert queued.result()[0] == 200
+        assert len(busy.engine.batches) == busy.ran + 2  # the two calls, none of the three
+
+
+def test_more_moderation_inputs_than_the_queue_holds_is_a_400(preparer: Preparer) -> None:
+    with serving(FakeEngine(), preparer, max_queue=2) as server:
+        code, payload = post(server, "/moderations", b'{"input": ["a", "b", "c"]}')
+        assert code == 400  # never a 429: no retry could succeed
+        assert "the call has 3 inputs; this server queues at most 2" in payload["error"]["message"]
+        assert post(server, "/moderations", b'{"input": ["a", "b"]}')[0] == 200
 
 
 def post_with(

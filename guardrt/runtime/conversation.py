@@ -14,7 +14,7 @@ Every refusal is a `PromptError` naming the message index, part index or key, ne
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from guardrt.runtime.errors import PromptError, PromptReason
@@ -87,11 +87,16 @@ def _parts(content: object, index: int) -> Sequence[object]:
     )
 
 
-def _role(message: object, index: int) -> Role:
+def _message(message: object, index: int) -> Mapping[object, object]:
     if not isinstance(message, Mapping):
         raise PromptError(
             PromptReason.CONTENT, f"message {index} is {type(message).__name__}, not an object"
         )
+    return message
+
+
+def _check_turn(message: Mapping[object, object], index: int, turn: int, rule: str) -> Role:
+    """The role of the conversation's `turn`-th kept message (`index` in the caller's list)."""
     unknown = sorted(set(message) - _MESSAGE_KEYS, key=str)
     if unknown:
         raise PromptError(
@@ -100,30 +105,46 @@ def _role(message: object, index: int) -> Role:
     if "content" not in message:
         raise PromptError(PromptReason.CONTENT, f"message {index} has no content")
     role = message.get("role")
-    expected = Role.USER if index % 2 == 0 else Role.ASSISTANT
+    expected = Role.USER if turn % 2 == 0 else Role.ASSISTANT
     if role != expected.value:
         # Only a short role is echoed: a long one may be misplaced user text.
         shown = repr(role) if isinstance(role, str) and len(role) <= 20 else "an invalid role"
         raise PromptError(
             PromptReason.ROLE,
             f"message {index} has role {shown}; expected {expected.value!r}: roles must "
-            "alternate user/assistant starting with user (no system message)",
+            f"alternate user/assistant starting with user ({rule})",
         )
     return expected
 
 
-def parse_messages(messages: Sequence[Mapping[str, object]] | Conversation) -> Conversation:
-    """Validate `messages` into a `Conversation` (a `Conversation` is returned as is)."""
+def parse_messages(
+    messages: Sequence[Mapping[str, object]] | Conversation,
+    *,
+    ignored_roles: Collection[str] = (),
+) -> Conversation:
+    """Validate `messages` into a `Conversation` (a `Conversation` is returned as is).
+
+    Messages whose role is in `ignored_roles` are left out unread (the OpenAI-compatible API
+    passes "system" and "developer": the template has no system role, and the hosted API's own
+    sample sends one); errors still number messages as the caller's list does."""
     if isinstance(messages, Conversation):
         return messages
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise PromptError(PromptReason.CONTENT, "messages must be a list of message objects")
     if not messages:
         raise PromptError(PromptReason.EMPTY, "the conversation has no messages")
+    rule = (
+        f"{' and '.join(sorted(ignored_roles))} messages are ignored"
+        if ignored_roles
+        else "no system message"
+    )
     turns: list[Turn] = []
     image: ImagePart | None = None
-    for index, message in enumerate(messages):
-        role = _role(message, index)
+    for index, raw in enumerate(messages):
+        message = _message(raw, index)
+        if isinstance(message.get("role"), str) and message.get("role") in ignored_roles:
+            continue
+        role = _check_turn(message, index, len(turns), rule)
         texts: list[str] = []
         for part_index, part in enumerate(_parts(message["content"], index)):
             where = f"message {index} part {part_index}"
@@ -150,4 +171,6 @@ def parse_messages(messages: Sequence[Mapping[str, object]] | Conversation) -> C
             else:
                 image = ImagePart(index, part_index, part.get("image"))
         turns.append(Turn(role, tuple(texts)))
+    if not turns:  # every message was of an ignored role
+        raise PromptError(PromptReason.EMPTY, "the conversation has no user or assistant message")
     return Conversation(turns=tuple(turns), image=image)

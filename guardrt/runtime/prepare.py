@@ -6,12 +6,12 @@ No torch: the servers run this on worker threads for every back end.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 from guardrt.runtime.conversation import parse_messages
-from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
+from guardrt.runtime.errors import ConfigError, ImageError, PromptError, PromptReason
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.policy import CategoriesInput, Policy, make_policy
 from guardrt.runtime.preprocess import ImageConfig, preprocess_image
@@ -38,20 +38,26 @@ class Preparer:
         *,
         categories: CategoriesInput | None = None,
         excluded_categories: Iterable[str] = (),
+        ignored_roles: Collection[str] = (),
     ) -> PreparedRequest:
-        """Validate, render, tokenize and tile one request; raises PromptError / ImageError."""
-        conversation = parse_messages(messages)
+        """Validate, render, tokenize and tile one request; raises PromptError / ImageError.
+        Messages of `ignored_roles` are left out (`parse_messages`)."""
+        conversation = parse_messages(messages, ignored_roles=ignored_roles)
         policy = make_policy(categories, excluded_categories)
         image = None
         if conversation.image is not None:
+            where = (
+                f"message {conversation.image.message_index} part {conversation.image.part_index}"
+            )
             if conversation.image.source is None:
                 raise PromptError(
-                    PromptReason.CONTENT,
-                    f"message {conversation.image.message_index} part "
-                    f"{conversation.image.part_index} is an image without its 'image' payload",
+                    PromptReason.CONTENT, f"{where} is an image without its 'image' payload"
                 )
             source: Any = conversation.image.source  # preprocess_image checks what it is
-            image = preprocess_image(source, config=self.image_config)
+            try:
+                image = preprocess_image(source, config=self.image_config)
+            except ImageError as exc:  # said where, as every conversation error is
+                raise ImageError(exc.reason, f"{where}: {exc}") from exc
         encoder = prompt_encoder(self.tokenizer)
         prompt = encoder.encode(conversation, policy)
         # A text-only prompt's head is shared by every request with its policy (prefixes.py).

@@ -47,6 +47,19 @@ class EngineOptions:
     # (`engine/step_blocks.py`: the graphs' attention holds a block's scores, not a prompt's)
     max_step_tokens: int = 1024
 
+    def check_sizes(self) -> None:
+        """A ConfigError naming the first size out of range (every back end asks first)."""
+        for name, low in (
+            ("max_batch", 1),
+            ("max_seq", 64),
+            ("max_sessions", 0),
+            ("max_prefixes", 0),
+            ("max_step_tokens", 1),
+        ):
+            value = getattr(self, name)
+            if value < low:
+                raise ConfigError(f"{name} {value} must be ≥ {low}")
+
 
 @dataclass(frozen=True)
 class EngineInfo:

@@ -192,15 +192,7 @@ def check_options(
             f"{directory} is a {manifest.precision} engine; dtype {options.dtype!r} cannot be "
             "chosen at load time (export another precision)"
         )
-    if options.max_batch < 1 or options.max_sessions < 0 or options.max_prefixes < 0:
-        raise ConfigError(
-            f"max_batch {options.max_batch} must be ≥ 1, max_sessions {options.max_sessions} "
-            f"and max_prefixes {options.max_prefixes} ≥ 0"
-        )
-    if options.max_seq < 64:
-        raise ConfigError(f"max_seq {options.max_seq} must be ≥ 64")
-    if options.max_step_tokens < 1:
-        raise ConfigError(f"max_step_tokens {options.max_step_tokens} must be ≥ 1")
+    options.check_sizes()
     if bounded and options.max_batch > manifest.max_batch:
         raise ConfigError(
             f"max_batch {options.max_batch} exceeds the {manifest.max_batch} {directory} was "

@@ -83,16 +83,7 @@ class TorchEngine:
         if options.warmup_max_batch < 1:
             raise ConfigError(f"warmup_max_batch {options.warmup_max_batch} must be ≥ 1")
         self.options = options
-        if (
-            options.max_batch < 1
-            or options.max_seq < 64
-            or options.max_sessions < 0
-            or options.max_prefixes < 0
-        ):
-            raise ConfigError(
-                f"max_batch {options.max_batch} must be ≥ 1, max_seq {options.max_seq} ≥ 64"
-                f", max_sessions {options.max_sessions} and max_prefixes {options.max_prefixes} ≥ 0"
-            )
+        options.check_sizes()
         name = options.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,6 +16,8 @@ from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
 
 def build_request(args: argparse.Namespace) -> pb.ModerateRequest:
+    if not args.text and not args.image and args.response is None:
+        raise ConfigError("nothing to judge: give --text, --image or --response")
     user = pb.Message(role=pb.USER)
     if args.image:
         try:
@@ -33,7 +35,11 @@ def build_request(args: argparse.Namespace) -> pb.ModerateRequest:
 def moderate_once(args: argparse.Namespace) -> int:
     request = build_request(args)
     if args.tls_ca:
-        credentials = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        try:
+            ca = Path(args.tls_ca).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror}") from exc
+        credentials = grpc.ssl_channel_credentials(ca)
         channel = grpc.secure_channel(args.server, credentials)
     else:
         channel = grpc.insecure_channel(args.server)

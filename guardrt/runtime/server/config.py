@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +84,21 @@ class ServerConfig:
             raise ConfigError(f"grpc port {self.grpc_port} is not a port number")
         if not -1 <= self.http_port < 65536:
             raise ConfigError(f"http port {self.http_port} is not a port number (or -1: off)")
+        if self.http_port == self.grpc_port != 0:
+            raise ConfigError(f"http port {self.http_port} is the grpc port too: give each its own")
         if self.warmup_max_batch < 1:
             raise ConfigError(f"warmup_max_batch must be at least 1, not {self.warmup_max_batch}")
         if self.batching not in POLICIES:
             raise ConfigError(f"batching {self.batching!r} is not one of {', '.join(POLICIES)}")
-        if self.max_wait_ms < 0 or self.grace_s < 0 or self.workers < 1:
-            raise ConfigError("max_wait_ms and grace_s must be ≥ 0 and workers ≥ 1")
+        for name in ("max_wait_ms", "grace_s"):  # NaN fails here too (it would wait forever)
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number ≥ 0, not {getattr(self, name)}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, not {self.workers}")
+        if self.max_streams < 0:
+            raise ConfigError(
+                f"max_streams must be ≥ 0 (0: no cache slots), not {self.max_streams}"
+            )
 
 
 def bearer_allowed(authorization: str, tokens: frozenset[str]) -> bool:

@@ -28,7 +28,10 @@ def messages_from_proto(messages: Any) -> list[dict[str, Any]]:
                 parts.append({"type": "image", "image": content.image})
             else:
                 parts.append({"type": None})
-        converted.append({"role": _ROLES.get(message.role, "unspecified"), "content": parts})
+        role = _ROLES.get(message.role) or (
+            "unspecified" if message.role == pb.ROLE_UNSPECIFIED else f"enum value {message.role}"
+        )  # a value newer than this server's proto arrives as its number
+        converted.append({"role": role, "content": parts})
     return converted
 
 

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from guardrt.runtime.errors import GuardrtError
+from guardrt.runtime.errors import ConfigError, GuardrtError
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
 from guardrt.runtime.server.metrics import Metrics
@@ -183,6 +183,9 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # gRPC's default SO_REUSEPORT lets a second server bind a port in use and take part
+        # of its calls, silently: a port in use must be an error.
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
     servicer = ModerationServicer(service, info, config, metrics)
@@ -193,14 +196,19 @@ def build_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.grpc_port}"
-    if config.tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        key, cert, client_ca = config.tls.credentials()
-        credentials = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-        )
-        port = server.add_secure_port(address, credentials)
+    try:
+        if config.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            key, cert, client_ca = config.tls.credentials()
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpcio's "Failed to bind to address ..."
+        raise ConfigError(f"gRPC: cannot listen on {address} (in use, or not allowed)") from exc
     return server, port, health_servicer
 
 

@@ -16,7 +16,6 @@ cancels its call: queued work is dropped unrun. `X-Request-Timeout` (or the `ope
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -25,13 +24,12 @@ from typing import Any
 
 from aiohttp import web
 
-from guardrt.runtime.errors import GuardrtError
+from guardrt.runtime.errors import ConfigError, GuardrtError
 from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.service import (
-    ModerationResult,
     ModerationService,
     checked_request_id,
 )
@@ -145,9 +143,7 @@ class HttpApi:
         request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
         deadline = oa.request_deadline(request.headers, time.monotonic())
         inputs = oa.parse_moderations(await self._json(request), self.served, request_id)
-        results: list[ModerationResult] = await asyncio.gather(
-            *(self.service.moderate(item, deadline) for item in inputs.items)
-        )
+        results = await self.service.moderate_all(inputs.items, deadline)
         for result in results:
             self.metrics.answered(request.path, result.timing)
         body = [
@@ -202,7 +198,11 @@ async def start_http(
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"HTTP API: cannot listen on {host}:{port}: {exc.strerror}") from exc
     sockets = getattr(site._server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port
     return runner, int(bound)

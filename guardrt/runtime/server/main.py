@@ -24,6 +24,7 @@ from aiohttp import web
 from guardrt import __version__
 from guardrt.runtime.batching import POLICIES
 from guardrt.runtime.engine import Engine, backend_for, load_engine
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
@@ -33,6 +34,7 @@ from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import build_server, set_serving
 from guardrt.runtime.server.http_server import build_http_app, start_http
 from guardrt.runtime.server.metrics import Metrics
+from guardrt.runtime.server.ports import check_bindable
 from guardrt.runtime.server.service import Limits, ModerationService
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -124,6 +126,10 @@ def self_check(stack: Stack) -> str:
 
 async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
+    # A port in use stops the start before the model's minutes of loading, not after.
+    check_bindable(config.host, config.grpc_port, "gRPC")
+    if config.http_port >= 0:
+        check_bindable(config.host, config.http_port, "HTTP API")
     stack = await loop.run_in_executor(None, build_stack, config)
     print(self_check(stack), flush=True)
     server, port = create_server(config, stack)
@@ -134,7 +140,14 @@ async def serve(config: ServerConfig) -> int:
     runner = None
     if config.http_port >= 0:
         app = build_http_app(config, stack.service, stack.metrics, lambda: stack.ready)
-        runner, http_port = await start_http(app, config.host, config.http_port, config.grace_s)
+        try:
+            runner, http_port = await start_http(app, config.host, config.http_port, config.grace_s)
+        except ConfigError:  # taken since the check: stop what was started, then say why
+            await server.stop(None)
+            stack.scheduler.drain(5)  # nothing was queued: it stops at once
+            stack.engine.close()
+            stack.service.executor.shutdown(wait=False)
+            raise
         print(f"OpenAI-compatible HTTP API on {config.host}:{http_port}", flush=True)
     if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)

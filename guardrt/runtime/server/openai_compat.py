@@ -21,6 +21,9 @@ from guardrt.runtime.server.service import ModerationInput, ModerationResult
 from guardrt.runtime.verdict import Label
 
 ALIASES = ("meta-llama/Llama-Guard-3-11B-Vision", "meta-llama/Llama-Guard-3-11B-Vision-Turbo")
+# Chat messages accepted and ignored: Llama Guard's template has no system role, and the hosted
+# API's own sample sends one.
+IGNORED_ROLES = ("developer", "system")
 # OpenAI-style snake_case names of the hazard categories (moderations' keys).
 CATEGORY_NAMES = {
     "S1": "violent_crimes",
@@ -143,16 +146,38 @@ def _content_parts(content: object, where: str) -> list[dict[str, Any]]:
     return parts
 
 
+_EXTENSION_KEYS = ("categories", "exclude")
+_CATEGORY_KEYS = ("code", "description")
+
+
+def _refuse_unknown(fields: Mapping[Any, Any], known: Sequence[str], where: str) -> None:
+    unknown = sorted((key for key in fields if key not in known), key=str)
+    if unknown:
+        shown = repr(unknown[0])[:40]
+        raise _bad(
+            f"{where} has unknown key {shown}; known: {', '.join(known)}",
+            param=f"{where}.{unknown[0]}"[:80],
+            code="unknown_key",
+        )
+
+
 def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
     """The `guardrt` extension field: {"categories": [{"code", "description"}], "exclude": []}."""
     extension = body.get("guardrt") or {}
     if not isinstance(extension, Mapping):
         raise _bad("guardrt must be an object", param="guardrt")
+    # A misspelt key ("excluded") must not leave the policy silently unchanged.
+    _refuse_unknown(extension, _EXTENSION_KEYS, "guardrt")
     raw = extension.get("categories")
     categories = None
     if raw is not None:
         if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
-            raise _bad("guardrt.categories must be a list of {code, description}")
+            raise _bad(
+                "guardrt.categories must be a list of {code, description}",
+                param="guardrt.categories",
+            )
+        for index, category in enumerate(raw):
+            _refuse_unknown(category, _CATEGORY_KEYS, f"guardrt.categories[{index}]")
         categories = [(c.get("code"), c.get("description")) for c in raw]
     exclude = extension.get("exclude", [])
     if not isinstance(exclude, list):
@@ -266,14 +291,15 @@ def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
         if not isinstance(message, Mapping):
             raise _bad(f"{where} must be an object", param=where)
         role = message.get("role")
-        if role in ("system", "developer"):
-            continue  # Llama Guard's template has no system role: accepted and ignored
+        if role in IGNORED_ROLES:  # kept in place (unread) so that errors number as the body
+            converted.append({"role": role})
+            continue
         converted.append({"role": role, "content": _content_parts(message.get("content"), where)})
     categories, exclude = policy_extension(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream must be true or false", param="stream")
-    item = ModerationInput(request_id, converted, categories, exclude)
+    item = ModerationInput(request_id, converted, categories, exclude, ignored_roles=IGNORED_ROLES)
     return ChatRequest(model, item, stream)
 
 

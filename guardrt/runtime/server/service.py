@@ -35,6 +35,9 @@ class ModerationInput:
     messages: Sequence[Mapping[str, Any]]
     categories: Sequence[tuple[str, str]] | None = None
     excluded: Sequence[str] = ()
+    # Roles whose messages are left out unread, numbering kept (`parse_messages`): the HTTP
+    # API's system and developer messages.
+    ignored_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,10 @@ class ModerationService:
                 f"{self.limits.max_text_chars}",
             )
         return self.preparer.prepare(
-            item.messages, categories=item.categories, excluded_categories=item.excluded
+            item.messages,
+            categories=item.categories,
+            excluded_categories=item.excluded,
+            ignored_roles=item.ignored_roles,
         )
 
     async def run(
@@ -146,6 +152,25 @@ class ModerationService:
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome, info
+
+    async def moderate_all(
+        self, items: Sequence[ModerationInput], deadline: float | None
+    ) -> list[ModerationResult]:
+        """Every item's verdict, or the first error and none of them: the rest are cancelled
+        (their queued work dropped unrun), so a refused call leaves no work behind. More items
+        than the queue holds could never all be queued: a ConfigError naming both counts."""
+        if len(items) > self.scheduler.max_queue:
+            raise ConfigError(
+                f"the call has {len(items)} inputs; this server queues at most "
+                f"{self.scheduler.max_queue} (--max-queue): split it"
+            )
+        tasks = [asyncio.ensure_future(self.moderate(item, deadline)) for item in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # after an error (or the caller's cancellation), nothing left running
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def moderate(
         self, item: ModerationInput, deadline: float | None, session: int | None = None

@@ -1,0 +1,113 @@
+"""`guardrt serve`'s ports and settings: a port in use, or a setting out of range, is an error
+that names it, before the model loads where it can be; never a traceback or a shared port."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.server import main as server_main
+from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.grpc_server import build_server
+from guardrt.runtime.server.ports import check_bindable
+from guardrt.v1 import moderation_pb2 as pb
+
+
+@contextmanager
+def held_port() -> Iterator[int]:
+    """A localhost port another listener holds (as a second server would meet it)."""
+    with socket.socket() as holder:
+        holder.bind(("localhost", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_a_held_port_is_named() -> None:
+    with (
+        held_port() as port,
+        pytest.raises(ConfigError, match=f"HTTP API: cannot listen on localhost:{port}: "),
+    ):
+        check_bindable("localhost", port, "HTTP API")
+    check_bindable("localhost", port, "HTTP API")  # released: bindable again
+    check_bindable("localhost", 0, "gRPC")  # any free port
+
+
+def test_an_unknown_host_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"gRPC: cannot resolve host 'no-such-host\.invalid'"):
+        check_bindable("no-such-host.invalid", 50051, "gRPC")
+
+
+def test_grpc_does_not_share_a_port_with_another_server() -> None:
+    """gRPC's default SO_REUSEPORT would let this bind succeed and split the first server's
+    calls between two processes."""
+
+    async def main() -> None:
+        first = grpc.aio.server(options=[("grpc.so_reuseport", 1)])  # as a default server binds
+        port = first.add_insecure_port("localhost:0")
+        config = ServerConfig(grpc_port=port, host="localhost", http_port=-1)
+        info = pb.ModelInfo(model="test")
+        with pytest.raises(ConfigError, match=f"gRPC: cannot listen on localhost:{port}"):
+            build_server(config, None, info)  # type: ignore[arg-type]
+        await first.stop(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"grpc_port": 50051, "http_port": 50051}, "http port 50051 is the grpc port too"),
+        ({"max_wait_ms": math.nan}, "max_wait_ms must be a finite number ≥ 0, not nan"),
+        ({"max_wait_ms": -1.0}, "max_wait_ms must be a finite number ≥ 0, not -1.0"),
+        ({"grace_s": math.inf}, "grace_s must be a finite number ≥ 0, not inf"),
+        ({"workers": 0}, "workers must be at least 1, not 0"),
+        ({"max_streams": -1}, "max_streams must be ≥ 0"),
+    ],
+    ids=["same-ports", "nan-wait", "negative-wait", "infinite-grace", "workers", "streams"],
+)
+def test_settings_out_of_range_are_named(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServerConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_a_held_port_stops_serve_before_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def load(config: ServerConfig) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    with held_port() as port:
+        config = ServerConfig(host="localhost", grpc_port=0, http_port=port)
+        with pytest.raises(ConfigError, match=f"HTTP API: cannot listen on localhost:{port}"):
+            asyncio.run(server_main.serve(config))
+
+
+def test_an_http_port_taken_after_the_check_stops_grpc_too(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check cannot see a port taken while the model loads: the HTTP bind fails later, and
+    serve stops the gRPC server it had started and says why (no traceback, no port left held)."""
+    monkeypatch.setattr(server_main, "check_bindable", lambda host, port, what: None)
+    grpc_port = free_port()
+    base = ServerConfig(model=str(checkpoint), host="localhost", max_seq=1024, grace_s=1.0)
+    with held_port() as http_port:
+        config = dataclasses.replace(base, grpc_port=grpc_port, http_port=http_port)
+        with pytest.raises(ConfigError, match=f"HTTP API: cannot listen on localhost:{http_port}"):
+            asyncio.run(server_main.serve(config))
+    check_bindable("localhost", grpc_port, "gRPC")  # the gRPC server let its port go
