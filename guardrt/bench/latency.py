@@ -54,6 +54,7 @@ from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import EngineInfo
+from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     """The torch engine's run (a checkpoint, or random weights): every precision, then the
     transformers baseline on the same weights."""
     args.size = args.size or "full"
-    device = torch.device(args.device or "cuda")
+    device = usable_device(args.device or "cuda", "--device")
     precisions = [p for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p]
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:

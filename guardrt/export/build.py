@@ -61,6 +61,7 @@ from guardrt.runtime.engine.manifest import (
     write_manifest,
 )
 from guardrt.runtime.engine.onnx_engine import OrtRunner
+from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.jsonfile import read_json_object
 from guardrt.runtime.model.checkpoint import load_model
@@ -124,6 +125,7 @@ def check_options(options: BuildOptions) -> None:
         raise ExportError(f"-o {options.output} exists and is not empty (--force replaces it)")
     if options.output.resolve() == options.model.resolve():
         raise ExportError("-o must not be the checkpoint directory")
+    usable_device(options.device, "--device")
 
 
 def tool_versions(*extra: str) -> dict[str, str | None]:

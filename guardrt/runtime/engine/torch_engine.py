@@ -15,6 +15,7 @@ from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
 from guardrt.runtime.engine import EngineInfo, EngineOptions
 from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
+from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.fuse import fuse_projections
@@ -84,13 +85,7 @@ class TorchEngine:
             raise ConfigError(f"warmup_max_batch {options.warmup_max_batch} must be ≥ 1")
         self.options = options
         options.check_sizes()
-        name = options.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(name)
-        except RuntimeError as exc:
-            raise ConfigError(f"device {options.device!r} is not a torch device") from exc
+        device = usable_device(options.device)
         kind = parse_quantize(options.quantize)
         activations = parse_int8_compute(options.int8_compute, kind)
         # 8-bit weights are made while loading: the device never holds the bf16 model.

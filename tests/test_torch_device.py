@@ -1,0 +1,62 @@
+"""`--device` names a device this process can use, or the command stops at once saying why
+(whatever the machine: CUDA's presence is set here, not read)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from guardrt.cli import main
+from guardrt.runtime.engine.torch_device import usable_device
+from guardrt.runtime.errors import ConfigError
+
+
+def cuda_present(monkeypatch: pytest.MonkeyPatch, gpus: int, build: str | None = "13.0") -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: build is not None)
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "build", "message"),
+    [
+        ("foo", 1, "13.0", "--device 'foo' is not a torch device (cpu, cuda, cuda:N)"),
+        ("cuda", 0, None, "--device 'cuda' cannot be used: this torch (" + torch.__version__),
+        ("cuda:0", 0, "13.0", "--device 'cuda:0' cannot be used: torch sees no CUDA GPU"),
+        ("cuda:1", 1, "13.0", "--device 'cuda:1' cannot be used: torch sees 1 CUDA GPU(s)"),
+    ],
+    ids=["not-a-device", "cpu-build", "no-gpu", "index-past-the-gpus"],
+)
+def test_unusable_devices_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, gpus: int, build: str | None, message: str
+) -> None:
+    cuda_present(monkeypatch, gpus, build)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        usable_device(name, "--device")
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "expected"),
+    [("auto", 0, "cpu"), ("auto", 2, "cuda"), ("cuda:1", 2, "cuda:1"), ("cpu", 0, "cpu")],
+)
+def test_usable_devices(
+    monkeypatch: pytest.MonkeyPatch, name: str, gpus: int, expected: str
+) -> None:
+    cuda_present(monkeypatch, gpus)
+    assert usable_device(name) == torch.device(expected)
+
+
+def test_serve_on_a_missing_gpu_stops_before_loading(
+    monkeypatch: pytest.MonkeyPatch, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cuda_present(monkeypatch, 0, None)
+    monkeypatch.setattr(
+        "guardrt.runtime.engine.torch_engine.load_model",
+        lambda *a, **k: pytest.fail("the checkpoint was loaded"),
+    )
+    argv = ["serve", "--model", str(checkpoint), "--device", "cuda", "--grpc-port", "0"]
+    assert main([*argv, "--http-port", "-1", "--max-seq", "1024"]) == 2
+    assert "guardrt: error: device 'cuda' cannot be used: this torch" in capsys.readouterr().err
