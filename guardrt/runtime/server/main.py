@@ -143,10 +143,8 @@ async def serve(config: ServerConfig) -> int:
         try:
             runner, http_port = await start_http(app, config.host, config.http_port, config.grace_s)
         except ConfigError:  # taken since the check: stop what was started, then say why
-            await server.stop(None)
-            stack.scheduler.drain(5)  # nothing was queued: it stops at once
-            stack.engine.close()
-            stack.service.executor.shutdown(wait=False)
+            await stop_front_ends(stack, server, None, config.grace_s)
+            await release(stack, config.grace_s)  # nothing was queued: at once
             raise
         print(f"OpenAI-compatible HTTP API on {config.host}:{http_port}", flush=True)
     if config.model == TINY_RANDOM:
@@ -157,11 +155,20 @@ async def serve(config: ServerConfig) -> int:
     await stop.wait()
     print(f"draining (up to {config.grace_s:g} s)", flush=True)
     await stop_front_ends(stack, server, runner, config.grace_s)
-    drained = await loop.run_in_executor(None, stack.scheduler.drain, config.grace_s)
-    stack.engine.close()
-    stack.service.executor.shutdown(wait=False)
+    drained = await release(stack, config.grace_s)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
     return 0
+
+
+async def release(stack: Stack, grace_s: float) -> bool:
+    """The drain's second half, once the front ends are stopped: the scheduler answers what is
+    queued (within `grace_s`) and stops, then the engine and the preparation threads go.
+    Whether the scheduler stopped in time."""
+    loop = asyncio.get_running_loop()
+    drained = await loop.run_in_executor(None, stack.scheduler.drain, grace_s)
+    stack.engine.close()
+    stack.service.executor.shutdown(wait=False)
+    return drained
 
 
 async def stop_front_ends(
