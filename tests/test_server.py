@@ -430,6 +430,42 @@ def test_bearer_tokens(preparer: Preparer) -> None:
         )
 
 
+def test_every_grpc_route_is_counted(preparer: Preparer) -> None:
+    """guardrt_requests_total has each RPC's verdicts (code OK) and refusals by status name:
+    Moderate and ModerateStream's checkpoints as ModerateMany's, and calls without a token."""
+    token = (("authorization", "Bearer s3cret"),)
+    with serving(FakeEngine(), preparer, auth_tokens=frozenset({"s3cret"})) as server:
+        stub = server.stub()
+        stub.Moderate(request(user("hi")), timeout=10, metadata=token)
+        with pytest.raises(grpc.RpcError):
+            stub.Moderate(request(user("a"), user("b")), timeout=10, metadata=token)
+        with pytest.raises(grpc.RpcError):
+            stub.Moderate(request(user("hi")), timeout=10)  # no token
+        start = pb.StreamStart(messages=[user("question")], check_every_tokens=1)
+        messages = [
+            pb.StreamRequest(start=start),
+            pb.StreamRequest(append="one two"),
+            pb.StreamRequest(end=pb.StreamEnd()),
+        ]
+        assert len(list(stub.ModerateStream(iter(messages), timeout=30, metadata=token))) == 2
+        with pytest.raises(grpc.RpcError):
+            list(stub.ModerateStream(iter(messages[1:]), timeout=30, metadata=token))
+        list(stub.ModerateMany(iter([request(user("x"))]), timeout=30, metadata=token))
+        text = server.stack.metrics.text().decode()
+
+    def count(route: str, code: str, reason: str) -> float:
+        line = f'guardrt_requests_total{{code="{code}",reason="{reason}",route="grpc/{route}"}} '
+        found = [row for row in text.splitlines() if row.startswith(line)]
+        return float(found[0].removeprefix(line)) if found else 0.0
+
+    assert count("Moderate", "OK", "ok") == 1
+    assert count("Moderate", "INVALID_ARGUMENT", "role") == 1
+    assert count("Moderate", "UNAUTHENTICATED", "unauthenticated") == 1
+    assert count("ModerateStream", "OK", "ok") == 2  # a checkpoint and the final verdict
+    assert count("ModerateStream", "INVALID_ARGUMENT", "stream_protocol") == 1
+    assert count("ModerateMany", "OK", "ok") == 1
+
+
 def test_drain_answers_in_flight_work_and_refuses_new_calls(preparer: Preparer) -> None:
     engine = FakeEngine(max_batch=1)
     engine.gate = threading.Event()

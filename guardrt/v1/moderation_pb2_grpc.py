@@ -68,8 +68,10 @@ class ModerationServicer:
 
     def ModerateMany(self, request_iterator, context):
         """Many independent conversations over one stream, answered as each completes (not in
-        request order), tagged by request_id. A request that fails gets a response whose verdict
-        has label ERROR and a status code; the stream goes on.
+        request order), tagged by request_id: give each request of a stream its own (the server
+        neither makes one up that the caller could match, nor tells two equal ones apart). A
+        request that fails gets a response whose verdict has label ERROR and a status code; the
+        stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

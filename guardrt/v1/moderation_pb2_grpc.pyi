@@ -49,8 +49,10 @@ class ModerationStub:
     """One conversation in, one verdict out. Requests from all RPCs are batched together."""
     ModerateMany: _grpc.StreamStreamMultiCallable[_moderation_pb2.ModerateRequest, _moderation_pb2.ModerateResponse]
     """Many independent conversations over one stream, answered as each completes (not in
-    request order), tagged by request_id. A request that fails gets a response whose verdict
-    has label ERROR and a status code; the stream goes on.
+    request order), tagged by request_id: give each request of a stream its own (the server
+    neither makes one up that the caller could match, nor tells two equal ones apart). A
+    request that fails gets a response whose verdict has label ERROR and a status code; the
+    stream goes on.
     """
     ModerateStream: _grpc.StreamStreamMultiCallable[_moderation_pb2.StreamRequest, _moderation_pb2.StreamResponse]
     """Moderation of an assistant answer while it is generated. The first message (start) gives
@@ -70,8 +72,10 @@ class ModerationAsyncStub(ModerationStub):
     """One conversation in, one verdict out. Requests from all RPCs are batched together."""
     ModerateMany: _aio.StreamStreamMultiCallable[_moderation_pb2.ModerateRequest, _moderation_pb2.ModerateResponse]  # type: ignore[assignment]
     """Many independent conversations over one stream, answered as each completes (not in
-    request order), tagged by request_id. A request that fails gets a response whose verdict
-    has label ERROR and a status code; the stream goes on.
+    request order), tagged by request_id: give each request of a stream its own (the server
+    neither makes one up that the caller could match, nor tells two equal ones apart). A
+    request that fails gets a response whose verdict has label ERROR and a status code; the
+    stream goes on.
     """
     ModerateStream: _aio.StreamStreamMultiCallable[_moderation_pb2.StreamRequest, _moderation_pb2.StreamResponse]  # type: ignore[assignment]
     """Moderation of an assistant answer while it is generated. The first message (start) gives
@@ -100,8 +104,10 @@ class ModerationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_moderation_pb2.ModerateResponse], _abc.AsyncIterator[_moderation_pb2.ModerateResponse]]:
         """Many independent conversations over one stream, answered as each completes (not in
-        request order), tagged by request_id. A request that fails gets a response whose verdict
-        has label ERROR and a status code; the stream goes on.
+        request order), tagged by request_id: give each request of a stream its own (the server
+        neither makes one up that the caller could match, nor tells two equal ones apart). A
+        request that fails gets a response whose verdict has label ERROR and a status code; the
+        stream goes on.
         """
 
     @_abc_1.abstractmethod

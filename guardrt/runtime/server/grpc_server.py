@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib
 import time
 from collections.abc import AsyncIterator
@@ -57,34 +58,47 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         if self.metrics is None:
             return
         if isinstance(outcome, ModerationResult):
-            self.metrics.answered(route, outcome.timing)
+            self.metrics.answered(route, outcome.timing, grpc.StatusCode.OK.name)
         else:
             reason = getattr(outcome, "reason", None)
             label = reason.value if reason is not None else type(outcome).__name__
             self.metrics.failed(route, grpc_status(outcome).name, label)
 
-    async def _authorize(self, context: Any) -> None:
+    async def _refuse(
+        self, context: Any, route: str, code: grpc.StatusCode, reason: str, message: str
+    ) -> None:
+        """End the call with `code`, counted under `route` (abort raises)."""
+        if self.metrics is not None:
+            self.metrics.failed(route, code.name, reason)
+        await context.abort(code, message)
+
+    async def _authorize(self, context: Any, route: str) -> None:
         metadata = dict(context.invocation_metadata() or ())
         if not bearer_allowed(str(metadata.get("authorization", "")), self.tokens):
             message = "a valid 'authorization: Bearer <token>' header is required"
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await self._refuse(
+                context, route, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", message
+            )
 
     async def Moderate(self, request: pb.ModerateRequest, context: Any) -> pb.ModerateResponse:  # noqa: N802
-        await self._authorize(context)
+        route = "grpc/Moderate"
+        await self._authorize(context, route)
         request_id = ""
         try:
             request_id = checked_request_id(request.request_id)
             item = _with_id(input_from_proto(request), request_id)
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
+            self._count(route, exc)
             await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             raise  # not reached: abort raises
+        self._count(route, result)
         return result_to_proto(result)
 
     async def ModerateMany(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModerateRequest], context: Any
     ) -> AsyncIterator[pb.ModerateResponse]:
-        await self._authorize(context)
+        await self._authorize(context, "grpc/ModerateMany")
         responses: asyncio.Queue[pb.ModerateResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
@@ -125,20 +139,30 @@ class ModerationServicer(pb_grpc.ModerationServicer):
     async def ModerateStream(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
     ) -> AsyncIterator[pb.StreamResponse]:
-        await self._authorize(context)
+        route = "grpc/ModerateStream"
+        await self._authorize(context, route)
         session: StreamSession | None = None
         deadline = _deadline(context)
+
+        async def refuse(message: str) -> None:  # the stream's messages out of order
+            await self._refuse(
+                context, route, grpc.StatusCode.INVALID_ARGUMENT, "stream_protocol", message
+            )
+
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if (session is None) != (kind == "start"):
                     problem = "must be a start" if session is None else "cannot be a second start"
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"stream message {kind!r} {problem}"
-                    )
+                    await refuse(f"stream message {kind!r} {problem}")
                 try:
                     if session is None:
-                        session = await StreamSession.start(self.service, message.start, deadline)
+                        session = await StreamSession.start(
+                            self.service,
+                            message.start,
+                            deadline,
+                            functools.partial(self._count, route),  # each checkpoint
+                        )
                     elif kind == "append":
                         for response in await session.append(message.append):
                             yield response
@@ -148,22 +172,19 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                         yield await session.finish()
                         return
                     else:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, "empty stream message"
-                        )
+                        await refuse("empty stream message")
                 except GuardrtError as exc:
+                    self._count(route, exc)
                     request_id = session.request_id if session else message.start.request_id
                     await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             if session is not None:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "the stream closed without an end message"
-                )
+                await refuse("the stream closed without an end message")
         finally:  # ended, aborted or cancelled: the cache slot goes back
             if session is not None:
                 session.close()
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.ModelInfo:  # noqa: N802
-        await self._authorize(context)
+        await self._authorize(context, "grpc/GetInfo")
         return self.info
 
 

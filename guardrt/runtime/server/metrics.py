@@ -16,7 +16,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "guardrt_requests",
-            "Requests answered, by route, status code and reason ('ok' when answered).",
+            "Requests answered, by route, status code (HTTP's number, or gRPC's status name) and "
+            "reason ('ok' when answered).",
             ["route", "code", "reason"],
             registry=self.registry,
         )
@@ -46,8 +47,9 @@ class Metrics:
         )
         depth.set_function(queue_depth)
 
-    def answered(self, route: str, timing: Timing) -> None:
-        self.requests.labels(route, "200", "ok").inc()
+    def answered(self, route: str, timing: Timing, code: str = "200") -> None:
+        """A verdict given: `code` is "200" on HTTP routes, "OK" on gRPC's."""
+        self.requests.labels(route, code, "ok").inc()
         for stage, milliseconds in (
             ("queue", timing.queue_ms),
             ("preprocess", timing.preprocess_ms),

@@ -15,7 +15,7 @@ slot is taken, checks run as fresh requests: same answers, more compute.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from guardrt.runtime.errors import GuardrtError, PromptError, PromptReason
@@ -26,7 +26,12 @@ from guardrt.runtime.server.convert import (
     timing_to_proto,
     verdict_to_proto,
 )
-from guardrt.runtime.server.service import ModerationInput, ModerationService, checked_request_id
+from guardrt.runtime.server.service import (
+    ModerationInput,
+    ModerationResult,
+    ModerationService,
+    checked_request_id,
+)
 from guardrt.runtime.server.status import grpc_code, grpc_message
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -42,16 +47,22 @@ class StreamSession:
         check_every: int,
         stop_on_unsafe: bool,
         deadline: float | None,
+        count: Callable[[ModerationResult | GuardrtError], None] = lambda outcome: None,
     ) -> None:
         self.service, self.request_id, self.base = service, request_id, base
         self.check_every, self.stop_on_unsafe, self.deadline = check_every, stop_on_unsafe, deadline
+        self.count = count  # each checkpoint's outcome, for the metrics
         self.answer = ""
         self.checked_tokens = 0
         self.session = service.scheduler.engine.open_session()
 
     @classmethod
     async def start(
-        cls, service: ModerationService, start: pb.StreamStart, deadline: float | None
+        cls,
+        service: ModerationService,
+        start: pb.StreamStart,
+        deadline: float | None,
+        count: Callable[[ModerationResult | GuardrtError], None] = lambda outcome: None,
     ) -> StreamSession:
         """Validate the conversation before the answer (it must end with a user message)."""
         messages = messages_from_proto(start.messages)
@@ -71,6 +82,7 @@ class StreamSession:
             start.check_every_tokens or DEFAULT_CHECK_EVERY,
             start.stop_on_unsafe,
             deadline,
+            count,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -120,9 +132,11 @@ class StreamSession:
         try:
             result = await self.service.moderate(self._with_answer(), self.deadline, self.session)
         except GuardrtError as exc:  # in-band: the stream goes on, the caller sees ERROR
+            self.count(exc)
             message = grpc_message(exc, self.request_id)
             response.verdict.CopyFrom(error_verdict(message, grpc_code(exc)))
             return response
+        self.count(result)
         response.verdict.CopyFrom(verdict_to_proto(result.verdict))
         response.timing.CopyFrom(timing_to_proto(result.timing))
         response.prompt_tokens = result.prompt_tokens
