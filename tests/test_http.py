@@ -218,6 +218,19 @@ def test_models_health_ready_and_metrics(server: ServerThread) -> None:
         assert name in metrics, name
 
 
+def test_paths_no_route_serves_share_one_metrics_label(preparer: Preparer) -> None:
+    """A scanner's probes must not each add a series to /metrics (unbounded labels)."""
+    with serving(FakeEngine(), preparer) as server:
+        probes = [f"/probe-{i}" for i in range(5)]
+        for path in probes:
+            assert get(server, path)[0] == 404
+        assert get(server, "/v1/moderations")[0] == 405  # a served path, the wrong method
+        metrics = get(server, "/metrics")[1].decode()
+    assert not any(path in metrics for path in probes)
+    assert 'guardrt_requests_total{code="404",reason="http",route="unmatched"} 5.0' in metrics
+    assert 'code="405",reason="http",route="/v1/moderations"} 1.0' in metrics
+
+
 GUARD = "meta-llama/Llama-Guard-3-11B-Vision"
 USER_X = [{"role": "user", "content": "x"}]
 

@@ -62,15 +62,18 @@ class HttpApi:
     ) -> None:
         self.config, self.service, self.metrics, self.ready = config, service, metrics, ready
         self.served = served_model_id(config.model)
+        self.paths: frozenset[str] = frozenset()  # the routes' paths (build_http_app sets them)
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every error in OpenAI's shape; every answer counted by route, code and reason."""
-        route = request.path
+        # Paths no route serves share one label: a label per path any caller sends would grow
+        # the metrics without bound (a scanner's every probe a new series).
+        route = request.path if request.path in self.paths else "unmatched"
         try:
-            if route not in _OPEN:
+            if request.path not in _OPEN:
                 self._authorize(request)
-            if route in _MODERATE and not self.ready():
+            if request.path in _MODERATE and not self.ready():
                 raise oa.ApiError(
                     503,
                     "the server is not accepting new requests (shutting down)",
@@ -183,6 +186,7 @@ def build_http_app(
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics_text)
+    api.paths = frozenset(resource.canonical for resource in app.router.resources())
     return app
 
 
