@@ -353,6 +353,29 @@ def test_engine_failure_is_a_500_without_internals(preparer: Preparer) -> None:
         assert payload["error"]["type"] == "server_error"
 
 
+def answer_of(server: ServerThread, path: str, body: bytes, request_id: str) -> tuple[int, Any]:
+    """(status, the echoed X-Request-Id, the error message) of a call that fails."""
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    request = urllib.request.Request(f"{server.base_url}{path}", body, headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(request, timeout=30)
+    error = failed.value
+    return error.code, (error.headers.get("X-Request-Id"), json.loads(error.read())["error"])
+
+
+def test_an_error_answer_carries_the_request_id(preparer: Preparer) -> None:
+    """The id a caller reports finds the server's log lines, failures included."""
+    engine = FakeEngine()
+    with serving(engine, preparer) as server:
+        code, (echoed, error) = answer_of(server, "/chat/completions", chat_body(n=2), "r-400")
+        assert (code, echoed) == (400, "r-400")
+        engine.fail = True
+        for path, body in (("/chat/completions", chat_body()), ("/moderations", b'{"input":"x"}')):
+            code, (echoed, error) = answer_of(server, path, body, "r-500")
+            assert (code, echoed) == (500, "r-500")
+            assert error["message"] == "internal error on request r-500; the server log has details"
+
+
 @dataclass
 class Busy:
     """A server whose one engine slot is held by a call in flight (`running`) until `gate` is

@@ -41,6 +41,7 @@ _MODERATE = frozenset({"/v1/chat/completions", "/v1/moderations"})  # refused wh
 # The caller's id for a call (as OpenAI's API names it), echoed in the answer's header; made up
 # when absent. Each moderation input's id is this one with "-<index>".
 REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID_KEY = "guardrt.request_id"  # where a moderation call keeps its id on the request
 
 
 def served_model_id(model: str) -> str:
@@ -48,8 +49,18 @@ def served_model_id(model: str) -> str:
     return model if model == TINY_RANDOM else Path(model).name or model
 
 
-def _error(error: oa.ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+def _error(error: oa.ApiError, request_id: str | None = None) -> web.Response:
+    """An error in OpenAI's shape, with the call's id when it has one (to find its log lines)."""
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return web.json_response(error.body(), status=error.status, headers=headers)
+
+
+def _request_id(request: web.Request) -> str:
+    """The call's id from its header (made up when absent), kept on the request so that an
+    error answer carries it too."""
+    request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
+    request[_REQUEST_ID_KEY] = request_id
+    return request_id
 
 
 class HttpApi:
@@ -83,20 +94,26 @@ class HttpApi:
             response = await handler(request)
         except oa.ApiError as exc:
             self.metrics.failed(route, str(exc.status), exc.code or exc.type)
-            return _error(exc)
+            return _error(exc, request.get(_REQUEST_ID_KEY))
         except GuardrtError as exc:
             status, code = http_status(exc)
-            message = str(exc) if status != 500 else "internal error; the server log has details"
+            request_id = request.get(_REQUEST_ID_KEY)
+            message = str(exc)
+            if status == 500:  # no internals: the id finds the server's log lines
+                on = f" on request {request_id}" if request_id else ""
+                message = f"internal error{on}; the server log has details"
             kind = "server_error" if status >= 500 else "invalid_request_error"
             self.metrics.failed(route, str(status), code)
-            return _error(oa.ApiError(status, message, type=kind, code=code))
+            return _error(oa.ApiError(status, message, type=kind, code=code), request_id)
         except web.HTTPRequestEntityTooLarge as exc:
             self.metrics.failed(route, "413", "request_too_large")
             message = f"the request body is over the {self.body_limit()}-byte limit"
-            return _error(oa.ApiError(exc.status, message, code="request_too_large"))
+            error = oa.ApiError(exc.status, message, code="request_too_large")
+            return _error(error, request.get(_REQUEST_ID_KEY))
         except web.HTTPException as exc:
             self.metrics.failed(route, str(exc.status), "http")
-            return _error(oa.ApiError(exc.status, exc.reason, code=str(exc.status)))
+            error = oa.ApiError(exc.status, exc.reason, code=str(exc.status))
+            return _error(error, request.get(_REQUEST_ID_KEY))
         return response
 
     def _authorize(self, request: web.Request) -> None:
@@ -119,7 +136,7 @@ class HttpApi:
             raise oa.ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from exc
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
+        request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
         chat = oa.parse_chat(await self._json(request), self.served, request_id)
         result = await self.service.moderate(chat.item, deadline)
@@ -143,7 +160,7 @@ class HttpApi:
         return response
 
     async def moderations(self, request: web.Request) -> web.StreamResponse:
-        request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
+        request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
         inputs = oa.parse_moderations(await self._json(request), self.served, request_id)
         results = await self.service.moderate_all(inputs.items, deadline)
