@@ -24,7 +24,7 @@ from PIL import Image
 from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.server.config import ServerConfig, TlsConfig
+from guardrt.runtime.server.config import ServerConfig, TlsConfig, bearer_allowed
 from guardrt.runtime.server.service import checked_request_id
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
@@ -406,6 +406,24 @@ def test_engine_failure_fails_only_its_requests(preparer: Preparer) -> None:
         assert "CUDA" not in str(failed.value.details())
         engine.fail = False
         assert stub.Moderate(request(user("fine")), timeout=10).verdict.label == pb.SAFE
+
+
+@pytest.mark.parametrize(
+    ("authorization", "allowed"),
+    [
+        ("Bearer s3cret", True),
+        ("bearer s3cret", True),  # the scheme is case-insensitive
+        ("BEARER  s3cret ", True),
+        ("Bearer S3CRET", False),  # the token is not
+        ("Basic s3cret", False),
+        ("s3cret", False),
+        ("Bearer", False),
+        ("", False),
+    ],
+)
+def test_bearer_header_forms(authorization: str, allowed: bool) -> None:
+    assert bearer_allowed(authorization, frozenset({"s3cret"})) is allowed
+    assert bearer_allowed(authorization, frozenset())  # no tokens: no auth
 
 
 def test_bearer_tokens(preparer: Preparer) -> None:

@@ -106,9 +106,10 @@ def bearer_allowed(authorization: str, tokens: frozenset[str]) -> bool:
     none); compared in constant time. The one check gRPC and HTTP share."""
     if not tokens:
         return True
-    token = (
-        authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
-    )
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":  # an auth scheme is case-insensitive (RFC 9110 §11.1)
+        return False
+    token = token.strip()
     return any(hmac.compare_digest(token, known) for known in tokens)
 
 
