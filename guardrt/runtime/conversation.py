@@ -142,7 +142,8 @@ def parse_messages(
     image: ImagePart | None = None
     for index, raw in enumerate(messages):
         message = _message(raw, index)
-        if isinstance(message.get("role"), str) and message.get("role") in ignored_roles:
+        role_name = message.get("role")
+        if isinstance(role_name, str) and role_name in ignored_roles:
             continue
         role = _check_turn(message, index, len(turns), rule)
         texts: list[str] = []

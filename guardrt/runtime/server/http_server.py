@@ -33,7 +33,7 @@ from guardrt.runtime.server.service import (
     ModerationService,
     checked_request_id,
 )
-from guardrt.runtime.server.status import http_status
+from guardrt.runtime.server.status import http_status, internal_message
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
@@ -98,10 +98,7 @@ class HttpApi:
         except GuardrtError as exc:
             status, code = http_status(exc)
             request_id = request.get(_REQUEST_ID_KEY)
-            message = str(exc)
-            if status == 500:  # no internals: the id finds the server's log lines
-                on = f" on request {request_id}" if request_id else ""
-                message = f"internal error{on}; the server log has details"
+            message = str(exc) if status != 500 else internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
             self.metrics.failed(route, str(status), code)
             return _error(oa.ApiError(status, message, type=kind, code=code), request_id)

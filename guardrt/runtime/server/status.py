@@ -37,11 +37,18 @@ def grpc_code(error: GuardrtError) -> int:
     return code
 
 
+def internal_message(request_id: str | None) -> str:
+    """What a failure of ours says (both APIs): no internals, only the request whose id finds
+    the server's log lines."""
+    on = f" on request {request_id}" if request_id else ""
+    return f"internal error{on}; the server log has details"
+
+
 def grpc_message(error: GuardrtError, request_id: str) -> str:
     """The status message: the error's own (it names values, never content); engine failures
     say only which request failed, no internals."""
     if isinstance(error, ServiceError) and error.reason is ServiceReason.ENGINE:
-        return f"internal error on request {request_id}; the server log has details"
+        return internal_message(request_id)
     return str(error)
 
 
