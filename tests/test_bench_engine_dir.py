@@ -83,7 +83,12 @@ def test_torch_run_options_are_refused_for_an_engine_directory(
         (["--model", "/no/such/dir"], "--model /no/such/dir is not a directory"),
         (["--concurrency", "8,x"], "--concurrency '8,x' is not a list of client counts"),
         (["--concurrency=0"], "--concurrency '0' is not a list"),
-        (["--repeat", "0"], "--repeat 0 and --requests 64 must be ≥ 1"),
+        (["--repeat", "0"], "--repeat 0 must be ≥ 1"),
+        (["--requests", "-1"], "--requests -1 must be ≥ 1"),
+        (["--budget-s", "nan"], "--budget-s nan must be a number of seconds > 0"),
+        (["--budget-s", "0"], "--budget-s 0.0 must be"),
+        (["--budget-s", "inf"], "--budget-s inf must be"),
+        (["--results", "/dev/null/x"], "--results /dev/null/x: cannot make it: Not a directory"),
     ],
 )
 def test_bad_bench_options_are_clear_errors(

@@ -4,20 +4,23 @@ directories are refused with clear errors."""
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import logging
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 
 from guardrt.cli import main
-from guardrt.export import engine_model, onnx_ops
+from guardrt.export import build as build_module
+from guardrt.export import engine_model, onnx_ops, scratch
 from guardrt.export.build import BuildOptions, build
 from guardrt.export.errors import ExportError
 from guardrt.export.parity import deviation, probe_digest, probe_logits, probes
@@ -26,7 +29,7 @@ from guardrt.runtime.engine import EngineOptions, backend_for, load_engine
 from guardrt.runtime.engine.graph_steps import GraphSteps
 from guardrt.runtime.engine.manifest import EngineDirError, read_manifest, sha256_file
 from guardrt.runtime.engine.onnx_engine import OrtRunner
-from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.checkpoint import load_model, read_entries
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.prepare import Preparer
 
@@ -199,17 +202,114 @@ def test_bad_build_options(checkpoint: Path, tmp_path: Path) -> None:
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "file").write_text("x")
+    out = tmp_path / "o"
     cases = {
         "is not a checkpoint directory": BuildOptions(tmp_path, tmp_path / "out"),
         "exists and is not empty": BuildOptions(checkpoint, occupied),
-        "--precision 'int4'": BuildOptions(checkpoint, tmp_path / "o", precision="int4"),
-        "--max-batch-size 0": BuildOptions(checkpoint, tmp_path / "o", max_batch=0),
+        "--precision 'int4'": BuildOptions(checkpoint, out, precision="int4"),
+        "^--max-batch-size 0 must be ≥ 1$": BuildOptions(checkpoint, out, max_batch=0),
+        "^--max-seq-len 63 must be ≥ 64$": BuildOptions(checkpoint, out, max_seq=63),
         "must not be the checkpoint": BuildOptions(checkpoint, checkpoint, force=True),
+        "--int8-compute weight[+]activation is for --precision int8, not bf16": BuildOptions(
+            checkpoint, out, precision="bf16", int8_compute="weight+activation"
+        ),
+        "is a file, not a directory": BuildOptions(checkpoint, occupied / "file", force=True),
+        f"engine: {occupied / 'file'} is a file, not a directory": BuildOptions(
+            checkpoint, occupied / "file" / "engine"
+        ),
     }
     for message, options in cases.items():
         with pytest.raises(ExportError, match=message):
             build(options)
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()
+    assert (occupied / "file").read_text() == "x"
+
+
+def test_an_output_the_build_cannot_write_is_refused_before_any_step(
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A directory the user may not write in (faked: these tests may run as root, who may)."""
+    steps: list[str] = []
+    monkeypatch.setattr(build_module, "_build_into", lambda *args: steps.append("built"))
+
+    def refuse(**kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", kwargs["dir"])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    code = main(["export", "build", "--model", str(checkpoint), "-o", str(tmp_path / "e")])
+    assert code == 2
+    error = capsys.readouterr().err
+    expected = f"-o {tmp_path / 'e'}: cannot write in {tmp_path}: Permission denied"
+    assert f"guardrt: error: {expected}" in error
+    assert steps == []
+
+
+class _Usage(NamedTuple):
+    total: int
+    used: int
+    free: int
+
+
+def test_a_disk_too_small_for_the_engine_is_refused_before_any_step(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = {name: int(np.prod(e.shape)) for name, e in read_entries(checkpoint).items()}
+    head = sizes.pop("language_model.lm_head.weight")
+    int8_least = sum(sizes.values()) + 4 * head  # a byte a weight; the head kept in fp32
+    steps: list[str] = []
+    monkeypatch.setattr(build_module, "_build_into", lambda *args: steps.append("built"))
+    free = int8_least - 1
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(10**12, 0, free))
+    out = tmp_path / "new" / "e"  # its parent does not exist yet: measured where it would be
+    shown = f"{(int8_least - 1) / 1e6:.1f} MB"
+    with pytest.raises(ExportError, match=rf"-o {out}: {tmp_path} has {shown} free; the engine "):
+        build(BuildOptions(checkpoint, out, precision="int8"))
+    assert steps == []
+    assert list(tmp_path.iterdir()) == []
+    free = int8_least  # enough (a lower bound: the build may still need more, see below)
+    build(BuildOptions(checkpoint, out, precision="int8"))
+    assert steps == ["built"]
+    with pytest.raises(ExportError, match="needs at least"):  # 4 bytes a weight
+        build(BuildOptions(checkpoint, out, precision="fp32", force=True))
+    # TensorRT keeps the ONNX graphs beside the plans (its build stops earlier here: no TensorRT)
+    entries = read_entries(checkpoint).values()
+    with pytest.raises(ExportError, match="needs at least"):
+        scratch.check_free_space(out, scratch.least_engine_bytes(entries, "int8", "tensorrt"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError("Not enough free space to write 32833536 bytes after offset 8901152"),  # numpy
+    ],
+)
+def test_a_disk_that_fills_during_the_build_is_named_and_cleaned_up(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    def fill_the_disk(scratch_dir: Path, *args: object) -> None:
+        (scratch_dir / "decoder.onnx.data").write_bytes(b"x" * 10)
+        raise error
+
+    monkeypatch.setattr(build_module, "_build_into", fill_the_disk)
+    out = tmp_path / "e"
+    with pytest.raises(ExportError, match=rf"-o {out}: the disk filled up while the engine was "):
+        build(BuildOptions(checkpoint, out, precision="int8"))
+    assert list(tmp_path.iterdir()) == []  # the partial build is gone
+
+
+def test_other_write_errors_keep_their_own_type(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "decoder.onnx")
+
+    monkeypatch.setattr(build_module, "_build_into", fail)
+    with pytest.raises(PermissionError):
+        build(BuildOptions(checkpoint, tmp_path / "e", precision="int8"))
 
 
 def test_tensorrt_format_fails_fast_without_tensorrt(

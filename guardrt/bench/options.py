@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from guardrt.runtime.engine.manifest import is_engine_dir
@@ -78,8 +79,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser().parse_args(argv)
     if args.model is not None and not args.model.is_dir():
         raise ConfigError(f"--model {args.model} is not a directory")
-    if args.repeat < 1 or args.requests < 1:
-        raise ConfigError(f"--repeat {args.repeat} and --requests {args.requests} must be ≥ 1")
+    for name in ("repeat", "requests"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)} must be ≥ 1")
+    if args.budget_s is not None and not (0 < args.budget_s < math.inf):
+        raise ConfigError(f"--budget-s {args.budget_s} must be a number of seconds > 0")
+    try:  # made now, not after a run of many minutes that would have nowhere to go
+        args.results.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--results {args.results}: cannot make it: {exc.strerror}") from exc
     given = args.concurrency
     try:
         args.concurrency = [int(c) for c in given.split(",") if c]

@@ -25,7 +25,6 @@ import hashlib
 import importlib.metadata
 import platform
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,15 @@ from guardrt.export.graphs import GraphSpec
 from guardrt.export.parity import Deviation, deviation, probe_digest, probe_logits, probes
 from guardrt.export.progress import Progress
 from guardrt.export.reference import computed_in_fp32
+from guardrt.export.scratch import (
+    check_free_space,
+    directory_size,
+    full_disk_named,
+    least_engine_bytes,
+    nearest_existing,
+    scratch_directories,
+    stale_scratch,
+)
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.engine.graph_steps import StepsRunner
@@ -64,7 +72,7 @@ from guardrt.runtime.engine.onnx_engine import OrtRunner
 from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.jsonfile import read_json_object
-from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.checkpoint import load_model, read_entries
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.mllama import SEMANTICS, MllamaModel, Semantics
 from guardrt.runtime.prepare import load_preparer
@@ -114,13 +122,20 @@ def check_options(options: BuildOptions) -> None:
     for ok, what, allowed in checks:
         if not ok:
             raise ExportError(f"{what} is not one of {', '.join(allowed)}")
-    if options.max_batch < 1 or options.max_seq < 64:
+    if options.int8_compute != "weight-only" and options.precision != "int8":
         raise ExportError(
-            f"--max-batch-size {options.max_batch} must be ≥ 1 and --max-seq-len "
-            f"{options.max_seq} ≥ 64"
+            f"--int8-compute {options.int8_compute} is for --precision int8, not "
+            f"{options.precision}"
         )
+    if options.max_batch < 1:
+        raise ExportError(f"--max-batch-size {options.max_batch} must be ≥ 1")
+    if options.max_seq < 64:
+        raise ExportError(f"--max-seq-len {options.max_seq} must be ≥ 64")
     if not (options.model / "config.json").is_file():
         raise ExportError(f"--model {options.model} is not a checkpoint directory (no config.json)")
+    above = nearest_existing(options.output)  # the output itself, or where mkdir starts
+    if not above.is_dir():
+        raise ExportError(f"-o {options.output}: {above} is a file, not a directory")
     if options.output.exists() and any(options.output.iterdir()) and not options.force:
         raise ExportError(f"-o {options.output} exists and is not empty (--force replaces it)")
     if options.output.resolve() == options.model.resolve():
@@ -247,22 +262,6 @@ def _summary(parity: dict[str, Any] | None) -> str:
     )
 
 
-def stale_scratch(output: Path) -> list[Path]:
-    """Scratch directories of builds of `output` beside it: a build that was killed (out of
-    memory, say) could not remove its own, and they can hold gigabytes."""
-    prefix = f".{output.name}-"
-    return sorted(
-        path
-        for path in output.parent.iterdir()
-        if path.name.startswith(prefix) and path.is_dir() and not path.is_symlink()
-    )
-
-
-def _gigabytes(directory: Path) -> str:
-    size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-    return f"{size / 1e9:.1f} GB"
-
-
 def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Build the engine directory at `options.output`; returns its manifest document."""
     check_options(options)
@@ -273,16 +272,18 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
         trt = require_tensorrt()  # before any long step: fail fast where TensorRT is absent
     progress = progress or Progress(5)
     output = options.output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_scratch(output):
+    entries = read_entries(options.model).values()
+    needed = least_engine_bytes(entries, options.precision, options.engine_format)
+    check_free_space(output, needed)
+    scratch, work = scratch_directories(output)
+    for stale in stale_scratch(output, (scratch, work)):
         progress.note(
-            f"note: {stale} ({_gigabytes(stale)}) is left from an interrupted build of "
+            f"note: {stale} ({directory_size(stale)}) is left from an interrupted build of "
             f"{output}; delete it unless another build of {output} is running"
         )
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}-work-", dir=output.parent))
     try:
-        document = _build_into(scratch, work, options, progress, trt)
+        with full_disk_named(output, needed):
+            document = _build_into(scratch, work, options, progress, trt)
         if output.exists():
             shutil.rmtree(output)
         scratch.rename(output)
