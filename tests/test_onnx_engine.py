@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
+from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.main import build_stack
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
@@ -175,6 +178,42 @@ def test_options_refused(onnx_fp32: Path) -> None:
         onnx_engine(onnx_fp32, decode="beam")
     with pytest.raises(ConfigError, match="fp32 engine; quantize='int8' applies to a checkpoint"):
         onnx_engine(onnx_fp32, quantize="int8")
+
+
+def test_caches_that_do_not_fit_stop_serve_at_warm_up(
+    onnx_fp32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine directory's host caches grow at the first steps: memory they cannot get (say
+    --max-batch-size 100000) stops `serve` at its warm-up with the sizes to lower, the engine
+    closed; not numpy's traceback."""
+    shown = "Unable to allocate 36.6 GiB for an array with shape (3, 2, 100005, 2, 512, 16)"
+
+    def reserve(self: GraphSteps, length: int) -> None:
+        raise MemoryError(f"{shown} and data type float32")  # numpy's words
+
+    closed: list[bool] = []
+    monkeypatch.setattr(GraphSteps, "_reserve", reserve)
+    monkeypatch.setattr(GraphSteps, "release", lambda self: closed.append(True))
+    config = ServerConfig(model=str(onnx_fp32), device="cpu", max_batch_size=100_000)
+    expected = (
+        f"out of memory on CPUExecutionProvider in the warm-up ({shown} and data type float32); "
+        "the K/V caches have 100005 rows (max_batch 100000 + max_sessions 4 + max_prefixes 1): "
+        "lower --max-batch-size or --max-streams"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build_stack(config)
+    assert closed == [True]
+
+
+def test_other_warm_up_failures_keep_their_type(
+    onnx_fp32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def reserve(self: GraphSteps, length: int) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(GraphSteps, "_reserve", reserve)
+    with pytest.raises(ValueError, match="a bug"):
+        build_stack(ServerConfig(model=str(onnx_fp32), device="cpu"))
 
 
 def test_providers() -> None:

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from guardrt.cli import main
+from guardrt.runtime.engine import EngineOptions, torch_engine
 from guardrt.runtime.engine.torch_device import usable_device
+from guardrt.runtime.engine.torch_engine import TorchEngine
 from guardrt.runtime.errors import ConfigError
 
 
@@ -60,3 +62,45 @@ def test_serve_on_a_missing_gpu_stops_before_loading(
     argv = ["serve", "--model", str(checkpoint), "--device", "cuda", "--grpc-port", "0"]
     assert main([*argv, "--http-port", "-1", "--max-seq", "1024"]) == 2
     assert "guardrt: error: device 'cuda' cannot be used: this torch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 73.24 GiB. GPU 0 has ..."),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 78647132160 bytes. Error code 12"
+        ),
+    ],
+    ids=["gpu", "cpu"],
+)
+def test_caches_the_device_cannot_hold_are_named(
+    monkeypatch: pytest.MonkeyPatch, checkpoint: Path, error: RuntimeError
+) -> None:
+    """Too many rows for the device (say --max-batch-size 100000) is an error naming the rows
+    and what to lower, not the allocator's traceback."""
+
+    def allocate(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(torch_engine, "setup_steps", allocate)
+    options = EngineOptions(checkpoint, device="cpu", max_batch=100_000, max_seq=1024)
+    expected = (
+        f"out of memory on cpu allocating the K/V caches ({str(error).splitlines()[0]}); the K/V "
+        "caches have 100005 rows (max_batch 100000 + max_sessions 4 + max_prefixes 1): lower "
+        "--max-batch-size or --max-streams"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        TorchEngine(options)
+
+
+def test_other_errors_of_the_cache_set_up_are_not_called_memory(
+    monkeypatch: pytest.MonkeyPatch, checkpoint: Path
+) -> None:
+    def allocate(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(torch_engine, "setup_steps", allocate)
+    with pytest.raises(RuntimeError, match=r"^a bug$"):
+        TorchEngine(EngineOptions(checkpoint, device="cpu", max_seq=1024))

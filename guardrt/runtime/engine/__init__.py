@@ -8,6 +8,7 @@ import and serving an ONNX/TensorRT engine never imports torch.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ class EngineOptions:
     # (`engine/step_blocks.py`: the graphs' attention holds a block's scores, not a prompt's)
     max_step_tokens: int = 1024
 
+    @property
+    def cache_rows(self) -> int:
+        """K/V cache rows: the batch's, the streaming sessions', the shared prefixes'."""
+        return self.max_batch + self.max_sessions + self.max_prefixes
+
     def check_sizes(self) -> None:
         """A ConfigError naming the first size out of range (every back end asks first)."""
         for name, low in (
@@ -59,6 +65,29 @@ class EngineOptions:
             value = getattr(self, name)
             if value < low:
                 raise ConfigError(f"{name} {value} must be ≥ {low}")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an allocation failed for want of memory: numpy's MemoryError, a GPU's
+    `torch.OutOfMemoryError`, or torch's CPU allocator's RuntimeError (no type of its own, only
+    its message). torch is not imported for this: engine directories serve without it."""
+    torch = sys.modules.get("torch")
+    return (
+        isinstance(exc, MemoryError)
+        or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    )
+
+
+def memory_refusal(options: EngineOptions, device: str, when: str, exc: Exception) -> ConfigError:
+    """The error for an engine that ran out of memory at load, naming what sizes its caches."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(
+        f"out of memory on {device} {when} ({detail}); the K/V caches have "
+        f"{options.cache_rows} rows (max_batch {options.max_batch} + max_sessions "
+        f"{options.max_sessions} + max_prefixes {options.max_prefixes}): lower --max-batch-size "
+        "or --max-streams"
+    )
 
 
 @dataclass(frozen=True)

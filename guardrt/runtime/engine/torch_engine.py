@@ -13,7 +13,7 @@ from guardrt.kernels.device import cuda_capability
 from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
-from guardrt.runtime.engine import EngineInfo, EngineOptions
+from guardrt.runtime.engine import EngineInfo, EngineOptions, memory_refusal, out_of_memory
 from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
 from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
@@ -105,12 +105,16 @@ class TorchEngine:
         fuse_projections(self.model)
         for line in tune_for_device(self.model).lines():  # measured on a GPU only
             log.info("%s", line)
-        rows = options.max_batch + options.max_sessions + options.max_prefixes
         static = static_steps_for(options, device)
-        self.steps = setup_steps(
-            self.model, rows, options.max_seq, static, _INITIAL_POSITIONS,
-            image_rows=options.max_batch + options.max_sessions,  # not the prefix rows
-        )  # fmt: skip
+        try:
+            self.steps = setup_steps(
+                self.model, options.cache_rows, options.max_seq, static, _INITIAL_POSITIONS,
+                image_rows=options.max_batch + options.max_sessions,  # not the prefix rows
+            )  # fmt: skip
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                raise
+            raise memory_refusal(options, str(device), "allocating the K/V caches", exc) from exc
         cache = self.model.cache
         size = sum(t.numel() * t.element_size() for t in (cache.self_kv, cache.cross_kv))
         log.info(

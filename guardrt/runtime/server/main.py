@@ -23,7 +23,13 @@ from aiohttp import web
 
 from guardrt import __version__
 from guardrt.runtime.batching import POLICIES
-from guardrt.runtime.engine import Engine, backend_for, load_engine
+from guardrt.runtime.engine import (
+    Engine,
+    backend_for,
+    load_engine,
+    memory_refusal,
+    out_of_memory,
+)
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
@@ -72,10 +78,17 @@ def build_stack(config: ServerConfig) -> Stack:
     directory = resolve_model(config.model)
     if config.model == TINY_RANDOM:
         log.warning(MEANINGLESS)
-    engine = load_engine(backend_for(directory), config.engine_options(directory))
+    options = config.engine_options(directory)
+    engine = load_engine(backend_for(directory), options)
     preparer = load_preparer(directory, engine.info.max_seq)
     sample = warmup_requests(preparer)
-    engine.warmup(sample)
+    try:  # the first steps allocate what grows on demand (an engine directory's caches)
+        engine.warmup(sample)
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        engine.close()
+        raise memory_refusal(options, engine.info.device, "in the warm-up", exc) from exc
     return assemble_stack(config, engine, preparer, config.model, sample)
 
 
