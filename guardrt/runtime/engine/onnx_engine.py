@@ -231,10 +231,9 @@ class GraphEngine:
         check_options(options, manifest, directory, self.bounded)
         self.runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
-        rows = options.max_batch + options.max_sessions + options.max_prefixes
         image_rows = options.max_batch + options.max_sessions  # not the shared prefixes' rows
         try:
-            self.steps = self.runner.steps(config, rows, options.max_seq, image_rows)
+            self.steps = self.runner.steps(config, options.cache_rows, options.max_seq, image_rows)
         except Exception:  # caches that do not fit: free what the runner holds, then say why
             self.runner.close()
             raise
