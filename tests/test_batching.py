@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guardrt.runtime.batching import KNEE, POLICIES, Shape, choose, cost, fifo
+from guardrt.runtime.errors import ServiceError, ServiceReason
 from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import Scheduler, Work
 from tests.server_harness import FakeEngine
 
@@ -133,3 +134,94 @@ def image_request(preparer: Preparer) -> PreparedRequest:
     picture = np.zeros((300, 400, 3), np.uint8)
     parts: Sequence[object] = [{"type": "image", "image": picture}, {"type": "text", "text": "Hi."}]
     return preparer.prepare([{"role": "user", "content": parts}])
+
+
+class _Poisoned(FakeEngine):
+    """Fails every batch holding a request of `poison`'s length (an engine error only that
+    request causes: say, memory for its long prompt beside the others)."""
+
+    def __init__(self, poison: int) -> None:
+        super().__init__(max_batch=4)
+        self.poison = poison
+
+    def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+        if any(len(request.prompt) == self.poison for request in batch):
+            self.batches.append(list(batch))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().execute(batch)
+
+
+def _run_batched(
+    engine: FakeEngine, named: list[tuple[PreparedRequest, str, float | None]]
+) -> dict[str, object]:
+    """Queue `named` (request, name, deadline) behind a held first batch, so they form one
+    batch (first in, first out: whatever their lengths); the outcome each name got."""
+    engine.gate = threading.Event()
+    scheduler = Scheduler(engine, max_batch=4, max_wait_s=0.0, max_queue=16, policy=fifo)
+    outcomes: dict[str, object] = {}
+    finished = threading.Event()
+
+    def work(request: PreparedRequest, name: str, deadline: float | None = None) -> Work:
+        def done(outcome: object, info: object) -> None:
+            outcomes[name] = outcome
+            if len(outcomes) == len(named) + 1:
+                finished.set()
+
+        return Work(request, name, done, deadline)
+
+    scheduler.start()
+    try:
+        scheduler.add(work(named[-1][0], "held"))
+        assert engine.entered.wait(10)  # the engine holds the first batch
+        for request, name, deadline in named:
+            scheduler.add(work(request, name, deadline))
+        engine.gate.set()
+        assert finished.wait(10)
+    finally:
+        scheduler.drain(10)
+    del outcomes["held"]
+    return outcomes
+
+
+def test_a_request_the_engine_fails_on_fails_alone(preparer: Preparer) -> None:
+    """One request's engine failure does not fail the requests batched with it: the failed
+    batch's requests run again alone, and only the one that fails alone gets the error."""
+    long, short = _long_and_short(preparer)
+    engine = _Poisoned(len(long.prompt))
+    outcomes = _run_batched(engine, [(short, "a", None), (long, "long", None), (short, "b", None)])
+    assert isinstance(outcomes["long"], ServiceError)
+    assert outcomes["long"].reason is ServiceReason.ENGINE
+    assert all(isinstance(outcomes[name], Decoded) for name in ("a", "b"))
+    sizes = [len(batch) for batch in engine.batches]
+    assert sizes == [1, 3, 1, 1, 1], sizes  # held; the batch; each alone
+
+
+def test_an_engine_failing_every_batch_fails_each_request(preparer: Preparer) -> None:
+    """A broken engine fails them all, each after one run alone; a request whose deadline
+    passed while its batch failed is answered DEADLINE, not run again."""
+    long, short = _long_and_short(preparer)
+    late = time.monotonic() + 2.0  # still ahead when the batch is scheduled
+
+    class Broken(FakeEngine):
+        def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+            if not self.batches:  # the held first batch passes
+                return super().execute(batch)
+            self.batches.append(list(batch))
+            if len(batch) > 1:  # the batch fails after the deadline has passed
+                time.sleep(max(0.0, late - time.monotonic()) + 0.05)
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    engine = Broken(max_batch=4)
+    outcomes = _run_batched(engine, [(short, "a", None), (short, "late", late), (long, "b", None)])
+    reasons = {name: getattr(outcome, "reason", None) for name, outcome in outcomes.items()}
+    assert reasons == {
+        "a": ServiceReason.ENGINE,
+        "late": ServiceReason.DEADLINE,
+        "b": ServiceReason.ENGINE,
+    }
+    sizes = [[len(r.prompt) for r in batch] for batch in engine.batches]
+    assert sizes[1:] == [
+        [len(short.prompt), len(short.prompt), len(long.prompt)],
+        [len(short.prompt)],  # a, alone
+        [len(long.prompt)],  # b, alone; "late" never ran again
+    ], sizes

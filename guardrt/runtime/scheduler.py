@@ -5,7 +5,8 @@ The contract is narrow (as vLLM's): `add` work, `schedule` a batch, `execute` it
 has waited `max_wait`; which queued requests share it is the policy's call (`batching.choose`:
 the oldest always, others where batching saves work; or first in, first out). Requests whose
 deadline passed are answered DEADLINE without running; cancelled requests are dropped; an
-engine failure fails that batch's requests only.
+engine failure on a batch of several runs each of its requests again alone, so it fails only
+the requests that fail alone.
 """
 
 from __future__ import annotations
@@ -137,16 +138,35 @@ class Scheduler:
         except Exception:  # a caller's callback must not stop the engine thread
             log.exception("callback of request %s failed", work.request_id)
 
-    def execute(self, batch: list[Work]) -> list[Decoded] | ServiceError:
+    def execute(self, batch: list[Work]) -> list[Outcome] | ServiceError:
+        """The engine's outputs for `batch`. Where it fails on a batch of several, each request
+        runs again alone: a request the engine cannot run, or a batch too large for the memory
+        left, then fails only itself, never the requests batched with it."""
+        outputs = self._run(batch)
+        if not isinstance(outputs, ServiceError) or len(batch) == 1:
+            return outputs
+        alone: list[Outcome] = []
+        for work in batch:
+            if work.cancelled:  # no one waits for it
+                alone.append(outputs)
+            elif work.deadline is not None and time.monotonic() > work.deadline:
+                alone.append(self._expired())
+            else:
+                output = self._run([work])
+                alone.append(output if isinstance(output, ServiceError) else output[0])
+        return alone
+
+    def _run(self, batch: list[Work]) -> list[Outcome] | ServiceError:
         try:
-            return self.engine.execute([work.request for work in batch])
+            decoded: list[Outcome] = list(self.engine.execute([work.request for work in batch]))
+            return decoded
         except Exception:
             ids = ", ".join(work.request_id for work in batch)
             log.exception("engine failed on a batch of %d (requests %s)", len(batch), ids)
             return ServiceError(ServiceReason.ENGINE, "the engine failed on this request")
 
     def update(
-        self, batch: list[Work], outputs: list[Decoded] | ServiceError, model_s: float
+        self, batch: list[Work], outputs: list[Outcome] | ServiceError, model_s: float
     ) -> None:
         now = time.monotonic()
         for index, work in enumerate(batch):
