@@ -320,6 +320,74 @@ def test_chat_errors_in_openai_shape(
     assert fragment in payload["error"]["message"]
 
 
+NOT_AN_IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}
+LONG = "word " * 9000  # over the 8,192 positions
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "fragment"),
+    [
+        (
+            "/chat/completions",
+            {"messages": [SYSTEM, {"role": "user", "content": "a"}, USER_X[0]]},
+            "messages[2]",
+            "message 2 has role 'user'",
+        ),
+        (
+            "/chat/completions",
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "a"}, NOT_AN_IMAGE]}
+                ]
+            },
+            "messages[0].content[1]",
+            "message 0 part 1: image data is not a supported format",
+        ),
+        (
+            "/chat/completions",
+            {"messages": [SYSTEM, {"role": "user", "content": "bad \ud800"}]},
+            "messages[1].content",  # a string content: the runtime's part 0
+            "message 1 part 0 text has a lone surrogate",
+        ),
+        ("/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, None, "tokens"),
+        (
+            "/moderations",
+            {"input": ["fine", "bad \ud800", "fine too"]},
+            "input[1]",
+            "input[1]: message 0 part 0 text has a lone surrogate",
+        ),
+        ("/moderations", {"input": ["fine", LONG]}, "input[1]", "input[1]: the prompt is"),
+        ("/moderations", {"input": "bad \ud800"}, "input", "input: message 0 part 0 text"),
+        (
+            "/moderations",
+            {"input": [{"type": "text", "text": "a"}, NOT_AN_IMAGE]},
+            "input[1]",
+            "input[1]: message 0 part 1: image data is not a supported format",
+        ),
+    ],
+    ids=[
+        "chat-role",
+        "chat-image-part",
+        "chat-text",
+        "chat-too-long",
+        "moderations-text-of-several",
+        "moderations-too-long-of-several",
+        "moderations-one-string",
+        "moderations-image-part",
+    ],
+)
+def test_input_errors_name_their_place_in_the_body(
+    server: ServerThread, path: str, body: dict[str, Any], param: str | None, fragment: str
+) -> None:
+    """Errors found by the runtime's validation carry `param`, the body's place of the fault
+    (as the HTTP layer's own checks do), and /v1/moderations' messages say which input."""
+    text = json.dumps({"model": GUARD} | body)  # the lone surrogate as JSON escapes it
+    code, payload = post(server, path, text.encode())
+    assert code == 400
+    assert payload["error"]["param"] == param
+    assert fragment in payload["error"]["message"]
+
+
 @pytest.mark.parametrize("path", ["/chat/completions", "/moderations"])
 def test_a_misspelt_policy_key_is_refused_by_name(server: ServerThread, path: str) -> None:
     body = json.loads(chat_body(guardrt={"exclude": ["S13"], "exclude_categories": ["S1"]}))

@@ -63,15 +63,18 @@ def _shown(key: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_text(text: object, where: str) -> str:
+def _check_text(text: object, index: int, part: int) -> str:
+    where = f"message {index} part {part}"
     if not isinstance(text, str):
-        raise PromptError(PromptReason.TEXT, f"{where} text is {type(text).__name__}, not a string")
+        raise PromptError(
+            PromptReason.TEXT, f"{where} text is {type(text).__name__}, not a string"
+        ).located(message=index, part=part)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PromptError(
             PromptReason.TEXT, f"{where} text has a lone surrogate at offset {exc.start}"
-        ) from exc
+        ).located(message=index, part=part) from exc
     return text
 
 
@@ -84,14 +87,14 @@ def _parts(content: object, index: int) -> Sequence[object]:
         PromptReason.CONTENT,
         f"message {index} content is {type(content).__name__}; expected a string or a list of "
         "text/image parts",
-    )
+    ).located(message=index)
 
 
 def _message(message: object, index: int) -> Mapping[object, object]:
     if not isinstance(message, Mapping):
         raise PromptError(
             PromptReason.CONTENT, f"message {index} is {type(message).__name__}, not an object"
-        )
+        ).located(message=index)
     return message
 
 
@@ -101,9 +104,11 @@ def _check_turn(message: Mapping[object, object], index: int, turn: int, rule: s
     if unknown:
         raise PromptError(
             PromptReason.CONTENT, f"message {index} has unknown key {_shown(unknown[0])}"
-        )
+        ).located(message=index)
     if "content" not in message:
-        raise PromptError(PromptReason.CONTENT, f"message {index} has no content")
+        raise PromptError(PromptReason.CONTENT, f"message {index} has no content").located(
+            message=index
+        )
     role = message.get("role")
     expected = Role.USER if turn % 2 == 0 else Role.ASSISTANT
     if role != expected.value:
@@ -113,7 +118,7 @@ def _check_turn(message: Mapping[object, object], index: int, turn: int, rule: s
             PromptReason.ROLE,
             f"message {index} has role {shown}; expected {expected.value!r}: roles must "
             f"alternate user/assistant starting with user ({rule})",
-        )
+        ).located(message=index)
     return expected
 
 
@@ -154,21 +159,21 @@ def parse_messages(
                 shown = "missing" if kind is None else _shown(kind, 24)
                 raise PromptError(
                     PromptReason.CONTENT, f"{where} type is {shown}; expected 'text' or 'image'"
-                )
+                ).located(message=index, part=part_index)
             unknown = sorted(set(part) - _PART_KEYS[kind], key=str)
             if unknown:
                 raise PromptError(
                     PromptReason.CONTENT, f"{where} has unknown key {_shown(unknown[0])}"
-                )
+                ).located(message=index, part=part_index)
             if kind == "text":
-                texts.append(_check_text(part.get("text"), where))
+                texts.append(_check_text(part.get("text"), index, part_index))
             elif image is not None:
                 raise PromptError(
                     PromptReason.IMAGES,
                     f"{where} is a second image (the first is message {image.message_index} "
                     f"part {image.part_index}); Llama Guard 3 Vision judges one image per "
                     "conversation",
-                )
+                ).located(message=index, part=part_index)
             else:
                 image = ImagePart(index, part_index, part.get("image"))
         turns.append(Turn(role, tuple(texts)))

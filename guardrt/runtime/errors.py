@@ -6,11 +6,30 @@ offending value (a size, a mode, a key) and never contain prompt text or image b
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from typing import Self
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where in the caller's input an error lies (what is known of it): which input of a call
+    that has several, which message, which part of it. The HTTP API turns it into `param`."""
+
+    item: int | None = None
+    message: int | None = None
+    part: int | None = None
 
 
 class GuardrtError(Exception):
     """Base class of every error guardrt raises on purpose."""
+
+    at = Location()
+
+    def located(self, **where: int) -> Self:
+        """This error with `where` (Location's fields) added to its location; returns it."""
+        self.at = dataclasses.replace(self.at, **where)
+        return self
 
 
 class ImageReason(enum.Enum):

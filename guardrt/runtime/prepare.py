@@ -46,18 +46,21 @@ class Preparer:
         policy = make_policy(categories, excluded_categories)
         image = None
         if conversation.image is not None:
-            where = (
-                f"message {conversation.image.message_index} part {conversation.image.part_index}"
-            )
+            place = {
+                "message": conversation.image.message_index,
+                "part": conversation.image.part_index,
+            }
+            where = "message {message} part {part}".format(**place)
             if conversation.image.source is None:
                 raise PromptError(
                     PromptReason.CONTENT, f"{where} is an image without its 'image' payload"
-                )
+                ).located(**place)
             source: Any = conversation.image.source  # preprocess_image checks what it is
             try:
                 image = preprocess_image(source, config=self.image_config)
             except ImageError as exc:  # said where, as every conversation error is
-                raise ImageError(exc.reason, f"{where}: {exc}") from exc
+                located = ImageError(exc.reason, f"{where}: {exc}")
+                raise located.located(**place) from exc
         encoder = prompt_encoder(self.tokenizer)
         prompt = encoder.encode(conversation, policy)
         # A text-only prompt's head is shared by every request with its policy (prefixes.py).

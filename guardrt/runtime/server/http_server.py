@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from guardrt.runtime.errors import ConfigError, GuardrtError
+from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, PromptError
 from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
@@ -42,6 +42,10 @@ _MODERATE = frozenset({"/v1/chat/completions", "/v1/moderations"})  # refused wh
 # when absent. Each moderation input's id is this one with "-<index>".
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_KEY = "guardrt.request_id"  # where a moderation call keeps its id on the request
+# Where a moderation call keeps its parsed body, which places the runtime's input errors in it
+# (`param`, and for /v1/moderations the message's `input[k]`).
+_BODY_KEY = "guardrt.body"
+_INPUT_ERRORS = (PromptError, ImageError)  # errors in the caller's input: they have a place
 
 
 def served_model_id(model: str) -> str:
@@ -98,10 +102,15 @@ class HttpApi:
         except GuardrtError as exc:
             status, code = http_status(exc)
             request_id = request.get(_REQUEST_ID_KEY)
-            message = str(exc) if status != 500 else internal_message(request_id)
+            body: oa.BodyPlaces | None = request.get(_BODY_KEY)
+            message = str(exc) if body is None else body.message(exc)
+            param = body.param(exc.at) if body and isinstance(exc, _INPUT_ERRORS) else None
+            if status == 500:
+                message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
             self.metrics.failed(route, str(status), code)
-            return _error(oa.ApiError(status, message, type=kind, code=code), request_id)
+            error = oa.ApiError(status, message, type=kind, param=param, code=code)
+            return _error(error, request_id)
         except web.HTTPRequestEntityTooLarge as exc:
             self.metrics.failed(route, "413", "request_too_large")
             message = f"the request body is over the {self.body_limit()}-byte limit"
@@ -136,6 +145,7 @@ class HttpApi:
         request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
         chat = oa.parse_chat(await self._json(request), self.served, request_id)
+        request[_BODY_KEY] = chat
         result = await self.service.moderate(chat.item, deadline)
         self.metrics.answered(request.path, result.timing)
         created = oa.now()
@@ -160,6 +170,7 @@ class HttpApi:
         request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
         inputs = oa.parse_moderations(await self._json(request), self.served, request_id)
+        request[_BODY_KEY] = inputs
         results = await self.service.moderate_all(inputs.items, deadline)
         for result in results:
             self.metrics.answered(request.path, result.timing)

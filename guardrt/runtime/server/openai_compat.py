@@ -14,8 +14,9 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from guardrt.runtime.errors import GuardrtError, Location
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
 from guardrt.runtime.server.service import ModerationInput, ModerationResult
 from guardrt.runtime.verdict import Label
@@ -215,11 +216,34 @@ def request_deadline(headers: Mapping[str, str], now: float) -> float | None:
     return now + min(timeouts) if timeouts else None
 
 
+class BodyPlaces(Protocol):
+    """A parsed request body that places the runtime's errors in itself."""
+
+    def param(self, at: Location) -> str | None: ...
+
+    def message(self, error: GuardrtError) -> str: ...
+
+
 @dataclass
 class ChatRequest:
     model: str
     item: ModerationInput
     stream: bool
+    listed: tuple[bool, ...] = ()  # per message: its content was a list of parts (not a string)
+
+    def param(self, at: Location) -> str | None:
+        """The body's place of an input error (`param`): the runtime numbers messages and
+        parts as the body does."""
+        if at.message is None:
+            return None
+        where = f"messages[{at.message}]"
+        if at.part is None:
+            return where
+        listed = at.message < len(self.listed) and self.listed[at.message]
+        return f"{where}.content[{at.part}]" if listed else f"{where}.content"
+
+    def message(self, error: GuardrtError) -> str:
+        return str(error)  # it names the message and part as the body numbers them
 
 
 def _check_sampling(body: Mapping[str, Any]) -> None:
@@ -285,7 +309,7 @@ def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list", param="messages")
-    converted = []
+    converted, listed = [], []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
@@ -293,14 +317,16 @@ def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
         role = message.get("role")
         if role in IGNORED_ROLES:  # kept in place (unread) so that errors number as the body
             converted.append({"role": role})
+            listed.append(False)
             continue
         converted.append({"role": role, "content": _content_parts(message.get("content"), where)})
+        listed.append(isinstance(message.get("content"), list))
     categories, exclude = policy_extension(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream must be true or false", param="stream")
     item = ModerationInput(request_id, converted, categories, exclude, ignored_roles=IGNORED_ROLES)
-    return ChatRequest(model, item, stream)
+    return ChatRequest(model, item, stream, tuple(listed))
 
 
 def _extension(result: ModerationResult) -> dict[str, Any]:
@@ -363,6 +389,22 @@ class ModerationInputs:
     items: list[ModerationInput]
     types: list[list[str]] = field(default_factory=list)  # input types of each item
     custom: bool = False  # custom categories: results are keyed by code, not by name
+    parts: bool = False  # `input` was one list of parts (each item's message 0 is all of it)
+
+    def param(self, at: Location) -> str | None:
+        """The body's place of an input error (`param`): `input`, `input[k]` (the k-th of
+        several strings), or `input[j]` (the j-th part of a multimodal input)."""
+        if self.parts:
+            return "input" if at.part is None else f"input[{at.part}]"
+        if len(self.items) == 1:
+            return "input"
+        return None if at.item is None else f"input[{at.item}]"
+
+    def message(self, error: GuardrtError) -> str:
+        """The runtime's message, said where in the body: each input is judged as message 0
+        of a conversation of its own, which the body does not show."""
+        where = self.param(error.at)
+        return f"{where}: {error}" if where else str(error)
 
 
 def parse_moderations(body: object, served: str, request_id: str) -> ModerationInputs:
@@ -373,25 +415,26 @@ def parse_moderations(body: object, served: str, request_id: str) -> ModerationI
     model = check_model(body.get("model", served), served)
     categories, exclude = policy_extension(body)
     raw = body.get("input")
+    parts = False
     if isinstance(raw, str):
         groups: list[object] = [raw]
     elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
         groups = list(raw)
     elif isinstance(raw, list) and raw and all(isinstance(x, Mapping) for x in raw):
-        groups = [raw]
+        groups, parts = [raw], True
     else:
         raise _bad("input must be a string, a list of strings, or a list of parts", "input")
     items, types = [], []
     for index, group in enumerate(groups):
-        parts = _content_parts(group, f"input[{index}]" if len(groups) > 1 else "input")
-        kinds = sorted({"image" if p["type"] == "image" else "text" for p in parts})
+        content = _content_parts(group, f"input[{index}]" if len(groups) > 1 else "input")
+        kinds = sorted({"image" if p["type"] == "image" else "text" for p in content})
         items.append(
             ModerationInput(
-                f"{request_id}-{index}", [{"role": "user", "content": parts}], categories, exclude
+                f"{request_id}-{index}", [{"role": "user", "content": content}], categories, exclude
             )
         )
         types.append(kinds)
-    return ModerationInputs(model, items, types, custom=categories is not None)
+    return ModerationInputs(model, items, types, categories is not None, parts)
 
 
 def moderation_result(

@@ -18,7 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from guardrt.runtime.errors import ConfigError, PromptError, PromptReason, ServiceError
+from guardrt.runtime.errors import (
+    ConfigError,
+    GuardrtError,
+    PromptError,
+    PromptReason,
+    ServiceError,
+)
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
@@ -156,9 +162,10 @@ class ModerationService:
     async def moderate_all(
         self, items: Sequence[ModerationInput], deadline: float | None
     ) -> list[ModerationResult]:
-        """Every item's verdict, or the first error and none of them: the rest are cancelled
-        (their queued work dropped unrun), so a refused call leaves no work behind. More items
-        than the queue holds could never all be queued: a ConfigError naming both counts."""
+        """Every item's verdict, or the first error (located at its item) and none of them:
+        the rest are cancelled (their queued work dropped unrun), so a refused call leaves no
+        work behind. More items than the queue holds could never all be queued: a ConfigError
+        naming both counts."""
         if len(items) > self.scheduler.max_queue:
             raise ConfigError(
                 f"the call has {len(items)} inputs; this server queues at most "
@@ -167,6 +174,11 @@ class ModerationService:
         tasks = [asyncio.ensure_future(self.moderate(item, deadline)) for item in items]
         try:
             return list(await asyncio.gather(*tasks))
+        except GuardrtError as exc:
+            failed = next((i for i, task in enumerate(tasks) if _raised(task) is exc), None)
+            if failed is not None:
+                exc.located(item=failed)
+            raise
         finally:  # after an error (or the caller's cancellation), nothing left running
             for task in tasks:
                 task.cancel()
@@ -221,6 +233,10 @@ class ModerationService:
 
 
 _SMALL_TEXT = 2_000
+
+
+def _raised(task: asyncio.Future[Any]) -> BaseException | None:
+    return task.exception() if task.done() and not task.cancelled() else None
 
 
 def _is_small(item: ModerationInput) -> bool:
