@@ -85,9 +85,8 @@ def test_torch_run_options_are_refused_for_an_engine_directory(
         (["--concurrency=0"], "--concurrency '0' is not a list"),
         (["--repeat", "0"], "--repeat 0 must be ≥ 1"),
         (["--requests", "-1"], "--requests -1 must be ≥ 1"),
-        (["--budget-s", "nan"], "--budget-s nan must be a number of seconds > 0"),
-        (["--budget-s", "0"], "--budget-s 0.0 must be"),
-        (["--budget-s", "inf"], "--budget-s inf must be"),
+        (["--budget-s", "nan"], "--budget-s nan must be a number of seconds ≥ 0"),
+        (["--budget-s", "-1"], "--budget-s -1.0 must be"),
         (["--results", "/dev/null/x"], "--results /dev/null/x: cannot make it: Not a directory"),
     ],
 )

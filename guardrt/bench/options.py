@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from guardrt.runtime.engine.manifest import is_engine_dir
@@ -82,8 +81,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for name in ("repeat", "requests"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)} must be ≥ 1")
-    if args.budget_s is not None and not (0 < args.budget_s < math.inf):
-        raise ConfigError(f"--budget-s {args.budget_s} must be a number of seconds > 0")
+    if args.budget_s is not None and not args.budget_s >= 0:  # 0: every phase skipped
+        raise ConfigError(f"--budget-s {args.budget_s} must be a number of seconds ≥ 0")
     try:  # made now, not after a run of many minutes that would have nowhere to go
         args.results.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
