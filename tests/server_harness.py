@@ -130,10 +130,14 @@ class ServerThread:
 
 
 @contextmanager
-def serving(engine: Any, preparer: Preparer, **settings: Any) -> Iterator[ServerThread]:
+def serving(
+    engine: Any, preparer: Preparer, warmup: Sequence[PreparedRequest] = (), **settings: Any
+) -> Iterator[ServerThread]:
+    """A server on `engine`; `warmup`'s first request is the engine's self-check (none by
+    default: an engine failure then never takes the server out of service)."""
     base = ServerConfig(grpc_port=0, host="localhost", grace_s=5.0)
     config = dataclasses.replace(base, **settings)
-    stack = assemble_stack(config, engine, preparer, "test-model", [])
+    stack = assemble_stack(config, engine, preparer, "test-model", list(warmup))
     try:
         with ServerThread(stack, config) as server:
             yield server

@@ -225,3 +225,38 @@ def test_an_engine_failing_every_batch_fails_each_request(preparer: Preparer) ->
         [len(short.prompt)],  # a, alone
         [len(long.prompt)],  # b, alone; "late" never ran again
     ], sizes
+
+
+def test_a_broken_engine_answers_the_queue_and_refuses_new_work(preparer: Preparer) -> None:
+    """A request that fails alone, then the probe failing too: the engine is broken. What is
+    queued is answered BROKEN without running, new work is refused, the listeners are told."""
+    long, short = _long_and_short(preparer)
+    engine = FakeEngine(max_batch=1)
+    engine.gate, engine.fail = threading.Event(), True
+    scheduler = Scheduler(engine, max_batch=1, max_wait_s=0.0, max_queue=16, probe=short)
+    told: list[str] = []
+    scheduler.on_broken(lambda: told.append("broken"))
+    outcomes: dict[str, object] = {}
+
+    def work(name: str) -> Work:
+        return Work(long, name, lambda outcome, info: outcomes.__setitem__(name, outcome))
+
+    scheduler.start()
+    try:
+        scheduler.add(work("first"))
+        assert engine.entered.wait(10)
+        scheduler.add(work("queued"))
+        engine.gate.set()
+        assert scheduler.broken.wait(10)
+        with pytest.raises(ServiceError) as refused:
+            scheduler.add(work("late"))
+    finally:
+        scheduler.drain(10)
+    assert refused.value.reason is ServiceReason.BROKEN
+    reasons = {name: getattr(outcome, "reason", None) for name, outcome in outcomes.items()}
+    assert reasons == {"first": ServiceReason.ENGINE, "queued": ServiceReason.BROKEN}
+    assert [[r.prompt for r in batch] for batch in engine.batches] == [
+        [long.prompt],
+        [short.prompt],  # the probe; "queued" never ran
+    ]
+    assert told == ["broken"]

@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 import math
 import re
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +18,15 @@ import grpc
 import pytest
 
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server import main as server_main
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.grpc_server import build_server
+from guardrt.runtime.server.main import Stack, assemble_stack
 from guardrt.runtime.server.ports import check_bindable
 from guardrt.v1 import moderation_pb2 as pb
+from guardrt.v1 import moderation_pb2_grpc as pb_grpc
+from tests.server_harness import FakeEngine
 
 
 @contextmanager
@@ -111,3 +117,44 @@ def test_an_http_port_taken_after_the_check_stops_grpc_too(
         with pytest.raises(ConfigError, match=f"HTTP API: cannot listen on localhost:{http_port}"):
             asyncio.run(server_main.serve(config))
     check_bindable("localhost", grpc_port, "gRPC")  # the gRPC server let its port go
+
+
+def test_serve_exits_with_status_1_once_its_engine_is_broken(
+    preparer: Preparer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken engine (a failed request, then its self-check failing too) stops `serve`: it
+    drains and returns 1, so a supervisor restarts it instead of it answering UNAVAILABLE on."""
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+    engine = FakeEngine()
+
+    def load(config: ServerConfig) -> Stack:
+        return assemble_stack(config, engine, preparer, "test-model", [sample, sample])
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    port = free_port()
+    codes: list[grpc.StatusCode] = []
+    stopped = threading.Event()
+
+    def client() -> None:
+        try:
+            channel = grpc.insecure_channel(f"localhost:{port}")
+            grpc.channel_ready_future(channel).result(timeout=30)
+            engine.fail = True
+            stub = pb_grpc.ModerationStub(channel)
+            message = pb.Message(role=pb.USER, content=[pb.Content(text="boom")])
+            stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=10)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+        finally:  # however it went, serve must not be left running (SIGTERM stops it: 0)
+            if not stopped.wait(30):
+                signal.raise_signal(signal.SIGTERM)
+
+    threading.Thread(target=client, daemon=True).start()
+    config = ServerConfig(host="localhost", grpc_port=port, http_port=-1, grace_s=1.0)
+    try:
+        status = asyncio.run(server_main.serve(config))
+    finally:  # no SIGTERM from the client once serve has returned: nothing would handle it
+        stopped.set()
+    assert codes == [grpc.StatusCode.INTERNAL]
+    assert status == 1
+    assert "the engine is broken (it failed its self-check): stopping" in capsys.readouterr().out

@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,13 @@ from PIL import Image
 from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server.config import ServerConfig, TlsConfig, bearer_allowed
 from guardrt.runtime.server.service import checked_request_id
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.images import encode
-from tests.server_harness import UNSAFE_S1, FakeEngine, serving
+from tests.server_harness import UNSAFE_S1, FakeEngine, ServerThread, serving
 
 
 def jpeg(seed: int = 0, size: tuple[int, int] = (90, 60)) -> bytes:
@@ -406,6 +409,72 @@ def test_engine_failure_fails_only_its_requests(preparer: Preparer) -> None:
         assert "CUDA" not in str(failed.value.details())
         engine.fail = False
         assert stub.Moderate(request(user("fine")), timeout=10).verdict.label == pb.SAFE
+
+
+class _Poisoned(FakeEngine):
+    """Fails any batch holding a request whose prompt is `poison`'s; runs the rest."""
+
+    def __init__(self, poison: PreparedRequest) -> None:
+        super().__init__()
+        self.poison = poison.prompt
+
+    def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+        if any(r.prompt == self.poison for r in batch):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().execute(batch)
+
+
+def _health(server: ServerThread) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel())
+    status: int = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    return status
+
+
+def test_a_request_the_engine_cannot_run_leaves_the_server_in_service(
+    preparer: Preparer,
+) -> None:
+    """The engine still runs its self-check (the warm-up's text request) after failing one
+    request: that request gets INTERNAL, the server stays SERVING and answers the next."""
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+    engine = _Poisoned(preparer.prepare([{"role": "user", "content": "boom"}]))
+    with serving(engine, preparer, warmup=[sample]) as server:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Moderate(request(user("boom")), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert [r.prompt for r in engine.batches[-1]] == [sample.prompt]  # the self-check ran
+        assert stub.Moderate(request(user("fine")), timeout=10).verdict.label == pb.SAFE
+        assert _health(server) == health_pb2.HealthCheckResponse.SERVING
+        assert not server.stack.scheduler.broken.is_set()
+
+
+def test_a_broken_engine_takes_the_server_out_of_service(preparer: Preparer) -> None:
+    """An engine that fails its self-check too is broken (a CUDA error poisons the process):
+    health NOT_SERVING, /readyz 503, and every new call UNAVAILABLE (a load balancer sends it
+    elsewhere) instead of INTERNAL after a wasted wait, even once the engine would answer."""
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+    engine = FakeEngine()
+    with serving(engine, preparer, warmup=[sample]) as server:
+        stub = server.stub()
+        engine.fail = True
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Moderate(request(user("boom"), request_id="req-1"), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL  # its own failure
+        assert server.stack.scheduler.broken.wait(10)
+        deadline = time.monotonic() + 10
+        while _health(server) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health still SERVING"
+            time.sleep(0.02)
+        engine.fail = False
+        ran = len(engine.batches)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Moderate(request(user("fine")), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "failed its self-check" in str(refused.value.details())
+        assert len(engine.batches) == ran  # refused without running
+        with pytest.raises(urllib.error.HTTPError) as unready:
+            urllib.request.urlopen(f"http://localhost:{server.http_port}/readyz", timeout=10)
+        assert unready.value.code == 503
 
 
 @pytest.mark.parametrize(

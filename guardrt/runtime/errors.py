@@ -91,6 +91,7 @@ class ServiceReason(enum.Enum):
     ENGINE = "engine"  # the engine failed on the batch holding this request
     TOO_LARGE = "too_large"  # a request beyond the configured text or size limits
     UNAUTHENTICATED = "unauthenticated"  # missing or wrong bearer token
+    BROKEN = "engine_broken"  # the engine failed its self-check: this server takes no work
 
 
 class ServiceError(GuardrtError):

@@ -55,6 +55,14 @@ class Work:
         self.shape = Shape.of(self.request)
 
 
+def _broken() -> ServiceError:
+    return ServiceError(
+        ServiceReason.BROKEN,
+        "the engine failed its self-check after an error; this server takes no more work "
+        "(it needs a restart): retry on another",
+    )
+
+
 # Queued requests `batching.choose` looks at for each batch: the oldest few batches' worth.
 _WINDOW_BATCHES = 4
 
@@ -67,8 +75,13 @@ class Scheduler:
         max_wait_s: float,
         max_queue: int,
         policy: Policy = choose,
+        probe: PreparedRequest | None = None,
     ) -> None:
-        self.engine, self.policy = engine, policy
+        """`probe`: a request the engine ran at warm-up, run again after a request fails
+        alone, to tell a broken engine from a request it cannot run (`broken`)."""
+        self.engine, self.policy, self.probe = engine, policy, probe
+        self.broken = threading.Event()  # set once the engine failed the probe: no more work
+        self._on_broken: list[Callable[[], object]] = []
         self.max_batch = min(max_batch, engine.info.max_batch)
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
         self._queue: deque[Work] = deque()
@@ -83,6 +96,8 @@ class Scheduler:
     def add(self, work: Work) -> None:
         """Queue `work`, or refuse it at once (queue full, draining)."""
         with self._lock:
+            if self.broken.is_set():
+                raise _broken()
             if self._draining:
                 raise ServiceError(ServiceReason.DRAINING, "the server is shutting down")
             if len(self._queue) >= self.max_queue:
@@ -143,9 +158,13 @@ class Scheduler:
         runs again alone: a request the engine cannot run, or a batch too large for the memory
         left, then fails only itself, never the requests batched with it."""
         outputs = self._run(batch)
-        if not isinstance(outputs, ServiceError) or len(batch) == 1:
+        if not isinstance(outputs, ServiceError):
+            return outputs
+        if len(batch) == 1:
+            self._check_engine()
             return outputs
         alone: list[Outcome] = []
+        failed_alone = False
         for work in batch:
             if work.cancelled:  # no one waits for it
                 alone.append(outputs)
@@ -153,8 +172,41 @@ class Scheduler:
                 alone.append(self._expired())
             else:
                 output = self._run([work])
+                failed_alone |= isinstance(output, ServiceError)
                 alone.append(output if isinstance(output, ServiceError) else output[0])
+        if failed_alone:
+            self._check_engine()
         return alone
+
+    def on_broken(self, callback: Callable[[], object]) -> None:
+        """Call `callback` (on the engine thread) once the engine is found broken."""
+        self._on_broken.append(callback)
+
+    def _check_engine(self) -> None:
+        """After a request failed alone: whether the engine still runs the probe. If it fails
+        that too, the engine is broken (a CUDA error poisons the process's context), not the
+        request: new work is refused, queued work answered so, without running, and the
+        listeners told (`guardrt serve` reports NOT_SERVING and exits for a restart)."""
+        if self.probe is None or self.broken.is_set():
+            return
+        try:
+            self.engine.execute([self.probe])
+            return
+        except Exception:
+            log.exception("the engine failed its self-check (the warm-up's text request)")
+        log.error("the engine is broken: new work is refused; the process needs a restart")
+        self.broken.set()
+        with self._lock:
+            queued = list(self._queue)
+            self._queue.clear()
+        now = time.monotonic()
+        for work in queued:
+            self._answer(work, _broken(), BatchInfo(0, now - work.enqueued, 0.0))
+        for callback in self._on_broken:
+            try:
+                callback()
+            except Exception:  # a listener must not stop the engine thread
+                log.exception("a listener of the broken engine failed")
 
     def _run(self, batch: list[Work]) -> list[Outcome] | ServiceError:
         try:

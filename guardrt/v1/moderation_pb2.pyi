@@ -12,7 +12,8 @@ retyped. Errors follow gRPC status codes:
   RESOURCE_EXHAUSTED  the request queue is full, or a message exceeds the size limit
   DEADLINE_EXCEEDED   the deadline passed before the request ran (it was not run)
   UNAUTHENTICATED     a bearer token is required and missing or wrong
-  UNAVAILABLE         the server is draining (SIGTERM) or not ready yet
+  UNAVAILABLE         the server is draining (SIGTERM) or not ready yet, or its engine
+                      failed its self-check after an error (it stops): retry elsewhere
   INTERNAL            the engine failed on this request (the message holds its request id)
 A safety classifier fails closed: no error is ever reported as SAFE.
 """

@@ -106,6 +106,7 @@ def assemble_stack(
         config.max_wait_ms / 1e3,
         config.max_queue,
         POLICIES[config.batching],
+        probe=warmup[0] if warmup else None,  # the text request: it ran at warm-up
     )
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
     service = ModerationService(preparer, scheduler, Limits(config.max_text_chars), executor)
@@ -165,12 +166,17 @@ async def serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # A broken engine answers nothing: exit (status 1) for a supervisor to restart the server.
+    stack.scheduler.on_broken(lambda: loop.call_soon_threadsafe(stop.set))
     await stop.wait()
+    broken = stack.scheduler.broken.is_set()
+    if broken:
+        print("the engine is broken (it failed its self-check): stopping", flush=True)
     print(f"draining (up to {config.grace_s:g} s)", flush=True)
     await stop_front_ends(stack, server, runner, config.grace_s)
     drained = await release(stack, config.grace_s)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
-    return 0
+    return 1 if broken else 0
 
 
 async def release(stack: Stack, grace_s: float) -> bool:
@@ -211,10 +217,21 @@ def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grp
     server, port, health_servicer = build_server(config, stack.service, stack.info, stack.metrics)
     _health[server] = health_servicer
     # No client can call before start(); the task is kept so it cannot be collected unrun.
-    task = asyncio.get_running_loop().create_task(set_serving(health_servicer, True))
+    loop = asyncio.get_running_loop()
+    _keep(loop.create_task(set_serving(health_servicer, True)))
+
+    def not_serving() -> None:  # on the loop: load balancers stop sending calls here
+        stack.ready = False
+        _keep(loop.create_task(set_serving(health_servicer, False)))
+
+    stack.scheduler.on_broken(lambda: loop.call_soon_threadsafe(not_serving))
+    return server, port
+
+
+def _keep(task: asyncio.Task[None]) -> None:
+    """Hold a fire-and-forget task until it is done (the loop keeps only weak references)."""
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
-    return server, port
 
 
 def health_of(server: grpc.aio.Server) -> Any:

@@ -20,6 +20,7 @@ _SERVICE = {
     ServiceReason.ENGINE: grpc.StatusCode.INTERNAL,
     ServiceReason.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ServiceReason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ServiceReason.BROKEN: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -59,6 +60,7 @@ _HTTP = {
     ServiceReason.ENGINE: (500, "internal_error"),
     ServiceReason.TOO_LARGE: (413, "request_too_large"),
     ServiceReason.UNAUTHENTICATED: (401, "invalid_api_key"),
+    ServiceReason.BROKEN: (503, "engine_unavailable"),
 }
 
 
