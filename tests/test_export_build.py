@@ -209,6 +209,9 @@ def test_bad_build_options(checkpoint: Path, tmp_path: Path) -> None:
         "--precision 'int4'": BuildOptions(checkpoint, out, precision="int4"),
         "^--max-batch-size 0 must be ≥ 1$": BuildOptions(checkpoint, out, max_batch=0),
         "^--max-seq-len 63 must be ≥ 64$": BuildOptions(checkpoint, out, max_seq=63),
+        "^--max-seq-len 131073 is over the model's 131072 positions": BuildOptions(
+            checkpoint, out, max_seq=131_073
+        ),
         "must not be the checkpoint": BuildOptions(checkpoint, checkpoint, force=True),
         "--int8-compute weight[+]activation is for --precision int8, not bf16": BuildOptions(
             checkpoint, out, precision="bf16", int8_compute="weight+activation"

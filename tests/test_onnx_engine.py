@@ -176,6 +176,8 @@ def test_options_refused(onnx_fp32: Path) -> None:
         onnx_engine(onnx_fp32, device="cuda")
     with pytest.raises(ConfigError, match="decode must be one of"):
         onnx_engine(onnx_fp32, decode="beam")
+    with pytest.raises(ConfigError, match="max_seq 131073 is over the model's 131072 positions"):
+        onnx_engine(onnx_fp32, max_seq=131_073)
     with pytest.raises(ConfigError, match="fp32 engine; quantize='int8' applies to a checkpoint"):
         onnx_engine(onnx_fp32, quantize="int8")
 

@@ -104,3 +104,15 @@ def test_other_errors_of_the_cache_set_up_are_not_called_memory(
     monkeypatch.setattr(torch_engine, "setup_steps", allocate)
     with pytest.raises(RuntimeError, match=r"^a bug$"):
         TorchEngine(EngineOptions(checkpoint, device="cpu", max_seq=1024))
+
+
+def test_more_positions_than_the_model_has_are_refused_before_loading(
+    monkeypatch: pytest.MonkeyPatch, checkpoint: Path
+) -> None:
+    monkeypatch.setattr(
+        torch_engine, "load_model", lambda *a, **k: pytest.fail("the checkpoint was loaded")
+    )
+    options = EngineOptions(checkpoint, device="cpu", max_seq=131_073)
+    message = "max_seq 131073 is over the model's 131072 positions (max_position_embeddings)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TorchEngine(options)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from guardrt.runtime.engine.manifest import is_engine_dir, read_manifest
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.requests import Decoded, PreparedRequest
 
 BACKENDS = {
@@ -52,6 +53,16 @@ class EngineOptions:
     def cache_rows(self) -> int:
         """K/V cache rows: the batch's, the streaming sessions', the shared prefixes'."""
         return self.max_batch + self.max_sessions + self.max_prefixes
+
+    def check_positions(self, config: ModelConfig) -> None:
+        """A ConfigError if `max_seq` is over the positions the model has (RoPE past them is
+        extrapolation the model never saw)."""
+        limit = config.text.max_position_embeddings
+        if self.max_seq > limit:
+            raise ConfigError(
+                f"max_seq {self.max_seq} is over the model's {limit} positions "
+                "(max_position_embeddings)"
+            )
 
     def check_sizes(self) -> None:
         """A ConfigError naming the first size out of range (every back end asks first)."""

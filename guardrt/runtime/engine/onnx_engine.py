@@ -229,8 +229,9 @@ class GraphEngine:
                 f"{directory} holds a {manifest.engine_format} engine, not {self.backend}"
             )
         check_options(options, manifest, directory, self.bounded)
-        self.runner, device = self._runner(directory, manifest, options)
         config = ModelConfig.from_dict(manifest.config)
+        options.check_positions(config)
+        self.runner, device = self._runner(directory, manifest, options)
         image_rows = options.max_batch + options.max_sessions  # not the shared prefixes' rows
         try:
             self.steps = self.runner.steps(config, options.cache_rows, options.max_seq, image_rows)

@@ -18,6 +18,7 @@ from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
 from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import SEMANTICS
 from guardrt.runtime.model.tune import tune_for_device
@@ -85,6 +86,7 @@ class TorchEngine:
             raise ConfigError(f"warmup_max_batch {options.warmup_max_batch} must be ≥ 1")
         self.options = options
         options.check_sizes()
+        options.check_positions(ModelConfig.from_checkpoint(options.model))  # before the weights
         device = usable_device(options.device)
         kind = parse_quantize(options.quantize)
         activations = parse_int8_compute(options.int8_compute, kind)
