@@ -40,6 +40,7 @@ class FakeEngine:
         self.entered = threading.Event()  # set when a batch reaches execute
         self.fail = False
         self.batches: list[list[PreparedRequest]] = []
+        self.label_probability = 0.99  # P(safe) + P(unsafe), as Llama Guard's
 
     def warmup(self, sample: Sequence[PreparedRequest]) -> None:
         self.execute(sample)
@@ -52,7 +53,13 @@ class FakeEngine:
         if self.fail:
             raise RuntimeError("CUDA error: an illegal memory access (internal detail)")
         return [
-            Decoded(r, self.generated, 0.25, {c: 1 / len(r.grammar.codes) for c in r.grammar.codes})
+            Decoded(
+                r,
+                self.generated,
+                0.25,
+                {c: 1 / len(r.grammar.codes) for c in r.grammar.codes},
+                label_probability=self.label_probability,
+            )
             for r in batch
         ]
 

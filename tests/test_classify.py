@@ -139,6 +139,8 @@ def test_constrained_scores_equal_full_forward_softmax(
         req, t = result.request, result.request.grammar.tokens
         label_probs = torch.softmax(hf_last_logits(hf, [*req.prompt, t.blank], req.image), -1)
         assert math.isclose(result.unsafe_probability, float(label_probs[t.unsafe]), rel_tol=1e-4)
+        label = float(label_probs[t.unsafe] + label_probs[t.safe])
+        assert math.isclose(result.label_probability, label, rel_tol=1e-4)
         code_logits = hf_last_logits(
             hf, [*req.prompt, t.blank, t.unsafe, t.newline, t.s], req.image
         )

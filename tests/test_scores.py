@@ -15,6 +15,8 @@ from guardrt.runtime.scores import (
     category_probabilities,
     category_vocab,
     prefill_vocab,
+    probabilities,
+    probability,
 )
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import VerdictGrammar
@@ -62,3 +64,15 @@ def test_category_probabilities_from_log_probabilities_or_logits(tok: Tokenizer)
     assert math.isclose(sum(from_logits.values()), 1.0, rel_tol=1e-12)
     for code, value in from_logits.items():
         assert math.isclose(shifted[code], value, rel_tol=1e-6)
+
+
+def test_probabilities_share_one_normaliser_and_equal_a_float64_softmax() -> None:
+    logits = np.random.default_rng(2).standard_normal(128_256).astype(np.float32) * 4
+    logits[7] = -40.0  # a tiny probability stays tiny, not 0
+    exact = np.exp(logits.astype(np.float64) - logits.max())
+    exact /= exact.sum()
+    got = probabilities(logits, (3, 7, 100_000))
+    for token, value in zip((3, 7, 100_000), got, strict=True):
+        assert math.isclose(value, float(exact[token]), rel_tol=1e-6)
+        assert value == probability(logits, token)
+    assert got[1] > 0

@@ -28,6 +28,7 @@ from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server.config import ServerConfig, TlsConfig, bearer_allowed
+from guardrt.runtime.server.main import assemble_stack, self_check
 from guardrt.runtime.server.service import checked_request_id
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
@@ -596,6 +597,30 @@ def test_tls(preparer: Preparer, tmp_path: Path) -> None:
         assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize(
+    ("model", "label_probability", "warned"),
+    [
+        ("/models/Llama-Guard-3-11B-Vision", 0.99, False),
+        ("/models/Llama-3.2-11B-Vision-Instruct", 0.02, True),  # the same architecture
+        ("/models/other", math.nan, True),  # greedy output off the grammar's path
+        ("tiny-random", 0.0, False),  # said to be meaningless already
+    ],
+)
+def test_the_self_check_warns_of_a_model_that_is_not_llama_guard(
+    preparer: Preparer, model: str, label_probability: float, warned: bool
+) -> None:
+    """A model that puts little probability on 'safe'/'unsafe' at the verdict's first word
+    still gets verdicts from the grammar, meaningless ones: the start says so."""
+    engine = FakeEngine()
+    engine.label_probability = label_probability
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+    config = ServerConfig(grpc_port=0)
+    lines = self_check(assemble_stack(config, engine, preparer, model, [sample, sample]))
+    assert lines[0].startswith("self-check verdicts: text: 'safe' (P(unsafe)=0.25, P(safe or")
+    warning = f"is {model} Llama Guard 3 11B Vision? Its verdicts may mean nothing"
+    assert (len(lines) == 2 and warning in lines[1]) is warned
+
+
 def test_serve_command_drains_on_sigterm(checkpoint: Path) -> None:
     """`guardrt serve` end to end: self-check, serving, SIGTERM, exit 0."""
     import signal  # noqa: PLC0415
@@ -611,6 +636,8 @@ def test_serve_command_drains_on_sigterm(checkpoint: Path) -> None:
         if "serving" in line:
             break
     assert "self-check verdicts: text:" in "".join(lines)
+    # Random weights are not Llama Guard: almost none of their probability is on the verdict.
+    assert "WARNING: the model puts only " in "".join(lines)
     port = int(lines[-1].split("(gRPC)")[0].rsplit(":", 1)[1])
     with grpc.insecure_channel(f"localhost:{port}") as channel:
         stub = pb_grpc.ModerationStub(channel)

@@ -38,7 +38,7 @@ from guardrt.runtime.scores import (
     category_probabilities,
     category_vocab,
     prefill_vocab,
-    probability,
+    probabilities,
 )
 from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
 from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
@@ -100,6 +100,7 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     state: GrammarState = field(default_factory=GrammarState)
     unsafe_probability: float = math.nan
+    label_probability: float = math.nan  # P(safe) + P(unsafe) at the label (`Decoded`)
     category_probabilities: dict[str, float] = field(default_factory=dict)
     code_scores: TokenScores | None = None
     done: bool = False
@@ -171,6 +172,7 @@ class Decoder:
                     row.skip,
                     prefill_s=self._prefilled - started,
                     decode_s=time.perf_counter() - self._prefilled,
+                    label_probability=row.label_probability,
                 )
                 for row in rows
             )
@@ -285,6 +287,7 @@ class Decoder:
         (a float32 log-probability), and the category distribution."""
         grammar = row.request.grammar
         row.unsafe_probability = math.exp(label[grammar.tokens.unsafe])
+        row.label_probability = row.unsafe_probability + math.exp(label[grammar.tokens.safe])
         row.category_probabilities = category_probabilities(grammar, code)
 
     def _advance(self, row: _Row, token: int) -> None:
@@ -367,6 +370,7 @@ class Decoder:
         """Scores from the steps where the greedy output follows the grammar's path."""
         tokens = row.request.grammar.tokens
         if row.generated == [tokens.blank]:
-            row.unsafe_probability = probability(logits.values, tokens.unsafe)
+            unsafe, safe = probabilities(logits.values, (tokens.unsafe, tokens.safe))
+            row.unsafe_probability, row.label_probability = unsafe, unsafe + safe
         if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
             row.category_probabilities = category_probabilities(row.request.grammar, logits)

@@ -7,6 +7,7 @@ request (messages, policy) â†’ `PreparedRequest` (prompt ids, tiles, grammar) â†
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from guardrt.runtime.errors import PromptError, PromptReason
@@ -41,6 +42,10 @@ class Decoded:
     reused_tokens: int = 0  # prompt tokens whose K/V were copied (a session's, a shared prefix)
     prefill_s: float = 0.0  # its batch's image encoding and first forward (host-side clock)
     decode_s: float = 0.0  # its batch's later forwards
+    # P(safe) + P(unsafe) at the verdict's first word (full-vocabulary softmax): near 1 for
+    # Llama Guard, whatever the verdict; far below it for a model not fine-tuned to answer so.
+    # NaN where unknown (greedy output off the grammar's path).
+    label_probability: float = math.nan
 
     def verdict(self) -> Verdict:
         parsed = self.request.grammar.parse(self.generated)

@@ -69,9 +69,15 @@ def probability(logits: np.ndarray, token: int) -> float:
     float32 (each within ~1e-7 relative; those that underflow are below 1e-38 of the largest,
     which is 1) summed in float64; the token's own term is float64, so a tiny probability stays
     tiny, not 0. 6× cheaper than a float64 softmax."""
+    return probabilities(logits, (token,))[0]
+
+
+def probabilities(logits: np.ndarray, tokens: Sequence[int]) -> list[float]:
+    """`probability` of each of `tokens`, over one normaliser."""
     top = float(logits.max())
     weights = np.exp(logits - top, dtype=np.float32)  # (vocab,); exp(-inf) = 0
-    return math.exp(float(logits[token]) - top) / float(weights.sum(dtype=np.float64))
+    total = float(weights.sum(dtype=np.float64))
+    return [math.exp(float(logits[token]) - top) / total for token in tokens]
 
 
 def category_probabilities(grammar: VerdictGrammar, scores: TokenScores) -> dict[str, float]:

@@ -128,14 +128,32 @@ def assemble_stack(
     return Stack(service, scheduler, engine, info, warmup, metrics)
 
 
-def self_check(stack: Stack) -> str:
-    """The warm-up requests' verdicts, as a line for the log and the console."""
+# Llama Guard puts nearly all of its first verdict word's probability on `safe` or `unsafe`.
+# A model that does not (Llama 3.2 11B Vision itself, loaded by mistake: the same architecture
+# and files) still gets a verdict from the grammar, but one that means nothing.
+LABEL_PROBABILITY_FLOOR = 0.5
+
+
+def self_check(stack: Stack) -> list[str]:
+    """The warm-up requests' verdicts, as lines for the log and the console; and a warning when
+    the model puts little of its probability on the verdict's words (not Llama Guard?)."""
     results = stack.engine.execute(stack.warmup)
     shown = [
-        f"{kind}: {r.verdict().content!r} (P(unsafe)={r.unsafe_probability:.3g})"
+        f"{kind}: {r.verdict().content!r} (P(unsafe)={r.unsafe_probability:.3g}, "
+        f"P(safe or unsafe)={r.label_probability:.3g})"
         for kind, r in zip(("text", "image"), results, strict=True)
     ]
-    return "self-check verdicts: " + "; ".join(shown)
+    lines = ["self-check verdicts: " + "; ".join(shown)]
+    lowest = min(r.label_probability for r in results)
+    if stack.info.model != TINY_RANDOM and not lowest >= LABEL_PROBABILITY_FLOOR:  # NaN too
+        warning = (
+            f"WARNING: the model puts only {lowest:.3g} of its probability on 'safe' or "
+            "'unsafe' where the verdict starts (Llama Guard puts nearly all of it there): is "
+            f"{stack.info.model} Llama Guard 3 11B Vision? Its verdicts may mean nothing"
+        )
+        log.warning("%s", warning)
+        lines.append(warning)
+    return lines
 
 
 async def serve(config: ServerConfig) -> int:
@@ -145,7 +163,8 @@ async def serve(config: ServerConfig) -> int:
     if config.http_port >= 0:
         check_bindable(config.host, config.http_port, "HTTP API")
     stack = await loop.run_in_executor(None, build_stack, config)
-    print(self_check(stack), flush=True)
+    for line in self_check(stack):
+        print(line, flush=True)
     server, port = create_server(config, stack)
     await server.start()
     print(
