@@ -103,8 +103,9 @@ class HttpApi:
             status, code = http_status(exc)
             request_id = request.get(_REQUEST_ID_KEY)
             body: oa.BodyPlaces | None = request.get(_BODY_KEY)
-            message = str(exc) if body is None else body.message(exc)
-            param = body.param(exc.at) if body and isinstance(exc, _INPUT_ERRORS) else None
+            placed = body if isinstance(exc, _INPUT_ERRORS) else None  # the caller's fault
+            message = str(exc) if placed is None else placed.message(exc)
+            param = None if placed is None else placed.param(exc.at)
             if status == 500:
                 message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
