@@ -57,6 +57,7 @@ from guardrt.export.scratch import (
 )
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import StepModel
+from guardrt.runtime.engine import check_positions
 from guardrt.runtime.engine.graph_steps import StepsRunner
 from guardrt.runtime.engine.manifest import (
     ENGINE_FORMATS,
@@ -133,12 +134,8 @@ def check_options(options: BuildOptions) -> None:
         raise ExportError(f"--max-seq-len {options.max_seq} must be ≥ 64")
     if not (options.model / "config.json").is_file():
         raise ExportError(f"--model {options.model} is not a checkpoint directory (no config.json)")
-    positions = ModelConfig.from_checkpoint(options.model).text.max_position_embeddings
-    if options.max_seq > positions:
-        raise ExportError(
-            f"--max-seq-len {options.max_seq} is over the model's {positions} positions "
-            "(max_position_embeddings)"
-        )
+    config = ModelConfig.from_checkpoint(options.model)
+    check_positions(config, options.max_seq, "--max-seq-len", ExportError)
     above = nearest_existing(options.output)  # the output itself, or where mkdir starts
     if not above.is_dir():
         raise ExportError(f"-o {options.output}: {above} is a file, not a directory")

@@ -54,16 +54,6 @@ class EngineOptions:
         """K/V cache rows: the batch's, the streaming sessions', the shared prefixes'."""
         return self.max_batch + self.max_sessions + self.max_prefixes
 
-    def check_positions(self, config: ModelConfig) -> None:
-        """A ConfigError if `max_seq` is over the positions the model has (RoPE past them is
-        extrapolation the model never saw)."""
-        limit = config.text.max_position_embeddings
-        if self.max_seq > limit:
-            raise ConfigError(
-                f"max_seq {self.max_seq} is over the model's {limit} positions "
-                "(max_position_embeddings)"
-            )
-
     def check_sizes(self) -> None:
         """A ConfigError naming the first size out of range (every back end asks first)."""
         for name, low in (
@@ -76,6 +66,18 @@ class EngineOptions:
             value = getattr(self, name)
             if value < low:
                 raise ConfigError(f"{name} {value} must be ≥ {low}")
+
+
+def check_positions(
+    config: ModelConfig, max_seq: int, what: str = "max_seq", error: type[ConfigError] = ConfigError
+) -> None:
+    """An `error` if `max_seq` (named `what`) is over the positions the model has: RoPE past
+    them is extrapolation the model never saw."""
+    limit = config.text.max_position_embeddings
+    if max_seq > limit:
+        raise error(
+            f"{what} {max_seq} is over the model's {limit} positions (max_position_embeddings)"
+        )
 
 
 def out_of_memory(exc: BaseException) -> bool:

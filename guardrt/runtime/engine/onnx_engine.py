@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from guardrt.runtime.decoding import Decoder, parse_decode
-from guardrt.runtime.engine import EngineInfo, EngineOptions
+from guardrt.runtime.engine import EngineInfo, EngineOptions, check_positions
 from guardrt.runtime.engine.cuda_memory import Cuda, DeviceError, import_cudart
 from guardrt.runtime.engine.graph_steps import (
     EngineSteps,
@@ -230,7 +230,7 @@ class GraphEngine:
             )
         check_options(options, manifest, directory, self.bounded)
         config = ModelConfig.from_dict(manifest.config)
-        options.check_positions(config)
+        check_positions(config, options.max_seq)
         self.runner, device = self._runner(directory, manifest, options)
         image_rows = options.max_batch + options.max_sessions  # not the shared prefixes' rows
         try:

@@ -13,7 +13,13 @@ from guardrt.kernels.device import cuda_capability
 from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import Classifier
 from guardrt.runtime.decoding import parse_decode
-from guardrt.runtime.engine import EngineInfo, EngineOptions, memory_refusal, out_of_memory
+from guardrt.runtime.engine import (
+    EngineInfo,
+    EngineOptions,
+    check_positions,
+    memory_refusal,
+    out_of_memory,
+)
 from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
 from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
@@ -86,7 +92,7 @@ class TorchEngine:
             raise ConfigError(f"warmup_max_batch {options.warmup_max_batch} must be ≥ 1")
         self.options = options
         options.check_sizes()
-        options.check_positions(ModelConfig.from_checkpoint(options.model))  # before the weights
+        check_positions(ModelConfig.from_checkpoint(options.model), options.max_seq)  # first
         device = usable_device(options.device)
         kind = parse_quantize(options.quantize)
         activations = parse_int8_compute(options.int8_compute, kind)
