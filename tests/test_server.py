@@ -4,6 +4,7 @@ code, batching, streaming equivalence, cancellation and the drain."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import shutil
@@ -476,6 +477,18 @@ def test_a_broken_engine_takes_the_server_out_of_service(preparer: Preparer) -> 
         with pytest.raises(urllib.error.HTTPError) as unready:
             urllib.request.urlopen(f"http://localhost:{server.http_port}/readyz", timeout=10)
         assert unready.value.code == 503
+        call = urllib.request.Request(
+            f"http://localhost:{server.http_port}/v1/moderations",
+            data=json.dumps({"input": "fine"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as unavailable:
+            urllib.request.urlopen(call, timeout=10)
+        assert unavailable.value.code == 503
+        error = json.loads(unavailable.value.read())["error"]
+        assert error["code"] == "engine_unavailable"  # not "shutting_down": it says why
+        assert "failed its self-check" in error["message"]
+        assert len(engine.batches) == ran
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,8 @@ class Work:
         self.shape = Shape.of(self.request)
 
 
-def _broken() -> ServiceError:
+def broken_error() -> ServiceError:
+    """What work gets once the engine is broken (`Scheduler.broken`)."""
     return ServiceError(
         ServiceReason.BROKEN,
         "the engine failed its self-check after an error; this server takes no more work "
@@ -97,7 +98,7 @@ class Scheduler:
         """Queue `work`, or refuse it at once (queue full, draining)."""
         with self._lock:
             if self.broken.is_set():
-                raise _broken()
+                raise broken_error()
             if self._draining:
                 raise ServiceError(ServiceReason.DRAINING, "the server is shutting down")
             if len(self._queue) >= self.max_queue:
@@ -201,7 +202,7 @@ class Scheduler:
             self._queue.clear()
         now = time.monotonic()
         for work in queued:
-            self._answer(work, _broken(), BatchInfo(0, now - work.enqueued, 0.0))
+            self._answer(work, broken_error(), BatchInfo(0, now - work.enqueued, 0.0))
         for callback in self._on_broken:
             try:
                 callback()

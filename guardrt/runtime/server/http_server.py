@@ -26,6 +26,7 @@ from aiohttp import web
 
 from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, PromptError
 from guardrt.runtime.model.resolve import TINY_RANDOM
+from guardrt.runtime.scheduler import broken_error
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig, bearer_allowed
 from guardrt.runtime.server.metrics import Metrics
@@ -89,6 +90,8 @@ class HttpApi:
             if request.path not in _OPEN:
                 self._authorize(request)
             if request.path in _MODERATE and not self.ready():
+                if self.service.scheduler.broken.is_set():  # say why: not a shutdown
+                    raise broken_error()
                 raise oa.ApiError(
                     503,
                     "the server is not accepting new requests (shutting down)",
