@@ -216,6 +216,23 @@ def test_models_health_ready_and_metrics(server: ServerThread) -> None:
     names += ['stage="prefill"', 'stage="decode"', 'code="404",reason="model_not_found"']
     for name in names:
         assert name in metrics, name
+    assert "guardrt_label_probability_count" in metrics
+
+
+@pytest.mark.parametrize(("label_probability", "observed"), [(0.99, 1), (math.nan, 0)])
+def test_the_verdicts_share_of_probability_is_a_histogram(
+    preparer: Preparer, label_probability: float, observed: int
+) -> None:
+    """Each verdict's P(safe) + P(unsafe) at its first word (Llama Guard: near 1); unknown
+    (greedy output off the grammar's path) is not observed."""
+    engine = FakeEngine()
+    engine.label_probability = label_probability
+    with serving(engine, preparer) as server:
+        assert post(server, "/chat/completions", chat_body())[0] == 200
+        text = get(server, "/metrics")[1].decode()
+    assert f"guardrt_label_probability_count {observed:.1f}" in text
+    assert f'guardrt_label_probability_bucket{{le="0.99"}} {observed:.1f}' in text
+    assert 'guardrt_label_probability_bucket{le="0.95"} 0.0' in text
 
 
 def test_paths_no_route_serves_share_one_metrics_label(preparer: Preparer) -> None:

@@ -58,7 +58,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         if self.metrics is None:
             return
         if isinstance(outcome, ModerationResult):
-            self.metrics.answered(route, outcome.timing, grpc.StatusCode.OK.name)
+            self.metrics.answered(route, outcome, grpc.StatusCode.OK.name)
         else:
             reason = getattr(outcome, "reason", None)
             label = reason.value if reason is not None else type(outcome).__name__

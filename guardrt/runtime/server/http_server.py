@@ -151,7 +151,7 @@ class HttpApi:
         chat = oa.parse_chat(await self._json(request), self.served, request_id)
         request[_BODY_KEY] = chat
         result = await self.service.moderate(chat.item, deadline)
-        self.metrics.answered(request.path, result.timing)
+        self.metrics.answered(request.path, result)
         created = oa.now()
         if not chat.stream:
             body = oa.chat_completion(result, chat.model, created)
@@ -177,7 +177,7 @@ class HttpApi:
         request[_BODY_KEY] = inputs
         results = await self.service.moderate_all(inputs.items, deadline)
         for result in results:
-            self.metrics.answered(request.path, result.timing)
+            self.metrics.answered(request.path, result)
         body = [
             oa.moderation_result(result, types, inputs.custom)
             for result, types in zip(results, inputs.types, strict=True)

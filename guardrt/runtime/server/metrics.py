@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from guardrt.runtime.server.service import Timing
+from guardrt.runtime.server.service import ModerationResult
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -36,6 +37,14 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=self.registry,
         )
+        self.label_probability = Histogram(
+            "guardrt_label_probability",
+            "P(safe) + P(unsafe) at each verdict's first word (full-vocabulary softmax): near 1 "
+            "for Llama Guard. A share of low values means inputs the model does not know how to "
+            "judge, or a model (or quantization) that does not answer as Llama Guard does.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999),
+            registry=self.registry,
+        )
         self.rejections = Counter(
             "guardrt_rejections",
             "Requests refused before running, by reason.",
@@ -47,9 +56,12 @@ class Metrics:
         )
         depth.set_function(queue_depth)
 
-    def answered(self, route: str, timing: Timing, code: str = "200") -> None:
+    def answered(self, route: str, result: ModerationResult, code: str = "200") -> None:
         """A verdict given: `code` is "200" on HTTP routes, "OK" on gRPC's."""
         self.requests.labels(route, code, "ok").inc()
+        if not math.isnan(result.label_probability):  # NaN: greedy output off the grammar
+            self.label_probability.observe(result.label_probability)
+        timing = result.timing
         for stage, milliseconds in (
             ("queue", timing.queue_ms),
             ("preprocess", timing.preprocess_ms),
