@@ -143,6 +143,7 @@ def test_chat_completion_is_the_verdict(client: openai.OpenAI, guard: Guard) -> 
     extension = (response.model_extra or {})["guardrt"]
     assert extension["label"] == expected.label.value
     assert math.isclose(extension["unsafe_probability"], expected.unsafe_probability, rel_tol=1e-5)
+    assert math.isclose(extension["label_probability"], expected.label_probability, rel_tol=1e-5)
 
 
 def test_streaming_sends_sse_chunks(client: openai.OpenAI, guard: Guard) -> None:

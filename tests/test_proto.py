@@ -68,6 +68,7 @@ def test_contract_names() -> None:
             "category_probabilities",
             "raw_output",
             "error",
+            "label_probability",
         ],
         "ModerateResponse": ["request_id", "verdict"],
     }

@@ -109,6 +109,10 @@ def test_moderate_equals_guard(engine: Engine, preparer: Preparer, checkpoint: P
             assert math.isclose(
                 response.verdict.unsafe_probability, expected.unsafe_probability, rel_tol=1e-5
             )
+            assert 0 < expected.label_probability < 1  # tiny random weights: far from 1
+            assert math.isclose(
+                response.verdict.label_probability, expected.label_probability, rel_tol=1e-5
+            )
             assert response.prompt_tokens == len(guard.prepare(python).prompt)
             assert response.timing.total_ms >= response.timing.model_ms > 0
             assert response.timing.batch_size == 1

@@ -53,6 +53,7 @@ class Decoded:
             parsed,
             unsafe_probability=self.unsafe_probability,
             category_probabilities=self.category_probabilities,
+            label_probability=self.label_probability,
         )
 
 

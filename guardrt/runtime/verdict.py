@@ -42,6 +42,9 @@ class Verdict:
     unsafe_probability: float = math.nan
     # P(S_k | unsafe): the category step's distribution renormalized over the listed codes.
     category_probabilities: dict[str, float] = field(default_factory=dict)
+    # P(safe) + P(unsafe) at the verdict's first word: near 1 for Llama Guard, whatever the
+    # verdict. Low: an input the model does not know how to judge (or not Llama Guard at all).
+    label_probability: float = math.nan
 
     @property
     def content(self) -> str:

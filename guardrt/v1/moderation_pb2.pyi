@@ -252,6 +252,7 @@ class Verdict(_message.Message):
     RAW_OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
+    LABEL_PROBABILITY_FIELD_NUMBER: _builtins.int
     label: Global___Label.ValueType
     unsafe_probability: _builtins.float
     """P(unsafe) from the model at the verdict's first word (softmax over the full vocabulary)."""
@@ -263,6 +264,11 @@ class Verdict(_message.Message):
     """The gRPC status code of a request that failed (ModerateMany and ModerateStream carry such
     errors in-band). 0 (OK) when the model ran, including an ERROR verdict whose cause is the
     model's own output falling outside the verdict grammar (see error).
+    """
+    label_probability: _builtins.float
+    """P(safe) + P(unsafe) at the verdict's first word (full-vocabulary softmax): near 1 for
+    Llama Guard whatever the verdict; low for an input the model does not know how to judge
+    (a verdict worth a second look). 0 where not computed (an ERROR verdict).
     """
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -282,10 +288,11 @@ class Verdict(_message.Message):
         raw_output: _builtins.str = ...,
         error: _builtins.str = ...,
         error_code: _builtins.int = ...,
+        label_probability: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "category_probabilities", b"category_probabilities", "error", b"error", "error_code", b"error_code", "label", b"label", "raw_output", b"raw_output", "unsafe_probability", b"unsafe_probability"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "category_probabilities", b"category_probabilities", "error", b"error", "error_code", b"error_code", "label", b"label", "label_probability", b"label_probability", "raw_output", b"raw_output", "unsafe_probability", b"unsafe_probability"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

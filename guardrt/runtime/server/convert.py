@@ -48,7 +48,7 @@ def input_from_proto(request: pb.ModerateRequest) -> ModerationInput:
 
 
 def verdict_to_proto(verdict: Verdict) -> pb.Verdict:
-    probability = verdict.unsafe_probability
+    probability, label_probability = verdict.unsafe_probability, verdict.label_probability
     return pb.Verdict(
         label=_LABELS[verdict.label],
         categories=verdict.categories,
@@ -56,6 +56,7 @@ def verdict_to_proto(verdict: Verdict) -> pb.Verdict:
         category_probabilities=verdict.category_probabilities,
         raw_output=verdict.raw_output,
         error=verdict.error or "",
+        label_probability=0.0 if math.isnan(label_probability) else label_probability,
     )
 
 

@@ -59,8 +59,9 @@ class Metrics:
     def answered(self, route: str, result: ModerationResult, code: str = "200") -> None:
         """A verdict given: `code` is "200" on HTTP routes, "OK" on gRPC's."""
         self.requests.labels(route, code, "ok").inc()
-        if not math.isnan(result.label_probability):  # NaN: greedy output off the grammar
-            self.label_probability.observe(result.label_probability)
+        label_probability = result.verdict.label_probability
+        if not math.isnan(label_probability):  # NaN: greedy output off the grammar's path
+            self.label_probability.observe(label_probability)
         timing = result.timing
         for stage, milliseconds in (
             ("queue", timing.queue_ms),

@@ -331,12 +331,13 @@ def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
 
 def _extension(result: ModerationResult) -> dict[str, Any]:
     verdict = result.verdict
-    probability = verdict.unsafe_probability
+    probability, label = verdict.unsafe_probability, verdict.label_probability
     return {
         "label": verdict.label.value,
         "categories": verdict.categories,
         "unsafe_probability": None if math.isnan(probability) else probability,
         "category_probabilities": verdict.category_probabilities,
+        "label_probability": None if math.isnan(label) else label,
         "error": verdict.error,
         # The model's own text (an error's `content` is `unsafe`, whatever the model wrote).
         "raw_output": verdict.raw_output,

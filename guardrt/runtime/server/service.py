@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import re
 import time
 import uuid
@@ -66,7 +65,6 @@ class ModerationResult:
     prompt_tokens: int
     reused_tokens: int = 0  # prompt tokens read from a session's cache, not recomputed
     generated_tokens: int = 0  # tokens of the verdict the model wrote
-    label_probability: float = math.nan  # P(safe) + P(unsafe) at the verdict (`Decoded`)
 
 
 # A caller's request id lands in logs and responses: printable ASCII without spaces, so that it
@@ -231,7 +229,6 @@ class ModerationService:
             len(request.prompt),
             decoded.reused_tokens,
             len(decoded.generated),
-            decoded.label_probability,
         )
 
 
