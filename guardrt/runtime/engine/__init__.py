@@ -54,6 +54,12 @@ class EngineOptions:
         """K/V cache rows: the batch's, the streaming sessions', the shared prefixes'."""
         return self.max_batch + self.max_sessions + self.max_prefixes
 
+    @property
+    def image_rows(self) -> int:
+        """The first cache rows, which alone may hold an image's K/V: the batch's and the
+        sessions' (a shared prefix never has an image)."""
+        return self.max_batch + self.max_sessions
+
     def check_sizes(self) -> None:
         """A ConfigError naming the first size out of range (every back end asks first)."""
         for name, low in (

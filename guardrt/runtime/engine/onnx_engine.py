@@ -232,9 +232,10 @@ class GraphEngine:
         config = ModelConfig.from_dict(manifest.config)
         check_positions(config, options.max_seq)
         self.runner, device = self._runner(directory, manifest, options)
-        image_rows = options.max_batch + options.max_sessions  # not the shared prefixes' rows
         try:
-            self.steps = self.runner.steps(config, options.cache_rows, options.max_seq, image_rows)
+            self.steps = self.runner.steps(
+                config, options.cache_rows, options.max_seq, options.image_rows
+            )
         except Exception:  # caches that do not fit: free what the runner holds, then say why
             self.runner.close()
             raise

@@ -117,7 +117,7 @@ class TorchEngine:
         try:
             self.steps = setup_steps(
                 self.model, options.cache_rows, options.max_seq, static, _INITIAL_POSITIONS,
-                image_rows=options.max_batch + options.max_sessions,  # not the prefix rows
+                image_rows=options.image_rows,
             )  # fmt: skip
         except RuntimeError as exc:
             if not out_of_memory(exc):
