@@ -228,17 +228,25 @@ def test_bad_build_options(checkpoint: Path, tmp_path: Path) -> None:
     assert (occupied / "file").read_text() == "x"
 
 
+@pytest.mark.parametrize("allowed", [0, 1], ids=["first-refused", "second-refused"])
 def test_an_output_the_build_cannot_write_is_refused_before_any_step(
     checkpoint: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    allowed: int,
 ) -> None:
-    """A directory the user may not write in (faked: these tests may run as root, who may)."""
+    """A directory the user may not write in (faked: these tests may run as root, who may),
+    from the first scratch directory or the second: nothing is left behind either way."""
     steps: list[str] = []
     monkeypatch.setattr(build_module, "_build_into", lambda *args: steps.append("built"))
+    make = tempfile.mkdtemp
+    made: list[str] = []
 
     def refuse(**kwargs: Any) -> str:
+        if len(made) < allowed:
+            made.append(make(**kwargs))
+            return made[-1]
         raise PermissionError(13, "Permission denied", kwargs["dir"])
 
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
@@ -248,6 +256,8 @@ def test_an_output_the_build_cannot_write_is_refused_before_any_step(
     expected = f"-o {tmp_path / 'e'}: cannot write in {tmp_path}: Permission denied"
     assert f"guardrt: error: {expected}" in error
     assert steps == []
+    assert len(made) == allowed
+    assert list(tmp_path.iterdir()) == []
 
 
 class _Usage(NamedTuple):

@@ -103,12 +103,16 @@ def scratch_directories(output: Path) -> tuple[Path, Path]:
     """The build's two scratch directories beside `output` (the engine, renamed into place at
     the end, and the traced graphs), made before any long step: a place the build cannot write
     is an error now, not after the model has been converted."""
+    made: list[Path] = []
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+        for prefix in (f".{output.name}-", f".{output.name}-work-"):
+            made.append(Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent)))
     except OSError as exc:
+        for directory in made:  # the first made, the second refused: leave nothing behind
+            directory.rmdir()
         raise ExportError(f"-o {output}: cannot write in {output.parent}: {exc.strerror}") from exc
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}-work-", dir=output.parent))
+    scratch, work = made
     return scratch, work
 
 
