@@ -3,9 +3,11 @@ asks: the oldest always; others only where batching saves work, most alike first
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -260,3 +262,156 @@ def test_a_broken_engine_answers_the_queue_and_refuses_new_work(preparer: Prepar
         [short.prompt],  # the probe; "queued" never ran
     ]
     assert told == ["broken"]
+
+
+def test_an_engine_giving_the_wrong_number_of_outputs_answers_no_one_wrongly(
+    preparer: Preparer,
+) -> None:
+    """Outputs that do not match the batch one for one cannot be matched to their requests:
+    none is answered from them. Each request runs again alone; an engine that is wrong then
+    too (the probe as well) is broken."""
+    long, short = _long_and_short(preparer)
+
+    class Short(FakeEngine):
+        def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+            outputs = super().execute(batch)
+            return outputs if len(self.batches) == 1 else outputs[:-1]  # the held one is right
+
+    engine = Short(max_batch=4)
+    outcomes = _run_batched(engine, [(short, "a", None), (long, "b", None)])
+    reasons = {name: getattr(outcome, "reason", None) for name, outcome in outcomes.items()}
+    assert reasons == {"a": ServiceReason.ENGINE, "b": ServiceReason.ENGINE}
+
+
+def _scheduler_thread_dies(
+    preparer: Preparer, policy_fails_at: int
+) -> tuple[dict[str, object], list[str], Scheduler]:
+    """Queue three requests behind a held one, with a batching policy that raises (a fault in
+    the engine thread itself) on its `policy_fails_at`-th call."""
+    long, short = _long_and_short(preparer)
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    calls = [0]
+
+    def policy(shapes: Sequence[Shape], max_batch: int) -> list[int]:
+        calls[0] += 1
+        if calls[0] == policy_fails_at:
+            raise IndexError("a fault in the batching policy")
+        return fifo(shapes, max_batch)
+
+    scheduler = Scheduler(engine, max_batch=1, max_wait_s=0.0, max_queue=16, policy=policy)
+    told: list[str] = []
+    scheduler.on_broken(lambda: told.append("broken"))
+    outcomes: dict[str, object] = {}
+    answers: list[str] = []
+
+    def work(name: str) -> Work:
+        def done(outcome: object, info: object) -> None:
+            answers.append(name)
+            outcomes[name] = outcome
+
+        return Work(short if name != "long" else long, name, done)
+
+    scheduler.start()
+    try:
+        scheduler.add(work("held"))
+        assert engine.entered.wait(10)
+        for name in ("a", "long", "b"):
+            scheduler.add(work(name))
+        engine.gate.set()
+        assert scheduler.broken.wait(10)
+        with pytest.raises(ServiceError) as refused:
+            scheduler.add(work("late"))
+        assert refused.value.reason is ServiceReason.BROKEN
+    finally:
+        assert scheduler.drain(10)
+    assert sorted(answers) == sorted(set(answers)), answers  # each answered once
+    return outcomes, told, scheduler
+
+
+@pytest.mark.parametrize("policy_fails_at", [2, 3])
+def test_a_fault_in_the_engine_thread_answers_every_waiting_request(
+    preparer: Preparer, policy_fails_at: int
+) -> None:
+    """A fault in the engine thread (here the batching policy raising) would leave every
+    queued call waiting forever: instead they are answered BROKEN, new work is refused and the
+    listeners told (`guardrt serve` then exits for a restart)."""
+    outcomes, told, _ = _scheduler_thread_dies(preparer, policy_fails_at)
+    reasons = {name: getattr(outcome, "reason", None) for name, outcome in outcomes.items()}
+    ran = ["a", "long", "b"][: policy_fails_at - 2]
+    assert reasons == {
+        "held": None,
+        **dict.fromkeys(ran),
+        **{name: ServiceReason.BROKEN for name in ["a", "long", "b"] if name not in ran},
+    }
+    assert all(isinstance(outcomes[name], Decoded) for name in ["held", *ran])
+    assert told == ["broken"]
+
+
+def _collect(into: list[object]) -> Callable[[object, object], None]:
+    return lambda outcome, info: into.append(outcome)
+
+
+def test_under_random_load_every_request_is_answered_once_and_never_wrongly(
+    preparer: Preparer,
+) -> None:
+    """Four threads queue 240 requests; some make the engine fail (only when they are in the
+    batch), some have deadlines that pass, some are cancelled. Every request not cancelled is
+    answered exactly once; a request the engine failed on is never answered with a verdict, a
+    good one never with the engine's error; the engine is never judged broken."""
+    rng = random.Random(8)
+    _, short = _long_and_short(preparer)
+    requests = [dataclasses.replace(short) for _ in range(240)]
+    poison = {id(request) for request in rng.sample(requests, 24)}
+
+    class Flaky(FakeEngine):
+        def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+            time.sleep(rng.uniform(0.0, 0.002))
+            if any(id(request) in poison for request in batch):
+                raise RuntimeError("CUDA out of memory")
+            return super().execute(batch)
+
+    scheduler = Scheduler(
+        Flaky(max_batch=4), max_batch=4, max_wait_s=0.001, max_queue=1000, probe=short
+    )
+    answers: dict[int, list[object]] = {id(request): [] for request in requests}
+    works: list[Work] = []
+    lock = threading.Lock()
+
+    def add(chunk: list[PreparedRequest], seed: int) -> None:
+        local = random.Random(seed)
+        for request in chunk:
+            deadline = time.monotonic() + 0.005 if local.random() < 0.1 else None
+            work = Work(request, str(id(request)), _collect(answers[id(request)]), deadline)
+            with lock:
+                works.append(work)
+            scheduler.add(work)
+            if local.random() < 0.1:
+                scheduler.cancel(work)
+            time.sleep(local.uniform(0.0, 0.0005))
+
+    scheduler.start()
+    try:
+        threads = [threading.Thread(target=add, args=(requests[i::4], i)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        assert scheduler.drain(30)
+    assert not scheduler.broken.is_set()
+    assert len(works) == len(requests)
+    for work in works:
+        got = answers[id(work.request)]
+        assert len(got) <= 1, got
+        if work.cancelled:
+            continue
+        assert len(got) == 1, work.request_id
+        outcome = got[0]
+        if isinstance(outcome, ServiceError) and outcome.reason is ServiceReason.DEADLINE:
+            assert work.deadline is not None
+        elif id(work.request) in poison:
+            assert isinstance(outcome, ServiceError), outcome
+            assert outcome.reason is ServiceReason.ENGINE
+        else:
+            assert isinstance(outcome, Decoded), outcome

@@ -6,7 +6,8 @@ has waited `max_wait`; which queued requests share it is the policy's call (`bat
 the oldest always, others where batching saves work; or first in, first out). Requests whose
 deadline passed are answered DEADLINE without running; cancelled requests are dropped; an
 engine failure on a batch of several runs each of its requests again alone, so it fails only
-the requests that fail alone.
+the requests that fail alone. If the engine is then found broken, or the engine thread itself
+fails, every waiting request is answered BROKEN and new work refused: no call waits forever.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Work:
     deadline: float | None = None  # time.monotonic() after which it must not run
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    answered: bool = False  # `done` was called (or would have been, had it not been cancelled)
     shape: Shape = field(init=False)  # what batching it costs
 
     def __post_init__(self) -> None:
@@ -147,6 +149,9 @@ class Scheduler:
 
     @staticmethod
     def _answer(work: Work, outcome: Outcome, info: BatchInfo) -> None:
+        if work.answered:
+            return
+        work.answered = True
         if work.cancelled:
             return
         try:
@@ -186,22 +191,28 @@ class Scheduler:
     def _check_engine(self) -> None:
         """After a request failed alone: whether the engine still runs the probe. If it fails
         that too, the engine is broken (a CUDA error poisons the process's context), not the
-        request: new work is refused, queued work answered so, without running, and the
-        listeners told (`guardrt serve` reports NOT_SERVING and exits for a restart)."""
+        request (`_break`)."""
         if self.probe is None or self.broken.is_set():
             return
         try:
-            self.engine.execute([self.probe])
-            return
+            if len(self.engine.execute([self.probe])) == 1:
+                return
+            log.error("the engine's self-check gave a wrong number of outputs")
         except Exception:
             log.exception("the engine failed its self-check (the warm-up's text request)")
+        self._break([])
+
+    def _break(self, in_flight: list[Work]) -> None:
+        """The engine (or this thread) can run nothing more: new work is refused, the work in
+        flight and queued answered so, without running, and the listeners told (`guardrt
+        serve` reports NOT_SERVING and exits for a restart)."""
         log.error("the engine is broken: new work is refused; the process needs a restart")
         self.broken.set()
         with self._lock:
             queued = list(self._queue)
             self._queue.clear()
         now = time.monotonic()
-        for work in queued:
+        for work in [*in_flight, *queued]:
             self._answer(work, broken_error(), BatchInfo(0, now - work.enqueued, 0.0))
         for callback in self._on_broken:
             try:
@@ -212,6 +223,8 @@ class Scheduler:
     def _run(self, batch: list[Work]) -> list[Outcome] | ServiceError:
         try:
             decoded: list[Outcome] = list(self.engine.execute([work.request for work in batch]))
+            if len(decoded) != len(batch):  # whose is whose is unknown: none can be answered
+                raise RuntimeError(f"{len(decoded)} outputs for a batch of {len(batch)}")
             return decoded
         except Exception:
             ids = ", ".join(work.request_id for work in batch)
@@ -229,12 +242,17 @@ class Scheduler:
             )
 
     def _loop(self) -> None:
-        while (batch := self.schedule()) is not None:
-            if not batch:
-                continue
-            start = time.monotonic()
-            outputs = self.execute(batch)
-            self.update(batch, outputs, time.monotonic() - start)
+        batch: list[Work] | None = []
+        try:
+            while (batch := self.schedule()) is not None:
+                if not batch:
+                    continue
+                start = time.monotonic()
+                outputs = self.execute(batch)
+                self.update(batch, outputs, time.monotonic() - start)
+        except Exception:  # a fault here would leave every caller waiting: fail them instead
+            log.exception("the engine thread failed")
+            self._break(batch or [])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="guardrt-engine", daemon=True)
