@@ -403,6 +403,58 @@ def test_queue_full_deadline_and_cancellation(preparer: Preparer) -> None:
         assert server.stack.scheduler.depth() == 0
 
 
+class _HeldPreparer:
+    """The preparer, holding every request at a gate while it is being prepared (an image
+    being decoded and tiled); counts the requests it was given."""
+
+    def __init__(self, preparer: Preparer) -> None:
+        self.inner, self.gate, self.calls = preparer, threading.Event(), 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def prepare(self, *args: Any, **kwargs: Any) -> PreparedRequest:
+        with self.lock:
+            self.calls += 1
+        self.gate.wait(30)
+        return self.inner.prepare(*args, **kwargs)
+
+
+def test_a_burst_is_refused_at_the_door_not_after_its_images_are_prepared(
+    preparer: Preparer,
+) -> None:
+    """Requests being prepared count against --max-queue with the queued ones: a call beyond
+    it is refused RESOURCE_EXHAUSTED at once, before its image is decoded and tiled. (Before,
+    a burst of image calls all went to the preparation pool, unbounded: 600 calls of a 1.9 MB
+    JPEG took the server from 0.6 to 9.2 GB, 15 MB of pixels each, and the first refusal came
+    after 16 s.)"""
+    held = _HeldPreparer(preparer)
+    with serving(FakeEngine(), held, max_queue=2, workers=4) as server:  # type: ignore[arg-type]
+        stub = server.stub()
+        calls = [
+            stub.Moderate.future(request(user("Hi.", jpeg(seed))), timeout=30) for seed in range(2)
+        ]
+        deadline = time.monotonic() + 10
+        while held.calls < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert held.calls == 2
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as full:
+            stub.Moderate(request(user("Hi.", jpeg(7))), timeout=5)
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full (2, counting the requests being prepared)" in str(
+            full.value.details()
+        )
+        assert time.monotonic() - started < 4  # at once, not at the call's deadline
+        assert held.calls == 2  # never prepared
+        held.gate.set()
+        assert [call.result().verdict.label for call in calls] == [pb.SAFE, pb.SAFE]
+        # the room is given back: the next calls are prepared and answered
+        assert stub.Moderate(request(user("Hi.", jpeg(3))), timeout=10).verdict.label == pb.SAFE
+        assert stub.Moderate(request(user("Hi.")), timeout=10).verdict.label == pb.SAFE
+
+
 def test_engine_failure_fails_only_its_requests(preparer: Preparer) -> None:
     engine = FakeEngine()
     with serving(engine, preparer) as server:

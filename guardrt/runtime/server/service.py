@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from guardrt.runtime.errors import (
     PromptError,
     PromptReason,
     ServiceError,
+    ServiceReason,
 )
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
@@ -121,6 +123,11 @@ class ModerationService:
     ) -> None:
         self.preparer, self.scheduler, self.limits = preparer, scheduler, limits
         self.executor = executor
+        # Requests admitted and still being prepared: they count against --max-queue with the
+        # scheduler's queue, so that a burst is refused at the door, before its images are
+        # decoded and tiled (15 MB of pixels each) only to find the queue full.
+        self._preparing = 0
+        self._admission = threading.Lock()
 
     def prepare(self, item: ModerationInput) -> PreparedRequest:
         """Validate and prepare one request (blocking: call it on a worker thread)."""
@@ -137,6 +144,28 @@ class ModerationService:
             excluded_categories=item.excluded,
             ignored_roles=item.ignored_roles,
         )
+
+    async def prepared(self, item: ModerationInput) -> PreparedRequest:
+        """`prepare` off the event loop (small text on it), admitted first: refused at once
+        (QUEUE_FULL) when the requests being prepared and those queued for the engine already
+        fill --max-queue."""
+        with self._admission:
+            waiting = self._preparing + self.scheduler.depth()
+            if waiting >= self.scheduler.max_queue:
+                raise ServiceError(
+                    ServiceReason.QUEUE_FULL,
+                    f"the request queue is full ({self.scheduler.max_queue}, counting the "
+                    "requests being prepared)",
+                )
+            self._preparing += 1
+        try:
+            if _is_small(item):  # cheaper than two thread hops: tokenizing ~2k chars is ~0.1 ms
+                return self.prepare(item)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self.prepare, item)
+        finally:
+            with self._admission:
+                self._preparing -= 1
 
     async def run(
         self, request: PreparedRequest, request_id: str, deadline: float | None
@@ -192,12 +221,7 @@ class ModerationService:
         session's previous request."""
         started = time.monotonic()
         request_id = item.request_id or uuid.uuid4().hex  # checked by the front ends
-        if _is_small(item):  # cheaper than two thread hops: tokenizing ~2k chars takes ~0.1 ms
-            request = self.prepare(item)
-        else:
-            loop = asyncio.get_running_loop()
-            request = await loop.run_in_executor(self.executor, self.prepare, item)
-        request = dataclasses.replace(request, session=session)
+        request = dataclasses.replace(await self.prepared(item), session=session)
         prepared = time.monotonic()
         decoded, info = await self.run(request, request_id, deadline)
         verdict = decoded.verdict()

@@ -14,7 +14,6 @@ slot is taken, checks run as fresh requests: same answers, more compute.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -84,9 +83,8 @@ class StreamSession:
             deadline,
             count,
         )
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(service.executor, service.prepare, session._with_answer())
+            await service.prepared(session._with_answer())
         except BaseException:
             session.close()
             raise
