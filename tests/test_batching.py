@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guardrt.runtime import scheduler as scheduler_module
 from guardrt.runtime.batching import KNEE, POLICIES, Shape, choose, cost, fifo
 from guardrt.runtime.errors import ServiceError, ServiceReason
 from guardrt.runtime.prepare import Preparer
@@ -415,3 +416,34 @@ def test_under_random_load_every_request_is_answered_once_and_never_wrongly(
             assert outcome.reason is ServiceReason.ENGINE
         else:
             assert isinstance(outcome, Decoded), outcome
+
+
+def test_requests_failing_alone_probe_the_engine_at_most_once_a_second(
+    preparer: Preparer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of requests that each fail alone costs one self-check per PROBE_INTERVAL_S, not
+    one each; after the interval the next failure probes again."""
+    monkeypatch.setattr(scheduler_module, "PROBE_INTERVAL_S", 0.5)
+    long, short = _long_and_short(preparer)
+    engine = _Poisoned(len(long.prompt))
+    scheduler = Scheduler(engine, max_batch=1, max_wait_s=0.0, max_queue=16, probe=short)
+    answered = threading.Semaphore(0)
+
+    def fail_one() -> None:
+        scheduler.add(Work(long, "long", lambda outcome, info: answered.release()))
+        assert answered.acquire(timeout=10)
+
+    scheduler.start()
+    try:
+        fail_one()
+        fail_one()
+        fail_one()
+        time.sleep(0.6)
+        fail_one()
+    finally:
+        scheduler.drain(10)
+    assert not scheduler.broken.is_set()
+    ran = [
+        "long" if len(batch[0].prompt) == len(long.prompt) else "probe" for batch in engine.batches
+    ]
+    assert ran == ["long", "probe", "long", "long", "long", "probe"], ran

@@ -68,6 +68,10 @@ def broken_error() -> ServiceError:
 
 # Queued requests `batching.choose` looks at for each batch: the oldest few batches' worth.
 _WINDOW_BATCHES = 4
+# The self-check probe runs at most this often after it passed: requests that each fail alone
+# (say, prompts too long for the GPU's memory left) then cost no more than one probe a second,
+# and a broken engine is still found at the first failure a second after the last probe.
+PROBE_INTERVAL_S = 1.0
 
 
 class Scheduler:
@@ -87,6 +91,7 @@ class Scheduler:
         self._on_broken: list[Callable[[], object]] = []
         self.max_batch = min(max_batch, engine.info.max_batch)
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
+        self._probe_passed = -float("inf")  # time.monotonic() of the last passing probe
         self._queue: deque[Work] = deque()
         self._lock = threading.Condition()
         self._draining = False
@@ -189,13 +194,16 @@ class Scheduler:
         self._on_broken.append(callback)
 
     def _check_engine(self) -> None:
-        """After a request failed alone: whether the engine still runs the probe. If it fails
-        that too, the engine is broken (a CUDA error poisons the process's context), not the
-        request (`_break`)."""
+        """After a request failed alone: whether the engine still runs the probe (unless it
+        passed less than PROBE_INTERVAL_S ago). If it fails that too, the engine is broken (a
+        CUDA error poisons the process's context), not the request (`_break`)."""
         if self.probe is None or self.broken.is_set():
+            return
+        if time.monotonic() - self._probe_passed < PROBE_INTERVAL_S:
             return
         try:
             if len(self.engine.execute([self.probe])) == 1:
+                self._probe_passed = time.monotonic()
                 return
             log.error("the engine's self-check gave a wrong number of outputs")
         except Exception:
