@@ -650,3 +650,40 @@ def test_the_request_id_header_is_taken_and_echoed(server: ServerThread) -> None
     code, payload = post_with(server, "/chat/completions", chat_body(), {"X-Request-Id": "a b"})
     assert code == 400
     assert "character 1 is U+0020" in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/moderations"])
+def test_a_large_body_is_decoded_off_the_event_loop(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """An image in base64 (tens of ms of JSON and base64 decoding for a photo) is decoded on a
+    preparation thread, not on the event loop every other call's answer waits on; a small
+    body stays on the loop (a thread hop would cost more than its parsing)."""
+    from guardrt.runtime.server import openai_compat  # noqa: PLC0415
+
+    threads: list[str] = []
+    for name in ("parse_chat", "parse_moderations"):
+        original = getattr(openai_compat, name)
+
+        def recorded(*args: Any, _original: Any = original) -> Any:
+            threads.append(threading.current_thread().name)
+            return _original(*args)
+
+        monkeypatch.setattr(openai_compat, name, recorded)
+    picture = jpeg(size=(400, 300)) + b"\0" * 100_000  # trailing bytes: over 64 KiB in base64
+    image = {"type": "image_url", "image_url": {"url": data_url(picture)}}
+    parts: list[object] = [{"type": "text", "text": "Hi."}, image]
+    bodies: list[dict[str, object]]
+    if path == "/chat/completions":
+        bodies = [
+            {"model": "tiny-random", "messages": [{"role": "user", "content": "Hi."}]},
+            {"model": "tiny-random", "messages": [{"role": "user", "content": parts}]},
+        ]
+    else:
+        bodies = [{"input": "Hi."}, {"input": parts}]
+    for body in bodies:
+        status, answer = post(server, path, json.dumps(body).encode())
+        assert status == 200, answer
+    loop_thread = server._thread.name
+    assert threads[0] == loop_thread
+    assert threads[1].startswith("guardrt-prepare"), threads
