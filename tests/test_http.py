@@ -500,6 +500,26 @@ def test_queue_full_is_a_429(preparer: Preparer) -> None:
         assert queued.result()[0] == 200
 
 
+def test_a_full_queue_refuses_before_the_body_is_read(preparer: Preparer) -> None:
+    """With the queue full, a call is answered 429 from its headers: a client still sending a
+    large image gets its answer without the server reading (or holding) the body."""
+    with one_call_in_flight(preparer, 2, max_queue=1) as busy:
+        queued = busy.pool.submit(post, busy.server, "/chat/completions", chat_body(), None)
+        wait_until(lambda: busy.server.stack.scheduler.depth() == 1)
+        with socket.create_connection(("localhost", busy.server.http_port), timeout=10) as raw:
+            head = (
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                "Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n"
+            )
+            raw.sendall(head.encode() + b'{"model": "tiny-random", "messages": [')  # and no more
+            answer = raw.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 429"), answer[:200]
+        assert "server_overloaded" in answer
+        busy.gate.set()
+        assert busy.running.result()[0] == 200
+        assert queued.result()[0] == 200
+
+
 def test_a_refused_moderations_call_leaves_no_work_behind(preparer: Preparer) -> None:
     """Three inputs, two free places in the queue: the call is a 429 and the two inputs queued
     before the third was refused are dropped unrun, not judged for an answer nobody gets."""

@@ -156,6 +156,7 @@ class HttpApi:
         """`parse` of the JSON body. A large body (an image as base64: ~50 ms of JSON and
         base64 decoding for a 10 MB photo) is decoded on a preparation thread, so that it does
         not stall the event loop every other call's answer waits on."""
+        self.service.check_room()  # a full queue refuses before the body is read
         raw = await request.read()
         if len(raw) <= _INLINE_BODY_BYTES:
             return parse(_loads(raw))

@@ -145,18 +145,22 @@ class ModerationService:
             ignored_roles=item.ignored_roles,
         )
 
+    def check_room(self) -> None:
+        """Raise QUEUE_FULL when the requests being prepared and those queued for the engine
+        fill --max-queue (the HTTP API asks before it reads a body)."""
+        if self._preparing + self.scheduler.depth() >= self.scheduler.max_queue:
+            raise ServiceError(
+                ServiceReason.QUEUE_FULL,
+                f"the request queue is full ({self.scheduler.max_queue}, counting the requests "
+                "being prepared)",
+            )
+
     async def prepared(self, item: ModerationInput) -> PreparedRequest:
         """`prepare` off the event loop (small text on it), admitted first: refused at once
         (QUEUE_FULL) when the requests being prepared and those queued for the engine already
         fill --max-queue."""
         with self._admission:
-            waiting = self._preparing + self.scheduler.depth()
-            if waiting >= self.scheduler.max_queue:
-                raise ServiceError(
-                    ServiceReason.QUEUE_FULL,
-                    f"the request queue is full ({self.scheduler.max_queue}, counting the "
-                    "requests being prepared)",
-                )
+            self.check_room()
             self._preparing += 1
         try:
             if _is_small(item):  # cheaper than two thread hops: tokenizing ~2k chars is ~0.1 ms
