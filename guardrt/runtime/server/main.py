@@ -124,7 +124,7 @@ def assemble_stack(
         default_categories=default_categories(),
         version=__version__,
     )
-    metrics = Metrics(scheduler.depth)
+    metrics = Metrics(scheduler.depth, service.preparing)
     return Stack(service, scheduler, engine, info, warmup, metrics)
 
 

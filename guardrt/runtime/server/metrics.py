@@ -13,7 +13,9 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 
 class Metrics:
-    def __init__(self, queue_depth: Callable[[], float]) -> None:
+    def __init__(
+        self, queue_depth: Callable[[], float], preparing: Callable[[], float] = lambda: 0.0
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "guardrt_requests",
@@ -51,14 +53,38 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.verdicts = Counter(
+            "guardrt_verdicts",
+            "Verdicts given, by label (safe, unsafe, error: an output outside the verdict "
+            "grammar) and input (text, or image: a conversation with an image).",
+            ["label", "input"],
+            registry=self.registry,
+        )
+        self.categories = Counter(
+            "guardrt_unsafe_categories",
+            "Categories named by unsafe verdicts, by code (a verdict naming two counts twice).",
+            ["category"],
+            registry=self.registry,
+        )
         depth = Gauge(
             "guardrt_queue_depth", "Requests waiting for a batch.", registry=self.registry
         )
         depth.set_function(queue_depth)
+        waiting = Gauge(
+            "guardrt_preparing",
+            "Requests admitted and being prepared (validated, tokenized, their image tiled); "
+            "with guardrt_queue_depth they count against --max-queue.",
+            registry=self.registry,
+        )
+        waiting.set_function(preparing)
 
     def answered(self, route: str, result: ModerationResult, code: str = "200") -> None:
         """A verdict given: `code` is "200" on HTTP routes, "OK" on gRPC's."""
         self.requests.labels(route, code, "ok").inc()
+        verdict = result.verdict
+        self.verdicts.labels(verdict.label.value, "image" if result.image_tiles else "text").inc()
+        for category in verdict.categories:
+            self.categories.labels(category).inc()
         label_probability = result.verdict.label_probability
         if not math.isnan(label_probability):  # NaN: greedy output off the grammar's path
             self.label_probability.observe(label_probability)

@@ -67,6 +67,7 @@ class ModerationResult:
     prompt_tokens: int
     reused_tokens: int = 0  # prompt tokens read from a session's cache, not recomputed
     generated_tokens: int = 0  # tokens of the verdict the model wrote
+    image_tiles: int = 0  # tiles of the request's image (0: text only)
 
 
 # A caller's request id lands in logs and responses: printable ASCII without spaces, so that it
@@ -144,6 +145,10 @@ class ModerationService:
             excluded_categories=item.excluded,
             ignored_roles=item.ignored_roles,
         )
+
+    def preparing(self) -> int:
+        """Requests admitted and being prepared."""
+        return self._preparing
 
     def check_room(self) -> None:
         """Raise QUEUE_FULL when the requests being prepared and those queued for the engine
@@ -257,6 +262,7 @@ class ModerationService:
             len(request.prompt),
             decoded.reused_tokens,
             len(decoded.generated),
+            request.image.num_tiles if request.image else 0,
         )
 
 
