@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from guardrt.runtime.engine import Engine
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server.openai_compat import CATEGORY_NAMES
-from tests.server_harness import SAFE, FakeEngine, ServerThread, serving
+from tests.server_harness import SAFE, UNSAFE_S1, FakeEngine, ServerThread, serving
 from tests.test_server import jpeg
 
 JS = Path(__file__).parent / "js"
@@ -234,6 +235,22 @@ def test_the_verdicts_share_of_probability_is_a_histogram(
     assert f"guardrt_label_probability_count {observed:.1f}" in text
     assert f'guardrt_label_probability_bucket{{le="0.99"}} {observed:.1f}' in text
     assert 'guardrt_label_probability_bucket{le="0.95"} 0.0' in text
+
+
+def test_verdicts_are_counted_by_label_input_and_category(preparer: Preparer) -> None:
+    """An operator's dashboard: how many verdicts are unsafe, on text or on images, and which
+    categories they name; and how many requests are being prepared."""
+    with serving(FakeEngine(UNSAFE_S1), preparer) as server:
+        for messages in (USER_X, USER_X, image_message(data_url(jpeg()))):
+            body = json.dumps({"model": GUARD, "messages": messages}).encode()
+            assert post(server, "/chat/completions", body)[0] == 200
+        assert post(server, "/moderations", json.dumps({"input": "Hi."}).encode())[0] == 200
+        text = get(server, "/metrics")[1].decode()
+    assert 'guardrt_verdicts_total{input="text",label="unsafe"} 3.0' in text
+    assert 'guardrt_verdicts_total{input="image",label="unsafe"} 1.0' in text
+    assert 'guardrt_unsafe_categories_total{category="S1"} 4.0' in text
+    assert 'label="safe"' not in text
+    assert "guardrt_preparing 0.0" in text
 
 
 def test_paths_no_route_serves_share_one_metrics_label(preparer: Preparer) -> None:
@@ -707,3 +724,18 @@ def test_a_large_body_is_decoded_off_the_event_loop(
     loop_thread = server._thread.name
     assert threads[0] == loop_thread
     assert threads[1].startswith("guardrt-prepare"), threads
+
+
+def test_the_request_storage_keys_do_not_warn() -> None:
+    """aiohttp ≥ 3.14 warns (NotAppKeyWarning, in the user's logs) on plain string keys of a
+    request's storage: the server's keys are typed where aiohttp has them."""
+    from aiohttp.test_utils import make_mocked_request  # noqa: PLC0415
+
+    from guardrt.runtime.server import http_server  # noqa: PLC0415
+
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        request[http_server._REQUEST_ID_KEY] = "id"
+        request[http_server._BODY_KEY] = None
+    assert request.get(http_server._REQUEST_ID_KEY) == "id"

@@ -44,10 +44,19 @@ _MODERATE = frozenset({"/v1/chat/completions", "/v1/moderations"})  # refused wh
 # The caller's id for a call (as OpenAI's API names it), echoed in the answer's header; made up
 # when absent. Each moderation input's id is this one with "-<index>".
 REQUEST_ID_HEADER = "X-Request-Id"
-_REQUEST_ID_KEY = "guardrt.request_id"  # where a moderation call keeps its id on the request
+
+
+def _request_key(name: str) -> Any:
+    """A key for a request's storage: aiohttp ≥ 3.14's typed `RequestKey` (a plain string
+    there warns NotAppKeyWarning), a string before it."""
+    make = getattr(web, "RequestKey", None)
+    return name if make is None else make(name, object)
+
+
+_REQUEST_ID_KEY = _request_key("guardrt.request_id")  # where a moderation call keeps its id
 # Where a moderation call keeps its parsed body, which places the runtime's input errors in it
 # (`param`, and for /v1/moderations the message's `input[k]`).
-_BODY_KEY = "guardrt.body"
+_BODY_KEY = _request_key("guardrt.body")
 _INPUT_ERRORS = (PromptError, ImageError)  # errors in the caller's input: they have a place
 # Bodies up to this size are decoded on the event loop (under ~0.1 ms); larger ones, images
 # in base64, on a preparation thread.
