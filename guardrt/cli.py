@@ -148,8 +148,9 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
     import logging  # noqa: PLC0415
 
-    from guardrt.runtime.server.config import ServerConfig, TlsConfig, auth_tokens  # noqa: PLC0415
+    from guardrt.runtime.server.config import ServerConfig, TlsConfig  # noqa: PLC0415
     from guardrt.runtime.server.main import serve  # noqa: PLC0415
+    from guardrt.runtime.server.tokens import read_tokens  # noqa: PLC0415
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -187,7 +188,8 @@ def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         workers=args.workers,
         tls=tls,
-        auth_tokens=auth_tokens(args.auth_token_file),
+        auth_tokens=read_tokens(args.auth_token_file),
+        auth_token_file=args.auth_token_file,
     )
     return asyncio.run(serve(config))
 
@@ -276,7 +278,8 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certs (mTLS)")
     serve.add_argument(
         "--auth-token-file",
-        help="file of static bearer tokens, one per line (also $GUARDRT_AUTH_TOKENS)",
+        help="file of static bearer tokens, one per line (also $GUARDRT_AUTH_TOKENS); read again "
+        "on SIGHUP",
     )
     serve.add_argument(
         "--log-level",

@@ -92,7 +92,8 @@ class ServerThread:
         self.server, self.port = create_server(self.config, self.stack)
         self.health = health_of(self.server)
         await self.server.start()
-        app = build_http_app(self.config, self.stack.service, self.stack.metrics, self._ready)
+        stack = self.stack
+        app = build_http_app(self.config, stack.service, stack.metrics, self._ready, stack.tokens)
         runner, self.http_port = await start_http(app, "localhost", 0, self.config.grace_s)
         self._started.set()
         await self._stop.wait()

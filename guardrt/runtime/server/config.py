@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +58,7 @@ class ServerConfig:
     workers: int = 4  # preparation threads (tokenizing, image tiling)
     tls: TlsConfig | None = None
     auth_tokens: frozenset[str] = field(default_factory=frozenset)
+    auth_token_file: str | None = None  # where auth_tokens came from: read again on SIGHUP
 
     def engine_options(self, directory: Path) -> EngineOptions:
         return EngineOptions(
@@ -111,15 +111,3 @@ def bearer_allowed(authorization: str, tokens: frozenset[str]) -> bool:
         return False
     token = token.strip()
     return any(hmac.compare_digest(token, known) for known in tokens)
-
-
-def auth_tokens(token_file: str | None) -> frozenset[str]:
-    """Bearer tokens from a file (one per line) and $GUARDRT_AUTH_TOKENS; empty = no auth."""
-    tokens = {t.strip() for t in os.environ.get(AUTH_TOKENS_ENV, "").split(",") if t.strip()}
-    if token_file:
-        try:
-            lines = Path(token_file).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from exc
-        tokens |= {line.strip() for line in lines if line.strip()}
-    return frozenset(tokens)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from guardrt.runtime.errors import ConfigError, GuardrtError
-from guardrt.runtime.server.config import ServerConfig, bearer_allowed
+from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.service import (
@@ -30,6 +30,7 @@ from guardrt.runtime.server.service import (
 )
 from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
+from guardrt.runtime.server.tokens import BearerTokens
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
@@ -50,8 +51,10 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         info: pb.ModelInfo,
         config: ServerConfig,
         metrics: Metrics | None = None,
+        tokens: BearerTokens | None = None,
     ) -> None:
-        self.service, self.info, self.tokens = service, info, config.auth_tokens
+        self.service, self.info = service, info
+        self.tokens = tokens or BearerTokens(config.auth_tokens, config.auth_token_file)
         self.metrics = metrics
 
     def _count(self, route: str, outcome: ModerationResult | GuardrtError) -> None:
@@ -74,7 +77,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
 
     async def _authorize(self, context: Any, route: str) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        if not bearer_allowed(str(metadata.get("authorization", "")), self.tokens):
+        if not self.tokens.allowed(str(metadata.get("authorization", ""))):
             message = "a valid 'authorization: Bearer <token>' header is required"
             await self._refuse(
                 context, route, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", message
@@ -197,6 +200,7 @@ def build_server(
     service: ModerationService,
     info: pb.ModelInfo,
     metrics: Metrics | None = None,
+    tokens: BearerTokens | None = None,
 ) -> tuple[grpc.aio.Server, int, Any]:
     """An unstarted server with the moderation, health and reflection services, bound to
     `config.grpc_port` (0 picks a free port). Health reports NOT_SERVING until the caller
@@ -209,7 +213,7 @@ def build_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    servicer = ModerationServicer(service, info, config, metrics)
+    servicer = ModerationServicer(service, info, config, metrics, tokens)
     pb_grpc.add_ModerationServicer_to_server(servicer, server)
     health_servicer = _health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

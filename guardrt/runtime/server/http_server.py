@@ -30,13 +30,14 @@ from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, Prompt
 from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.scheduler import broken_error
 from guardrt.runtime.server import openai_compat as oa
-from guardrt.runtime.server.config import ServerConfig, bearer_allowed
+from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.service import (
     ModerationService,
     checked_request_id,
 )
 from guardrt.runtime.server.status import http_status, internal_message
+from guardrt.runtime.server.tokens import BearerTokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
@@ -97,8 +98,10 @@ class HttpApi:
         service: ModerationService,
         metrics: Metrics,
         ready: Callable[[], bool],
+        tokens: BearerTokens | None = None,
     ) -> None:
         self.config, self.service, self.metrics, self.ready = config, service, metrics, ready
+        self.tokens = tokens or BearerTokens(config.auth_tokens, config.auth_token_file)
         self.served = served_model_id(config.model)
         self.paths: frozenset[str] = frozenset()  # the routes' paths (build_http_app sets them)
 
@@ -149,7 +152,7 @@ class HttpApi:
         return response
 
     def _authorize(self, request: web.Request) -> None:
-        if not bearer_allowed(request.headers.get("Authorization", ""), self.config.auth_tokens):
+        if not self.tokens.allowed(request.headers.get("Authorization", "")):
             raise oa.ApiError(
                 401,
                 "a valid 'Authorization: Bearer <token>' header is required",
@@ -236,9 +239,13 @@ class HttpApi:
 
 
 def build_http_app(
-    config: ServerConfig, service: ModerationService, metrics: Metrics, ready: Callable[[], bool]
+    config: ServerConfig,
+    service: ModerationService,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+    tokens: BearerTokens | None = None,
 ) -> web.Application:
-    api = HttpApi(config, service, metrics, ready)
+    api = HttpApi(config, service, metrics, ready, tokens)
     app = web.Application(middlewares=[api.errors], client_max_size=api.body_limit())
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/moderations", api.moderations)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -35,13 +36,14 @@ from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.scheduler import Scheduler
-from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.config import AUTH_TOKENS_ENV, ServerConfig
 from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import build_server, set_serving
 from guardrt.runtime.server.http_server import build_http_app, start_http
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
 from guardrt.runtime.server.service import Limits, ModerationService
+from guardrt.runtime.server.tokens import BearerTokens
 from guardrt.v1 import moderation_pb2 as pb
 
 log = logging.getLogger("guardrt.serve")
@@ -62,6 +64,7 @@ class Stack:
     info: pb.ModelInfo
     warmup: list[PreparedRequest]
     metrics: Metrics
+    tokens: BearerTokens  # both servers' bearer tokens (reloaded on SIGHUP)
     ready: bool = True  # model loaded and warmed, not draining (HTTP /readyz)
 
 
@@ -125,7 +128,8 @@ def assemble_stack(
         version=__version__,
     )
     metrics = Metrics(scheduler.depth, service.preparing)
-    return Stack(service, scheduler, engine, info, warmup, metrics)
+    tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
+    return Stack(service, scheduler, engine, info, warmup, metrics, tokens)
 
 
 # Llama Guard puts nearly all of its first verdict word's probability on `safe` or `unsafe`.
@@ -172,7 +176,9 @@ async def serve(config: ServerConfig) -> int:
     )
     runner = None
     if config.http_port >= 0:
-        app = build_http_app(config, stack.service, stack.metrics, lambda: stack.ready)
+        app = build_http_app(
+            config, stack.service, stack.metrics, lambda: stack.ready, stack.tokens
+        )
         try:
             runner, http_port = await start_http(app, config.host, config.http_port, config.grace_s)
         except ConfigError:  # taken since the check: stop what was started, then say why
@@ -180,11 +186,14 @@ async def serve(config: ServerConfig) -> int:
             await release(stack, config.grace_s)  # nothing was queued: at once
             raise
         print(f"OpenAI-compatible HTTP API on {config.host}:{http_port}", flush=True)
+    print(access_line(config, stack.tokens), flush=True)
     if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # A token rotation: the new tokens from the same sources, no restart.
+    loop.add_signal_handler(signal.SIGHUP, lambda: print(stack.tokens.reload(), flush=True))
     # A broken engine answers nothing: exit (status 1) for a supervisor to restart the server.
     stack.scheduler.on_broken(lambda: loop.call_soon_threadsafe(stop.set))
     await stop.wait()
@@ -196,6 +205,24 @@ async def serve(config: ServerConfig) -> int:
     drained = await release(stack, config.grace_s)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
     return 1 if broken else 0
+
+
+def access_line(config: ServerConfig, tokens: BearerTokens) -> str:
+    """Who may call, said at start (an operator should not have to guess auth is off)."""
+    transport = (
+        "plaintext (no TLS)"
+        if config.tls is None
+        else ("mutual TLS" if config.tls.client_ca else "TLS")
+    )
+    if tokens.required:
+        sources = " and ".join(
+            ([f"{tokens.token_file}"] if tokens.token_file else [])
+            + ([f"${AUTH_TOKENS_ENV}"] if os.environ.get(AUTH_TOKENS_ENV, "").strip() else [])
+        )
+        who = f"{len(tokens)} bearer token(s) required ({sources or 'given'}; SIGHUP reloads)"
+    else:
+        who = "no bearer token required: anyone who reaches the ports may call"
+    return f"access: {transport}; {who}"
 
 
 async def release(stack: Stack, grace_s: float) -> bool:
@@ -233,7 +260,9 @@ def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grp
     started here."""
     stack = stack or build_stack(config)
     stack.scheduler.start()
-    server, port, health_servicer = build_server(config, stack.service, stack.info, stack.metrics)
+    server, port, health_servicer = build_server(
+        config, stack.service, stack.info, stack.metrics, stack.tokens
+    )
     _health[server] = health_servicer
     # No client can call before start(); the task is kept so it cannot be collected unrun.
     loop = asyncio.get_running_loop()

@@ -1,0 +1,211 @@
+"""Bearer tokens: read from their sources strictly (a misconfigured secret never turns auth
+off), rotated while serving (SIGHUP), and a rotation that would leave no token refused."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.server import main as server_main
+from guardrt.runtime.server.config import AUTH_TOKENS_ENV, ServerConfig
+from guardrt.runtime.server.main import Stack, access_line, assemble_stack
+from guardrt.runtime.server.tokens import BearerTokens, read_tokens
+from guardrt.v1 import moderation_pb2 as pb
+from guardrt.v1 import moderation_pb2_grpc as pb_grpc
+from tests.server_harness import FakeEngine, serving
+from tests.test_ports import free_port
+
+
+@pytest.fixture(autouse=True)
+def _no_env_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(AUTH_TOKENS_ENV, raising=False)
+
+
+def test_tokens_come_from_the_file_and_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("  alpha \n\nbeta\n")
+    assert read_tokens(str(path)) == {"alpha", "beta"}
+    monkeypatch.setenv(AUTH_TOKENS_ENV, "gamma, delta,")
+    assert read_tokens(str(path)) == {"alpha", "beta", "gamma", "delta"}
+    assert read_tokens(None) == {"gamma", "delta"}
+    monkeypatch.setenv(AUTH_TOKENS_ENV, "")
+    assert read_tokens(None) == frozenset()  # no sources: no auth, as documented
+
+
+@pytest.mark.parametrize(
+    ("content", "variable", "message"),
+    [
+        ("", None, "token file {path} holds no token: refusing to serve without auth"),
+        ("\n  \n", None, "token file {path} holds no token"),
+        (None, None, "cannot read token file {path}: No such file or directory"),
+        (b"\xff\xfe", None, "cannot read token file {path}: not UTF-8 text"),
+        ("alpha\n", " , ,", f"${AUTH_TOKENS_ENV} is set but holds no token"),
+    ],
+)
+def test_a_source_that_holds_no_token_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str | bytes | None,
+    variable: str | None,
+    message: str,
+) -> None:
+    """An empty secret mounted as the token file (or a variable of separators) used to mean
+    'no auth': the server served anyone. Now it does not start."""
+    path = tmp_path / "tokens"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    if variable is not None:
+        monkeypatch.setenv(AUTH_TOKENS_ENV, variable)
+    with pytest.raises(ConfigError) as refused:
+        read_tokens(str(path))
+    assert message.format(path=path) in str(refused.value)
+
+
+def test_a_reload_swaps_the_tokens_or_keeps_them(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("old-secret\n")
+    tokens = BearerTokens(read_tokens(str(path)), str(path))
+    assert tokens.allowed("Bearer old-secret")
+    path.write_text("new-secret\nother\n")
+    assert tokens.reload() == "bearer tokens reloaded: 2 (were 1)"
+    assert tokens.allowed("Bearer new-secret")
+    assert not tokens.allowed("Bearer old-secret")
+    for broken in ("", None):  # emptied, then removed: the tokens in use stay
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        said = tokens.reload()
+        assert said.startswith("bearer tokens not reloaded, the 2 in use kept: ")
+        assert "secret" not in said.replace(str(path), "")  # never a token
+        assert tokens.allowed("Bearer new-secret")
+        assert not tokens.allowed("Bearer nobody")
+
+
+def test_a_reload_of_no_sources_that_would_turn_auth_off_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(AUTH_TOKENS_ENV, "env-secret")
+    tokens = BearerTokens(read_tokens(None))
+    monkeypatch.delenv(AUTH_TOKENS_ENV)
+    assert "would let anyone call" in tokens.reload()
+    assert not tokens.allowed("")
+
+
+def test_both_servers_use_the_rotated_tokens(preparer: Preparer, tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("old-secret\n")
+    settings: dict[str, Any] = {"auth_tokens": read_tokens(str(path)), "auth_token_file": str(path)}
+    with serving(FakeEngine(), preparer, **settings) as server:
+        stub = server.stub()
+        message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
+        call = pb.ModerateRequest(messages=[message])
+
+        def grpc_code(token: str) -> grpc.StatusCode:
+            try:
+                stub.Moderate(call, timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        def http_status(token: str) -> int:
+            body = json.dumps(
+                {"model": "tiny-random", "messages": [{"role": "user", "content": "Hi."}]}
+            )
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+            request = urllib.request.Request(
+                f"{server.base_url}/chat/completions", body.encode(), headers, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert (grpc_code("old-secret"), http_status("old-secret")) == (grpc.StatusCode.OK, 200)
+        path.write_text("new-secret\n")
+        assert server.stack.tokens.reload().startswith("bearer tokens reloaded")
+        assert grpc_code("old-secret") == grpc.StatusCode.UNAUTHENTICATED
+        assert http_status("old-secret") == 401
+        assert (grpc_code("new-secret"), http_status("new-secret")) == (grpc.StatusCode.OK, 200)
+
+
+def test_sighup_reloads_the_tokens_of_a_running_serve(
+    preparer: Preparer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+
+    def load(config: ServerConfig) -> Stack:
+        return assemble_stack(config, FakeEngine(), preparer, "test-model", [sample, sample])
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    path = tmp_path / "tokens"
+    path.write_text("old-secret\n")
+    port = free_port()
+    codes: list[grpc.StatusCode] = []
+
+    def client() -> None:
+        try:
+            channel = grpc.insecure_channel(f"localhost:{port}")
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = pb_grpc.ModerationStub(channel)
+            message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
+            for token in ("old-secret", "rotate", "old-secret", "new-secret"):
+                if token == "rotate":
+                    path.write_text("new-secret\n")
+                    signal.raise_signal(signal.SIGHUP)
+                    continue
+                try:
+                    stub.Moderate(
+                        pb.ModerateRequest(messages=[message]),
+                        timeout=10,
+                        metadata=(("authorization", f"Bearer {token}"),),
+                    )
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        finally:
+            signal.raise_signal(signal.SIGTERM)
+
+    threading.Thread(target=client, daemon=True).start()
+    base = ServerConfig(host="localhost", grpc_port=port, http_port=-1, grace_s=1.0)
+    config = dataclasses.replace(
+        base, auth_tokens=read_tokens(str(path)), auth_token_file=str(path)
+    )
+    assert asyncio.run(server_main.serve(config)) == 0
+    assert codes == [
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.OK,
+    ]
+    out = capsys.readouterr().out
+    assert f"access: plaintext (no TLS); 1 bearer token(s) required ({path}; SIGHUP" in out
+    assert "bearer tokens reloaded: 1 (were 1)" in out
+    assert "secret" not in out.replace(str(path), "")
+
+
+def test_the_start_says_when_anyone_may_call() -> None:
+    line = access_line(ServerConfig(), BearerTokens(frozenset()))
+    assert line == (
+        "access: plaintext (no TLS); no bearer token required: anyone who reaches the ports "
+        "may call"
+    )
