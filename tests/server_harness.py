@@ -94,7 +94,9 @@ class ServerThread:
         await self.server.start()
         stack = self.stack
         app = build_http_app(self.config, stack.service, stack.metrics, self._ready, stack.tokens)
-        runner, self.http_port = await start_http(app, "localhost", 0, self.config.grace_s)
+        runner, self.http_port = await start_http(
+            app, "localhost", 0, self.config.grace_s, stack.tls
+        )
         self._started.set()
         await self._stop.wait()
         await stop_front_ends(self.stack, self.server, runner, self.config.grace_s, self.delay)

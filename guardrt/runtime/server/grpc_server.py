@@ -30,6 +30,7 @@ from guardrt.runtime.server.service import (
 )
 from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
+from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import BearerTokens
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
@@ -201,10 +202,12 @@ def build_server(
     info: pb.ModelInfo,
     metrics: Metrics | None = None,
     tokens: BearerTokens | None = None,
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.aio.Server, int, Any]:
     """An unstarted server with the moderation, health and reflection services, bound to
     `config.grpc_port` (0 picks a free port). Health reports NOT_SERVING until the caller
-    marks it SERVING (after warm-up)."""
+    marks it SERVING (after warm-up). With `config.tls`, `tls` (made from it when not given)
+    is the certificate it presents, reloadable."""
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -225,13 +228,8 @@ def build_server(
         if config.tls is None:
             port = server.add_insecure_port(address)
         else:
-            key, cert, client_ca = config.tls.credentials()
-            credentials = grpc.ssl_server_credentials(
-                [(key, cert)],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,
-            )
-            port = server.add_secure_port(address, credentials)
+            tls = tls or ServerTls(config.tls)
+            port = server.add_secure_port(address, tls.grpc_credentials())
     except RuntimeError as exc:  # grpcio's "Failed to bind to address ..."
         raise ConfigError(f"gRPC: cannot listen on {address} (in use, or not allowed)") from exc
     return server, port, health_servicer

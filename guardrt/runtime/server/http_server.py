@@ -37,6 +37,7 @@ from guardrt.runtime.server.service import (
     checked_request_id,
 )
 from guardrt.runtime.server.status import http_status, internal_message
+from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import BearerTokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -258,9 +259,14 @@ def build_http_app(
 
 
 async def start_http(
-    app: web.Application, host: str, port: int, grace_s: float = 30.0
+    app: web.Application,
+    host: str,
+    port: int,
+    grace_s: float = 30.0,
+    tls: ServerTls | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0 = a free port); returns the runner and the bound port.
+    """Serve `app` on host:port (0 = a free port), over TLS with `tls` (HTTPS: the gRPC
+    server's certificate, reloaded with it); returns the runner and the bound port.
     `runner.cleanup()` stops accepting and gives calls in flight up to `grace_s` to finish."""
     # handler_cancellation: a caller that disconnects cancels its handler, which takes its
     # work out of the queue (aiohttp's default lets abandoned work run).
@@ -268,7 +274,7 @@ async def start_http(
         app, access_log=None, handler_cancellation=True, shutdown_timeout=grace_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls.context if tls else None)
     try:
         await site.start()
     except OSError as exc:

@@ -43,6 +43,7 @@ from guardrt.runtime.server.http_server import build_http_app, start_http
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
 from guardrt.runtime.server.service import Limits, ModerationService
+from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import BearerTokens
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -65,6 +66,7 @@ class Stack:
     warmup: list[PreparedRequest]
     metrics: Metrics
     tokens: BearerTokens  # both servers' bearer tokens (reloaded on SIGHUP)
+    tls: ServerTls | None = None  # both servers' certificate (reloaded on SIGHUP)
     ready: bool = True  # model loaded and warmed, not draining (HTTP /readyz)
 
 
@@ -129,7 +131,8 @@ def assemble_stack(
     )
     metrics = Metrics(scheduler.depth, service.preparing)
     tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
-    return Stack(service, scheduler, engine, info, warmup, metrics, tokens)
+    tls = ServerTls(config.tls) if config.tls is not None else None
+    return Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls)
 
 
 # Llama Guard puts nearly all of its first verdict word's probability on `safe` or `unsafe`.
@@ -180,20 +183,23 @@ async def serve(config: ServerConfig) -> int:
             config, stack.service, stack.metrics, lambda: stack.ready, stack.tokens
         )
         try:
-            runner, http_port = await start_http(app, config.host, config.http_port, config.grace_s)
+            runner, http_port = await start_http(
+                app, config.host, config.http_port, config.grace_s, stack.tls
+            )
         except ConfigError:  # taken since the check: stop what was started, then say why
             await stop_front_ends(stack, server, None, config.grace_s)
             await release(stack, config.grace_s)  # nothing was queued: at once
             raise
-        print(f"OpenAI-compatible HTTP API on {config.host}:{http_port}", flush=True)
+        scheme = "https" if stack.tls else "http"
+        print(f"OpenAI-compatible HTTP API on {scheme}://{config.host}:{http_port}", flush=True)
     print(access_line(config, stack.tokens), flush=True)
     if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # A token rotation: the new tokens from the same sources, no restart.
-    loop.add_signal_handler(signal.SIGHUP, lambda: print(stack.tokens.reload(), flush=True))
+    # A rotation: the tokens and the certificate read again from the same files, no restart.
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(stack))
     # A broken engine answers nothing: exit (status 1) for a supervisor to restart the server.
     stack.scheduler.on_broken(lambda: loop.call_soon_threadsafe(stop.set))
     await stop.wait()
@@ -205,6 +211,13 @@ async def serve(config: ServerConfig) -> int:
     drained = await release(stack, config.grace_s)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
     return 1 if broken else 0
+
+
+def reload(stack: Stack) -> None:
+    """SIGHUP: the bearer tokens and the TLS certificate, each kept when its files are bad."""
+    print(stack.tokens.reload(), flush=True)
+    if stack.tls is not None:
+        print(stack.tls.reload(), flush=True)
 
 
 def access_line(config: ServerConfig, tokens: BearerTokens) -> str:
@@ -261,7 +274,7 @@ def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grp
     stack = stack or build_stack(config)
     stack.scheduler.start()
     server, port, health_servicer = build_server(
-        config, stack.service, stack.info, stack.metrics, stack.tokens
+        config, stack.service, stack.info, stack.metrics, stack.tokens, stack.tls
     )
     _health[server] = health_servicer
     # No client can call before start(); the task is kept so it cannot be collected unrun.
