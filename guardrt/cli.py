@@ -309,6 +309,8 @@ def _add_moderate(commands: Any) -> None:
     client.add_argument("--exclude", default="", help="category codes to leave out, e.g. S1,S13")
     client.add_argument("--token", help="bearer token")
     client.add_argument("--tls-ca", help="PEM CA bundle to verify the server (enables TLS)")
+    client.add_argument("--tls-cert", help="PEM client certificate (mutual TLS; with --tls-key)")
+    client.add_argument("--tls-key", help="PEM private key of --tls-cert")
     client.add_argument(
         "--timeout", type=_positive_seconds, default=30.0, help="deadline in seconds"
     )

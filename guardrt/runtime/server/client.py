@@ -32,14 +32,31 @@ def build_request(args: argparse.Namespace) -> pb.ModerateRequest:
     return pb.ModerateRequest(messages=messages, policy=pb.Policy(exclude=exclude))
 
 
+def _read(flag: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from exc
+
+
 def moderate_once(args: argparse.Namespace) -> int:
     request = build_request(args)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise ConfigError("--tls-cert needs --tls-ca (the CA that verifies the server)")
     if args.tls_ca:
-        try:
-            ca = Path(args.tls_ca).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror}") from exc
-        credentials = grpc.ssl_channel_credentials(ca)
+        ca, key, cert = (
+            _read(flag, path)
+            for flag, path in (
+                ("--tls-ca", args.tls_ca),
+                ("--tls-key", args.tls_key),
+                ("--tls-cert", args.tls_cert),
+            )
+        )
+        credentials = grpc.ssl_channel_credentials(ca, key, cert)
         channel = grpc.secure_channel(args.server, credentials)
     else:
         channel = grpc.insecure_channel(args.server)
