@@ -84,6 +84,7 @@ def test_a_reload_swaps_the_tokens_or_keeps_them(tmp_path: Path) -> None:
     assert tokens.allowed("Bearer old-secret")
     path.write_text("new-secret\nother\n")
     assert tokens.reload() == "bearer tokens reloaded: 2 (were 1)"
+    assert tokens.refresh() is None  # the sources hold the tokens in use: nothing to say
     assert tokens.allowed("Bearer new-secret")
     assert not tokens.allowed("Bearer old-secret")
     for broken in ("", None):  # emptied, then removed: the tokens in use stay
@@ -209,3 +210,53 @@ def test_the_start_says_when_anyone_may_call() -> None:
         "access: plaintext (no TLS); no bearer token required: anyone who reaches the ports "
         "may call"
     )
+
+
+def test_a_sighup_while_the_model_loads_is_applied_once_serving(
+    preparer: Preparer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGHUP's default action ends the process: one sent during the minutes of loading (a
+    rotation) must not kill the server, and its new tokens are read once it serves."""
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+    path = tmp_path / "tokens"
+    path.write_text("old-secret\n")
+
+    def load(config: ServerConfig) -> Stack:
+        path.write_text("new-secret\n")  # rotated while the model loads
+        signal.raise_signal(signal.SIGHUP)
+        return assemble_stack(config, FakeEngine(), preparer, "test-model", [sample, sample])
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    port = free_port()
+    codes: list[grpc.StatusCode] = []
+
+    def client() -> None:
+        try:
+            channel = grpc.insecure_channel(f"localhost:{port}")
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = pb_grpc.ModerationStub(channel)
+            message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
+            for token in ("old-secret", "new-secret"):
+                try:
+                    stub.Moderate(
+                        pb.ModerateRequest(messages=[message]),
+                        timeout=10,
+                        metadata=(("authorization", f"Bearer {token}"),),
+                    )
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        finally:
+            signal.raise_signal(signal.SIGTERM)
+
+    threading.Thread(target=client, daemon=True).start()
+    base = ServerConfig(host="localhost", grpc_port=port, http_port=-1, grace_s=1.0)
+    config = dataclasses.replace(
+        base, auth_tokens=read_tokens(str(path)), auth_token_file=str(path)
+    )
+    assert asyncio.run(server_main.serve(config)) == 0
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK]
+    assert "bearer tokens reloaded: 1 (were 1)" in capsys.readouterr().out

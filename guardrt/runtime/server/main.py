@@ -169,7 +169,13 @@ async def serve(config: ServerConfig) -> int:
     check_bindable(config.host, config.grpc_port, "gRPC")
     if config.http_port >= 0:
         check_bindable(config.host, config.http_port, "HTTP API")
+    # SIGHUP's default action ends the process: not while the model loads (minutes). A
+    # rotation then is caught by reading the files again once it has loaded.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     stack = await loop.run_in_executor(None, build_stack, config)
+    # A rotation: the tokens and the certificate read again from the same files, no restart.
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(stack))
+    reload(stack, quiet=True)  # before the servers start: no call sees files since replaced
     for line in self_check(stack):
         print(line, flush=True)
     server, port = create_server(config, stack)
@@ -198,8 +204,6 @@ async def serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # A rotation: the tokens and the certificate read again from the same files, no restart.
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(stack))
     # A broken engine answers nothing: exit (status 1) for a supervisor to restart the server.
     stack.scheduler.on_broken(lambda: loop.call_soon_threadsafe(stop.set))
     await stop.wait()
@@ -213,11 +217,14 @@ async def serve(config: ServerConfig) -> int:
     return 1 if broken else 0
 
 
-def reload(stack: Stack) -> None:
-    """SIGHUP: the bearer tokens and the TLS certificate, each kept when its files are bad."""
-    print(stack.tokens.reload(), flush=True)
-    if stack.tls is not None:
-        print(stack.tls.reload(), flush=True)
+def reload(stack: Stack, quiet: bool = False) -> None:
+    """SIGHUP: the bearer tokens and the TLS certificate, each kept when its files are bad
+    (`quiet`: said only where something changed or failed)."""
+    for reloaded in (stack.tokens, stack.tls):
+        if reloaded is not None:
+            said = reloaded.refresh() if quiet else reloaded.reload()
+            if said is not None:
+                print(said, flush=True)
 
 
 def access_line(config: ServerConfig, tokens: BearerTokens) -> str:

@@ -62,10 +62,10 @@ class ServerTls:
 
     def __init__(self, config: TlsConfig) -> None:
         self.config = config
-        files, self._current = self._read()
+        self._files, self._current = self._read()
         self._lock = threading.Lock()
         self._grpc_next: Any = None  # a configuration gRPC has not taken yet
-        self._grpc_first = _grpc_configuration(files)
+        self._grpc_first = _grpc_configuration(self._files)
         # The HTTP API's context: each handshake switches to the current one (same settings).
         self.context = server_context(config)
         self.context.sni_callback = self._select
@@ -97,6 +97,15 @@ class ServerTls:
             taken, self._grpc_next = self._grpc_next, None
         return taken
 
+    def refresh(self) -> str | None:
+        """`reload`, saying nothing (None) when the files hold the certificate in use."""
+        try:
+            if self.config.credentials() == self._files:
+                return None
+        except ConfigError:
+            pass  # reload says why
+        return self.reload()
+
     def reload(self) -> str:
         """Read the files again and present the new certificate to new connections; a
         sentence saying what happened (the certificate in use is kept on any problem)."""
@@ -105,6 +114,7 @@ class ServerTls:
         except ConfigError as exc:
             log.error("TLS certificate not reloaded, the one in use kept: %s", exc)
             return f"TLS certificate not reloaded, the one in use kept: {exc}"
+        self._files = files
         with self._lock:
             self._grpc_next = _grpc_configuration(files)
         self._current = context

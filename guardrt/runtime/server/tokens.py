@@ -60,6 +60,15 @@ class BearerTokens:
         """Whether an `Authorization` value carries an accepted token (any, with none)."""
         return bearer_allowed(authorization, self._tokens)
 
+    def refresh(self) -> str | None:
+        """`reload`, saying nothing (None) when the sources hold the tokens in use."""
+        try:
+            if read_tokens(self.token_file) == self._tokens:
+                return None
+        except ConfigError:
+            pass  # reload says why
+        return self.reload()
+
     def reload(self) -> str:
         """Read the sources again and use the new tokens; a sentence saying what happened.
         On any problem the tokens in use are kept (and the sentence says why)."""
