@@ -106,6 +106,10 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         responses: asyncio.Queue[pb.ModerateResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
+        # A stream's requests in flight (read, not yet answered) are bounded: the next is read
+        # only when one is answered, so a client pushing a backlog is held by gRPC's flow
+        # control instead of being refused RESOURCE_EXHAUSTED for most of it.
+        window = asyncio.Semaphore(stream_window(self.service))
 
         async def one(request: pb.ModerateRequest) -> None:
             request_id = request.request_id  # echoed as sent, to match a refusal to its request
@@ -122,7 +126,13 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             await responses.put(response)
 
         async def read() -> None:
-            async for request in request_iterator:
+            iterator = aiter(request_iterator)
+            while True:
+                await window.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 task = asyncio.create_task(one(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -134,6 +144,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         try:
             while (response := await responses.get()) is not None:
                 yield response
+                window.release()
             await reader
         finally:  # the client went away: drop its queued work
             reader.cancel()
@@ -190,6 +201,13 @@ class ModerationServicer(pb_grpc.ModerationServicer):
     async def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.ModelInfo:  # noqa: N802
         await self._authorize(context, "grpc/GetInfo")
         return self.info
+
+
+def stream_window(service: ModerationService) -> int:
+    """How many of one ModerateMany stream's requests may be in flight: enough batches to
+    keep the engine busy, within the queue's bound (room is left for other callers)."""
+    scheduler = service.scheduler
+    return max(1, min(scheduler.max_queue // 2, max(16, 4 * scheduler.max_batch)))
 
 
 def _with_id(item: ModerationInput, request_id: str) -> ModerationInput:
