@@ -146,15 +146,13 @@ def _add_export(commands: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
-    import logging  # noqa: PLC0415
 
+    from guardrt.runtime.server import logs  # noqa: PLC0415
     from guardrt.runtime.server.config import ServerConfig, TlsConfig  # noqa: PLC0415
     from guardrt.runtime.server.main import serve  # noqa: PLC0415
     from guardrt.runtime.server.tokens import read_tokens  # noqa: PLC0415
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     tls = (
@@ -286,6 +284,12 @@ def _add_serve(commands: Any) -> None:
         default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text (default) or json: one object per line, a request's figures as fields",
     )
     serve.set_defaults(handler=_serve)
 

@@ -243,17 +243,31 @@ class ModerationService:
             prefill_ms=decoded.prefill_s * 1e3,
             decode_ms=decoded.decode_s * 1e3,
         )
+        fields = {
+            "request_id": request_id,
+            "messages": len(item.messages),
+            "text_chars": text_chars(item.messages),
+            "image_tiles": request.image.num_tiles if request.image else 0,
+            "prompt_tokens": len(request.prompt),
+            "label": verdict.label.value,
+            "categories": list(verdict.categories),
+            "batch_size": info.size,
+            "queue_ms": round(timing.queue_ms, 2),
+            "model_ms": round(timing.model_ms, 2),
+            "total_ms": round(timing.total_ms, 2),
+        }
         log.info(
             "request %s: %d messages, %d text chars, image %s, %d prompt tokens, %s, "
             "batch %d, %.1f ms",
             request_id,
-            len(item.messages),
-            text_chars(item.messages),
-            f"{request.image.num_tiles} tiles" if request.image else "none",
-            len(request.prompt),
+            fields["messages"],
+            fields["text_chars"],
+            f"{fields['image_tiles']} tiles" if request.image else "none",
+            fields["prompt_tokens"],
             verdict.label.value,
             info.size,
             timing.total_ms,
+            extra=fields,
         )
         return ModerationResult(
             request_id,
