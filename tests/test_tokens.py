@@ -10,6 +10,7 @@ import signal
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +148,22 @@ def test_both_servers_use_the_rotated_tokens(preparer: Preparer, tmp_path: Path)
         assert (grpc_code("new-secret"), http_status("new-secret")) == (grpc.StatusCode.OK, 200)
 
 
-def test_sighup_reloads_the_tokens_of_a_running_serve(
+def _serve_and_call(
     preparer: Preparer,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+    path: Path,
+    steps: list[str],
+    while_loading: Callable[[], None] = lambda: None,
+) -> list[grpc.StatusCode]:
+    """`serve` (a fake engine) with the tokens of `path`; a client calls with each token of
+    `steps` ("rotate": write new-secret to `path` and send SIGHUP), then SIGTERM. The codes."""
     sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
 
     def load(config: ServerConfig) -> Stack:
+        while_loading()
         return assemble_stack(config, FakeEngine(), preparer, "test-model", [sample, sample])
 
     monkeypatch.setattr(server_main, "build_stack", load)
-    path = tmp_path / "tokens"
-    path.write_text("old-secret\n")
     port = free_port()
     codes: list[grpc.StatusCode] = []
 
@@ -170,7 +173,7 @@ def test_sighup_reloads_the_tokens_of_a_running_serve(
             grpc.channel_ready_future(channel).result(timeout=30)
             stub = pb_grpc.ModerationStub(channel)
             message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
-            for token in ("old-secret", "rotate", "old-secret", "new-secret"):
+            for token in steps:
                 if token == "rotate":
                     path.write_text("new-secret\n")
                     signal.raise_signal(signal.SIGHUP)
@@ -193,7 +196,19 @@ def test_sighup_reloads_the_tokens_of_a_running_serve(
         base, auth_tokens=read_tokens(str(path)), auth_token_file=str(path)
     )
     assert asyncio.run(server_main.serve(config)) == 0
-    assert codes == [
+    return codes
+
+
+def test_sighup_reloads_the_tokens_of_a_running_serve(
+    preparer: Preparer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("old-secret\n")
+    steps = ["old-secret", "rotate", "old-secret", "new-secret"]
+    assert _serve_and_call(preparer, monkeypatch, path, steps) == [
         grpc.StatusCode.OK,
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.OK,
@@ -220,43 +235,14 @@ def test_a_sighup_while_the_model_loads_is_applied_once_serving(
 ) -> None:
     """SIGHUP's default action ends the process: one sent during the minutes of loading (a
     rotation) must not kill the server, and its new tokens are read once it serves."""
-    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
     path = tmp_path / "tokens"
     path.write_text("old-secret\n")
 
-    def load(config: ServerConfig) -> Stack:
+    def rotate() -> None:
         path.write_text("new-secret\n")  # rotated while the model loads
         signal.raise_signal(signal.SIGHUP)
-        return assemble_stack(config, FakeEngine(), preparer, "test-model", [sample, sample])
 
-    monkeypatch.setattr(server_main, "build_stack", load)
-    port = free_port()
-    codes: list[grpc.StatusCode] = []
-
-    def client() -> None:
-        try:
-            channel = grpc.insecure_channel(f"localhost:{port}")
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stub = pb_grpc.ModerationStub(channel)
-            message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
-            for token in ("old-secret", "new-secret"):
-                try:
-                    stub.Moderate(
-                        pb.ModerateRequest(messages=[message]),
-                        timeout=10,
-                        metadata=(("authorization", f"Bearer {token}"),),
-                    )
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as exc:
-                    codes.append(exc.code())
-        finally:
-            signal.raise_signal(signal.SIGTERM)
-
-    threading.Thread(target=client, daemon=True).start()
-    base = ServerConfig(host="localhost", grpc_port=port, http_port=-1, grace_s=1.0)
-    config = dataclasses.replace(
-        base, auth_tokens=read_tokens(str(path)), auth_token_file=str(path)
-    )
-    assert asyncio.run(server_main.serve(config)) == 0
+    steps = ["old-secret", "new-secret"]
+    codes = _serve_and_call(preparer, monkeypatch, path, steps, while_loading=rotate)
     assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK]
     assert "bearer tokens reloaded: 1 (were 1)" in capsys.readouterr().out
