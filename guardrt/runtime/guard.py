@@ -13,6 +13,7 @@ tokenizer, prompt and image pipeline, and its verdicts are meaningless.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,10 +28,16 @@ from guardrt.runtime.verdict import Label, Verdict
 
 
 class Guard:
-    """A loaded engine with its tokenizer and image settings, ready to moderate."""
+    """A loaded engine with its tokenizer and image settings, ready to moderate.
+
+    Thread-safe: calls from several threads prepare their requests at once and run on the
+    engine one batch at a time (its caches and CUDA graphs are one set: two batches at once
+    would each read the other's K/V and give wrong scores, without an error). To batch many
+    callers' requests together, serve them (`guardrt serve`) or use `moderate_batch`."""
 
     def __init__(self, preparer: Preparer, engine: Engine, source: str = "") -> None:
         self.preparer, self.engine, self.source = preparer, engine, source
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -125,5 +132,6 @@ class Guard:
         size = self.engine.info.max_batch
         decoded = []
         for start in range(0, len(requests), size):
-            decoded.extend(self.engine.execute(requests[start : start + size]))
+            with self._engine_lock:
+                decoded.extend(self.engine.execute(requests[start : start + size]))
         return [d.verdict() for d in decoded]
