@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from guardrt.cli import main
 from guardrt.runtime.engine import EngineOptions, torch_engine
-from guardrt.runtime.engine.torch_device import usable_device
+from guardrt.runtime.engine.torch_device import on_device, usable_device
 from guardrt.runtime.engine.torch_engine import TorchEngine
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.prepare import Preparer
 
 
 def cuda_present(monkeypatch: pytest.MonkeyPatch, gpus: int, build: str | None = "13.0") -> None:
@@ -116,3 +122,43 @@ def test_more_positions_than_the_model_has_are_refused_before_loading(
     message = "max_seq 131073 is over the model's 131072 positions (max_position_embeddings)"
     with pytest.raises(ConfigError, match=re.escape(message)):
         TorchEngine(options)
+
+
+def test_a_cuda_device_is_made_current_for_the_block() -> None:
+    """The current CUDA device is per thread (cuda:0 by default); an engine on cuda:1 must be
+    current where its graphs are captured and its kernels launched."""
+    scope = on_device(torch.device("cuda:1"))
+    assert isinstance(scope, torch.cuda.device)
+    assert scope.idx == 1
+    assert isinstance(on_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_the_engine_loads_warms_up_and_runs_on_its_device(
+    monkeypatch: pytest.MonkeyPatch, checkpoint: Path, preparer: Preparer
+) -> None:
+    """Loading (allocation, graph capture, kernel tuning), the warm-up and every batch run
+    with the engine's device current, whichever thread calls them."""
+    inside: list[str] = []
+
+    @contextlib.contextmanager
+    def recorded(device: torch.device) -> Iterator[None]:
+        inside.append(str(device))
+        with on_device(device):
+            yield
+
+    monkeypatch.setattr(torch_engine, "on_device", recorded)
+
+    def checked_load(*args: Any, **kwargs: Any) -> Any:
+        assert inside == ["cpu"], "loaded outside the device's scope"
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(torch_engine, "load_model", checked_load)
+    engine = TorchEngine(EngineOptions(checkpoint, device="cpu", max_batch=2, max_seq=1024))
+    request = preparer.prepare([{"role": "user", "content": "Hi."}])
+    engine.warmup([request])
+    warmed = len(inside)
+    assert warmed > 1
+    thread = threading.Thread(target=engine.execute, args=([request],))
+    thread.start()
+    thread.join(60)
+    assert inside == ["cpu"] * (warmed + 1)

@@ -7,6 +7,8 @@ first weight's copy (after the checkpoint's files were read).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from guardrt.runtime.errors import ConfigError
@@ -39,3 +41,14 @@ def usable_device(name: str, what: str = "device") -> torch.device:
             f"cuda:{count - 1}"
         )
     return device
+
+
+def on_device(device: torch.device) -> AbstractContextManager[object]:
+    """Make `device` the thread's current CUDA device for a block (nothing for the CPU).
+
+    The current device is per thread, and cuda:0 by default: an engine on cuda:1, loaded on
+    one thread and run on the scheduler's, would capture its CUDA graphs and launch its Triton
+    kernels on the current device's stream, not its own. Every engine entry point runs in it."""
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.cuda.device(device)

@@ -12,7 +12,7 @@ from guardrt.export.quantize import QuantKind
 from guardrt.kernels.device import cuda_capability
 from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import Classifier
-from guardrt.runtime.decoding import parse_decode
+from guardrt.runtime.decoding import Decode, parse_decode
 from guardrt.runtime.engine import (
     EngineInfo,
     EngineOptions,
@@ -21,12 +21,12 @@ from guardrt.runtime.engine import (
     out_of_memory,
 )
 from guardrt.runtime.engine.manifest import DTYPE_PRECISIONS
-from guardrt.runtime.engine.torch_device import usable_device
+from guardrt.runtime.engine.torch_device import on_device, usable_device
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.fuse import fuse_projections
-from guardrt.runtime.model.mllama import SEMANTICS
+from guardrt.runtime.model.mllama import SEMANTICS, Semantics
 from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scores import prefill_vocab
@@ -94,6 +94,13 @@ class TorchEngine:
         options.check_sizes()
         check_positions(ModelConfig.from_checkpoint(options.model), options.max_seq)  # first
         device = usable_device(options.device)
+        self.device = device
+        with on_device(device):
+            self._load(options, device, semantics, decode)
+
+    def _load(
+        self, options: EngineOptions, device: torch.device, semantics: Semantics, decode: Decode
+    ) -> None:
         kind = parse_quantize(options.quantize)
         activations = parse_int8_compute(options.int8_compute, kind)
         # 8-bit weights are made while loading: the device never holds the bf16 model.
@@ -148,6 +155,10 @@ class TorchEngine:
         the sample requests alone, together, and at every batch bucket, so the first real
         batches pay no lazy initialisation (and the shapes they hit are captured now). Logs how
         long it took."""
+        with on_device(self.device):
+            self._warmup(sample)
+
+    def _warmup(self, sample: Sequence[PreparedRequest]) -> None:
         started = time.perf_counter()
         if isinstance(self.steps, StaticSteps):
             largest = max(1, min(self.options.warmup_max_batch, self.info.max_batch))
@@ -171,7 +182,8 @@ class TorchEngine:
             log.info("warm-up %.1f s", time.perf_counter() - started)
 
     def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
-        return self.classifier.run(batch)
+        with on_device(self.device):
+            return self.classifier.run(batch)
 
     def open_session(self) -> int | None:
         return self.classifier.sessions.open()
