@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from guardrt.runtime.errors import GuardrtError, PromptError, PromptReason
+from guardrt.runtime.server.answer_tokens import AnswerTokens
 from guardrt.runtime.server.convert import (
     error_verdict,
     messages_from_proto,
@@ -52,6 +53,8 @@ class StreamSession:
         self.check_every, self.stop_on_unsafe, self.deadline = check_every, stop_on_unsafe, deadline
         self.count = count  # each checkpoint's outcome, for the metrics
         self.answer = ""
+        self.counter = AnswerTokens(service.preparer.tokenizer)  # the answer's tokens, trimmed
+        self.tokens = 0
         self.checked_tokens = 0
         self.session = service.scheduler.engine.open_session()
 
@@ -102,13 +105,10 @@ class StreamSession:
             self.request_id, [*self.base.messages, answer], self.base.categories, self.base.excluded
         )
 
-    def _answer_tokens(self) -> int:
-        return len(self.service.preparer.tokenizer.encode_text(self.answer.strip()))
-
     async def append(self, text: str) -> list[pb.StreamResponse]:
         """Add text to the answer; a checkpoint's response when one falls due."""
         self.answer += text
-        tokens = self._answer_tokens()
+        self.tokens = tokens = self.counter.append(text)
         if tokens - self.checked_tokens < self.check_every:
             return []
         self.checked_tokens = tokens
@@ -118,7 +118,7 @@ class StreamSession:
         return [response]
 
     async def finish(self) -> pb.StreamResponse:
-        return await self._check(self._answer_tokens(), final=True)
+        return await self._check(self.tokens, final=True)
 
     async def _check(self, tokens: int, final: bool) -> pb.StreamResponse:
         response = pb.StreamResponse(
