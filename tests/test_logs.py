@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import urllib.error
+import urllib.request
 
+import grpc
 import pytest
 
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server.logs import JsonFormatter
+from guardrt.runtime.server.refusals import log_refusal
 from guardrt.v1 import moderation_pb2 as pb
 from tests.server_harness import UNSAFE_S1, FakeEngine, serving
 from tests.test_server import jpeg
@@ -57,3 +61,38 @@ def test_a_requests_line_has_its_figures_and_never_its_text(
     assert entry["batch_size"] == 1
     for shown in (json.dumps(entry), logging.Formatter().format(records[0])):
         assert "launch code" not in shown
+
+
+def test_a_refused_call_is_logged_with_its_request_id(
+    preparer: Preparer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id a caller quotes finds the refusal in the log, on gRPC and HTTP alike; floods
+    (a full queue) go to DEBUG, their count is on /metrics."""
+    with serving(FakeEngine(), preparer) as server, caplog.at_level(logging.DEBUG):
+        bad = pb.ModerateRequest(
+            request_id="req-9",
+            messages=[pb.Message(role=pb.ASSISTANT, content=[pb.Content(text=SECRET)])],
+        )
+        with pytest.raises(grpc.RpcError):
+            server.stub().Moderate(bad, timeout=10)
+        body = json.dumps({"model": "tiny-random", "messages": [{"role": "system"}]}).encode()
+        headers = {"Content-Type": "application/json", "X-Request-Id": "http-3"}
+        call = urllib.request.Request(f"{server.base_url}/chat/completions", body, headers)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(call, timeout=10)
+    refused = {r.request_id: r for r in caplog.records if r.name == "guardrt.refused"}  # type: ignore[attr-defined]
+    grpc_line, http_line = refused["req-9"], refused["http-3"]
+    assert grpc_line.levelno == http_line.levelno == logging.INFO
+    assert grpc_line.getMessage().startswith(
+        "refused req-9 on grpc/Moderate: INVALID_ARGUMENT role: message 0 has role "
+    )
+    assert http_line.getMessage().startswith("refused http-3 on /v1/chat/completions: 400 ")
+    for line in (grpc_line, http_line):
+        assert "launch code" not in JsonFormatter().format(line)
+
+
+def test_a_flood_of_refusals_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        log_refusal("grpc/Moderate", "RESOURCE_EXHAUSTED", "queue_full", "the queue is full")
+        log_refusal("/v1/moderations", "400", "invalid_request_error", "input[1]: empty")
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG, logging.INFO]

@@ -22,6 +22,7 @@ from guardrt.runtime.errors import ConfigError, GuardrtError
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import error_verdict, input_from_proto, result_to_proto
 from guardrt.runtime.server.metrics import Metrics
+from guardrt.runtime.server.refusals import log_refusal
 from guardrt.runtime.server.service import (
     ModerationInput,
     ModerationResult,
@@ -58,22 +59,28 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         self.tokens = tokens or BearerTokens(config.auth_tokens, config.auth_token_file)
         self.metrics = metrics
 
-    def _count(self, route: str, outcome: ModerationResult | GuardrtError) -> None:
-        if self.metrics is None:
-            return
+    def _count(
+        self, route: str, outcome: ModerationResult | GuardrtError, request_id: str = ""
+    ) -> None:
+        """A verdict given or a call refused, on /metrics (and a refusal logged)."""
         if isinstance(outcome, ModerationResult):
-            self.metrics.answered(route, outcome, grpc.StatusCode.OK.name)
-        else:
-            reason = getattr(outcome, "reason", None)
-            label = reason.value if reason is not None else type(outcome).__name__
-            self.metrics.failed(route, grpc_status(outcome).name, label)
+            if self.metrics is not None:
+                self.metrics.answered(route, outcome, grpc.StatusCode.OK.name)
+            return
+        reason = getattr(outcome, "reason", None)
+        label = reason.value if reason is not None else type(outcome).__name__
+        code = grpc_status(outcome).name
+        if self.metrics is not None:
+            self.metrics.failed(route, code, label)
+        log_refusal(route, code, label, grpc_message(outcome, request_id), request_id or None)
 
     async def _refuse(
         self, context: Any, route: str, code: grpc.StatusCode, reason: str, message: str
     ) -> None:
-        """End the call with `code`, counted under `route` (abort raises)."""
+        """End the call with `code`, counted under `route` and logged (abort raises)."""
         if self.metrics is not None:
             self.metrics.failed(route, code.name, reason)
+        log_refusal(route, code.name, reason, message)
         await context.abort(code, message)
 
     async def _authorize(self, context: Any, route: str) -> None:
@@ -93,7 +100,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             item = _with_id(input_from_proto(request), request_id)
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
-            self._count(route, exc)
+            self._count(route, exc, request_id)
             await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             raise  # not reached: abort raises
         self._count(route, result)
@@ -120,7 +127,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                 self._count("grpc/ModerateMany", result)
                 response = result_to_proto(result)
             except GuardrtError as exc:
-                self._count("grpc/ModerateMany", exc)
+                self._count("grpc/ModerateMany", exc, request_id)
                 verdict = error_verdict(grpc_message(exc, request_id), grpc_code(exc))
                 response = pb.ModerateResponse(request_id=request_id, verdict=verdict)
             await responses.put(response)
@@ -189,8 +196,8 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                     else:
                         await refuse("empty stream message")
                 except GuardrtError as exc:
-                    self._count(route, exc)
                     request_id = session.request_id if session else message.start.request_id
+                    self._count(route, exc, request_id)
                     await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             if session is not None:
                 await refuse("the stream closed without an end message")

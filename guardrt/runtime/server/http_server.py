@@ -32,6 +32,7 @@ from guardrt.runtime.scheduler import broken_error
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.metrics import Metrics
+from guardrt.runtime.server.refusals import log_refusal
 from guardrt.runtime.server.service import (
     ModerationService,
     checked_request_id,
@@ -126,8 +127,7 @@ class HttpApi:
                 )
             response = await handler(request)
         except oa.ApiError as exc:
-            self.metrics.failed(route, str(exc.status), exc.code or exc.type)
-            return _error(exc, request.get(_REQUEST_ID_KEY))
+            return self._refused(route, exc, request.get(_REQUEST_ID_KEY))
         except GuardrtError as exc:
             status, code = http_status(exc)
             request_id = request.get(_REQUEST_ID_KEY)
@@ -138,19 +138,30 @@ class HttpApi:
             if status == 500:
                 message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
-            self.metrics.failed(route, str(status), code)
             error = oa.ApiError(status, message, type=kind, param=param, code=code)
-            return _error(error, request_id)
+            return self._refused(route, error, request_id)
         except web.HTTPRequestEntityTooLarge as exc:
-            self.metrics.failed(route, "413", "request_too_large")
             message = f"the request body is over the {self.body_limit()}-byte limit"
             error = oa.ApiError(exc.status, message, code="request_too_large")
-            return _error(error, request.get(_REQUEST_ID_KEY))
+            return self._refused(route, error, request.get(_REQUEST_ID_KEY))
         except web.HTTPException as exc:
-            self.metrics.failed(route, str(exc.status), "http")
             error = oa.ApiError(exc.status, exc.reason, code=str(exc.status))
-            return _error(error, request.get(_REQUEST_ID_KEY))
+            return self._refused(route, error, request.get(_REQUEST_ID_KEY), reason="http")
         return response
+
+    def _refused(
+        self,
+        route: str,
+        error: oa.ApiError,
+        request_id: str | None,
+        reason: str | None = None,
+    ) -> web.Response:
+        """The error's answer, counted on /metrics and logged (`reason`: the metrics' label,
+        the error's code by default)."""
+        reason = reason or error.code or error.type
+        self.metrics.failed(route, str(error.status), reason)
+        log_refusal(route, str(error.status), reason, error.message, request_id)
+        return _error(error, request_id)
 
     def _authorize(self, request: web.Request) -> None:
         if not self.tokens.allowed(request.headers.get("Authorization", "")):

@@ -47,11 +47,11 @@ class StreamSession:
         check_every: int,
         stop_on_unsafe: bool,
         deadline: float | None,
-        count: Callable[[ModerationResult | GuardrtError], None] = lambda outcome: None,
+        count: Callable[[ModerationResult | GuardrtError, str], None] = lambda outcome, id_: None,
     ) -> None:
         self.service, self.request_id, self.base = service, request_id, base
         self.check_every, self.stop_on_unsafe, self.deadline = check_every, stop_on_unsafe, deadline
-        self.count = count  # each checkpoint's outcome, for the metrics
+        self.count = count  # each checkpoint's outcome and the stream's id, for metrics and logs
         self.answer = ""
         self.counter = AnswerTokens(service.preparer.tokenizer)  # the answer's tokens, trimmed
         self.tokens = 0
@@ -64,7 +64,7 @@ class StreamSession:
         service: ModerationService,
         start: pb.StreamStart,
         deadline: float | None,
-        count: Callable[[ModerationResult | GuardrtError], None] = lambda outcome: None,
+        count: Callable[[ModerationResult | GuardrtError, str], None] = lambda outcome, id_: None,
     ) -> StreamSession:
         """Validate the conversation before the answer (it must end with a user message)."""
         messages = messages_from_proto(start.messages)
@@ -130,11 +130,11 @@ class StreamSession:
         try:
             result = await self.service.moderate(self._with_answer(), self.deadline, self.session)
         except GuardrtError as exc:  # in-band: the stream goes on, the caller sees ERROR
-            self.count(exc)
+            self.count(exc, self.request_id)
             message = grpc_message(exc, self.request_id)
             response.verdict.CopyFrom(error_verdict(message, grpc_code(exc)))
             return response
-        self.count(result)
+        self.count(result, self.request_id)
         response.verdict.CopyFrom(verdict_to_proto(result.verdict))
         response.timing.CopyFrom(timing_to_proto(result.timing))
         response.prompt_tokens = result.prompt_tokens

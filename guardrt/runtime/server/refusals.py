@@ -1,0 +1,38 @@
+"""A log line for every call the servers refuse or fail, beside its count on /metrics: the
+request id a caller quotes finds the line (route, status, reason and the message it got).
+
+Messages name an index, key, size or code, never request text, so they may be logged. Refusals
+of an overloaded or stopping server (queue full, draining, engine broken) can come by the
+thousand a second: they are logged at DEBUG, their counts on /metrics say enough.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("guardrt.refused")
+
+# Reasons (the metrics' labels) that come in floods when the server is overloaded or stopping.
+_FLOODS = frozenset(
+    {
+        "queue_full", "server_overloaded", "draining", "shutting_down", "engine_broken",
+        "engine_unavailable",
+    }
+)  # fmt: skip
+
+
+def log_refusal(
+    route: str, code: str, reason: str, message: str, request_id: str | None = None
+) -> None:
+    """Log one refused or failed call (`code`: the HTTP status or the gRPC status name)."""
+    level = logging.DEBUG if reason in _FLOODS else logging.INFO
+    log.log(
+        level,
+        "refused %s on %s: %s %s: %s",
+        request_id or "-",
+        route,
+        code,
+        reason,
+        message[:500],
+        extra={"request_id": request_id, "route": route, "status": code, "reason": reason},
+    )
