@@ -184,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_text_chars=args.max_text_chars,
         grace_s=args.grace_s,
+        engine_timeout_s=args.engine_timeout_s,
         workers=args.workers,
         tls=tls,
         auth_tokens=read_tokens(args.auth_token_file),
@@ -270,6 +271,13 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
     serve.add_argument("--max-text-chars", type=int, default=200_000)
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.add_argument(
+        "--engine-timeout-s",
+        type=float,
+        default=300.0,
+        help="a batch running longer means a stuck engine (a hung GPU): answer what waits "
+        "UNAVAILABLE and exit 1 for a restart (0: never)",
+    )
     serve.add_argument("--workers", type=int, default=4, help="preparation threads")
     serve.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
     serve.add_argument("--tls-key", help="PEM private key")

@@ -447,3 +447,36 @@ def test_requests_failing_alone_probe_the_engine_at_most_once_a_second(
         "long" if len(batch[0].prompt) == len(long.prompt) else "probe" for batch in engine.batches
     ]
     assert ran == ["long", "probe", "long", "long", "long", "probe"], ran
+
+
+def test_a_stuck_batch_is_answered_broken_and_the_queue_with_it(preparer: Preparer) -> None:
+    """A batch that never returns (a hung GPU) would hold its callers forever and keep the
+    server in service: past `stall_s` its requests and the queue are answered BROKEN, new work
+    is refused, the listeners told; when the batch comes back at last, no one is answered
+    twice."""
+    _, short = _long_and_short(preparer)
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()  # the first batch hangs until the test lets it go
+    scheduler = Scheduler(engine, max_batch=1, max_wait_s=0.0, max_queue=16, stall_s=0.3)
+    told: list[str] = []
+    scheduler.on_broken(lambda: told.append(scheduler.broken_why))
+    answers: dict[str, list[object]] = {"stuck": [], "queued": []}
+
+    def work(name: str) -> Work:
+        return Work(short, name, _collect(answers[name]))
+
+    scheduler.start()
+    try:
+        scheduler.add(work("stuck"))
+        assert engine.entered.wait(10)
+        scheduler.add(work("queued"))
+        assert scheduler.broken.wait(10)
+        assert 0.3 < (scheduler.running_for() or 0.0) < 5
+        with pytest.raises(ServiceError):
+            scheduler.add(work("queued"))
+        engine.gate.set()  # the hung batch returns after all
+    finally:
+        scheduler.drain(10)
+    reasons = {name: [getattr(o, "reason", None) for o in got] for name, got in answers.items()}
+    assert reasons == {"stuck": [ServiceReason.BROKEN], "queued": [ServiceReason.BROKEN]}
+    assert told == ["it ran one batch for over 0.3 s"]

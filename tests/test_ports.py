@@ -10,7 +10,7 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest
 
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server import main as server_main
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.grpc_server import build_server
@@ -85,8 +86,17 @@ def test_grpc_does_not_share_a_port_with_another_server() -> None:
         ({"grace_s": math.inf}, "grace_s must be a finite number ≥ 0, not inf"),
         ({"workers": 0}, "workers must be at least 1, not 0"),
         ({"max_streams": -1}, "max_streams must be ≥ 0"),
+        ({"engine_timeout_s": math.nan}, "engine_timeout_s must be a finite number ≥ 0, not nan"),
     ],
-    ids=["same-ports", "nan-wait", "negative-wait", "infinite-grace", "workers", "streams"],
+    ids=[
+        "same-ports",
+        "nan-wait",
+        "negative-wait",
+        "infinite-grace",
+        "workers",
+        "streams",
+        "nan-engine-timeout",
+    ],
 )
 def test_settings_out_of_range_are_named(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -158,3 +168,61 @@ def test_serve_exits_with_status_1_once_its_engine_is_broken(
     assert codes == [grpc.StatusCode.INTERNAL]
     assert status == 1
     assert "the engine is broken (it failed its self-check): stopping" in capsys.readouterr().out
+
+
+def test_serve_exits_with_status_1_when_its_engine_is_stuck(
+    preparer: Preparer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch that never returns (a hung GPU): past --engine-timeout-s the call is answered
+    UNAVAILABLE and serve exits 1 for a restart, leaving the stuck engine unclosed."""
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+    hang, release = threading.Event(), threading.Event()
+
+    class Stuck(FakeEngine):
+        closed = False
+
+        def execute(self, batch: Sequence[PreparedRequest]) -> list[Decoded]:
+            if hang.is_set():
+                release.wait(30)
+            return super().execute(batch)
+
+        def close(self) -> None:
+            Stuck.closed = True
+
+    def load(config: ServerConfig) -> Stack:
+        return assemble_stack(config, Stuck(), preparer, "test-model", [sample, sample])
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    port = free_port()
+    codes: list[grpc.StatusCode] = []
+    stopped = threading.Event()
+
+    def client() -> None:
+        try:
+            channel = grpc.insecure_channel(f"localhost:{port}")
+            grpc.channel_ready_future(channel).result(timeout=30)
+            hang.set()
+            stub = pb_grpc.ModerationStub(channel)
+            message = pb.Message(role=pb.USER, content=[pb.Content(text="hang")])
+            stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=20)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+        finally:
+            if not stopped.wait(30):
+                signal.raise_signal(signal.SIGTERM)
+
+    threading.Thread(target=client, daemon=True).start()
+    config = ServerConfig(
+        host="localhost", grpc_port=port, http_port=-1, grace_s=0.5, engine_timeout_s=0.5
+    )
+    try:
+        status = asyncio.run(server_main.serve(config))
+    finally:
+        stopped.set()
+        release.set()
+    assert codes == [grpc.StatusCode.UNAVAILABLE]
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "the engine is broken (it ran one batch for over 0.5 s): stopping" in out
+    assert "stopped with work left after the grace period" in out
+    assert not Stuck.closed

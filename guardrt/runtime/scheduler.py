@@ -66,6 +66,8 @@ def broken_error() -> ServiceError:
     )
 
 
+_ANSWERING = threading.Lock()  # makes a work's answer once-only across threads
+
 # Queued requests `batching.choose` looks at for each batch: the oldest few batches' worth.
 _WINDOW_BATCHES = 4
 # The self-check probe runs at most this often after it passed: requests that each fail alone
@@ -83,11 +85,18 @@ class Scheduler:
         max_queue: int,
         policy: Policy = choose,
         probe: PreparedRequest | None = None,
+        stall_s: float | None = None,
     ) -> None:
         """`probe`: a request the engine ran at warm-up, run again after a request fails
-        alone, to tell a broken engine from a request it cannot run (`broken`)."""
+        alone, to tell a broken engine from a request it cannot run (`broken`). `stall_s`: a
+        batch running longer than this is taken for a stuck engine (a GPU hang): its requests
+        and the queue are answered BROKEN (None: never)."""
         self.engine, self.policy, self.probe = engine, policy, probe
+        self.stall_s = stall_s
+        self._running: list[Work] = []  # the batch on the engine now
+        self._running_since: float | None = None  # time.monotonic() it started
         self.broken = threading.Event()  # set once the engine failed the probe: no more work
+        self.broken_why = ""  # why, once broken
         self._on_broken: list[Callable[[], object]] = []
         self.max_batch = min(max_batch, engine.info.max_batch)
         self.max_wait_s, self.max_queue = max_wait_s, max_queue
@@ -154,9 +163,10 @@ class Scheduler:
 
     @staticmethod
     def _answer(work: Work, outcome: Outcome, info: BatchInfo) -> None:
-        if work.answered:
-            return
-        work.answered = True
+        with _ANSWERING:  # the engine thread and the watchdog may both answer a stuck batch
+            if work.answered:
+                return
+            work.answered = True
         if work.cancelled:
             return
         try:
@@ -208,13 +218,14 @@ class Scheduler:
             log.error("the engine's self-check gave a wrong number of outputs")
         except Exception:
             log.exception("the engine failed its self-check (the warm-up's text request)")
-        self._break([])
+        self._break([], "it failed its self-check")
 
-    def _break(self, in_flight: list[Work]) -> None:
+    def _break(self, in_flight: list[Work], why: str) -> None:
         """The engine (or this thread) can run nothing more: new work is refused, the work in
         flight and queued answered so, without running, and the listeners told (`guardrt
         serve` reports NOT_SERVING and exits for a restart)."""
-        log.error("the engine is broken: new work is refused; the process needs a restart")
+        log.error("the engine is broken (%s): new work is refused; it needs a restart", why)
+        self.broken_why = why
         self.broken.set()
         with self._lock:
             queued = list(self._queue)
@@ -256,15 +267,44 @@ class Scheduler:
                 if not batch:
                     continue
                 start = time.monotonic()
+                self._running, self._running_since = batch, start
                 outputs = self.execute(batch)
+                self._running_since = None
                 self.update(batch, outputs, time.monotonic() - start)
         except Exception:  # a fault here would leave every caller waiting: fail them instead
             log.exception("the engine thread failed")
-            self._break(batch or [])
+            self._break(batch or [], "its thread failed")
+
+    def running_for(self) -> float | None:
+        """How long the batch on the engine has run (None when none is)."""
+        since = self._running_since
+        return None if since is None else time.monotonic() - since
+
+    def _watch(self) -> None:
+        """A batch that never returns (a hung GPU) would hold every caller forever and keep
+        the server in service: past `stall_s`, its requests and the queue are answered
+        BROKEN and the listeners told (`guardrt serve` exits for a restart)."""
+        assert self.stall_s is not None
+        interval = min(1.0, self.stall_s / 4)
+        while not self.broken.is_set() and self._thread is not None and self._thread.is_alive():
+            running = self.running_for()
+            if running is not None and running > self.stall_s:
+                ids = ", ".join(work.request_id for work in self._running)
+                log.error(
+                    "the engine has run one batch for %.0f s (the limit is %g s: "
+                    "--engine-timeout-s): it is stuck (requests %s)",
+                    running, self.stall_s, ids,
+                )  # fmt: skip
+                self._break(list(self._running), f"it ran one batch for over {self.stall_s:g} s")
+                return
+            time.sleep(interval)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="guardrt-engine", daemon=True)
         self._thread.start()
+        if self.stall_s is not None:
+            watchdog = threading.Thread(target=self._watch, name="guardrt-watchdog", daemon=True)
+            watchdog.start()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new work, finish what is queued, stop the engine thread; True if it stopped."""

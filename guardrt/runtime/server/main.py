@@ -112,6 +112,7 @@ def assemble_stack(
         config.max_queue,
         POLICIES[config.batching],
         probe=warmup[0] if warmup else None,  # the text request: it ran at warm-up
+        stall_s=config.engine_timeout_s or None,
     )
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
     service = ModerationService(preparer, scheduler, Limits(config.max_text_chars), executor)
@@ -209,7 +210,7 @@ async def serve(config: ServerConfig) -> int:
     await stop.wait()
     broken = stack.scheduler.broken.is_set()
     if broken:
-        print("the engine is broken (it failed its self-check): stopping", flush=True)
+        print(f"the engine is broken ({stack.scheduler.broken_why}): stopping", flush=True)
     print(f"draining (up to {config.grace_s:g} s)", flush=True)
     await stop_front_ends(stack, server, runner, config.grace_s)
     drained = await release(stack, config.grace_s)
@@ -251,7 +252,8 @@ async def release(stack: Stack, grace_s: float) -> bool:
     Whether the scheduler stopped in time."""
     loop = asyncio.get_running_loop()
     drained = await loop.run_in_executor(None, stack.scheduler.drain, grace_s)
-    stack.engine.close()
+    if drained:  # a stuck engine thread still holds the engine: closing it could hang too
+        stack.engine.close()
     stack.service.executor.shutdown(wait=False)
     return drained
 
