@@ -1,0 +1,252 @@
+"""A Python client for a guardrt server over gRPC: the same messages and `Verdict` as `Guard`.
+
+    from guardrt.client import ModerationClient
+
+    with ModerationClient("guard.internal:50051", token="…", tls_ca="ca.pem") as client:
+        verdict = client.moderate([{"role": "user", "content": "How do I pick a lock?"}])
+        verdict.label, verdict.categories, verdict.unsafe_probability
+
+Needs only grpcio and protobuf (no torch, no model). Messages take the Python API's format:
+`content` is a string or a list of `{"type": "text", "text": …}` / `{"type": "image",
+"image": …}` parts, an image being encoded bytes, a path, or a PIL image. A call the server
+refuses raises `CallError` with its gRPC status code; calls refused at once because the
+server is busy or stopping (RESOURCE_EXHAUSTED, UNAVAILABLE: never run) are retried with
+backoff first. A safety verdict is never made up here: every failure raises, or is an `error`
+verdict in `moderate_many`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from guardrt.runtime.errors import ConfigError, GuardrtError
+from guardrt.runtime.verdict import Label, Verdict
+from guardrt.v1 import moderation_pb2 as pb
+from guardrt.v1 import moderation_pb2_grpc as pb_grpc
+
+_ROLES = {"user": pb.USER, "assistant": pb.ASSISTANT}
+_LABELS = {pb.SAFE: Label.SAFE, pb.UNSAFE: Label.UNSAFE, pb.ERROR: Label.ERROR}
+_SERVICE = "guardrt.v1.Moderation"
+
+
+class CallError(GuardrtError):
+    """A call the server refused or failed: `code` is its gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+def _retry_config(retries: int) -> str:
+    """gRPC's own retries (service config): only for calls refused before they ran."""
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    config = {"methodConfig": [{"name": [{"service": _SERVICE}], "retryPolicy": policy}]}
+    return json.dumps(config)
+
+
+def _read(what: str, value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {value}: {exc.strerror}") from exc
+
+
+class ModerationClient:
+    """A channel to one server (`target`: host:port). `tls_ca` (PEM bytes or a file) turns
+    TLS on; `tls_cert`/`tls_key` add a client certificate (mutual TLS); `token` is sent as
+    `authorization: Bearer …`. `timeout` is each call's deadline in seconds (None: none);
+    `retries` how often a call refused at once (busy or stopping server) is tried again."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,
+        tls_cert: str | os.PathLike[str] | bytes | None = None,
+        tls_key: str | os.PathLike[str] | bytes | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+    ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if tls_cert is not None and tls_ca is None:
+            raise ConfigError("a client certificate needs tls_ca (the CA that verifies the server)")
+        if retries < 0:
+            raise ConfigError(f"retries must be ≥ 0, not {retries}")
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", int(retries > 0))]
+        if retries > 0:  # gRPC wants at least 2 attempts in a retry policy
+            options.append(("grpc.service_config", _retry_config(retries)))
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                _read("tls_ca", tls_ca), _read("tls_key", tls_key), _read("tls_cert", tls_cert)
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self.stub = pb_grpc.ModerationStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.timeout = timeout
+
+    def __enter__(self) -> ModerationClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def moderate(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        excluded_categories: Iterable[str] = (),
+        request_id: str = "",
+    ) -> Verdict:
+        """The verdict on the last message of `messages`, as `Guard.moderate` gives it; a
+        refused call raises CallError (INVALID_ARGUMENT names the offending part)."""
+        request = moderate_request(messages, categories, excluded_categories, request_id)
+        return verdict_from_proto(self.call(request).verdict)
+
+    def call(self, request: pb.ModerateRequest) -> pb.ModerateResponse:
+        """The whole response to one request (timing and prompt length with the verdict)."""
+        try:
+            response: pb.ModerateResponse = self.stub.Moderate(
+                request, timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+        return response
+
+    def moderate_many(
+        self, requests: Iterable[pb.ModerateRequest]
+    ) -> Iterator[tuple[str, Verdict]]:
+        """(request_id, verdict) for each request (`moderate_request` makes them; give each
+        its own id), as each completes: one stream for many requests, held back by the
+        server when it is busy. A request the server refused is an `error` verdict naming
+        why; a failure of the whole stream raises CallError."""
+        try:
+            for response in self.stub.ModerateMany(
+                iter(requests), timeout=self.timeout, metadata=self.metadata
+            ):
+                yield response.request_id, verdict_from_proto(response.verdict)
+        except grpc.RpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+
+    def info(self) -> pb.ModelInfo:
+        """What the server serves: model, precision, limits, default policy."""
+        try:
+            info: pb.ModelInfo = self.stub.GetInfo(
+                pb.GetInfoRequest(), timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+        return info
+
+
+def moderate_request(
+    messages: Sequence[Mapping[str, Any]],
+    categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    excluded_categories: Iterable[str] = (),
+    request_id: str = "",
+) -> pb.ModerateRequest:
+    """A ModerateRequest from the Python API's messages and policy (ConfigError, naming the
+    message and part, for what cannot be sent; the server checks the rest)."""
+    pairs = list(categories.items()) if isinstance(categories, Mapping) else categories or []
+    policy = pb.Policy(
+        exclude=list(excluded_categories),
+        categories=[pb.Category(code=code, description=text) for code, text in pairs],
+    )
+    return pb.ModerateRequest(
+        request_id=request_id, messages=messages_to_proto(messages), policy=policy
+    )
+
+
+def messages_to_proto(messages: Sequence[Mapping[str, Any]]) -> list[pb.Message]:
+    converted = []
+    for index, message in enumerate(messages):
+        where = f"message {index}"
+        if not isinstance(message, Mapping) or message.get("role") not in _ROLES:
+            role = message.get("role") if isinstance(message, Mapping) else None
+            raise ConfigError(f"{where}: role must be 'user' or 'assistant', not {role!r}")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, Sequence):
+            raise ConfigError(f"{where}: content must be a string or a list of parts")
+        converted.append(
+            pb.Message(
+                role=_ROLES[message["role"]],
+                content=[_part(part, f"{where} part {i}") for i, part in enumerate(parts)],
+            )
+        )
+    return converted
+
+
+def _part(part: Any, where: str) -> pb.Content:
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return pb.Content(text=part["text"])
+    if kind == "image":
+        return pb.Content(image=_image_bytes(part.get("image"), where))
+    raise ConfigError(f"{where}: a part is {{'type': 'text', 'text': str}} or an image part")
+
+
+def _image_bytes(image: Any, where: str) -> bytes:
+    """Encoded bytes as given, a file's bytes, or a PIL image encoded as PNG (lossless)."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        try:
+            return Path(image).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read image {image}: {exc.strerror}") from exc
+    if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise ConfigError(
+        f"{where}: an image is encoded bytes, a path or a PIL image, not {type(image).__name__}"
+    )
+
+
+def verdict_from_proto(verdict: pb.Verdict) -> Verdict:
+    """The runtime's Verdict; a label this client does not know is an error verdict (a
+    newer server's label must never read as safe)."""
+    label = _LABELS.get(verdict.label, Label.ERROR)
+    error = verdict.error or None
+    if label is Label.ERROR and error is None:
+        error = f"the server answered label {verdict.label}, which this client does not know"
+    computed = label is not Label.ERROR or verdict.error_code == 0
+    return Verdict(
+        label=label,
+        categories=list(verdict.categories),
+        raw_output=verdict.raw_output,
+        error=error,
+        unsafe_probability=verdict.unsafe_probability if computed else math.nan,
+        category_probabilities=dict(verdict.category_probabilities),
+        label_probability=verdict.label_probability or math.nan,
+    )
