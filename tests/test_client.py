@@ -5,6 +5,8 @@ a label the client does not know is never read as safe."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -174,3 +176,12 @@ def test_a_label_the_client_does_not_know_is_an_error_not_safe() -> None:
         assert verdict.label == Label.ERROR
         assert verdict.content == "unsafe"  # fails closed for a client reading the text
         assert verdict.error is not None
+
+
+def test_the_client_imports_neither_torch_nor_numpy() -> None:
+    """A service calling the server needs grpcio and protobuf, not the model's stack."""
+    code = (
+        "import sys, guardrt.client; "
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
