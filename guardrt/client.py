@@ -247,6 +247,14 @@ def verdict_from_proto(verdict: pb.Verdict) -> Verdict:
         raw_output=verdict.raw_output,
         error=error,
         unsafe_probability=verdict.unsafe_probability if computed else math.nan,
-        category_probabilities=dict(verdict.category_probabilities),
+        # A proto map has no order: by code number, as policies list them (S1..S999).
+        category_probabilities=dict(
+            sorted(verdict.category_probabilities.items(), key=lambda item: _code_number(item[0]))
+        ),
         label_probability=verdict.label_probability or math.nan,
     )
+
+
+def _code_number(code: str) -> tuple[int, str]:
+    digits = code[1:]
+    return (int(digits), code) if digits.isdigit() else (1_000_000, code)

@@ -88,6 +88,7 @@ def test_verdicts_equal_the_python_apis(
         assert remote.category_probabilities == pytest.approx(
             local.category_probabilities, rel=1e-5
         )
+        assert list(remote.category_probabilities) == list(local.category_probabilities)
         assert remote.label_probability == pytest.approx(local.label_probability, rel=1e-5)
         assert remote.raw_output == local.raw_output
 
