@@ -224,15 +224,19 @@ class Scheduler:
         """The engine (or this thread) can run nothing more: new work is refused, the work in
         flight and queued answered so, without running, and the listeners told (`guardrt
         serve` reports NOT_SERVING and exits for a restart)."""
-        log.error("the engine is broken (%s): new work is refused; it needs a restart", why)
-        self.broken_why = why
-        self.broken.set()
-        with self._lock:
+        with self._lock:  # the engine thread and the watchdog may both get here: once
+            first = not self.broken.is_set()
+            if first:
+                self.broken_why = why
+                self.broken.set()
             queued = list(self._queue)
             self._queue.clear()
         now = time.monotonic()
         for work in [*in_flight, *queued]:
             self._answer(work, broken_error(), BatchInfo(0, now - work.enqueued, 0.0))
+        if not first:
+            return
+        log.error("the engine is broken (%s): new work is refused; it needs a restart", why)
         for callback in self._on_broken:
             try:
                 callback()
