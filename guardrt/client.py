@@ -21,7 +21,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -68,6 +68,34 @@ def _read(what: str, value: str | os.PathLike[str] | bytes | None) -> bytes | No
         raise ConfigError(f"cannot read {what} {value}: {exc.strerror}") from exc
 
 
+def _channel_settings(
+    tls_ca: str | os.PathLike[str] | bytes | None,
+    tls_cert: str | os.PathLike[str] | bytes | None,
+    tls_key: str | os.PathLike[str] | bytes | None,
+    retries: int,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """The channel's credentials (None: plaintext) and options, checked."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together")
+    if tls_cert is not None and tls_ca is None:
+        raise ConfigError("a client certificate needs tls_ca (the CA that verifies the server)")
+    if retries < 0:
+        raise ConfigError(f"retries must be ≥ 0, not {retries}")
+    options: list[tuple[str, Any]] = [("grpc.enable_retries", int(retries > 0))]
+    if retries > 0:  # gRPC wants at least 2 attempts in a retry policy
+        options.append(("grpc.service_config", _retry_config(retries)))
+    if tls_ca is None:
+        return None, options
+    credentials = grpc.ssl_channel_credentials(
+        _read("tls_ca", tls_ca), _read("tls_key", tls_key), _read("tls_cert", tls_cert)
+    )
+    return credentials, options
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 class ModerationClient:
     """A channel to one server (`target`: host:port). `tls_ca` (PEM bytes or a file) turns
     TLS on; `tls_cert`/`tls_key` add a client certificate (mutual TLS); `token` is sent as
@@ -85,24 +113,13 @@ class ModerationClient:
         timeout: float | None = 30.0,
         retries: int = 3,
     ) -> None:
-        if (tls_cert is None) != (tls_key is None):
-            raise ConfigError("tls_cert and tls_key go together")
-        if tls_cert is not None and tls_ca is None:
-            raise ConfigError("a client certificate needs tls_ca (the CA that verifies the server)")
-        if retries < 0:
-            raise ConfigError(f"retries must be ≥ 0, not {retries}")
-        options: list[tuple[str, Any]] = [("grpc.enable_retries", int(retries > 0))]
-        if retries > 0:  # gRPC wants at least 2 attempts in a retry policy
-            options.append(("grpc.service_config", _retry_config(retries)))
-        if tls_ca is None:
+        credentials, options = _channel_settings(tls_ca, tls_cert, tls_key, retries)
+        if credentials is None:
             self.channel = grpc.insecure_channel(target, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(
-                _read("tls_ca", tls_ca), _read("tls_key", tls_key), _read("tls_cert", tls_cert)
-            )
             self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.ModerationStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.metadata = _metadata(token)
         self.timeout = timeout
 
     def __enter__(self) -> ModerationClient:
@@ -258,3 +275,84 @@ def verdict_from_proto(verdict: pb.Verdict) -> Verdict:
 def _code_number(code: str) -> tuple[int, str]:
     digits = code[1:]
     return (int(digits), code) if digits.isdigit() else (1_000_000, code)
+
+
+class AsyncModerationClient:
+    """`ModerationClient` for asyncio services (grpc.aio): the same settings, messages,
+    verdicts and errors, awaited; it never blocks the caller's event loop."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,
+        tls_cert: str | os.PathLike[str] | bytes | None = None,
+        tls_key: str | os.PathLike[str] | bytes | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+    ) -> None:
+        credentials, options = _channel_settings(tls_ca, tls_cert, tls_key, retries)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self.stub = pb_grpc.ModerationStub(self.channel)
+        self.metadata = _metadata(token)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncModerationClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def moderate(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        excluded_categories: Iterable[str] = (),
+        request_id: str = "",
+    ) -> Verdict:
+        """As `ModerationClient.moderate`, awaited."""
+        request = moderate_request(messages, categories, excluded_categories, request_id)
+        return verdict_from_proto((await self.call(request)).verdict)
+
+    async def call(self, request: pb.ModerateRequest) -> pb.ModerateResponse:
+        try:
+            response: pb.ModerateResponse = await self.stub.Moderate(
+                request, timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+        return response
+
+    async def moderate_many(
+        self, requests: Iterable[pb.ModerateRequest] | AsyncIterable[pb.ModerateRequest]
+    ) -> AsyncIterator[tuple[str, Verdict]]:
+        """As `ModerationClient.moderate_many`: (request_id, verdict) as each completes."""
+        source = aiter(requests) if isinstance(requests, AsyncIterable) else iter(requests)
+        call = self.stub.ModerateMany(source, timeout=self.timeout, metadata=self.metadata)
+        try:
+            async for response in call:
+                yield response.request_id, verdict_from_proto(response.verdict)
+        except grpc.aio.AioRpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+
+    async def info(self) -> pb.ModelInfo:
+        try:
+            info: pb.ModelInfo = await self.stub.GetInfo(
+                pb.GetInfoRequest(), timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+        return info

@@ -4,10 +4,11 @@ a label the client does not know is never read as safe."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from guardrt.client import (
+    AsyncModerationClient,
     CallError,
     ModerationClient,
     moderate_request,
@@ -27,7 +29,7 @@ from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.guard import Guard
 from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.verdict import Label
+from guardrt.runtime.verdict import Label, Verdict
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.server_harness import ServerThread, serving
@@ -186,3 +188,35 @@ def test_the_client_imports_neither_torch_nor_numpy() -> None:
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_async_client_gives_the_same_verdicts(
+    server: ServerThread, client: ModerationClient
+) -> None:
+    """asyncio services await the same calls: concurrent calls on one channel, a stream fed
+    by an async generator, refusals raised with their status."""
+    conversations = [[{"role": "user", "content": f"question number {i}"}] for i in range(6)]
+    expected = [client.moderate(messages) for messages in conversations]
+
+    async def main() -> tuple[list[Verdict], dict[str, Verdict], CallError, str]:
+        async with AsyncModerationClient(f"localhost:{server.port}", token="s3cret") as remote:
+            together = await asyncio.gather(*(remote.moderate(m) for m in conversations))
+
+            async def requests() -> AsyncIterator[pb.ModerateRequest]:
+                for i, messages in enumerate(conversations):
+                    yield moderate_request(messages, request_id=f"m{i}")
+
+            many = {request_id: v async for request_id, v in remote.moderate_many(requests())}
+            try:
+                await remote.moderate([{"role": "assistant", "content": "x"}])
+            except CallError as exc:
+                refused = exc
+            return list(together), many, refused, (await remote.info()).backend
+
+    together, many, refused, backend = asyncio.run(main())
+    for i, verdict in enumerate(expected):
+        for remote in (together[i], many[f"m{i}"]):
+            assert (remote.label, remote.categories) == (verdict.label, verdict.categories)
+            assert remote.unsafe_probability == pytest.approx(verdict.unsafe_probability)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert backend == "torch"
