@@ -17,11 +17,14 @@ verdict in `moderate_many`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import math
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -356,3 +359,126 @@ class AsyncModerationClient:
         except grpc.aio.AioRpcError as exc:
             raise CallError(exc.code(), str(exc.details())) from exc
         return info
+
+    def stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        check_every_tokens: int = 32,
+        stop_on_unsafe: bool = False,
+        categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        excluded_categories: Iterable[str] = (),
+        request_id: str = "",
+    ) -> AnswerStream:
+        """Check an assistant answer while it is generated (ModerateStream): `messages` is the
+        conversation before the answer (ending with a user message). Use it as `async with`;
+        `append` the answer's text as it comes, read `checks` (or `unsafe`), and `end` for the
+        final verdict on the whole answer."""
+        if check_every_tokens < 1:
+            raise ConfigError(f"check_every_tokens must be ≥ 1, not {check_every_tokens}")
+        request = moderate_request(messages, categories, excluded_categories, request_id)
+        start = pb.StreamStart(
+            request_id=request.request_id,
+            messages=request.messages,
+            policy=request.policy,
+            check_every_tokens=check_every_tokens,
+            stop_on_unsafe=stop_on_unsafe,
+        )
+        # Without a request iterator the call is written to (grpc-stubs predate that form).
+        call = self.stub.ModerateStream(timeout=self.timeout, metadata=self.metadata)  # type: ignore[call-arg]
+        return AnswerStream(call, start)
+
+
+@dataclass(frozen=True)
+class StreamCheck:
+    """One checkpoint's verdict: on the answer's first `covered_chars` characters
+    (`covered_tokens` tokens); `final` for the verdict on the whole answer (or the one that
+    stopped the stream at UNSAFE with stop_on_unsafe)."""
+
+    verdict: Verdict
+    covered_chars: int
+    covered_tokens: int
+    final: bool
+
+
+class AnswerStream:
+    """An answer being checked (`AsyncModerationClient.stream`)."""
+
+    def __init__(self, call: Any, start: pb.StreamStart) -> None:
+        self._call, self._start = call, start
+        self.checks: list[StreamCheck] = []  # every checkpoint's verdict so far
+        self.final: StreamCheck | None = None
+        self._failure: CallError | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AnswerStream:
+        await self._write(pb.StreamRequest(start=self._start))
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.final is None:  # left before the end: the server gives the cache slot back
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    @property
+    def unsafe(self) -> bool:
+        """Whether a checkpoint so far judged the answer unsafe."""
+        return any(check.verdict.label is Label.UNSAFE for check in self.checks)
+
+    async def append(self, text: str) -> None:
+        """Send more of the answer (any split). After the stream stopped at UNSAFE
+        (stop_on_unsafe) there is nothing more to check: the text is not sent."""
+        self._raise_failure()
+        if self.final is None:
+            await self._write(pb.StreamRequest(append=text))
+
+    async def end(self) -> StreamCheck:
+        """The answer is complete: the final verdict on all of it."""
+        self._raise_failure()
+        if self.final is None:
+            await self._write(pb.StreamRequest(end=pb.StreamEnd()))
+            await self._call.done_writing()
+            if self._reader is not None:
+                await self._reader
+        self._raise_failure()
+        if self.final is None:
+            raise CallError(grpc.StatusCode.UNKNOWN, "the stream ended without a final verdict")
+        return self.final
+
+    async def _write(self, request: pb.StreamRequest) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as exc:
+            raise CallError(exc.code(), str(exc.details())) from exc
+        except asyncio.InvalidStateError:  # the server ended the call: _read knows why
+            if self._reader is not None:
+                await self._reader
+            self._raise_failure()
+
+    async def _read(self) -> None:
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                check = StreamCheck(
+                    verdict_from_proto(response.verdict),
+                    response.covered_chars,
+                    response.covered_tokens,
+                    response.final,
+                )
+                self.checks.append(check)
+                if check.final:
+                    self.final = check
+        except grpc.aio.AioRpcError as exc:
+            self._failure = CallError(exc.code(), str(exc.details()))
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure

@@ -22,6 +22,7 @@ from guardrt.client import (
     AsyncModerationClient,
     CallError,
     ModerationClient,
+    StreamCheck,
     moderate_request,
     verdict_from_proto,
 )
@@ -32,7 +33,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.verdict import Label, Verdict
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
-from tests.server_harness import ServerThread, serving
+from tests.server_harness import UNSAFE_S1, FakeEngine, ServerThread, serving
 from tests.test_server import jpeg
 
 
@@ -220,3 +221,69 @@ def test_the_async_client_gives_the_same_verdicts(
             assert remote.unsafe_probability == pytest.approx(verdict.unsafe_probability)
     assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
     assert backend == "torch"
+
+
+def test_an_answer_checked_while_it_is_generated(
+    server: ServerThread, client: ModerationClient
+) -> None:
+    """Checkpoints as the answer grows, and a final verdict equal to moderating the whole
+    conversation at once."""
+    question = [{"role": "user", "content": "How do I bake bread?"}]
+    answer = "Mix flour, water, salt and yeast; knead, let it rise, shape it and bake it hot."
+
+    async def main() -> tuple[list[StreamCheck], StreamCheck]:
+        async with (
+            AsyncModerationClient(f"localhost:{server.port}", token="s3cret") as remote,
+            remote.stream(question, check_every_tokens=4) as stream,
+        ):
+            for start in range(0, len(answer), 7):  # split mid-word
+                await stream.append(answer[start : start + 7])
+            final = await stream.end()
+            return list(stream.checks), final
+
+    checks, final = asyncio.run(main())
+    whole = client.moderate([*question, {"role": "assistant", "content": answer}])
+    assert final.final
+    assert final.covered_chars == len(answer)
+    assert (final.verdict.label, final.verdict.categories) == (whole.label, whole.categories)
+    assert final.verdict.unsafe_probability == pytest.approx(whole.unsafe_probability, rel=1e-4)
+    assert len(checks) >= 3  # checkpoints on the way, then the final
+    assert [c.final for c in checks] == [False] * (len(checks) - 1) + [True]
+    assert [c.covered_chars for c in checks] == sorted(c.covered_chars for c in checks)
+
+
+def test_a_stream_stopped_at_unsafe_sends_nothing_more(preparer: Preparer) -> None:
+    with serving(FakeEngine(UNSAFE_S1), preparer) as server:
+
+        async def main() -> tuple[StreamCheck, int, bool]:
+            async with (
+                AsyncModerationClient(f"localhost:{server.port}") as remote,
+                remote.stream(
+                    [{"role": "user", "content": "Hi."}], check_every_tokens=2, stop_on_unsafe=True
+                ) as stream,
+            ):
+                await stream.append("one two three four")
+                while stream.final is None:
+                    await asyncio.sleep(0.01)
+                await stream.append("five six seven eight")  # after the stop: not sent
+                return await stream.end(), len(stream.checks), stream.unsafe
+
+        final, checks, unsafe = asyncio.run(main())
+    assert final.final
+    assert final.verdict.label == Label.UNSAFE
+    assert final.verdict.categories == ["S1"]
+    assert (checks, unsafe) == (1, True)
+
+
+def test_a_refused_stream_raises_with_its_status(server: ServerThread) -> None:
+    async def main() -> None:
+        async with (
+            AsyncModerationClient(f"localhost:{server.port}", token="s3cret") as remote,
+            remote.stream([{"role": "assistant", "content": "x"}]) as stream,
+        ):
+            await stream.append("more")
+            await stream.end()
+
+    with pytest.raises(CallError) as refused:
+        asyncio.run(main())
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
