@@ -457,12 +457,14 @@ class AnswerStream:
     async def _write(self, request: pb.StreamRequest) -> None:
         try:
             await self._call.write(request)
-        except grpc.aio.AioRpcError as exc:
-            raise CallError(exc.code(), str(exc.details())) from exc
-        except asyncio.InvalidStateError:  # the server ended the call: _read knows why
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # The server ended the call (a refusal): its status says why, not the write's
+            # own error ("Internal error from Core").
             if self._reader is not None:
                 await self._reader
             self._raise_failure()
+            code = await self._call.code()
+            raise CallError(code, str(await self._call.details())) from exc
 
     async def _read(self) -> None:
         try:
