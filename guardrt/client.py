@@ -99,11 +99,9 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
-class ModerationClient:
-    """A channel to one server (`target`: host:port). `tls_ca` (PEM bytes or a file) turns
-    TLS on; `tls_cert`/`tls_key` add a client certificate (mutual TLS); `token` is sent as
-    `authorization: Bearer …`. `timeout` is each call's deadline in seconds (None: none);
-    `retries` how often a call refused at once (busy or stopping server) is tried again."""
+class _Client:
+    """What both clients hold: a channel to one server with its credentials, retry policy,
+    bearer token and deadline."""
 
     def __init__(
         self,
@@ -117,13 +115,31 @@ class ModerationClient:
         retries: int = 3,
     ) -> None:
         credentials, options = _channel_settings(tls_ca, tls_cert, tls_key, retries)
-        if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=options)
-        else:
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self.channel: Any = self._open(target, credentials, options)
         self.stub = pb_grpc.ModerationStub(self.channel)
         self.metadata = _metadata(token)
         self.timeout = timeout
+
+    @staticmethod
+    def _open(
+        target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> Any:
+        raise NotImplementedError
+
+
+class ModerationClient(_Client):
+    """A channel to one server (`target`: host:port). `tls_ca` (PEM bytes or a file) turns
+    TLS on; `tls_cert`/`tls_key` add a client certificate (mutual TLS); `token` is sent as
+    `authorization: Bearer …`. `timeout` is each call's deadline in seconds (None: none);
+    `retries` how often a call refused at once (busy or stopping server) is tried again."""
+
+    @staticmethod
+    def _open(
+        target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     def __enter__(self) -> ModerationClient:
         return self
@@ -280,29 +296,17 @@ def _code_number(code: str) -> tuple[int, str]:
     return (int(digits), code) if digits.isdigit() else (1_000_000, code)
 
 
-class AsyncModerationClient:
+class AsyncModerationClient(_Client):
     """`ModerationClient` for asyncio services (grpc.aio): the same settings, messages,
     verdicts and errors, awaited; it never blocks the caller's event loop."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls_ca: str | os.PathLike[str] | bytes | None = None,
-        tls_cert: str | os.PathLike[str] | bytes | None = None,
-        tls_key: str | os.PathLike[str] | bytes | None = None,
-        timeout: float | None = 30.0,
-        retries: int = 3,
-    ) -> None:
-        credentials, options = _channel_settings(tls_ca, tls_cert, tls_key, retries)
+    @staticmethod
+    def _open(
+        target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> grpc.aio.Channel:
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self.stub = pb_grpc.ModerationStub(self.channel)
-        self.metadata = _metadata(token)
-        self.timeout = timeout
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def __aenter__(self) -> AsyncModerationClient:
         return self
@@ -384,8 +388,8 @@ class AsyncModerationClient:
             check_every_tokens=check_every_tokens,
             stop_on_unsafe=stop_on_unsafe,
         )
-        # Without a request iterator the call is written to (grpc-stubs predate that form).
-        call = self.stub.ModerateStream(timeout=self.timeout, metadata=self.metadata)  # type: ignore[call-arg]
+        # Without a request iterator the call is written to.
+        call = self.stub.ModerateStream(timeout=self.timeout, metadata=self.metadata)
         return AnswerStream(call, start)
 
 

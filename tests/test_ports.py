@@ -10,9 +10,10 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -129,13 +130,17 @@ def test_an_http_port_taken_after_the_check_stops_grpc_too(
     check_bindable("localhost", grpc_port, "gRPC")  # the gRPC server let its port go
 
 
-def test_serve_exits_with_status_1_once_its_engine_is_broken(
-    preparer: Preparer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A broken engine (a failed request, then its self-check failing too) stops `serve`: it
-    drains and returns 1, so a supervisor restarts it instead of it answering UNAVAILABLE on."""
+def _serve_one_failing_call(
+    preparer: Preparer,
+    monkeypatch: pytest.MonkeyPatch,
+    engine: FakeEngine,
+    before_call: Callable[[], None],
+    **settings: Any,
+) -> tuple[int, list[grpc.StatusCode]]:
+    """`serve` on `engine` (gRPC only, on a free port); once it serves, `before_call()`, then
+    one Moderate. serve's exit status and the codes the call got. However it goes, serve is
+    not left running (SIGTERM stops it, with status 0)."""
     sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
-    engine = FakeEngine()
 
     def load(config: ServerConfig) -> Stack:
         return assemble_stack(config, engine, preparer, "test-model", [sample, sample])
@@ -149,22 +154,36 @@ def test_serve_exits_with_status_1_once_its_engine_is_broken(
         try:
             channel = grpc.insecure_channel(f"localhost:{port}")
             grpc.channel_ready_future(channel).result(timeout=30)
-            engine.fail = True
+            before_call()
             stub = pb_grpc.ModerationStub(channel)
             message = pb.Message(role=pb.USER, content=[pb.Content(text="boom")])
-            stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=10)
+            stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=20)
         except grpc.RpcError as exc:
             codes.append(exc.code())
-        finally:  # however it went, serve must not be left running (SIGTERM stops it: 0)
+        finally:
             if not stopped.wait(30):
                 signal.raise_signal(signal.SIGTERM)
 
     threading.Thread(target=client, daemon=True).start()
-    config = ServerConfig(host="localhost", grpc_port=port, http_port=-1, grace_s=1.0)
+    config = ServerConfig(host="localhost", grpc_port=port, http_port=-1, **settings)
     try:
         status = asyncio.run(server_main.serve(config))
     finally:  # no SIGTERM from the client once serve has returned: nothing would handle it
         stopped.set()
+    return status, codes
+
+
+def test_serve_exits_with_status_1_once_its_engine_is_broken(
+    preparer: Preparer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken engine (a failed request, then its self-check failing too) stops `serve`: it
+    drains and returns 1, so a supervisor restarts it instead of it answering UNAVAILABLE on."""
+    engine = FakeEngine()
+
+    def fail() -> None:
+        engine.fail = True
+
+    status, codes = _serve_one_failing_call(preparer, monkeypatch, engine, fail, grace_s=1.0)
     assert codes == [grpc.StatusCode.INTERNAL]
     assert status == 1
     assert "the engine is broken (it failed its self-check): stopping" in capsys.readouterr().out
@@ -175,7 +194,6 @@ def test_serve_exits_with_status_1_when_its_engine_is_stuck(
 ) -> None:
     """A batch that never returns (a hung GPU): past --engine-timeout-s the call is answered
     UNAVAILABLE and serve exits 1 for a restart, leaving the stuck engine unclosed."""
-    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
     hang, release = threading.Event(), threading.Event()
 
     class Stuck(FakeEngine):
@@ -189,36 +207,12 @@ def test_serve_exits_with_status_1_when_its_engine_is_stuck(
         def close(self) -> None:
             Stuck.closed = True
 
-    def load(config: ServerConfig) -> Stack:
-        return assemble_stack(config, Stuck(), preparer, "test-model", [sample, sample])
-
-    monkeypatch.setattr(server_main, "build_stack", load)
-    port = free_port()
-    codes: list[grpc.StatusCode] = []
-    stopped = threading.Event()
-
-    def client() -> None:
-        try:
-            channel = grpc.insecure_channel(f"localhost:{port}")
-            grpc.channel_ready_future(channel).result(timeout=30)
-            hang.set()
-            stub = pb_grpc.ModerationStub(channel)
-            message = pb.Message(role=pb.USER, content=[pb.Content(text="hang")])
-            stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=20)
-        except grpc.RpcError as exc:
-            codes.append(exc.code())
-        finally:
-            if not stopped.wait(30):
-                signal.raise_signal(signal.SIGTERM)
-
-    threading.Thread(target=client, daemon=True).start()
-    config = ServerConfig(
-        host="localhost", grpc_port=port, http_port=-1, grace_s=0.5, engine_timeout_s=0.5
-    )
+    settings = {"grace_s": 0.5, "engine_timeout_s": 0.5}
     try:
-        status = asyncio.run(server_main.serve(config))
+        status, codes = _serve_one_failing_call(
+            preparer, monkeypatch, Stuck(), hang.set, **settings
+        )
     finally:
-        stopped.set()
         release.set()
     assert codes == [grpc.StatusCode.UNAVAILABLE]
     assert status == 1
