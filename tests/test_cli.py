@@ -119,3 +119,12 @@ def test_serve_flags_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -
     for bad in (["--quantize", "int4"], ["--batching", "shortest-first"]):
         with pytest.raises(SystemExit):
             main(["serve", *bad])
+
+
+def test_a_file_nesting_json_too_deeply_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["prompt", "--messages", str(deep)]) == 2
+    assert f"{deep} nests JSON too deeply to read" in capsys.readouterr().err

@@ -285,6 +285,8 @@ def image_message(url: str) -> list[dict[str, Any]]:
     ("body", "status", "fragment"),
     [
         (b"{not json", 400, "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),  # was a bare 500
+        (b'{"model": "x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "too deeply"),
         (chat_body(model="gpt-4o"), 404, "does not exist"),
         (chat_body(model=3), 400, "model must be a string naming the model, got a number"),
         (chat_body(model=None), 400, "got null or nothing"),
@@ -326,6 +328,8 @@ def image_message(url: str) -> list[dict[str, Any]]:
     ],
     ids=[
         "bad-json",
+        "nested-json",
+        "nested-messages",
         "unknown-model",
         "model-number",
         "model-missing",

@@ -19,6 +19,8 @@ def read_json(path: Path, what: str) -> Any:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
     except ValueError as exc:
         raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{what} {path} nests JSON too deeply to read") from exc
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise oa.ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from exc
+    except RecursionError as exc:  # arrays or objects nested thousands deep
+        raise oa.ApiError(400, "the body's JSON is nested too deeply to read") from exc
 
 
 def served_model_id(model: str) -> str:
