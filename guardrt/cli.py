@@ -184,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_text_chars=args.max_text_chars,
         grace_s=args.grace_s,
+        drain_delay_s=args.drain_delay_s,
         engine_timeout_s=args.engine_timeout_s,
         workers=args.workers,
         tls=tls,
@@ -271,6 +272,13 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
     serve.add_argument("--max-text-chars", type=int, default=200_000)
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, keep taking calls this long while health says NOT_SERVING, for load "
+        "balancers to stop sending here (then --grace-s to finish)",
+    )
     serve.add_argument(
         "--engine-timeout-s",
         type=float,

@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
@@ -220,3 +222,39 @@ def test_serve_exits_with_status_1_when_its_engine_is_stuck(
     assert "the engine is broken (it ran one batch for over 0.5 s): stopping" in out
     assert "stopped with work left after the grace period" in out
     assert not Stuck.closed
+
+
+def test_sigterm_with_a_drain_delay_keeps_taking_calls_while_not_serving(
+    preparer: Preparer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--drain-delay-s: after SIGTERM, health says NOT_SERVING at once, and calls still sent
+    here (a load balancer has not noticed yet) are answered until the delay is over."""
+    sample = preparer.prepare([{"role": "user", "content": "What is the recipe for mayonnaise?"}])
+
+    def load(config: ServerConfig) -> Stack:
+        return assemble_stack(config, FakeEngine(), preparer, "test-model", [sample, sample])
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    port = free_port()
+    seen: list[object] = []
+
+    def client() -> None:
+        channel = grpc.insecure_channel(f"localhost:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = pb_grpc.ModerationStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        seen.append(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+        seen.append(stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=5).verdict.label)
+
+    threading.Thread(target=client, daemon=True).start()
+    config = ServerConfig(
+        host="localhost", grpc_port=port, http_port=-1, grace_s=1.0, drain_delay_s=1.5
+    )
+    started = time.monotonic()
+    assert asyncio.run(server_main.serve(config)) == 0
+    assert time.monotonic() - started > 1.5
+    assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, pb.SAFE]
+    assert "draining (NOT_SERVING; up to 1.5 + 1 s)" in capsys.readouterr().out

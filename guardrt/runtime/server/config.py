@@ -55,6 +55,9 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_text_chars: int = 200_000
     grace_s: float = 30.0  # SIGTERM: time to answer in-flight and queued work
+    # SIGTERM: keep taking calls this long while reporting NOT_SERVING, for load balancers
+    # (a Kubernetes Service's endpoints) to stop sending here before the ports close.
+    drain_delay_s: float = 0.0
     # A batch running longer is taken for a stuck engine (a hung GPU): the server answers
     # what waits UNAVAILABLE and exits for a restart. 0: never.
     engine_timeout_s: float = 300.0
@@ -93,7 +96,7 @@ class ServerConfig:
             raise ConfigError(f"warmup_max_batch must be at least 1, not {self.warmup_max_batch}")
         if self.batching not in POLICIES:
             raise ConfigError(f"batching {self.batching!r} is not one of {', '.join(POLICIES)}")
-        for name in ("max_wait_ms", "grace_s", "engine_timeout_s"):  # NaN fails here too
+        for name in ("max_wait_ms", "grace_s", "engine_timeout_s", "drain_delay_s"):  # NaN too
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be a finite number ≥ 0, not {getattr(self, name)}")
         if self.workers < 1:

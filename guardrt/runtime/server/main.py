@@ -211,8 +211,9 @@ async def serve(config: ServerConfig) -> int:
     broken = stack.scheduler.broken.is_set()
     if broken:
         print(f"the engine is broken ({stack.scheduler.broken_why}): stopping", flush=True)
-    print(f"draining (up to {config.grace_s:g} s)", flush=True)
-    await stop_front_ends(stack, server, runner, config.grace_s)
+    delay = 0.0 if broken else config.drain_delay_s  # a broken engine answers nothing more
+    print(f"draining (NOT_SERVING; up to {delay:g} + {config.grace_s:g} s)", flush=True)
+    await stop_front_ends(stack, server, runner, config.grace_s, delay)
     drained = await release(stack, config.grace_s)
     print("stopped" if drained else "stopped with work left after the grace period", flush=True)
     return 1 if broken else 0
