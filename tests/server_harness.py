@@ -93,7 +93,14 @@ class ServerThread:
         self.health = health_of(self.server)
         await self.server.start()
         stack = self.stack
-        app = build_http_app(self.config, stack.service, stack.metrics, self._ready, stack.tokens)
+        app = build_http_app(
+            self.config,
+            stack.service,
+            stack.metrics,
+            self._ready,
+            stack.tokens,
+            accepting=lambda: self.stack.accepting,
+        )
         runner, self.http_port = await start_http(
             app, "localhost", 0, self.config.grace_s, stack.tls
         )

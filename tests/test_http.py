@@ -633,23 +633,44 @@ def test_a_call_whose_timeout_passes_in_the_queue_is_a_504_and_never_runs(
         assert len(busy.engine.batches) == busy.ran + 2  # the late call never reached the engine
 
 
-def test_draining_refuses_new_calls_with_503_and_answers_those_in_flight(
+def test_draining_takes_calls_in_the_delay_and_answers_those_in_flight(
     preparer: Preparer,
 ) -> None:
-    with one_call_in_flight(preparer, 1, grace_s=10) as busy:
+    """After SIGTERM /readyz says 503 at once; a call sent in the drain delay (a load balancer
+    that has not noticed yet) is still taken, as gRPC takes it; calls in flight are answered
+    after the sites close."""
+    with one_call_in_flight(preparer, 2, grace_s=10) as busy:
         server = busy.server
-        server.stop(delay=0.5)  # the drain begins; the sites close 0.5 s later
+        server.stop(delay=1.0)  # the drain begins; the sites close 1 s later
         wait_until(lambda: not server.stack.ready)
-        for path, body in (("/chat/completions", chat_body()), ("/moderations", b'{"input":1}')):
-            code, payload = post(server, path, body)
-            assert code == 503, path
-            assert payload["error"]["code"] == "shutting_down"
         assert get(server, "/readyz")[0] == 503
-        time.sleep(0.8)  # the sites have closed: the call in flight is still answered
+        during = busy.pool.submit(post, server, "/chat/completions", chat_body())
+        wait_until(lambda: server.stack.service.scheduler.depth() == 1)  # taken: queued
+        wait_until(lambda: not server.stack.accepting)
+        time.sleep(0.3)  # the sites have closed: the calls in flight are still answered
         busy.gate.set()
-        code, payload = busy.running.result()
-        assert code == 200
-        assert payload["choices"][0]["message"]["content"] == "safe"
+        for call in (busy.running, during):
+            code, payload = call.result()
+            assert code == 200
+            assert payload["choices"][0]["message"]["content"] == "safe"
+
+
+def test_once_the_delay_is_over_new_calls_are_refused_with_503(preparer: Preparer) -> None:
+    """A call that still reaches the HTTP API after the drain delay (on a connection kept
+    open) is refused 503 `shutting_down`, as gRPC refuses it UNAVAILABLE."""
+    with serving(FakeEngine(), preparer) as server:
+        server.stack.accepting = False  # where the drain delay leaves it
+        try:
+            for path, body in (
+                ("/chat/completions", chat_body()),
+                ("/moderations", b'{"input":1}'),
+            ):
+                code, payload = post(server, path, body)
+                assert code == 503, path
+                assert payload["error"]["code"] == "shutting_down"
+            assert get(server, "/readyz")[0] == 200  # what /readyz says is `ready`'s
+        finally:
+            server.stack.accepting = True
 
 
 def test_a_caller_that_disconnects_takes_its_queued_call_with_it(preparer: Preparer) -> None:

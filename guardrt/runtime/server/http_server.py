@@ -9,8 +9,9 @@ do, and the model on the engine thread.
 Routes: POST /v1/chat/completions, POST /v1/moderations, GET /v1/models, GET /healthz (alive),
 GET /readyz (model loaded and warmed, not draining), GET /metrics (Prometheus).
 
-While draining, new moderation calls are refused (503 `shutting_down`, as gRPC refuses new
-calls UNAVAILABLE) and calls already in flight are answered. A caller that disconnects
+While draining, /readyz says 503 at once; new moderation calls are taken for the drain delay
+(as gRPC takes them), then refused (503 `shutting_down`, as gRPC refuses new calls
+UNAVAILABLE); calls already in flight are answered. A caller that disconnects
 cancels its call: queued work is dropped unrun. `X-Request-Timeout` (or the `openai` client's
 `X-Stainless-Read-Timeout`) bounds how long a call may wait in the queue (504 `timeout`).
 """
@@ -103,8 +104,12 @@ class HttpApi:
         metrics: Metrics,
         ready: Callable[[], bool],
         tokens: BearerTokens | None = None,
+        accepting: Callable[[], bool] | None = None,
     ) -> None:
+        """`ready`: what /readyz says; `accepting`: whether moderation calls are taken (the
+        same as `ready` unless given: a drain delay takes calls while not ready)."""
         self.config, self.service, self.metrics, self.ready = config, service, metrics, ready
+        self.accepting = accepting or ready
         self.tokens = tokens or BearerTokens(config.auth_tokens, config.auth_token_file)
         self.served = served_model_id(config.model)
         self.paths: frozenset[str] = frozenset()  # the routes' paths (build_http_app sets them)
@@ -118,9 +123,9 @@ class HttpApi:
         try:
             if request.path not in _OPEN:
                 self._authorize(request)
-            if request.path in _MODERATE and not self.ready():
-                if self.service.scheduler.broken.is_set():  # say why: not a shutdown
-                    raise broken_error()
+            if request.path in _MODERATE and self.service.scheduler.broken.is_set():
+                raise broken_error()
+            if request.path in _MODERATE and not self.accepting():
                 raise oa.ApiError(
                     503,
                     "the server is not accepting new requests (shutting down)",
@@ -258,8 +263,9 @@ def build_http_app(
     metrics: Metrics,
     ready: Callable[[], bool],
     tokens: BearerTokens | None = None,
+    accepting: Callable[[], bool] | None = None,
 ) -> web.Application:
-    api = HttpApi(config, service, metrics, ready, tokens)
+    api = HttpApi(config, service, metrics, ready, tokens, accepting)
     app = web.Application(middlewares=[api.errors], client_max_size=api.body_limit())
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/moderations", api.moderations)

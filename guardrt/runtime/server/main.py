@@ -68,6 +68,8 @@ class Stack:
     tokens: BearerTokens  # both servers' bearer tokens (reloaded on SIGHUP)
     tls: ServerTls | None = None  # both servers' certificate (reloaded on SIGHUP)
     ready: bool = True  # model loaded and warmed, not draining (HTTP /readyz)
+    # Taking new calls: until the drain delay after SIGTERM is over (ready is False by then).
+    accepting: bool = True
 
 
 def warmup_requests(preparer: Preparer) -> list[PreparedRequest]:
@@ -187,7 +189,12 @@ async def serve(config: ServerConfig) -> int:
     runner = None
     if config.http_port >= 0:
         app = build_http_app(
-            config, stack.service, stack.metrics, lambda: stack.ready, stack.tokens
+            config,
+            stack.service,
+            stack.metrics,
+            lambda: stack.ready,
+            stack.tokens,
+            accepting=lambda: stack.accepting,
         )
         try:
             runner, http_port = await start_http(
@@ -271,7 +278,8 @@ async def stop_front_ends(
     one grace period. The scheduler keeps running until they have."""
     stack.ready = False
     await set_serving(health_of(server), False)
-    await asyncio.sleep(delay_s)
+    await asyncio.sleep(delay_s)  # both front ends still take calls meanwhile
+    stack.accepting = False
     stopping = [server.stop(grace_s)] + ([runner.cleanup()] if runner is not None else [])
     await asyncio.gather(*stopping)
 
