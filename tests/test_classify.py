@@ -327,6 +327,41 @@ def test_guard_refusals(guard: Guard) -> None:
     assert list(verdicts[3].category_probabilities) == ["S1"]
 
 
+def test_moderate_batch_prepares_a_batch_at_a_time(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset's worth of images prepared at once would not fit in memory (15 MB of tiles
+    each): items are prepared a batch (max_batch 2 here) at a time, from any iterable, and
+    each verdict is the one the item gets alone, in order, invalid items included."""
+    events: list[str] = []
+    prepare, execute = guard.preparer.prepare, guard.engine.execute
+
+    def prepared(*args: Any, **kwargs: Any) -> PreparedRequest:
+        events.append("prepare")
+        return prepare(*args, **kwargs)
+
+    def executed(batch: Any) -> Any:
+        events.append(f"run {len(batch)}")
+        return execute(batch)
+
+    monkeypatch.setattr(guard.preparer, "prepare", prepared)
+    monkeypatch.setattr(guard.engine, "execute", executed)
+    texts = ["one", "two", "three", "four", "five"]
+    conversations: list[Any] = [[{"role": "user", "content": t}] for t in texts]
+    conversations.insert(2, [{"role": "system", "content": "x"}])  # invalid: no run
+    verdicts = guard.moderate_batch(iter(conversations))
+    assert events == ["prepare"] * 2 + ["run 2", "prepare", "prepare", "prepare", "run 2"] + [
+        "prepare",
+        "run 1",
+    ]
+    assert [v.label == Label.ERROR for v in verdicts] == [False, False, True] + [False] * 3
+    monkeypatch.undo()
+    for conversation, verdict in zip(conversations, verdicts, strict=True):
+        if verdict.label != Label.ERROR:
+            alone = guard.moderate(conversation)
+            assert verdict.unsafe_probability == pytest.approx(alone.unsafe_probability)
+
+
 def test_guard_load_errors(guard_dir: Path) -> None:
     with pytest.raises(ConfigError, match="semantics"):
         Guard.load(guard_dir, semantics="hf")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from guardrt.runtime.engine import Engine, EngineOptions, backend_for, load_engine
@@ -103,30 +103,45 @@ class Guard:
         return self._run([request])[0]
 
     def moderate_batch(
-        self, conversations: Sequence[Messages | Mapping[str, Any]]
+        self, conversations: Iterable[Messages | Mapping[str, Any]]
     ) -> list[Verdict]:
         """Verdicts for many conversations, batched. Each item is a list of messages or
         `{"messages": [...], "categories": ..., "excluded_categories": [...]}`. An invalid item
-        gets an `error` verdict naming the problem; it never fails the others."""
-        prepared: list[PreparedRequest | Verdict] = []
+        gets an `error` verdict naming the problem; it never fails the others. Items are
+        prepared a batch at a time (an image's tiles are 15 MB: a dataset's worth at once
+        would not fit in memory); `conversations` may be any iterable, a generator too."""
+        verdicts: list[Verdict | None] = []
+        pending: list[tuple[int, PreparedRequest]] = []  # prepared, not yet run
+
+        def run_pending() -> None:
+            for (index, _), verdict in zip(
+                pending, self._run([r for _, r in pending]), strict=True
+            ):
+                verdicts[index] = verdict
+            pending.clear()
+
         for item in conversations:
             try:
                 if isinstance(item, Mapping):
                     messages: Any = item.get("messages")
-                    prepared.append(
-                        self.prepare(
-                            messages,
-                            categories=item.get("categories"),
-                            excluded_categories=item.get("excluded_categories", ()),
-                        )
+                    request = self.prepare(
+                        messages,
+                        categories=item.get("categories"),
+                        excluded_categories=item.get("excluded_categories", ()),
                     )
                 else:
-                    prepared.append(self.prepare(item))
+                    request = self.prepare(item)
             except GuardrtError as exc:
-                prepared.append(Verdict(Label.ERROR, [], "", str(exc)))
-        runnable = [p for p in prepared if isinstance(p, PreparedRequest)]
-        results = iter(self._run(runnable))
-        return [next(results) if isinstance(p, PreparedRequest) else p for p in prepared]
+                verdicts.append(Verdict(Label.ERROR, [], "", str(exc)))
+                continue
+            pending.append((len(verdicts), request))
+            verdicts.append(None)
+            if len(pending) == self.engine.info.max_batch:
+                run_pending()
+        run_pending()
+        done = [verdict for verdict in verdicts if verdict is not None]
+        assert len(done) == len(verdicts), "every item has its verdict"
+        return done
 
     def _run(self, requests: list[PreparedRequest]) -> list[Verdict]:
         size = self.engine.info.max_batch
