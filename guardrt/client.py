@@ -39,6 +39,7 @@ from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 _ROLES = {"user": pb.USER, "assistant": pb.ASSISTANT}
 _LABELS = {pb.SAFE: Label.SAFE, pb.UNSAFE: Label.UNSAFE, pb.ERROR: Label.ERROR}
 _SERVICE = "guardrt.v1.Moderation"
+_STREAM_STARTED = "guardrt-stream-started"  # ModerateStream's headers once its start is taken
 
 
 class CallError(GuardrtError):
@@ -417,6 +418,12 @@ class AnswerStream:
 
     async def __aenter__(self) -> AnswerStream:
         await self._write(pb.StreamRequest(start=self._start))
+        # The server sends its headers once it has accepted the start; a refused start ends
+        # the call instead: its status is raised here, before anything else is written.
+        headers = await self._call.initial_metadata()
+        if not any(key == _STREAM_STARTED for key, _ in headers or ()):
+            code = await self._call.code()  # the call's end: why it was refused
+            raise CallError(code, str(await self._call.details()))
         self._reader = asyncio.ensure_future(self._read())
         return self
 

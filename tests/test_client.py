@@ -287,3 +287,10 @@ def test_a_refused_stream_raises_with_its_status(server: ServerThread) -> None:
     with pytest.raises(CallError) as refused:
         asyncio.run(main())
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_client_knows_the_servers_stream_started_header() -> None:
+    from guardrt.client import _STREAM_STARTED  # noqa: PLC0415
+    from guardrt.runtime.server.grpc_server import STREAM_STARTED  # noqa: PLC0415
+
+    assert _STREAM_STARTED == STREAM_STARTED

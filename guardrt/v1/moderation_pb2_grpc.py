@@ -83,7 +83,9 @@ class ModerationServicer:
         last one (end) closes it. The server answers with a verdict at each checkpoint (every
         check_every_tokens answer tokens) saying how much of the answer it covers, and a final
         verdict on the whole answer. Each verdict equals a fresh Moderate of the conversation with
-        the answer so far as its last (assistant) message.
+        the answer so far as its last (assistant) message. Once the server has accepted the start
+        it sends its headers with "guardrt-stream-started: 1": a client may wait for them to learn
+        of a refused start (the call then ends with its status) before it sends the answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

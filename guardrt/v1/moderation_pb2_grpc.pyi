@@ -61,7 +61,9 @@ class ModerationStub:
     last one (end) closes it. The server answers with a verdict at each checkpoint (every
     check_every_tokens answer tokens) saying how much of the answer it covers, and a final
     verdict on the whole answer. Each verdict equals a fresh Moderate of the conversation with
-    the answer so far as its last (assistant) message.
+    the answer so far as its last (assistant) message. Once the server has accepted the start
+    it sends its headers with "guardrt-stream-started: 1": a client may wait for them to learn
+    of a refused start (the call then ends with its status) before it sends the answer.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_moderation_pb2.GetInfoRequest, _moderation_pb2.ModelInfo]
     """What is being served: model, precision, limits, default policy."""
@@ -84,7 +86,9 @@ class ModerationAsyncStub(ModerationStub):
     last one (end) closes it. The server answers with a verdict at each checkpoint (every
     check_every_tokens answer tokens) saying how much of the answer it covers, and a final
     verdict on the whole answer. Each verdict equals a fresh Moderate of the conversation with
-    the answer so far as its last (assistant) message.
+    the answer so far as its last (assistant) message. Once the server has accepted the start
+    it sends its headers with "guardrt-stream-started: 1": a client may wait for them to learn
+    of a refused start (the call then ends with its status) before it sends the answer.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_moderation_pb2.GetInfoRequest, _moderation_pb2.ModelInfo]  # type: ignore[assignment]
     """What is being served: model, precision, limits, default policy."""
@@ -122,7 +126,9 @@ class ModerationServicer(metaclass=_abc_1.ABCMeta):
         last one (end) closes it. The server answers with a verdict at each checkpoint (every
         check_every_tokens answer tokens) saying how much of the answer it covers, and a final
         verdict on the whole answer. Each verdict equals a fresh Moderate of the conversation with
-        the answer so far as its last (assistant) message.
+        the answer so far as its last (assistant) message. Once the server has accepted the start
+        it sends its headers with "guardrt-stream-started: 1": a client may wait for them to learn
+        of a refused start (the call then ends with its status) before it sends the answer.
         """
 
     @_abc_1.abstractmethod

@@ -185,6 +185,9 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                             deadline,
                             functools.partial(self._count, route),  # each checkpoint
                         )
+                        # The start is accepted: said at once (headers), so that a client can
+                        # wait for it and learn a refusal's status before it writes more.
+                        await context.send_initial_metadata(((STREAM_STARTED, "1"),))
                     elif kind == "append":
                         for response in await session.append(message.append):
                             yield response
@@ -208,6 +211,10 @@ class ModerationServicer(pb_grpc.ModerationServicer):
     async def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.ModelInfo:  # noqa: N802
         await self._authorize(context, "grpc/GetInfo")
         return self.info
+
+
+# The initial metadata ModerateStream sends once it has accepted the stream's start.
+STREAM_STARTED = "guardrt-stream-started"
 
 
 def stream_window(service: ModerationService) -> int:
