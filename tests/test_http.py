@@ -641,7 +641,7 @@ def test_draining_takes_calls_in_the_delay_and_answers_those_in_flight(
     after the sites close."""
     with one_call_in_flight(preparer, 2, grace_s=10) as busy:
         server = busy.server
-        server.stop(delay=1.0)  # the drain begins; the sites close 1 s later
+        server.stop(delay=3.0)  # the drain begins; the sites close 3 s later (a loaded CI)
         wait_until(lambda: not server.stack.ready)
         assert get(server, "/readyz")[0] == 503
         during = busy.pool.submit(post, server, "/chat/completions", chat_body())
