@@ -237,6 +237,20 @@ def test_the_verdicts_share_of_probability_is_a_histogram(
     assert 'guardrt_label_probability_bucket{le="0.95"} 0.0' in text
 
 
+def test_metrics_say_what_is_served_and_whether_it_takes_work(server: ServerThread) -> None:
+    text = get(server, "/metrics")[1].decode()
+    info = next(line for line in text.splitlines() if line.startswith("guardrt_build_info{"))
+    for label in ('backend="torch"', 'decode="constrained"', 'semantics="meta"', "version="):
+        assert label in info, info
+    assert info.endswith(" 1.0")
+    assert "guardrt_ready 1.0" in text
+    server.stack.ready = False  # draining, or the engine broken
+    try:
+        assert "guardrt_ready 0.0" in get(server, "/metrics")[1].decode()
+    finally:
+        server.stack.ready = True
+
+
 def test_verdicts_are_counted_by_label_input_and_category(preparer: Preparer) -> None:
     """An operator's dashboard: how many verdicts are unsafe, on text or on images, and which
     categories they name; and how many requests are being prepared."""

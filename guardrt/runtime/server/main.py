@@ -16,6 +16,7 @@ import signal
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -135,7 +136,18 @@ def assemble_stack(
     metrics = Metrics(scheduler.depth, service.preparing)
     tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
     tls = ServerTls(config.tls) if config.tls is not None else None
-    return Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls)
+    stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls)
+    described = {
+        "version": info.version,
+        "model": Path(model).name or model,  # the directory's name, as /v1/models lists it
+        "backend": info.backend,
+        "device": info.device,
+        "dtype": info.dtype,
+        "semantics": info.semantics,
+        "decode": info.decode,
+    }
+    metrics.describe(described, lambda: stack.ready)
+    return stack
 
 
 # Llama Guard puts nearly all of its first verdict word's probability on `safe` or `unsafe`.

@@ -78,6 +78,25 @@ class Metrics:
         )
         waiting.set_function(preparing)
 
+    def describe(self, labels: dict[str, str], ready: Callable[[], bool]) -> None:
+        """What is served (`guardrt_build_info`, the usual constant-1 info gauge) and whether
+        it takes work (`guardrt_ready`: 0 while draining or once the engine is broken)."""
+        build = Gauge(
+            "guardrt_build_info",
+            "What this server serves: guardrt's version, the model, back end, device, precision, "
+            "semantics and decoding (always 1).",
+            list(labels),
+            registry=self.registry,
+        )
+        build.labels(**labels).set(1)
+        gauge = Gauge(
+            "guardrt_ready",
+            "1 while the server takes work (loaded and warmed); 0 while draining or once its "
+            "engine is broken, as /readyz and gRPC health say.",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(ready()))
+
     def answered(self, route: str, result: ModerationResult, code: str = "200") -> None:
         """A verdict given: `code` is "200" on HTTP routes, "OK" on gRPC's."""
         self.requests.labels(route, code, "ok").inc()
