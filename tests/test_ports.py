@@ -257,4 +257,7 @@ def test_sigterm_with_a_drain_delay_keeps_taking_calls_while_not_serving(
     assert asyncio.run(server_main.serve(config)) == 0
     assert time.monotonic() - started > 3.0
     assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, pb.SAFE]
-    assert "draining (NOT_SERVING; up to 3 + 1 s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "draining (NOT_SERVING; up to 3 + 1 s)" in out
+    assert "loading tiny-random (device auto) …" in out
+    assert "loaded and warmed up in " in out

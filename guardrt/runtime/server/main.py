@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,7 +188,11 @@ async def serve(config: ServerConfig) -> int:
     # SIGHUP's default action ends the process: not while the model loads (minutes). A
     # rotation then is caught by reading the files again once it has loaded.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    # An 11B checkpoint takes minutes to load: say so, and how long it took.
+    print(f"loading {config.model} (device {config.device}) …", flush=True)
+    started = time.monotonic()
     stack = await loop.run_in_executor(None, build_stack, config)
+    print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", flush=True)
     # A rotation: the tokens and the certificate read again from the same files, no restart.
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(stack))
     reload(stack, quiet=True)  # before the servers start: no call sees files since replaced
