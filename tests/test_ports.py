@@ -90,6 +90,7 @@ def test_grpc_does_not_share_a_port_with_another_server() -> None:
         ({"workers": 0}, "workers must be at least 1, not 0"),
         ({"max_streams": -1}, "max_streams must be ≥ 0"),
         ({"engine_timeout_s": math.nan}, "engine_timeout_s must be a finite number ≥ 0, not nan"),
+        ({"max_message_bytes": 10}, "max_message_bytes must be at least 1024 (a call's framing"),
     ],
     ids=[
         "same-ports",
@@ -99,6 +100,7 @@ def test_grpc_does_not_share_a_port_with_another_server() -> None:
         "workers",
         "streams",
         "nan-engine-timeout",
+        "tiny-messages",
     ],
 )
 def test_settings_out_of_range_are_named(settings: dict[str, object], message: str) -> None:

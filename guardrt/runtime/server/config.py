@@ -13,6 +13,7 @@ from guardrt.runtime.errors import ConfigError
 
 # One image (32 MiB encoded, the decoder's own limit) plus text and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+MIN_MESSAGE_BYTES = 1024
 AUTH_TOKENS_ENV = "GUARDRT_AUTH_TOKENS"  # comma-separated static bearer tokens
 
 
@@ -86,6 +87,11 @@ class ServerConfig:
         for name in ("max_batch_size", "max_queue", "max_message_bytes", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:  # every call would be refused
+            raise ConfigError(
+                f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (a call's framing and "
+                f"a short text), not {self.max_message_bytes}"
+            )
         if not 0 <= self.grpc_port < 65536:
             raise ConfigError(f"grpc port {self.grpc_port} is not a port number")
         if not -1 <= self.http_port < 65536:
