@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,10 +36,10 @@ from guardrt.runtime.model.resolve import TINY_RANDOM, resolve_model
 from guardrt.runtime.prepare import Preparer, load_preparer
 from guardrt.runtime.requests import PreparedRequest
 from guardrt.runtime.scheduler import Scheduler
-from guardrt.runtime.server.config import AUTH_TOKENS_ENV, ServerConfig
+from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import build_server, set_serving
-from guardrt.runtime.server.http_server import build_http_app, start_http
+from guardrt.runtime.server.http_server import build_http_app, served_model_id, start_http
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
 from guardrt.runtime.server.service import Limits, ModerationService
@@ -140,7 +138,7 @@ def assemble_stack(
     stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls)
     described = {
         "version": info.version,
-        "model": Path(model).name or model,  # the directory's name, as /v1/models lists it
+        "model": served_model_id(model),  # the directory's name, as /v1/models lists it
         "backend": info.backend,
         "device": info.device,
         "dtype": info.dtype,
@@ -261,11 +259,7 @@ def access_line(config: ServerConfig, tokens: BearerTokens) -> str:
         else ("mutual TLS" if config.tls.client_ca else "TLS")
     )
     if tokens.required:
-        sources = " and ".join(
-            ([f"{tokens.token_file}"] if tokens.token_file else [])
-            + ([f"${AUTH_TOKENS_ENV}"] if os.environ.get(AUTH_TOKENS_ENV, "").strip() else [])
-        )
-        who = f"{len(tokens)} bearer token(s) required ({sources or 'given'}; SIGHUP reloads)"
+        who = f"{len(tokens)} bearer token(s) required ({tokens.sources()}; SIGHUP reloads)"
     else:
         who = "no bearer token required: anyone who reaches the ports may call"
     return f"access: {transport}; {who}"

@@ -66,8 +66,9 @@ class ServerTls:
         self._lock = threading.Lock()
         self._grpc_next: Any = None  # a configuration gRPC has not taken yet
         self._grpc_first = _grpc_configuration(self._files)
-        # The HTTP API's context: each handshake switches to the current one (same settings).
-        self.context = server_context(config)
+        # The HTTP API's context, the first one: each handshake switches from it to the
+        # current one (same settings) once a reload has made another.
+        self.context = self._current
         self.context.sni_callback = self._select
 
     def _read(self) -> tuple[tuple[bytes, bytes, bytes | None], ssl.SSLContext]:

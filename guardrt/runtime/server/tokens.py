@@ -56,6 +56,13 @@ class BearerTokens:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    def sources(self) -> str:
+        """Where the tokens come from, for the start's access line (never the tokens)."""
+        named = [self.token_file] if self.token_file else []
+        if os.environ.get(AUTH_TOKENS_ENV, "").strip():
+            named.append(f"${AUTH_TOKENS_ENV}")
+        return " and ".join(named) or "given"
+
     def allowed(self, authorization: str) -> bool:
         """Whether an `Authorization` value carries an accepted token (any, with none)."""
         return bearer_allowed(authorization, self._tokens)
