@@ -187,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_delay_s=args.drain_delay_s,
         engine_timeout_s=args.engine_timeout_s,
         workers=args.workers,
+        listen_while_loading=args.listen_while_loading,
         tls=tls,
         auth_tokens=read_tokens(args.auth_token_file),
         auth_token_file=args.auth_token_file,
@@ -287,6 +288,13 @@ def _add_serve(commands: Any) -> None:
         "UNAVAILABLE and exit 1 for a restart (0: never)",
     )
     serve.add_argument("--workers", type=int, default=4, help="preparation threads")
+    serve.add_argument(
+        "--listen-while-loading",
+        action="store_true",
+        help="bind the ports before the model loads (minutes): health NOT_SERVING, /healthz "
+        "alive, /readyz 503, every call refused UNAVAILABLE / 503 until loaded (for liveness "
+        "probes; not behind a load balancer that checks a port by connecting to it)",
+    )
     serve.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certs (mTLS)")

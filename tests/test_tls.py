@@ -4,6 +4,7 @@ connections, and keeps the one in use when the new files are bad)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import shutil
@@ -12,14 +13,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
+from guardrt.runtime.server import main as server_main
 from guardrt.runtime.server.config import ServerConfig, TlsConfig
+from guardrt.runtime.server.loading import LoadingPorts
 from guardrt.runtime.server.main import access_line
-from guardrt.runtime.server.tls import server_context
+from guardrt.runtime.server.tls import ServerTls, server_context
 from guardrt.runtime.server.tokens import BearerTokens
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
@@ -180,3 +185,56 @@ def test_mutual_tls_on_both_servers_and_a_rotated_client_ca(
         assert grpc_call(server, server_cert, old_client) == grpc.StatusCode.UNAVAILABLE
         with pytest.raises((ssl.SSLError, ConnectionError)):
             https_call(server, server_cert, old_client)
+
+
+def test_tls_files_that_cannot_serve_stop_serve_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's minutes of loading are not spent before a mismatched key is found."""
+
+    def load(config: ServerConfig) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(server_main, "build_stack", load)
+    cert, _ = authority(tmp_path, "server")
+    _, other_key = authority(tmp_path, "other")
+    config = ServerConfig(
+        host="localhost", grpc_port=0, http_port=0, tls=TlsConfig(cert, other_key)
+    )
+    with pytest.raises(ConfigError, match=f"cannot use certificate {cert} with key {other_key}"):
+        asyncio.run(server_main.serve(config))
+
+
+def test_the_loading_listeners_present_the_certificate(tmp_path: Path) -> None:
+    """--listen-while-loading with TLS: probes and clients meet the certificate they will meet
+    once the model is in, and no plaintext."""
+    cert, key = authority(tmp_path, "server")
+    tls = TlsConfig(cert, key)
+    config = ServerConfig(host="localhost", grpc_port=0, http_port=0, tls=tls)
+
+    async def run() -> tuple[Any, int, bool]:
+        ports = await LoadingPorts.open(config, ServerTls(tls))
+        try:
+            credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+            target = f"localhost:{ports.grpc_port}"
+            async with grpc.aio.secure_channel(target, credentials) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                health = (await check(health_pb2.HealthCheckRequest(), timeout=10)).status
+            context = ssl.create_default_context(cafile=cert)
+            url = f"https://localhost:{ports.http_port}/healthz"
+            async with aiohttp.ClientSession() as session, session.get(url, ssl=context) as got:
+                status = got.status
+            try:
+                async with aiohttp.ClientSession() as session:
+                    await session.get(f"http://localhost:{ports.http_port}/healthz")
+                plaintext = True
+            except aiohttp.ClientError:
+                plaintext = False
+            return health, status, plaintext
+        finally:
+            await ports.close()
+
+    health, status, plaintext = asyncio.run(run())
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert status == 200
+    assert not plaintext

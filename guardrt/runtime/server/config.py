@@ -63,6 +63,8 @@ class ServerConfig:
     # what waits UNAVAILABLE and exits for a restart. 0: never.
     engine_timeout_s: float = 300.0
     workers: int = 4  # preparation threads (tokenizing, image tiling)
+    # Bind the ports before the model loads: alive, not ready, every call refused (loading.py).
+    listen_while_loading: bool = False
     tls: TlsConfig | None = None
     auth_tokens: frozenset[str] = field(default_factory=frozenset)
     auth_token_file: str | None = None  # where auth_tokens came from: read again on SIGHUP

@@ -228,6 +228,22 @@ def _with_id(item: ModerationInput, request_id: str) -> ModerationInput:
     return dataclasses.replace(item, request_id=request_id)
 
 
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel options for `config`."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # gRPC's default SO_REUSEPORT lets a second server bind a port in use and take part
+        # of its calls, silently: a port in use must be an error.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def new_health_servicer() -> Any:
+    """grpc.health.v1's asyncio servicer (NOT_SERVING until `set_serving`)."""
+    return _health_aio.HealthServicer()
+
+
 def build_server(
     config: ServerConfig,
     service: ModerationService,
@@ -240,17 +256,10 @@ def build_server(
     `config.grpc_port` (0 picks a free port). Health reports NOT_SERVING until the caller
     marks it SERVING (after warm-up). With `config.tls`, `tls` (made from it when not given)
     is the certificate it presents, reloadable."""
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        # gRPC's default SO_REUSEPORT lets a second server bind a port in use and take part
-        # of its calls, silently: a port in use must be an error.
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=grpc_options(config))
     servicer = ModerationServicer(service, info, config, metrics, tokens)
     pb_grpc.add_ModerationServicer_to_server(servicer, server)
-    health_servicer = _health_aio.HealthServicer()
+    health_servicer = new_health_servicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

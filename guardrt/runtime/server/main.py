@@ -1,8 +1,9 @@
 """`guardrt serve`: load, warm up, serve gRPC, drain on SIGTERM.
 
-Start-up: resolve the model (`tiny-random` is generated on first use), load the engine, warm it
-up with a text and an image request (their verdict is printed: the server's self-check), start
-the scheduler and the server, then report SERVING on the health service. SIGTERM or SIGINT:
+Start-up: check the ports and TLS files, resolve the model (`tiny-random` is generated on first
+use), load the engine, warm it up with a text and an image request (their verdict is printed:
+the server's self-check), start the scheduler and the server, then report SERVING on the health
+service. With `listen_while_loading` the ports answer during the load (`loading.py`). SIGTERM or SIGINT:
 health NOT_SERVING, new calls refused (UNAVAILABLE), in-flight and queued work answered within
 the grace period, exit 0.
 """
@@ -40,6 +41,7 @@ from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import build_server, set_serving
 from guardrt.runtime.server.http_server import build_http_app, served_model_id, start_http
+from guardrt.runtime.server.loading import LoadingPorts
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
 from guardrt.runtime.server.service import Limits, ModerationService
@@ -177,25 +179,46 @@ def self_check(stack: Stack) -> list[str]:
     return lines
 
 
-async def serve(config: ServerConfig) -> int:
+async def load(config: ServerConfig) -> tuple[Stack, ServerConfig]:
+    """`serve`'s first half: what can stop the start checked before the model's minutes of
+    loading, the model loaded and warmed (the ports answering meanwhile with
+    `listen_while_loading`), the self-check printed. The stack and the config to serve it
+    with (a port 0 the loading listeners held, made concrete)."""
     loop = asyncio.get_running_loop()
     # A port in use stops the start before the model's minutes of loading, not after.
     check_bindable(config.host, config.grpc_port, "gRPC")
     if config.http_port >= 0:
         check_bindable(config.host, config.http_port, "HTTP API")
+    # So do TLS files that cannot serve (the servers read them again once the model is in).
+    loading_tls = ServerTls(config.tls) if config.tls is not None else None
     # SIGHUP's default action ends the process: not while the model loads (minutes). A
     # rotation then is caught by reading the files again once it has loaded.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    loading = None
+    if config.listen_while_loading:
+        loading = await LoadingPorts.open(config, loading_tls)
+        config = loading.bound(config)  # the real servers take the same ports (0 made concrete)
+        print(loading.describe(config.host), flush=True)
     # An 11B checkpoint takes minutes to load: say so, and how long it took.
     print(f"loading {config.model} (device {config.device}) …", flush=True)
     started = time.monotonic()
-    stack = await loop.run_in_executor(None, build_stack, config)
-    print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", flush=True)
-    # A rotation: the tokens and the certificate read again from the same files, no restart.
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(stack))
-    reload(stack, quiet=True)  # before the servers start: no call sees files since replaced
-    for line in self_check(stack):
-        print(line, flush=True)
+    try:
+        stack = await loop.run_in_executor(None, build_stack, config)
+        print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", flush=True)
+        # A rotation: the tokens and the certificate read again from the same files.
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload(stack))
+        reload(stack, quiet=True)  # before the servers start: no call sees files since replaced
+        for line in self_check(stack):
+            print(line, flush=True)
+    finally:  # loaded or failed: the loading listeners' ports go (to the real servers)
+        if loading is not None:
+            await loading.close()
+    return stack, config
+
+
+async def serve(config: ServerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stack, config = await load(config)
     server, port = create_server(config, stack)
     await server.start()
     print(

@@ -16,7 +16,7 @@ log = logging.getLogger("guardrt.refused")
 _FLOODS = frozenset(
     {
         "queue_full", "server_overloaded", "draining", "shutting_down", "engine_broken",
-        "engine_unavailable",
+        "engine_unavailable", "loading",
     }
 )  # fmt: skip
 
