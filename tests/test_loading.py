@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -253,3 +256,37 @@ def test_without_the_flag_nothing_listens_while_loading(
     config = ServerConfig(host="localhost", grpc_port=port, http_port=-1, grace_s=1.0)
     assert asyncio.run(server_main.serve(config)) == 0
     assert listening == [False]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_loading_exits_at_once(checkpoint: Path, signum: signal.Signals) -> None:
+    """Before, SIGINT (Ctrl-C) waited for the load's thread to finish (minutes for the 11B),
+    then printed a traceback; SIGTERM ended the process without a word."""
+    command = [sys.executable, "-m", "guardrt", "serve", "--model", str(checkpoint)]
+    command += ["--host", "localhost", "--grpc-port", "0", "--http-port", "-1"]
+
+    def default_signals() -> None:  # a shell's background job starts with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=default_signals,  # noqa: PLW1509 - no threads touch the child before exec
+    )
+    try:
+        assert child.stdout is not None
+        lines = []
+        for line in child.stdout:
+            lines.append(line)
+            if line.startswith("loading "):
+                break
+        child.send_signal(signum)
+        out = "".join(lines) + child.communicate(timeout=60)[0]
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signum, out
+    assert f"{signum.name} while loading the model: stopped" in out
+    assert "loaded and warmed up" not in out
+    assert "Traceback" not in out

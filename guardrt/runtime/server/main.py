@@ -3,7 +3,8 @@
 Start-up: check the ports and TLS files, resolve the model (`tiny-random` is generated on first
 use), load the engine, warm it up with a text and an image request (their verdict is printed:
 the server's self-check), start the scheduler and the server, then report SERVING on the health
-service. With `listen_while_loading` the ports answer during the load (`loading.py`). SIGTERM or SIGINT:
+service. With `listen_while_loading` the ports answer during the load (`loading.py`); SIGTERM or
+SIGINT during the load exits at once (nothing is served yet). Once serving, SIGTERM or SIGINT:
 health NOT_SERVING, new calls refused (UNAVAILABLE), in-flight and queued work answered within
 the grace period, exit 0.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 import weakref
@@ -199,6 +201,10 @@ async def load(config: ServerConfig) -> tuple[Stack, ServerConfig]:
         loading = await LoadingPorts.open(config, loading_tls)
         config = loading.bound(config)  # the real servers take the same ports (0 made concrete)
         print(loading.describe(config.host), flush=True)
+    # The load runs on a thread no signal can stop, and asyncio would wait for it (minutes)
+    # before a Ctrl-C's traceback: nothing is served yet, so a stop now is an exit at once.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _stop_while_loading, signum)
     # An 11B checkpoint takes minutes to load: say so, and how long it took.
     print(f"loading {config.model} (device {config.device}) …", flush=True)
     started = time.monotonic()
@@ -211,9 +217,19 @@ async def load(config: ServerConfig) -> tuple[Stack, ServerConfig]:
         for line in self_check(stack):
             print(line, flush=True)
     finally:  # loaded or failed: the loading listeners' ports go (to the real servers)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         if loading is not None:
             await loading.close()
     return stack, config
+
+
+def _stop_while_loading(signum: int) -> None:
+    """SIGTERM or SIGINT before anything is served: say so and exit (128 + the signal, as a
+    process the signal ended)."""
+    print(f"{signal.Signals(signum).name} while loading the model: stopped", flush=True)
+    logging.shutdown()
+    os._exit(128 + signum)
 
 
 async def serve(config: ServerConfig) -> int:
