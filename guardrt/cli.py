@@ -149,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from guardrt.runtime.server import logs  # noqa: PLC0415
     from guardrt.runtime.server.config import ServerConfig, TlsConfig  # noqa: PLC0415
+    from guardrt.runtime.server.image_urls import parse_origins  # noqa: PLC0415
     from guardrt.runtime.server.main import serve  # noqa: PLC0415
     from guardrt.runtime.server.tokens import read_tokens  # noqa: PLC0415
 
@@ -188,6 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
         engine_timeout_s=args.engine_timeout_s,
         workers=args.workers,
         listen_while_loading=args.listen_while_loading,
+        image_url_origins=parse_origins(args.image_url_origins.split(",")),
+        image_url_timeout_s=args.image_url_timeout_s,
         tls=tls,
         auth_tokens=read_tokens(args.auth_token_file),
         auth_token_file=args.auth_token_file,
@@ -294,6 +297,20 @@ def _add_serve(commands: Any) -> None:
         help="bind the ports before the model loads (minutes): health NOT_SERVING, /healthz "
         "alive, /readyz 503, every call refused UNAVAILABLE / 503 until loaded (for liveness "
         "probes; not behind a load balancer that checks a port by connecting to it)",
+    )
+    serve.add_argument(
+        "--image-url-origins",
+        default="",
+        metavar="ORIGIN[,ORIGIN...]",
+        help="the HTTP API fetches image_url URLs from these origins only, e.g. "
+        "https://images.example.com,https://*.cdn.example.com,http://minio.internal:9000 "
+        "(default none: data: URLs only; no redirects, proxies or environment credentials)",
+    )
+    serve.add_argument(
+        "--image-url-timeout-s",
+        type=float,
+        default=10.0,
+        help="the longest one image fetch may take (waiting for a turn included)",
     )
     serve.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
     serve.add_argument("--tls-key", help="PEM private key")

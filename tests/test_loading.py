@@ -24,6 +24,7 @@ from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server import main as server_main
 from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.image_urls import parse_origin
 from guardrt.runtime.server.loading import LoadingPorts
 from guardrt.runtime.server.main import Stack, assemble_stack
 from guardrt.runtime.server.ports import check_bindable
@@ -135,6 +136,7 @@ def test_the_ports_answer_while_loading_then_serve(
         http_port=http_port,
         grace_s=1.0,
         listen_while_loading=True,
+        image_url_origins=(parse_origin("https://images.example.com"),),
     )
     assert asyncio.run(server_main.serve(config)) == 0
     thread.join(10)
@@ -157,6 +159,7 @@ def test_the_ports_answer_while_loading_then_serve(
     out = capsys.readouterr().out
     assert f"listening on localhost:{grpc_port} (gRPC) and localhost:{http_port} (HTTP)" in out
     assert out.index("while loading") < out.index("loaded and warmed up")
+    assert "images by URL fetched from https://images.example.com only" in out  # said at start
 
 
 def test_a_call_sent_while_loading_is_answered_once_loaded(

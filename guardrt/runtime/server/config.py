@@ -10,6 +10,7 @@ from pathlib import Path
 from guardrt.runtime.batching import POLICIES
 from guardrt.runtime.engine import EngineOptions
 from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.server.image_urls import Origin
 
 # One image (32 MiB encoded, the decoder's own limit) plus text and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
@@ -65,6 +66,10 @@ class ServerConfig:
     workers: int = 4  # preparation threads (tokenizing, image tiling)
     # Bind the ports before the model loads: alive, not ready, every call refused (loading.py).
     listen_while_loading: bool = False
+    # Where the HTTP API may fetch images given by URL (none: data: URLs only), and how long a
+    # fetch may take (image_urls.py).
+    image_url_origins: tuple[Origin, ...] = ()
+    image_url_timeout_s: float = 10.0
     tls: TlsConfig | None = None
     auth_tokens: frozenset[str] = field(default_factory=frozenset)
     auth_token_file: str | None = None  # where auth_tokens came from: read again on SIGHUP
@@ -107,6 +112,10 @@ class ServerConfig:
         for name in ("max_wait_ms", "grace_s", "engine_timeout_s", "drain_delay_s"):  # NaN too
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be a finite number ≥ 0, not {getattr(self, name)}")
+        if not 0 < self.image_url_timeout_s < math.inf:
+            raise ConfigError(
+                f"image_url_timeout_s must be a finite number > 0, not {self.image_url_timeout_s}"
+            )
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, not {self.workers}")
         if self.max_streams < 0:

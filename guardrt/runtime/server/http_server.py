@@ -32,9 +32,11 @@ from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.scheduler import broken_error
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig
+from guardrt.runtime.server.image_urls import FetchLimits, ImageFetcher, ImageUrlError
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.refusals import log_refusal
 from guardrt.runtime.server.service import (
+    ModerationInput,
     ModerationService,
     checked_request_id,
 )
@@ -113,6 +115,21 @@ class HttpApi:
         self.tokens = tokens or BearerTokens(config.auth_tokens, config.auth_token_file)
         self.served = served_model_id(config.model)
         self.paths: frozenset[str] = frozenset()  # the routes' paths (build_http_app sets them)
+        self.origins = config.image_url_origins
+        limits = FetchLimits(
+            service.preparer.image_config.limits.max_bytes, config.image_url_timeout_s
+        )
+        self.fetcher = ImageFetcher(limits) if self.origins else None
+
+    async def _fetched(self, item: ModerationInput) -> ModerationInput:
+        """`item` with its image fetched when it was given by URL (`image_urls.py`)."""
+        if self.fetcher is None:
+            return item
+        try:
+            return await self.fetcher.resolve(item)
+        except ImageUrlError as exc:
+            kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+            raise oa.ApiError(exc.status, str(exc), kind, exc.where, exc.code) from exc
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -198,10 +215,10 @@ class HttpApi:
         request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
         chat = await self._parsed(
-            request, lambda data: oa.parse_chat(data, self.served, request_id)
+            request, lambda data: oa.parse_chat(data, self.served, request_id, self.origins)
         )
         request[_BODY_KEY] = chat
-        result = await self.service.moderate(chat.item, deadline)
+        result = await self.service.moderate(await self._fetched(chat.item), deadline)
         self.metrics.answered(request.path, result)
         created = oa.now()
         if not chat.stream:
@@ -225,10 +242,12 @@ class HttpApi:
         request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
         inputs = await self._parsed(
-            request, lambda data: oa.parse_moderations(data, self.served, request_id)
+            request,
+            lambda data: oa.parse_moderations(data, self.served, request_id, self.origins),
         )
         request[_BODY_KEY] = inputs
-        results = await self.service.moderate_all(inputs.items, deadline)
+        items = [await self._fetched(item) for item in inputs.items]  # one has an image at most
+        results = await self.service.moderate_all(items, deadline)
         for result in results:
             self.metrics.answered(request.path, result)
         body = [
@@ -274,6 +293,13 @@ def build_http_app(
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics_text)
     api.paths = frozenset(resource.canonical for resource in app.router.resources())
+    fetcher = api.fetcher
+    if fetcher is not None:
+
+        async def close_fetcher(app: web.Application) -> None:
+            await fetcher.close()
+
+        app.on_cleanup.append(close_fetcher)
     return app
 
 

@@ -261,6 +261,9 @@ async def serve(config: ServerConfig) -> int:
         scheme = "https" if stack.tls else "http"
         print(f"OpenAI-compatible HTTP API on {scheme}://{config.host}:{http_port}", flush=True)
     print(access_line(config, stack.tokens), flush=True)
+    if config.image_url_origins and config.http_port >= 0:  # outbound connections: said
+        origins = ", ".join(str(origin) for origin in config.image_url_origins)
+        print(f"images by URL fetched from {origins} only", flush=True)
     if config.model == TINY_RANDOM:
         print(f"NOTE: {MEANINGLESS}", flush=True)
     stop = asyncio.Event()

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from guardrt.runtime.errors import GuardrtError, Location
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
+from guardrt.runtime.server.image_urls import ImageUrlError, Origin, RemoteImage, remote_image
 from guardrt.runtime.server.service import ModerationInput, ModerationResult
 from guardrt.runtime.verdict import Label
 
@@ -130,17 +131,26 @@ def b64decode_strict(payload: str, piece: int = B64_PIECE_CHARS) -> bytes:
     return b"".join(pieces)
 
 
-def decode_image_url(part: Mapping[str, Any], where: str) -> bytes:
-    """The bytes of a `data:` URL; remote URLs are refused (no outbound connections)."""
+def decode_image_url(
+    part: Mapping[str, Any], where: str, origins: Sequence[Origin] = ()
+) -> bytes | RemoteImage:
+    """The bytes of a `data:` URL, or a URL from one of `origins` to fetch (`image_urls.py`);
+    other URLs are refused (no outbound connections but to those origins)."""
     image_url = part.get("image_url")
     url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
     if not isinstance(url, str):
         raise _bad(f"{where}: image_url needs a 'url'", param=where)
+    if not url.startswith("data:") and origins:
+        try:
+            return remote_image(url, origins, where)
+        except ImageUrlError as exc:
+            raise _bad(str(exc), param=where, code=exc.code) from exc
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:16]
         raise _bad(
             f"{where}: only data: URLs are accepted (got a {scheme!r} URL); this server makes "
-            "no outbound connections: send the image inline as data:image/...;base64,...",
+            "no outbound connections (unless started with --image-url-origins): send the "
+            "image inline as data:image/...;base64,...",
             param=where,
             code="remote_image_url",
         )
@@ -153,8 +163,11 @@ def decode_image_url(part: Mapping[str, Any], where: str) -> bytes:
         raise _bad(f"{where}: the data: URL is not valid base64", param=where) from exc
 
 
-def _content_parts(content: object, where: str) -> list[dict[str, Any]]:
-    """OpenAI content (a string or text/image_url parts) → guardrt's parts."""
+def _content_parts(
+    content: object, where: str, origins: Sequence[Origin] = ()
+) -> list[dict[str, Any]]:
+    """OpenAI content (a string or text/image_url parts) → guardrt's parts (an image fetched
+    from one of `origins` is a RemoteImage until it is)."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -166,7 +179,7 @@ def _content_parts(content: object, where: str) -> list[dict[str, Any]]:
         if kind == "text" and isinstance(part, Mapping):
             parts.append({"type": "text", "text": part.get("text")})
         elif kind == "image_url" and isinstance(part, Mapping):
-            parts.append({"type": "image", "image": decode_image_url(part, here)})
+            parts.append({"type": "image", "image": decode_image_url(part, here, origins)})
         else:
             shown = repr(kind)[:30]
             raise _bad(f"{here}: type {shown} is not 'text' or 'image_url'", param=here)
@@ -326,7 +339,9 @@ def _check_answer_shape(body: Mapping[str, Any]) -> None:
             )
 
 
-def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
+def parse_chat(
+    body: object, served: str, request_id: str, origins: Sequence[Origin] = ()
+) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise _bad("the request body must be a JSON object")
     model = check_model(body.get("model"), served)
@@ -345,7 +360,8 @@ def parse_chat(body: object, served: str, request_id: str) -> ChatRequest:
             converted.append({"role": role})
             listed.append(False)
             continue
-        converted.append({"role": role, "content": _content_parts(message.get("content"), where)})
+        content = _content_parts(message.get("content"), where, origins)
+        converted.append({"role": role, "content": content})
         listed.append(isinstance(message.get("content"), list))
     categories, exclude = policy_extension(body)
     stream = body.get("stream", False)
@@ -434,9 +450,12 @@ class ModerationInputs:
         return f"{where}: {error}" if where else str(error)
 
 
-def parse_moderations(body: object, served: str, request_id: str) -> ModerationInputs:
+def parse_moderations(
+    body: object, served: str, request_id: str, origins: Sequence[Origin] = ()
+) -> ModerationInputs:
     """`input`: a string, a list of strings (one result each), or a list of text/image_url
-    parts (one result for the whole multimodal input)."""
+    parts (one result for the whole multimodal input; its image fetched from one of `origins`
+    is a RemoteImage until it is)."""
     if not isinstance(body, Mapping):
         raise _bad("the request body must be a JSON object")
     model = check_model(body.get("model", served), served)
@@ -453,7 +472,8 @@ def parse_moderations(body: object, served: str, request_id: str) -> ModerationI
         raise _bad("input must be a string, a list of strings, or a list of parts", "input")
     items, types = [], []
     for index, group in enumerate(groups):
-        content = _content_parts(group, f"input[{index}]" if len(groups) > 1 else "input")
+        where = f"input[{index}]" if len(groups) > 1 else "input"
+        content = _content_parts(group, where, origins)
         kinds = sorted({"image" if p["type"] == "image" else "text" for p in content})
         items.append(
             ModerationInput(
