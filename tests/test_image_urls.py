@@ -38,13 +38,14 @@ JPEG = encode(Image.fromarray(synthetic(200, 120)), "JPEG", quality=90)
 @pytest.mark.parametrize(
     ("entry", "origin"),
     [
+        ("http://[::1]:8080", Origin("http", "::1", 8080)),
         ("https://images.example.com", Origin("https", "images.example.com", 443)),
         ("https://Images.Example.com/", Origin("https", "images.example.com", 443)),
         ("http://minio.internal:9000", Origin("http", "minio.internal", 9000)),
         ("https://*.cdn.example.com", Origin("https", "*.cdn.example.com", 443)),
         ("http://127.0.0.1:8080", Origin("http", "127.0.0.1", 8080)),
     ],
-    ids=["https", "case-and-slash", "http-port", "subdomains", "address"],
+    ids=["ipv6", "https", "case-and-slash", "http-port", "subdomains", "address"],
 )
 def test_origins_parse(entry: str, origin: Origin) -> None:
     assert parse_origin(entry) == origin
@@ -156,6 +157,12 @@ class _Images(BaseHTTPRequestHandler):
         elif self.path == "/slow":
             time.sleep(3)
             self._send(200, JPEG)
+        elif self.path == "/gzipped":  # whatever was asked for
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b\x08")
         elif self.path == "/broken":
             self._send(500, b"oops")
         else:
@@ -259,8 +266,9 @@ def test_an_image_url_answers_as_its_bytes_inline(
         ("/big-unannounced", 400, "image_url_too_large", "over the 33554432-byte limit"),
         ("/slow", 502, "image_url_unavailable", "did not send the image within 1 s"),
         ("/broken", 502, "image_url_unavailable", "answered 500"),
+        ("/gzipped", 400, "image_url_fetch_failed", "sent the image 'gzip'-encoded"),
     ],
-    ids=["404", "redirect", "announced-too-large", "too-large", "timeout", "server-error"],
+    ids=["404", "redirect", "announced-too-large", "too-large", "timeout", "server-error", "gzip"],
 )
 def test_a_url_that_cannot_be_fetched_is_an_error_for_its_request(
     fetching: tuple[ServerThread, FakeEngine, int],

@@ -46,7 +46,7 @@ class Origin:
 
     def __str__(self) -> str:
         default = _DEFAULT_PORTS[self.scheme] == self.port
-        return f"{self.scheme}://{self.host}" + ("" if default else f":{self.port}")
+        return f"{self.scheme}://{_bracketed(self.host)}" + ("" if default else f":{self.port}")
 
     def allows(self, scheme: str, host: str, port: int) -> bool:
         if (scheme, port) != (self.scheme, self.port):
@@ -132,7 +132,7 @@ def remote_image(url: str, origins: Sequence[Origin], where: str) -> RemoteImage
         raise ImageUrlError(
             f"{where}: an image URL must not hold credentials", "invalid_image_url", where
         )
-    origin = str(Origin(scheme, _bracketed(host), port))
+    origin = str(Origin(scheme, host, port))
     if not any(allowed.allows(scheme, host, port) for allowed in origins):
         raise ImageUrlError(
             f"{where}: images are not fetched from {origin} (not among the server's "
@@ -169,7 +169,13 @@ class ImageFetcher:
     def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         if self._session is None or self._turns is None:
             # trust_env=False: no proxy or .netrc credentials picked up from the environment.
-            self._session = aiohttp.ClientSession(trust_env=False)
+            # auto_decompress=False with `Accept-Encoding: identity`: the byte limit bounds
+            # what is held (a small compressed body can inflate a thousandfold).
+            self._session = aiohttp.ClientSession(
+                trust_env=False,
+                auto_decompress=False,
+                headers={"Accept-Encoding": "identity"},
+            )
             self._turns = asyncio.Semaphore(self.limits.concurrent)
         return self._session, self._turns
 
@@ -212,6 +218,14 @@ class ImageFetcher:
                     "image_url_fetch_failed" if client_fault else "image_url_unavailable",
                     image.where,
                     400 if client_fault else 502,
+                )
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise ImageUrlError(
+                    f"{image.where}: {image.origin} sent the image {encoding[:20]!r}-encoded; "
+                    "it is fetched unencoded (Accept-Encoding: identity)",
+                    "image_url_fetch_failed",
+                    image.where,
                 )
             announced = response.content_length
             if announced is not None and announced > limit:
