@@ -163,10 +163,13 @@ class ModerationClient(_Client):
         categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         excluded_categories: Iterable[str] = (),
         request_id: str = "",
+        bulk: bool = False,
     ) -> Verdict:
         """The verdict on the last message of `messages`, as `Guard.moderate` gives it; a
-        refused call raises CallError (INVALID_ARGUMENT names the offending part)."""
-        request = moderate_request(messages, categories, excluded_categories, request_id)
+        refused call raises CallError (INVALID_ARGUMENT names the offending part). `bulk`:
+        run after interactive requests (refused RESOURCE_EXHAUSTED, after the retries, while
+        bulk requests fill their share of the server's queue)."""
+        request = moderate_request(messages, categories, excluded_categories, request_id, bulk)
         return verdict_from_proto(self.call(request).verdict)
 
     def call(self, request: pb.ModerateRequest) -> pb.ModerateResponse:
@@ -210,16 +213,21 @@ def moderate_request(
     categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     excluded_categories: Iterable[str] = (),
     request_id: str = "",
+    bulk: bool = False,
 ) -> pb.ModerateRequest:
     """A ModerateRequest from the Python API's messages and policy (ConfigError, naming the
-    message and part, for what cannot be sent; the server checks the rest)."""
+    message and part, for what cannot be sent; the server checks the rest). `bulk`: a
+    backlog's request, run after interactive ones (`Priority` in the proto)."""
     pairs = list(categories.items()) if isinstance(categories, Mapping) else categories or []
     policy = pb.Policy(
         exclude=list(excluded_categories),
         categories=[pb.Category(code=code, description=text) for code, text in pairs],
     )
     return pb.ModerateRequest(
-        request_id=request_id, messages=messages_to_proto(messages), policy=policy
+        request_id=request_id,
+        messages=messages_to_proto(messages),
+        policy=policy,
+        priority=pb.BULK if bulk else pb.INTERACTIVE,
     )
 
 
@@ -330,9 +338,10 @@ class AsyncModerationClient(_Client):
         categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         excluded_categories: Iterable[str] = (),
         request_id: str = "",
+        bulk: bool = False,
     ) -> Verdict:
         """As `ModerationClient.moderate`, awaited."""
-        request = moderate_request(messages, categories, excluded_categories, request_id)
+        request = moderate_request(messages, categories, excluded_categories, request_id, bulk)
         return verdict_from_proto((await self.call(request)).verdict)
 
     async def call(self, request: pb.ModerateRequest) -> pb.ModerateResponse:

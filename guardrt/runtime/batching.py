@@ -11,7 +11,8 @@ with it costs no more than the batch without it plus running it alone, with
 KNEE stands for a weight pass: at ~256 tokens an H100's bf16 matmuls turn from memory-bound to
 compute-bound (785 TFLOP/s ÷ 2.96 TB/s ≈ 265 FLOP per weight byte, 2 bytes per weight). Image
 requests cost their vision tower alike batched or alone, so only prompt tokens enter. Candidates
-are tried most alike first: same kind (image or not), then nearest length, then oldest.
+are tried interactive before bulk (`Shape.bulk`), then most alike first: same kind (image or
+not), then nearest length, then oldest.
 
 The oldest request is always taken, so no request waits behind more batches than there were
 requests ahead of it, as with first-in-first-out.
@@ -34,13 +35,14 @@ class Shape:
 
     tokens: int
     image: bool
+    bulk: bool = False  # a backlog's request: joins a batch after every interactive candidate
 
     @classmethod
-    def of(cls, request: PreparedRequest) -> Shape:
+    def of(cls, request: PreparedRequest, bulk: bool = False) -> Shape:
         # A text prompt's policy head is shared (computed once per policy); a session's earlier
         # prompt is cached too, but how much of it is known only to the engine: counted whole.
         shared = request.prefix_len if request.image is None and request.session is None else 0
-        return cls(max(1, len(request.prompt) - shared), request.image is not None)
+        return cls(max(1, len(request.prompt) - shared), request.image is not None, bulk)
 
 
 def cost(shapes: Sequence[Shape]) -> int:
@@ -55,7 +57,12 @@ def choose(shapes: Sequence[Shape], max_batch: int) -> list[int]:
     head = shapes[0]
     order = sorted(
         range(1, len(shapes)),
-        key=lambda i: (shapes[i].image != head.image, abs(shapes[i].tokens - head.tokens), i),
+        key=lambda i: (
+            shapes[i].bulk,
+            shapes[i].image != head.image,
+            abs(shapes[i].tokens - head.tokens),
+            i,
+        ),
     )
     chosen = [head]
     picked = [0]

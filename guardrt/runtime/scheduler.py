@@ -51,10 +51,11 @@ class Work:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     answered: bool = False  # `done` was called (or would have been, had it not been cancelled)
+    bulk: bool = False  # a backlog's: runs after the interactive work queued
     shape: Shape = field(init=False)  # what batching it costs
 
     def __post_init__(self) -> None:
-        self.shape = Shape.of(self.request)
+        self.shape = Shape.of(self.request, self.bulk)
 
 
 def broken_error() -> ServiceError:
@@ -148,7 +149,12 @@ class Scheduler:
             for work in [w for w in self._queue if w.deadline is not None and now > w.deadline]:
                 self._queue.remove(work)
                 self._answer(work, self._expired(), BatchInfo(0, now - work.enqueued, 0.0))
-            window = list(itertools.islice(self._queue, _WINDOW_BATCHES * self.max_batch))
+            # Interactive work first (oldest first), then bulk: a batch's head is the oldest
+            # interactive request while any waits, and bulk ones only fill its free rows.
+            ordered = itertools.chain(
+                (w for w in self._queue if not w.bulk), (w for w in self._queue if w.bulk)
+            )
+            window = list(itertools.islice(ordered, _WINDOW_BATCHES * self.max_batch))
             if not window:
                 return []
             picked = self.policy([work.shape for work in window], self.max_batch)

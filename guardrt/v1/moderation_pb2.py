@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bguardrt/v1/moderation.proto\x12\nguardrt.v1\"2\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"O\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.guardrt.v1.Role\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Content\"-\n\x08\x43\x61tegory\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"C\n\x06Policy\x12\x0f\n\x07\x65xclude\x18\x01 \x03(\t\x12(\n\ncategories\x18\x02 \x03(\x0b\x32\x14.guardrt.v1.Category\"p\n\x0fModerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\"\xbb\x02\n\x07Verdict\x12 \n\x05label\x18\x01 \x01(\x0e\x32\x11.guardrt.v1.Label\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x1a\n\x12unsafe_probability\x18\x03 \x01(\x02\x12N\n\x16\x63\x61tegory_probabilities\x18\x04 \x03(\x0b\x32..guardrt.v1.Verdict.CategoryProbabilitiesEntry\x12\x12\n\nraw_output\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x19\n\x11label_probability\x18\x08 \x01(\x02\x1a<\n\x1a\x43\x61tegoryProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x90\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08model_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nprefill_ms\x18\x06 \x01(\x02\x12\x11\n\tdecode_ms\x18\x07 \x01(\x02\"\x87\x01\n\x10ModerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\"\n\x06timing\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\xa0\x01\n\x0bStreamStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12\x1a\n\x12\x63heck_every_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_on_unsafe\x18\x05 \x01(\x08\"\x0b\n\tStreamEnd\"y\n\rStreamRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.guardrt.v1.StreamStartH\x00\x12\x10\n\x06\x61ppend\x18\x02 \x01(\tH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.guardrt.v1.StreamEndH\x00\x42\x06\n\x04kind\"\xda\x01\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\x15\n\rcovered_chars\x18\x03 \x01(\r\x12\x16\n\x0e\x63overed_tokens\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rreused_tokens\x18\x08 \x01(\r\"\x10\n\x0eGetInfoRequest\"\x9a\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x14meaningless_verdicts\x18\x02 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tsemantics\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\t \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\r\x12\x30\n\x12\x64\x65\x66\x61ult_categories\x18\x0b \x03(\x0b\x32\x14.guardrt.v1.Category\x12\x0f\n\x07version\x18\x0c \x01(\t*5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\r\n\tASSISTANT\x10\x02*?\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x08\n\x04SAFE\x10\x01\x12\n\n\x06UNSAFE\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xad\x02\n\nModeration\x12\x45\n\x08Moderate\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse\x12M\n\x0cModerateMany\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse(\x01\x30\x01\x12K\n\x0eModerateStream\x12\x19.guardrt.v1.StreamRequest\x1a\x1a.guardrt.v1.StreamResponse(\x01\x30\x01\x12<\n\x07GetInfo\x12\x1a.guardrt.v1.GetInfoRequest\x1a\x15.guardrt.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bguardrt/v1/moderation.proto\x12\nguardrt.v1\"2\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"O\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.guardrt.v1.Role\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Content\"-\n\x08\x43\x61tegory\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"C\n\x06Policy\x12\x0f\n\x07\x65xclude\x18\x01 \x03(\t\x12(\n\ncategories\x18\x02 \x03(\x0b\x32\x14.guardrt.v1.Category\"\x98\x01\n\x0fModerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12&\n\x08priority\x18\x04 \x01(\x0e\x32\x14.guardrt.v1.Priority\"\xbb\x02\n\x07Verdict\x12 \n\x05label\x18\x01 \x01(\x0e\x32\x11.guardrt.v1.Label\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x1a\n\x12unsafe_probability\x18\x03 \x01(\x02\x12N\n\x16\x63\x61tegory_probabilities\x18\x04 \x03(\x0b\x32..guardrt.v1.Verdict.CategoryProbabilitiesEntry\x12\x12\n\nraw_output\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x19\n\x11label_probability\x18\x08 \x01(\x02\x1a<\n\x1a\x43\x61tegoryProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x90\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08model_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nprefill_ms\x18\x06 \x01(\x02\x12\x11\n\tdecode_ms\x18\x07 \x01(\x02\"\x87\x01\n\x10ModerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\"\n\x06timing\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\xa0\x01\n\x0bStreamStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12\x1a\n\x12\x63heck_every_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_on_unsafe\x18\x05 \x01(\x08\"\x0b\n\tStreamEnd\"y\n\rStreamRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.guardrt.v1.StreamStartH\x00\x12\x10\n\x06\x61ppend\x18\x02 \x01(\tH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.guardrt.v1.StreamEndH\x00\x42\x06\n\x04kind\"\xda\x01\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\x15\n\rcovered_chars\x18\x03 \x01(\r\x12\x16\n\x0e\x63overed_tokens\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rreused_tokens\x18\x08 \x01(\r\"\x10\n\x0eGetInfoRequest\"\x9a\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x14meaningless_verdicts\x18\x02 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tsemantics\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\t \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\r\x12\x30\n\x12\x64\x65\x66\x61ult_categories\x18\x0b \x03(\x0b\x32\x14.guardrt.v1.Category\x12\x0f\n\x07version\x18\x0c \x01(\t*5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\r\n\tASSISTANT\x10\x02*?\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTIVE\x10\x01\x12\x08\n\x04\x42ULK\x10\x02*?\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x08\n\x04SAFE\x10\x01\x12\n\n\x06UNSAFE\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xad\x02\n\nModeration\x12\x45\n\x08Moderate\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse\x12M\n\x0cModerateMany\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse(\x01\x30\x01\x12K\n\x0eModerateStream\x12\x19.guardrt.v1.StreamRequest\x1a\x1a.guardrt.v1.StreamResponse(\x01\x30\x01\x12<\n\x07GetInfo\x12\x1a.guardrt.v1.GetInfoRequest\x1a\x15.guardrt.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._loaded_options = None
   _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1832
-  _globals['_ROLE']._serialized_end=1885
-  _globals['_LABEL']._serialized_start=1887
-  _globals['_LABEL']._serialized_end=1950
+  _globals['_ROLE']._serialized_start=1873
+  _globals['_ROLE']._serialized_end=1926
+  _globals['_PRIORITY']._serialized_start=1928
+  _globals['_PRIORITY']._serialized_end=1991
+  _globals['_LABEL']._serialized_start=1993
+  _globals['_LABEL']._serialized_end=2056
   _globals['_CONTENT']._serialized_start=43
   _globals['_CONTENT']._serialized_end=93
   _globals['_MESSAGE']._serialized_start=95
@@ -45,28 +47,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATEGORY']._serialized_end=221
   _globals['_POLICY']._serialized_start=223
   _globals['_POLICY']._serialized_end=290
-  _globals['_MODERATEREQUEST']._serialized_start=292
-  _globals['_MODERATEREQUEST']._serialized_end=404
-  _globals['_VERDICT']._serialized_start=407
-  _globals['_VERDICT']._serialized_end=722
-  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_start=662
-  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_end=722
-  _globals['_TIMING']._serialized_start=725
-  _globals['_TIMING']._serialized_end=869
-  _globals['_MODERATERESPONSE']._serialized_start=872
-  _globals['_MODERATERESPONSE']._serialized_end=1007
-  _globals['_STREAMSTART']._serialized_start=1010
-  _globals['_STREAMSTART']._serialized_end=1170
-  _globals['_STREAMEND']._serialized_start=1172
-  _globals['_STREAMEND']._serialized_end=1183
-  _globals['_STREAMREQUEST']._serialized_start=1185
-  _globals['_STREAMREQUEST']._serialized_end=1306
-  _globals['_STREAMRESPONSE']._serialized_start=1309
-  _globals['_STREAMRESPONSE']._serialized_end=1527
-  _globals['_GETINFOREQUEST']._serialized_start=1529
-  _globals['_GETINFOREQUEST']._serialized_end=1545
-  _globals['_MODELINFO']._serialized_start=1548
-  _globals['_MODELINFO']._serialized_end=1830
-  _globals['_MODERATION']._serialized_start=1953
-  _globals['_MODERATION']._serialized_end=2254
+  _globals['_MODERATEREQUEST']._serialized_start=293
+  _globals['_MODERATEREQUEST']._serialized_end=445
+  _globals['_VERDICT']._serialized_start=448
+  _globals['_VERDICT']._serialized_end=763
+  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_start=703
+  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_end=763
+  _globals['_TIMING']._serialized_start=766
+  _globals['_TIMING']._serialized_end=910
+  _globals['_MODERATERESPONSE']._serialized_start=913
+  _globals['_MODERATERESPONSE']._serialized_end=1048
+  _globals['_STREAMSTART']._serialized_start=1051
+  _globals['_STREAMSTART']._serialized_end=1211
+  _globals['_STREAMEND']._serialized_start=1213
+  _globals['_STREAMEND']._serialized_end=1224
+  _globals['_STREAMREQUEST']._serialized_start=1226
+  _globals['_STREAMREQUEST']._serialized_end=1347
+  _globals['_STREAMRESPONSE']._serialized_start=1350
+  _globals['_STREAMRESPONSE']._serialized_end=1568
+  _globals['_GETINFOREQUEST']._serialized_start=1570
+  _globals['_GETINFOREQUEST']._serialized_end=1586
+  _globals['_MODELINFO']._serialized_start=1589
+  _globals['_MODELINFO']._serialized_end=1871
+  _globals['_MODERATION']._serialized_start=2059
+  _globals['_MODERATION']._serialized_end=2360
 # @@protoc_insertion_point(module_scope)

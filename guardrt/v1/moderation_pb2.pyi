@@ -54,6 +54,33 @@ USER: Role.ValueType  # 1
 ASSISTANT: Role.ValueType  # 2
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """INTERACTIVE"""
+    INTERACTIVE: _Priority.ValueType  # 1
+    BULK: _Priority.ValueType  # 2
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """How urgently a request is wanted. Interactive requests (live traffic) always run first;
+    BULK requests (a backfill, a dataset checked again) run when no interactive request waits,
+    or fill rows an interactive batch leaves free. BULK requests hold at most half of the
+    server's queue (--max-queue), so interactive ones always find room: a BULK Moderate past
+    that share is refused RESOURCE_EXHAUSTED at once (retry later), while ModerateMany holds
+    its stream back until there is room. A value this server does not know is
+    INVALID_ARGUMENT.
+    """
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""INTERACTIVE"""
+INTERACTIVE: Priority.ValueType  # 1
+BULK: Priority.ValueType  # 2
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 class _Label:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -193,10 +220,15 @@ class ModerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Chosen by the caller and echoed in the response; the server makes one up when empty. It
     appears in the server's log, so it must be 1 to 128 printable ASCII characters without
     spaces: anything else is INVALID_ARGUMENT (in ModerateMany, that request's error verdict).
+    """
+    priority: Global___Priority.ValueType
+    """INTERACTIVE (the default) or BULK: a backlog sent as BULK never delays or crowds out
+    interactive requests (see Priority).
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -212,10 +244,11 @@ class ModerateRequest(_message.Message):
         request_id: _builtins.str = ...,
         messages: _abc.Iterable[Global___Message] | None = ...,
         policy: Global___Policy | None = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "policy", b"policy", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "policy", b"policy", "priority", b"priority", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
 from guardrt.runtime.server.service import ModerationInput, ModerationResult, Timing
 from guardrt.runtime.verdict import Label, Verdict
@@ -40,10 +41,22 @@ def policy_from_proto(policy: Any) -> tuple[list[tuple[str, str]] | None, list[s
     return categories, list(policy.exclude)
 
 
+def bulk_from_proto(priority: int) -> bool:
+    """Whether a request's priority is BULK (`Priority`); a value newer than this server's
+    proto (it arrives as its number) is a ConfigError naming it."""
+    if priority in (pb.PRIORITY_UNSPECIFIED, pb.INTERACTIVE, pb.BULK):
+        return priority == pb.BULK
+    raise ConfigError(f"priority enum value {priority} is not INTERACTIVE or BULK")
+
+
 def input_from_proto(request: pb.ModerateRequest) -> ModerationInput:
     categories, excluded = policy_from_proto(request.policy)
     return ModerationInput(
-        request.request_id, messages_from_proto(request.messages), categories, excluded
+        request.request_id,
+        messages_from_proto(request.messages),
+        categories,
+        excluded,
+        bulk=bulk_from_proto(request.priority),
     )
 
 

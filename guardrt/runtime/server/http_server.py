@@ -221,8 +221,9 @@ class HttpApi:
         result = await self.service.moderate(await self._fetched(chat.item), deadline)
         self.metrics.answered(request.path, result)
         created = oa.now()
+        bulk = chat.item.bulk
         if not chat.stream:
-            body = oa.chat_completion(result, chat.model, created)
+            body = oa.chat_completion(result, chat.model, created, bulk)
             return web.json_response(body, headers={REQUEST_ID_HEADER: request_id})
         response = web.StreamResponse(
             headers={
@@ -232,7 +233,7 @@ class HttpApi:
             }
         )
         await response.prepare(request)
-        for chunk in oa.chat_chunks(result, chat.model, created):
+        for chunk in oa.chat_chunks(result, chat.model, created, bulk):
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -247,7 +248,8 @@ class HttpApi:
         )
         request[_BODY_KEY] = inputs
         items = [await self._fetched(item) for item in inputs.items]  # one has an image at most
-        results = await self.service.moderate_all(items, deadline)
+        # A list of bulk inputs past the bulk share waits for room (the body is read already).
+        results = await self.service.moderate_all(items, deadline, hold=True)
         for result in results:
             self.metrics.answered(request.path, result)
         body = [

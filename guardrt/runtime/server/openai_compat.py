@@ -300,6 +300,31 @@ def _check_sampling(body: Mapping[str, Any]) -> None:
         raise _bad("n must be 1: the model gives one verdict per conversation", param="n")
 
 
+# OpenAI's `service_tier`: "flex" (for work that can wait) runs as a bulk request, after the
+# interactive ones and within its share of the queue; the others as interactive (the default).
+SERVICE_TIERS = {"auto": False, "default": False, "priority": False, "scale": False, "flex": True}
+
+
+def bulk_tier(body: Mapping[str, Any]) -> bool:
+    """Whether the body's `service_tier` asks for bulk ("flex"); other values are refused."""
+    tier = body.get("service_tier")
+    if tier is None:
+        return False
+    if not isinstance(tier, str) or tier not in SERVICE_TIERS:
+        shown = repr(tier)[:30] if isinstance(tier, str) else _json_kind(tier)
+        raise _bad(
+            f"service_tier must be one of {', '.join(SERVICE_TIERS)}, not {shown}",
+            param="service_tier",
+            code="invalid_service_tier",
+        )
+    return SERVICE_TIERS[tier]
+
+
+def tier_name(bulk: bool) -> str:
+    """The `service_tier` an answer reports."""
+    return "flex" if bulk else "default"
+
+
 # What the answer is, for refusals of fields asking for another shape of it.
 _ANSWER = (
     "the answer is the model's verdict text ('safe', or 'unsafe' and a line of categories); "
@@ -367,7 +392,14 @@ def parse_chat(
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream must be true or false", param="stream")
-    item = ModerationInput(request_id, converted, categories, exclude, ignored_roles=IGNORED_ROLES)
+    item = ModerationInput(
+        request_id,
+        converted,
+        categories,
+        exclude,
+        ignored_roles=IGNORED_ROLES,
+        bulk=bulk_tier(body),
+    )
     return ChatRequest(model, item, stream, tuple(listed))
 
 
@@ -387,7 +419,9 @@ def _extension(result: ModerationResult) -> dict[str, Any]:
     }
 
 
-def chat_completion(result: ModerationResult, model: str, created: int) -> dict[str, Any]:
+def chat_completion(
+    result: ModerationResult, model: str, created: int, bulk: bool = False
+) -> dict[str, Any]:
     usage = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.generated_tokens,
@@ -401,24 +435,28 @@ def chat_completion(result: ModerationResult, model: str, created: int) -> dict[
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
         "usage": usage,
+        "service_tier": tier_name(bulk),
         "guardrt": _extension(result),
     }
 
 
-def chat_chunks(result: ModerationResult, model: str, created: int) -> list[dict[str, Any]]:
+def chat_chunks(
+    result: ModerationResult, model: str, created: int, bulk: bool = False
+) -> list[dict[str, Any]]:
     """The `stream: true` answer: role, content, then the finish (with usage and scores)."""
     base = {
         "id": f"chatcmpl-{result.request_id}",
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
+        "service_tier": tier_name(bulk),
     }
 
     def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         return base | {"choices": [choice]} | extra
 
-    final = chat_completion(result, model, created)
+    final = chat_completion(result, model, created, bulk)
     return [
         chunk({"role": "assistant", "content": ""}, None),
         chunk({"content": result.verdict.content}, None),
@@ -460,6 +498,7 @@ def parse_moderations(
         raise _bad("the request body must be a JSON object")
     model = check_model(body.get("model", served), served)
     categories, exclude = policy_extension(body)
+    bulk = bulk_tier(body)  # not in OpenAI's moderations API: sent with `extra_body`
     raw = body.get("input")
     parts = False
     if isinstance(raw, str):
@@ -477,7 +516,11 @@ def parse_moderations(
         kinds = sorted({"image" if p["type"] == "image" else "text" for p in content})
         items.append(
             ModerationInput(
-                f"{request_id}-{index}", [{"role": "user", "content": content}], categories, exclude
+                f"{request_id}-{index}",
+                [{"role": "user", "content": content}],
+                categories,
+                exclude,
+                bulk=bulk,
             )
         )
         types.append(kinds)

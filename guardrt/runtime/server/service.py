@@ -8,13 +8,14 @@ never prompt text or image bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ class ModerationInput:
     # Roles whose messages are left out unread, numbering kept (`parse_messages`): the HTTP
     # API's system and developer messages.
     ignored_roles: tuple[str, ...] = ()
+    # A backlog's request: run after interactive ones, within its share of the queue.
+    bulk: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,10 @@ class ModerationService:
         # decoded and tiled (15 MB of pixels each) only to find the queue full.
         self._preparing = 0
         self._admission = threading.Lock()
+        # Bulk requests in flight (admitted, not yet answered) hold at most half the queue, so
+        # that interactive ones always find room however large a backlog is.
+        self.bulk_share = max(1, scheduler.max_queue // 2)
+        self._bulk = asyncio.Semaphore(self.bulk_share)
 
     def prepare(self, item: ModerationInput) -> PreparedRequest:
         """Validate and prepare one request (blocking: call it on a worker thread)."""
@@ -176,17 +183,50 @@ class ModerationService:
             with self._admission:
                 self._preparing -= 1
 
+    @contextlib.asynccontextmanager
+    async def _bulk_share(
+        self, bulk: bool, hold: bool, deadline: float | None
+    ) -> AsyncIterator[None]:
+        """A bulk request's place in the bulk share: refused at once when the share is full,
+        or with `hold` waited for (until `deadline`). Interactive requests pass."""
+        if not bulk:
+            yield
+            return
+        if self._bulk.locked() and not hold:
+            raise ServiceError(
+                ServiceReason.QUEUE_FULL,
+                f"bulk requests fill their share of the queue ({self.bulk_share} of "
+                f"{self.scheduler.max_queue}); the rest is kept for interactive requests: "
+                "retry later, or send the backlog over ModerateMany (held back, not refused)",
+            )
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                await self._bulk.acquire()
+        except TimeoutError:
+            raise ServiceError(
+                ServiceReason.DEADLINE, "the deadline passed before the bulk request had room"
+            ) from None
+        try:
+            yield
+        finally:
+            self._bulk.release()
+
     async def run(
-        self, request: PreparedRequest, request_id: str, deadline: float | None
+        self,
+        request: PreparedRequest,
+        request_id: str,
+        deadline: float | None,
+        bulk: bool = False,
     ) -> tuple[Decoded, BatchInfo]:
-        """Queue a prepared request for the engine and wait for it (cancellable)."""
+        """Queue a prepared request for the engine and wait for it (cancellable); `bulk` runs
+        it after the interactive requests queued."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[Outcome, BatchInfo]] = loop.create_future()
 
         def done(outcome: Outcome, info: BatchInfo) -> None:
             loop.call_soon_threadsafe(_resolve, future, (outcome, info))
 
-        work = Work(request, request_id, done, deadline)
+        work = Work(request, request_id, done, deadline, bulk=bulk)
         self.scheduler.add(work)
         try:
             outcome, info = await future
@@ -198,18 +238,18 @@ class ModerationService:
         return outcome, info
 
     async def moderate_all(
-        self, items: Sequence[ModerationInput], deadline: float | None
+        self, items: Sequence[ModerationInput], deadline: float | None, hold: bool = False
     ) -> list[ModerationResult]:
         """Every item's verdict, or the first error (located at its item) and none of them:
         the rest are cancelled (their queued work dropped unrun), so a refused call leaves no
         work behind. More items than the queue holds could never all be queued: a ConfigError
-        naming both counts."""
+        naming both counts. `hold`: bulk items past their share wait for room."""
         if len(items) > self.scheduler.max_queue:
             raise ConfigError(
                 f"the call has {len(items)} inputs; this server queues at most "
                 f"{self.scheduler.max_queue} (--max-queue): split it"
             )
-        tasks = [asyncio.ensure_future(self.moderate(item, deadline)) for item in items]
+        tasks = [asyncio.ensure_future(self.moderate(item, deadline, hold=hold)) for item in items]
         try:
             return list(await asyncio.gather(*tasks))
         except GuardrtError as exc:
@@ -223,16 +263,27 @@ class ModerationService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def moderate(
-        self, item: ModerationInput, deadline: float | None, session: int | None = None
+        self,
+        item: ModerationInput,
+        deadline: float | None,
+        session: int | None = None,
+        hold: bool = False,
     ) -> ModerationResult:
         """The verdict for one request; raises GuardrtError subclasses for the servers to map.
         `session` (from the engine's `open_session`) lets the engine reuse the K/V of the
-        session's previous request."""
+        session's previous request. A bulk request past its share of the queue is refused
+        (QUEUE_FULL), or with `hold` (a stream's) waits for room."""
+        async with self._bulk_share(item.bulk, hold, deadline):
+            return await self._moderate(item, deadline, session)
+
+    async def _moderate(
+        self, item: ModerationInput, deadline: float | None, session: int | None
+    ) -> ModerationResult:
         started = time.monotonic()
         request_id = item.request_id or uuid.uuid4().hex  # checked by the front ends
         request = dataclasses.replace(await self.prepared(item), session=session)
         prepared = time.monotonic()
-        decoded, info = await self.run(request, request_id, deadline)
+        decoded, info = await self.run(request, request_id, deadline, item.bulk)
         verdict = decoded.verdict()
         timing = Timing(
             queue_ms=info.queue_s * 1e3,
@@ -249,6 +300,7 @@ class ModerationService:
             "text_chars": text_chars(item.messages),
             "image_tiles": request.image.num_tiles if request.image else 0,
             "prompt_tokens": len(request.prompt),
+            "bulk": item.bulk,
             "label": verdict.label.value,
             "categories": list(verdict.categories),
             "batch_size": info.size,
