@@ -174,6 +174,7 @@ def test_flex_past_the_bulk_share_is_429(held_server: tuple[ServerThread, FakeEn
     status, body = _chat(server, service_tier="flex")
     assert status == 429
     assert "bulk requests fill their share" in body["error"]["message"]
+    assert "guardrt_bulk_in_flight 2.0" in server.stack.metrics.text().decode()
     assert engine.gate is not None
     engine.gate.set()
     assert all(call.result().verdict.label == pb.SAFE for call in [running, *backlog])

@@ -136,7 +136,7 @@ def assemble_stack(
         default_categories=default_categories(),
         version=__version__,
     )
-    metrics = Metrics(scheduler.depth, service.preparing)
+    metrics = Metrics(scheduler.depth, service.preparing, service.bulk_held)
     tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
     tls = ServerTls(config.tls) if config.tls is not None else None
     stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls)

@@ -14,7 +14,10 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 class Metrics:
     def __init__(
-        self, queue_depth: Callable[[], float], preparing: Callable[[], float] = lambda: 0.0
+        self,
+        queue_depth: Callable[[], float],
+        preparing: Callable[[], float] = lambda: 0.0,
+        bulk: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -77,6 +80,13 @@ class Metrics:
             registry=self.registry,
         )
         waiting.set_function(preparing)
+        backlog = Gauge(
+            "guardrt_bulk_in_flight",
+            "Bulk requests (priority BULK, service_tier flex) admitted and not yet answered; "
+            "they may hold up to half of --max-queue.",
+            registry=self.registry,
+        )
+        backlog.set_function(bulk)
 
     def describe(self, labels: dict[str, str], ready: Callable[[], bool]) -> None:
         """What is served (`guardrt_build_info`, the usual constant-1 info gauge) and whether

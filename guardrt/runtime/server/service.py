@@ -136,6 +136,7 @@ class ModerationService:
         # that interactive ones always find room however large a backlog is.
         self.bulk_share = max(1, scheduler.max_queue // 2)
         self._bulk = asyncio.Semaphore(self.bulk_share)
+        self._bulk_held = 0  # bulk requests holding a place in the share (for /metrics)
 
     def prepare(self, item: ModerationInput) -> PreparedRequest:
         """Validate and prepare one request (blocking: call it on a worker thread)."""
@@ -206,10 +207,16 @@ class ModerationService:
             raise ServiceError(
                 ServiceReason.DEADLINE, "the deadline passed before the bulk request had room"
             ) from None
+        self._bulk_held += 1
         try:
             yield
         finally:
+            self._bulk_held -= 1
             self._bulk.release()
+
+    def bulk_held(self) -> int:
+        """Bulk requests in flight (admitted to the bulk share, not yet answered)."""
+        return self._bulk_held
 
     async def run(
         self,
