@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
+import yarl
 
 from guardrt.runtime.conversation import parse_messages
 from guardrt.runtime.errors import ConfigError
@@ -198,6 +199,10 @@ class ImageFetcher:
                 image.where,
                 502,
             ) from exc
+        except ValueError as exc:  # a URL urlsplit took and the HTTP client does not
+            raise ImageUrlError(
+                f"{image.where}: the image URL is malformed", "invalid_image_url", image.where
+            ) from exc
         except aiohttp.ClientError as exc:
             raise ImageUrlError(
                 f"{image.where}: the image could not be fetched from {image.origin} "
@@ -209,7 +214,10 @@ class ImageFetcher:
 
     async def _get(self, session: aiohttp.ClientSession, image: RemoteImage) -> bytes:
         limit = self.limits.max_bytes
-        async with session.get(image.url, allow_redirects=False) as response:
+        # encoded=True: the URL goes out byte for byte (re-quoting it would break a signed
+        # URL's signature, which covers its exact path and query).
+        url = yarl.URL(image.url, encoded=True)
+        async with session.get(url, allow_redirects=False) as response:
             if response.status != 200:
                 client_fault = response.status < 500
                 raise ImageUrlError(
