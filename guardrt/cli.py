@@ -317,8 +317,9 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certs (mTLS)")
     serve.add_argument(
         "--auth-token-file",
-        help="file of static bearer tokens, one per line (also $GUARDRT_AUTH_TOKENS); read again "
-        "on SIGHUP",
+        help="file of static bearer tokens, a line each: TOKEN, or NAME TOKEN to name the caller "
+        "in logs and metrics ('#' starts a comment; also $GUARDRT_AUTH_TOKENS); read again on "
+        "SIGHUP",
     )
     serve.add_argument(
         "--log-level",

@@ -28,10 +28,11 @@ from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
-from guardrt.runtime.server.config import ServerConfig, TlsConfig, bearer_allowed
+from guardrt.runtime.server.config import ServerConfig, TlsConfig
 from guardrt.runtime.server.grpc_server import stream_window
 from guardrt.runtime.server.main import assemble_stack, self_check
 from guardrt.runtime.server.service import checked_request_id
+from guardrt.runtime.server.tokens import ANYONE, bearer_caller
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.images import encode
@@ -588,8 +589,8 @@ def test_a_broken_engine_takes_the_server_out_of_service(preparer: Preparer) -> 
     ],
 )
 def test_bearer_header_forms(authorization: str, allowed: bool) -> None:
-    assert bearer_allowed(authorization, frozenset({"s3cret"})) is allowed
-    assert bearer_allowed(authorization, frozenset())  # no tokens: no auth
+    assert bearer_caller(authorization, {"s3cret": "billing"}) == ("billing" if allowed else None)
+    assert bearer_caller(authorization, {}) == ANYONE  # no tokens: no auth
 
 
 def test_bearer_tokens(preparer: Preparer) -> None:

@@ -4,6 +4,7 @@ off), rotated while serving (SIGHUP), and a rotation that would leave no token r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import signal
@@ -22,7 +23,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server import main as server_main
 from guardrt.runtime.server.config import AUTH_TOKENS_ENV, ServerConfig
 from guardrt.runtime.server.main import Stack, access_line, assemble_stack
-from guardrt.runtime.server.tokens import BearerTokens, read_tokens
+from guardrt.runtime.server.tokens import UNNAMED, BearerTokens, read_named_tokens, read_tokens
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 from tests.server_harness import FakeEngine, serving
@@ -246,3 +247,87 @@ def test_a_sighup_while_the_model_loads_is_applied_once_serving(
     codes = _serve_and_call(preparer, monkeypatch, path, steps, while_loading=rotate)
     assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK]
     assert "bearer tokens reloaded: 1 (were 1)" in capsys.readouterr().out
+
+
+def test_token_lines_may_name_their_caller_and_comments_are_not_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a comment line in the token file was itself an accepted token."""
+    path = tmp_path / "tokens"
+    path.write_text("# rotated 2026-11-29\nbilling s3cret-b\n  chat  s3cret-c \nplain-token\n")
+    monkeypatch.setenv(AUTH_TOKENS_ENV, "from-env")
+    assert read_named_tokens(str(path)) == {
+        "s3cret-b": "billing",
+        "s3cret-c": "chat",
+        "plain-token": UNNAMED,
+        "from-env": UNNAMED,
+    }
+    tokens = BearerTokens(read_tokens(str(path)), str(path))
+    assert tokens.caller("Bearer s3cret-c") == "chat"
+    assert tokens.caller("Bearer plain-token") == UNNAMED
+    assert tokens.caller("Bearer # rotated 2026-11-29") is None
+    assert tokens.callers() == ["billing", "chat"]
+    config = ServerConfig(auth_tokens=read_tokens(str(path)), auth_token_file=str(path))
+    assert access_line(config, tokens).endswith("; callers named: billing, chat")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("billing s3cret extra\n", "line 1 is not TOKEN or NAME TOKEN"),
+        ("# ok\nbill/ing s3cret\n", "line 2 is not TOKEN or NAME TOKEN"),
+        ("billing s3cret\nchat s3cret\n", "line 2 names a token an earlier line names otherwise"),
+    ],
+    ids=["three-fields", "bad-name", "two-names"],
+)
+def test_a_bad_token_line_is_named_never_shown(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as refused:
+        read_tokens(str(path))
+    assert "s3cret" not in str(refused.value)
+
+
+def test_requests_are_counted_and_logged_by_caller_never_by_token(
+    preparer: Preparer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("billing s3cret-b\nchat s3cret-c\n")
+    settings: dict[str, Any] = {"auth_tokens": read_tokens(str(path)), "auth_token_file": str(path)}
+    caplog.set_level("INFO")
+    with serving(FakeEngine(), preparer, **settings) as server:
+        stub = server.stub()
+        good = pb.ModerateRequest(
+            messages=[pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])]
+        )
+        bad = pb.ModerateRequest(
+            messages=[pb.Message(role=pb.ASSISTANT, content=[pb.Content(text="Hi.")])]
+        )
+        for token, request in (
+            ("s3cret-b", good),
+            ("s3cret-b", good),
+            ("s3cret-c", bad),
+            ("nope", good),
+        ):
+            with contextlib.suppress(grpc.RpcError):
+                stub.Moderate(request, timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+        body = json.dumps(
+            {"model": "tiny-random", "messages": [{"role": "user", "content": "Hi."}]}
+        )
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer s3cret-c"}
+        http = urllib.request.Request(
+            f"{server.base_url}/chat/completions", body.encode(), headers, method="POST"
+        )
+        with urllib.request.urlopen(http, timeout=10) as response:
+            assert response.status == 200
+        metrics = server.stack.metrics.text().decode()
+    assert 'guardrt_caller_requests_total{caller="billing",outcome="answered"} 2.0' in metrics
+    assert 'guardrt_caller_requests_total{caller="chat",outcome="refused"} 1.0' in metrics
+    assert 'guardrt_caller_requests_total{caller="chat",outcome="answered"} 1.0' in metrics
+    assert 'guardrt_caller_requests_total{caller="none",outcome="refused"} 1.0' in metrics
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum(" from billing: " in line for line in lines if line.startswith("request ")) == 2
+    assert any(
+        line.startswith("refused ") and " from chat: INVALID_ARGUMENT" in line for line in lines
+    )
+    assert not any("s3cret" in line for line in lines)

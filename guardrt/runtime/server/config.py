@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,15 +121,3 @@ class ServerConfig:
             raise ConfigError(
                 f"max_streams must be ≥ 0 (0: no cache slots), not {self.max_streams}"
             )
-
-
-def bearer_allowed(authorization: str, tokens: frozenset[str]) -> bool:
-    """Whether an `Authorization` value carries one of `tokens` (any value when there are
-    none); compared in constant time. The one check gRPC and HTTP share."""
-    if not tokens:
-        return True
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":  # an auth scheme is case-insensitive (RFC 9110 §11.1)
-        return False
-    token = token.strip()
-    return any(hmac.compare_digest(token, known) for known in tokens)

@@ -32,7 +32,7 @@ from guardrt.runtime.server.service import (
 from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
 from guardrt.runtime.server.tls import ServerTls
-from guardrt.runtime.server.tokens import BearerTokens
+from guardrt.runtime.server.tokens import NOT_AUTHENTICATED, BearerTokens
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
@@ -60,56 +60,72 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         self.metrics = metrics
 
     def _count(
-        self, route: str, outcome: ModerationResult | GuardrtError, request_id: str = ""
+        self,
+        route: str,
+        caller: str,
+        outcome: ModerationResult | GuardrtError,
+        request_id: str = "",
     ) -> None:
         """A verdict given or a call refused, on /metrics (and a refusal logged)."""
         if isinstance(outcome, ModerationResult):
             if self.metrics is not None:
-                self.metrics.answered(route, outcome, grpc.StatusCode.OK.name)
+                self.metrics.answered(route, outcome, grpc.StatusCode.OK.name, caller)
             return
         reason = getattr(outcome, "reason", None)
         label = reason.value if reason is not None else type(outcome).__name__
         code = grpc_status(outcome).name
         if self.metrics is not None:
-            self.metrics.failed(route, code, label)
-        log_refusal(route, code, label, grpc_message(outcome, request_id), request_id or None)
+            self.metrics.failed(route, code, label, caller)
+        message = grpc_message(outcome, request_id)
+        log_refusal(route, code, label, message, request_id or None, caller)
 
     async def _refuse(
-        self, context: Any, route: str, code: grpc.StatusCode, reason: str, message: str
+        self,
+        context: Any,
+        route: str,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        caller: str = NOT_AUTHENTICATED,
     ) -> None:
         """End the call with `code`, counted under `route` and logged (abort raises)."""
         if self.metrics is not None:
-            self.metrics.failed(route, code.name, reason)
-        log_refusal(route, code.name, reason, message)
+            self.metrics.failed(route, code.name, reason, caller)
+        log_refusal(route, code.name, reason, message, caller=caller)
         await context.abort(code, message)
 
-    async def _authorize(self, context: Any, route: str) -> None:
+    async def _authorize(self, context: Any, route: str) -> str:
+        """The caller's name (tokens.py); a call without an accepted token is aborted."""
         metadata = dict(context.invocation_metadata() or ())
-        if not self.tokens.allowed(str(metadata.get("authorization", ""))):
+        caller = self.tokens.caller(str(metadata.get("authorization", "")))
+        if caller is None:
             message = "a valid 'authorization: Bearer <token>' header is required"
             await self._refuse(
                 context, route, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", message
             )
+            raise AssertionError("not reached: abort raises")
+        return caller
 
     async def Moderate(self, request: pb.ModerateRequest, context: Any) -> pb.ModerateResponse:  # noqa: N802
         route = "grpc/Moderate"
-        await self._authorize(context, route)
+        caller = await self._authorize(context, route)
         request_id = ""
         try:
             request_id = checked_request_id(request.request_id)
-            item = _with_id(input_from_proto(request), request_id)
+            item = _with_id(input_from_proto(request), request_id, caller)
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
-            self._count(route, exc, request_id)
+            self._count(route, caller, exc, request_id)
             await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             raise  # not reached: abort raises
-        self._count(route, result)
+        self._count(route, caller, result)
         return result_to_proto(result)
 
     async def ModerateMany(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModerateRequest], context: Any
     ) -> AsyncIterator[pb.ModerateResponse]:
-        await self._authorize(context, "grpc/ModerateMany")
+        route = "grpc/ModerateMany"
+        caller = await self._authorize(context, route)
         responses: asyncio.Queue[pb.ModerateResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
@@ -122,13 +138,13 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             request_id = request.request_id  # echoed as sent, to match a refusal to its request
             try:
                 request_id = checked_request_id(request.request_id)
-                item = _with_id(input_from_proto(request), request_id)
+                item = _with_id(input_from_proto(request), request_id, caller)
                 # A bulk backlog past its share waits here: gRPC's flow control holds the rest.
                 result = await self.service.moderate(item, deadline, hold=True)
-                self._count("grpc/ModerateMany", result)
+                self._count(route, caller, result)
                 response = result_to_proto(result)
             except GuardrtError as exc:
-                self._count("grpc/ModerateMany", exc, request_id)
+                self._count(route, caller, exc, request_id)
                 verdict = error_verdict(grpc_message(exc, request_id), grpc_code(exc))
                 response = pb.ModerateResponse(request_id=request_id, verdict=verdict)
             await responses.put(response)
@@ -163,13 +179,13 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
     ) -> AsyncIterator[pb.StreamResponse]:
         route = "grpc/ModerateStream"
-        await self._authorize(context, route)
+        caller = await self._authorize(context, route)
         session: StreamSession | None = None
         deadline = _deadline(context)
 
         async def refuse(message: str) -> None:  # the stream's messages out of order
             await self._refuse(
-                context, route, grpc.StatusCode.INVALID_ARGUMENT, "stream_protocol", message
+                context, route, grpc.StatusCode.INVALID_ARGUMENT, "stream_protocol", message, caller
             )
 
         try:
@@ -184,7 +200,8 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                             self.service,
                             message.start,
                             deadline,
-                            functools.partial(self._count, route),  # each checkpoint
+                            functools.partial(self._count, route, caller),  # each checkpoint
+                            caller,
                         )
                         # The start is accepted: said at once (headers), so that a client can
                         # wait for it and learn a refusal's status before it writes more.
@@ -201,7 +218,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                         await refuse("empty stream message")
                 except GuardrtError as exc:
                     request_id = session.request_id if session else message.start.request_id
-                    self._count(route, exc, request_id)
+                    self._count(route, caller, exc, request_id)
                     await context.abort(grpc_status(exc), grpc_message(exc, request_id))
             if session is not None:
                 await refuse("the stream closed without an end message")
@@ -225,8 +242,8 @@ def stream_window(service: ModerationService) -> int:
     return max(1, min(scheduler.max_queue // 2, max(16, 4 * scheduler.max_batch)))
 
 
-def _with_id(item: ModerationInput, request_id: str) -> ModerationInput:
-    return dataclasses.replace(item, request_id=request_id)
+def _with_id(item: ModerationInput, request_id: str, caller: str) -> ModerationInput:
+    return dataclasses.replace(item, request_id=request_id, caller=caller)
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:

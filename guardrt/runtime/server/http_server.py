@@ -19,6 +19,7 @@ cancels its call: queued work is dropped unrun. `X-Request-Timeout` (or the `ope
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,7 @@ from guardrt.runtime.server.service import (
 )
 from guardrt.runtime.server.status import http_status, internal_message
 from guardrt.runtime.server.tls import ServerTls
-from guardrt.runtime.server.tokens import BearerTokens
+from guardrt.runtime.server.tokens import NOT_AUTHENTICATED, BearerTokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
@@ -60,6 +61,7 @@ def _request_key(name: str) -> Any:
 
 
 _REQUEST_ID_KEY = _request_key("guardrt.request_id")  # where a moderation call keeps its id
+_CALLER_KEY = _request_key("guardrt.caller")  # its caller's name, once authenticated
 # Where a moderation call keeps its parsed body, which places the runtime's input errors in it
 # (`param`, and for /v1/moderations the message's `input[k]`).
 _BODY_KEY = _request_key("guardrt.body")
@@ -139,7 +141,7 @@ class HttpApi:
         route = request.path if request.path in self.paths else "unmatched"
         try:
             if request.path not in _OPEN:
-                self._authorize(request)
+                request[_CALLER_KEY] = self._authorize(request)
             if request.path in _MODERATE and self.service.scheduler.broken.is_set():
                 raise broken_error()
             if request.path in _MODERATE and not self.accepting():
@@ -151,7 +153,9 @@ class HttpApi:
                 )
             response = await handler(request)
         except oa.ApiError as exc:
-            return self._refused(route, exc, request.get(_REQUEST_ID_KEY))
+            return self._refused(
+                route, exc, request.get(_REQUEST_ID_KEY), caller=request.get(_CALLER_KEY)
+            )
         except GuardrtError as exc:
             status, code = http_status(exc)
             request_id = request.get(_REQUEST_ID_KEY)
@@ -163,14 +167,16 @@ class HttpApi:
                 message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
             error = oa.ApiError(status, message, type=kind, param=param, code=code)
-            return self._refused(route, error, request_id)
+            return self._refused(route, error, request_id, caller=request.get(_CALLER_KEY))
         except web.HTTPRequestEntityTooLarge as exc:
             message = f"the request body is over the {self.body_limit()}-byte limit"
             error = oa.ApiError(exc.status, message, code="request_too_large")
-            return self._refused(route, error, request.get(_REQUEST_ID_KEY))
+            caller = request.get(_CALLER_KEY)
+            return self._refused(route, error, request.get(_REQUEST_ID_KEY), caller=caller)
         except web.HTTPException as exc:
             error = oa.ApiError(exc.status, exc.reason, code=str(exc.status))
-            return self._refused(route, error, request.get(_REQUEST_ID_KEY), reason="http")
+            request_id, caller = request.get(_REQUEST_ID_KEY), request.get(_CALLER_KEY)
+            return self._refused(route, error, request_id, reason="http", caller=caller)
         return response
 
     def _refused(
@@ -179,22 +185,26 @@ class HttpApi:
         error: oa.ApiError,
         request_id: str | None,
         reason: str | None = None,
+        caller: str | None = None,
     ) -> web.Response:
         """The error's answer, counted on /metrics and logged (`reason`: the metrics' label,
-        the error's code by default)."""
+        the error's code by default; `caller`: who sent it, once authenticated)."""
         reason = reason or error.code or error.type
-        self.metrics.failed(route, str(error.status), reason)
-        log_refusal(route, str(error.status), reason, error.message, request_id)
+        self.metrics.failed(route, str(error.status), reason, caller or NOT_AUTHENTICATED)
+        log_refusal(route, str(error.status), reason, error.message, request_id, caller)
         return _error(error, request_id)
 
-    def _authorize(self, request: web.Request) -> None:
-        if not self.tokens.allowed(request.headers.get("Authorization", "")):
+    def _authorize(self, request: web.Request) -> str:
+        """The caller's name (tokens.py); 401 without an accepted token."""
+        caller = self.tokens.caller(request.headers.get("Authorization", ""))
+        if caller is None:
             raise oa.ApiError(
                 401,
                 "a valid 'Authorization: Bearer <token>' header is required",
                 type="invalid_request_error",
                 code="invalid_api_key",
             )
+        return caller
 
     def body_limit(self) -> int:
         # Images arrive base64-encoded in JSON: 4/3 of the binary limit, plus the text.
@@ -214,12 +224,14 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         request_id = _request_id(request)
         deadline = oa.request_deadline(request.headers, time.monotonic())
+        caller = request[_CALLER_KEY]
         chat = await self._parsed(
             request, lambda data: oa.parse_chat(data, self.served, request_id, self.origins)
         )
         request[_BODY_KEY] = chat
-        result = await self.service.moderate(await self._fetched(chat.item), deadline)
-        self.metrics.answered(request.path, result)
+        item = dataclasses.replace(await self._fetched(chat.item), caller=caller)
+        result = await self.service.moderate(item, deadline)
+        self.metrics.answered(request.path, result, caller=caller)
         created = oa.now()
         bulk = chat.item.bulk
         if not chat.stream:
@@ -247,11 +259,14 @@ class HttpApi:
             lambda data: oa.parse_moderations(data, self.served, request_id, self.origins),
         )
         request[_BODY_KEY] = inputs
-        items = [await self._fetched(item) for item in inputs.items]  # one has an image at most
+        caller = request[_CALLER_KEY]
+        items = [  # one has an image at most
+            dataclasses.replace(await self._fetched(item), caller=caller) for item in inputs.items
+        ]
         # A list of bulk inputs past the bulk share waits for room (the body is read already).
         results = await self.service.moderate_all(items, deadline, hold=True)
         for result in results:
-            self.metrics.answered(request.path, result)
+            self.metrics.answered(request.path, result, caller=caller)
         body = [
             oa.moderation_result(result, types, inputs.custom)
             for result, types in zip(results, inputs.types, strict=True)

@@ -22,7 +22,7 @@ import dataclasses
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
@@ -30,7 +30,9 @@ import yarl
 
 from guardrt.runtime.conversation import parse_messages
 from guardrt.runtime.errors import ConfigError
-from guardrt.runtime.server.service import ModerationInput
+
+if TYPE_CHECKING:  # the server's config imports this module; the service imports the config
+    from guardrt.runtime.server.service import ModerationInput
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CHUNK_BYTES = 256 * 1024

@@ -302,6 +302,9 @@ def access_line(config: ServerConfig, tokens: BearerTokens) -> str:
     )
     if tokens.required:
         who = f"{len(tokens)} bearer token(s) required ({tokens.sources()}; SIGHUP reloads)"
+        callers = tokens.callers()
+        if callers:  # names, not secrets: what the logs and /metrics call them
+            who += f"; callers named: {', '.join(callers)}"
     else:
         who = "no bearer token required: anyone who reaches the ports may call"
     return f"access: {transport}; {who}"

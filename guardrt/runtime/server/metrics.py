@@ -8,6 +8,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from guardrt.runtime.server.service import ModerationResult
+from guardrt.runtime.server.tokens import ANYONE, NOT_AUTHENTICATED
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -63,6 +64,14 @@ class Metrics:
             ["label", "input"],
             registry=self.registry,
         )
+        self.callers = Counter(
+            "guardrt_caller_requests",
+            "Requests by caller (the name its bearer token has in --auth-token-file: 'unnamed' "
+            "without one, 'anyone' when no token is required, 'none' when refused before "
+            "authentication) and outcome (answered, refused).",
+            ["caller", "outcome"],
+            registry=self.registry,
+        )
         self.categories = Counter(
             "guardrt_unsafe_categories",
             "Categories named by unsafe verdicts, by code (a verdict naming two counts twice).",
@@ -107,9 +116,12 @@ class Metrics:
         )
         gauge.set_function(lambda: float(ready()))
 
-    def answered(self, route: str, result: ModerationResult, code: str = "200") -> None:
+    def answered(
+        self, route: str, result: ModerationResult, code: str = "200", caller: str = ANYONE
+    ) -> None:
         """A verdict given: `code` is "200" on HTTP routes, "OK" on gRPC's."""
         self.requests.labels(route, code, "ok").inc()
+        self.callers.labels(caller, "answered").inc()
         verdict = result.verdict
         self.verdicts.labels(verdict.label.value, "image" if result.image_tiles else "text").inc()
         for category in verdict.categories:
@@ -129,9 +141,10 @@ class Metrics:
             self.stage.labels(stage).observe(milliseconds / 1e3)
         self.batch_size.observe(timing.batch_size)
 
-    def failed(self, route: str, code: str, reason: str) -> None:
+    def failed(self, route: str, code: str, reason: str, caller: str = NOT_AUTHENTICATED) -> None:
         self.requests.labels(route, code, reason).inc()
         self.rejections.labels(reason).inc()
+        self.callers.labels(caller, "refused").inc()
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from guardrt.runtime.server.tokens import logged_caller
+
 log = logging.getLogger("guardrt.refused")
 
 # Reasons (the metrics' labels) that come in floods when the server is overloaded or stopping.
@@ -22,17 +24,26 @@ _FLOODS = frozenset(
 
 
 def log_refusal(
-    route: str, code: str, reason: str, message: str, request_id: str | None = None
+    route: str,
+    code: str,
+    reason: str,
+    message: str,
+    request_id: str | None = None,
+    caller: str | None = None,
 ) -> None:
-    """Log one refused or failed call (`code`: the HTTP status or the gRPC status name)."""
+    """Log one refused or failed call (`code`: the HTTP status or the gRPC status name;
+    `caller`: its bearer token's name, once it passed authentication)."""
     level = logging.DEBUG if reason in _FLOODS else logging.INFO
+    caller = logged_caller(caller)
+    fields = {"request_id": request_id, "route": route, "status": code, "reason": reason}
     log.log(
         level,
-        "refused %s on %s: %s %s: %s",
+        "refused %s on %s%s: %s %s: %s",
         request_id or "-",
         route,
+        f" from {caller}" if caller else "",
         code,
         reason,
         message[:500],
-        extra={"request_id": request_id, "route": route, "status": code, "reason": reason},
+        extra=fields | {"caller": caller},
     )

@@ -31,6 +31,7 @@ from guardrt.runtime.errors import (
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
+from guardrt.runtime.server.tokens import logged_caller
 from guardrt.runtime.verdict import Verdict
 
 log = logging.getLogger("guardrt.service")
@@ -49,6 +50,8 @@ class ModerationInput:
     ignored_roles: tuple[str, ...] = ()
     # A backlog's request: run after interactive ones, within its share of the queue.
     bulk: bool = False
+    # Who sent it: its bearer token's name (tokens.py), for the logs; "" when not known.
+    caller: str = ""
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ class ModerationService:
             "image_tiles": request.image.num_tiles if request.image else 0,
             "prompt_tokens": len(request.prompt),
             "bulk": item.bulk,
+            "caller": logged_caller(item.caller),
             "label": verdict.label.value,
             "categories": list(verdict.categories),
             "batch_size": info.size,
@@ -315,10 +319,12 @@ class ModerationService:
             "model_ms": round(timing.model_ms, 2),
             "total_ms": round(timing.total_ms, 2),
         }
+        caller = fields["caller"]
         log.info(
-            "request %s: %d messages, %d text chars, image %s, %d prompt tokens, %s, "
+            "request %s%s: %d messages, %d text chars, image %s, %d prompt tokens, %s, "
             "batch %d, %.1f ms",
             request_id,
+            f" from {caller}" if caller else "",
             fields["messages"],
             fields["text_chars"],
             f"{fields['image_tiles']} tiles" if request.image else "none",

@@ -14,6 +14,7 @@ slot is taken, checks run as fresh requests: same answers, more compute.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -65,8 +66,10 @@ class StreamSession:
         start: pb.StreamStart,
         deadline: float | None,
         count: Callable[[ModerationResult | GuardrtError, str], None] = lambda outcome, id_: None,
+        caller: str = "",
     ) -> StreamSession:
-        """Validate the conversation before the answer (it must end with a user message)."""
+        """Validate the conversation before the answer (it must end with a user message);
+        `caller`: who sent it (the logs' name for its bearer token)."""
         messages = messages_from_proto(start.messages)
         if len(messages) % 2 == 0:
             raise PromptError(
@@ -76,7 +79,7 @@ class StreamSession:
             )
         categories, excluded = policy_from_proto(start.policy)
         request_id = checked_request_id(start.request_id)
-        base = ModerationInput(request_id, messages, categories, excluded)
+        base = ModerationInput(request_id, messages, categories, excluded, caller=caller)
         session = cls(
             service,
             request_id,
@@ -101,9 +104,7 @@ class StreamSession:
 
     def _with_answer(self) -> ModerationInput:
         answer: Mapping[str, Any] = {"role": "assistant", "content": self.answer}
-        return ModerationInput(
-            self.request_id, [*self.base.messages, answer], self.base.categories, self.base.excluded
-        )
+        return dataclasses.replace(self.base, messages=[*self.base.messages, answer])
 
     async def append(self, text: str) -> list[pb.StreamResponse]:
         """Add text to the answer; a checkpoint's response when one falls due."""
