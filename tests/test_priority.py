@@ -8,7 +8,7 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -65,6 +65,14 @@ def test_interactive_work_runs_before_older_bulk_work(preparer: Preparer) -> Non
     assert ran == [held, live, bulk_a, bulk_b]
 
 
+def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Wait for `condition` (the server's threads run at their own pace under load)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
 def _moderate(text: str, bulk: bool = False, request_id: str = "") -> pb.ModerateRequest:
     return moderate_request(_user(text), request_id=request_id, bulk=bulk)
 
@@ -90,13 +98,13 @@ def test_bulk_requests_hold_half_the_queue_and_never_crowd_out_live_ones(
     running = stub.Moderate.future(_moderate("held"), timeout=30)
     assert engine.entered.wait(10)
     backlog = [stub.Moderate.future(_moderate("bulk " * n, bulk=True), timeout=30) for n in (1, 2)]
-    time.sleep(0.3)  # both queued: the bulk share (2 of 4) is full
+    _until(lambda: server.stack.scheduler.depth() == 2)  # both queued: the bulk share is full
     with ModerationClient(f"localhost:{server.port}", retries=0) as client:
         with pytest.raises(CallError, match="bulk requests fill their share of the queue") as full:
             client.moderate(_user("one more bulk"), bulk=True)
         assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         live = stub.Moderate.future(_moderate("live " * 9), timeout=30)  # room is kept for it
-        time.sleep(0.3)
+        _until(lambda: server.stack.scheduler.depth() == 3)
         assert engine.gate is not None
         engine.gate.set()
         assert live.result().verdict.label == pb.SAFE
@@ -170,7 +178,7 @@ def test_flex_past_the_bulk_share_is_429(held_server: tuple[ServerThread, FakeEn
     running = stub.Moderate.future(_moderate("held"), timeout=30)
     assert engine.entered.wait(10)
     backlog = [stub.Moderate.future(_moderate("bulk", bulk=True), timeout=30) for _ in (1, 2)]
-    time.sleep(0.3)
+    _until(lambda: server.stack.service.bulk_held() == 2)
     status, body = _chat(server, service_tier="flex")
     assert status == 429
     assert "bulk requests fill their share" in body["error"]["message"]
