@@ -184,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_message_bytes=args.max_message_bytes,
         max_text_chars=args.max_text_chars,
+        max_in_flight_per_caller=args.max_in_flight_per_caller,
         grace_s=args.grace_s,
         drain_delay_s=args.drain_delay_s,
         engine_timeout_s=args.engine_timeout_s,
@@ -275,6 +276,13 @@ def _add_serve(commands: Any) -> None:
     )
     serve.add_argument("--max-message-bytes", type=int, default=40 * 1024 * 1024)
     serve.add_argument("--max-text-chars", type=int, default=200_000)
+    serve.add_argument(
+        "--max-in-flight-per-caller",
+        type=int,
+        default=0,
+        help="requests one caller (a bearer token's name, see --auth-token-file) may have in "
+        "flight; past it RESOURCE_EXHAUSTED / 429, ModerateMany held back (0: no limit)",
+    )
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.add_argument(
         "--drain-delay-s",

@@ -91,6 +91,8 @@ def test_grpc_does_not_share_a_port_with_another_server() -> None:
         ({"max_streams": -1}, "max_streams must be ≥ 0"),
         ({"engine_timeout_s": math.nan}, "engine_timeout_s must be a finite number ≥ 0, not nan"),
         ({"max_message_bytes": 10}, "max_message_bytes must be at least 1024 (a call's framing"),
+        ({"max_in_flight_per_caller": -1}, "max_in_flight_per_caller must be ≥ 0 (0: no limit)"),
+        ({"image_url_timeout_s": 0.0}, "image_url_timeout_s must be a finite number > 0, not 0.0"),
     ],
     ids=[
         "same-ports",
@@ -101,6 +103,8 @@ def test_grpc_does_not_share_a_port_with_another_server() -> None:
         "streams",
         "nan-engine-timeout",
         "tiny-messages",
+        "per-caller",
+        "image-url-timeout",
     ],
 )
 def test_settings_out_of_range_are_named(settings: dict[str, object], message: str) -> None:

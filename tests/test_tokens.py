@@ -9,6 +9,7 @@ import dataclasses
 import json
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -331,3 +332,56 @@ def test_requests_are_counted_and_logged_by_caller_never_by_token(
         line.startswith("refused ") and " from chat: INVALID_ARGUMENT" in line for line in lines
     )
     assert not any("s3cret" in line for line in lines)
+
+
+def test_one_caller_cannot_take_more_than_its_requests_in_flight(
+    preparer: Preparer, tmp_path: Path
+) -> None:
+    """--max-in-flight-per-caller: a caller past its limit is refused at once (its stream held
+    back instead), while another caller's requests are still taken."""
+    path = tmp_path / "tokens"
+    path.write_text("billing s3cret-b\nchat s3cret-c\n")
+    engine = FakeEngine(max_batch=1)
+    engine.gate = threading.Event()
+    settings: dict[str, Any] = {
+        "auth_tokens": read_tokens(str(path)),
+        "auth_token_file": str(path),
+        "max_in_flight_per_caller": 2,
+        "max_batch_size": 1,
+        "max_wait_ms": 0,
+    }
+    message = pb.Message(role=pb.USER, content=[pb.Content(text="Hi.")])
+    billing = (("authorization", "Bearer s3cret-b"),)
+    with serving(engine, preparer, **settings) as server:
+        stub = server.stub()
+        try:
+            calls = [
+                stub.Moderate.future(pb.ModerateRequest(messages=[message]), 30, billing)
+                for _ in range(2)
+            ]
+            deadline = time.monotonic() + 30
+            while server.stack.scheduler.depth() < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)  # one running, one queued: billing's two places taken
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Moderate(pb.ModerateRequest(messages=[message]), timeout=10, metadata=billing)
+            chat = stub.Moderate.future(
+                pb.ModerateRequest(messages=[message]),
+                30,
+                (("authorization", "Bearer s3cret-c"),),
+            )
+            many = [pb.ModerateRequest(request_id=f"m{i}", messages=[message]) for i in range(4)]
+            streamed: list[Any] = []
+            reader = threading.Thread(
+                target=lambda: streamed.extend(
+                    stub.ModerateMany(iter(many), timeout=30, metadata=billing)
+                )
+            )
+            reader.start()
+        finally:
+            engine.gate.set()
+        assert chat.result().verdict.label == pb.SAFE
+        assert [call.result().verdict.label for call in calls] == [pb.SAFE, pb.SAFE]
+        reader.join(30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "caller billing has 2 requests in flight" in str(refused.value.details())
+    assert sorted(response.verdict.label for response in streamed) == [pb.SAFE] * 4

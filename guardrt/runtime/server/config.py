@@ -55,6 +55,7 @@ class ServerConfig:
     max_queue: int = 256  # queued requests beyond this are refused (RESOURCE_EXHAUSTED)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_text_chars: int = 200_000
+    max_in_flight_per_caller: int = 0  # per named bearer token's caller; 0: no limit
     grace_s: float = 30.0  # SIGTERM: time to answer in-flight and queued work
     # SIGTERM: keep taking calls this long while reporting NOT_SERVING, for load balancers
     # (a Kubernetes Service's endpoints) to stop sending here before the ports close.
@@ -114,6 +115,11 @@ class ServerConfig:
         if not 0 < self.image_url_timeout_s < math.inf:
             raise ConfigError(
                 f"image_url_timeout_s must be a finite number > 0, not {self.image_url_timeout_s}"
+            )
+        if self.max_in_flight_per_caller < 0:
+            raise ConfigError(
+                "max_in_flight_per_caller must be ≥ 0 (0: no limit), not "
+                f"{self.max_in_flight_per_caller}"
             )
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, not {self.workers}")

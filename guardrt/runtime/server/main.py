@@ -121,7 +121,8 @@ def assemble_stack(
         stall_s=config.engine_timeout_s or None,
     )
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
-    service = ModerationService(preparer, scheduler, Limits(config.max_text_chars), executor)
+    limits = Limits(config.max_text_chars, config.max_in_flight_per_caller)
+    service = ModerationService(preparer, scheduler, limits, executor)
     info = pb.ModelInfo(
         model=model,
         meaningless_verdicts=model == TINY_RANDOM,

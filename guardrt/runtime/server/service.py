@@ -102,6 +102,9 @@ def checked_request_id(value: str) -> str:
 @dataclass(frozen=True)
 class Limits:
     max_text_chars: int = 200_000  # all text parts of a conversation together
+    # Requests one authenticated caller may have in flight (admitted, not yet answered); 0: no
+    # limit. One service's burst then cannot fill the queue the others share.
+    max_in_flight_per_caller: int = 0
 
 
 def text_chars(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -140,6 +143,7 @@ class ModerationService:
         self.bulk_share = max(1, scheduler.max_queue // 2)
         self._bulk = asyncio.Semaphore(self.bulk_share)
         self._bulk_held = 0  # bulk requests holding a place in the share (for /metrics)
+        self._callers: dict[str, asyncio.Semaphore] = {}  # per authenticated caller
 
     def prepare(self, item: ModerationInput) -> PreparedRequest:
         """Validate and prepare one request (blocking: call it on a worker thread)."""
@@ -196,26 +200,35 @@ class ModerationService:
         if not bulk:
             yield
             return
-        if self._bulk.locked() and not hold:
-            raise ServiceError(
-                ServiceReason.QUEUE_FULL,
-                f"bulk requests fill their share of the queue ({self.bulk_share} of "
-                f"{self.scheduler.max_queue}); the rest is kept for interactive requests: "
-                "retry later, or send the backlog over ModerateMany (held back, not refused)",
-            )
-        try:
-            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
-                await self._bulk.acquire()
-        except TimeoutError:
-            raise ServiceError(
-                ServiceReason.DEADLINE, "the deadline passed before the bulk request had room"
-            ) from None
-        self._bulk_held += 1
-        try:
+        full = (
+            f"bulk requests fill their share of the queue ({self.bulk_share} of "
+            f"{self.scheduler.max_queue}); the rest is kept for interactive requests: retry "
+            "later, or send the backlog over ModerateMany (held back, not refused)"
+        )
+        async with _place(self._bulk, hold, deadline, full):
+            self._bulk_held += 1
+            try:
+                yield
+            finally:
+                self._bulk_held -= 1
+
+    @contextlib.asynccontextmanager
+    async def _caller_share(
+        self, caller: str, hold: bool, deadline: float | None
+    ) -> AsyncIterator[None]:
+        """A place among the requests its caller may have in flight (--max-in-flight-per-caller,
+        authenticated callers only), refused or (`hold`) waited for as `_bulk_share`."""
+        limit = self.limits.max_in_flight_per_caller
+        if not limit or logged_caller(caller) is None:
             yield
-        finally:
-            self._bulk_held -= 1
-            self._bulk.release()
+            return
+        places = self._callers.setdefault(caller, asyncio.Semaphore(limit))
+        full = (
+            f"caller {caller} has {limit} requests in flight, its limit "
+            "(--max-in-flight-per-caller): retry when one is answered"
+        )
+        async with _place(places, hold, deadline, full):
+            yield
 
     def bulk_held(self) -> int:
         """Bulk requests in flight (admitted to the bulk share, not yet answered)."""
@@ -283,7 +296,10 @@ class ModerationService:
         `session` (from the engine's `open_session`) lets the engine reuse the K/V of the
         session's previous request. A bulk request past its share of the queue is refused
         (QUEUE_FULL), or with `hold` (a stream's) waits for room."""
-        async with self._bulk_share(item.bulk, hold, deadline):
+        async with (
+            self._caller_share(item.caller, hold, deadline),
+            self._bulk_share(item.bulk, hold, deadline),
+        ):
             return await self._moderate(item, deadline, session)
 
     async def _moderate(
@@ -346,6 +362,27 @@ class ModerationService:
 
 
 _SMALL_TEXT = 2_000
+
+
+@contextlib.asynccontextmanager
+async def _place(
+    places: asyncio.Semaphore, hold: bool, deadline: float | None, full: str
+) -> AsyncIterator[None]:
+    """One of `places`: QUEUE_FULL (`full` says why) at once when none is free, or with `hold`
+    waited for until `deadline` (DEADLINE past it)."""
+    if places.locked() and not hold:
+        raise ServiceError(ServiceReason.QUEUE_FULL, full)
+    try:
+        async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+            await places.acquire()
+    except TimeoutError:
+        raise ServiceError(
+            ServiceReason.DEADLINE, "the deadline passed while the request waited for room"
+        ) from None
+    try:
+        yield
+    finally:
+        places.release()
 
 
 def _raised(task: asyncio.Future[Any]) -> BaseException | None:
