@@ -377,11 +377,27 @@ def test_one_caller_cannot_take_more_than_its_requests_in_flight(
                 )
             )
             reader.start()
+            start = pb.StreamStart(request_id="s", messages=[message], check_every_tokens=64)
+            answer = [
+                pb.StreamRequest(start=start),
+                pb.StreamRequest(append="Sure, here it is."),
+                pb.StreamRequest(end=pb.StreamEnd()),
+            ]
+            checked: list[Any] = []
+            checker = threading.Thread(
+                target=lambda: checked.extend(
+                    stub.ModerateStream(iter(answer), timeout=30, metadata=billing)
+                )
+            )
+            checker.start()
+            time.sleep(0.5)  # the stream's final check waits for one of billing's places
         finally:
             engine.gate.set()
         assert chat.result().verdict.label == pb.SAFE
         assert [call.result().verdict.label for call in calls] == [pb.SAFE, pb.SAFE]
         reader.join(30)
+        checker.join(30)
+    assert [(r.final, r.verdict.label, r.verdict.error) for r in checked] == [(True, pb.SAFE, "")]
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "caller billing has 2 requests in flight" in str(refused.value.details())
     assert sorted(response.verdict.label for response in streamed) == [pb.SAFE] * 4

@@ -129,7 +129,10 @@ class StreamSession:
             final=final,
         )
         try:
-            result = await self.service.moderate(self._with_answer(), self.deadline, self.session)
+            # Held, not refused, past a bound on its caller: one check at a time is in flight.
+            result = await self.service.moderate(
+                self._with_answer(), self.deadline, self.session, hold=True
+            )
         except GuardrtError as exc:  # in-band: the stream goes on, the caller sees ERROR
             self.count(exc, self.request_id)
             message = grpc_message(exc, self.request_id)
