@@ -33,6 +33,7 @@ from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
 from guardrt.runtime.server.streaming import StreamSession
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import NOT_AUTHENTICATED, BearerTokens
+from guardrt.runtime.server.trace import trace_id
 from guardrt.v1 import moderation_pb2 as pb
 from guardrt.v1 import moderation_pb2_grpc as pb_grpc
 
@@ -112,7 +113,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         request_id = ""
         try:
             request_id = checked_request_id(request.request_id)
-            item = _with_id(input_from_proto(request), request_id, caller)
+            item = _with_id(input_from_proto(request), request_id, caller, context)
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
             self._count(route, caller, exc, request_id)
@@ -138,7 +139,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             request_id = request.request_id  # echoed as sent, to match a refusal to its request
             try:
                 request_id = checked_request_id(request.request_id)
-                item = _with_id(input_from_proto(request), request_id, caller)
+                item = _with_id(input_from_proto(request), request_id, caller, context)
                 # A bulk backlog past its share waits here: gRPC's flow control holds the rest.
                 result = await self.service.moderate(item, deadline, hold=True)
                 self._count(route, caller, result)
@@ -202,6 +203,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                             deadline,
                             functools.partial(self._count, route, caller),  # each checkpoint
                             caller,
+                            _trace(context),
                         )
                         # The start is accepted: said at once (headers), so that a client can
                         # wait for it and learn a refusal's status before it writes more.
@@ -242,8 +244,15 @@ def stream_window(service: ModerationService) -> int:
     return max(1, min(scheduler.max_queue // 2, max(16, 4 * scheduler.max_batch)))
 
 
-def _with_id(item: ModerationInput, request_id: str, caller: str) -> ModerationInput:
-    return dataclasses.replace(item, request_id=request_id, caller=caller)
+def _with_id(item: ModerationInput, request_id: str, caller: str, context: Any) -> ModerationInput:
+    """`item` with its id, caller and the trace its call's `traceparent` metadata names."""
+    return dataclasses.replace(item, request_id=request_id, caller=caller, trace_id=_trace(context))
+
+
+def _trace(context: Any) -> str:
+    """The trace id of the call's `traceparent` metadata ("" without a valid one)."""
+    metadata = dict(context.invocation_metadata() or ())
+    return trace_id(str(metadata.get("traceparent", "")))
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:

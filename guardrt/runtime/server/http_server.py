@@ -44,6 +44,7 @@ from guardrt.runtime.server.service import (
 from guardrt.runtime.server.status import http_status, internal_message
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import NOT_AUTHENTICATED, BearerTokens
+from guardrt.runtime.server.trace import trace_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics"})  # no bearer token needed
@@ -229,7 +230,8 @@ class HttpApi:
             request, lambda data: oa.parse_chat(data, self.served, request_id, self.origins)
         )
         request[_BODY_KEY] = chat
-        item = dataclasses.replace(await self._fetched(chat.item), caller=caller)
+        trace = trace_id(request.headers.get("traceparent"))
+        item = dataclasses.replace(await self._fetched(chat.item), caller=caller, trace_id=trace)
         result = await self.service.moderate(item, deadline)
         self.metrics.answered(request.path, result, caller=caller)
         created = oa.now()
@@ -260,8 +262,10 @@ class HttpApi:
         )
         request[_BODY_KEY] = inputs
         caller = request[_CALLER_KEY]
+        trace = trace_id(request.headers.get("traceparent"))
         items = [  # one has an image at most
-            dataclasses.replace(await self._fetched(item), caller=caller) for item in inputs.items
+            dataclasses.replace(await self._fetched(item), caller=caller, trace_id=trace)
+            for item in inputs.items
         ]
         # A list of bulk inputs past the bulk share waits for room (the body is read already).
         results = await self.service.moderate_all(items, deadline, hold=True)

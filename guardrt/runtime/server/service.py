@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import threading
 import time
@@ -52,6 +53,8 @@ class ModerationInput:
     bulk: bool = False
     # Who sent it: its bearer token's name (tokens.py), for the logs; "" when not known.
     caller: str = ""
+    # The caller's trace (W3C traceparent, trace.py), for the logs; "" without one.
+    trace_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -328,8 +331,12 @@ class ModerationService:
             "prompt_tokens": len(request.prompt),
             "bulk": item.bulk,
             "caller": logged_caller(item.caller),
+            "trace_id": item.trace_id or None,
             "label": verdict.label.value,
             "categories": list(verdict.categories),
+            # Scores, for an audit of a disputed verdict (never the text it was about).
+            "unsafe_probability": _rounded(verdict.unsafe_probability),
+            "label_probability": _rounded(verdict.label_probability),
             "batch_size": info.size,
             "queue_ms": round(timing.queue_ms, 2),
             "model_ms": round(timing.model_ms, 2),
@@ -362,6 +369,11 @@ class ModerationService:
 
 
 _SMALL_TEXT = 2_000
+
+
+def _rounded(probability: float) -> float | None:
+    """A probability for a log field: 6 significant digits, None for NaN (no score)."""
+    return None if math.isnan(probability) else float(f"{probability:.6g}")
 
 
 @contextlib.asynccontextmanager

@@ -67,9 +67,10 @@ class StreamSession:
         deadline: float | None,
         count: Callable[[ModerationResult | GuardrtError, str], None] = lambda outcome, id_: None,
         caller: str = "",
+        trace_id: str = "",
     ) -> StreamSession:
         """Validate the conversation before the answer (it must end with a user message);
-        `caller`: who sent it (the logs' name for its bearer token)."""
+        `caller` and `trace_id`: who sent it and the trace it belongs to, for the logs."""
         messages = messages_from_proto(start.messages)
         if len(messages) % 2 == 0:
             raise PromptError(
@@ -79,7 +80,9 @@ class StreamSession:
             )
         categories, excluded = policy_from_proto(start.policy)
         request_id = checked_request_id(start.request_id)
-        base = ModerationInput(request_id, messages, categories, excluded, caller=caller)
+        base = ModerationInput(
+            request_id, messages, categories, excluded, caller=caller, trace_id=trace_id
+        )
         session = cls(
             service,
             request_id,
