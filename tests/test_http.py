@@ -201,6 +201,16 @@ def test_models_health_ready_and_metrics(server: ServerThread) -> None:
     models = openai.OpenAI(base_url=server.base_url, api_key="sk-test").models.list()
     ids = [model.id for model in models.data]
     assert "meta-llama/Llama-Guard-3-11B-Vision-Turbo" in ids
+    for model in ids:  # each one `models.retrieve` finds too (it was a 404)
+        assert (
+            openai.OpenAI(base_url=server.base_url, api_key="sk-test").models.retrieve(model).id
+            == model
+        )
+    with pytest.raises(openai.NotFoundError, match="The model 'gpt-4o' does not exist") as gone:
+        openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0).models.retrieve(
+            "gpt-4o"
+        )
+    assert gone.value.code == "model_not_found"
     assert get(server, "/healthz")[0] == 200
     assert get(server, "/readyz")[0] == 200
     server.stack.ready = False

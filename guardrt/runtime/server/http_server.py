@@ -286,6 +286,13 @@ class HttpApi:
         ]
         return web.json_response({"object": "list", "data": data})
 
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        """One model (the `openai` client's `models.retrieve`): the served id or an alias;
+        404 `model_not_found` otherwise."""
+        model = oa.check_model(request.match_info["model"], self.served)
+        body = {"id": model, "object": "model", "created": oa.now(), "owned_by": "guardrt"}
+        return web.json_response(body)
+
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "alive"})
 
@@ -310,6 +317,7 @@ def build_http_app(
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/moderations", api.moderations)
     app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model:.+}", api.model)  # ids hold a slash
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics_text)
