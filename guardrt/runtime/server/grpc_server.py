@@ -113,7 +113,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         request_id = ""
         try:
             request_id = checked_request_id(request.request_id)
-            item = _with_id(input_from_proto(request), request_id, caller, context)
+            item = _with_id(input_from_proto(request), request_id, caller, _trace(context))
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
             self._count(route, caller, exc, request_id)
@@ -127,6 +127,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
     ) -> AsyncIterator[pb.ModerateResponse]:
         route = "grpc/ModerateMany"
         caller = await self._authorize(context, route)
+        trace = _trace(context)  # the stream's, for each of its requests
         responses: asyncio.Queue[pb.ModerateResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
@@ -139,7 +140,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             request_id = request.request_id  # echoed as sent, to match a refusal to its request
             try:
                 request_id = checked_request_id(request.request_id)
-                item = _with_id(input_from_proto(request), request_id, caller, context)
+                item = _with_id(input_from_proto(request), request_id, caller, trace)
                 # A bulk backlog past its share waits here: gRPC's flow control holds the rest.
                 result = await self.service.moderate(item, deadline, hold=True)
                 self._count(route, caller, result)
@@ -244,9 +245,9 @@ def stream_window(service: ModerationService) -> int:
     return max(1, min(scheduler.max_queue // 2, max(16, 4 * scheduler.max_batch)))
 
 
-def _with_id(item: ModerationInput, request_id: str, caller: str, context: Any) -> ModerationInput:
-    """`item` with its id, caller and the trace its call's `traceparent` metadata names."""
-    return dataclasses.replace(item, request_id=request_id, caller=caller, trace_id=_trace(context))
+def _with_id(item: ModerationInput, request_id: str, caller: str, trace: str) -> ModerationInput:
+    """`item` with its id, its caller and the trace its call belongs to."""
+    return dataclasses.replace(item, request_id=request_id, caller=caller, trace_id=trace)
 
 
 def _trace(context: Any) -> str:
