@@ -292,16 +292,22 @@ def build_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    tls = None if config.tls is None else tls or ServerTls(config.tls)
+    return server, bind(server, config, tls), health_servicer
+
+
+def bind(server: grpc.aio.Server, config: ServerConfig, tls: ServerTls | None) -> int:
+    """Bind `server` to config's gRPC port (0: a free one), over TLS with `tls`; the port. A
+    port that cannot be bound is a ConfigError naming the address."""
     address = f"{config.host}:{config.grpc_port}"
     try:
-        if config.tls is None:
-            port = server.add_insecure_port(address)
+        if tls is None:
+            port: int = server.add_insecure_port(address)
         else:
-            tls = tls or ServerTls(config.tls)
             port = server.add_secure_port(address, tls.grpc_credentials())
     except RuntimeError as exc:  # grpcio's "Failed to bind to address ..."
         raise ConfigError(f"gRPC: cannot listen on {address} (in use, or not allowed)") from exc
-    return server, port, health_servicer
+    return port
 
 
 async def set_serving(health_servicer: Any, serving: bool) -> None:

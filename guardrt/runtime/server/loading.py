@@ -30,10 +30,10 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.grpc_server import (
     SERVICE_NAME,
+    bind,
     grpc_options,
     new_health_servicer,
     set_serving,
@@ -85,14 +85,7 @@ class LoadingPorts:
         server.add_generic_rpc_handlers((_Refusing(self),))
         health = new_health_servicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        address = f"{config.host}:{config.grpc_port}"
-        try:
-            if tls is None:
-                self.grpc_port = server.add_insecure_port(address)
-            else:
-                self.grpc_port = server.add_secure_port(address, tls.grpc_credentials())
-        except RuntimeError as exc:  # grpcio's "Failed to bind to address ..."
-            raise ConfigError(f"gRPC: cannot listen on {address} (in use, or not allowed)") from exc
+        self.grpc_port = bind(server, config, tls)
         await set_serving(health, False)
         await server.start()
         self.grpc_server = server
