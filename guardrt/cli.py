@@ -10,12 +10,14 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from guardrt import __version__
+from guardrt.env_flags import env_flags
 from guardrt.runtime.errors import ConfigError, GuardrtError
 
 
@@ -205,8 +207,8 @@ def _moderate(args: argparse.Namespace) -> int:
     return moderate_once(args)
 
 
-def _add_serve(commands: Any) -> None:
-    serve = commands.add_parser(
+def _add_serve(commands: Any) -> argparse.ArgumentParser:
+    serve: argparse.ArgumentParser = commands.add_parser(
         "serve",
         help="serve moderation over gRPC (tiny-random by default: meaningless verdicts)",
     )
@@ -342,6 +344,7 @@ def _add_serve(commands: Any) -> None:
         help="text (default) or json: one object per line, a request's figures as fields",
     )
     serve.set_defaults(handler=_serve)
+    return serve
 
 
 def _positive_seconds(text: str) -> float:
@@ -372,7 +375,9 @@ def _add_moderate(commands: Any) -> None:
     client.set_defaults(handler=_moderate)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command's parser, and its `serve` subcommand's (whose flags the environment may
+    also give: `env_flags.py`)."""
     parser = argparse.ArgumentParser(
         prog="guardrt", description="Inference runtime for Llama Guard 3 11B Vision."
     )
@@ -408,9 +413,9 @@ def _parser() -> argparse.ArgumentParser:
         help="verdict latency and throughput: the torch engine against transformers (needs "
         "torch and the test extra), or an engine directory (--model ENGINE_DIR)",
     )
-    _add_serve(commands)
+    serve = _add_serve(commands)
     _add_moderate(commands)
-    return parser
+    return parser, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,7 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if given[:1] == ["bench"]:  # its own parser (guardrt/bench/options.py), --help included
         handler, args = _bench, argparse.Namespace(bench_args=given[1:])
     else:
-        args = _parser().parse_args(given)
+        parser, serve = _parsers()
+        try:
+            helping = {"-h", "--help"} & set(given)  # help is shown whatever the variables
+            if given[:1] == ["serve"] and not helping:  # $GUARDRT_<FLAG>: the command line wins
+                given = ["serve", *env_flags(serve, os.environ), *given[1:]]
+        except GuardrtError as exc:
+            print(f"guardrt: error: {exc}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(given)
         handler = args.handler
     try:
         return handler(args)
