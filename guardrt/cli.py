@@ -211,6 +211,9 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
     serve: argparse.ArgumentParser = commands.add_parser(
         "serve",
         help="serve moderation over gRPC (tiny-random by default: meaningless verdicts)",
+        epilog="Each flag can also be set in the environment as GUARDRT_<FLAG> (--max-queue: "
+        "GUARDRT_MAX_QUEUE=512; a switch: GUARDRT_LISTEN_WHILE_LOADING=true); a flag given "
+        "here wins.",
     )
     serve.add_argument(
         "--model",
