@@ -120,7 +120,8 @@ done
 
 part cuda_tests "parity + static steps + attention plan on CUDA" 120 "$out/parity_cuda.txt" \
     env GUARDRT_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py
+    tests/test_model_parity.py tests/test_static_steps.py tests/test_attention_plan.py \
+    tests/test_device_pixels.py
 tail -5 "$out/parity_cuda.txt" 2>/dev/null
 
 # The compiled Triton kernels (no interpreter): the other tests of these files run CPU tensors

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from guardrt.runtime.decoding import Decode, Decoder
+from guardrt.runtime.device_pixels import DevicePixels
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.preprocess import TiledImage
 
@@ -24,6 +25,7 @@ class TorchSteps:
         self.model = model
         self.max_batch, self.max_seq = model.max_batch, model.max_seq
         self.device = model.device
+        self._pixels = DevicePixels(self.device)  # uint8 canvases normalized on the device
 
     def _tensor(self, values: np.ndarray | Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
@@ -40,10 +42,9 @@ class TorchSteps:
     @torch.inference_mode()
     def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
         rows = self._image_rows(slots)
-        pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
         masks = np.stack([image.aspect_ratio_mask for image in images])  # (N, T)
         states = self.model.encode_images(
-            torch.from_numpy(pixels).to(self.device),
+            self._pixels.pixels(images),  # (N, T, 3, H, W)
             self._tensor([image.aspect_ratio_id for image in images]),
             self._tensor(masks),
         )

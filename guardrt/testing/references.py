@@ -108,11 +108,12 @@ def hf_inputs(prompt: list[int], image: Any = None) -> dict[str, Any]:
     inputs: dict[str, Any] = {"input_ids": torch.tensor([prompt])}
     if image is None:
         return inputs
-    tiles = image.pixel_values.shape[0]
+    pixels = image.pixel_values  # (T, 3, H, W); normalized on access unless held
+    tiles = pixels.shape[0]
     cross = torch.zeros(1, len(prompt), 1, tiles, dtype=torch.long)
     cross[0, prompt.index(IMAGE_ID) :, 0, : image.num_tiles] = 1
     inputs |= {
-        "pixel_values": torch.from_numpy(image.pixel_values)[None, None],
+        "pixel_values": torch.from_numpy(pixels)[None, None],
         "aspect_ratio_ids": torch.tensor([[image.aspect_ratio_id]]),
         "aspect_ratio_mask": torch.from_numpy(image.aspect_ratio_mask)[None, None],
         "cross_attention_mask": cross,

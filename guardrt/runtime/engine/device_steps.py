@@ -48,7 +48,7 @@ from guardrt.runtime.engine.graph_steps import (
 )
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
-from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.preprocess import TiledImage, stack_pixels
 
 F32 = np.dtype(np.float32)
 
@@ -177,7 +177,7 @@ class DeviceSteps:
     def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
         check_image_slots(slots, self.image_rows)
         self.cuda.select()
-        pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
+        pixels = stack_pixels(images)  # (N, T, 3, H, W)
         ids = np.asarray([image.aspect_ratio_id for image in images], dtype=np.int64)
         masks = np.stack([image.aspect_ratio_mask for image in images]).astype(np.int64)
         kv = folded(self.runner.vision(pixels, ids, masks))  # (C·2, N, Hkv, L, d)

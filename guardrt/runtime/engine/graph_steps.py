@@ -28,7 +28,7 @@ import numpy as np
 from guardrt.runtime.capacity import grown_capacity
 from guardrt.runtime.decoding import StepModel
 from guardrt.runtime.model.config import ModelConfig
-from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.preprocess import TiledImage, stack_pixels
 
 
 def vision_feeds(
@@ -186,7 +186,7 @@ class GraphSteps:
 
     def write_images(self, slots: Sequence[int], images: Sequence[TiledImage]) -> None:
         check_image_slots(slots, self.image_rows)
-        pixels = np.stack([image.pixel_values for image in images])  # (N, T, 3, H, W)
+        pixels = stack_pixels(images)  # (N, T, 3, H, W)
         ids = np.asarray([image.aspect_ratio_id for image in images], dtype=np.int64)
         masks = np.stack([image.aspect_ratio_mask for image in images]).astype(np.int64)
         kv = self.runner.vision(pixels, ids, masks)  # (C, 2, N, Hkv, L, d)

@@ -7,8 +7,10 @@ from guardrt.runtime.preprocess.normalize import PixelDType
 from guardrt.runtime.preprocess.tiling import (
     PackedImages,
     TiledImage,
+    common_layout,
     pack_images,
     preprocess_image,
+    stack_pixels,
 )
 
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "PackedImages",
     "PixelDType",
     "TiledImage",
+    "common_layout",
     "pack_images",
     "plan_canvas",
     "preprocess_image",
+    "stack_pixels",
     "supported_aspect_ratios",
 ]

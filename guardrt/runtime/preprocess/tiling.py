@@ -1,13 +1,20 @@
 """Image → model-ready tiles (`TiledImage`), and tiles of several requests → one batch.
 
 The pipeline (reference §4.1): open and check → decode, orient, RGB → canvas search → resize
-(PIL bilinear, bit-exact, parallel) into a black canvas → lookup-table normalization straight
-into the (max_tiles, 3, T, T) output, unused tiles exactly 0.0. Bit-exact with transformers'
+(PIL bilinear, bit-exact, parallel) into a black canvas → lookup-table normalization into the
+(max_tiles, 3, T, T) model input, unused tiles exactly 0.0. Bit-exact with transformers'
 `MllamaImageProcessorPil` configured as the checkpoint (for images without an EXIF orientation).
+
+A `TiledImage` keeps the uint8 canvas and normalizes it when its pixels are asked for (into the
+batch's own array, or on the GPU by the torch back end: `device_pixels.py`). Normalization is a
+function of each uint8 value alone (`normalize.py`), so the values are the same wherever it
+runs, and a queued image holds 0.9 MB a tile instead of 15 MB of float32 for 4 tiles whatever
+its tile count (measured: `benchmarks/preprocess.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from guardrt.runtime.preprocess.canvas import plan_canvas
 from guardrt.runtime.preprocess.config import DEFAULT_IMAGE_CONFIG, ImageConfig
 from guardrt.runtime.preprocess.decode import ImageInput, decode_rgb, open_image
 from guardrt.runtime.preprocess.normalize import (
+    NormalizationTable,
     PixelDType,
     normalization_table,
     storage_dtype,
@@ -35,9 +43,11 @@ def default_threads() -> int:
 
 @dataclass(frozen=True, eq=False)
 class TiledImage:
-    """One image, tiled for the vision encoder."""
+    """One image, tiled for the vision encoder: its uint8 canvas and how to normalize it."""
 
-    pixel_values: NDArray[Any]  # (max_tiles, 3, T, T); unused tiles exactly 0
+    canvas: NDArray[np.uint8]  # (tiles_high·T, tiles_wide·T, 3): the resized image on black
+    norm: NormalizationTable  # uint8 value → model input, per channel, in `dtype`
+    max_tiles: int  # tile slots of the model's input; those past num_tiles are exactly 0
     aspect_ratio_id: int  # 1-based arrangement id (0 is reserved for "no image")
     aspect_ratio_mask: NDArray[np.int64]  # (max_tiles,): 1 for the first num_tiles tiles
     num_tiles: int  # tiles_high · tiles_wide
@@ -45,6 +55,64 @@ class TiledImage:
     source_size: tuple[int, int]  # (width, height) as decoded and oriented
     resized_size: tuple[int, int]  # (width, height) inside the canvas
     dtype: PixelDType  # "bfloat16" tiles are stored as uint16 bits
+    written: NDArray[Any] | None = None  # the pixels, when written at preprocessing (`out=`)
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.canvas.shape[0]) // self.tiles[0]
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int, int]:
+        """(max_tiles, 3, T, T): the model input's shape for this image."""
+        return (self.max_tiles, 3, self.tile_size, self.tile_size)
+
+    @property
+    def pixel_values(self) -> NDArray[Any]:
+        """(max_tiles, 3, T, T) in `dtype`'s storage; unused tiles exactly 0. Computed on each
+        access unless written at preprocessing: hold on to it rather than asking twice."""
+        if self.written is not None:
+            return self.written
+        out = np.empty(self.pixel_shape, dtype=storage_dtype(self.dtype))
+        self.write_pixels(out)
+        return out
+
+    def with_pixels(self) -> TiledImage:
+        """This image holding its pixels, normalized once (for callers that read them often:
+        a reference model's inputs timed as transformers' processor output)."""
+        if self.written is not None:
+            return self
+        return dataclasses.replace(self, written=self.pixel_values)
+
+    def write_pixels(self, out: NDArray[Any], *, threads: int = 1) -> None:
+        """Write the (max_tiles, 3, T, T) pixels into `out` (e.g. a batch array's row)."""
+        if self.written is not None:
+            out[...] = self.written
+            return
+        high, wide = self.tiles
+        write_tiles(self.canvas, high, wide, self.norm, out, threads=threads)
+
+
+def stack_pixels(images: Sequence[TiledImage], *, threads: int | None = None) -> NDArray[Any]:
+    """The images' pixels as one (N, max_tiles, 3, T, T) array, written in place (no stack)."""
+    first = common_layout(images)
+    out = np.empty((len(images), *first.pixel_shape), dtype=storage_dtype(first.dtype))
+    workers = default_threads() if threads is None else threads
+    for row, image in enumerate(images):
+        image.write_pixels(out[row], threads=workers)
+    return out
+
+
+def common_layout(images: Sequence[TiledImage]) -> TiledImage:
+    """The first image, once every image is known to share its pixel shape and dtype (a batch
+    needs one layout; ValueError otherwise)."""
+    first = images[0]
+    for image in images:
+        if (image.pixel_shape, image.dtype) != (first.pixel_shape, first.dtype):
+            raise ValueError(
+                "cannot put images of different layouts in one batch: "
+                f"{image.pixel_shape} {image.dtype} vs {first.pixel_shape} {first.dtype}"
+            )
+    return first
 
 
 def preprocess_image(
@@ -68,7 +136,8 @@ def preprocess_image(
     fast: let JPEG decoding shrink by 1/2, 1/4 or 1/8 in the DCT domain first (never below the
         resize target). Much faster on large photos; not bit-exact (see the benchmark).
     threads: cores for the resize (default: up to 4). Output is identical for any value.
-    out: optional preallocated (max_tiles, 3, T, T) array of the dtype's storage type.
+    out: optional preallocated (max_tiles, 3, T, T) array of the dtype's storage type: the
+        pixels are written into it now. Without it they are computed when asked for.
     """
     cfg = config or DEFAULT_IMAGE_CONFIG
     if max_tiles is not None or tile_size is not None:
@@ -77,7 +146,8 @@ def preprocess_image(
             tile_size=cfg.tile_size if tile_size is None else tile_size,
         )
     tile = cfg.tile_size
-    pixels = _output(out, cfg, dtype)
+    storage_dtype(dtype)  # an unknown dtype is refused before any decoding
+    written = None if out is None else _output(out, cfg, dtype)
     opened = open_image(image, cfg.limits)
     width, height = opened.size
     plan = plan_canvas(height, width, cfg.max_tiles, tile)
@@ -87,11 +157,14 @@ def preprocess_image(
     workers = default_threads() if threads is None else threads
     resize_into(rgb, plan.resized_width, plan.resized_height, canvas, threads=workers)
     norm = normalization_table(cfg.image_mean, cfg.image_std, cfg.rescale_factor, dtype)
-    write_tiles(canvas, plan.tiles_high, plan.tiles_wide, norm, pixels, threads=workers)
+    if written is not None:
+        write_tiles(canvas, plan.tiles_high, plan.tiles_wide, norm, written, threads=workers)
     mask = np.zeros(cfg.max_tiles, dtype=np.int64)
     mask[: plan.num_tiles] = 1
     return TiledImage(
-        pixel_values=pixels,
+        canvas=canvas,
+        norm=norm,
+        max_tiles=cfg.max_tiles,
         aspect_ratio_id=plan.aspect_ratio_id,
         aspect_ratio_mask=mask,
         num_tiles=plan.num_tiles,
@@ -99,14 +172,13 @@ def preprocess_image(
         source_size=(width, height),
         resized_size=(plan.resized_width, plan.resized_height),
         dtype=dtype,
+        written=written,
     )
 
 
-def _output(out: NDArray[Any] | None, cfg: ImageConfig, dtype: PixelDType) -> NDArray[Any]:
+def _output(out: NDArray[Any], cfg: ImageConfig, dtype: PixelDType) -> NDArray[Any]:
     shape = (cfg.max_tiles, 3, cfg.tile_size, cfg.tile_size)
     storage = storage_dtype(dtype)
-    if out is None:
-        return np.empty(shape, dtype=storage)
     if out.shape != shape or out.dtype != storage or not out.flags.c_contiguous:
         # A caller's programming error, not a property of the image: not an ImageError.
         raise ValueError(
@@ -130,24 +202,17 @@ def pack_images(images: Sequence[TiledImage | None]) -> PackedImages:
     present = [image for image in images if image is not None]
     if not images or not present:
         raise ValueError("pack_images needs at least one image")
-    first = present[0]
-    layout = (first.pixel_values.shape, first.dtype)
-    for image in present:
-        if (image.pixel_values.shape, image.dtype) != layout:
-            raise ValueError(
-                "cannot pack images of different layouts: "
-                f"{image.pixel_values.shape} {image.dtype} vs {layout[0]} {layout[1]}"
-            )
-    max_tiles = first.pixel_values.shape[0]
+    first = common_layout(present)
+    max_tiles = first.max_tiles
     batch = len(images)
-    pixel_values = np.zeros((batch, 1, *first.pixel_values.shape), first.pixel_values.dtype)
+    pixel_values = np.zeros((batch, 1, *first.pixel_shape), storage_dtype(first.dtype))
     ids = np.zeros((batch, 1), dtype=np.int64)
     mask = np.zeros((batch, 1, max_tiles), dtype=np.int64)
     mask[:, :, 0] = 1
     for row, item in enumerate(images):
         if item is None:
             continue
-        pixel_values[row, 0] = item.pixel_values
+        item.write_pixels(pixel_values[row, 0], threads=default_threads())
         ids[row, 0] = item.aspect_ratio_id
         mask[row, 0] = item.aspect_ratio_mask
     counts = tuple(0 if item is None else item.num_tiles for item in images)
