@@ -315,7 +315,8 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
         "--image-url-origins",
         default="",
         metavar="ORIGIN[,ORIGIN...]",
-        help="the HTTP API fetches image_url URLs from these origins only, e.g. "
+        help="image URLs (HTTP image_url parts, gRPC Content.image_url) are fetched from "
+        "these origins only, e.g. "
         "https://images.example.com,https://*.cdn.example.com,http://minio.internal:9000 "
         "(default none: data: URLs only; no redirects, proxies or environment credentials)",
     )
@@ -365,6 +366,9 @@ def _add_moderate(commands: Any) -> None:
     client.add_argument("--server", default="localhost:50051", help="HOST:PORT")
     client.add_argument("--text", default="", help="the user's message")
     client.add_argument("--image", help="path of an image sent with the user's message")
+    client.add_argument(
+        "--image-url", help="the image by URL instead, fetched by the server (its origins only)"
+    )
     client.add_argument("--response", help="an assistant answer to judge (response classification)")
     client.add_argument("--exclude", default="", help="category codes to leave out, e.g. S1,S13")
     client.add_argument("--token", help="bearer token")

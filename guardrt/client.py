@@ -8,7 +8,9 @@
 
 Needs only grpcio and protobuf (no torch, no model). Messages take the Python API's format:
 `content` is a string or a list of `{"type": "text", "text": …}` / `{"type": "image",
-"image": …}` parts, an image being encoded bytes, a path, or a PIL image. A call the server
+"image": …}` parts, an image being encoded bytes, a path, or a PIL image, or `{"type":
+"image_url", "image_url": "https://…"}` for the server to fetch (from the origins it was
+started with, `--image-url-origins`; OpenAI's `{"url": …}` object is taken too). A call the server
 refuses raises `CallError` with its gRPC status code; calls refused at once because the
 server is busy or stopping (RESOURCE_EXHAUSTED, UNAVAILABLE: never run) are retried with
 backoff first. A safety verdict is never made up here: every failure raises, or is an `error`
@@ -257,7 +259,15 @@ def _part(part: Any, where: str) -> pb.Content:
         return pb.Content(text=part["text"])
     if kind == "image":
         return pb.Content(image=_image_bytes(part.get("image"), where))
-    raise ConfigError(f"{where}: a part is {{'type': 'text', 'text': str}} or an image part")
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, Mapping) else url
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"{where}: an image_url part needs its URL, a non-empty string")
+        return pb.Content(image_url=url)
+    raise ConfigError(
+        f"{where}: a part is {{'type': 'text', 'text': str}}, an image or an image_url part"
+    )
 
 
 def _image_bytes(image: Any, where: str) -> bytes:

@@ -1,6 +1,6 @@
-"""Images by URL on the HTTP API (`--image-url-origins`): fetched from the allowed origins only,
-within the limits, and every failure an error for its request, never a verdict without the
-image."""
+"""Images by URL on the HTTP API and gRPC (`--image-url-origins`): fetched from the allowed
+origins only, within the limits, and every failure an error for its request, never a verdict
+without the image."""
 
 from __future__ import annotations
 
@@ -11,24 +11,27 @@ import json
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from guardrt.runtime.errors import ConfigError
+from guardrt.client import messages_to_proto, moderate_request
+from guardrt.runtime.errors import ConfigError, ImageUrlError
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.server.image_urls import (
-    ImageUrlError,
     Origin,
     parse_origin,
     parse_origins,
     remote_image,
 )
+from guardrt.v1 import moderation_pb2 as pb
 from tests.images import encode, synthetic
 from tests.server_harness import FakeEngine, ServerThread, serving
 
@@ -293,6 +296,7 @@ def test_a_refused_url_is_never_fetched(fetching: tuple[ServerThread, FakeEngine
     server, _, port = fetching
     status, body = _post(server, "/v1/chat/completions", _chat(f"http://localhost:{port}/a.jpg"))
     assert (status, body["error"]["code"]) == (400, "image_url_not_allowed")
+    assert "--image-url-origins); send the image inline as data:image/" in body["error"]["message"]
     photo = f"http://127.0.0.1:{port}/photo.jpg"
     status, body = _post(server, "/v1/chat/completions", _chat(photo, photo))
     assert status == 400
@@ -307,3 +311,145 @@ def test_without_origins_urls_are_refused(preparer: Preparer) -> None:
         )
     assert (status, body["error"]["code"]) == (400, "remote_image_url")
     assert "--image-url-origins" in body["error"]["message"]
+
+
+# gRPC: `Content.image_url`.
+
+
+def _grpc_request(url: str, request_id: str = "") -> pb.ModerateRequest:
+    parts = [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": url},
+    ]
+    return moderate_request([{"role": "user", "content": parts}], request_id=request_id)
+
+
+def test_grpc_an_image_url_answers_as_its_bytes(
+    fetching: tuple[ServerThread, FakeEngine, int],
+) -> None:
+    server, engine, port = fetching
+    parts = [{"type": "text", "text": "What is in this picture?"}, {"type": "image", "image": JPEG}]
+    by_value = server.stub().Moderate(moderate_request([{"role": "user", "content": parts}]))
+    signed = "/photo.jpg?X-Amz-Signature=a%2Fb%3D&k=%7E"
+    by_url = server.stub().Moderate(_grpc_request(f"http://127.0.0.1:{port}{signed}"))
+    assert by_url.verdict == by_value.verdict
+    assert by_url.prompt_tokens == by_value.prompt_tokens
+    first, second = (batch[0] for batch in engine.batches[-2:])
+    assert first.image is not None
+    assert second.image is not None
+    np.testing.assert_array_equal(first.image.canvas, second.image.canvas)
+    assert _Images.hits == [signed]  # the URL went out byte for byte
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "message"),
+    [
+        ("/missing.jpg", grpc.StatusCode.INVALID_ARGUMENT, "answered 404"),
+        ("/moved", grpc.StatusCode.INVALID_ARGUMENT, "(redirects are not followed)"),
+        ("/big-announced", grpc.StatusCode.INVALID_ARGUMENT, "over the 33554432-byte limit"),
+        ("/slow", grpc.StatusCode.UNAVAILABLE, "did not send the image within 1 s"),
+        ("/broken", grpc.StatusCode.UNAVAILABLE, "answered 500"),
+    ],
+    ids=["404", "redirect", "too-large", "timeout", "server-error"],
+)
+def test_grpc_a_url_that_cannot_be_fetched_is_an_error_for_its_request(
+    fetching: tuple[ServerThread, FakeEngine, int],
+    path: str,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    server, engine, port = fetching
+    batches = len(engine.batches)
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub().Moderate(_grpc_request(f"http://127.0.0.1:{port}{path}"))
+    assert refused.value.code() == code
+    details = refused.value.details() or ""
+    assert message in details
+    assert details.startswith("message 0 part 1: ")
+    assert f"http://127.0.0.1:{port}" in details
+    assert path not in details
+    assert len(engine.batches) == batches  # nothing ran: no verdict without the image
+    metrics = urllib.request.urlopen(f"http://localhost:{server.http_port}/metrics").read()
+    reason = "image_url_unavailable" if code == grpc.StatusCode.UNAVAILABLE else "image_url_"
+    counted = f'guardrt_requests_total{{code="{code.name}",reason="{reason}'
+    assert counted.encode() in metrics
+
+
+def test_grpc_refused_urls_are_never_fetched(
+    fetching: tuple[ServerThread, FakeEngine, int],
+) -> None:
+    server, _, port = fetching
+    for url, words in (
+        (f"http://localhost:{port}/a.jpg", "--image-url-origins); send the image's bytes in"),
+        ("data:image/jpeg;base64,/9j/", "not as a data: URL"),
+        ("ftp://127.0.0.1/a.jpg", "must be http: or https: with a host"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub().Moderate(_grpc_request(url))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in (refused.value.details() or "")
+    photo = f"http://127.0.0.1:{port}/photo.jpg"
+    parts = [{"type": "image_url", "image_url": photo}, {"type": "image_url", "image_url": photo}]
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub().Moderate(moderate_request([{"role": "user", "content": parts}]))
+    assert "second image" in (refused.value.details() or "")
+    assert _Images.hits == []
+
+
+def test_grpc_without_origins_urls_are_refused(preparer: Preparer) -> None:
+    with serving(FakeEngine(), preparer) as server, pytest.raises(grpc.RpcError) as refused:
+        server.stub().Moderate(_grpc_request("https://images.example.com/a.jpg"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "started without --image-url-origins" in (refused.value.details() or "")
+
+
+def test_grpc_moderate_many_answers_each_url_request_on_its_own(
+    fetching: tuple[ServerThread, FakeEngine, int],
+) -> None:
+    server, _, port = fetching
+    requests = [
+        _grpc_request(f"http://127.0.0.1:{port}/photo.jpg", "good"),
+        _grpc_request(f"http://127.0.0.1:{port}/broken", "broken"),
+        _grpc_request(f"http://127.0.0.1:{port}/missing.jpg", "missing"),
+    ]
+    answers = {r.request_id: r.verdict for r in server.stub().ModerateMany(iter(requests))}
+    assert answers["good"].label == pb.SAFE
+    assert answers["broken"].label == pb.ERROR
+    assert answers["broken"].error_code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert answers["missing"].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_grpc_a_streams_image_url_is_fetched_once(
+    fetching: tuple[ServerThread, FakeEngine, int],
+) -> None:
+    server, engine, port = fetching
+    photo = f"http://127.0.0.1:{port}/photo.jpg"
+    start = pb.StreamStart(
+        messages=_grpc_request(photo).messages, check_every_tokens=1, request_id="s"
+    )
+    answer = [
+        pb.StreamRequest(start=start),
+        pb.StreamRequest(append="Sure, "),
+        pb.StreamRequest(append="it is a photo."),
+        pb.StreamRequest(end=pb.StreamEnd()),
+    ]
+    checks = list(server.stub().ModerateStream(iter(answer), timeout=30))
+    assert checks[-1].final
+    assert all(check.verdict.label == pb.SAFE for check in checks)
+    assert _Images.hits == ["/photo.jpg"]  # once for the stream, not once a check
+    assert all(batch[0].image is not None for batch in engine.batches[-len(checks) :])
+    broken = pb.StreamStart(messages=_grpc_request(f"http://127.0.0.1:{port}/broken").messages)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(server.stub().ModerateStream(iter([pb.StreamRequest(start=broken)]), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_client_sends_image_url_parts() -> None:
+    for part in (
+        {"type": "image_url", "image_url": "https://images.example.com/a.jpg"},
+        {"type": "image_url", "image_url": {"url": "https://images.example.com/a.jpg"}},
+    ):
+        (message,) = messages_to_proto([{"role": "user", "content": [part]}])
+        assert message.content[0].image_url == "https://images.example.com/a.jpg"
+    with pytest.raises(ConfigError, match="message 0 part 0: an image_url part needs its URL"):
+        messages_to_proto([{"role": "user", "content": [{"type": "image_url"}]}])

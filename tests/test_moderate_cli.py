@@ -68,6 +68,14 @@ def test_failures_exit_1_with_the_servers_reason(
         )
         assert main(["moderate", "--server", address]) == 2
         assert "nothing to judge" in capsys.readouterr().err
+        both = ["--image", missing, "--image-url", "https://images.example.com/a.jpg"]
+        assert main(["moderate", "--server", address, *both]) == 2
+        assert "--image and --image-url both give the image" in capsys.readouterr().err
+        url = ["--image-url", "https://images.example.com/a.jpg", *token]
+        assert main(["moderate", "--server", address, *url]) == 1  # no origins: refused
+        assert "INVALID_ARGUMENT: message 0 part 0: this server fetches no image URLs" in (
+            capsys.readouterr().err
+        )
 
 
 @needs_openssl

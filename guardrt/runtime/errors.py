@@ -100,3 +100,34 @@ class ServiceError(GuardrtError):
     def __init__(self, reason: ServiceReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ImageUrlReason(enum.Enum):
+    """Why an image given by URL was not used; stable strings (the HTTP API's error codes)."""
+
+    REMOTE = "remote_image_url"  # the server fetches no URLs (no --image-url-origins)
+    INVALID = "invalid_image_url"  # not an http(s) URL with a host, or malformed
+    NOT_ALLOWED = "image_url_not_allowed"  # from an origin the server does not fetch from
+    FETCH_FAILED = "image_url_fetch_failed"  # the origin refused it: a 4xx, a redirect, encoded
+    TOO_LARGE = "image_url_too_large"  # over the image decoder's byte limit
+    UNAVAILABLE = "image_url_unavailable"  # a 5xx, a timeout, no connection: may work later
+
+
+class ImageUrlError(GuardrtError):
+    """An image URL not fetched (`image_urls.py`). `where` is its place in the request; the
+    message names the URL's origin only, never its path or query (a signed URL's query is a
+    credential)."""
+
+    def __init__(self, reason: ImageUrlReason, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.reason, self.where = reason, where
+
+    @property
+    def code(self) -> str:
+        """The HTTP API's error code."""
+        return self.reason.value
+
+    @property
+    def status(self) -> int:
+        """The HTTP status: 502 when the image's server failed, 400 for the URL or its refusal."""
+        return 502 if self.reason is ImageUrlReason.UNAVAILABLE else 400

@@ -110,23 +110,35 @@ class Content(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_URL_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """UTF-8 text. The template trims surrounding whitespace."""
     image: _builtins.bytes
     """An encoded image (JPEG, PNG, GIF, WebP, BMP or TIFF; one frame). At most one image per
     conversation; wherever it is, the model sees it before the conversation.
     """
+    image_url: _builtins.str
+    """The same image, given by an http: or https: URL the server fetches, such as an
+    upload's object-store URL (signed URLs are sent byte for byte). Only from the origins
+    the server was started with (`--image-url-origins`; none by default): any other URL is
+    INVALID_ARGUMENT before any connection. The fetch is bounded (the image byte limit,
+    `--image-url-timeout-s`, no redirects). A URL that cannot be fetched is an error for
+    its request, never a verdict without the image: INVALID_ARGUMENT when the origin refuses
+    it (a 4xx, a redirect) or it is too large, UNAVAILABLE when the origin fails (a 5xx, a
+    timeout, no connection). Messages name the URL's origin only, never its path or query.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         image: _builtins.bytes = ...,
+        image_url: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "image_url", b"image_url", "part", b"part", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "image_url", b"image_url", "part", b"part", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image", "image_url"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 

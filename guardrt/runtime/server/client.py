@@ -16,11 +16,15 @@ from guardrt.v1 import moderation_pb2 as pb
 
 
 def build_request(args: argparse.Namespace) -> pb.ModerateRequest:
-    if not args.text and not args.image and args.response is None:
-        raise ConfigError("nothing to judge: give --text, --image or --response")
+    if not args.text and not args.image and not args.image_url and args.response is None:
+        raise ConfigError("nothing to judge: give --text, --image, --image-url or --response")
+    if args.image and args.image_url:
+        raise ConfigError("--image and --image-url both give the image: give one")
     parts: list[dict[str, Any]] = []
     if args.image:
         parts.append({"type": "image", "image": args.image})
+    if args.image_url:
+        parts.append({"type": "image_url", "image_url": args.image_url})
     parts.append({"type": "text", "text": args.text or ""})
     messages = [{"role": "user", "content": parts}]
     if args.response is not None:

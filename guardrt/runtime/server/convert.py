@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.errors import ConfigError, ImageUrlError, ImageUrlReason
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
+from guardrt.runtime.server.image_urls import Origin, RemoteImage, remote_image
 from guardrt.runtime.server.service import ModerationInput, ModerationResult, Timing
 from guardrt.runtime.verdict import Label, Verdict
 from guardrt.v1 import moderation_pb2 as pb
@@ -15,18 +17,26 @@ _ROLES = {pb.USER: "user", pb.ASSISTANT: "assistant"}
 _LABELS = {Label.SAFE: pb.SAFE, Label.UNSAFE: pb.UNSAFE, Label.ERROR: pb.ERROR}
 
 
-def messages_from_proto(messages: Any) -> list[dict[str, Any]]:
+def messages_from_proto(messages: Any, origins: Sequence[Origin] = ()) -> list[dict[str, Any]]:
     """Messages in the Python API's format. An unset role or content part is passed on as
-    such, so validation refuses it by index like any other malformed message."""
+    such, so validation refuses it by index like any other malformed message. An `image_url`
+    from one of `origins` becomes a RemoteImage (fetched before preparation); any other is
+    refused here, before anything is fetched (ImageUrlError, located)."""
     converted = []
-    for message in messages:
+    for index, message in enumerate(messages):
         parts: list[dict[str, Any]] = []
-        for content in message.content:
+        for part, content in enumerate(message.content):
             kind = content.WhichOneof("part")
             if kind == "text":
                 parts.append({"type": "text", "text": content.text})
             elif kind == "image":
                 parts.append({"type": "image", "image": content.image})
+            elif kind == "image_url":
+                try:
+                    remote = image_by_url(content.image_url, origins, index, part)
+                except ImageUrlError as exc:
+                    raise exc.located(message=index, part=part) from None
+                parts.append({"type": "image", "image": remote})
             else:
                 parts.append({"type": None})
         role = _ROLES.get(message.role) or (
@@ -34,6 +44,28 @@ def messages_from_proto(messages: Any) -> list[dict[str, Any]]:
         )  # a value newer than this server's proto arrives as its number
         converted.append({"role": role, "content": parts})
     return converted
+
+
+def image_by_url(url: str, origins: Sequence[Origin], message: int, part: int) -> RemoteImage:
+    """`Content.image_url` as a RemoteImage to fetch; ImageUrlError when the server fetches
+    no URLs or not this one."""
+    where = f"message {message} part {part}"
+    if not origins:
+        raise ImageUrlError(
+            ImageUrlReason.REMOTE,
+            f"{where}: this server fetches no image URLs (it was started without "
+            "--image-url-origins); send the image's bytes in `image`",
+            where,
+        )
+    if url.startswith("data:"):
+        raise ImageUrlError(
+            ImageUrlReason.INVALID,
+            f"{where}: image_url takes an http: or https: URL; send an image's bytes in `image`, "
+            "not as a data: URL",
+            where,
+        )
+    instead = "send the image's bytes in `image`"
+    return remote_image(url, origins, where, schemes="http: or https:", instead=instead)
 
 
 def policy_from_proto(policy: Any) -> tuple[list[tuple[str, str]] | None, list[str]]:
@@ -49,11 +81,14 @@ def bulk_from_proto(priority: int) -> bool:
     raise ConfigError(f"priority enum value {priority} is not INTERACTIVE or BULK")
 
 
-def input_from_proto(request: pb.ModerateRequest) -> ModerationInput:
+def input_from_proto(
+    request: pb.ModerateRequest, origins: Sequence[Origin] = ()
+) -> ModerationInput:
+    """The request as the service takes it (`origins`: where image URLs may be fetched)."""
     categories, excluded = policy_from_proto(request.policy)
     return ModerationInput(
         request.request_id,
-        messages_from_proto(request.messages),
+        messages_from_proto(request.messages, origins),
         categories,
         excluded,
         bulk=bulk_from_proto(request.priority),

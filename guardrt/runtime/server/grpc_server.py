@@ -113,7 +113,8 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         request_id = ""
         try:
             request_id = checked_request_id(request.request_id)
-            item = _with_id(input_from_proto(request), request_id, caller, _trace(context))
+            item = input_from_proto(request, self.service.origins)
+            item = await self.service.fetched(_with_id(item, request_id, caller, _trace(context)))
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
             self._count(route, caller, exc, request_id)
@@ -140,7 +141,8 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             request_id = request.request_id  # echoed as sent, to match a refusal to its request
             try:
                 request_id = checked_request_id(request.request_id)
-                item = _with_id(input_from_proto(request), request_id, caller, trace)
+                item = input_from_proto(request, self.service.origins)
+                item = await self.service.fetched(_with_id(item, request_id, caller, trace))
                 # A bulk backlog past its share waits here: gRPC's flow control holds the rest.
                 result = await self.service.moderate(item, deadline, hold=True)
                 self._count(route, caller, result)

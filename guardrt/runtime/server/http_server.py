@@ -28,12 +28,11 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, PromptError
+from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, ImageUrlError, PromptError
 from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.scheduler import broken_error
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.config import ServerConfig
-from guardrt.runtime.server.image_urls import FetchLimits, ImageFetcher, ImageUrlError
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.refusals import log_refusal
 from guardrt.runtime.server.service import (
@@ -118,18 +117,12 @@ class HttpApi:
         self.tokens = tokens or BearerTokens(config.auth_tokens, config.auth_token_file)
         self.served = served_model_id(config.model)
         self.paths: frozenset[str] = frozenset()  # the routes' paths (build_http_app sets them)
-        self.origins = config.image_url_origins
-        limits = FetchLimits(
-            service.preparer.image_config.limits.max_bytes, config.image_url_timeout_s
-        )
-        self.fetcher = ImageFetcher(limits) if self.origins else None
+        self.origins = service.origins  # where the service's fetcher may fetch images from
 
     async def _fetched(self, item: ModerationInput) -> ModerationInput:
         """`item` with its image fetched when it was given by URL (`image_urls.py`)."""
-        if self.fetcher is None:
-            return item
         try:
-            return await self.fetcher.resolve(item)
+            return await self.service.fetched(item)
         except ImageUrlError as exc:
             kind = "server_error" if exc.status >= 500 else "invalid_request_error"
             raise oa.ApiError(exc.status, str(exc), kind, exc.where, exc.code) from exc
@@ -322,13 +315,6 @@ def build_http_app(
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics_text)
     api.paths = frozenset(resource.canonical for resource in app.router.resources())
-    fetcher = api.fetcher
-    if fetcher is not None:
-
-        async def close_fetcher(app: web.Application) -> None:
-            await fetcher.close()
-
-        app.on_cleanup.append(close_fetcher)
     return app
 
 

@@ -29,7 +29,7 @@ import aiohttp
 import yarl
 
 from guardrt.runtime.conversation import parse_messages
-from guardrt.runtime.errors import ConfigError
+from guardrt.runtime.errors import ConfigError, ImageUrlError, ImageUrlReason
 
 if TYPE_CHECKING:  # the server's config imports this module; the service imports the config
     from guardrt.runtime.server.service import ModerationInput
@@ -96,15 +96,6 @@ def parse_origins(entries: Sequence[str]) -> tuple[Origin, ...]:
     return tuple(parse_origin(entry) for entry in entries if entry.strip())
 
 
-class ImageUrlError(Exception):
-    """A URL not fetched: `status` is the HTTP API's answer (400: the URL; 502: its server),
-    `code` OpenAI's error code; the message names the origin, never the path or query."""
-
-    def __init__(self, message: str, code: str, where: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code, self.where, self.status = code, where, status
-
-
 @dataclass(frozen=True)
 class RemoteImage:
     """An image part's URL, checked against the origins, to be fetched (`where`: its place in
@@ -115,32 +106,44 @@ class RemoteImage:
     where: str
 
 
-def remote_image(url: str, origins: Sequence[Origin], where: str) -> RemoteImage:
-    """`url` as a RemoteImage when one of `origins` allows it; ImageUrlError otherwise."""
+# How a refused URL's image can be sent instead, on the HTTP API.
+INLINE_DATA_URL = "send the image inline as data:image/...;base64,..."
+
+
+def remote_image(
+    url: str,
+    origins: Sequence[Origin],
+    where: str,
+    *,
+    schemes: str = "data:, http: or https:",
+    instead: str = INLINE_DATA_URL,
+) -> RemoteImage:
+    """`url` as a RemoteImage when one of `origins` allows it; ImageUrlError otherwise
+    (`schemes`: the URLs the API takes, `instead`: how else to send the image, for messages)."""
     try:
         parts, port = _split(url)
     except ValueError as exc:
         raise ImageUrlError(
-            f"{where}: the image URL is malformed", "invalid_image_url", where
+            ImageUrlReason.INVALID, f"{where}: the image URL is malformed", where
         ) from exc
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if scheme not in _DEFAULT_PORTS or not host:
         shown = repr(scheme[:16])
         raise ImageUrlError(
-            f"{where}: an image URL must be data:, http: or https: with a host (got a {shown} URL)",
-            "invalid_image_url",
+            ImageUrlReason.INVALID,
+            f"{where}: an image URL must be {schemes} with a host (got a {shown} URL)",
             where,
         )
     if parts.username is not None or parts.password is not None:
         raise ImageUrlError(
-            f"{where}: an image URL must not hold credentials", "invalid_image_url", where
+            ImageUrlReason.INVALID, f"{where}: an image URL must not hold credentials", where
         )
     origin = str(Origin(scheme, host, port))
     if not any(allowed.allows(scheme, host, port) for allowed in origins):
         raise ImageUrlError(
+            ImageUrlReason.NOT_ALLOWED,
             f"{where}: images are not fetched from {origin} (not among the server's "
-            "--image-url-origins); send the image inline as data:image/...;base64,...",
-            "image_url_not_allowed",
+            f"--image-url-origins); {instead}",
             where,
         )
     return RemoteImage(url, origin, where)
@@ -196,22 +199,20 @@ class ImageFetcher:
                 return await self._get(session, image)
         except TimeoutError as exc:
             raise ImageUrlError(
+                ImageUrlReason.UNAVAILABLE,
                 f"{image.where}: {image.origin} did not send the image within {seconds:g} s",
-                "image_url_unavailable",
                 image.where,
-                502,
             ) from exc
         except ValueError as exc:  # a URL urlsplit took and the HTTP client does not
             raise ImageUrlError(
-                f"{image.where}: the image URL is malformed", "invalid_image_url", image.where
+                ImageUrlReason.INVALID, f"{image.where}: the image URL is malformed", image.where
             ) from exc
         except aiohttp.ClientError as exc:
             raise ImageUrlError(
+                ImageUrlReason.UNAVAILABLE,
                 f"{image.where}: the image could not be fetched from {image.origin} "
                 f"({type(exc).__name__})",
-                "image_url_unavailable",
                 image.where,
-                502,
             ) from exc
 
     async def _get(self, session: aiohttp.ClientSession, image: RemoteImage) -> bytes:
@@ -223,18 +224,17 @@ class ImageFetcher:
             if response.status != 200:
                 client_fault = response.status < 500
                 raise ImageUrlError(
+                    ImageUrlReason.FETCH_FAILED if client_fault else ImageUrlReason.UNAVAILABLE,
                     f"{image.where}: {image.origin} answered {response.status}"
                     + (" (redirects are not followed)" if 300 <= response.status < 400 else ""),
-                    "image_url_fetch_failed" if client_fault else "image_url_unavailable",
                     image.where,
-                    400 if client_fault else 502,
                 )
             encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 raise ImageUrlError(
+                    ImageUrlReason.FETCH_FAILED,
                     f"{image.where}: {image.origin} sent the image {encoding[:20]!r}-encoded; "
                     "it is fetched unencoded (Accept-Encoding: identity)",
-                    "image_url_fetch_failed",
                     image.where,
                 )
             announced = response.content_length
@@ -278,7 +278,7 @@ def _parts(item: ModerationInput) -> list[Mapping[str, Any]]:
 
 def _too_large(image: RemoteImage, limit: int) -> ImageUrlError:
     return ImageUrlError(
+        ImageUrlReason.TOO_LARGE,
         f"{image.where}: the image at {image.origin} is over the {limit}-byte limit",
-        "image_url_too_large",
         image.where,
     )

@@ -43,6 +43,7 @@ from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.convert import default_categories
 from guardrt.runtime.server.grpc_server import build_server, set_serving
 from guardrt.runtime.server.http_server import build_http_app, served_model_id, start_http
+from guardrt.runtime.server.image_urls import FetchLimits, ImageFetcher
 from guardrt.runtime.server.loading import LoadingPorts
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
@@ -122,7 +123,15 @@ def assemble_stack(
     )
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
     limits = Limits(config.max_text_chars, config.max_in_flight_per_caller)
-    service = ModerationService(preparer, scheduler, limits, executor)
+    fetcher = None
+    if config.image_url_origins:  # one fetcher for both front ends (its session: on first use)
+        fetch_limits = FetchLimits(
+            preparer.image_config.limits.max_bytes, config.image_url_timeout_s
+        )
+        fetcher = ImageFetcher(fetch_limits)
+    service = ModerationService(
+        preparer, scheduler, limits, executor, fetcher, config.image_url_origins
+    )
     info = pb.ModelInfo(
         model=model,
         meaningless_verdicts=model == TINY_RANDOM,
@@ -262,7 +271,7 @@ async def serve(config: ServerConfig) -> int:
         scheme = "https" if stack.tls else "http"
         print(f"OpenAI-compatible HTTP API on {scheme}://{config.host}:{http_port}", flush=True)
     print(access_line(config, stack.tokens), flush=True)
-    if config.image_url_origins and config.http_port >= 0:  # outbound connections: said
+    if config.image_url_origins:  # outbound connections: said
         origins = ", ".join(str(origin) for origin in config.image_url_origins)
         print(f"images by URL fetched from {origins} only", flush=True)
     if config.model == TINY_RANDOM:
@@ -339,6 +348,8 @@ async def stop_front_ends(
     stack.accepting = False
     stopping = [server.stop(grace_s)] + ([runner.cleanup()] if runner is not None else [])
     await asyncio.gather(*stopping)
+    if stack.service.fetcher is not None:  # no call is left to fetch for
+        await stack.service.fetcher.close()
 
 
 def create_server(config: ServerConfig, stack: Stack | None = None) -> tuple[grpc.aio.Server, int]:

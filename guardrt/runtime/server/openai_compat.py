@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from guardrt.runtime.errors import GuardrtError, Location
+from guardrt.runtime.errors import GuardrtError, ImageUrlError, Location
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
-from guardrt.runtime.server.image_urls import ImageUrlError, Origin, RemoteImage, remote_image
+from guardrt.runtime.server.image_urls import Origin, RemoteImage, remote_image
 from guardrt.runtime.server.service import ModerationInput, ModerationResult
 from guardrt.runtime.verdict import Label
 

@@ -32,6 +32,7 @@ from guardrt.runtime.errors import (
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
+from guardrt.runtime.server.image_urls import ImageFetcher, Origin
 from guardrt.runtime.server.tokens import logged_caller
 from guardrt.runtime.verdict import Verdict
 
@@ -133,12 +134,17 @@ class ModerationService:
         scheduler: Scheduler,
         limits: Limits,
         executor: ThreadPoolExecutor,
+        fetcher: ImageFetcher | None = None,
+        origins: tuple[Origin, ...] = (),
     ) -> None:
+        """`fetcher`: fetches images given by URL from `origins` (`image_urls.py`), for both
+        front ends (one connection pool, one bound on fetches at a time); None: no URLs."""
         self.preparer, self.scheduler, self.limits = preparer, scheduler, limits
         self.executor = executor
+        self.fetcher, self.origins = fetcher, origins if fetcher is not None else ()
         # Requests admitted and still being prepared: they count against --max-queue with the
         # scheduler's queue, so that a burst is refused at the door, before its images are
-        # decoded and tiled (15 MB of pixels each) only to find the queue full.
+        # decoded and tiled only to find the queue full.
         self._preparing = 0
         self._admission = threading.Lock()
         # Bulk requests in flight (admitted, not yet answered) hold at most half the queue, so
@@ -147,6 +153,11 @@ class ModerationService:
         self._bulk = asyncio.Semaphore(self.bulk_share)
         self._bulk_held = 0  # bulk requests holding a place in the share (for /metrics)
         self._callers: dict[str, asyncio.Semaphore] = {}  # per authenticated caller
+
+    async def fetched(self, item: ModerationInput) -> ModerationInput:
+        """`item` with its image fetched when it was given by URL; ImageUrlError when it
+        cannot be (never a verdict without it)."""
+        return item if self.fetcher is None else await self.fetcher.resolve(item)
 
     def prepare(self, item: ModerationInput) -> PreparedRequest:
         """Validate and prepare one request (blocking: call it on a worker thread)."""

@@ -8,6 +8,8 @@ from guardrt.runtime.errors import (
     ConfigError,
     GuardrtError,
     ImageError,
+    ImageUrlError,
+    ImageUrlReason,
     PromptError,
     ServiceError,
     ServiceReason,
@@ -25,6 +27,9 @@ _SERVICE = {
 
 
 def grpc_status(error: GuardrtError) -> grpc.StatusCode:
+    if isinstance(error, ImageUrlError):  # the image's server failing may pass: a retry can do
+        unavailable = error.reason is ImageUrlReason.UNAVAILABLE
+        return grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, PromptError | ImageError | ConfigError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, ServiceError):
@@ -66,6 +71,8 @@ _HTTP = {
 
 def http_status(error: GuardrtError) -> tuple[int, str]:
     """(HTTP status, OpenAI error code) of an error."""
+    if isinstance(error, ImageUrlError):
+        return error.status, error.code
     if isinstance(error, PromptError | ImageError | ConfigError):
         reason = getattr(error, "reason", None)
         return 400, str(reason.value) if reason is not None else "invalid_value"

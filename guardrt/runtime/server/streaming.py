@@ -71,7 +71,7 @@ class StreamSession:
     ) -> StreamSession:
         """Validate the conversation before the answer (it must end with a user message);
         `caller` and `trace_id`: who sent it and the trace it belongs to, for the logs."""
-        messages = messages_from_proto(start.messages)
+        messages = messages_from_proto(start.messages, service.origins)
         if len(messages) % 2 == 0:
             raise PromptError(
                 PromptReason.ROLE,
@@ -83,6 +83,7 @@ class StreamSession:
         base = ModerationInput(
             request_id, messages, categories, excluded, caller=caller, trace_id=trace_id
         )
+        base = await service.fetched(base)  # once for the stream, before it holds a cache slot
         session = cls(
             service,
             request_id,
