@@ -187,6 +187,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_text_chars=args.max_text_chars,
         max_in_flight_per_caller=args.max_in_flight_per_caller,
+        max_rate_per_caller=args.max_rate_per_caller,
+        rate_burst_per_caller=args.rate_burst_per_caller,
         grace_s=args.grace_s,
         drain_delay_s=args.drain_delay_s,
         engine_timeout_s=args.engine_timeout_s,
@@ -287,6 +289,20 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
         default=0,
         help="requests one caller (a bearer token's name, see --auth-token-file) may have in "
         "flight; past it RESOURCE_EXHAUSTED / 429, ModerateMany held back (0: no limit)",
+    )
+    serve.add_argument(
+        "--max-rate-per-caller",
+        type=float,
+        default=0.0,
+        metavar="REQUESTS_PER_S",
+        help="requests a second one caller (a bearer token's name) may start; past it "
+        "RESOURCE_EXHAUSTED / 429 with when to retry, ModerateMany paced (0: no limit)",
+    )
+    serve.add_argument(
+        "--rate-burst-per-caller",
+        type=int,
+        default=0,
+        help="requests a quiet caller may start at once (default: one second's worth)",
     )
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.add_argument(

@@ -92,14 +92,19 @@ class ServiceReason(enum.Enum):
     TOO_LARGE = "too_large"  # a request beyond the configured text or size limits
     UNAUTHENTICATED = "unauthenticated"  # missing or wrong bearer token
     BROKEN = "engine_broken"  # the engine failed its self-check: this server takes no work
+    RATE_LIMITED = "rate_limited"  # the caller is past --max-rate-per-caller: refused at once
 
 
 class ServiceError(GuardrtError):
     """A request the service refused or could not run; the message names the limit hit."""
 
-    def __init__(self, reason: ServiceReason, message: str) -> None:
+    def __init__(
+        self, reason: ServiceReason, message: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        # When a retry could be taken (the servers say it: gRPC's retry pushback, Retry-After).
+        self.retry_after_s = retry_after_s
 
 
 class ImageUrlReason(enum.Enum):

@@ -56,6 +56,8 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_text_chars: int = 200_000
     max_in_flight_per_caller: int = 0  # per named bearer token's caller; 0: no limit
+    max_rate_per_caller: float = 0.0  # requests a second per caller (rates.py); 0: no limit
+    rate_burst_per_caller: int = 0  # a quiet caller's requests at once; 0: a second's worth
     grace_s: float = 30.0  # SIGTERM: time to answer in-flight and queued work
     # SIGTERM: keep taking calls this long while reporting NOT_SERVING, for load balancers
     # (a Kubernetes Service's endpoints) to stop sending here before the ports close.
@@ -116,14 +118,30 @@ class ServerConfig:
             raise ConfigError(
                 f"image_url_timeout_s must be a finite number > 0, not {self.image_url_timeout_s}"
             )
-        if self.max_in_flight_per_caller < 0:
-            raise ConfigError(
-                "max_in_flight_per_caller must be ≥ 0 (0: no limit), not "
-                f"{self.max_in_flight_per_caller}"
-            )
+        self._check_caller_limits()
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, not {self.workers}")
         if self.max_streams < 0:
             raise ConfigError(
                 f"max_streams must be ≥ 0 (0: no cache slots), not {self.max_streams}"
             )
+
+    def _check_caller_limits(self) -> None:
+        """The per-caller bounds: in flight, and a rate with its burst."""
+        if self.max_in_flight_per_caller < 0:
+            raise ConfigError(
+                "max_in_flight_per_caller must be ≥ 0 (0: no limit), not "
+                f"{self.max_in_flight_per_caller}"
+            )
+        if not 0 <= self.max_rate_per_caller < math.inf:  # NaN too
+            raise ConfigError(
+                "max_rate_per_caller must be a finite number ≥ 0 (0: no limit), not "
+                f"{self.max_rate_per_caller}"
+            )
+        if self.rate_burst_per_caller < 0:
+            raise ConfigError(
+                "rate_burst_per_caller must be ≥ 0 (0: one second's worth), not "
+                f"{self.rate_burst_per_caller}"
+            )
+        if self.rate_burst_per_caller and not self.max_rate_per_caller:
+            raise ConfigError("rate_burst_per_caller needs max_rate_per_caller (the rate)")

@@ -29,7 +29,7 @@ from guardrt.runtime.server.service import (
     ModerationService,
     checked_request_id,
 )
-from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status
+from guardrt.runtime.server.status import grpc_code, grpc_message, grpc_status, retry_pushback
 from guardrt.runtime.server.streaming import StreamSession
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import NOT_AUTHENTICATED, BearerTokens
@@ -118,7 +118,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
             self._count(route, caller, exc, request_id)
-            await context.abort(grpc_status(exc), grpc_message(exc, request_id))
+            await _abort(context, exc, request_id)
             raise  # not reached: abort raises
         self._count(route, caller, result)
         return result_to_proto(result)
@@ -224,7 +224,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
                 except GuardrtError as exc:
                     request_id = session.request_id if session else message.start.request_id
                     self._count(route, caller, exc, request_id)
-                    await context.abort(grpc_status(exc), grpc_message(exc, request_id))
+                    await _abort(context, exc, request_id)
             if session is not None:
                 await refuse("the stream closed without an end message")
         finally:  # ended, aborted or cancelled: the cache slot goes back
@@ -245,6 +245,15 @@ def stream_window(service: ModerationService) -> int:
     keep the engine busy, within the queue's bound (room is left for other callers)."""
     scheduler = service.scheduler
     return max(1, min(scheduler.max_queue // 2, max(16, 4 * scheduler.max_batch)))
+
+
+async def _abort(context: Any, error: GuardrtError, request_id: str) -> None:
+    """End the call with the error's status and message, and when the caller may retry
+    (`grpc-retry-pushback-ms`, which gRPC clients' retry policies wait for). Raises."""
+    pushback = retry_pushback(error)
+    if pushback:
+        context.set_trailing_metadata(pushback)
+    await context.abort(grpc_status(error), grpc_message(error, request_id))
 
 
 def _with_id(item: ModerationInput, request_id: str, caller: str, trace: str) -> ModerationInput:

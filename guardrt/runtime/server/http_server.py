@@ -40,7 +40,12 @@ from guardrt.runtime.server.service import (
     ModerationService,
     checked_request_id,
 )
-from guardrt.runtime.server.status import http_status, internal_message
+from guardrt.runtime.server.status import (
+    http_status,
+    internal_message,
+    retry_after_header,
+    retry_after_s,
+)
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import NOT_AUTHENTICATED, BearerTokens
 from guardrt.runtime.server.trace import trace_id
@@ -88,7 +93,9 @@ def served_model_id(model: str) -> str:
 
 def _error(error: oa.ApiError, request_id: str | None = None) -> web.Response:
     """An error in OpenAI's shape, with the call's id when it has one (to find its log lines)."""
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = retry_after_header(error.retry_after_s)
     return web.json_response(error.body(), status=error.status, headers=headers)
 
 
@@ -160,7 +167,9 @@ class HttpApi:
             if status == 500:
                 message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
-            error = oa.ApiError(status, message, type=kind, param=param, code=code)
+            error = oa.ApiError(
+                status, message, kind, param, code, retry_after_s=retry_after_s(exc)
+            )
             return self._refused(route, error, request_id, caller=request.get(_CALLER_KEY))
         except web.HTTPRequestEntityTooLarge as exc:
             message = f"the request body is over the {self.body_limit()}-byte limit"

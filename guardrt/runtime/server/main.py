@@ -47,6 +47,7 @@ from guardrt.runtime.server.image_urls import FetchLimits, ImageFetcher
 from guardrt.runtime.server.loading import LoadingPorts
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
+from guardrt.runtime.server.rates import burst_for
 from guardrt.runtime.server.service import Limits, ModerationService
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import BearerTokens
@@ -122,7 +123,12 @@ def assemble_stack(
         stall_s=config.engine_timeout_s or None,
     )
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="guardrt-prepare")
-    limits = Limits(config.max_text_chars, config.max_in_flight_per_caller)
+    limits = Limits(
+        config.max_text_chars,
+        config.max_in_flight_per_caller,
+        config.max_rate_per_caller,
+        config.rate_burst_per_caller,
+    )
     fetcher = None
     if config.image_url_origins:  # one fetcher for both front ends (its session: on first use)
         fetch_limits = FetchLimits(
@@ -317,7 +323,21 @@ def access_line(config: ServerConfig, tokens: BearerTokens) -> str:
             who += f"; callers named: {', '.join(callers)}"
     else:
         who = "no bearer token required: anyone who reaches the ports may call"
-    return f"access: {transport}; {who}"
+    return f"access: {transport}; {who}{caller_limits(config, tokens.required)}"
+
+
+def caller_limits(config: ServerConfig, authenticated: bool) -> str:
+    """The per-caller bounds, for the access line ('' when none is set)."""
+    bounds = []
+    if config.max_in_flight_per_caller:
+        bounds.append(f"{config.max_in_flight_per_caller} in flight")
+    if config.max_rate_per_caller:
+        burst = burst_for(config.max_rate_per_caller, config.rate_burst_per_caller)
+        bounds.append(f"{config.max_rate_per_caller:g} requests/s (bursts of {burst:g})")
+    if not bounds:
+        return ""
+    applied = "" if authenticated else " (they apply to bearer-token callers: none here)"
+    return f"; per caller: {', '.join(bounds)}{applied}"
 
 
 async def release(stack: Stack, grace_s: float) -> bool:

@@ -2,8 +2,9 @@
 request id a caller quotes finds the line (route, status, reason and the message it got).
 
 Messages name an index, key, size or code, never request text, so they may be logged. Refusals
-of an overloaded or stopping server (queue full, draining, engine broken) can come by the
-thousand a second: they are logged at DEBUG, their counts on /metrics say enough.
+of an overloaded or stopping server (queue full, draining, engine broken) and of a caller past
+its rate can come by the thousand a second: they are logged at DEBUG, their counts on /metrics
+say enough.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ log = logging.getLogger("guardrt.refused")
 _FLOODS = frozenset(
     {
         "queue_full", "server_overloaded", "draining", "shutting_down", "engine_broken",
-        "engine_unavailable", "loading",
+        "engine_unavailable", "loading", "rate_limited", "rate_limit_exceeded",
     }
 )  # fmt: skip
 

@@ -33,6 +33,7 @@ from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
 from guardrt.runtime.server.image_urls import ImageFetcher, Origin
+from guardrt.runtime.server.rates import TokenBucket, burst_for
 from guardrt.runtime.server.tokens import logged_caller
 from guardrt.runtime.verdict import Verdict
 
@@ -109,6 +110,10 @@ class Limits:
     # Requests one authenticated caller may have in flight (admitted, not yet answered); 0: no
     # limit. One service's burst then cannot fill the queue the others share.
     max_in_flight_per_caller: int = 0
+    # Requests a second one authenticated caller may start (rates.py), and how many at once
+    # after a quiet spell (0: one second's worth); 0.0: no limit.
+    max_rate_per_caller: float = 0.0
+    rate_burst_per_caller: int = 0
 
 
 def text_chars(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -153,6 +158,7 @@ class ModerationService:
         self._bulk = asyncio.Semaphore(self.bulk_share)
         self._bulk_held = 0  # bulk requests holding a place in the share (for /metrics)
         self._callers: dict[str, asyncio.Semaphore] = {}  # per authenticated caller
+        self._rates: dict[str, TokenBucket] = {}  # per authenticated caller
 
     async def fetched(self, item: ModerationInput) -> ModerationInput:
         """`item` with its image fetched when it was given by URL; ImageUrlError when it
@@ -244,6 +250,43 @@ class ModerationService:
         async with _place(places, hold, deadline, full):
             yield
 
+    async def _caller_rate(self, caller: str, hold: bool, deadline: float | None) -> None:
+        """A token from its caller's bucket (--max-rate-per-caller, authenticated callers
+        only): refused at once when there is none, saying when there will be; with `hold`,
+        the next token reserved and waited for (DEADLINE when it comes after `deadline`)."""
+        rate = self.limits.max_rate_per_caller
+        if not rate or logged_caller(caller) is None:
+            return
+        now = time.monotonic()
+        bucket = self._rates.get(caller)
+        if bucket is None:
+            burst = burst_for(rate, self.limits.rate_burst_per_caller)
+            bucket = self._rates[caller] = TokenBucket.full(rate, burst, now)
+        if not hold:
+            wait = bucket.take(now)
+            if wait:
+                raise ServiceError(
+                    ServiceReason.RATE_LIMITED,
+                    f"caller {caller} is past its rate of {rate:g} requests a second "
+                    f"(--max-rate-per-caller): retry in {math.ceil(wait * 1000)} ms",
+                    retry_after_s=wait,
+                )
+            return
+        wait = bucket.reserve(now)
+        if deadline is not None and now + wait > deadline:
+            bucket.give_back()
+            raise ServiceError(
+                ServiceReason.DEADLINE,
+                f"caller {caller}'s rate ({rate:g} requests a second) would start the request "
+                "after its deadline",
+            )
+        if wait:
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:  # the caller went away: its turn goes back
+                bucket.give_back()
+                raise
+
     def bulk_held(self) -> int:
         """Bulk requests in flight (admitted to the bulk share, not yet answered)."""
         return self._bulk_held
@@ -309,7 +352,9 @@ class ModerationService:
         """The verdict for one request; raises GuardrtError subclasses for the servers to map.
         `session` (from the engine's `open_session`) lets the engine reuse the K/V of the
         session's previous request. A bulk request past its share of the queue is refused
-        (QUEUE_FULL), or with `hold` (a stream's) waits for room."""
+        (QUEUE_FULL), or with `hold` (a stream's) waits for room; so does a request past its
+        caller's rate (RATE_LIMITED), or with `hold` waits for its turn."""
+        await self._caller_rate(item.caller, hold, deadline)
         async with (
             self._caller_share(item.caller, hold, deadline),
             self._bulk_share(item.bulk, hold, deadline),

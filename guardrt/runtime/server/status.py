@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from guardrt.runtime.errors import (
@@ -23,6 +25,7 @@ _SERVICE = {
     ServiceReason.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ServiceReason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ServiceReason.BROKEN: grpc.StatusCode.UNAVAILABLE,
+    ServiceReason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -66,6 +69,7 @@ _HTTP = {
     ServiceReason.TOO_LARGE: (413, "request_too_large"),
     ServiceReason.UNAUTHENTICATED: (401, "invalid_api_key"),
     ServiceReason.BROKEN: (503, "engine_unavailable"),
+    ServiceReason.RATE_LIMITED: (429, "rate_limit_exceeded"),  # OpenAI's code for it
 }
 
 
@@ -79,3 +83,21 @@ def http_status(error: GuardrtError) -> tuple[int, str]:
     if isinstance(error, ServiceError):
         return _HTTP[error.reason]
     return 500, "internal_error"
+
+
+def retry_after_s(error: GuardrtError) -> float | None:
+    """When the caller may retry, where the error knows it (a caller past its rate)."""
+    return error.retry_after_s if isinstance(error, ServiceError) else None
+
+
+def retry_pushback(error: GuardrtError) -> tuple[tuple[str, str], ...]:
+    """gRPC trailing metadata telling a client's retry policy when to retry (none unknown)."""
+    seconds = retry_after_s(error)
+    if seconds is None:
+        return ()
+    return (("grpc-retry-pushback-ms", str(max(1, math.ceil(seconds * 1000)))),)
+
+
+def retry_after_header(seconds: float) -> str:
+    """HTTP's Retry-After: whole seconds, rounded up (at least 1)."""
+    return str(max(1, math.ceil(seconds)))
