@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import math
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -20,7 +21,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guardrt.runtime.errors import ConfigError
+from guardrt.runtime import guard as guard_module
+from guardrt.runtime.errors import ConfigError, GuardrtError
+from guardrt.runtime.guard import Guard
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.server import main as server_main
@@ -121,6 +124,28 @@ def test_a_held_port_stops_serve_before_the_model_loads(monkeypatch: pytest.Monk
         config = ServerConfig(host="localhost", grpc_port=0, http_port=port)
         with pytest.raises(ConfigError, match=f"HTTP API: cannot listen on localhost:{port}"):
             asyncio.run(server_main.serve(config))
+
+
+def test_a_bad_tokenizer_stops_the_start_before_the_model_loads(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokenizer and image settings are read first: a truncated tokenizer.json (a copy
+    cut short) is named in a second, not after the model's minutes of loading."""
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, broken)
+    text = (broken / "tokenizer.json").read_text()
+    (broken / "tokenizer.json").write_text(text[: len(text) // 2])
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(server_main, "load_engine", load)
+    config = ServerConfig(model=str(broken), host="localhost", max_seq=1024)
+    with pytest.raises(GuardrtError, match=r"tokenizer\.json"):
+        server_main.build_stack(config)
+    monkeypatch.setattr(guard_module, "load_engine", load)  # the Python API's load too
+    with pytest.raises(GuardrtError, match=r"tokenizer\.json"):
+        Guard.load(broken, max_seq=1024)
 
 
 def test_an_http_port_taken_after_the_check_stops_grpc_too(

@@ -74,9 +74,9 @@ class Guard:
             directory, device, dtype, semantics, decode, max_batch, max_seq,
             quantize=quantize, int8_compute=int8_compute,
         )  # fmt: skip
+        preparer = load_preparer(directory, max_seq)  # its files checked before the weights'
         engine = load_engine(backend_for(directory), options)
-        preparer = load_preparer(directory, max_seq)
-        return cls(preparer, engine, source=str(directory))
+        return cls(preparer.with_max_seq(engine.info.max_seq), engine, source=str(directory))
 
     def prepare(
         self,

@@ -29,6 +29,15 @@ class Preparer:
         # Custom policies arrive with requests: the cache is bounded.
         self.grammar = functools.lru_cache(maxsize=256)(self._make_grammar)
 
+    def with_max_seq(self, max_seq: int) -> Preparer:
+        """This tokenizer and image setting for a model of `max_seq` positions (an engine
+        directory's own, known once it is loaded)."""
+        return (
+            self
+            if max_seq == self.max_seq
+            else Preparer(self.tokenizer, self.image_config, max_seq)
+        )
+
     def _make_grammar(self, policy: Policy) -> VerdictGrammar:
         return VerdictGrammar(self.tokenizer, policy)
 

@@ -92,8 +92,11 @@ def build_stack(config: ServerConfig) -> Stack:
     if config.model == TINY_RANDOM:
         log.warning(MEANINGLESS)
     options = config.engine_options(directory)
+    # The tokenizer and image settings first: a bad tokenizer.json stops the start in a second,
+    # not after the model's minutes of loading.
+    preparer = load_preparer(directory, options.max_seq)
     engine = load_engine(backend_for(directory), options)
-    preparer = load_preparer(directory, engine.info.max_seq)
+    preparer = preparer.with_max_seq(engine.info.max_seq)
     sample = warmup_requests(preparer)
     try:  # the first steps allocate what grows on demand (an engine directory's caches)
         engine.warmup(sample)
