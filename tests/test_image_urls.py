@@ -339,6 +339,8 @@ def test_grpc_an_image_url_answers_as_its_bytes(
     assert second.image is not None
     np.testing.assert_array_equal(first.image.canvas, second.image.canvas)
     assert _Images.hits == [signed]  # the URL went out byte for byte
+    info = server.stub().GetInfo(pb.GetInfoRequest())
+    assert list(info.image_url_origins) == [f"http://127.0.0.1:{port}"]
 
 
 @pytest.mark.parametrize(

@@ -144,6 +144,9 @@ def test_a_caller_past_its_rate_is_refused_with_when_to_retry(
         assert 1 <= int(headers["Retry-After"]) <= 2
         answered = stub.Moderate(pb.ModerateRequest(messages=[MESSAGE]), metadata=CHAT)
         assert answered.verdict.label == pb.SAFE  # another caller's bucket
+        info = stub.GetInfo(pb.GetInfoRequest(), metadata=CHAT)
+        assert (info.max_rate_per_caller, info.max_in_flight_per_caller) == (0.5, 0)
+        assert list(info.image_url_origins) == []
         connection = http.client.HTTPConnection("localhost", server.http_port, timeout=30)
         connection.request("GET", "/metrics")
         metrics = connection.getresponse().read().decode()

@@ -587,6 +587,9 @@ class ModelInfo(_message.Message):
     MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     DEFAULT_CATEGORIES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    IMAGE_URL_ORIGINS_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_PER_CALLER_FIELD_NUMBER: _builtins.int
+    MAX_RATE_PER_CALLER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model served: a checkpoint directory, an engine directory, or "tiny-random"."""
     meaningless_verdicts: _builtins.bool
@@ -605,8 +608,18 @@ class ModelInfo(_message.Message):
     max_image_bytes: _builtins.int
     version: _builtins.str
     """guardrt's version"""
+    max_in_flight_per_caller: _builtins.int
+    """Per authenticated caller: requests in flight and requests a second allowed (0: no bound)."""
+    max_rate_per_caller: _builtins.float
     @_builtins.property
     def default_categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Category]: ...
+    @_builtins.property
+    def image_url_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where this server fetches Content.image_url URLs from (`--image-url-origins`), e.g.
+        "https://images.example.com", "https://*.cdn.example.com"; empty: it fetches none, send
+        images' bytes.
+        """
+
     def __init__(
         self,
         *,
@@ -622,10 +635,13 @@ class ModelInfo(_message.Message):
         max_image_bytes: _builtins.int = ...,
         default_categories: _abc.Iterable[Global___Category] | None = ...,
         version: _builtins.str = ...,
+        image_url_origins: _abc.Iterable[_builtins.str] | None = ...,
+        max_in_flight_per_caller: _builtins.int = ...,
+        max_rate_per_caller: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "decode", b"decode", "default_categories", b"default_categories", "device", b"device", "dtype", b"dtype", "max_batch_size", b"max_batch_size", "max_image_bytes", b"max_image_bytes", "max_prompt_tokens", b"max_prompt_tokens", "meaningless_verdicts", b"meaningless_verdicts", "model", b"model", "semantics", b"semantics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "decode", b"decode", "default_categories", b"default_categories", "device", b"device", "dtype", b"dtype", "image_url_origins", b"image_url_origins", "max_batch_size", b"max_batch_size", "max_image_bytes", b"max_image_bytes", "max_in_flight_per_caller", b"max_in_flight_per_caller", "max_prompt_tokens", b"max_prompt_tokens", "max_rate_per_caller", b"max_rate_per_caller", "meaningless_verdicts", b"meaningless_verdicts", "model", b"model", "semantics", b"semantics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,6 +154,9 @@ def assemble_stack(
         max_image_bytes=preparer.image_config.limits.max_bytes,
         default_categories=default_categories(),
         version=__version__,
+        image_url_origins=[str(origin) for origin in config.image_url_origins],
+        max_in_flight_per_caller=config.max_in_flight_per_caller,
+        max_rate_per_caller=config.max_rate_per_caller,
     )
     metrics = Metrics(scheduler.depth, service.preparing, service.bulk_held)
     tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
