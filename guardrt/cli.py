@@ -189,6 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_in_flight_per_caller=args.max_in_flight_per_caller,
         max_rate_per_caller=args.max_rate_per_caller,
         rate_burst_per_caller=args.rate_burst_per_caller,
+        verdict_cache=args.verdict_cache,
         grace_s=args.grace_s,
         drain_delay_s=args.drain_delay_s,
         engine_timeout_s=args.engine_timeout_s,
@@ -303,6 +304,14 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="requests a quiet caller may start at once (default: one second's worth)",
+    )
+    serve.add_argument(
+        "--verdict-cache",
+        type=int,
+        default=0,
+        metavar="ENTRIES",
+        help="answer an input judged before from memory: the verdicts of the last ENTRIES "
+        "distinct inputs (prompt ids, policy, image pixels, hashed) are kept (0: off)",
     )
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.add_argument(

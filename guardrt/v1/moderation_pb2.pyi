@@ -356,6 +356,7 @@ class Timing(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PREFILL_MS_FIELD_NUMBER: _builtins.int
     DECODE_MS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """waiting for a batch"""
     preprocess_ms: _builtins.float
@@ -370,6 +371,10 @@ class Timing(_message.Message):
     """of model_ms: image encoding and the batch's first forward"""
     decode_ms: _builtins.float
     """of model_ms: the batch's later forwards"""
+    cached: _builtins.bool
+    """Answered from the server's verdict cache (`--verdict-cache`): the verdict of the same
+    input judged earlier, with no queue, batch (batch_size 0) or model time.
+    """
     def __init__(
         self,
         *,
@@ -380,10 +385,11 @@ class Timing(_message.Message):
         batch_size: _builtins.int = ...,
         prefill_ms: _builtins.float = ...,
         decode_ms: _builtins.float = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "decode_ms", b"decode_ms", "model_ms", b"model_ms", "prefill_ms", b"prefill_ms", "preprocess_ms", b"preprocess_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "cached", b"cached", "decode_ms", b"decode_ms", "model_ms", b"model_ms", "prefill_ms", b"prefill_ms", "preprocess_ms", b"preprocess_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

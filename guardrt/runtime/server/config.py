@@ -58,6 +58,7 @@ class ServerConfig:
     max_in_flight_per_caller: int = 0  # per named bearer token's caller; 0: no limit
     max_rate_per_caller: float = 0.0  # requests a second per caller (rates.py); 0: no limit
     rate_burst_per_caller: int = 0  # a quiet caller's requests at once; 0: a second's worth
+    verdict_cache: int = 0  # verdicts of distinct inputs kept to answer repeats (0: off)
     grace_s: float = 30.0  # SIGTERM: time to answer in-flight and queued work
     # SIGTERM: keep taking calls this long while reporting NOT_SERVING, for load balancers
     # (a Kubernetes Service's endpoints) to stop sending here before the ports close.
@@ -119,6 +120,8 @@ class ServerConfig:
                 f"image_url_timeout_s must be a finite number > 0, not {self.image_url_timeout_s}"
             )
         self._check_caller_limits()
+        if self.verdict_cache < 0:
+            raise ConfigError(f"verdict_cache must be ≥ 0 (0: off), not {self.verdict_cache}")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, not {self.workers}")
         if self.max_streams < 0:

@@ -121,6 +121,7 @@ def timing_to_proto(timing: Timing) -> pb.Timing:
         batch_size=timing.batch_size,
         prefill_ms=timing.prefill_ms,
         decode_ms=timing.decode_ms,
+        cached=timing.cached,
     )
 
 

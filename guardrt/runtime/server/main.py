@@ -51,6 +51,7 @@ from guardrt.runtime.server.rates import burst_for
 from guardrt.runtime.server.service import Limits, ModerationService
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import BearerTokens
+from guardrt.runtime.server.verdict_cache import VerdictCache
 from guardrt.v1 import moderation_pb2 as pb
 
 log = logging.getLogger("guardrt.serve")
@@ -138,8 +139,9 @@ def assemble_stack(
             preparer.image_config.limits.max_bytes, config.image_url_timeout_s
         )
         fetcher = ImageFetcher(fetch_limits)
+    cache = VerdictCache(config.verdict_cache) if config.verdict_cache else None
     service = ModerationService(
-        preparer, scheduler, limits, executor, fetcher, config.image_url_origins
+        preparer, scheduler, limits, executor, fetcher, config.image_url_origins, cache
     )
     info = pb.ModelInfo(
         model=model,
@@ -283,6 +285,12 @@ async def serve(config: ServerConfig) -> int:
         scheme = "https" if stack.tls else "http"
         print(f"OpenAI-compatible HTTP API on {scheme}://{config.host}:{http_port}", flush=True)
     print(access_line(config, stack.tokens), flush=True)
+    if config.verdict_cache:  # repeats answered without the engine: said
+        print(
+            f"verdict cache: repeats of the last {config.verdict_cache} distinct inputs are "
+            "answered from memory",
+            flush=True,
+        )
     if config.image_url_origins:  # outbound connections: said
         origins = ", ".join(str(origin) for origin in config.image_url_origins)
         print(f"images by URL fetched from {origins} only", flush=True)

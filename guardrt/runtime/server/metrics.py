@@ -72,6 +72,12 @@ class Metrics:
             ["caller", "outcome"],
             registry=self.registry,
         )
+        self.cached = Counter(
+            "guardrt_verdicts_cached",
+            "Verdicts answered from the verdict cache (--verdict-cache): inputs judged before, "
+            "answered without the engine (also counted in guardrt_verdicts).",
+            registry=self.registry,
+        )
         self.categories = Counter(
             "guardrt_unsafe_categories",
             "Categories named by unsafe verdicts, by code (a verdict naming two counts twice).",
@@ -130,16 +136,21 @@ class Metrics:
         if not math.isnan(label_probability):  # NaN: greedy output off the grammar's path
             self.label_probability.observe(label_probability)
         timing = result.timing
-        for stage, milliseconds in (
-            ("queue", timing.queue_ms),
-            ("preprocess", timing.preprocess_ms),
-            ("prefill", timing.prefill_ms),
-            ("decode", timing.decode_ms),
-            ("model", timing.model_ms),
-            ("total", timing.total_ms),
-        ):
+        if timing.cached:  # no queue, batch or model: their histograms are the engine's
+            self.cached.inc()
+            stages = [("preprocess", timing.preprocess_ms), ("total", timing.total_ms)]
+        else:
+            stages = [
+                ("queue", timing.queue_ms),
+                ("preprocess", timing.preprocess_ms),
+                ("prefill", timing.prefill_ms),
+                ("decode", timing.decode_ms),
+                ("model", timing.model_ms),
+                ("total", timing.total_ms),
+            ]
+            self.batch_size.observe(timing.batch_size)
+        for stage, milliseconds in stages:
             self.stage.labels(stage).observe(milliseconds / 1e3)
-        self.batch_size.observe(timing.batch_size)
 
     def failed(self, route: str, code: str, reason: str, caller: str = NOT_AUTHENTICATED) -> None:
         self.requests.labels(route, code, reason).inc()

@@ -417,6 +417,7 @@ def _extension(result: ModerationResult) -> dict[str, Any]:
         # The model's own text (an error's `content` is `unsafe`, whatever the model wrote).
         "raw_output": verdict.raw_output,
         "request_id": result.request_id,
+        "cached": result.timing.cached,  # from --verdict-cache: judged before, not now
     }
 
 

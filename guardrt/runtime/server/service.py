@@ -35,6 +35,7 @@ from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
 from guardrt.runtime.server.image_urls import ImageFetcher, Origin
 from guardrt.runtime.server.rates import TokenBucket, burst_for
 from guardrt.runtime.server.tokens import logged_caller
+from guardrt.runtime.server.verdict_cache import VerdictCache, request_key
 from guardrt.runtime.verdict import Verdict
 
 log = logging.getLogger("guardrt.service")
@@ -68,6 +69,7 @@ class Timing:
     batch_size: int
     prefill_ms: float = 0.0  # of model_ms: image encoding and the batch's first forward
     decode_ms: float = 0.0  # of model_ms: the later forwards (categories of unsafe verdicts)
+    cached: bool = False  # answered from the verdict cache (verdict_cache.py): no batch, no model
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,12 @@ class ModerationService:
         executor: ThreadPoolExecutor,
         fetcher: ImageFetcher | None = None,
         origins: tuple[Origin, ...] = (),
+        cache: VerdictCache | None = None,
     ) -> None:
         """`fetcher`: fetches images given by URL from `origins` (`image_urls.py`), for both
-        front ends (one connection pool, one bound on fetches at a time); None: no URLs."""
+        front ends (one connection pool, one bound on fetches at a time); None: no URLs.
+        `cache`: verdicts of inputs judged before (`verdict_cache.py`); None: off."""
+        self.cache = cache
         self.preparer, self.scheduler, self.limits = preparer, scheduler, limits
         self.executor = executor
         self.fetcher, self.origins = fetcher, origins if fetcher is not None else ()
@@ -249,6 +254,18 @@ class ModerationService:
         )
         async with _place(places, hold, deadline, full):
             yield
+
+    async def _cached(self, request: PreparedRequest) -> tuple[bytes | None, Decoded | None]:
+        """The request's cache key (None without a cache, or for a stream's session, whose
+        K/V bookkeeping needs its run) and its cached answer (None: a miss)."""
+        if self.cache is None or request.session is not None:
+            return None, None
+        if request.image is None:
+            key = request_key(request)
+        else:  # a canvas of up to 3.8 MB: hashed off the event loop
+            loop = asyncio.get_running_loop()
+            key = await loop.run_in_executor(self.executor, request_key, request)
+        return key, self.cache.get(key, request)
 
     async def _caller_rate(self, caller: str, hold: bool, deadline: float | None) -> None:
         """A token from its caller's bucket (--max-rate-per-caller, authenticated callers
@@ -367,8 +384,14 @@ class ModerationService:
         started = time.monotonic()
         request_id = item.request_id or uuid.uuid4().hex  # checked by the front ends
         request = dataclasses.replace(await self.prepared(item), session=session)
+        key, decoded = await self._cached(request)
         prepared = time.monotonic()
-        decoded, info = await self.run(request, request_id, deadline, item.bulk)
+        info = BatchInfo(0, 0.0, 0.0)  # a cached verdict ran in no batch
+        if decoded is None:
+            decoded, info = await self.run(request, request_id, deadline, item.bulk)
+            if key is not None and self.cache is not None:
+                self.cache.put(key, decoded)
+        cached = info.size == 0
         verdict = decoded.verdict()
         timing = Timing(
             queue_ms=info.queue_s * 1e3,
@@ -378,6 +401,7 @@ class ModerationService:
             batch_size=info.size,
             prefill_ms=decoded.prefill_s * 1e3,
             decode_ms=decoded.decode_s * 1e3,
+            cached=cached,
         )
         fields = {
             "request_id": request_id,
@@ -394,14 +418,14 @@ class ModerationService:
             "unsafe_probability": _rounded(verdict.unsafe_probability),
             "label_probability": _rounded(verdict.label_probability),
             "batch_size": info.size,
+            "cached": cached,
             "queue_ms": round(timing.queue_ms, 2),
             "model_ms": round(timing.model_ms, 2),
             "total_ms": round(timing.total_ms, 2),
         }
         caller = fields["caller"]
         log.info(
-            "request %s%s: %d messages, %d text chars, image %s, %d prompt tokens, %s, "
-            "batch %d, %.1f ms",
+            "request %s%s: %d messages, %d text chars, image %s, %d prompt tokens, %s, %s, %.1f ms",
             request_id,
             f" from {caller}" if caller else "",
             fields["messages"],
@@ -409,7 +433,7 @@ class ModerationService:
             f"{fields['image_tiles']} tiles" if request.image else "none",
             fields["prompt_tokens"],
             verdict.label.value,
-            info.size,
+            "cached" if cached else f"batch {info.size}",
             timing.total_ms,
             extra=fields,
         )
