@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +32,7 @@ from guardrt.runtime.server.image_urls import (
     parse_origins,
     remote_image,
 )
+from guardrt.runtime.server.tokens import read_tokens
 from guardrt.v1 import moderation_pb2 as pb
 from tests.images import encode, synthetic
 from tests.server_harness import FakeEngine, ServerThread, serving
@@ -455,3 +457,25 @@ def test_the_client_sends_image_url_parts() -> None:
         assert message.content[0].image_url == "https://images.example.com/a.jpg"
     with pytest.raises(ConfigError, match="message 0 part 0: an image_url part needs its URL"):
         messages_to_proto([{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+def test_a_refused_call_fetches_nothing(preparer: Preparer, tmp_path: Path) -> None:
+    """The image is fetched once the call is admitted: past its caller's rate, no connection."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("billing s3cret-b\n")
+    with image_server() as port:
+        settings: dict[str, Any] = {
+            "image_url_origins": (parse_origin(f"http://127.0.0.1:{port}"),),
+            "auth_tokens": read_tokens(str(tokens)),
+            "auth_token_file": str(tokens),
+            "max_rate_per_caller": 0.01,
+            "rate_burst_per_caller": 1,
+        }
+        with serving(FakeEngine(), preparer, **settings) as server:
+            billing = (("authorization", "Bearer s3cret-b"),)
+            photo = f"http://127.0.0.1:{port}/photo.jpg"
+            server.stub().Moderate(_grpc_request(photo), metadata=billing)
+            with pytest.raises(grpc.RpcError) as refused:
+                server.stub().Moderate(_grpc_request(photo), metadata=billing)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _Images.hits == ["/photo.jpg"]  # the first call's fetch only

@@ -114,7 +114,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
         try:
             request_id = checked_request_id(request.request_id)
             item = input_from_proto(request, self.service.origins)
-            item = await self.service.fetched(_with_id(item, request_id, caller, _trace(context)))
+            item = _with_id(item, request_id, caller, _trace(context))
             result = await self.service.moderate(item, _deadline(context))
         except GuardrtError as exc:
             self._count(route, caller, exc, request_id)
@@ -142,7 +142,7 @@ class ModerationServicer(pb_grpc.ModerationServicer):
             try:
                 request_id = checked_request_id(request.request_id)
                 item = input_from_proto(request, self.service.origins)
-                item = await self.service.fetched(_with_id(item, request_id, caller, trace))
+                item = _with_id(item, request_id, caller, trace)
                 # A bulk backlog past its share waits here: gRPC's flow control holds the rest.
                 result = await self.service.moderate(item, deadline, hold=True)
                 self._count(route, caller, result)

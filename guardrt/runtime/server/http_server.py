@@ -36,7 +36,6 @@ from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.refusals import log_refusal
 from guardrt.runtime.server.service import (
-    ModerationInput,
     ModerationService,
     checked_request_id,
 )
@@ -126,14 +125,6 @@ class HttpApi:
         self.paths: frozenset[str] = frozenset()  # the routes' paths (build_http_app sets them)
         self.origins = service.origins  # where the service's fetcher may fetch images from
 
-    async def _fetched(self, item: ModerationInput) -> ModerationInput:
-        """`item` with its image fetched when it was given by URL (`image_urls.py`)."""
-        try:
-            return await self.service.fetched(item)
-        except ImageUrlError as exc:
-            kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-            raise oa.ApiError(exc.status, str(exc), kind, exc.where, exc.code) from exc
-
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every error in OpenAI's shape; every answer counted by route, code and reason."""
@@ -164,6 +155,8 @@ class HttpApi:
             placed = body if isinstance(exc, _INPUT_ERRORS) else None  # the caller's fault
             message = str(exc) if placed is None else placed.message(exc)
             param = None if placed is None else placed.param(exc.at)
+            if isinstance(exc, ImageUrlError):  # a URL's place, as the body numbers it
+                param = exc.where or None
             if status == 500:
                 message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
@@ -233,7 +226,7 @@ class HttpApi:
         )
         request[_BODY_KEY] = chat
         trace = trace_id(request.headers.get("traceparent"))
-        item = dataclasses.replace(await self._fetched(chat.item), caller=caller, trace_id=trace)
+        item = dataclasses.replace(chat.item, caller=caller, trace_id=trace)
         result = await self.service.moderate(item, deadline)
         self.metrics.answered(request.path, result, caller=caller)
         created = oa.now()
@@ -265,10 +258,7 @@ class HttpApi:
         request[_BODY_KEY] = inputs
         caller = request[_CALLER_KEY]
         trace = trace_id(request.headers.get("traceparent"))
-        items = [  # one has an image at most
-            dataclasses.replace(await self._fetched(item), caller=caller, trace_id=trace)
-            for item in inputs.items
-        ]
+        items = [dataclasses.replace(item, caller=caller, trace_id=trace) for item in inputs.items]
         # A list of bulk inputs past the bulk share waits for room (the body is read already).
         results = await self.service.moderate_all(items, deadline, hold=True)
         for result in results:

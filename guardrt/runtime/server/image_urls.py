@@ -247,10 +247,15 @@ class ImageFetcher:
                     raise _too_large(image, limit)
         return bytes(body)
 
+    @staticmethod
+    def wanted(item: ModerationInput) -> bool:
+        """Whether `item` holds an image to fetch."""
+        return any(isinstance(part.get("image"), RemoteImage) for part in _parts(item))
+
     async def resolve(self, item: ModerationInput) -> ModerationInput:
         """`item` with its image fetched when it is a RemoteImage. The conversation is checked
         first (a second image is refused before anything is fetched)."""
-        if not any(isinstance(part.get("image"), RemoteImage) for part in _parts(item)):
+        if not self.wanted(item):
             return item  # nothing to fetch: the conversation is checked where it always is
         conversation = parse_messages(item.messages, ignored_roles=item.ignored_roles)
         image = conversation.image

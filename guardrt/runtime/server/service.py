@@ -166,9 +166,12 @@ class ModerationService:
         self._rates: dict[str, TokenBucket] = {}  # per authenticated caller
 
     async def fetched(self, item: ModerationInput) -> ModerationInput:
-        """`item` with its image fetched when it was given by URL; ImageUrlError when it
-        cannot be (never a verdict without it)."""
-        return item if self.fetcher is None else await self.fetcher.resolve(item)
+        """`item` with its image fetched when it was given by URL (a full queue refuses it
+        first); ImageUrlError when it cannot be (never a verdict without it)."""
+        if self.fetcher is None or not self.fetcher.wanted(item):
+            return item
+        self.check_room()  # no fetch only to find the queue full
+        return await self.fetcher.resolve(item)
 
     def prepare(self, item: ModerationInput) -> PreparedRequest:
         """Validate and prepare one request (blocking: call it on a worker thread)."""
@@ -383,6 +386,9 @@ class ModerationService:
     ) -> ModerationResult:
         started = time.monotonic()
         request_id = item.request_id or uuid.uuid4().hex  # checked by the front ends
+        # An image given by URL is fetched once the request is admitted (its caller's rate
+        # and shares): a refused call makes no outbound connection.
+        item = await self.fetched(item)
         request = dataclasses.replace(await self.prepared(item), session=session)
         key, decoded = await self._cached(request)
         prepared = time.monotonic()
