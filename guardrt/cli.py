@@ -153,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
     from guardrt.runtime.server.config import ServerConfig, TlsConfig  # noqa: PLC0415
     from guardrt.runtime.server.image_urls import parse_origins  # noqa: PLC0415
     from guardrt.runtime.server.main import serve  # noqa: PLC0415
+    from guardrt.runtime.server.server_policy import read_policy  # noqa: PLC0415
     from guardrt.runtime.server.tokens import read_tokens  # noqa: PLC0415
 
     logs.configure(args.log_level, args.log_format)
@@ -190,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_rate_per_caller=args.max_rate_per_caller,
         rate_burst_per_caller=args.rate_burst_per_caller,
         verdict_cache=args.verdict_cache,
+        policy=read_policy(args.policy) if args.policy else None,
         grace_s=args.grace_s,
         drain_delay_s=args.drain_delay_s,
         engine_timeout_s=args.engine_timeout_s,
@@ -304,6 +306,13 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="requests a quiet caller may start at once (default: one second's worth)",
+    )
+    serve.add_argument(
+        "--policy",
+        metavar="FILE",
+        help='the policy of requests that send no categories: JSON {"categories": [{"code", '
+        '"description"}, ...], "exclude": ["S6"]}, both optional (default: the model\'s S1-S13; '
+        "a request's exclusions add to the file's)",
     )
     serve.add_argument(
         "--verdict-cache",

@@ -596,6 +596,7 @@ class ModelInfo(_message.Message):
     IMAGE_URL_ORIGINS_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_PER_CALLER_FIELD_NUMBER: _builtins.int
     MAX_RATE_PER_CALLER_FIELD_NUMBER: _builtins.int
+    DEFAULT_EXCLUDE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model served: a checkpoint directory, an engine directory, or "tiny-random"."""
     meaningless_verdicts: _builtins.bool
@@ -618,12 +619,22 @@ class ModelInfo(_message.Message):
     """Per authenticated caller: requests in flight and requests a second allowed (0: no bound)."""
     max_rate_per_caller: _builtins.float
     @_builtins.property
-    def default_categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Category]: ...
+    def default_categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Category]:
+        """The categories of a request that sends none: the model's S1–S13, or the server's
+        policy (`--policy`).
+        """
+
     @_builtins.property
     def image_url_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Where this server fetches Content.image_url URLs from (`--image-url-origins`), e.g.
         "https://images.example.com", "https://*.cdn.example.com"; empty: it fetches none, send
         images' bytes.
+        """
+
+    @_builtins.property
+    def default_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Codes the server's policy leaves out of default_categories for every request that sends
+        no categories (a request's own exclusions add to these).
         """
 
     def __init__(
@@ -644,10 +655,11 @@ class ModelInfo(_message.Message):
         image_url_origins: _abc.Iterable[_builtins.str] | None = ...,
         max_in_flight_per_caller: _builtins.int = ...,
         max_rate_per_caller: _builtins.float = ...,
+        default_exclude: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "decode", b"decode", "default_categories", b"default_categories", "device", b"device", "dtype", b"dtype", "image_url_origins", b"image_url_origins", "max_batch_size", b"max_batch_size", "max_image_bytes", b"max_image_bytes", "max_in_flight_per_caller", b"max_in_flight_per_caller", "max_prompt_tokens", b"max_prompt_tokens", "max_rate_per_caller", b"max_rate_per_caller", "meaningless_verdicts", b"meaningless_verdicts", "model", b"model", "semantics", b"semantics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "decode", b"decode", "default_categories", b"default_categories", "default_exclude", b"default_exclude", "device", b"device", "dtype", b"dtype", "image_url_origins", b"image_url_origins", "max_batch_size", b"max_batch_size", "max_image_bytes", b"max_image_bytes", "max_in_flight_per_caller", b"max_in_flight_per_caller", "max_prompt_tokens", b"max_prompt_tokens", "max_rate_per_caller", b"max_rate_per_caller", "meaningless_verdicts", b"meaningless_verdicts", "model", b"model", "semantics", b"semantics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,6 +10,7 @@ from guardrt.runtime.batching import POLICIES
 from guardrt.runtime.engine import EngineOptions
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.server.image_urls import Origin
+from guardrt.runtime.server.server_policy import ServerPolicy
 
 # One image (32 MiB encoded, the decoder's own limit) plus text and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
@@ -59,6 +60,9 @@ class ServerConfig:
     max_rate_per_caller: float = 0.0  # requests a second per caller (rates.py); 0: no limit
     rate_burst_per_caller: int = 0  # a quiet caller's requests at once; 0: a second's worth
     verdict_cache: int = 0  # verdicts of distinct inputs kept to answer repeats (0: off)
+    # The policy of requests that send no categories (--policy FILE; server_policy.py); None:
+    # the model's S1-S13.
+    policy: ServerPolicy | None = None
     grace_s: float = 30.0  # SIGTERM: time to answer in-flight and queued work
     # SIGTERM: keep taking calls this long while reporting NOT_SERVING, for load balancers
     # (a Kubernetes Service's endpoints) to stop sending here before the ports close.

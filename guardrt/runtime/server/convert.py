@@ -134,5 +134,8 @@ def result_to_proto(result: ModerationResult) -> pb.ModerateResponse:
     )
 
 
-def default_categories() -> list[pb.Category]:
-    return [pb.Category(code=code, description=text) for code, text in DEFAULT_CATEGORIES]
+def default_categories(
+    listed: Sequence[tuple[str, str]] = DEFAULT_CATEGORIES,
+) -> list[pb.Category]:
+    """The categories of requests without their own (the model's, or the server's policy)."""
+    return [pb.Category(code=code, description=text) for code, text in listed]

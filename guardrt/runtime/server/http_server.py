@@ -264,7 +264,7 @@ class HttpApi:
         for result in results:
             self.metrics.answered(request.path, result, caller=caller)
         body = [
-            oa.moderation_result(result, types, inputs.custom)
+            oa.moderation_result(result, types, inputs.custom or self.service.policy.custom)
             for result, types in zip(results, inputs.types, strict=True)
         ]
         answer = oa.moderations_response(request_id, inputs.model, body)

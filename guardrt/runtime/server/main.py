@@ -141,8 +141,9 @@ def assemble_stack(
         fetcher = ImageFetcher(fetch_limits)
     cache = VerdictCache(config.verdict_cache) if config.verdict_cache else None
     service = ModerationService(
-        preparer, scheduler, limits, executor, fetcher, config.image_url_origins, cache
-    )
+        preparer, scheduler, limits, executor, fetcher, config.image_url_origins, cache,
+        config.policy,
+    )  # fmt: skip
     info = pb.ModelInfo(
         model=model,
         meaningless_verdicts=model == TINY_RANDOM,
@@ -154,7 +155,8 @@ def assemble_stack(
         max_batch_size=scheduler.max_batch,
         max_prompt_tokens=engine.info.max_seq,
         max_image_bytes=preparer.image_config.limits.max_bytes,
-        default_categories=default_categories(),
+        default_categories=default_categories(service.policy.listed()),
+        default_exclude=service.policy.exclude,
         version=__version__,
         image_url_origins=[str(origin) for origin in config.image_url_origins],
         max_in_flight_per_caller=config.max_in_flight_per_caller,
@@ -285,6 +287,8 @@ async def serve(config: ServerConfig) -> int:
         scheme = "https" if stack.tls else "http"
         print(f"OpenAI-compatible HTTP API on {scheme}://{config.host}:{http_port}", flush=True)
     print(access_line(config, stack.tokens), flush=True)
+    if config.policy is not None:  # what requests without their own are judged against
+        print(config.policy.describe(), flush=True)
     if config.verdict_cache:  # repeats answered without the engine: said
         print(
             f"verdict cache: repeats of the last {config.verdict_cache} distinct inputs are "

@@ -34,6 +34,7 @@ from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
 from guardrt.runtime.server.image_urls import ImageFetcher, Origin
 from guardrt.runtime.server.rates import TokenBucket, burst_for
+from guardrt.runtime.server.server_policy import ServerPolicy
 from guardrt.runtime.server.tokens import logged_caller
 from guardrt.runtime.server.verdict_cache import VerdictCache, request_key
 from guardrt.runtime.verdict import Verdict
@@ -144,11 +145,14 @@ class ModerationService:
         fetcher: ImageFetcher | None = None,
         origins: tuple[Origin, ...] = (),
         cache: VerdictCache | None = None,
+        policy: ServerPolicy | None = None,
     ) -> None:
         """`fetcher`: fetches images given by URL from `origins` (`image_urls.py`), for both
         front ends (one connection pool, one bound on fetches at a time); None: no URLs.
-        `cache`: verdicts of inputs judged before (`verdict_cache.py`); None: off."""
+        `cache`: verdicts of inputs judged before (`verdict_cache.py`); None: off. `policy`:
+        the server's, for requests without categories (`server_policy.py`)."""
         self.cache = cache
+        self.policy = policy or ServerPolicy()
         self.preparer, self.scheduler, self.limits = preparer, scheduler, limits
         self.executor = executor
         self.fetcher, self.origins = fetcher, origins if fetcher is not None else ()
@@ -182,10 +186,11 @@ class ModerationService:
                 f"the conversation has {chars} characters of text; the limit is "
                 f"{self.limits.max_text_chars}",
             )
+        categories, excluded = self.policy.apply(item.categories, item.excluded)
         return self.preparer.prepare(
             item.messages,
-            categories=item.categories,
-            excluded_categories=item.excluded,
+            categories=categories,
+            excluded_categories=excluded,
             ignored_roles=item.ignored_roles,
         )
 

@@ -1,0 +1,105 @@
+"""`--policy FILE`: the server's own safety policy, for the requests that send none.
+
+An organisation decides its moderation policy once (categories that do not apply to its
+product left out, or categories of its own) rather than in every client. The file is what the
+HTTP API's `guardrt` extension field takes:
+
+    {"categories": [{"code": "S1", "description": "Violent Crimes."}, ...],
+     "exclude": ["S6"]}
+
+both keys optional (no `categories`: the model's S1-S13), checked at start as a request's policy
+is (a code, a description, an exclusion the policy lacks, nothing left: named, with the file).
+
+How a request's own policy meets it: a request that sends categories is judged against its own
+policy only (the server's is not its business); one that sends only exclusions is judged against
+the server's categories, without the server's exclusions and its own (a client can leave more
+out, never bring back what the operator left out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guardrt.runtime.errors import ConfigError, GuardrtError
+from guardrt.runtime.jsonfile import read_json_object
+from guardrt.runtime.policy import DEFAULT_CATEGORIES, make_policy
+
+_KEYS = ("categories", "exclude")
+_CATEGORY_KEYS = ("code", "description")
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """The categories and exclusions of requests without their own categories."""
+
+    categories: tuple[tuple[str, str], ...] | None = None  # None: the model's S1-S13
+    exclude: tuple[str, ...] = ()
+    source: str = ""  # the file it came from, for the start line
+
+    @property
+    def custom(self) -> bool:
+        """Whether its categories are others than the model's (moderation keys are codes)."""
+        return self.categories is not None
+
+    def listed(self) -> tuple[tuple[str, str], ...]:
+        return DEFAULT_CATEGORIES if self.categories is None else self.categories
+
+    def apply(
+        self, categories: Sequence[tuple[str, str]] | None, excluded: Sequence[str]
+    ) -> tuple[Sequence[tuple[str, str]] | None, tuple[str, ...]]:
+        """A request's (categories, exclusions) with the server's policy applied."""
+        if categories:
+            return categories, tuple(excluded)
+        return self.categories, tuple(dict.fromkeys((*self.exclude, *excluded)))
+
+    def describe(self) -> str:
+        """The start line's account of it."""
+        if self.categories is None:
+            which = f"the model's {len(DEFAULT_CATEGORIES)} categories"
+        else:
+            which = f"{len(self.categories)} categories of its own"
+        left_out = f", leaving out {', '.join(self.exclude)}" if self.exclude else ""
+        return f"policy: {which}{left_out} ({self.source}) for requests that send no categories"
+
+
+def read_policy(path: str | Path) -> ServerPolicy:
+    """The policy file at `path`; a ConfigError naming the file and what is wrong with it."""
+    path = Path(path)
+    document = read_json_object(path, "policy file")
+    unknown = sorted(key for key in document if key not in _KEYS)
+    if unknown:
+        raise ConfigError(
+            f"policy file {path}: unknown key {unknown[0]!r}; known: categories, exclude"
+        )
+    categories = _categories(document.get("categories"), path)
+    exclude = document.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(code, str) for code in exclude):
+        raise ConfigError(f"policy file {path}: exclude must be a list of codes such as ['S6']")
+    try:  # a request's policy's checks, at start
+        policy = make_policy(categories, exclude)
+    except GuardrtError as exc:
+        raise ConfigError(f"policy file {path}: {exc}") from exc
+    return ServerPolicy(
+        None if categories is None else policy.categories, tuple(dict.fromkeys(exclude)), str(path)
+    )
+
+
+def _categories(raw: object, path: Path) -> list[tuple[Any, Any]] | None:
+    """[{code, description}, ...] or {code: description, ...} as pairs; None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, Mapping):
+        return [(str(code), description) for code, description in raw.items()]
+    shape = "categories must be a list of {code, description} or an object of code: description"
+    if not isinstance(raw, list) or not all(isinstance(entry, Mapping) for entry in raw):
+        raise ConfigError(f"policy file {path}: {shape}")
+    for index, entry in enumerate(raw):
+        unknown = sorted(str(key) for key in entry if key not in _CATEGORY_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"policy file {path}: categories[{index}] has unknown key {unknown[0]!r}"
+            )
+    return [(entry.get("code"), entry.get("description")) for entry in raw]
