@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -34,9 +35,16 @@ from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
 from guardrt.runtime.server.image_urls import ImageFetcher, Origin
 from guardrt.runtime.server.rates import TokenBucket, burst_for
+from guardrt.runtime.server.request_log import log_request
 from guardrt.runtime.server.server_policy import ServerPolicy
 from guardrt.runtime.server.tokens import logged_caller
-from guardrt.runtime.server.verdict_cache import VerdictCache, request_key
+from guardrt.runtime.server.verdict_cache import (
+    INLINE_KEY_BYTES,
+    CachedVerdict,
+    VerdictCache,
+    image_bytes,
+    input_key,
+)
 from guardrt.runtime.verdict import Verdict
 
 log = logging.getLogger("guardrt.service")
@@ -263,17 +271,19 @@ class ModerationService:
         async with _place(places, hold, deadline, full):
             yield
 
-    async def _cached(self, request: PreparedRequest) -> tuple[bytes | None, Decoded | None]:
-        """The request's cache key (None without a cache, or for a stream's session, whose
-        K/V bookkeeping needs its run) and its cached answer (None: a miss)."""
-        if self.cache is None or request.session is not None:
-            return None, None
-        if request.image is None:
-            key = request_key(request)
-        else:  # a canvas of up to 3.8 MB: hashed off the event loop
-            loop = asyncio.get_running_loop()
-            key = await loop.run_in_executor(self.executor, request_key, request)
-        return key, self.cache.get(key, request)
+    async def _cache_key(self, item: ModerationInput, session: int | None) -> bytes | None:
+        """The request's verdict-cache key (`verdict_cache.py`); None without a cache, for a
+        stream's session (whose K/V bookkeeping needs its run), or for what no key stands for.
+        A large image is hashed off the event loop."""
+        if self.cache is None or session is not None:
+            return None
+        categories, excluded = self.policy.apply(item.categories, item.excluded)
+        keyed = functools.partial(
+            input_key, item.messages, categories, excluded, item.ignored_roles
+        )
+        if image_bytes(item.messages) <= INLINE_KEY_BYTES:
+            return keyed()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, keyed)
 
     async def _caller_rate(self, caller: str, hold: bool, deadline: float | None) -> None:
         """A token from its caller's bucket (--max-rate-per-caller, authenticated callers
@@ -394,16 +404,38 @@ class ModerationService:
         # An image given by URL is fetched once the request is admitted (its caller's rate
         # and shares): a refused call makes no outbound connection.
         item = await self.fetched(item)
-        request = dataclasses.replace(await self.prepared(item), session=session)
-        key, decoded = await self._cached(request)
-        prepared = time.monotonic()
-        info = BatchInfo(0, 0.0, 0.0)  # a cached verdict ran in no batch
-        if decoded is None:
-            decoded, info = await self.run(request, request_id, deadline, item.bulk)
+        key = await self._cache_key(item, session)
+        hit = None if key is None or self.cache is None else self.cache.get(key)
+        if hit is not None:  # judged before: neither prepared nor run again
+            spent_ms = (time.monotonic() - started) * 1e3
+            timing = Timing(0.0, spent_ms, 0.0, spent_ms, 0, cached=True)
+            result = ModerationResult(
+                request_id, hit.verdict, timing, hit.prompt_tokens, 0,
+                hit.generated_tokens, hit.image_tiles,
+            )  # fmt: skip
+        else:
+            result = await self._run_fresh(item, request_id, deadline, session, started)
             if key is not None and self.cache is not None:
-                self.cache.put(key, decoded)
-        cached = info.size == 0
-        verdict = decoded.verdict()
+                entry = CachedVerdict(
+                    result.verdict, result.prompt_tokens, result.generated_tokens,
+                    result.image_tiles,
+                )  # fmt: skip
+                self.cache.put(key, entry)
+        log_request(item, result, text_chars(item.messages))
+        return result
+
+    async def _run_fresh(
+        self,
+        item: ModerationInput,
+        request_id: str,
+        deadline: float | None,
+        session: int | None,
+        started: float,
+    ) -> ModerationResult:
+        """Prepare and run one request (`started`: when it reached the service)."""
+        request = dataclasses.replace(await self.prepared(item), session=session)
+        prepared = time.monotonic()
+        decoded, info = await self.run(request, request_id, deadline, item.bulk)
         timing = Timing(
             queue_ms=info.queue_s * 1e3,
             preprocess_ms=(prepared - started) * 1e3,
@@ -412,45 +444,10 @@ class ModerationService:
             batch_size=info.size,
             prefill_ms=decoded.prefill_s * 1e3,
             decode_ms=decoded.decode_s * 1e3,
-            cached=cached,
-        )
-        fields = {
-            "request_id": request_id,
-            "messages": len(item.messages),
-            "text_chars": text_chars(item.messages),
-            "image_tiles": request.image.num_tiles if request.image else 0,
-            "prompt_tokens": len(request.prompt),
-            "bulk": item.bulk,
-            "caller": logged_caller(item.caller),
-            "trace_id": item.trace_id or None,
-            "label": verdict.label.value,
-            "categories": list(verdict.categories),
-            # Scores, for an audit of a disputed verdict (never the text it was about).
-            "unsafe_probability": _rounded(verdict.unsafe_probability),
-            "label_probability": _rounded(verdict.label_probability),
-            "batch_size": info.size,
-            "cached": cached,
-            "queue_ms": round(timing.queue_ms, 2),
-            "model_ms": round(timing.model_ms, 2),
-            "total_ms": round(timing.total_ms, 2),
-        }
-        caller = fields["caller"]
-        log.info(
-            "request %s%s: %d messages, %d text chars, image %s, %d prompt tokens, %s, %s, %.1f ms",
-            request_id,
-            f" from {caller}" if caller else "",
-            fields["messages"],
-            fields["text_chars"],
-            f"{fields['image_tiles']} tiles" if request.image else "none",
-            fields["prompt_tokens"],
-            verdict.label.value,
-            "cached" if cached else f"batch {info.size}",
-            timing.total_ms,
-            extra=fields,
         )
         return ModerationResult(
             request_id,
-            verdict,
+            decoded.verdict(),
             timing,
             len(request.prompt),
             decoded.reused_tokens,
@@ -460,11 +457,6 @@ class ModerationService:
 
 
 _SMALL_TEXT = 2_000
-
-
-def _rounded(probability: float) -> float | None:
-    """A probability for a log field: 6 significant digits, None for NaN (no score)."""
-    return None if math.isnan(probability) else float(f"{probability:.6g}")
 
 
 @contextlib.asynccontextmanager

@@ -1,57 +1,113 @@
-"""`--verdict-cache N`: the verdicts of the last N distinct inputs, answered again without the
-engine.
+"""`--verdict-cache N`: the verdicts of the last N distinct inputs, answered again without
+preparing them or running the engine.
 
 Moderation traffic repeats itself: a spam text sent thousands of times, a re-posted image, a
-client's retry of a call whose answer it lost. The model is fixed for the process and decodes
-deterministically (constrained or greedy), so the verdict of an input the model has already
-judged is known: the cache answers it from memory. Off by default (a benchmark that replays one
-request would measure the cache, not the model).
+client's retry of a call whose answer it lost. The model is fixed for the process, preparation
+(template, tokenizer, image tiling) is a pure function of the request, and decoding is
+deterministic (constrained or greedy), so the verdict of an input already judged is known: the
+cache answers it from memory, before the image is decoded. Off by default (a benchmark that
+replays one request would measure the cache, not the model).
 
-The key is what the model reads, hashed: the prompt's token ids (the conversation and the
-policy's categories are in them), the codes the verdict grammar allows, and the image's uint8
-canvas with its tile arrangement (the exact pixels; an image encoded differently but resized
-to the same canvas is the same input). BLAKE2b, 16 bytes: no text or pixels are kept, only
-their digest and the verdict. Only `safe` and `unsafe` verdicts are kept; errors are not, and
-an engine failure never reaches it. A hit's scores are those of the first computation (a batch
-of other shapes can move a probability in its last digits; the label is the model's for that
+The key is the request as the service received it, hashed: every message's role and parts (an
+image's bytes, once fetched when given by URL), the policy the request is judged against (after
+the server's, `server_policy.py`) and the roles left unread. It is canonical JSON with each
+type tagged (a tuple is not a list, 1 is not 1.0 or true), so two requests with one key are the
+same request; a request holding anything else (a PIL image through the Python API) is not
+cached. BLAKE2b, 16 bytes: no text or pixels are kept, only their digest and the verdict. Only
+`safe` and `unsafe` verdicts are kept: an error verdict, an invalid request and an engine
+failure are met again next time. A hit's scores are those of the first computation (a batch of
+other shapes can move a probability in its last digits; the label is the model's for that
 input either way).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+from guardrt.runtime.verdict import Label, Verdict
 
-from guardrt.runtime.requests import Decoded, PreparedRequest
-from guardrt.runtime.verdict import Label
+# Hashing this many bytes of image takes a fraction of a millisecond: more goes to a thread.
+INLINE_KEY_BYTES = 64 * 1024
 
 
-def request_key(request: PreparedRequest) -> bytes:
-    """The digest of everything the model's verdict on `request` depends on."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.asarray(request.prompt, dtype=np.int64).tobytes())
-    digest.update(",".join(request.grammar.codes).encode())
-    image = request.image
-    if image is None:
-        digest.update(b"|no image")
-    else:
-        high, wide = image.tiles
-        digest.update(f"|image {high}x{wide} {image.aspect_ratio_id} {image.dtype}|".encode())
-        digest.update(np.ascontiguousarray(image.canvas).data)
-    return digest.digest()
+class _UnkeyableError(Exception):
+    """A value the key cannot stand for exactly (the request is then not cached)."""
+
+
+# Scalars by type, each tagged (bool before int: True is an int).
+_SCALARS: tuple[tuple[type, str, Any], ...] = (
+    (bool, "bool", bool),
+    (int, "int", str),
+    (float, "float", repr),
+)
+
+
+def _tagged(value: object) -> Any:
+    """`value` as JSON in which every type is explicit; bytes as their digest."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return {"bytes": hashlib.blake2b(data, digest_size=32).hexdigest(), "length": len(data)}
+    if value is None or isinstance(value, str):
+        return value
+    for kind, tag, shown in _SCALARS:
+        if isinstance(value, kind):
+            return {tag: shown(value)}
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return {"map": {key: _tagged(item) for key, item in value.items()}}
+    if isinstance(value, list | tuple):
+        return {type(value).__name__: [_tagged(item) for item in value]}
+    raise _UnkeyableError
+
+
+def input_key(
+    messages: Sequence[Mapping[str, Any]],
+    categories: Sequence[tuple[str, str]] | None,
+    excluded: Sequence[str],
+    ignored_roles: Sequence[str],
+) -> bytes | None:
+    """The digest of a request as the service prepares it; None when it holds a value the key
+    cannot stand for exactly."""
+    try:
+        document = _tagged(
+            {
+                "messages": list(messages),
+                "categories": None if categories is None else list(categories),
+                "excluded": list(excluded),
+                "ignored_roles": list(ignored_roles),
+            }
+        )
+    except _UnkeyableError:
+        return None
+    text = json.dumps(document, sort_keys=True, ensure_ascii=True, allow_nan=False)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def image_bytes(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Bytes of image payload in `messages` (what hashing the key reads)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                payload = part.get("image") if isinstance(part, Mapping) else None
+                if isinstance(payload, bytes | bytearray | memoryview):
+                    total += len(payload)
+    return total
 
 
 @dataclass(frozen=True)
-class _Entry:
-    """What a verdict is rebuilt from (`Decoded` without its request: no pixels held)."""
+class CachedVerdict:
+    """What an answer is rebuilt from."""
 
-    generated: tuple[int, ...]
-    unsafe_probability: float
-    category_probabilities: dict[str, float]
-    label_probability: float
+    verdict: Verdict
+    prompt_tokens: int
+    generated_tokens: int
+    image_tiles: int
 
 
 class VerdictCache:
@@ -61,38 +117,27 @@ class VerdictCache:
         if entries < 1:
             raise ValueError(f"a verdict cache holds at least 1 entry, not {entries}")
         self.entries = entries
-        self._map: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._map: OrderedDict[bytes, CachedVerdict] = OrderedDict()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._map)
 
-    def get(self, key: bytes, request: PreparedRequest) -> Decoded | None:
-        """The cached answer to `request` (whose digest is `key`), or None (a miss)."""
+    def get(self, key: bytes) -> CachedVerdict | None:
+        """The verdict kept for `key`, or None (a miss)."""
         entry = self._map.get(key)
         if entry is None:
             self.misses += 1
             return None
         self._map.move_to_end(key)
         self.hits += 1
-        return Decoded(
-            request,
-            entry.generated,
-            entry.unsafe_probability,
-            dict(entry.category_probabilities),
-            label_probability=entry.label_probability,
-        )
+        return entry
 
-    def put(self, key: bytes, decoded: Decoded) -> None:
+    def put(self, key: bytes, entry: CachedVerdict) -> None:
         """Keep a `safe` or `unsafe` verdict (an error verdict is answered, never kept)."""
-        if decoded.verdict().label is Label.ERROR:
+        if entry.verdict.label is Label.ERROR:
             return
-        self._map[key] = _Entry(
-            decoded.generated,
-            decoded.unsafe_probability,
-            dict(decoded.category_probabilities),
-            decoded.label_probability,
-        )
+        self._map[key] = entry
         self._map.move_to_end(key)
         while len(self._map) > self.entries:
             self._map.popitem(last=False)
