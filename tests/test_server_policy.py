@@ -65,8 +65,8 @@ def test_the_file_and_its_flag(tmp_path: Path) -> None:
     policy = read_policy(path)
     assert (policy.categories, policy.exclude, policy.custom) == (OWN, ("S2",), True)
     assert policy.describe() == (
-        f"policy: 3 categories of its own, leaving out S2 ({path}) for requests that send no "
-        "categories"
+        f"policy: 3 categories of its own, leaving out S2 ({path}; SIGHUP reloads) for requests "
+        "that send no categories"
     )
     as_object = read_policy(_write(tmp_path, {"categories": dict(OWN)}))
     assert as_object.categories == OWN
@@ -123,3 +123,29 @@ def test_without_a_file_the_models_categories(preparer: Preparer) -> None:
     assert len(engine.batches[-1][0].grammar.codes) == 13
     assert [(c.code, c.description) for c in info.default_categories] == list(DEFAULT_CATEGORIES)
     assert list(info.default_exclude) == []
+
+
+def test_sighup_reads_the_file_again(preparer: Preparer, tmp_path: Path) -> None:
+    """A new policy for the requests after it (and GetInfo); a file turned bad keeps the one in
+    use and says why."""
+    path = _write(tmp_path, {"exclude": ["S6"]})
+    engine = FakeEngine()
+    with serving(engine, preparer, policy=read_policy(path)) as server:
+        stack = server.stack
+        assert stack.policy is not None
+        assert stack.policy.refresh() is None  # the file holds the policy in use
+        path.write_text(json.dumps({"categories": dict(OWN), "exclude": ["S3"]}))
+        said = stack.policy.reload()
+        assert said.startswith("policy reloaded: 3 categories of its own, leaving out S3")
+        server.stub().Moderate(moderate_request(TEXT))
+        info = server.stub().GetInfo(pb.GetInfoRequest())
+        path.write_text(json.dumps({"categories": dict(OWN), "exclude": ["S1", "S2", "S3"]}))
+        kept = stack.policy.reload()
+        server.stub().Moderate(moderate_request(TEXT))
+    first, second = (batch[0] for batch in engine.batches[-2:])
+    assert first.grammar.codes == ("S1", "S2")
+    assert [(c.code, c.description) for c in info.default_categories] == list(OWN)
+    assert list(info.default_exclude) == ["S3"]
+    assert kept.startswith(f"policy not reloaded, the one in use kept: policy file {path}: ")
+    assert "every category is excluded" in kept
+    assert second.grammar.codes == ("S1", "S2")

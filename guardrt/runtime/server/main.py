@@ -48,6 +48,7 @@ from guardrt.runtime.server.loading import LoadingPorts
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.ports import check_bindable
 from guardrt.runtime.server.rates import burst_for
+from guardrt.runtime.server.server_policy import PolicyFile, ServerPolicy
 from guardrt.runtime.server.service import Limits, ModerationService
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.runtime.server.tokens import BearerTokens
@@ -74,6 +75,7 @@ class Stack:
     metrics: Metrics
     tokens: BearerTokens  # both servers' bearer tokens (reloaded on SIGHUP)
     tls: ServerTls | None = None  # both servers' certificate (reloaded on SIGHUP)
+    policy: PolicyFile | None = None  # the --policy file (reloaded on SIGHUP)
     ready: bool = True  # model loaded and warmed, not draining (HTTP /readyz)
     # Taking new calls: until the drain delay after SIGTERM is over (ready is False by then).
     accepting: bool = True
@@ -165,7 +167,17 @@ def assemble_stack(
     metrics = Metrics(scheduler.depth, service.preparing, service.bulk_held)
     tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
     tls = ServerTls(config.tls) if config.tls is not None else None
-    stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls)
+    policy = None
+    if config.policy is not None:  # SIGHUP reads the file again
+
+        def use(new: ServerPolicy) -> None:
+            service.policy = new
+            del info.default_categories[:]
+            info.default_categories.extend(default_categories(new.listed()))
+            info.default_exclude[:] = new.exclude
+
+        policy = PolicyFile(config.policy, use)
+    stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls, policy)
     described = {
         "version": info.version,
         "model": served_model_id(model),  # the directory's name, as /v1/models lists it
@@ -318,9 +330,9 @@ async def serve(config: ServerConfig) -> int:
 
 
 def reload(stack: Stack, quiet: bool = False) -> None:
-    """SIGHUP: the bearer tokens and the TLS certificate, each kept when its files are bad
-    (`quiet`: said only where something changed or failed)."""
-    for reloaded in (stack.tokens, stack.tls):
+    """SIGHUP: the bearer tokens, the TLS certificate and the policy, each kept when its files
+    are bad (`quiet`: said only where something changed or failed)."""
+    for reloaded in (stack.tokens, stack.tls, stack.policy):
         if reloaded is not None:
             said = reloaded.refresh() if quiet else reloaded.reload()
             if said is not None:

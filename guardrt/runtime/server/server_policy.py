@@ -9,6 +9,7 @@ HTTP API's `guardrt` extension field takes:
 
 both keys optional (no `categories`: the model's S1-S13), checked at start as a request's policy
 is (a code, a description, an exclusion the policy lacks, nothing left: named, with the file).
+SIGHUP reads it again (`PolicyFile`); a file that has become bad keeps the policy in use.
 
 How a request's own policy meets it: a request that sends categories is judged against its own
 policy only (the server's is not its business); one that sends only exclusions is judged against
@@ -18,7 +19,8 @@ out, never bring back what the operator left out).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 from guardrt.runtime.errors import ConfigError, GuardrtError
 from guardrt.runtime.jsonfile import read_json_object
 from guardrt.runtime.policy import DEFAULT_CATEGORIES, make_policy
+
+log = logging.getLogger("guardrt.serve")
 
 _KEYS = ("categories", "exclude")
 _CATEGORY_KEYS = ("code", "description")
@@ -62,7 +66,10 @@ class ServerPolicy:
         else:
             which = f"{len(self.categories)} categories of its own"
         left_out = f", leaving out {', '.join(self.exclude)}" if self.exclude else ""
-        return f"policy: {which}{left_out} ({self.source}) for requests that send no categories"
+        return (
+            f"policy: {which}{left_out} ({self.source}; SIGHUP reloads) for requests that send "
+            "no categories"
+        )
 
 
 def read_policy(path: str | Path) -> ServerPolicy:
@@ -103,3 +110,32 @@ def _categories(raw: object, path: Path) -> list[tuple[Any, Any]] | None:
                 f"policy file {path}: categories[{index}] has unknown key {unknown[0]!r}"
             )
     return [(entry.get("code"), entry.get("description")) for entry in raw]
+
+
+class PolicyFile:
+    """The `--policy` file, read again on SIGHUP: `use` is given each new policy (requests
+    prepared after it are judged against it; those already prepared keep theirs). A file
+    that cannot serve keeps the policy in use, and the sentence returned says why."""
+
+    def __init__(self, policy: ServerPolicy, use: Callable[[ServerPolicy], None]) -> None:
+        self.policy, self._use = policy, use
+
+    def refresh(self) -> str | None:
+        """`reload`, saying nothing (None) when the file holds the policy in use."""
+        try:
+            if read_policy(self.policy.source) == self.policy:
+                return None
+        except ConfigError:
+            pass  # reload says why
+        return self.reload()
+
+    def reload(self) -> str:
+        try:
+            policy = read_policy(self.policy.source)
+        except ConfigError as exc:
+            log.error("policy not reloaded, the one in use kept: %s", exc)
+            return f"policy not reloaded, the one in use kept: {exc}"
+        self.policy = policy
+        self._use(policy)
+        log.info("policy reloaded from %s", policy.source)
+        return f"policy reloaded: {policy.describe().removeprefix('policy: ')}"
