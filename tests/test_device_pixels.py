@@ -133,6 +133,15 @@ def test_the_table_the_device_gathers_is_the_shared_one() -> None:
     assert len(pixels._tables) == 1
 
 
+def test_the_gathered_table_lives_on_the_device() -> None:
+    """The canvases' indices are on the device, so the table must be too (a CUDA index into a
+    CPU table is refused on a GPU; the meta device stands in for it here)."""
+    image = tiled(20, 20)
+    meta = DevicePixels(torch.device("meta"), gather=True)
+    assert meta._table(image.norm, image.dtype).device.type == "meta"
+    assert meta.pixels([image]).device.type == "meta"
+
+
 def test_with_pixels_holds_them_once() -> None:
     """transformers' timed inputs start from held pixels, as from its processor's output."""
     image = tiled(50, 50)

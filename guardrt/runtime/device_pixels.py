@@ -59,7 +59,8 @@ class DevicePixels:
     def _table(self, norm: NormalizationTable, dtype: PixelDType) -> torch.Tensor:
         found = self._tables.get(norm)
         if found is None:
-            found = host_tensor(np.array(norm.table), dtype)  # a writable copy.to(self.device)
+            copy = np.array(norm.table)  # writable: torch refuses to wrap a read-only array
+            found = host_tensor(copy, dtype).to(self.device)
             self._tables[norm] = found
         return found
 
