@@ -40,6 +40,7 @@ from guardrt.runtime.server.grpc_server import (
 )
 from guardrt.runtime.server.http_server import start_http
 from guardrt.runtime.server.refusals import log_refusal
+from guardrt.runtime.server.status import pushback_metadata, retry_after_header
 from guardrt.runtime.server.tls import ServerTls
 from guardrt.v1 import moderation_pb2 as pb
 
@@ -128,8 +129,7 @@ class _Refusing(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def _refuse(self, route: str, context: Any) -> None:
         message = self.ports.message()
         log_refusal(route, grpc.StatusCode.UNAVAILABLE.name, _REASON, message)
-        pushback = (("grpc-retry-pushback-ms", str(RETRY_AFTER_S * 1000)),)
-        context.set_trailing_metadata(pushback)
+        context.set_trailing_metadata(pushback_metadata(RETRY_AFTER_S))
         await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
     def service(self, handler_call_details: Any) -> Any:
@@ -177,7 +177,7 @@ def _http_app(ports: LoadingPorts) -> web.Application:
         log_refusal(request.path[:100], "503", _REASON, message)
         error = {"message": message, "type": "server_error", "param": None, "code": _REASON}
         return web.json_response(
-            {"error": error}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+            {"error": error}, status=503, headers={"Retry-After": retry_after_header(RETRY_AFTER_S)}
         )
 
     # No body is read: a large one is refused as soon as its headers are in.

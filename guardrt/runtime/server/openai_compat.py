@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from guardrt.runtime.errors import GuardrtError, ImageUrlError, Location
+from guardrt.runtime.errors import GuardrtError, ImageUrlError, ImageUrlReason, Location
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
 from guardrt.runtime.server.image_urls import Origin, RemoteImage, remote_image
 from guardrt.runtime.server.service import ModerationInput, ModerationResult
@@ -153,7 +153,7 @@ def decode_image_url(
             "no outbound connections (unless started with --image-url-origins): send the "
             "image inline as data:image/...;base64,...",
             param=where,
-            code="remote_image_url",
+            code=ImageUrlReason.REMOTE.value,
         )
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):

@@ -93,8 +93,11 @@ def retry_after_s(error: GuardrtError) -> float | None:
 def retry_pushback(error: GuardrtError) -> tuple[tuple[str, str], ...]:
     """gRPC trailing metadata telling a client's retry policy when to retry (none unknown)."""
     seconds = retry_after_s(error)
-    if seconds is None:
-        return ()
+    return () if seconds is None else pushback_metadata(seconds)
+
+
+def pushback_metadata(seconds: float) -> tuple[tuple[str, str], ...]:
+    """gRPC's `grpc-retry-pushback-ms` trailing metadata: whole ms, rounded up (at least 1)."""
     return (("grpc-retry-pushback-ms", str(max(1, math.ceil(seconds * 1000)))),)
 
 
