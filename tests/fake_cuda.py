@@ -73,6 +73,33 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # The compiled kernels' paths, as on the GPU (the tests' conftest turns the interpreter on).
 os.environ["TRITON_INTERPRET"] = "0"
 MODE = FakeTensorMode(allow_non_fake_inputs=True)
+
+
+class _DeviceRules(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """A device rule FakeTensorMode does not apply: torch on a GPU refuses to index a host
+    tensor with device indices ("indices should be either on cpu or on the same device as the
+    indexed tensor"), where fake tensors, like meta ones, let it through. (A table left on the
+    host and gathered by CUDA indices failed no check here, found in review.)"""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.index.Tensor:
+            source, indices = args[0], args[1]
+            elsewhere = [i.device for i in indices if i is not None and i.device.type != "cpu"]
+            if source.device.type == "cpu" and elsewhere:
+                raise RuntimeError(
+                    f"indices on {elsewhere[0]} index a host tensor {tuple(source.shape)}: "
+                    "indices should be either on cpu or on the same device as the indexed tensor"
+                )
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _faked() -> Iterator[None]:
+    """Fake CUDA tensors, with the device rule FakeTensorMode leaves out (`_DeviceRules`)."""
+    with MODE, _DeviceRules():  # type: ignore[no-untyped-call]
+        yield
+
+
 LAUNCHES: list[str] = []  # the Triton kernels launched, by name
 COMPILED: dict[str, list[float]] = {}  # kernel → seconds each of its specializations compiled in
 COMPILE_FAULTS: list[str] = []  # a kernel that did not compile, or does not fit the card
@@ -113,7 +140,7 @@ def _fake(tensor: torch.Tensor) -> torch.Tensor:
     FakeTensorMode run the copy for real, which initialises CUDA and fails without a driver."""
     if isinstance(tensor, FakeTensor) and tensor.constant is None:
         return tensor
-    with MODE:
+    with _faked():
         return torch.empty_strided(
             tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
         )
@@ -138,7 +165,7 @@ def _numpy(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
 
 def _nonzero(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A tenth of the elements: the count is data (the vision tower's padding tokens)."""
-    with MODE:
+    with _faked():
         rows = max(1, tensor.numel() // 10)
         return torch.empty((rows, tensor.dim()), dtype=torch.int64, device=tensor.device)
 
@@ -398,7 +425,7 @@ def _patch_threads() -> None:
     def patched(self: threading.Thread) -> None:
         if self.name != "guardrt-engine":
             return run(self)
-        with MODE:
+        with _faked():
             return run(self)
 
     threading.Thread.run = patched  # type: ignore[method-assign]
@@ -423,7 +450,7 @@ def _patch_random_model() -> None:
         config = ModelConfig.from_dict(document)
         with torch.device("meta"):
             model = MllamaModel(config, semantics)
-        with MODE:
+        with _faked():
             for module in model.modules():
                 for name, value in module._parameters.items():
                     if value is not None:
@@ -459,7 +486,7 @@ def check_bench(results: Path, size: str = "tiny") -> list[str]:
     concurrency = "8,32" if size == "full" else "2,4"
     argv = ["--size", size, "--device", "cuda", "--no-baseline", "--repeat", "2",
             "--requests", "8", "--concurrency", concurrency, "--results", str(results)]  # fmt: skip
-    with MODE:
+    with _faked():
         latency.main(argv)
     (written,) = results.glob("latency-*.json")
     report = json.loads(written.read_text())
@@ -529,7 +556,7 @@ def check_serve() -> list[str]:
         _new_process()
         late = len(LATE)
         try:
-            with MODE:
+            with _faked():
                 guard = Guard.load("tiny-random", device="cuda", max_seq=2048, **options)
                 sample = [guard.prepare(c) for c in _conversations()[:3]]
                 guard.engine.warmup(sample)
@@ -576,7 +603,7 @@ def check_scripts(out: Path) -> list[str]:
         argv = sys.argv
         sys.argv = [str(script), *(a.format(out=out) for a in args)]
         try:
-            with MODE:
+            with _faked():
                 runpy.run_path(str(script), run_name="__main__")
         except SystemExit as exit_:
             if exit_.code not in (None, 0):
