@@ -320,7 +320,7 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
         default=0,
         metavar="ENTRIES",
         help="answer an input judged before from memory: the verdicts of the last ENTRIES "
-        "distinct inputs (prompt ids, policy, image pixels, hashed) are kept (0: off)",
+        "distinct requests (their messages, image bytes and policy, hashed) are kept (0: off)",
     )
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.add_argument(

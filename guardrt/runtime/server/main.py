@@ -12,6 +12,7 @@ the grace period, exit 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -157,26 +158,18 @@ def assemble_stack(
         max_batch_size=scheduler.max_batch,
         max_prompt_tokens=engine.info.max_seq,
         max_image_bytes=preparer.image_config.limits.max_bytes,
-        default_categories=default_categories(service.policy.listed()),
-        default_exclude=service.policy.exclude,
         version=__version__,
         image_url_origins=[str(origin) for origin in config.image_url_origins],
         max_in_flight_per_caller=config.max_in_flight_per_caller,
         max_rate_per_caller=config.max_rate_per_caller,
     )
+    _use_policy(service, info, service.policy)
     metrics = Metrics(scheduler.depth, service.preparing, service.bulk_held)
     tokens = BearerTokens(config.auth_tokens, config.auth_token_file)
     tls = ServerTls(config.tls) if config.tls is not None else None
     policy = None
     if config.policy is not None:  # SIGHUP reads the file again
-
-        def use(new: ServerPolicy) -> None:
-            service.policy = new
-            del info.default_categories[:]
-            info.default_categories.extend(default_categories(new.listed()))
-            info.default_exclude[:] = new.exclude
-
-        policy = PolicyFile(config.policy, use)
+        policy = PolicyFile(config.policy, functools.partial(_use_policy, service, info))
     stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls, policy)
     described = {
         "version": info.version,
@@ -260,6 +253,14 @@ async def load(config: ServerConfig) -> tuple[Stack, ServerConfig]:
         if loading is not None:
             await loading.close()
     return stack, config
+
+
+def _use_policy(service: ModerationService, info: pb.ModelInfo, policy: ServerPolicy) -> None:
+    """`policy` for the requests prepared from now on, and in what GetInfo says."""
+    service.policy = policy
+    del info.default_categories[:]
+    info.default_categories.extend(default_categories(policy.listed()))
+    info.default_exclude[:] = policy.exclude
 
 
 def _stop_while_loading(signum: int) -> None:
