@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -554,7 +555,7 @@ def check_serve() -> list[str]:
     faults = []
     for options in SERVED:
         _new_process()
-        late = len(LATE)
+        late = served_late = len(LATE)
         try:
             with _faked():
                 guard = Guard.load("tiny-random", device="cuda", max_seq=2048, **options)
@@ -563,6 +564,11 @@ def check_serve() -> list[str]:
                 _STATE["warm"] = True
                 verdicts = guard.moderate_batch(_conversations())
                 verdicts += guard.moderate_batch(_conversations()[1:2])
+                served_late = len(LATE)
+                if not options:  # token logprobs, as the HTTP API's `logprobs` asks them
+                    asked = [dataclasses.replace(r, top_logprobs=3) for r in sample]
+                    if any(d.content_logprobs() is None for d in guard.engine.execute(asked)):
+                        faults.append(f"{options}: token logprobs missing")
                 if guard.engine.open_session() is None:
                     faults.append(f"{options}: no session row")
                 guard.engine.close()
@@ -571,8 +577,9 @@ def check_serve() -> list[str]:
             continue
         finally:
             _STATE["warm"] = False
-        if len(LATE) > late:
-            faults.append(f"{options}: compiled after warm-up: {sorted(set(LATE[late:]))}")
+        if served_late > late:
+            compiled = sorted(set(LATE[late:served_late]))
+            faults.append(f"{options}: compiled after warm-up: {compiled}")
         # Zeros for scores make a constrained verdict `unsafe`; greedy decoding generates
         # token 0 and the verdict parser refuses it, which is fine here.
         if options.get("decode") != "greedy" and any(v.label == Label.ERROR for v in verdicts):

@@ -34,15 +34,17 @@ from guardrt.runtime.prefixes import PrefixTable
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
 from guardrt.runtime.scores import (
+    TokenLogprob,
     TokenScores,
     category_probabilities,
     category_vocab,
     prefill_vocab,
     probabilities,
+    token_logprob,
 )
 from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
 from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
-from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
+from guardrt.runtime.verdict import GrammarState, Verdict
 
 Decode = Literal["constrained", "greedy"]
 DECODES: tuple[Decode, ...] = ("constrained", "greedy")
@@ -106,6 +108,10 @@ class _Row:
     done: bool = False
     skip: int = 0  # prompt tokens already in the slot's cache (a session's common prefix)
     session: SessionState | None = None
+    # With the request's `top_logprobs`: each generated token's log-probability (None where no
+    # step predicted it: the blank line and tokens after the label that the grammar forces
+    # outside the prefill's rows), aligned with `generated`.
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
 def parse_decode(value: str) -> Decode:
@@ -173,6 +179,7 @@ class Decoder:
                     prefill_s=self._prefilled - started,
                     decode_s=time.perf_counter() - self._prefilled,
                     label_probability=row.label_probability,
+                    logprobs=None if row.request.top_logprobs is None else tuple(row.logprobs),
                 )
                 for row in rows
             )
@@ -211,7 +218,7 @@ class Decoder:
                         _ids([self.model.max_seq]),  # no image
                         _ids([0]),
                         _ids([[length - 1]]),
-                        *self._prefill_asks([row.request.grammar]),
+                        *self._prefill_asks([row.request]),
                     )
                 except BaseException:
                     self.prefixes.forget(prefix)
@@ -275,12 +282,28 @@ class Decoder:
             self._prefilled = time.perf_counter()
         return [[TokenScores(at, vocab) for at in row_values] for row_values in values]
 
-    def _prefill_asks(self, grammars: Sequence[VerdictGrammar]) -> tuple[np.ndarray | None, bool]:
+    def _prefill_asks(self, requests: Sequence[PreparedRequest]) -> tuple[np.ndarray | None, bool]:
         """(vocab, log_probs) of a prefill: constrained decoding reads the log-probabilities of
-        `prefill_vocab`'s ids, greedy decoding every logit."""
-        if self.decode == "constrained":
+        `prefill_vocab`'s ids (with token logprobs asked, also of `\\n` and `S`, or every id
+        for their alternatives), greedy decoding every logit."""
+        if self.decode == "greedy":
+            return None, False
+        grammars = [request.grammar for request in requests]
+        top = _top_asked(requests)
+        if top is None:
             return prefill_vocab(grammars), True
-        return None, False
+        if top:
+            return None, True
+        fed = [id_ for g in grammars for id_ in (g.tokens.newline, g.tokens.s)]
+        return np.union1d(prefill_vocab(grammars), _ids(fed)), True
+
+    def _category_asks(self, rows: Sequence[_Row]) -> tuple[np.ndarray | None, bool]:
+        """(vocab, log_probs) of a category step: the grammar's few head rows as logits (their
+        order is all it reads), or log-probabilities where token logprobs are asked."""
+        top = _top_asked([row.request for row in rows])
+        if top:
+            return None, True
+        return category_vocab([row.request.grammar for row in rows]), top is not None
 
     def _label_scores(self, row: _Row, label: TokenScores, code: TokenScores) -> None:
         """From the prefill's log-probabilities: P(unsafe) within ~|log P| · 6e-8 relative
@@ -290,11 +313,16 @@ class Decoder:
         row.label_probability = row.unsafe_probability + math.exp(label[grammar.tokens.safe])
         row.category_probabilities = category_probabilities(grammar, code)
 
-    def _advance(self, row: _Row, token: int) -> None:
+    def _advance(self, row: _Row, token: int, scores: TokenScores | None = None) -> None:
+        """Append `token`; `scores`: those of the position that predicted it (log-probabilities),
+        when a step read it."""
         state = row.request.grammar.advance(row.state, token)
         assert state is not None, "constrained decoding chose a token outside the grammar"
         row.state, row.done = state, state.done
         row.generated.append(token)
+        top = row.request.top_logprobs
+        if top is not None:
+            row.logprobs.append(None if scores is None else token_logprob(token, scores, top))
 
     def _pick(self, row: _Row, scores: TokenScores) -> int:
         """The allowed token with the highest score (the first allowed wins ties)."""
@@ -304,13 +332,17 @@ class Decoder:
     def _constrained(self, rows: list[_Row]) -> None:
         first = rows[0].request.grammar.tokens
         suffix = [first.blank, first.unsafe, first.newline, first.s]
+        # The prefill reads the rows at `\n\n` (the label) and `S` (the first code); with token
+        # logprobs asked, also those at `unsafe` and `\n`, which predict the forced `\n`, `S`.
+        read = (0, 3) if _top_asked([row.request for row in rows]) is None else (0, 1, 2, 3)
         scores = self._step(
             rows,
             [list(row.request.prompt[row.skip :]) + suffix for row in rows],
-            [[len(row.request.prompt) - row.skip + i for i in (0, 3)] for row in rows],
-            *self._prefill_asks([row.request.grammar for row in rows]),
+            [[len(row.request.prompt) - row.skip + i for i in read] for row in rows],
+            *self._prefill_asks([row.request for row in rows]),
         )
-        for row, (label, code) in zip(rows, scores, strict=True):
+        for row, at in zip(rows, scores, strict=True):
+            label, code = at[0], at[-1]
             self._label_scores(row, label, code)
             self._advance(row, first.blank)
             # `safe` only when strictly more likely: a tie, or scores a broken kernel made NaN
@@ -319,15 +351,19 @@ class Decoder:
             # keeps the logits' order or makes a tie, never flips it.
             tokens = row.request.grammar.tokens
             safer = label[tokens.safe] > label[tokens.unsafe]
-            self._advance(row, tokens.safe if safer else tokens.unsafe)
+            self._advance(row, tokens.safe if safer else tokens.unsafe, label)
             while not row.done and (forced := row.request.grammar.forced(row.state)) is not None:
-                self._advance(row, forced)  # safe → eot; unsafe → \n, S
+                # safe → eot; unsafe → \n, S: predicted by the prefill's rows while the
+                # generated ids are the suffix it read (generated id i by row i - 1)
+                i = len(row.generated)
+                fed = len(at) == len(suffix) and row.generated == suffix[:i]
+                self._advance(row, forced, at[i - 1] if fed else None)
             row.code_scores = code
         active = [row for row in rows if not row.done]
         while active:
             for row in active:
                 assert row.code_scores is not None
-                self._advance(row, self._pick(row, row.code_scores))
+                self._advance(row, self._pick(row, row.code_scores), row.code_scores)
                 if (forced := row.request.grammar.forced(row.state)) is not None:
                     self._advance(row, forced)  # every listed code given: <|eot_id|>
             active = [row for row in active if not row.done]
@@ -338,11 +374,11 @@ class Decoder:
                 active,
                 [[row.generated[-1], comma] for row in active],
                 [[0, 1]] * len(active),
-                category_vocab([row.request.grammar for row in active]),
+                *self._category_asks(active),
             )
             for row, (after_code, after_comma) in zip(active, scores, strict=True):
                 choice = self._pick(row, after_code)
-                self._advance(row, choice)
+                self._advance(row, choice, after_code)
                 row.code_scores = after_comma
             active = [row for row in active if not row.done]
 
@@ -358,6 +394,9 @@ class Decoder:
                 self._record_greedy_scores(row, logits)
                 token = int(np.argmax(logits.values))
                 row.generated.append(token)
+                if row.request.top_logprobs is not None:
+                    top = row.request.top_logprobs
+                    row.logprobs.append(token_logprob(token, logits, top, normalised=False))
                 limit = max_new_tokens(row.request.grammar)
                 row.done = token in STOP_IDS or len(row.generated) >= limit
             active = [row for row in active if not row.done]
@@ -374,3 +413,10 @@ class Decoder:
             row.unsafe_probability, row.label_probability = unsafe, unsafe + safe
         if row.generated == [tokens.blank, tokens.unsafe, tokens.newline, tokens.s]:
             row.category_probabilities = category_probabilities(row.request.grammar, logits)
+
+
+def _top_asked(requests: Sequence[PreparedRequest]) -> int | None:
+    """The most alternatives any of `requests` asks for with its token logprobs (0: the
+    chosen tokens' only); None when none asks for token logprobs."""
+    asked = [r.top_logprobs for r in requests if r.top_logprobs is not None]
+    return max(asked) if asked else None

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from guardrt.runtime.errors import PromptError, PromptReason
 from guardrt.runtime.preprocess import TiledImage
+from guardrt.runtime.scores import TokenLogprob
 from guardrt.runtime.tokenizer import IMAGE_ID
-from guardrt.runtime.verdict import Verdict, VerdictGrammar
+from guardrt.runtime.verdict import Label, Verdict, VerdictGrammar
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class PreparedRequest:
     grammar: VerdictGrammar  # the policy's grammar: which codes may be answered
     session: int | None = None  # a cache session whose K/V this request may reuse
     prefix_len: int = 0  # leading ids that depend only on the policy (text-only prompts)
+    # Token logprobs wanted: None for none, else the verdict tokens' log-probabilities with
+    # this many most likely alternatives at each (0 to scores.MAX_TOP_LOGPROBS).
+    top_logprobs: int | None = None
 
     @property
     def image_position(self) -> int | None:
@@ -46,6 +50,22 @@ class Decoded:
     # Llama Guard, whatever the verdict; far below it for a model not fine-tuned to answer so.
     # NaN where unknown (greedy output off the grammar's path).
     label_probability: float = math.nan
+    # With the request's `top_logprobs`: each generated id's log-probability, None where no
+    # step predicted it (`decoding._Row.logprobs`); None when not asked.
+    logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+    def content_logprobs(self) -> tuple[TokenLogprob, ...] | None:
+        """The log-probabilities of the tokens of the verdict's `content` (`safe`, or `unsafe`
+        `\\n` `S` 1 `,S` 3: the ids between the blank line and `<|eot_id|>`), each from the
+        step that predicted it. None when not asked, and for an error verdict, whose content
+        (`unsafe`) is not what the model wrote."""
+        if self.logprobs is None or self.verdict().label is Label.ERROR:
+            return None
+        inner = self.logprobs[1:-1]  # (len(generated) - 2,): a verdict ends with <|eot_id|>
+        assert len(self.logprobs) == len(self.generated), "a logprob for every generated id"
+        known = tuple(entry for entry in inner if entry is not None)
+        assert len(known) == len(inner), "every content token was predicted by a step"
+        return known
 
     def verdict(self) -> Verdict:
         parsed = self.request.grammar.parse(self.generated)

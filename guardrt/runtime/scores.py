@@ -104,3 +104,42 @@ def prefill_vocab(grammars: Sequence[VerdictGrammar]) -> np.ndarray:
     label row, and at the category row what a category step reads."""
     labels = [id_ for g in grammars for id_ in (g.tokens.safe, g.tokens.unsafe)]
     return np.union1d(category_vocab(grammars), np.asarray(labels, dtype=np.int64))
+
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives a position reports (the OpenAI API's bound)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model: the full-vocabulary log-softmax
+    at the position that predicted it (whatever constrained decoding allowed there), and the
+    `top` most likely tokens at that position as (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(
+    token: int, scores: TokenScores, top: int, normalised: bool = True
+) -> TokenLogprob:
+    """`token`'s entry from the scores of the position that predicted it: log-probabilities
+    (`normalised`, as a step asked with `log_probs` returns them) or logits of every token
+    (normalised here, in float64). `top` alternatives need every token's score."""
+    if top and scores.vocab is not None:
+        raise ValueError(f"{top} alternatives need every token's score, not {len(scores.vocab)}")
+    values = scores.values
+    if not normalised:
+        if scores.vocab is not None:
+            raise ValueError("logits of some tokens cannot be normalised")
+        peak = float(values.max())
+        total = float(np.exp(values - peak, dtype=np.float32).sum(dtype=np.float64))
+        values = (values.astype(np.float64) - (peak + math.log(total))).astype(np.float32)
+        scores = TokenScores(values)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        count = min(top, len(values))
+        picked = np.argpartition(-values, count - 1)[:count]  # (count,) unordered
+        ranked = sorted(picked.tolist(), key=lambda i: (-float(values[i]), i))
+        best = tuple((i, float(values[i])) for i in ranked)
+    return TokenLogprob(token, scores[token], best)

@@ -32,6 +32,8 @@ from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, ImageU
 from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.scheduler import broken_error
 from guardrt.runtime.server import openai_compat as oa
+from guardrt.runtime.server.api_errors import ApiError
+from guardrt.runtime.server.chat_logprobs import choice_logprobs
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.metrics import Metrics
 from guardrt.runtime.server.refusals import log_refusal
@@ -80,9 +82,9 @@ def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except ValueError as exc:
-        raise oa.ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from exc
+        raise ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from exc
     except RecursionError as exc:  # arrays or objects nested thousands deep
-        raise oa.ApiError(400, "the body's JSON is nested too deeply to read") from exc
+        raise ApiError(400, "the body's JSON is nested too deeply to read") from exc
 
 
 def served_model_id(model: str) -> str:
@@ -90,7 +92,7 @@ def served_model_id(model: str) -> str:
     return model if model == TINY_RANDOM else Path(model).name or model
 
 
-def _error(error: oa.ApiError, request_id: str | None = None) -> web.Response:
+def _error(error: ApiError, request_id: str | None = None) -> web.Response:
     """An error in OpenAI's shape, with the call's id when it has one (to find its log lines)."""
     headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
     if error.retry_after_s is not None:
@@ -137,14 +139,14 @@ class HttpApi:
             if request.path in _MODERATE and self.service.scheduler.broken.is_set():
                 raise broken_error()
             if request.path in _MODERATE and not self.accepting():
-                raise oa.ApiError(
+                raise ApiError(
                     503,
                     "the server is not accepting new requests (shutting down)",
                     type="server_error",
                     code="shutting_down",
                 )
             response = await handler(request)
-        except oa.ApiError as exc:
+        except ApiError as exc:
             return self._refused(
                 route, exc, request.get(_REQUEST_ID_KEY), caller=request.get(_CALLER_KEY)
             )
@@ -160,17 +162,15 @@ class HttpApi:
             if status == 500:
                 message = internal_message(request_id)
             kind = "server_error" if status >= 500 else "invalid_request_error"
-            error = oa.ApiError(
-                status, message, kind, param, code, retry_after_s=retry_after_s(exc)
-            )
+            error = ApiError(status, message, kind, param, code, retry_after_s=retry_after_s(exc))
             return self._refused(route, error, request_id, caller=request.get(_CALLER_KEY))
         except web.HTTPRequestEntityTooLarge as exc:
             message = f"the request body is over the {self.body_limit()}-byte limit"
-            error = oa.ApiError(exc.status, message, code="request_too_large")
+            error = ApiError(exc.status, message, code="request_too_large")
             caller = request.get(_CALLER_KEY)
             return self._refused(route, error, request.get(_REQUEST_ID_KEY), caller=caller)
         except web.HTTPException as exc:
-            error = oa.ApiError(exc.status, exc.reason, code=str(exc.status))
+            error = ApiError(exc.status, exc.reason, code=str(exc.status))
             request_id, caller = request.get(_REQUEST_ID_KEY), request.get(_CALLER_KEY)
             return self._refused(route, error, request_id, reason="http", caller=caller)
         return response
@@ -178,7 +178,7 @@ class HttpApi:
     def _refused(
         self,
         route: str,
-        error: oa.ApiError,
+        error: ApiError,
         request_id: str | None,
         reason: str | None = None,
         caller: str | None = None,
@@ -194,7 +194,7 @@ class HttpApi:
         """The caller's name (tokens.py); 401 without an accepted token."""
         caller = self.tokens.caller(request.headers.get("Authorization", ""))
         if caller is None:
-            raise oa.ApiError(
+            raise ApiError(
                 401,
                 "a valid 'Authorization: Bearer <token>' header is required",
                 type="invalid_request_error",
@@ -231,8 +231,12 @@ class HttpApi:
         self.metrics.answered(request.path, result, caller=caller)
         created = oa.now()
         bulk = chat.item.bulk
+        logprobs = None
+        if chat.item.top_logprobs is not None:
+            token_bytes = self.service.preparer.tokenizer.token_bytes
+            logprobs = choice_logprobs(result.token_logprobs, token_bytes)
         if not chat.stream:
-            body = oa.chat_completion(result, chat.model, created, bulk)
+            body = oa.chat_completion(result, chat.model, created, bulk, logprobs)
             return web.json_response(body, headers={REQUEST_ID_HEADER: request_id})
         response = web.StreamResponse(
             headers={
@@ -242,7 +246,7 @@ class HttpApi:
             }
         )
         await response.prepare(request)
-        for chunk in oa.chat_chunks(result, chat.model, created, bulk):
+        for chunk in oa.chat_chunks(result, chat.model, created, bulk, logprobs):
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from guardrt.runtime.errors import GuardrtError, ImageUrlError, ImageUrlReason, Location
 from guardrt.runtime.policy import DEFAULT_CATEGORIES
+from guardrt.runtime.server.api_errors import ApiError, bad, json_kind
+from guardrt.runtime.server.chat_logprobs import asked_logprobs
 from guardrt.runtime.server.image_urls import Origin, RemoteImage, remote_image
 from guardrt.runtime.server.service import ModerationInput, ModerationResult
 from guardrt.runtime.verdict import Label
@@ -58,42 +60,9 @@ _SAMPLING = {
 }
 
 
-@dataclass
-class ApiError(Exception):
-    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-    retry_after_s: float | None = None  # sent as Retry-After (a caller past its rate)
-
-    def body(self) -> dict[str, Any]:
-        error = {"message": self.message, "type": self.type, "param": self.param}
-        return {"error": error | {"code": self.code}}
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def _json_kind(value: object) -> str:
-    """What a JSON value is, in JSON's words (for messages that must not echo it)."""
-    if value is None:
-        return "null or nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
 def check_model(model: object, served: str) -> str:
     if not isinstance(model, str):  # absent or not a name: the request is malformed (400)
-        raise _bad(f"model must be a string naming the model, got {_json_kind(model)}", "model")
+        raise bad(f"model must be a string naming the model, got {json_kind(model)}", "model")
     if model not in (served, *ALIASES):
         shown = repr(model)[:80]
         raise ApiError(
@@ -140,15 +109,15 @@ def decode_image_url(
     image_url = part.get("image_url")
     url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
     if not isinstance(url, str):
-        raise _bad(f"{where}: image_url needs a 'url'", param=where)
+        raise bad(f"{where}: image_url needs a 'url'", param=where)
     if not url.startswith("data:") and origins:
         try:
             return remote_image(url, origins, where)
         except ImageUrlError as exc:
-            raise _bad(str(exc), param=where, code=exc.code) from exc
+            raise bad(str(exc), param=where, code=exc.code) from exc
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:16]
-        raise _bad(
+        raise bad(
             f"{where}: only data: URLs are accepted (got a {scheme!r} URL); this server makes "
             "no outbound connections (unless started with --image-url-origins): send the "
             "image inline as data:image/...;base64,...",
@@ -157,11 +126,11 @@ def decode_image_url(
         )
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
-        raise _bad(f"{where}: the data: URL must be base64-encoded", param=where)
+        raise bad(f"{where}: the data: URL must be base64-encoded", param=where)
     try:
         return b64decode_strict(payload)
     except (binascii.Error, ValueError) as exc:
-        raise _bad(f"{where}: the data: URL is not valid base64", param=where) from exc
+        raise bad(f"{where}: the data: URL is not valid base64", param=where) from exc
 
 
 def _content_parts(
@@ -172,7 +141,7 @@ def _content_parts(
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        raise _bad(f"{where}.content must be a string or a list of parts", param=where)
+        raise bad(f"{where}.content must be a string or a list of parts", param=where)
     parts: list[dict[str, Any]] = []
     for index, part in enumerate(content):
         here = f"{where}.content[{index}]"
@@ -183,7 +152,7 @@ def _content_parts(
             parts.append({"type": "image", "image": decode_image_url(part, here, origins)})
         else:
             shown = repr(kind)[:30]
-            raise _bad(f"{here}: type {shown} is not 'text' or 'image_url'", param=here)
+            raise bad(f"{here}: type {shown} is not 'text' or 'image_url'", param=here)
     return parts
 
 
@@ -195,7 +164,7 @@ def _refuse_unknown(fields: Mapping[Any, Any], known: Sequence[str], where: str)
     unknown = sorted((key for key in fields if key not in known), key=str)
     if unknown:
         shown = repr(unknown[0])[:40]
-        raise _bad(
+        raise bad(
             f"{where} has unknown key {shown}; known: {', '.join(known)}",
             param=f"{where}.{unknown[0]}"[:80],
             code="unknown_key",
@@ -206,14 +175,14 @@ def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
     """The `guardrt` extension field: {"categories": [{"code", "description"}], "exclude": []}."""
     extension = body.get("guardrt") or {}
     if not isinstance(extension, Mapping):
-        raise _bad("guardrt must be an object", param="guardrt")
+        raise bad("guardrt must be an object", param="guardrt")
     # A misspelt key ("excluded") must not leave the policy silently unchanged.
     _refuse_unknown(extension, _EXTENSION_KEYS, "guardrt")
     raw = extension.get("categories")
     categories = None
     if raw is not None:
         if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
-            raise _bad(
+            raise bad(
                 "guardrt.categories must be a list of {code, description}",
                 param="guardrt.categories",
             )
@@ -222,7 +191,7 @@ def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
         categories = [(c.get("code"), c.get("description")) for c in raw]
     exclude = extension.get("exclude", [])
     if not isinstance(exclude, list):
-        raise _bad("guardrt.exclude must be a list of codes", param="guardrt.exclude")
+        raise bad("guardrt.exclude must be a list of codes", param="guardrt.exclude")
     return categories, exclude  # their values are checked by make_policy
 
 
@@ -246,7 +215,7 @@ def request_deadline(headers: Mapping[str, str], now: float) -> float | None:
         except ValueError:
             seconds = math.nan
         if not 0 < seconds <= _MAX_TIMEOUT_S:  # NaN and inf fail here too
-            raise _bad(
+            raise bad(
                 f"header {name} must be a number of seconds in (0, {_MAX_TIMEOUT_S:g}], "
                 f"not {raw[:40]!r}",
                 param=name,
@@ -296,9 +265,9 @@ def _check_sampling(body: Mapping[str, Any]) -> None:
             or not isinstance(value, int | float)
             or not (low <= value <= high)
         ):
-            raise _bad(f"{name} must be a number in [{low}, {high}], not {value!r}"[:200], name)
+            raise bad(f"{name} must be a number in [{low}, {high}], not {value!r}"[:200], name)
     if body.get("n", 1) != 1:
-        raise _bad("n must be 1: the model gives one verdict per conversation", param="n")
+        raise bad("n must be 1: the model gives one verdict per conversation", param="n")
 
 
 # OpenAI's `service_tier`: "flex" (for work that can wait) runs as a bulk request, after the
@@ -312,8 +281,8 @@ def bulk_tier(body: Mapping[str, Any]) -> bool:
     if tier is None:
         return False
     if not isinstance(tier, str) or tier not in SERVICE_TIERS:
-        shown = repr(tier)[:30] if isinstance(tier, str) else _json_kind(tier)
-        raise _bad(
+        shown = repr(tier)[:30] if isinstance(tier, str) else json_kind(tier)
+        raise bad(
             f"service_tier must be one of {', '.join(SERVICE_TIERS)}, not {shown}",
             param="service_tier",
             code="invalid_service_tier",
@@ -335,52 +304,40 @@ _ANSWER = (
 
 def _check_answer_shape(body: Mapping[str, Any]) -> None:
     """Fields that ask for an answer this model cannot give are refused, not ignored: a client
-    asking for JSON or token logprobs would otherwise get plain text or null and fail later."""
+    asking for JSON would otherwise get plain text and fail later."""
     response_format = body.get("response_format")
     if response_format is not None and not isinstance(response_format, Mapping):
-        raise _bad(
+        raise bad(
             'response_format must be an object such as {"type": "text"}, got '
-            f"{_json_kind(response_format)}",
+            f"{json_kind(response_format)}",
             param="response_format",
         )
     kind = (response_format or {}).get("type", "text")
     if kind != "text":
-        shown = repr(kind)[:40] if isinstance(kind, str) else _json_kind(kind)
-        raise _bad(
+        shown = repr(kind)[:40] if isinstance(kind, str) else json_kind(kind)
+        raise bad(
             f"response_format type {shown} is not supported, only 'text': {_ANSWER}",
             param="response_format",
             code="unsupported_response_format",
         )
-    for name, off, words in (
-        ("logprobs", (None, False), "false"),
-        ("top_logprobs", (None, 0), "0"),
-    ):
-        value = body.get(name)
-        if value not in off:
-            raise _bad(
-                f"{name} must be {words} or absent (got {repr(value)[:20]}): token logprobs "
-                f"are not served; {_ANSWER}",
-                param=name,
-                code="unsupported_logprobs",
-            )
 
 
 def parse_chat(
     body: object, served: str, request_id: str, origins: Sequence[Origin] = ()
 ) -> ChatRequest:
     if not isinstance(body, Mapping):
-        raise _bad("the request body must be a JSON object")
+        raise bad("the request body must be a JSON object")
     model = check_model(body.get("model"), served)
     _check_sampling(body)
     _check_answer_shape(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages must be a non-empty list", param="messages")
+        raise bad("messages must be a non-empty list", param="messages")
     converted, listed = [], []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
-            raise _bad(f"{where} must be an object", param=where)
+            raise bad(f"{where} must be an object", param=where)
         role = message.get("role")
         if role in IGNORED_ROLES:  # kept in place (unread) so that errors number as the body
             converted.append({"role": role})
@@ -392,7 +349,7 @@ def parse_chat(
     categories, exclude = policy_extension(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("stream must be true or false", param="stream")
+        raise bad("stream must be true or false", param="stream")
     item = ModerationInput(
         request_id,
         converted,
@@ -400,6 +357,7 @@ def parse_chat(
         exclude,
         ignored_roles=IGNORED_ROLES,
         bulk=bulk_tier(body),
+        top_logprobs=asked_logprobs(body),
     )
     return ChatRequest(model, item, stream, tuple(listed))
 
@@ -422,8 +380,13 @@ def _extension(result: ModerationResult) -> dict[str, Any]:
 
 
 def chat_completion(
-    result: ModerationResult, model: str, created: int, bulk: bool = False
+    result: ModerationResult,
+    model: str,
+    created: int,
+    bulk: bool = False,
+    logprobs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The answer; `logprobs`: the choice's (`chat_logprobs.choice_logprobs`) when asked."""
     usage = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.generated_tokens,
@@ -435,7 +398,9 @@ def chat_completion(
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "stop", "logprobs": logprobs}
+        ],
         "usage": usage,
         "service_tier": tier_name(bulk),
         "guardrt": _extension(result),
@@ -443,9 +408,14 @@ def chat_completion(
 
 
 def chat_chunks(
-    result: ModerationResult, model: str, created: int, bulk: bool = False
+    result: ModerationResult,
+    model: str,
+    created: int,
+    bulk: bool = False,
+    logprobs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The `stream: true` answer: role, content, then the finish (with usage and scores)."""
+    """The `stream: true` answer: role, content (with its tokens' `logprobs` when asked), then
+    the finish (with usage and scores)."""
     base = {
         "id": f"chatcmpl-{result.request_id}",
         "object": "chat.completion.chunk",
@@ -454,14 +424,19 @@ def chat_chunks(
         "service_tier": tier_name(bulk),
     }
 
-    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    def chunk(
+        delta: dict[str, Any],
+        finish: str | None,
+        scores: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": scores}
         return base | {"choices": [choice]} | extra
 
     final = chat_completion(result, model, created, bulk)
     return [
         chunk({"role": "assistant", "content": ""}, None),
-        chunk({"content": result.verdict.content}, None),
+        chunk({"content": result.verdict.content}, None, logprobs),
         chunk({}, "stop", usage=final["usage"], guardrt=final["guardrt"]),
     ]
 
@@ -497,7 +472,7 @@ def parse_moderations(
     parts (one result for the whole multimodal input; its image fetched from one of `origins`
     is a RemoteImage until it is)."""
     if not isinstance(body, Mapping):
-        raise _bad("the request body must be a JSON object")
+        raise bad("the request body must be a JSON object")
     model = check_model(body.get("model", served), served)
     categories, exclude = policy_extension(body)
     bulk = bulk_tier(body)  # not in OpenAI's moderations API: sent with `extra_body`
@@ -510,7 +485,7 @@ def parse_moderations(
     elif isinstance(raw, list) and raw and all(isinstance(x, Mapping) for x in raw):
         groups, parts = [raw], True
     else:
-        raise _bad("input must be a string, a list of strings, or a list of parts", "input")
+        raise bad("input must be a string, a list of strings, or a list of parts", "input")
     items, types = [], []
     for index, group in enumerate(groups):
         where = f"input[{index}]" if len(groups) > 1 else "input"

@@ -33,6 +33,7 @@ from guardrt.runtime.errors import (
 from guardrt.runtime.prepare import Preparer
 from guardrt.runtime.requests import Decoded, PreparedRequest
 from guardrt.runtime.scheduler import BatchInfo, Outcome, Scheduler, Work
+from guardrt.runtime.scores import TokenLogprob
 from guardrt.runtime.server.image_urls import ImageFetcher, Origin
 from guardrt.runtime.server.rates import TokenBucket, burst_for
 from guardrt.runtime.server.request_log import log_request
@@ -67,6 +68,9 @@ class ModerationInput:
     caller: str = ""
     # The caller's trace (W3C traceparent, trace.py), for the logs; "" without one.
     trace_id: str = ""
+    # Token logprobs of the verdict (the HTTP API's `logprobs`): None for none, else with this
+    # many alternatives at each token (`PreparedRequest.top_logprobs`).
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class ModerationResult:
     reused_tokens: int = 0  # prompt tokens read from a session's cache, not recomputed
     generated_tokens: int = 0  # tokens of the verdict the model wrote
     image_tiles: int = 0  # tiles of the request's image (0: text only)
+    # The content tokens' log-probabilities, when the request asked (`Decoded.content_logprobs`)
+    token_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 # A caller's request id lands in logs and responses: printable ASCII without spaces, so that it
@@ -279,7 +285,7 @@ class ModerationService:
             return None
         categories, excluded = self.policy.apply(item.categories, item.excluded)
         keyed = functools.partial(
-            input_key, item.messages, categories, excluded, item.ignored_roles
+            input_key, item.messages, categories, excluded, item.ignored_roles, item.top_logprobs
         )
         if image_bytes(item.messages) <= INLINE_KEY_BYTES:
             return keyed()
@@ -411,14 +417,14 @@ class ModerationService:
             timing = Timing(0.0, spent_ms, 0.0, spent_ms, 0, cached=True)
             result = ModerationResult(
                 request_id, hit.verdict, timing, hit.prompt_tokens, 0,
-                hit.generated_tokens, hit.image_tiles,
+                hit.generated_tokens, hit.image_tiles, hit.token_logprobs,
             )  # fmt: skip
         else:
             result = await self._run_fresh(item, request_id, deadline, session, started)
             if key is not None and self.cache is not None:
                 entry = CachedVerdict(
                     result.verdict, result.prompt_tokens, result.generated_tokens,
-                    result.image_tiles,
+                    result.image_tiles, result.token_logprobs,
                 )  # fmt: skip
                 self.cache.put(key, entry)
         log_request(item, result, text_chars(item.messages))
@@ -433,7 +439,9 @@ class ModerationService:
         started: float,
     ) -> ModerationResult:
         """Prepare and run one request (`started`: when it reached the service)."""
-        request = dataclasses.replace(await self.prepared(item), session=session)
+        request = dataclasses.replace(
+            await self.prepared(item), session=session, top_logprobs=item.top_logprobs
+        )
         prepared = time.monotonic()
         decoded, info = await self.run(request, request_id, deadline, item.bulk)
         timing = Timing(
@@ -453,6 +461,7 @@ class ModerationService:
             decoded.reused_tokens,
             len(decoded.generated),
             request.image.num_tiles if request.image else 0,
+            decoded.content_logprobs(),
         )
 
 

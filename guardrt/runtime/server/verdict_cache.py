@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from guardrt.runtime.scores import TokenLogprob
 from guardrt.runtime.verdict import Label, Verdict
 
 # Hashing this many bytes of image takes a fraction of a millisecond: more goes to a thread.
@@ -69,9 +70,10 @@ def input_key(
     categories: Sequence[tuple[str, str]] | None,
     excluded: Sequence[str],
     ignored_roles: Sequence[str],
+    top_logprobs: int | None = None,
 ) -> bytes | None:
-    """The digest of a request as the service prepares it; None when it holds a value the key
-    cannot stand for exactly."""
+    """The digest of a request as the service prepares it, with what its answer holds (token
+    logprobs); None when it holds a value the key cannot stand for exactly."""
     try:
         document = _tagged(
             {
@@ -79,6 +81,7 @@ def input_key(
                 "categories": None if categories is None else list(categories),
                 "excluded": list(excluded),
                 "ignored_roles": list(ignored_roles),
+                "top_logprobs": top_logprobs,
             }
         )
     except _UnkeyableError:
@@ -108,6 +111,7 @@ class CachedVerdict:
     prompt_tokens: int
     generated_tokens: int
     image_tiles: int
+    token_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class VerdictCache:
