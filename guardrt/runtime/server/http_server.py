@@ -31,6 +31,7 @@ from aiohttp import web
 from guardrt.runtime.errors import ConfigError, GuardrtError, ImageError, ImageUrlError, PromptError
 from guardrt.runtime.model.resolve import TINY_RANDOM
 from guardrt.runtime.scheduler import broken_error
+from guardrt.runtime.server import openai_answers as answers
 from guardrt.runtime.server import openai_compat as oa
 from guardrt.runtime.server.api_errors import ApiError
 from guardrt.runtime.server.chat_logprobs import choice_logprobs
@@ -229,14 +230,14 @@ class HttpApi:
         item = dataclasses.replace(chat.item, caller=caller, trace_id=trace)
         result = await self.service.moderate(item, deadline)
         self.metrics.answered(request.path, result, caller=caller)
-        created = oa.now()
+        created = answers.now()
         bulk = chat.item.bulk
         logprobs = None
         if chat.item.top_logprobs is not None:
             token_bytes = self.service.preparer.tokenizer.token_bytes
             logprobs = choice_logprobs(result.token_logprobs, token_bytes)
         if not chat.stream:
-            body = oa.chat_completion(result, chat.model, created, bulk, logprobs)
+            body = answers.chat_completion(result, chat.model, created, bulk, logprobs)
             return web.json_response(body, headers={REQUEST_ID_HEADER: request_id})
         response = web.StreamResponse(
             headers={
@@ -246,7 +247,9 @@ class HttpApi:
             }
         )
         await response.prepare(request)
-        for chunk in oa.chat_chunks(result, chat.model, created, bulk, logprobs):
+        for chunk in answers.chat_chunks(
+            result, chat.model, created, bulk, logprobs, chat.include_usage
+        ):
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -268,14 +271,14 @@ class HttpApi:
         for result in results:
             self.metrics.answered(request.path, result, caller=caller)
         body = [
-            oa.moderation_result(result, types, inputs.custom or self.service.policy.custom)
+            answers.moderation_result(result, types, inputs.custom or self.service.policy.custom)
             for result, types in zip(results, inputs.types, strict=True)
         ]
-        answer = oa.moderations_response(request_id, inputs.model, body)
+        answer = answers.moderations_response(request_id, inputs.model, body)
         return web.json_response(answer, headers={REQUEST_ID_HEADER: request_id})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        created = oa.now()
+        created = answers.now()
         ids = [self.served, *oa.ALIASES]
         data = [
             {"id": i, "object": "model", "created": created, "owned_by": "guardrt"} for i in ids
@@ -286,7 +289,7 @@ class HttpApi:
         """One model (the `openai` client's `models.retrieve`): the served id or an alias;
         404 `model_not_found` otherwise."""
         model = oa.check_model(request.match_info["model"], self.served)
-        body = {"id": model, "object": "model", "created": oa.now(), "owned_by": "guardrt"}
+        body = {"id": model, "object": "model", "created": answers.now(), "owned_by": "guardrt"}
         return web.json_response(body)
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,8 +20,7 @@ from guardrt.runtime.policy import DEFAULT_CATEGORIES
 from guardrt.runtime.server.api_errors import ApiError, bad, json_kind
 from guardrt.runtime.server.chat_logprobs import asked_logprobs
 from guardrt.runtime.server.image_urls import Origin, RemoteImage, remote_image
-from guardrt.runtime.server.service import ModerationInput, ModerationResult
-from guardrt.runtime.verdict import Label
+from guardrt.runtime.server.service import ModerationInput
 
 ALIASES = ("meta-llama/Llama-Guard-3-11B-Vision", "meta-llama/Llama-Guard-3-11B-Vision-Turbo")
 # Chat messages accepted and ignored: Llama Guard's template has no system role, and the hosted
@@ -239,6 +237,7 @@ class ChatRequest:
     item: ModerationInput
     stream: bool
     listed: tuple[bool, ...] = ()  # per message: its content was a list of parts (not a string)
+    include_usage: bool = False  # stream_options.include_usage (a streamed answer's usage chunk)
 
     def param(self, at: Location) -> str | None:
         """The body's place of an input error (`param`): the runtime numbers messages and
@@ -268,6 +267,17 @@ def _check_sampling(body: Mapping[str, Any]) -> None:
             raise bad(f"{name} must be a number in [{low}, {high}], not {value!r}"[:200], name)
     if body.get("n", 1) != 1:
         raise bad("n must be 1: the model gives one verdict per conversation", param="n")
+    # `stop` is accepted and never applied, as `max_tokens`: the verdict grammar ends the
+    # answer, and no stop sequence may cut its category line off.
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str)
+        or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop))
+    ):
+        raise bad(
+            f"stop must be a string or a list of up to 4 strings, not {json_kind(stop)}",
+            param="stop",
+        )
 
 
 # OpenAI's `service_tier`: "flex" (for work that can wait) runs as a bulk request, after the
@@ -288,11 +298,6 @@ def bulk_tier(body: Mapping[str, Any]) -> bool:
             code="invalid_service_tier",
         )
     return SERVICE_TIERS[tier]
-
-
-def tier_name(bulk: bool) -> str:
-    """The `service_tier` an answer reports."""
-    return "flex" if bulk else "default"
 
 
 # What the answer is, for refusals of fields asking for another shape of it.
@@ -320,6 +325,41 @@ def _check_answer_shape(body: Mapping[str, Any]) -> None:
             param="response_format",
             code="unsupported_response_format",
         )
+    # Tools may be offered (the answer is then text, as a model that chose none writes), but
+    # a call cannot be demanded: the model answers a verdict and calls no tool.
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad(f"tools must be an array, not {json_kind(tools)}", param="tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        shown = repr(choice)[:40] if isinstance(choice, str) else json_kind(choice)
+        raise bad(
+            f"tool_choice {shown} cannot be met, only 'none' or 'auto': the model calls no "
+            f"tool; {_ANSWER}",
+            param="tool_choice",
+            code="unsupported_tool_choice",
+        )
+
+
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
+    """`stream_options.include_usage`: whether a streamed answer ends with OpenAI's usage
+    chunk (no choices), the other chunks saying `usage: null`."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad("stream_options is only allowed when stream is true", param="stream_options")
+    if not isinstance(options, Mapping):
+        raise bad(
+            f"stream_options must be an object, not {json_kind(options)}", param="stream_options"
+        )
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise bad(
+            f"stream_options.include_usage must be true or false, not {json_kind(include)}",
+            param="stream_options.include_usage",
+        )
+    return bool(include)
 
 
 def parse_chat(
@@ -359,86 +399,7 @@ def parse_chat(
         bulk=bulk_tier(body),
         top_logprobs=asked_logprobs(body),
     )
-    return ChatRequest(model, item, stream, tuple(listed))
-
-
-def _extension(result: ModerationResult) -> dict[str, Any]:
-    verdict = result.verdict
-    probability, label = verdict.unsafe_probability, verdict.label_probability
-    return {
-        "label": verdict.label.value,
-        "categories": verdict.categories,
-        "unsafe_probability": None if math.isnan(probability) else probability,
-        "category_probabilities": verdict.category_probabilities,
-        "label_probability": None if math.isnan(label) else label,
-        "error": verdict.error,
-        # The model's own text (an error's `content` is `unsafe`, whatever the model wrote).
-        "raw_output": verdict.raw_output,
-        "request_id": result.request_id,
-        "cached": result.timing.cached,  # from --verdict-cache: judged before, not now
-    }
-
-
-def chat_completion(
-    result: ModerationResult,
-    model: str,
-    created: int,
-    bulk: bool = False,
-    logprobs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The answer; `logprobs`: the choice's (`chat_logprobs.choice_logprobs`) when asked."""
-    usage = {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.generated_tokens,
-        "total_tokens": result.prompt_tokens + result.generated_tokens,
-    }
-    message = {"role": "assistant", "content": result.verdict.content}
-    return {
-        "id": f"chatcmpl-{result.request_id}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": "stop", "logprobs": logprobs}
-        ],
-        "usage": usage,
-        "service_tier": tier_name(bulk),
-        "guardrt": _extension(result),
-    }
-
-
-def chat_chunks(
-    result: ModerationResult,
-    model: str,
-    created: int,
-    bulk: bool = False,
-    logprobs: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """The `stream: true` answer: role, content (with its tokens' `logprobs` when asked), then
-    the finish (with usage and scores)."""
-    base = {
-        "id": f"chatcmpl-{result.request_id}",
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "service_tier": tier_name(bulk),
-    }
-
-    def chunk(
-        delta: dict[str, Any],
-        finish: str | None,
-        scores: Mapping[str, Any] | None = None,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": scores}
-        return base | {"choices": [choice]} | extra
-
-    final = chat_completion(result, model, created, bulk)
-    return [
-        chunk({"role": "assistant", "content": ""}, None),
-        chunk({"content": result.verdict.content}, None, logprobs),
-        chunk({}, "stop", usage=final["usage"], guardrt=final["guardrt"]),
-    ]
+    return ChatRequest(model, item, stream, tuple(listed), _include_usage(body, stream))
 
 
 @dataclass
@@ -502,35 +463,3 @@ def parse_moderations(
         )
         types.append(kinds)
     return ModerationInputs(model, items, types, categories is not None, parts)
-
-
-def moderation_result(
-    result: ModerationResult, types: Sequence[str], custom: bool = False
-) -> dict[str, Any]:
-    """One result; keys are the snake_case names of S1-S13, or the codes of custom categories."""
-    verdict = result.verdict
-    probability = 0.0 if math.isnan(verdict.unsafe_probability) else verdict.unsafe_probability
-    names = {
-        code: code if custom else CATEGORY_NAMES.get(code, code)
-        for code in verdict.category_probabilities
-    }
-    flagged = verdict.label is not Label.SAFE  # an error is flagged: fail closed
-    return {
-        "flagged": flagged,
-        "categories": {names[c]: c in verdict.categories for c in names},
-        "category_scores": {
-            names[c]: probability * p for c, p in verdict.category_probabilities.items()
-        },
-        "category_applied_input_types": {names[c]: list(types) for c in names},
-        "guardrt": _extension(result),
-    }
-
-
-def moderations_response(
-    request_id: str, model: str, results: list[dict[str, Any]]
-) -> dict[str, Any]:
-    return {"id": f"modr-{request_id}", "model": model, "results": results}
-
-
-def now() -> int:
-    return int(time.time())
