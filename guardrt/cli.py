@@ -311,8 +311,9 @@ def _add_serve(commands: Any) -> argparse.ArgumentParser:
         "--policy",
         metavar="FILE",
         help='the policy of requests that send no categories: JSON {"categories": [{"code", '
-        '"description"}, ...], "exclude": ["S6"]}, both optional (default: the model\'s S1-S13; '
-        "a request's exclusions add to the file's)",
+        '"description"}, ...], "exclude": ["S6"], "unsafe_threshold": 0.3}, each optional '
+        "(default: the model's S1-S13, unsafe when likelier than safe; a request's exclusions "
+        "add to the file's, its threshold replaces the file's)",
     )
     serve.add_argument(
         "--verdict-cache",
@@ -405,6 +406,12 @@ def _add_moderate(commands: Any) -> None:
     )
     client.add_argument("--response", help="an assistant answer to judge (response classification)")
     client.add_argument("--exclude", default="", help="category codes to leave out, e.g. S1,S13")
+    client.add_argument(
+        "--unsafe-threshold",
+        type=float,
+        default=None,
+        help="unsafe when P(unsafe) ≥ this, in (0, 1] (default: the server's)",
+    )
     client.add_argument("--token", help="bearer token")
     client.add_argument("--tls-ca", help="PEM CA bundle to verify the server (enables TLS)")
     client.add_argument("--tls-cert", help="PEM client certificate (mutual TLS; with --tls-key)")

@@ -166,12 +166,16 @@ class ModerationClient(_Client):
         excluded_categories: Iterable[str] = (),
         request_id: str = "",
         bulk: bool = False,
+        unsafe_threshold: float | None = None,
     ) -> Verdict:
         """The verdict on the last message of `messages`, as `Guard.moderate` gives it; a
         refused call raises CallError (INVALID_ARGUMENT names the offending part). `bulk`:
         run after interactive requests (refused RESOURCE_EXHAUSTED, after the retries, while
-        bulk requests fill their share of the server's queue)."""
-        request = moderate_request(messages, categories, excluded_categories, request_id, bulk)
+        bulk requests fill their share of the server's queue). `unsafe_threshold`: `unsafe`
+        when P(unsafe) ≥ it (`Policy.unsafe_threshold`; default: the server's)."""
+        request = moderate_request(
+            messages, categories, excluded_categories, request_id, bulk, unsafe_threshold
+        )
         return verdict_from_proto(self.call(request).verdict)
 
     def call(self, request: pb.ModerateRequest) -> pb.ModerateResponse:
@@ -216,14 +220,17 @@ def moderate_request(
     excluded_categories: Iterable[str] = (),
     request_id: str = "",
     bulk: bool = False,
+    unsafe_threshold: float | None = None,
 ) -> pb.ModerateRequest:
     """A ModerateRequest from the Python API's messages and policy (ConfigError, naming the
     message and part, for what cannot be sent; the server checks the rest). `bulk`: a
-    backlog's request, run after interactive ones (`Priority` in the proto)."""
+    backlog's request, run after interactive ones (`Priority` in the proto);
+    `unsafe_threshold`: the request's decision threshold (None: the server's)."""
     pairs = list(categories.items()) if isinstance(categories, Mapping) else categories or []
     policy = pb.Policy(
         exclude=list(excluded_categories),
         categories=[pb.Category(code=code, description=text) for code, text in pairs],
+        unsafe_threshold=unsafe_threshold,
     )
     return pb.ModerateRequest(
         request_id=request_id,
@@ -349,9 +356,12 @@ class AsyncModerationClient(_Client):
         excluded_categories: Iterable[str] = (),
         request_id: str = "",
         bulk: bool = False,
+        unsafe_threshold: float | None = None,
     ) -> Verdict:
         """As `ModerationClient.moderate`, awaited."""
-        request = moderate_request(messages, categories, excluded_categories, request_id, bulk)
+        request = moderate_request(
+            messages, categories, excluded_categories, request_id, bulk, unsafe_threshold
+        )
         return verdict_from_proto((await self.call(request)).verdict)
 
     async def call(self, request: pb.ModerateRequest) -> pb.ModerateResponse:
@@ -393,6 +403,7 @@ class AsyncModerationClient(_Client):
         categories: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         excluded_categories: Iterable[str] = (),
         request_id: str = "",
+        unsafe_threshold: float | None = None,
     ) -> AnswerStream:
         """Check an assistant answer while it is generated (ModerateStream): `messages` is the
         conversation before the answer (ending with a user message). Use it as `async with`;
@@ -400,7 +411,9 @@ class AsyncModerationClient(_Client):
         final verdict on the whole answer."""
         if check_every_tokens < 1:
             raise ConfigError(f"check_every_tokens must be ≥ 1, not {check_every_tokens}")
-        request = moderate_request(messages, categories, excluded_categories, request_id)
+        request = moderate_request(
+            messages, categories, excluded_categories, request_id, False, unsafe_threshold
+        )
         start = pb.StreamStart(
             request_id=request.request_id,
             messages=request.messages,

@@ -69,6 +69,7 @@ class PromptReason(enum.Enum):
     CATEGORY = "category"  # a malformed custom category (code or description)
     EXCLUDED = "excluded"  # an excluded code the policy does not have, or nothing left
     TOO_LONG = "too_long"  # the prompt and its verdict do not fit the model's sequence limit
+    THRESHOLD = "threshold"  # an unsafe threshold outside (0, 1], or one greedy decoding ignores
 
 
 class PromptError(GuardrtError):

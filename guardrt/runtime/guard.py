@@ -17,8 +17,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.engine import Engine, EngineOptions, backend_for, load_engine
-from guardrt.runtime.errors import GuardrtError
+from guardrt.runtime.errors import GuardrtError, PromptError, PromptReason
 from guardrt.runtime.model.resolve import resolve_model
 from guardrt.runtime.policy import CategoriesInput
 from guardrt.runtime.prepare import Preparer, load_preparer
@@ -84,9 +85,17 @@ class Guard:
         *,
         categories: CategoriesInput | None = None,
         excluded_categories: Iterable[str] = (),
+        unsafe_threshold: float | None = None,
     ) -> PreparedRequest:
+        """One request for the engine; `unsafe_threshold`: `unsafe` when P(unsafe) ≥ it (in
+        (0, 1]; constrained decoding only), else when `unsafe` is likelier than `safe`."""
+        if unsafe_threshold is not None and self.engine.info.decode == "greedy":
+            raise PromptError(PromptReason.THRESHOLD, GREEDY_THRESHOLD)
         return self.preparer.prepare(
-            messages, categories=categories, excluded_categories=excluded_categories
+            messages,
+            categories=categories,
+            excluded_categories=excluded_categories,
+            unsafe_threshold=unsafe_threshold,
         )
 
     def moderate(
@@ -95,10 +104,14 @@ class Guard:
         *,
         categories: CategoriesInput | None = None,
         excluded_categories: Iterable[str] = (),
+        unsafe_threshold: float | None = None,
     ) -> Verdict:
         """The verdict on the last message of `messages`; invalid input raises a GuardrtError."""
         request = self.prepare(
-            messages, categories=categories, excluded_categories=excluded_categories
+            messages,
+            categories=categories,
+            excluded_categories=excluded_categories,
+            unsafe_threshold=unsafe_threshold,
         )
         return self._run([request])[0]
 
@@ -106,8 +119,9 @@ class Guard:
         self, conversations: Iterable[Messages | Mapping[str, Any]]
     ) -> list[Verdict]:
         """Verdicts for many conversations, batched. Each item is a list of messages or
-        `{"messages": [...], "categories": ..., "excluded_categories": [...]}`. An invalid item
-        gets an `error` verdict naming the problem; it never fails the others. Items are
+        `{"messages": [...], "categories": ..., "excluded_categories": [...],
+        "unsafe_threshold": t}`. An invalid item gets an `error` verdict naming the problem; it
+        never fails the others. Items are
         prepared a batch at a time (an image's tiles are 15 MB: a dataset's worth at once
         would not fit in memory); `conversations` may be any iterable, a generator too."""
         verdicts: list[Verdict | None] = []
@@ -128,6 +142,7 @@ class Guard:
                         messages,
                         categories=item.get("categories"),
                         excluded_categories=item.get("excluded_categories", ()),
+                        unsafe_threshold=item.get("unsafe_threshold"),
                     )
                 else:
                     request = self.prepare(item)

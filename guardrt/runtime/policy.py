@@ -139,3 +139,19 @@ def make_policy(
 
 
 DEFAULT_POLICY = make_policy()
+
+
+def check_threshold(value: object, where: str = "unsafe_threshold") -> float | None:
+    """A decision threshold on P(unsafe), as Meta's Llama Guard model cards suggest tuning one:
+    the verdict is `unsafe` when P(unsafe) ≥ it. None: no threshold (the likelier of `safe`
+    and `unsafe`, the model's own choice). Anything but a number in (0, 1] is a PromptError
+    naming `where` and the value (NaN and infinities included)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        shown = f"a {type(value).__name__}"
+    elif 0 < value <= 1:
+        return float(value)
+    else:
+        shown = repr(value)[:30]
+    raise PromptError(PromptReason.THRESHOLD, f"{where} must be a number in (0, 1], not {shown}")

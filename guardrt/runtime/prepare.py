@@ -13,7 +13,7 @@ from typing import Any
 from guardrt.runtime.conversation import parse_messages
 from guardrt.runtime.errors import ConfigError, ImageError, PromptError, PromptReason
 from guardrt.runtime.model.config import ModelConfig
-from guardrt.runtime.policy import CategoriesInput, Policy, make_policy
+from guardrt.runtime.policy import CategoriesInput, Policy, check_threshold, make_policy
 from guardrt.runtime.preprocess import ImageConfig, preprocess_image
 from guardrt.runtime.prompt import Messages, prompt_encoder
 from guardrt.runtime.requests import PreparedRequest, check_fits
@@ -48,11 +48,14 @@ class Preparer:
         categories: CategoriesInput | None = None,
         excluded_categories: Iterable[str] = (),
         ignored_roles: Collection[str] = (),
+        unsafe_threshold: float | None = None,
     ) -> PreparedRequest:
         """Validate, render, tokenize and tile one request; raises PromptError / ImageError.
-        Messages of `ignored_roles` are left out (`parse_messages`)."""
+        Messages of `ignored_roles` are left out (`parse_messages`); `unsafe_threshold`:
+        `PreparedRequest.unsafe_threshold`."""
         conversation = parse_messages(messages, ignored_roles=ignored_roles)
         policy = make_policy(categories, excluded_categories)
+        threshold = check_threshold(unsafe_threshold)
         image = None
         if conversation.image is not None:
             place = {
@@ -74,7 +77,13 @@ class Preparer:
         prompt = encoder.encode(conversation, policy)
         # A text-only prompt's head is shared by every request with its policy (prefixes.py).
         prefix = 0 if image is not None else len(encoder.head(conversation, policy))
-        request = PreparedRequest(tuple(prompt), image, self.grammar(policy), prefix_len=prefix)
+        request = PreparedRequest(
+            tuple(prompt),
+            image,
+            self.grammar(policy),
+            prefix_len=prefix,
+            unsafe_threshold=threshold,
+        )
         check_fits(request, self.max_seq)
         return request
 

@@ -29,6 +29,9 @@ class PreparedRequest:
     # Token logprobs wanted: None for none, else the verdict tokens' log-probabilities with
     # this many most likely alternatives at each (0 to scores.MAX_TOP_LOGPROBS).
     top_logprobs: int | None = None
+    # `unsafe` when P(unsafe) ≥ this (`policy.check_threshold`); None: when `unsafe` is likelier
+    # than `safe`. Constrained decoding only.
+    unsafe_threshold: float | None = None
 
     @property
     def image_position(self) -> int | None:

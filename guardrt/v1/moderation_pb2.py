@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bguardrt/v1/moderation.proto\x12\nguardrt.v1\"G\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"O\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.guardrt.v1.Role\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Content\"-\n\x08\x43\x61tegory\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"C\n\x06Policy\x12\x0f\n\x07\x65xclude\x18\x01 \x03(\t\x12(\n\ncategories\x18\x02 \x03(\x0b\x32\x14.guardrt.v1.Category\"\x98\x01\n\x0fModerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12&\n\x08priority\x18\x04 \x01(\x0e\x32\x14.guardrt.v1.Priority\"\xbb\x02\n\x07Verdict\x12 \n\x05label\x18\x01 \x01(\x0e\x32\x11.guardrt.v1.Label\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x1a\n\x12unsafe_probability\x18\x03 \x01(\x02\x12N\n\x16\x63\x61tegory_probabilities\x18\x04 \x03(\x0b\x32..guardrt.v1.Verdict.CategoryProbabilitiesEntry\x12\x12\n\nraw_output\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x19\n\x11label_probability\x18\x08 \x01(\x02\x1a<\n\x1a\x43\x61tegoryProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa0\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08model_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nprefill_ms\x18\x06 \x01(\x02\x12\x11\n\tdecode_ms\x18\x07 \x01(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"\x87\x01\n\x10ModerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\"\n\x06timing\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\xa0\x01\n\x0bStreamStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12\x1a\n\x12\x63heck_every_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_on_unsafe\x18\x05 \x01(\x08\"\x0b\n\tStreamEnd\"y\n\rStreamRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.guardrt.v1.StreamStartH\x00\x12\x10\n\x06\x61ppend\x18\x02 \x01(\tH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.guardrt.v1.StreamEndH\x00\x42\x06\n\x04kind\"\xda\x01\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\x15\n\rcovered_chars\x18\x03 \x01(\r\x12\x16\n\x0e\x63overed_tokens\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rreused_tokens\x18\x08 \x01(\r\"\x10\n\x0eGetInfoRequest\"\x8d\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x14meaningless_verdicts\x18\x02 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tsemantics\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\t \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\r\x12\x30\n\x12\x64\x65\x66\x61ult_categories\x18\x0b \x03(\x0b\x32\x14.guardrt.v1.Category\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x19\n\x11image_url_origins\x18\r \x03(\t\x12 \n\x18max_in_flight_per_caller\x18\x0e \x01(\r\x12\x1b\n\x13max_rate_per_caller\x18\x0f \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_exclude\x18\x10 \x03(\t*5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\r\n\tASSISTANT\x10\x02*?\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTIVE\x10\x01\x12\x08\n\x04\x42ULK\x10\x02*?\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x08\n\x04SAFE\x10\x01\x12\n\n\x06UNSAFE\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xad\x02\n\nModeration\x12\x45\n\x08Moderate\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse\x12M\n\x0cModerateMany\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse(\x01\x30\x01\x12K\n\x0eModerateStream\x12\x19.guardrt.v1.StreamRequest\x1a\x1a.guardrt.v1.StreamResponse(\x01\x30\x01\x12<\n\x07GetInfo\x12\x1a.guardrt.v1.GetInfoRequest\x1a\x15.guardrt.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bguardrt/v1/moderation.proto\x12\nguardrt.v1\"G\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"O\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.guardrt.v1.Role\x12$\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Content\"-\n\x08\x43\x61tegory\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"w\n\x06Policy\x12\x0f\n\x07\x65xclude\x18\x01 \x03(\t\x12(\n\ncategories\x18\x02 \x03(\x0b\x32\x14.guardrt.v1.Category\x12\x1d\n\x10unsafe_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_unsafe_threshold\"\x98\x01\n\x0fModerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12&\n\x08priority\x18\x04 \x01(\x0e\x32\x14.guardrt.v1.Priority\"\xbb\x02\n\x07Verdict\x12 \n\x05label\x18\x01 \x01(\x0e\x32\x11.guardrt.v1.Label\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x1a\n\x12unsafe_probability\x18\x03 \x01(\x02\x12N\n\x16\x63\x61tegory_probabilities\x18\x04 \x03(\x0b\x32..guardrt.v1.Verdict.CategoryProbabilitiesEntry\x12\x12\n\nraw_output\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x19\n\x11label_probability\x18\x08 \x01(\x02\x1a<\n\x1a\x43\x61tegoryProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa0\x01\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08model_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nprefill_ms\x18\x06 \x01(\x02\x12\x11\n\tdecode_ms\x18\x07 \x01(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\"\x87\x01\n\x10ModerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\"\n\x06timing\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\xa0\x01\n\x0bStreamStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.guardrt.v1.Message\x12\"\n\x06policy\x18\x03 \x01(\x0b\x32\x12.guardrt.v1.Policy\x12\x1a\n\x12\x63heck_every_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_on_unsafe\x18\x05 \x01(\x08\"\x0b\n\tStreamEnd\"y\n\rStreamRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.guardrt.v1.StreamStartH\x00\x12\x10\n\x06\x61ppend\x18\x02 \x01(\tH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.guardrt.v1.StreamEndH\x00\x42\x06\n\x04kind\"\xda\x01\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.guardrt.v1.Verdict\x12\x15\n\rcovered_chars\x18\x03 \x01(\r\x12\x16\n\x0e\x63overed_tokens\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.guardrt.v1.Timing\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\rreused_tokens\x18\x08 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xaf\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1c\n\x14meaningless_verdicts\x18\x02 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tsemantics\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\t \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\r\x12\x30\n\x12\x64\x65\x66\x61ult_categories\x18\x0b \x03(\x0b\x32\x14.guardrt.v1.Category\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x19\n\x11image_url_origins\x18\r \x03(\t\x12 \n\x18max_in_flight_per_caller\x18\x0e \x01(\r\x12\x1b\n\x13max_rate_per_caller\x18\x0f \x01(\x01\x12\x17\n\x0f\x64\x65\x66\x61ult_exclude\x18\x10 \x03(\t\x12 \n\x18\x64\x65\x66\x61ult_unsafe_threshold\x18\x11 \x01(\x01*5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\r\n\tASSISTANT\x10\x02*?\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTIVE\x10\x01\x12\x08\n\x04\x42ULK\x10\x02*?\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x08\n\x04SAFE\x10\x01\x12\n\n\x06UNSAFE\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xad\x02\n\nModeration\x12\x45\n\x08Moderate\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse\x12M\n\x0cModerateMany\x12\x1b.guardrt.v1.ModerateRequest\x1a\x1c.guardrt.v1.ModerateResponse(\x01\x30\x01\x12K\n\x0eModerateStream\x12\x19.guardrt.v1.StreamRequest\x1a\x1a.guardrt.v1.StreamResponse(\x01\x30\x01\x12<\n\x07GetInfo\x12\x1a.guardrt.v1.GetInfoRequest\x1a\x15.guardrt.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._loaded_options = None
   _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2025
-  _globals['_ROLE']._serialized_end=2078
-  _globals['_PRIORITY']._serialized_start=2080
-  _globals['_PRIORITY']._serialized_end=2143
-  _globals['_LABEL']._serialized_start=2145
-  _globals['_LABEL']._serialized_end=2208
+  _globals['_ROLE']._serialized_start=2111
+  _globals['_ROLE']._serialized_end=2164
+  _globals['_PRIORITY']._serialized_start=2166
+  _globals['_PRIORITY']._serialized_end=2229
+  _globals['_LABEL']._serialized_start=2231
+  _globals['_LABEL']._serialized_end=2294
   _globals['_CONTENT']._serialized_start=43
   _globals['_CONTENT']._serialized_end=114
   _globals['_MESSAGE']._serialized_start=116
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATEGORY']._serialized_start=197
   _globals['_CATEGORY']._serialized_end=242
   _globals['_POLICY']._serialized_start=244
-  _globals['_POLICY']._serialized_end=311
-  _globals['_MODERATEREQUEST']._serialized_start=314
-  _globals['_MODERATEREQUEST']._serialized_end=466
-  _globals['_VERDICT']._serialized_start=469
-  _globals['_VERDICT']._serialized_end=784
-  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_start=724
-  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_end=784
-  _globals['_TIMING']._serialized_start=787
-  _globals['_TIMING']._serialized_end=947
-  _globals['_MODERATERESPONSE']._serialized_start=950
-  _globals['_MODERATERESPONSE']._serialized_end=1085
-  _globals['_STREAMSTART']._serialized_start=1088
-  _globals['_STREAMSTART']._serialized_end=1248
-  _globals['_STREAMEND']._serialized_start=1250
-  _globals['_STREAMEND']._serialized_end=1261
-  _globals['_STREAMREQUEST']._serialized_start=1263
-  _globals['_STREAMREQUEST']._serialized_end=1384
-  _globals['_STREAMRESPONSE']._serialized_start=1387
-  _globals['_STREAMRESPONSE']._serialized_end=1605
-  _globals['_GETINFOREQUEST']._serialized_start=1607
-  _globals['_GETINFOREQUEST']._serialized_end=1623
-  _globals['_MODELINFO']._serialized_start=1626
-  _globals['_MODELINFO']._serialized_end=2023
-  _globals['_MODERATION']._serialized_start=2211
-  _globals['_MODERATION']._serialized_end=2512
+  _globals['_POLICY']._serialized_end=363
+  _globals['_MODERATEREQUEST']._serialized_start=366
+  _globals['_MODERATEREQUEST']._serialized_end=518
+  _globals['_VERDICT']._serialized_start=521
+  _globals['_VERDICT']._serialized_end=836
+  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_start=776
+  _globals['_VERDICT_CATEGORYPROBABILITIESENTRY']._serialized_end=836
+  _globals['_TIMING']._serialized_start=839
+  _globals['_TIMING']._serialized_end=999
+  _globals['_MODERATERESPONSE']._serialized_start=1002
+  _globals['_MODERATERESPONSE']._serialized_end=1137
+  _globals['_STREAMSTART']._serialized_start=1140
+  _globals['_STREAMSTART']._serialized_end=1300
+  _globals['_STREAMEND']._serialized_start=1302
+  _globals['_STREAMEND']._serialized_end=1313
+  _globals['_STREAMREQUEST']._serialized_start=1315
+  _globals['_STREAMREQUEST']._serialized_end=1436
+  _globals['_STREAMRESPONSE']._serialized_start=1439
+  _globals['_STREAMRESPONSE']._serialized_end=1657
+  _globals['_GETINFOREQUEST']._serialized_start=1659
+  _globals['_GETINFOREQUEST']._serialized_end=1675
+  _globals['_MODELINFO']._serialized_start=1678
+  _globals['_MODELINFO']._serialized_end=2109
+  _globals['_MODERATION']._serialized_start=2297
+  _globals['_MODERATION']._serialized_end=2598
 # @@protoc_insertion_point(module_scope)

@@ -203,6 +203,16 @@ class Policy(_message.Message):
 
     EXCLUDE_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
+    UNSAFE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    unsafe_threshold: _builtins.float
+    """The decision threshold on P(unsafe), in (0, 1]: the verdict is UNSAFE when
+    unsafe_probability >= it (its categories then follow as for any UNSAFE verdict), SAFE
+    below it. Unset: the server's (ModelInfo.default_unsafe_threshold), and where that is
+    unset too, UNSAFE when the model finds unsafe likelier than safe. Lower it to catch more
+    at the cost of more false alarms. Another value, or any on a server that decodes
+    greedily (ModelInfo.decode "greedy"), is INVALID_ARGUMENT naming it. It decides the
+    label only: the probabilities reported are the model's either way.
+    """
     @_builtins.property
     def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Codes to leave out of the policy (not renumbered), e.g. ["S1", "S13"]."""
@@ -216,12 +226,15 @@ class Policy(_message.Message):
         *,
         exclude: _abc.Iterable[_builtins.str] | None = ...,
         categories: _abc.Iterable[Global___Category] | None = ...,
+        unsafe_threshold: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_unsafe_threshold", b"_unsafe_threshold", "unsafe_threshold", b"unsafe_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "exclude", b"exclude"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_unsafe_threshold", b"_unsafe_threshold", "categories", b"categories", "exclude", b"exclude", "unsafe_threshold", b"unsafe_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__unsafe_threshold: _TypeAlias = _typing.Literal["unsafe_threshold"]  # noqa: Y015
+    _WhichOneofArgType__unsafe_threshold: _TypeAlias = _typing.Literal["_unsafe_threshold", b"_unsafe_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unsafe_threshold) -> _WhichOneofReturnType__unsafe_threshold | None: ...
 
 Global___Policy: _TypeAlias = Policy  # noqa: Y015
 
@@ -597,6 +610,7 @@ class ModelInfo(_message.Message):
     MAX_IN_FLIGHT_PER_CALLER_FIELD_NUMBER: _builtins.int
     MAX_RATE_PER_CALLER_FIELD_NUMBER: _builtins.int
     DEFAULT_EXCLUDE_FIELD_NUMBER: _builtins.int
+    DEFAULT_UNSAFE_THRESHOLD_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model served: a checkpoint directory, an engine directory, or "tiny-random"."""
     meaningless_verdicts: _builtins.bool
@@ -618,6 +632,10 @@ class ModelInfo(_message.Message):
     max_in_flight_per_caller: _builtins.int
     """Per authenticated caller: requests in flight and requests a second allowed (0: no bound)."""
     max_rate_per_caller: _builtins.float
+    default_unsafe_threshold: _builtins.float
+    """The server's decision threshold for requests that set none (Policy.unsafe_threshold); 0:
+    none (UNSAFE when the model finds unsafe likelier than safe).
+    """
     @_builtins.property
     def default_categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Category]:
         """The categories of a request that sends none: the model's S1–S13, or the server's
@@ -656,10 +674,11 @@ class ModelInfo(_message.Message):
         max_in_flight_per_caller: _builtins.int = ...,
         max_rate_per_caller: _builtins.float = ...,
         default_exclude: _abc.Iterable[_builtins.str] | None = ...,
+        default_unsafe_threshold: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "decode", b"decode", "default_categories", b"default_categories", "default_exclude", b"default_exclude", "device", b"device", "dtype", b"dtype", "image_url_origins", b"image_url_origins", "max_batch_size", b"max_batch_size", "max_image_bytes", b"max_image_bytes", "max_in_flight_per_caller", b"max_in_flight_per_caller", "max_prompt_tokens", b"max_prompt_tokens", "max_rate_per_caller", b"max_rate_per_caller", "meaningless_verdicts", b"meaningless_verdicts", "model", b"model", "semantics", b"semantics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "decode", b"decode", "default_categories", b"default_categories", "default_exclude", b"default_exclude", "default_unsafe_threshold", b"default_unsafe_threshold", "device", b"device", "dtype", b"dtype", "image_url_origins", b"image_url_origins", "max_batch_size", b"max_batch_size", "max_image_bytes", b"max_image_bytes", "max_in_flight_per_caller", b"max_in_flight_per_caller", "max_prompt_tokens", b"max_prompt_tokens", "max_rate_per_caller", b"max_rate_per_caller", "meaningless_verdicts", b"meaningless_verdicts", "model", b"model", "semantics", b"semantics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,7 +30,9 @@ def build_request(args: argparse.Namespace) -> pb.ModerateRequest:
     if args.response is not None:
         messages.append({"role": "assistant", "content": args.response})
     exclude = [code.strip() for code in args.exclude.split(",") if code.strip()]
-    return moderate_request(messages, excluded_categories=exclude)
+    return moderate_request(
+        messages, excluded_categories=exclude, unsafe_threshold=args.unsafe_threshold
+    )
 
 
 def moderate_once(args: argparse.Namespace) -> int:

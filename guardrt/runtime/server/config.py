@@ -10,7 +10,7 @@ from guardrt.runtime.batching import POLICIES
 from guardrt.runtime.engine import EngineOptions
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.server.image_urls import Origin
-from guardrt.runtime.server.server_policy import ServerPolicy
+from guardrt.runtime.server.server_policy import ServerPolicy, check_decode
 
 # One image (32 MiB encoded, the decoder's own limit) plus text and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
@@ -124,6 +124,7 @@ class ServerConfig:
                 f"image_url_timeout_s must be a finite number > 0, not {self.image_url_timeout_s}"
             )
         self._check_caller_limits()
+        check_decode(self.policy, self.decode)
         if self.verdict_cache < 0:
             raise ConfigError(f"verdict_cache must be ≥ 0 (0: off), not {self.verdict_cache}")
         if self.workers < 1:

@@ -68,9 +68,13 @@ def image_by_url(url: str, origins: Sequence[Origin], message: int, part: int) -
     return remote_image(url, origins, where, schemes="http: or https:", instead=instead)
 
 
-def policy_from_proto(policy: Any) -> tuple[list[tuple[str, str]] | None, list[str]]:
+def policy_from_proto(
+    policy: Any,
+) -> tuple[list[tuple[str, str]] | None, list[str], float | None]:
+    """(categories, exclusions, threshold): None for no categories of its own, no threshold."""
     categories = [(c.code, c.description) for c in policy.categories] or None
-    return categories, list(policy.exclude)
+    threshold = policy.unsafe_threshold if policy.HasField("unsafe_threshold") else None
+    return categories, list(policy.exclude), threshold
 
 
 def bulk_from_proto(priority: int) -> bool:
@@ -85,13 +89,14 @@ def input_from_proto(
     request: pb.ModerateRequest, origins: Sequence[Origin] = ()
 ) -> ModerationInput:
     """The request as the service takes it (`origins`: where image URLs may be fetched)."""
-    categories, excluded = policy_from_proto(request.policy)
+    categories, excluded, threshold = policy_from_proto(request.policy)
     return ModerationInput(
         request.request_id,
         messages_from_proto(request.messages, origins),
         categories,
         excluded,
         bulk=bulk_from_proto(request.priority),
+        unsafe_threshold=threshold,
     )
 
 

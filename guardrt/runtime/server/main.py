@@ -169,7 +169,8 @@ def assemble_stack(
     tls = ServerTls(config.tls) if config.tls is not None else None
     policy = None
     if config.policy is not None:  # SIGHUP reads the file again
-        policy = PolicyFile(config.policy, functools.partial(_use_policy, service, info))
+        use = functools.partial(_use_policy, service, info)
+        policy = PolicyFile(config.policy, use, engine.info.decode)
     stack = Stack(service, scheduler, engine, info, warmup, metrics, tokens, tls, policy)
     described = {
         "version": info.version,
@@ -261,6 +262,7 @@ def _use_policy(service: ModerationService, info: pb.ModelInfo, policy: ServerPo
     del info.default_categories[:]
     info.default_categories.extend(default_categories(policy.listed()))
     info.default_exclude[:] = policy.exclude
+    info.default_unsafe_threshold = policy.unsafe_threshold or 0.0
 
 
 def _stop_while_loading(signum: int) -> None:

@@ -15,8 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from guardrt.runtime.errors import GuardrtError, ImageUrlError, ImageUrlReason, Location
-from guardrt.runtime.policy import DEFAULT_CATEGORIES
+from guardrt.runtime.errors import (
+    GuardrtError,
+    ImageUrlError,
+    ImageUrlReason,
+    Location,
+    PromptError,
+)
+from guardrt.runtime.policy import DEFAULT_CATEGORIES, check_threshold
 from guardrt.runtime.server.api_errors import ApiError, bad, json_kind
 from guardrt.runtime.server.chat_logprobs import asked_logprobs
 from guardrt.runtime.server.image_urls import Origin, RemoteImage, remote_image
@@ -154,7 +160,7 @@ def _content_parts(
     return parts
 
 
-_EXTENSION_KEYS = ("categories", "exclude")
+_EXTENSION_KEYS = ("categories", "exclude", "unsafe_threshold")
 _CATEGORY_KEYS = ("code", "description")
 
 
@@ -169,8 +175,9 @@ def _refuse_unknown(fields: Mapping[Any, Any], known: Sequence[str], where: str)
         )
 
 
-def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
-    """The `guardrt` extension field: {"categories": [{"code", "description"}], "exclude": []}."""
+def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any, float | None]:
+    """The `guardrt` extension field: {"categories": [{"code", "description"}], "exclude": [],
+    "unsafe_threshold": t}, as (categories, exclusions, threshold)."""
     extension = body.get("guardrt") or {}
     if not isinstance(extension, Mapping):
         raise bad("guardrt must be an object", param="guardrt")
@@ -190,7 +197,11 @@ def policy_extension(body: Mapping[str, Any]) -> tuple[Any, Any]:
     exclude = extension.get("exclude", [])
     if not isinstance(exclude, list):
         raise bad("guardrt.exclude must be a list of codes", param="guardrt.exclude")
-    return categories, exclude  # their values are checked by make_policy
+    try:
+        threshold = check_threshold(extension.get("unsafe_threshold"), "guardrt.unsafe_threshold")
+    except PromptError as exc:
+        raise bad(str(exc), param="guardrt.unsafe_threshold") from exc
+    return categories, exclude, threshold  # the codes are checked by make_policy
 
 
 # Request headers that bound how long the caller waits, in seconds: our own, and the one the
@@ -386,7 +397,7 @@ def parse_chat(
         content = _content_parts(message.get("content"), where, origins)
         converted.append({"role": role, "content": content})
         listed.append(isinstance(message.get("content"), list))
-    categories, exclude = policy_extension(body)
+    categories, exclude, threshold = policy_extension(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream must be true or false", param="stream")
@@ -398,6 +409,7 @@ def parse_chat(
         ignored_roles=IGNORED_ROLES,
         bulk=bulk_tier(body),
         top_logprobs=asked_logprobs(body),
+        unsafe_threshold=threshold,
     )
     return ChatRequest(model, item, stream, tuple(listed), _include_usage(body, stream))
 
@@ -435,7 +447,7 @@ def parse_moderations(
     if not isinstance(body, Mapping):
         raise bad("the request body must be a JSON object")
     model = check_model(body.get("model", served), served)
-    categories, exclude = policy_extension(body)
+    categories, exclude, threshold = policy_extension(body)
     bulk = bulk_tier(body)  # not in OpenAI's moderations API: sent with `extra_body`
     raw = body.get("input")
     parts = False
@@ -459,6 +471,7 @@ def parse_moderations(
                 categories,
                 exclude,
                 bulk=bulk,
+                unsafe_threshold=threshold,
             )
         )
         types.append(kinds)

@@ -5,16 +5,19 @@ product left out, or categories of its own) rather than in every client. The fil
 HTTP API's `guardrt` extension field takes:
 
     {"categories": [{"code": "S1", "description": "Violent Crimes."}, ...],
-     "exclude": ["S6"]}
+     "exclude": ["S6"], "unsafe_threshold": 0.3}
 
-both keys optional (no `categories`: the model's S1-S13), checked at start as a request's policy
-is (a code, a description, an exclusion the policy lacks, nothing left: named, with the file).
-SIGHUP reads it again (`PolicyFile`); a file that has become bad keeps the policy in use.
+every key optional (no `categories`: the model's S1-S13; no `unsafe_threshold`: `unsafe` when
+the model finds it likelier than `safe`), checked at start as a request's policy is (a code, a
+description, an exclusion the policy lacks, nothing left, a threshold outside (0, 1]: named,
+with the file). SIGHUP reads it again (`PolicyFile`); a file that has become bad keeps the
+policy in use.
 
 How a request's own policy meets it: a request that sends categories is judged against its own
 policy only (the server's is not its business); one that sends only exclusions is judged against
 the server's categories, without the server's exclusions and its own (a client can leave more
-out, never bring back what the operator left out).
+out, never bring back what the operator left out). A request's own threshold replaces the
+server's.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.errors import ConfigError, GuardrtError
 from guardrt.runtime.jsonfile import read_json_object
-from guardrt.runtime.policy import DEFAULT_CATEGORIES, make_policy
+from guardrt.runtime.policy import DEFAULT_CATEGORIES, check_threshold, make_policy
 
 log = logging.getLogger("guardrt.serve")
 
-_KEYS = ("categories", "exclude")
+_KEYS = ("categories", "exclude", "unsafe_threshold")
 _CATEGORY_KEYS = ("code", "description")
 
 
@@ -42,6 +46,7 @@ class ServerPolicy:
     categories: tuple[tuple[str, str], ...] | None = None  # None: the model's S1-S13
     exclude: tuple[str, ...] = ()
     source: str = ""  # the file it came from, for the start line
+    unsafe_threshold: float | None = None  # `policy.check_threshold`; None: none
 
     @property
     def custom(self) -> bool:
@@ -59,6 +64,10 @@ class ServerPolicy:
             return categories, tuple(excluded)
         return self.categories, tuple(dict.fromkeys((*self.exclude, *excluded)))
 
+    def threshold(self, requested: float | None) -> float | None:
+        """A request's decision threshold: its own, else the server's."""
+        return self.unsafe_threshold if requested is None else requested
+
     def describe(self) -> str:
         """The start line's account of it."""
         if self.categories is None:
@@ -66,9 +75,15 @@ class ServerPolicy:
         else:
             which = f"{len(self.categories)} categories of its own"
         left_out = f", leaving out {', '.join(self.exclude)}" if self.exclude else ""
+        threshold = self.unsafe_threshold
+        decided = (
+            ""
+            if threshold is None
+            else f"; unsafe when P(unsafe) ≥ {threshold:g} for requests that send no threshold"
+        )
         return (
             f"policy: {which}{left_out} ({self.source}; SIGHUP reloads) for requests that send "
-            "no categories"
+            f"no categories{decided}"
         )
 
 
@@ -79,7 +94,7 @@ def read_policy(path: str | Path) -> ServerPolicy:
     unknown = sorted(key for key in document if key not in _KEYS)
     if unknown:
         raise ConfigError(
-            f"policy file {path}: unknown key {unknown[0]!r}; known: categories, exclude"
+            f"policy file {path}: unknown key {unknown[0]!r}; known: {', '.join(_KEYS)}"
         )
     categories = _categories(document.get("categories"), path)
     exclude = document.get("exclude", [])
@@ -87,10 +102,14 @@ def read_policy(path: str | Path) -> ServerPolicy:
         raise ConfigError(f"policy file {path}: exclude must be a list of codes such as ['S6']")
     try:  # a request's policy's checks, at start
         policy = make_policy(categories, exclude)
+        threshold = check_threshold(document.get("unsafe_threshold"))
     except GuardrtError as exc:
         raise ConfigError(f"policy file {path}: {exc}") from exc
     return ServerPolicy(
-        None if categories is None else policy.categories, tuple(dict.fromkeys(exclude)), str(path)
+        None if categories is None else policy.categories,
+        tuple(dict.fromkeys(exclude)),
+        str(path),
+        threshold,
     )
 
 
@@ -112,13 +131,22 @@ def _categories(raw: object, path: Path) -> list[tuple[Any, Any]] | None:
     return [(entry.get("code"), entry.get("description")) for entry in raw]
 
 
+def check_decode(policy: ServerPolicy | None, decode: str) -> None:
+    """A ConfigError when `decode` cannot apply the policy's threshold (greedy decoding)."""
+    if decode == "greedy" and policy is not None and policy.unsafe_threshold is not None:
+        raise ConfigError(f"policy file {policy.source}: {GREEDY_THRESHOLD}")
+
+
 class PolicyFile:
     """The `--policy` file, read again on SIGHUP: `use` is given each new policy (requests
     prepared after it are judged against it; those already prepared keep theirs). A file
     that cannot serve keeps the policy in use, and the sentence returned says why."""
 
-    def __init__(self, policy: ServerPolicy, use: Callable[[ServerPolicy], None]) -> None:
-        self.policy, self._use = policy, use
+    def __init__(
+        self, policy: ServerPolicy, use: Callable[[ServerPolicy], None], decode: str = "constrained"
+    ) -> None:
+        """`decode`: the engine's (a greedy one takes no threshold, `check_decode`)."""
+        self.policy, self._use, self._decode = policy, use, decode
 
     def refresh(self) -> str | None:
         """`reload`, saying nothing (None) when the file holds the policy in use."""
@@ -132,6 +160,7 @@ class PolicyFile:
     def reload(self) -> str:
         try:
             policy = read_policy(self.policy.source)
+            check_decode(policy, self._decode)
         except ConfigError as exc:
             log.error("policy not reloaded, the one in use kept: %s", exc)
             return f"policy not reloaded, the one in use kept: {exc}"

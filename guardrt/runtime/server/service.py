@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.errors import (
     ConfigError,
     GuardrtError,
@@ -71,6 +72,9 @@ class ModerationInput:
     # Token logprobs of the verdict (the HTTP API's `logprobs`): None for none, else with this
     # many alternatives at each token (`PreparedRequest.top_logprobs`).
     top_logprobs: int | None = None
+    # The request's decision threshold on P(unsafe) (`policy.check_threshold`); None: the
+    # server policy's.
+    unsafe_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,11 +205,15 @@ class ModerationService:
                 f"{self.limits.max_text_chars}",
             )
         categories, excluded = self.policy.apply(item.categories, item.excluded)
+        threshold = self.policy.threshold(item.unsafe_threshold)
+        if threshold is not None and self.scheduler.engine.info.decode == "greedy":
+            raise PromptError(PromptReason.THRESHOLD, GREEDY_THRESHOLD)
         return self.preparer.prepare(
             item.messages,
             categories=categories,
             excluded_categories=excluded,
             ignored_roles=item.ignored_roles,
+            unsafe_threshold=threshold,
         )
 
     def preparing(self) -> int:
@@ -285,8 +293,9 @@ class ModerationService:
             return None
         categories, excluded = self.policy.apply(item.categories, item.excluded)
         keyed = functools.partial(
-            input_key, item.messages, categories, excluded, item.ignored_roles, item.top_logprobs
-        )
+            input_key, item.messages, categories, excluded, item.ignored_roles,
+            item.top_logprobs, self.policy.threshold(item.unsafe_threshold),
+        )  # fmt: skip
         if image_bytes(item.messages) <= INLINE_KEY_BYTES:
             return keyed()
         return await asyncio.get_running_loop().run_in_executor(self.executor, keyed)

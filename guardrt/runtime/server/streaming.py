@@ -78,11 +78,12 @@ class StreamSession:
                 f"a stream's conversation must end with a user message; it has {len(messages)} "
                 "messages (the answer being checked is the next, assistant, one)",
             )
-        categories, excluded = policy_from_proto(start.policy)
+        categories, excluded, threshold = policy_from_proto(start.policy)
         request_id = checked_request_id(start.request_id)
         base = ModerationInput(
-            request_id, messages, categories, excluded, caller=caller, trace_id=trace_id
-        )
+            request_id, messages, categories, excluded, caller=caller, trace_id=trace_id,
+            unsafe_threshold=threshold,
+        )  # fmt: skip
         base = await service.fetched(base)  # once for the stream, before it holds a cache slot
         session = cls(
             service,

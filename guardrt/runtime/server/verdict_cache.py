@@ -71,9 +71,11 @@ def input_key(
     excluded: Sequence[str],
     ignored_roles: Sequence[str],
     top_logprobs: int | None = None,
+    unsafe_threshold: float | None = None,
 ) -> bytes | None:
-    """The digest of a request as the service prepares it, with what its answer holds (token
-    logprobs); None when it holds a value the key cannot stand for exactly."""
+    """The digest of a request as the service prepares it (its decision threshold too), with
+    what its answer holds (token logprobs); None when it holds a value the key cannot stand
+    for exactly."""
     try:
         document = _tagged(
             {
@@ -82,6 +84,7 @@ def input_key(
                 "excluded": list(excluded),
                 "ignored_roles": list(ignored_roles),
                 "top_logprobs": top_logprobs,
+                "unsafe_threshold": unsafe_threshold,
             }
         )
     except _UnkeyableError:
