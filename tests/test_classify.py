@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,16 @@ def hf_last_logits(hf: Any, ids: list[int], tiled: TiledImage | None) -> torch.T
     return logits
 
 
-def naive_constrained(hf: Any, req: PreparedRequest) -> list[int]:
-    """The grammar walked with a full transformers forward at every choice (the reference)."""
+def naive_constrained(hf: Any, req: PreparedRequest, forced: Sequence[int] = ()) -> list[int]:
+    """The grammar walked with a full transformers forward at every choice (the reference),
+    from the `forced` ids on (`\\n\\n unsafe`: a verdict a threshold made unsafe)."""
     grammar, state = req.grammar, req.grammar.start()
     generated: list[int] = []
     while not state.done:
         allowed = grammar.allowed(state)
-        if len(allowed) == 1:
+        if len(generated) < len(forced):
+            token = forced[len(generated)]
+        elif len(allowed) == 1:
             token = allowed[0]
         else:
             logits = hf_last_logits(hf, list(req.prompt) + generated, req.image)

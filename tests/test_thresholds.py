@@ -32,11 +32,11 @@ from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.server_policy import PolicyFile, ServerPolicy, read_policy
 from guardrt.runtime.tokenizer import Tokenizer
 from guardrt.runtime.verdict import Label
-from guardrt.testing.references import hf_inputs, hf_model
+from guardrt.testing.references import hf_model
 from guardrt.v1 import moderation_pb2 as pb
 from tests.models import IMAGE_CONFIG, small_config, write_small
 from tests.server_harness import FakeEngine, serving
-from tests.test_classify import _head_edited
+from tests.test_classify import _head_edited, naive_constrained
 from tests.test_http import post
 
 TEXT: Any = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -85,30 +85,6 @@ def _requests(tok: Tokenizer) -> list[PreparedRequest]:
     return [preparer.prepare([{"role": "user", "content": text}]) for text in texts]
 
 
-def _unsafe_walk(hf: Any, request: PreparedRequest) -> list[int]:
-    """The grammar walked from `unsafe` on with a full transformers forward at every choice."""
-    grammar, t = request.grammar, request.grammar.tokens
-    generated = [t.blank, t.unsafe]
-    state = grammar.start()
-    for token in generated:
-        after = grammar.advance(state, token)
-        assert after is not None
-        state = after
-    while not state.done:
-        allowed = grammar.allowed(state)
-        token = allowed[0]
-        if len(allowed) > 1:
-            with torch.inference_mode():
-                ids = [*request.prompt, *generated]
-                logits = hf(**hf_inputs(ids, request.image)).logits[0, -1].float()
-            token = max(allowed, key=lambda a: float(logits[a]))
-        generated.append(token)
-        after = grammar.advance(state, token)
-        assert after is not None
-        state = after
-    return generated
-
-
 def test_the_label_follows_the_threshold(small: Path, tok: Tokenizer) -> None:
     """Just above P(unsafe): safe; at it: unsafe (fail closed at equality); the scores are the
     model's whatever the threshold."""
@@ -143,7 +119,9 @@ def test_a_thresholded_unsafe_verdict_walks_the_grammar(small: Path, tok: Tokeni
         verdict = result.verdict()
         assert verdict.label is Label.UNSAFE
         assert verdict.categories
-        assert list(result.generated) == _unsafe_walk(hf, result.request)
+        t = result.request.grammar.tokens
+        expected = naive_constrained(hf, result.request, forced=(t.blank, t.unsafe))
+        assert list(result.generated) == expected
 
 
 def test_a_nan_fails_closed_under_a_threshold(small: Path, tok: Tokenizer) -> None:
