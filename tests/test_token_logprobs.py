@@ -209,3 +209,22 @@ def test_alternatives_need_the_whole_vocabulary() -> None:
         token_logprob(19, compact, top=3)
     with pytest.raises(ValueError, match="cannot be normalised"):
         token_logprob(19, compact, top=0, normalised=False)
+
+
+def test_a_shared_policy_prefix_gives_the_same_logprobs(small: Path, tok: Tokenizer) -> None:
+    """Text rows that start after their policy's shared K/V (prefixes.py; its fill reads
+    nothing, asked as a plain prefill) score their tokens as fresh prefills do."""
+    model = _loaded(small)
+    texts = [r for r in _cases(tok) if r.image is None]
+    fresh = Classifier(model).run(texts)
+    shared = Classifier(model, prefixes=1).run(texts)
+    assert any(d.reused_tokens for d in shared)
+    for a, b in zip(shared, fresh, strict=True):
+        entries_a, entries_b = a.content_logprobs(), b.content_logprobs()
+        assert entries_a is not None
+        assert entries_b is not None
+        assert [(e.token, [t for t, _ in e.top]) for e in entries_a] == [
+            (e.token, [t for t, _ in e.top]) for e in entries_b
+        ]
+        logprobs = [[e.logprob for e in entries] for entries in (entries_a, entries_b)]
+        assert np.allclose(logprobs[0], logprobs[1], atol=1e-4)

@@ -44,7 +44,7 @@ from guardrt.runtime.scores import (
 )
 from guardrt.runtime.sessions import SessionState, SessionTable, common_prefix
 from guardrt.runtime.tokenizer import END_OF_TEXT_ID, EOM_ID, EOT_ID
-from guardrt.runtime.verdict import GrammarState, Verdict
+from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
 
 Decode = Literal["constrained", "greedy"]
 DECODES: tuple[Decode, ...] = ("constrained", "greedy")
@@ -227,7 +227,7 @@ class Decoder:
                         _ids([self.model.max_seq]),  # no image
                         _ids([0]),
                         _ids([[length - 1]]),
-                        *self._prefill_asks([row.request]),
+                        *self._prefill_asks([row.request.grammar]),
                     )
                 except BaseException:
                     self.prefixes.forget(prefix)
@@ -291,14 +291,14 @@ class Decoder:
             self._prefilled = time.perf_counter()
         return [[TokenScores(at, vocab) for at in row_values] for row_values in values]
 
-    def _prefill_asks(self, requests: Sequence[PreparedRequest]) -> tuple[np.ndarray | None, bool]:
+    def _prefill_asks(
+        self, grammars: Sequence[VerdictGrammar], top: int | None = None
+    ) -> tuple[np.ndarray | None, bool]:
         """(vocab, log_probs) of a prefill: constrained decoding reads the log-probabilities of
-        `prefill_vocab`'s ids (with token logprobs asked, also of `\\n` and `S`, or every id
-        for their alternatives), greedy decoding every logit."""
+        `prefill_vocab`'s ids (with token logprobs asked, `top` not None, also of `\\n` and
+        `S`, or every id for their alternatives), greedy decoding every logit."""
         if self.decode == "greedy":
             return None, False
-        grammars = [request.grammar for request in requests]
-        top = _top_asked(requests)
         if top is None:
             return prefill_vocab(grammars), True
         if top:
@@ -343,12 +343,13 @@ class Decoder:
         suffix = [first.blank, first.unsafe, first.newline, first.s]
         # The prefill reads the rows at `\n\n` (the label) and `S` (the first code); with token
         # logprobs asked, also those at `unsafe` and `\n`, which predict the forced `\n`, `S`.
-        read = (0, 3) if _top_asked([row.request for row in rows]) is None else (0, 1, 2, 3)
+        top = _top_asked([row.request for row in rows])
+        read = (0, 3) if top is None else (0, 1, 2, 3)
         scores = self._step(
             rows,
             [list(row.request.prompt[row.skip :]) + suffix for row in rows],
             [[len(row.request.prompt) - row.skip + i for i in read] for row in rows],
-            *self._prefill_asks([row.request for row in rows]),
+            *self._prefill_asks([row.request.grammar for row in rows], top),
         )
         for row, at in zip(rows, scores, strict=True):
             label, code = at[0], at[-1]
