@@ -21,12 +21,10 @@
 # The device returns at most 8 files from $OUT, so every part writes under a work folder and,
 # after each part, the folder is packed into $OUT/results.tgz (a kill keeps what was packed);
 # $OUT also gets steps.txt. Unpack with `tar -xzf results.tgz -C DIR`.
-# The machine lacks llama_models: copy .venv/lib/python3.11/site-packages/llama_models into
-# .gpu_carry/ and pass carry [".gpu_carry"]. It may lack cuda-python too: put the cp312 wheels of
-# cuda-bindings (13.0, the driver's CUDA) and cuda-pathfinder in .gpu_carry/wheels/ (pip download
-# --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64), and for
-# the export part those of onnx 1.23.2, onnxscript 0.7.2, onnx-ir 1.1.0, ml_dtypes 0.6.0 and
-# protobuf in .gpu_carry/export_wheels/ (the same command; add --platform manylinux2014_x86_64).
+# The machine lacks llama_models, may lack cuda-python (cuda-bindings 13.0, the driver's CUDA,
+# and cuda-pathfinder) and has older exporter packages than those tested here: `bash
+# scripts/gpu_carry.sh` puts them all in .gpu_carry/ (ignored by git; seconds, from the local
+# package mirror), and the device tool's run takes carry [".gpu_carry"]:
 #   bash scripts/gpu_check.sh
 # Before any part, a preflight imports what every part needs (torch with CUDA, triton, guardrt,
 # llama_models, transformers) and stops the call at once if one is missing: a broken set-up

@@ -256,3 +256,22 @@ def test_the_shell_client_sends_a_threshold() -> None:
     assert given.policy.unsafe_threshold == pytest.approx(0.2)
     plain = build_request(parser.parse_args(["moderate", "--text", "x"]))
     assert not plain.policy.HasField("unsafe_threshold")
+
+
+def test_a_streams_checks_keep_its_threshold(preparer: Preparer) -> None:
+    """ModerateStream's start carries the policy: each checkpoint is decided by its threshold."""
+    engine = FakeEngine()
+    question = pb.Message(role=pb.USER, content=[pb.Content(text="How do I pick a lock?")])
+    start = pb.StreamStart(
+        messages=[question], check_every_tokens=2, policy=pb.Policy(unsafe_threshold=0.125)
+    )
+    messages = [
+        pb.StreamRequest(start=start),
+        pb.StreamRequest(append="First, you will need a tension wrench"),
+        pb.StreamRequest(end=pb.StreamEnd()),
+    ]
+    with serving(engine, preparer) as server:
+        responses = list(server.stub().ModerateStream(iter(messages), timeout=60))
+    assert len(responses) >= 2
+    thresholds = {request.unsafe_threshold for batch in engine.batches for request in batch}
+    assert thresholds == {0.125}
