@@ -49,7 +49,8 @@ def test_a_requests_line_has_its_figures_and_never_its_text(
         message = pb.Message(
             role=pb.USER, content=[pb.Content(image=jpeg()), pb.Content(text=SECRET)]
         )
-        request = pb.ModerateRequest(request_id="req-7", messages=[message])
+        policy = pb.Policy(unsafe_threshold=0.375)  # what decided the label, for an audit
+        request = pb.ModerateRequest(request_id="req-7", messages=[message], policy=policy)
         server.stub().Moderate(request, timeout=10, metadata=(("traceparent", _TRACEPARENT),))
     records = [r for r in caplog.records if r.name == "guardrt.service"]
     assert len(records) == 1
@@ -60,6 +61,7 @@ def test_a_requests_line_has_its_figures_and_never_its_text(
     assert entry["categories"] == ["S1"]
     assert entry["unsafe_probability"] == 0.25  # FakeEngine's score
     assert entry["label_probability"] == 0.99
+    assert entry["unsafe_threshold"] == 0.375
     assert entry["image_tiles"] >= 1
     assert entry["prompt_tokens"] > 0
     assert entry["text_chars"] == len(SECRET)

@@ -160,8 +160,8 @@ def test_guard_takes_a_threshold(engine: Engine, preparer: Preparer) -> None:
     assert batch[1].error == "unsafe_threshold must be a number in (0, 1], not 2.0"
 
 
-def _grpc_label(stub: Any, threshold: float | None) -> Any:
-    return stub.Moderate(moderate_request(TEXT, unsafe_threshold=threshold)).verdict
+def _grpc_answer(stub: Any, threshold: float | None) -> Any:
+    return stub.Moderate(moderate_request(TEXT, unsafe_threshold=threshold))
 
 
 def test_grpc_and_http_thresholds(engine: Engine, preparer: Preparer) -> None:
@@ -172,10 +172,10 @@ def test_grpc_and_http_thresholds(engine: Engine, preparer: Preparer) -> None:
     policy = ServerPolicy(source="policy.json", unsafe_threshold=p)
     with serving(engine, preparer, policy=policy, verdict_cache=8) as server:
         stub = server.stub()
-        by_server = _grpc_label(stub, None)
-        by_request = _grpc_label(stub, 0.9)
+        by_server = _grpc_answer(stub, None)
+        by_request = _grpc_answer(stub, 0.9)
         with pytest.raises(grpc.RpcError) as refused:
-            _grpc_label(stub, 1.5)
+            _grpc_answer(stub, 1.5)
         info = stub.GetInfo(pb.GetInfoRequest())
         client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
         chats = [
@@ -187,9 +187,12 @@ def test_grpc_and_http_thresholds(engine: Engine, preparer: Preparer) -> None:
         )
         body = json.dumps({"model": GUARD, "messages": TEXT, "guardrt": {"unsafe_threshold": 0}})
         code, payload = post(server, "/chat/completions", body.encode(), token=None)
-    assert by_server.label == 2  # UNSAFE: P(unsafe) reaches the server's threshold
-    assert by_request.label == 1  # SAFE: the request's own replaces it
-    assert by_request.unsafe_probability == pytest.approx(by_server.unsafe_probability)
+    assert by_server.verdict.label == 2  # UNSAFE: P(unsafe) reaches the server's threshold
+    assert by_request.verdict.label == 1  # SAFE: the request's own replaces it
+    assert by_request.verdict.unsafe_probability == pytest.approx(
+        by_server.verdict.unsafe_probability
+    )
+    assert (by_server.unsafe_threshold, by_request.unsafe_threshold) == (pytest.approx(p), 0.9)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unsafe_threshold must be a number in (0, 1], not 1.5" in str(refused.value.details())
     assert info.default_unsafe_threshold == pytest.approx(p)
@@ -198,6 +201,8 @@ def test_grpc_and_http_thresholds(engine: Engine, preparer: Preparer) -> None:
     assert contents[1] == "safe"
     cached = [(chat.model_extra or {})["guardrt"]["cached"] for chat in chats]
     assert cached == [False, False, True]  # two thresholds, two entries
+    deciding = [(chat.model_extra or {})["guardrt"]["unsafe_threshold"] for chat in chats]
+    assert deciding == [pytest.approx(p), 0.9, pytest.approx(p)]
     assert moderation.results[0].flagged is False
     assert (code, payload["error"]["param"]) == (400, "guardrt.unsafe_threshold")
     assert (
@@ -210,8 +215,9 @@ def test_a_greedy_server_refuses_thresholds(preparer: Preparer, tmp_path: Path) 
     engine.info = dataclasses.replace(engine.info, decode="greedy")
     with serving(engine, preparer) as server:
         with pytest.raises(grpc.RpcError) as refused:
-            _grpc_label(server.stub(), 0.5)
-        assert _grpc_label(server.stub(), None).label == 1
+            _grpc_answer(server.stub(), 0.5)
+        plain = _grpc_answer(server.stub(), None)
+    assert (plain.verdict.label, plain.unsafe_threshold) == (1, 0.0)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert GREEDY_THRESHOLD in str(refused.value.details())
     path = tmp_path / "policy.json"

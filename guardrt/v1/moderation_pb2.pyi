@@ -416,9 +416,14 @@ class ModerateResponse(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    UNSAFE_THRESHOLD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prompt_tokens: _builtins.int
     """The prompt length the model read, in tokens."""
+    unsafe_threshold: _builtins.float
+    """The decision threshold that decided the label (Policy.unsafe_threshold: the request's, or
+    the server's); 0: none, the likelier of safe and unsafe.
+    """
     @_builtins.property
     def verdict(self) -> Global___Verdict: ...
     @_builtins.property
@@ -430,10 +435,11 @@ class ModerateResponse(_message.Message):
         verdict: Global___Verdict | None = ...,
         timing: Global___Timing | None = ...,
         prompt_tokens: _builtins.int = ...,
+        unsafe_threshold: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "timing", b"timing", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "timing", b"timing", "unsafe_threshold", b"unsafe_threshold", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

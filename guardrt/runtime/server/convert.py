@@ -136,6 +136,7 @@ def result_to_proto(result: ModerationResult) -> pb.ModerateResponse:
         verdict=verdict_to_proto(result.verdict),
         timing=timing_to_proto(result.timing),
         prompt_tokens=result.prompt_tokens,
+        unsafe_threshold=result.unsafe_threshold or 0.0,
     )
 
 

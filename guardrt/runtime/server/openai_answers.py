@@ -32,6 +32,7 @@ def verdict_extension(result: ModerationResult) -> dict[str, Any]:
         "raw_output": verdict.raw_output,
         "request_id": result.request_id,
         "cached": result.timing.cached,  # from --verdict-cache: judged before, not now
+        "unsafe_threshold": result.unsafe_threshold,  # what decided the label; None: the likelier
     }
 
 

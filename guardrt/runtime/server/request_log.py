@@ -33,6 +33,7 @@ def log_request(item: ModerationInput, result: ModerationResult, chars: int) -> 
         # Scores, for an audit of a disputed verdict (never the text it was about).
         "unsafe_probability": _rounded(verdict.unsafe_probability),
         "label_probability": _rounded(verdict.label_probability),
+        "unsafe_threshold": result.unsafe_threshold,  # what decided the label (None: argmax)
         "batch_size": timing.batch_size,
         "cached": timing.cached,
         "queue_ms": round(timing.queue_ms, 2),

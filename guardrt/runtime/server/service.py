@@ -100,6 +100,8 @@ class ModerationResult:
     image_tiles: int = 0  # tiles of the request's image (0: text only)
     # The content tokens' log-probabilities, when the request asked (`Decoded.content_logprobs`)
     token_logprobs: tuple[TokenLogprob, ...] | None = None
+    # The threshold that decided the label (`PreparedRequest.unsafe_threshold`); None: none.
+    unsafe_threshold: float | None = None
 
 
 # A caller's request id lands in logs and responses: printable ASCII without spaces, so that it
@@ -426,14 +428,14 @@ class ModerationService:
             timing = Timing(0.0, spent_ms, 0.0, spent_ms, 0, cached=True)
             result = ModerationResult(
                 request_id, hit.verdict, timing, hit.prompt_tokens, 0,
-                hit.generated_tokens, hit.image_tiles, hit.token_logprobs,
+                hit.generated_tokens, hit.image_tiles, hit.token_logprobs, hit.unsafe_threshold,
             )  # fmt: skip
         else:
             result = await self._run_fresh(item, request_id, deadline, session, started)
             if key is not None and self.cache is not None:
                 entry = CachedVerdict(
                     result.verdict, result.prompt_tokens, result.generated_tokens,
-                    result.image_tiles, result.token_logprobs,
+                    result.image_tiles, result.token_logprobs, result.unsafe_threshold,
                 )  # fmt: skip
                 self.cache.put(key, entry)
         log_request(item, result, text_chars(item.messages))
@@ -471,6 +473,7 @@ class ModerationService:
             len(decoded.generated),
             request.image.num_tiles if request.image else 0,
             decoded.content_logprobs(),
+            request.unsafe_threshold,
         )
 
 

@@ -115,6 +115,7 @@ class CachedVerdict:
     generated_tokens: int
     image_tiles: int
     token_logprobs: tuple[TokenLogprob, ...] | None = None
+    unsafe_threshold: float | None = None  # the key holds it: the same as the repeat's
 
 
 class VerdictCache:
