@@ -72,7 +72,7 @@ def test_offered_tools_are_never_called(client: openai.OpenAI) -> None:
     for choice in ("auto", "none", None):
         extra: Any = {} if choice is None else {"tool_choice": choice}
         offered = client.chat.completions.create(
-            model=GUARD, messages=JOKE, tools=[TOOL], stop=["\n"], **extra
+            model=GUARD, messages=JOKE, tools=[TOOL], stop=["\n"], logit_bias={}, **extra
         )
         message = offered.choices[0].message
         assert message.content == plain.choices[0].message.content  # `stop` cuts nothing
@@ -103,6 +103,8 @@ def test_offered_tools_are_never_called(client: openai.OpenAI) -> None:
         ({"tools": TOOL}, "tools", "tools must be an array, not an object"),
         ({"stop": 3}, "stop", "stop must be a string or a list of up to 4 strings, not a number"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4 strings, not an array"),
+        ({"logit_bias": {"19193": -100}}, "logit_bias", "logit_bias is not applied to a verdict"),
+        ({"logit_bias": [1]}, "logit_bias", "logit_bias must be an object, not an array"),
     ],
     ids=[
         "options-without-stream",
@@ -113,6 +115,8 @@ def test_offered_tools_are_never_called(client: openai.OpenAI) -> None:
         "tools-object",
         "stop-number",
         "stop-five",
+        "logit-bias",
+        "logit-bias-array",
     ],
 )
 def test_bad_fields_are_named(

@@ -336,6 +336,17 @@ def _check_answer_shape(body: Mapping[str, Any]) -> None:
             param="response_format",
             code="unsupported_response_format",
         )
+    # A bias would move the verdict by fiat; the trade-off it is after has its own knob.
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, Mapping):
+        raise bad(f"logit_bias must be an object, not {json_kind(bias)}", param="logit_bias")
+    if bias:
+        raise bad(
+            "logit_bias is not applied to a verdict: to trade false alarms for misses, set "
+            '"guardrt": {"unsafe_threshold": t} (unsafe when P(unsafe) >= t)',
+            param="logit_bias",
+            code="unsupported_logit_bias",
+        )
     # Tools may be offered (the answer is then text, as a model that chose none writes), but
     # a call cannot be demanded: the model answers a verdict and calls no tool.
     tools = body.get("tools")
