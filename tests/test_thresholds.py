@@ -19,7 +19,6 @@ import torch
 
 from guardrt.client import moderate_request
 from guardrt.runtime.classify import Classifier
-from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.engine import Engine
 from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
 from guardrt.runtime.guard import Guard
@@ -27,7 +26,7 @@ from guardrt.runtime.model.checkpoint import load_model
 from guardrt.runtime.model.mllama import MllamaModel
 from guardrt.runtime.policy import check_threshold
 from guardrt.runtime.prepare import Preparer
-from guardrt.runtime.requests import PreparedRequest
+from guardrt.runtime.requests import GREEDY_THRESHOLD, PreparedRequest
 from guardrt.runtime.server.config import ServerConfig
 from guardrt.runtime.server.server_policy import PolicyFile, ServerPolicy, read_policy
 from guardrt.runtime.tokenizer import Tokenizer
@@ -281,3 +280,15 @@ def test_a_streams_checks_keep_its_threshold(preparer: Preparer) -> None:
     assert len(responses) >= 2
     thresholds = {request.unsafe_threshold for batch in engine.batches for request in batch}
     assert thresholds == {0.125}
+
+
+def test_guard_on_a_greedy_engine_refuses_a_threshold_per_item(preparer: Preparer) -> None:
+    engine = FakeEngine()
+    engine.info = dataclasses.replace(engine.info, decode="greedy")
+    guard = Guard(preparer, engine)  # its preparer takes the engine's decode
+    with pytest.raises(PromptError, match="needs constrained decoding"):
+        guard.moderate(TEXT, unsafe_threshold=0.5)
+    plain, refused = guard.moderate_batch([TEXT, {"messages": TEXT, "unsafe_threshold": 0.5}])
+    assert plain.label is Label.SAFE
+    assert refused.label is Label.ERROR
+    assert refused.error == GREEDY_THRESHOLD

@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from guardrt.runtime.errors import ConfigError, PromptError, PromptReason
+from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.prefixes import PrefixTable
 from guardrt.runtime.preprocess import TiledImage
 from guardrt.runtime.requests import Decoded, PreparedRequest, check_fits, max_new_tokens
@@ -49,11 +49,6 @@ from guardrt.runtime.verdict import GrammarState, Verdict, VerdictGrammar
 Decode = Literal["constrained", "greedy"]
 DECODES: tuple[Decode, ...] = ("constrained", "greedy")
 STOP_IDS = frozenset({END_OF_TEXT_ID, EOM_ID, EOT_ID})
-# Why greedy decoding refuses a threshold (said by the decoder, the service and Guard).
-GREEDY_THRESHOLD = (
-    "an unsafe threshold needs constrained decoding; this engine decodes greedily "
-    "(--decode greedy), writing what the model writes"
-)
 PAD_ID = 128_004  # <|finetune_right_pad_id|>; padded rows are never read
 _MIN_PREFIX = 16  # shorter policy heads are not worth a copy
 
@@ -153,11 +148,7 @@ class Decoder:
         self._prefilled = 0.0
 
     def check_fits(self, request: PreparedRequest) -> None:
-        """Refuse what this decoder cannot run: a prompt too long, or a threshold under
-        greedy decoding (which writes what the model writes, and decides nothing)."""
-        check_fits(request, self.model.max_seq)
-        if self.decode == "greedy" and request.unsafe_threshold is not None:
-            raise PromptError(PromptReason.THRESHOLD, GREEDY_THRESHOLD)
+        check_fits(request, self.model.max_seq, self.decode)
 
     def classify(self, requests: Sequence[PreparedRequest]) -> list[Verdict]:
         """The verdict of each request, in order (batched up to the model's max_batch)."""

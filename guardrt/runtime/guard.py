@@ -17,9 +17,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.engine import Engine, EngineOptions, backend_for, load_engine
-from guardrt.runtime.errors import GuardrtError, PromptError, PromptReason
+from guardrt.runtime.errors import GuardrtError
 from guardrt.runtime.model.resolve import resolve_model
 from guardrt.runtime.policy import CategoriesInput
 from guardrt.runtime.prepare import Preparer, load_preparer
@@ -37,7 +36,8 @@ class Guard:
     callers' requests together, serve them (`guardrt serve`) or use `moderate_batch`."""
 
     def __init__(self, preparer: Preparer, engine: Engine, source: str = "") -> None:
-        self.preparer, self.engine, self.source = preparer, engine, source
+        self.preparer = preparer.for_engine(engine.info.max_seq, engine.info.decode)
+        self.engine, self.source = engine, source
         self._engine_lock = threading.Lock()
 
     @classmethod
@@ -77,7 +77,7 @@ class Guard:
         )  # fmt: skip
         preparer = load_preparer(directory, max_seq)  # its files checked before the weights'
         engine = load_engine(backend_for(directory), options)
-        return cls(preparer.with_max_seq(engine.info.max_seq), engine, source=str(directory))
+        return cls(preparer, engine, source=str(directory))
 
     def prepare(
         self,
@@ -89,8 +89,6 @@ class Guard:
     ) -> PreparedRequest:
         """One request for the engine; `unsafe_threshold`: `unsafe` when P(unsafe) ≥ it (in
         (0, 1]; constrained decoding only), else when `unsafe` is likelier than `safe`."""
-        if unsafe_threshold is not None and self.engine.info.decode == "greedy":
-            raise PromptError(PromptReason.THRESHOLD, GREEDY_THRESHOLD)
         return self.preparer.prepare(
             messages,
             categories=categories,

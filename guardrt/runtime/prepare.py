@@ -24,19 +24,25 @@ from guardrt.runtime.verdict import VerdictGrammar
 class Preparer:
     """Everything between a request and the engine, for one tokenizer and image setting."""
 
-    def __init__(self, tokenizer: Tokenizer, image_config: ImageConfig, max_seq: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_config: ImageConfig,
+        max_seq: int,
+        decode: str = "constrained",
+    ) -> None:
+        """`max_seq` and `decode`: the engine's (`for_engine`), what a request must fit."""
         self.tokenizer, self.image_config, self.max_seq = tokenizer, image_config, max_seq
+        self.decode = decode
         # Custom policies arrive with requests: the cache is bounded.
         self.grammar = functools.lru_cache(maxsize=256)(self._make_grammar)
 
-    def with_max_seq(self, max_seq: int) -> Preparer:
-        """This tokenizer and image setting for a model of `max_seq` positions (an engine
-        directory's own, known once it is loaded)."""
-        return (
-            self
-            if max_seq == self.max_seq
-            else Preparer(self.tokenizer, self.image_config, max_seq)
-        )
+    def for_engine(self, max_seq: int, decode: str) -> Preparer:
+        """This tokenizer and image setting for an engine of `max_seq` positions (an engine
+        directory's own, known once it is loaded) that decodes by `decode`."""
+        if (max_seq, decode) == (self.max_seq, self.decode):
+            return self
+        return Preparer(self.tokenizer, self.image_config, max_seq, decode)
 
     def _make_grammar(self, policy: Policy) -> VerdictGrammar:
         return VerdictGrammar(self.tokenizer, policy)
@@ -84,7 +90,7 @@ class Preparer:
             prefix_len=prefix,
             unsafe_threshold=threshold,
         )
-        check_fits(request, self.max_seq)
+        check_fits(request, self.max_seq, self.decode)
         return request
 
 

@@ -85,8 +85,18 @@ def max_new_tokens(grammar: VerdictGrammar) -> int:
     return 8 + 2 * len(grammar.codes)
 
 
-def check_fits(request: PreparedRequest, max_seq: int) -> None:
-    """Refuse a prompt that cannot hold its verdict within `max_seq` positions."""
+# Why greedy decoding refuses a threshold: it writes what the model writes, deciding nothing.
+GREEDY_THRESHOLD = (
+    "an unsafe threshold needs constrained decoding; this engine decodes greedily "
+    "(--decode greedy), writing what the model writes"
+)
+
+
+def check_fits(request: PreparedRequest, max_seq: int, decode: str = "constrained") -> None:
+    """Refuse what an engine of `max_seq` positions decoding by `decode` cannot run: a prompt
+    that cannot hold its verdict, or a threshold under greedy decoding."""
+    if decode == "greedy" and request.unsafe_threshold is not None:
+        raise PromptError(PromptReason.THRESHOLD, GREEDY_THRESHOLD)
     needed = len(request.prompt) + max_new_tokens(request.grammar)
     if needed > max_seq:
         raise PromptError(

@@ -100,7 +100,7 @@ def build_stack(config: ServerConfig) -> Stack:
     # not after the model's minutes of loading.
     preparer = load_preparer(directory, options.max_seq)
     engine = load_engine(backend_for(directory), options)
-    preparer = preparer.with_max_seq(engine.info.max_seq)
+    preparer = preparer.for_engine(engine.info.max_seq, engine.info.decode)
     sample = warmup_requests(preparer)
     try:  # the first steps allocate what grows on demand (an engine directory's caches)
         engine.warmup(sample)
@@ -120,6 +120,7 @@ def assemble_stack(
     warmup: list[PreparedRequest],
 ) -> Stack:
     """Scheduler, service and model info around a loaded engine (the scheduler is not started)."""
+    preparer = preparer.for_engine(engine.info.max_seq, engine.info.decode)
     scheduler = Scheduler(
         engine,
         config.max_batch_size,

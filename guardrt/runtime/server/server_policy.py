@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.errors import ConfigError, GuardrtError
 from guardrt.runtime.jsonfile import read_json_object
 from guardrt.runtime.policy import DEFAULT_CATEGORIES, check_threshold, make_policy
+from guardrt.runtime.requests import GREEDY_THRESHOLD
 
 log = logging.getLogger("guardrt.serve")
 

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from guardrt.runtime.decoding import GREEDY_THRESHOLD
 from guardrt.runtime.errors import (
     ConfigError,
     GuardrtError,
@@ -207,15 +206,12 @@ class ModerationService:
                 f"{self.limits.max_text_chars}",
             )
         categories, excluded = self.policy.apply(item.categories, item.excluded)
-        threshold = self.policy.threshold(item.unsafe_threshold)
-        if threshold is not None and self.scheduler.engine.info.decode == "greedy":
-            raise PromptError(PromptReason.THRESHOLD, GREEDY_THRESHOLD)
         return self.preparer.prepare(
             item.messages,
             categories=categories,
             excluded_categories=excluded,
             ignored_roles=item.ignored_roles,
-            unsafe_threshold=threshold,
+            unsafe_threshold=self.policy.threshold(item.unsafe_threshold),
         )
 
     def preparing(self) -> int:
