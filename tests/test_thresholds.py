@@ -212,7 +212,7 @@ def test_grpc_and_http_thresholds(engine: Engine, preparer: Preparer) -> None:
 def test_a_greedy_server_refuses_thresholds(preparer: Preparer, tmp_path: Path) -> None:
     engine = FakeEngine()
     engine.info = dataclasses.replace(engine.info, decode="greedy")
-    with serving(engine, preparer) as server:
+    with serving(engine, preparer.for_engine(engine.info.max_seq, "greedy")) as server:
         with pytest.raises(grpc.RpcError) as refused:
             _grpc_answer(server.stub(), 0.5)
         plain = _grpc_answer(server.stub(), None)

@@ -36,7 +36,9 @@ class Guard:
     callers' requests together, serve them (`guardrt serve`) or use `moderate_batch`."""
 
     def __init__(self, preparer: Preparer, engine: Engine, source: str = "") -> None:
-        self.preparer = preparer.for_engine(engine.info.max_seq, engine.info.decode)
+        # The engine's decode (a greedy one refuses thresholds as requests are prepared); the
+        # caller's max_seq, which may be tighter than the engine's.
+        self.preparer = preparer.for_engine(preparer.max_seq, engine.info.decode)
         self.engine, self.source = engine, source
         self._engine_lock = threading.Lock()
 
@@ -77,6 +79,7 @@ class Guard:
         )  # fmt: skip
         preparer = load_preparer(directory, max_seq)  # its files checked before the weights'
         engine = load_engine(backend_for(directory), options)
+        preparer = preparer.for_engine(engine.info.max_seq, engine.info.decode)
         return cls(preparer, engine, source=str(directory))
 
     def prepare(

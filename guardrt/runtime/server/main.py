@@ -119,8 +119,8 @@ def assemble_stack(
     model: str,
     warmup: list[PreparedRequest],
 ) -> Stack:
-    """Scheduler, service and model info around a loaded engine (the scheduler is not started)."""
-    preparer = preparer.for_engine(engine.info.max_seq, engine.info.decode)
+    """Scheduler, service and model info around a loaded engine (the scheduler is not started);
+    `preparer`: the one for this engine (`Preparer.for_engine`, as `build_stack` makes it)."""
     scheduler = Scheduler(
         engine,
         config.max_batch_size,
