@@ -1,6 +1,7 @@
 """Where a verdict's time goes on the GPU: torch.profiler over one text and one image verdict.
 
 Usage: python benchmarks/profile_gpu.py [--size full|tiny] [--device cuda] [--out DIR]
+                                        [--precisions bf16,fp8,...]
 
 Builds the full-size architecture with random bf16 weights (as `guardrt bench`), fused and with
 CUDA graphs as the torch engine serves (`--no-cuda-graphs`: eager), warms up, then
@@ -8,14 +9,18 @@ profiles one `safe` text verdict and one `safe` 4-tile image verdict at batch 1,
 `--batch` (32) text verdicts (the throughput case), and prints, per
 case, the wall time, the GPU busy time (sum of kernel times), the kernel count, and the top
 kernels and operators by GPU time. Launch-bound phases show as wall ≫ GPU busy; kernel-bound
-ones as a few kernels owning the GPU time. Writes the tables under --out.
+ones as a few kernels owning the GPU time. Writes the tables under --out: profile.txt for bf16,
+profile-PRECISION.txt for each other precision (quantized as `guardrt bench` quantizes it, one
+model at a time), to show where an 8-bit verdict's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,6 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 from guardrt.bench import cases
 from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
+from guardrt.bench.options import PRECISIONS, quantization
+from guardrt.export.quantize import QuantKind, quantize_model
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.model.fuse import fuse_projections
@@ -41,13 +48,40 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp"))
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--batch", type=int, default=32, help="the batched text case's rows")
+    parser.add_argument(
+        "--precisions", default="bf16", help=f"comma-separated, of {', '.join(PRECISIONS)}"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    wanted = [p for p in args.precisions.split(",") if p]
+    quantized = {p: quantization(p) for p in wanted}  # an unknown one stops the run first
+    args.out.mkdir(parents=True, exist_ok=True)
+    for precision, (kind, activations) in quantized.items():
+        text = _precision(args, device, precision, kind, activations)
+        print(text)
+        name = "profile.txt" if precision == "bf16" else f"profile-{precision}.txt"
+        (args.out / name).write_text(text)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _precision(
+    args: argparse.Namespace,
+    device: torch.device,
+    precision: str,
+    kind: str | None,
+    activations: bool,
+) -> str:
+    """The profile tables of one precision's model."""
     model = random_model(SIZES[args.size], device)
+    if kind is not None:
+        quantize_model(model, cast("QuantKind", kind), activations)
     fuse_projections(model)
     tuning = tune_for_device(model)  # as the engine does at load
     requests = cases.requests(Preparer(load_tokenizer(), ImageConfig(), 1024))
-    lines = [f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [f"{card}, {precision}"]
     lines += tuning.lines()
     # Batch 1 (latency), then a full text batch (throughput: where its time goes).
     for rows, names in ((1, ("text", "image+text")), (args.batch, ("text",))):
@@ -56,10 +90,7 @@ def main() -> None:
         for name in names:
             lines += _profile(steps, [requests[name]] * rows, f"{name} safe, batch {rows}")
         del steps
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile.txt").write_text(text)
+    return "\n".join(lines)
 
 
 def _profile(steps: TorchSteps, batch: list[PreparedRequest], title: str) -> list[str]:

@@ -13,7 +13,8 @@
 #   3. benchmarks/norm_rope.py (the fused norm / RoPE / SwiGLU / fp8 activation quantization
 #      against their references);
 #   4. benchmarks/kernels.py (every quantized-linear path against its reference);
-#   5. a torch.profiler trace of one text and one image verdict on the served path;
+#   5. a torch.profiler trace of one text and one image verdict on the served path (bf16; other
+#      precisions with GPU_CHECK_PROFILE_ARGS);
 #   6. the bf16 cases without CUDA graphs, to show what they bring;
 #   7. the TensorRT back end's GPU-resident K/V caches (3-D copies through cuda-python's CUDA
 #      runtime) against the host caches (not issue 8's torch path);
@@ -139,20 +140,29 @@ part kernels "kernels" 80 "$out/kernels.txt" \
     env TRITON_INTERPRET=0 python benchmarks/kernels.py --budget 60 --out "$out/kernels.json"
 tail -25 "$out/kernels.txt" 2>/dev/null
 
-part profile "profile" 60 "$out/profile.log" python benchmarks/profile_gpu.py --out "$out"
-grep "==" "$out/profile.txt" 2>/dev/null
+# GPU_CHECK_PROFILE_ARGS (word-split) goes after these, e.g. "--precisions fp8,int8": where an
+# 8-bit verdict's time goes (profile-fp8.txt, profile-int8.txt; bf16's is profile.txt).
+# shellcheck disable=SC2086
+part profile "profile" 90 "$out/profile.log" \
+    python benchmarks/profile_gpu.py --out "$out" ${GPU_CHECK_PROFILE_ARGS:-}
+grep "==\|^NVIDIA" "$out"/profile*.txt 2>/dev/null
 
 mkdir -p "$out/eager"
 part eager "latency, eager bf16" 70 "$out/eager/latency.txt" \
     python -m guardrt.bench.latency --precisions bf16 --no-baseline --no-cuda-graphs \
     --concurrency 8 --requests 32 --budget-s 40 --results "$out/eager"
 grep -E "safe|unsafe|throughput" "$out/eager/latency.txt" 2>/dev/null | head -12
-# cuda-python from the carried wheels where the machine has none (they are zip files).
+# cuda-python from the carried wheels where the machine has none (they are zip files); grpcio,
+# grpc_health, grpc_reflection and protobuf always from theirs (the tests import the servers,
+# whose generated code refuses an older grpcio or protobuf; the image has neither grpc_health
+# nor grpc_reflection).
 part device_kv "TensorRT back end's device K/V copies on CUDA" 60 "$out/device_kv.txt" bash -c '
     if ! python -c "import cuda.bindings.runtime" 2> /dev/null; then
         for wheel in .gpu_carry/wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/cuda_python; done
         export PYTHONPATH="/tmp/cuda_python:$PYTHONPATH"
     fi
+    for wheel in .gpu_carry/serve_wheels/*.whl; do python -m zipfile -e "$wheel" /tmp/serve_python; done
+    export PYTHONPATH="/tmp/serve_python:$PYTHONPATH"
     exec python -m pytest -q -rfEs -p no:cacheprovider tests/test_device_steps.py -k gpu'
 tail -5 "$out/device_kv.txt" 2>/dev/null
 # `guardrt export build --device cuda`, never run on a GPU: convert, quantize and the torch side

@@ -166,7 +166,14 @@ def test_failing_and_wrong_candidates_are_rejected(monkeypatch: pytest.MonkeyPat
     """A back end that cannot run is skipped; so is one whose answer is wrong, however fast:
     here padding is broken (it scales what it pads), so every padded plan must lose."""
     pad = F.pad
-    monkeypatch.setattr(F, "pad", lambda t, p: pad(t * 1.5, p))
+
+    def broken_pad(t: torch.Tensor, p: tuple[int, ...], *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Only the plan's own call (no mode) is broken: torch 2.11 on the GPU machine calls
+        # F.pad with a mode inside attention too (which a two-argument stand-in refused, so
+        # the plan was rejected for a TypeError, not for its answer).
+        return pad(t, p, *args, **kwargs) if args or kwargs else pad(t * 1.5, p)
+
+    monkeypatch.setattr(F, "pad", broken_pad)
     table = {p.name: 1.0 if p.head_dim else 3.0 for p in candidates(80, ("EFFICIENT_ATTENTION",))}
     table["default/d=as is"] = 2.0
     tuning = choose_plan((1, 2, 40, 80), torch.float32, CPU, ("EFFICIENT_ATTENTION",),

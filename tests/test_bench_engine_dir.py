@@ -114,3 +114,13 @@ def test_the_engine_directory_run_imports_no_torch(onnx_int8: Path, tmp_path: Pa
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_each_precision_names_what_quantizes_it() -> None:
+    """The bench and the profile quantize a precision the same way (`options.quantization`)."""
+    assert options.quantization("bf16") == (None, False)
+    assert options.quantization("int8") == ("int8", False)
+    assert options.quantization("int8-wa") == ("int8", True)
+    assert options.quantization("fp8") == ("fp8", False)
+    with pytest.raises(ConfigError, match="'int4'"):
+        options.quantization("int4")

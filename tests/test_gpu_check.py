@@ -64,8 +64,9 @@ def _run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], 
 
 
 def _parts_run(calls: list[str]) -> list[str]:
-    """The parts the stub saw started, in order (everything but the preflight)."""
-    return [call for call in calls if not call.startswith("-c")]
+    """The parts the stub saw started, in order (everything but the preflight, the import
+    probes and the unpacking of carried wheels)."""
+    return [call for call in calls if not call.startswith(("-c", "-m zipfile"))]
 
 
 def test_a_failed_preflight_stops_the_call_before_any_part(tmp_path: Path) -> None:
@@ -127,6 +128,18 @@ def test_a_second_call_can_redo_only_the_skipped_bench_phases(tmp_path: Path) ->
     (latency,) = _parts_run(calls)
     assert latency.startswith("-m guardrt.bench.latency --results ")
     assert latency.rstrip().endswith("--budget-s 270 --precisions int8-wa --no-baseline")
+
+
+def test_a_second_call_can_profile_other_precisions(tmp_path: Path) -> None:
+    """GPU_CHECK_PROFILE_ARGS goes after the profile's own options (`--precisions fp8,int8`:
+    where the 8-bit verdicts' time goes)."""
+    result, calls = _run(
+        tmp_path, GPU_CHECK_PARTS="profile", GPU_CHECK_PROFILE_ARGS="--precisions fp8,int8"
+    )
+    assert result.returncode == 0, result.stderr
+    (profile,) = _parts_run(calls)
+    assert profile.startswith("benchmarks/profile_gpu.py --out ")
+    assert profile.rstrip().endswith("--precisions fp8,int8")
 
 
 def test_the_targets_are_judged_from_what_the_bench_wrote(tmp_path: Path) -> None:

@@ -175,6 +175,17 @@ def test_load_tuning(checkpoint: Path) -> None:
         before = model(*arguments).float()
     tuning = tune_for_device(model)
     layers = [m for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)]
+    # The cross layers' k/v projections read the image's thousands of rows once: never timed,
+    # they keep the default (the first GPU run caught this test counting them in).
+    image_only = {
+        id(projection)
+        for m in model.language_model.modules()
+        if isinstance(m, CrossAttention)
+        for projection in (m.k_proj, m.v_proj)
+    }
+    assert image_only
+    assert image_only <= {id(m) for m in layers}
+    per_step = [m for m in layers if id(m) not in image_only]
     if DEVICE == "cpu":
         assert tuning.fused.startswith("not used")
         assert tuning.lines() == [
@@ -189,7 +200,8 @@ def test_load_tuning(checkpoint: Path) -> None:
         assert tuning.activation_quant == NO_ACTIVATION_QUANT  # weight-only int8
         assert tuning.int8_rows.limits, "measured"
         assert tuning.int8_rows.refused == {}
-        assert {m.triton_rows for m in layers} == set(tuning.int8_rows.limits.values())
+        assert {m.triton_rows for m in per_step} == set(tuning.int8_rows.limits.values())
+        assert {m.triton_rows for m in layers if id(m) in image_only} == {INT8_TRITON_MAX_ROWS}
     with torch.inference_mode():
         after = model(*arguments).float()
     torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-2)

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ import torch
 from guardrt.bench import baseline, cases, roofline
 from guardrt.bench import report as report_files
 from guardrt.bench.fullsize import SIZES, random_model
-from guardrt.bench.options import PRECISIONS
+from guardrt.bench.options import PRECISIONS, quantization
 from guardrt.bench.timing import sync, times_ms
 from guardrt.export.parity import probe_logits
 from guardrt.export.quantize import QuantKind, quantize_model
@@ -76,10 +76,8 @@ def _model(
 ) -> MllamaModel:
     """The model in `precision`, as the engine loads it (a checkpoint is quantized while it
     loads; random weights are made in bf16, then quantized)."""
-    kind: QuantKind | None = None
-    if precision != "bf16":
-        kind = "fp8" if precision == "fp8" else "int8"
-    activations = precision == "int8-wa"
+    name, activations = quantization(precision)
+    kind = cast("QuantKind | None", name)
     if args.model is not None:
         return load_model(
             args.model, device=device, dtype=torch.bfloat16, semantics=semantics,

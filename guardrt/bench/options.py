@@ -17,6 +17,18 @@ from guardrt.runtime.errors import ConfigError
 # int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores); it is
 # not one of the issue's precisions, so it runs last.
 PRECISIONS = ("bf16", "int8", "fp8", "int8-wa")
+
+
+def quantization(precision: str) -> tuple[str | None, bool]:
+    """A precision's (`quantize_model` kind, None for bf16; whether its int8 layers quantize
+    their activations too)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} not among {PRECISIONS}")
+    if precision == "bf16":
+        return None, False
+    return ("fp8" if precision == "fp8" else "int8"), precision == "int8-wa"
+
+
 SIZE_NAMES = ("full", "tiny")  # `fullsize.SIZES`
 # Options of the torch run that an engine directory answers itself (its manifest's precision;
 # graphs, not CUDA graphs; no transformers model to compare, no random weights).
