@@ -29,9 +29,10 @@ from guardrt.bench import cases
 from guardrt.bench.forced import ForcedSteps
 from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.bench.options import PRECISIONS, quantization
-from guardrt.export.quantize import QuantKind, quantize_model
+from guardrt.export.quantize import QuantKind
 from guardrt.runtime.classify import TorchSteps
 from guardrt.runtime.decoding import Decoder
+from guardrt.runtime.model.checkpoint import quantize_for_serving
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.tune import tune_for_device
 from guardrt.runtime.prepare import Preparer
@@ -76,7 +77,7 @@ def _precision(
     """The profile tables of one precision's model."""
     model = random_model(SIZES[args.size], device)
     if kind is not None:
-        quantize_model(model, cast("QuantKind", kind), activations)
+        quantize_for_serving(model, cast("QuantKind", kind), activations)
     fuse_projections(model)
     tuning = tune_for_device(model)  # as the engine does at load
     requests = cases.requests(Preparer(load_tokenizer(), ImageConfig(), 1024))

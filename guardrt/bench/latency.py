@@ -48,7 +48,7 @@ from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.bench.options import PRECISIONS, quantization
 from guardrt.bench.timing import sync, times_ms
 from guardrt.export.parity import probe_logits
-from guardrt.export.quantize import QuantKind, quantize_model
+from guardrt.export.quantize import QuantKind
 from guardrt.kernels.device import cuda_capability
 from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import TorchSteps
@@ -56,7 +56,7 @@ from guardrt.runtime.decoding import Decoder
 from guardrt.runtime.engine import EngineInfo
 from guardrt.runtime.engine.torch_device import usable_device
 from guardrt.runtime.errors import ConfigError
-from guardrt.runtime.model.checkpoint import load_model
+from guardrt.runtime.model.checkpoint import load_model, quantize_for_serving
 from guardrt.runtime.model.fuse import fuse_projections
 from guardrt.runtime.model.mllama import MllamaModel, Semantics
 from guardrt.runtime.model.tune import tune_for_device
@@ -85,7 +85,7 @@ def _model(
         )  # fmt: skip
     model = random_model(SIZES[args.size], device, torch.bfloat16, semantics)
     if kind is not None:
-        quantize_model(model, kind, activations)
+        quantize_for_serving(model, kind, activations)  # as the engine loads it
     return model
 
 

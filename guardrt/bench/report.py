@@ -24,6 +24,16 @@ def _load_choices(precision: str, run: dict[str, Any]) -> list[str]:
         lines.append(
             f"  fused activation quantization ({precision}): {run['fused_activation_quant']}"
         )
+    image = run.get("fp8_image", {})
+    if image.get("measured"):
+        timed = "; ".join(
+            f"{shape} bf16 {ms['bf16']:.3f} / fp8 {ms.get('fp8', float('nan')):.3f} ms"
+            for shape, ms in image["ms"].items()
+        )
+        lines.append(
+            f"  fp8 image products ({precision}): {image['kept_bf16_layers']} layers kept in "
+            f"bf16; {timed}"
+        )
     rows = run.get("int8_rows", {})
     for shape, limit in rows.get("limits", {}).items():
         blocks = rows.get("blocks", {}).get(shape, {})

@@ -308,17 +308,20 @@ def quantize_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> QuantizationReport:
-    """A whole model's linears (the head kept) as 8-bit per-channel `kind`, and for int8 the
+    """A whole model's linears (the head kept, and those `keep(name)` is true for) as 8-bit
+    per-channel `kind`, and for int8 the
     token embedding too, as the torch engine serves them and the benchmark measures them;
     `activations`: int8 layers may quantize their activations too ("weight+activation"
     compute). With `device` / `dtype`, the 8-bit weights are made there from the weights cast
     to `dtype`, a chunk at a time (`load_model(quantize=...)`: a checkpoint mapped from disk is
     quantized onto the GPU without ever being there whole in bf16). The export's engines are
     quantized by this too, so an exported engine holds what the torch engine serves."""
-    report = quantize_linears(
-        model, kind=kind, keep=keeps_full_precision, device=device, dtype=dtype
-    )
+    kept = keeps_full_precision if keep is None else (
+        lambda name: keeps_full_precision(name) or keep(name)
+    )  # fmt: skip
+    report = quantize_linears(model, kind=kind, keep=kept, device=device, dtype=dtype)
     for layer in model.modules():
         if isinstance(layer, QuantizedLinear):
             layer.activations = activations

@@ -23,11 +23,13 @@ import torch
 from torch import nn
 
 from guardrt.export.quantize import (
+    QuantizationReport,
     QuantizedEmbedding,
     QuantizedLinear,
     QuantKind,
     quantize_model,
 )
+from guardrt.kernels import fp8_image
 from guardrt.runtime.errors import ConfigError
 from guardrt.runtime.model.config import ModelConfig
 from guardrt.runtime.model.functional import rope_inv_freq
@@ -153,7 +155,7 @@ def load_model(
         state[name] = mapped if quantize else mapped.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     if quantize is not None:
-        report = quantize_model(model, quantize, activations, device=device, dtype=target)
+        report = quantize_for_serving(model, quantize, activations, device=device, dtype=target)
         log.info(
             "%s weights: %d layers, %.2f GB (were %.2f GB)",
             quantize, report.layers, report.int8_bytes / 1e9, report.original_bytes / 1e9,
@@ -162,6 +164,32 @@ def load_model(
     # The RoPE table is computed, not stored: rebuild it off the meta device.
     model.inv_freq = rope_inv_freq(config.text.rope, config.text.head_dim).to(device)
     return model.eval()
+
+
+def quantize_for_serving(
+    model: MllamaModel,
+    kind: QuantKind,
+    activations: bool = False,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> QuantizationReport:
+    """`quantize_model` as the torch engine serves: fp8 first measures, on a GPU, which image
+    products are faster in bf16 and keeps those (`guardrt/kernels/fp8_image.py`; recorded as
+    `model.fp8_image`, logged). `device` / `dtype`: where and in what the weights will be (the
+    model's own by default; a model still on the meta device, as `load_model` builds it, needs
+    them)."""
+    keep = None
+    if kind == "fp8":
+        target = torch.device(device) if device is not None else model.device
+        weights = dtype or model.weight_dtype
+        products = fp8_image.image_products(model, model.config.vision)
+        timer = fp8_image.measuring_timer(target, weights)
+        choice = fp8_image.choose(products, target, weights, timer)
+        for line in choice.lines():
+            log.info("%s", line)
+        model.fp8_image, keep = choice, choice.keeps
+    return quantize_model(model, kind, activations, device=device, dtype=dtype, keep=keep)
 
 
 def place_rest(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -13,7 +13,7 @@ nothing from the cross layers, as if they were skipped.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -40,6 +40,9 @@ from guardrt.runtime.model.text import (
 )
 from guardrt.runtime.model.vision import VisionModel
 
+if TYPE_CHECKING:  # a type only: the kernels' module imports the model's config
+    from guardrt.kernels.fp8_image import Fp8ImageChoice
+
 Semantics = Literal["meta", "transformers"]
 SEMANTICS: tuple[Semantics, ...] = ("meta", "transformers")
 
@@ -59,6 +62,8 @@ class MllamaModel(nn.Module):
         )
         self.max_batch = self.max_seq = 0
         self._cache: KVCache | None = None
+        # What an fp8 load measured: the image products it kept in bf16 (`quantize_for_serving`)
+        self.fp8_image: Fp8ImageChoice | None = None
 
     @property
     def weight_dtype(self) -> torch.dtype:

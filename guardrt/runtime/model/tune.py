@@ -15,6 +15,7 @@ import torch
 
 from guardrt.export.quantize import QuantizedLinear
 from guardrt.kernels import activation_quant, fused, int8_rows
+from guardrt.kernels.fp8_image import Fp8ImageChoice
 from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, Tuning
 from guardrt.runtime.model.fuse import modules_in_use
 from guardrt.runtime.model.mllama import MllamaModel
@@ -30,6 +31,8 @@ class LoadTuning:
     fused: str  # the fused norm / RoPE / SwiGLU kernels: "used", "not used (…)", "refused: why"
     # the fused per-token activation quantization (fp8, int8 weight+activation), the same words
     activation_quant: str = NO_ACTIVATION_QUANT
+    # which image products an fp8 load kept in bf16 (measured before quantizing; None: not fp8)
+    fp8_image: Fp8ImageChoice | None = None
 
     def lines(self) -> list[str]:
         """What was chosen, for the log (shapes and times only)."""
@@ -45,6 +48,7 @@ class LoadTuning:
                 f"{attention.timings_ms.get(DEFAULT_PLAN.name, float('nan')):.2f} ms; "
                 f"{len(attention.timings_ms)} ways timed, {len(attention.rejected)} refused)"
             )
+        out += self.fp8_image.lines() if self.fp8_image is not None else []
         for shape, limit in self.int8_rows.limits.items():
             why = self.int8_rows.refused.get(shape)
             blocks = self.int8_rows.blocks.get(shape) or {}
@@ -69,7 +73,7 @@ class LoadTuning:
             "int8_rows": asdict(self.int8_rows),
             "fused_norm_rope": self.fused,
             "fused_activation_quant": self.activation_quant,
-        }
+        } | ({"fp8_image": self.fp8_image.to_json()} if self.fp8_image is not None else {})
 
 
 def tune_for_device(model: MllamaModel) -> LoadTuning:
@@ -99,7 +103,7 @@ def tune_for_device(model: MllamaModel) -> LoadTuning:
         if widths
         else NO_ACTIVATION_QUANT
     )
-    return LoadTuning(attention, rows, checked, quantizing)
+    return LoadTuning(attention, rows, checked, quantizing, model.fp8_image)
 
 
 def activation_widths(model: torch.nn.Module) -> set[int]:
