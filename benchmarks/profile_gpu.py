@@ -20,7 +20,6 @@ import argparse
 import gc
 import time
 from pathlib import Path
-from typing import cast
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -71,13 +70,13 @@ def _precision(
     args: argparse.Namespace,
     device: torch.device,
     precision: str,
-    kind: str | None,
+    kind: QuantKind | None,
     activations: bool,
 ) -> str:
     """The profile tables of one precision's model."""
     model = random_model(SIZES[args.size], device)
     if kind is not None:
-        quantize_for_serving(model, cast("QuantKind", kind), activations)
+        quantize_for_serving(model, kind, activations)
     fuse_projections(model)
     tuning = tune_for_device(model)  # as the engine does at load
     requests = cases.requests(Preparer(load_tokenizer(), ImageConfig(), 1024))

@@ -50,7 +50,7 @@ def test_the_image_products_are_the_tower_the_projector_and_the_cross_kv(
     bf16_model: MllamaModel,
 ) -> None:
     vision = bf16_model.config.vision
-    products = fp8_image.image_products(bf16_model, vision)
+    products = fp8_image.image_products(bf16_model)
     linears = {n for n, m in bf16_model.named_modules() if isinstance(m, nn.Linear)}
     tower = {n for n in linears if n.startswith("vision_model.")}
     cross_kv = {n for n in linears if n.endswith((".cross_attn.k_proj", ".cross_attn.v_proj"))}
@@ -69,7 +69,7 @@ def test_the_image_products_are_the_tower_the_projector_and_the_cross_kv(
 
 def test_fp8_keeps_bf16_where_it_is_not_faster(bf16_model: MllamaModel) -> None:
     """Per shape: faster in fp8 → quantized; as fast, slower, NaN or failing → kept in bf16."""
-    products = fp8_image.image_products(bf16_model, bf16_model.config.vision)
+    products = fp8_image.image_products(bf16_model)
     shapes = sorted({(p.out_features, p.in_features) for p in products.values()})
     assert len(shapes) >= 4
     faster, equal, nan, failing = shapes[0], shapes[1], shapes[2], shapes[3]
@@ -98,7 +98,7 @@ def test_nothing_is_measured_on_the_cpu_or_for_fp32_weights(bf16_model: MllamaMo
     assert fp8_image.measuring_timer(CPU, torch.bfloat16) is None
     assert fp8_image.measuring_timer(torch.device("cuda"), torch.float32) is None
     assert fp8_image.measuring_timer(torch.device("cuda"), torch.bfloat16) is not None
-    products = fp8_image.image_products(bf16_model, bf16_model.config.vision)
+    products = fp8_image.image_products(bf16_model)
     choice = fp8_image.choose(products, CPU, torch.bfloat16, None)
     assert choice == Fp8ImageChoice()
     assert choice.lines() == []
@@ -128,7 +128,7 @@ def test_serving_quantization_keeps_the_chosen_layers_in_bf16(
     monkeypatch.setattr(fp8_image, "measuring_timer", lambda device, dtype: timer)
     model = copy.deepcopy(bf16_model)
     quantize_for_serving(model, "fp8")
-    products = fp8_image.image_products(bf16_model, bf16_model.config.vision)
+    products = fp8_image.image_products(bf16_model)
     assert model.fp8_image is not None
     assert model.fp8_image.kept == (set(products) if slower else set())
     modules = dict(model.named_modules())
@@ -174,7 +174,7 @@ def test_an_fp8_load_measures_before_it_quantizes(
     assert model.fp8_image is not None
     assert model.fp8_image.kept
     modules, plain = dict(model.named_modules()), dict(reference.named_modules())
-    for name in fp8_image.image_products(reference, reference.config.vision):
+    for name in fp8_image.image_products(reference):
         layer = modules[name]
         if model.fp8_image.keeps(name):
             assert isinstance(layer, nn.Linear)

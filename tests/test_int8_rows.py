@@ -177,12 +177,7 @@ def test_load_tuning(checkpoint: Path) -> None:
     layers = [m for m in modules_in_use(model.language_model) if isinstance(m, QuantizedLinear)]
     # The cross layers' k/v projections read the image's thousands of rows once: never timed,
     # they keep the default (the first GPU run caught this test counting them in).
-    image_only = {
-        id(projection)
-        for m in model.language_model.modules()
-        if isinstance(m, CrossAttention)
-        for projection in (m.k_proj, m.v_proj)
-    }
+    image_only = {id(projection) for projection in model.image_kv_projections()}
     assert image_only
     assert image_only <= {id(m) for m in layers}
     per_step = [m for m in layers if id(m) not in image_only]

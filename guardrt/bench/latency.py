@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +48,6 @@ from guardrt.bench.fullsize import SIZES, random_model
 from guardrt.bench.options import PRECISIONS, quantization
 from guardrt.bench.timing import sync, times_ms
 from guardrt.export.parity import probe_logits
-from guardrt.export.quantize import QuantKind
 from guardrt.kernels.device import cuda_capability
 from guardrt.kernels.dispatch import precision_warning
 from guardrt.runtime.classify import TorchSteps
@@ -76,8 +75,7 @@ def _model(
 ) -> MllamaModel:
     """The model in `precision`, as the engine loads it (a checkpoint is quantized while it
     loads; random weights are made in bf16, then quantized)."""
-    name, activations = quantization(precision)
-    kind = cast("QuantKind | None", name)
+    kind, activations = quantization(precision)
     if args.model is not None:
         return load_model(
             args.model, device=device, dtype=torch.bfloat16, semantics=semantics,

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guardrt.runtime.engine.manifest import is_engine_dir
 from guardrt.runtime.errors import ConfigError
+
+if TYPE_CHECKING:  # a type only: this module imports no torch
+    from guardrt.export.quantize import QuantKind
 
 # int8-wa: int8 with "weight+activation" compute (large steps on the int8 tensor cores); it is
 # not one of the issue's precisions, so it runs last.
 PRECISIONS = ("bf16", "int8", "fp8", "int8-wa")
 
 
-def quantization(precision: str) -> tuple[str | None, bool]:
+def quantization(precision: str) -> tuple[QuantKind | None, bool]:
     """A precision's (`quantize_model` kind, None for bf16; whether its int8 layers quantize
     their activations too)."""
     if precision not in PRECISIONS:

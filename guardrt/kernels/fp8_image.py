@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -32,7 +32,9 @@ from torch import nn
 from guardrt.export.quantize import QuantizedLinear, quantize_weight
 from guardrt.kernels.dispatch import FAST_DTYPES
 from guardrt.kernels.timer import Timer, cuda_timer, on_device
-from guardrt.runtime.model.config import VisionConfig
+
+if TYPE_CHECKING:  # a type only (the model's module names this one's choice)
+    from guardrt.runtime.model.mllama import MllamaModel
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Fp8ImageChoice:
             return []
         out = []
         for shape, ms in self.timings_ms.items():
-            faster = "fp8" if ms.get("fp8", float("inf")) < ms["bf16"] else "bf16"
+            faster = "fp8" if fp8_faster(ms) else "bf16"
             out.append(
                 f"fp8 image product {shape}: bf16 {ms['bf16']:.3f} ms, fp8 "
                 f"{ms.get('fp8', float('nan')):.3f} ms: {faster}"
@@ -87,28 +89,28 @@ class Fp8ImageChoice:
         }
 
 
-def image_products(model: nn.Module, vision: VisionConfig) -> dict[str, Product]:
+def fp8_faster(ms: Mapping[str, float]) -> bool:
+    """Whether fp8 was strictly faster than bf16: a tie, a NaN or a failed fp8 (no "fp8" time)
+    keeps bf16."""
+    return ms.get("fp8", float("inf")) < ms["bf16"]
+
+
+def image_products(model: MllamaModel) -> dict[str, Product]:
     """The linears that only ever read an image's rows, by name: the vision tower's (its tiles
     padded, as the model pads them), the projector and the cross layers' k/v projections (the
     image's patches)."""
-    tower_rows = vision.max_num_tiles * vision.padded_patches  # 6,432
-    patch_rows = vision.max_num_tiles * vision.num_patches  # 6,404
-    products = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if name.startswith("vision_model."):
-            rows = tower_rows
-        elif name == "multi_modal_projector" or name.endswith(
-            (".cross_attn.k_proj", ".cross_attn.v_proj")
-        ):
-            rows = patch_rows
-        else:
-            continue
-        products[name] = Product(
-            module.out_features, module.in_features, rows, module.bias is not None
-        )
-    return products
+    vision = model.config.vision
+    rows_of = {
+        id(m): vision.max_num_tiles * vision.padded_patches for m in model.vision_model.modules()
+    }
+    patches = [model.multi_modal_projector, *model.image_kv_projections()]
+    rows_of |= {id(m): vision.max_num_tiles * vision.num_patches for m in patches}
+    return {
+        name: Product(module.out_features, module.in_features, rows_of[id(module)],
+                      module.bias is not None)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) in rows_of
+    }  # fmt: skip
 
 
 def measuring_timer(device: torch.device, dtype: torch.dtype) -> Timer | None:
@@ -139,7 +141,7 @@ def choose(
     for product in dict.fromkeys(products.values()):  # distinct, in model order
         ms = _time_both(product, device, dtype, timer, generator, failed)
         timings[product.name] = ms
-        if not ms.get("fp8", float("inf")) < ms["bf16"]:  # a NaN or a failure keeps bf16
+        if not fp8_faster(ms):
             slower.add(product)
     kept = frozenset(name for name, product in products.items() if product in slower)
     return Fp8ImageChoice(kept, timings, failed, measured=True)

@@ -176,18 +176,16 @@ def quantize_for_serving(
 ) -> QuantizationReport:
     """`quantize_model` as the torch engine serves: fp8 first measures, on a GPU, which image
     products are faster in bf16 and keeps those (`guardrt/kernels/fp8_image.py`; recorded as
-    `model.fp8_image`, logged). `device` / `dtype`: where and in what the weights will be (the
-    model's own by default; a model still on the meta device, as `load_model` builds it, needs
-    them)."""
+    `model.fp8_image`, which `tune_for_device` reports: the engine logs it with the rest).
+    `device` / `dtype`: where and in what the weights will be (the model's own by default; a
+    model still on the meta device, as `load_model` builds it, needs them)."""
     keep = None
     if kind == "fp8":
         target = torch.device(device) if device is not None else model.device
         weights = dtype or model.weight_dtype
-        products = fp8_image.image_products(model, model.config.vision)
+        products = fp8_image.image_products(model)
         timer = fp8_image.measuring_timer(target, weights)
         choice = fp8_image.choose(products, target, weights, timer)
-        for line in choice.lines():
-            log.info("%s", line)
         model.fp8_image, keep = choice, choice.keeps
     return quantize_model(model, kind, activations, device=device, dtype=dtype, keep=keep)
 

@@ -84,6 +84,11 @@ class MllamaModel(nn.Module):
     def cross_layers(self) -> list[CrossAttentionLayer]:
         return [m for m in self.language_model.model.layers if isinstance(m, CrossAttentionLayer)]
 
+    def image_kv_projections(self) -> list[nn.Module]:
+        """The cross layers' k/v projections: they read an image's patches (6,404 rows) when
+        its K/V are written, never a step's tokens."""
+        return [p for c in self.cross_layers() for p in (c.cross_attn.k_proj, c.cross_attn.v_proj)]
+
     def setup_caches(
         self,
         max_batch: int,

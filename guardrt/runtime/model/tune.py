@@ -19,7 +19,6 @@ from guardrt.kernels.fp8_image import Fp8ImageChoice
 from guardrt.runtime.model.attention_plan import DEFAULT_PLAN, Tuning
 from guardrt.runtime.model.fuse import modules_in_use
 from guardrt.runtime.model.mllama import MllamaModel
-from guardrt.runtime.model.text import CrossAttention
 
 NO_ACTIVATION_QUANT = "not used (no layer quantizes its activations)"
 
@@ -89,12 +88,7 @@ def tune_for_device(model: MllamaModel) -> LoadTuning:
     # layers' k/v projections (which read the image's states once) always see thousands of
     # rows (6,404 per image), where the kernel is not a candidate: timing them would only
     # compile kernels nothing runs.
-    image_only = {
-        id(projection)
-        for layer in model.language_model.modules()
-        if isinstance(layer, CrossAttention)
-        for projection in (layer.k_proj, layer.v_proj)
-    }
+    image_only = {id(projection) for projection in model.image_kv_projections()}
     decoder = [m for m in modules_in_use(model.language_model) if id(m) not in image_only]
     rows = int8_rows.tune(decoder, model.weight_dtype)
     widths = activation_widths(model)
